@@ -1,0 +1,30 @@
+# The two commands of the README: `make demo` and `make test`. Each installs what it needs
+# first; a second run finds everything in place and goes straight to work.
+PYTHON ?= python3
+NATIVE_SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h)
+
+.PHONY: demo test deps-demo deps-test build clean
+
+demo: deps-demo build
+	$(PYTHON) -m tpmoe.demo
+
+test: deps-test build
+	$(PYTHON) -m pytest -q tests
+
+deps-demo:
+	$(PYTHON) tools/ensure_deps.py --for demo
+
+deps-test:
+	$(PYTHON) tools/ensure_deps.py --for test
+
+# Rebuild when a native source changed, or when the built extension cannot be imported
+# (a fresh machine, a removed install).
+build: .build-stamp
+	@$(PYTHON) -c "import tpmoe._C" 2>/dev/null || { rm -f .build-stamp; $(MAKE) --no-print-directory .build-stamp; }
+
+.build-stamp: $(NATIVE_SOURCES)
+	$(PYTHON) -m pip install -q --no-build-isolation --no-deps -e .
+	@touch $@
+
+clean:
+	rm -rf build .build-stamp tpmoe/_C*.so *.egg-info

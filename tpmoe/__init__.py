@@ -1,0 +1,12 @@
+"""tpmoe: the expert block of Mixture-of-Experts transformers under tensor parallelism.
+
+Importing tpmoe needs neither a GPU nor the built extension `tpmoe._C`; the calls that need
+one of them say so.
+"""
+from .config import MoEConfig
+from .fused import fused_experts
+from .reference import reference_experts, reference_moe_block, reference_route
+from .routing import AlignResult, align, route
+from .weights import check_moe_weights, expected_shapes, random_moe_weights
+
+__version__ = "0.1.0"

@@ -1,0 +1,73 @@
+"""The description of one MoE block, shared by the reference, the layers and the adapters."""
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+SCORINGS = ("softmax", "topk_softmax", "sigmoid_group")
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "clamped_swiglu")
+LAYOUTS = ("concatenated", "interleaved", "gpt_oss")
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Sizes are the full (unsharded) ones; a rank's shard sizes derive from them.
+
+    scoring: "softmax" (softmax -> top-k, optional renormalise: Mixtral, Qwen, OLMoE),
+    "topk_softmax" (top-k on logits -> softmax over the k: GPT-OSS), "sigmoid_group"
+    (sigmoid + correction bias + group-limited top-k -> renormalise -> scaling: DeepSeek-V3).
+    layout: how gate and up are packed (see tpmoe.weights for the tensor shapes).
+    """
+
+    hidden_size: int
+    intermediate_size: int
+    num_experts: int
+    top_k: int
+    scoring: str = "softmax"
+    renormalize: bool = False
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    router_bias: bool = False
+    correction_bias: bool = False
+    # DeepSeek-V3 computes its router in float32 whatever the model dtype.
+    router_dtype: Optional[torch.dtype] = None
+    activation: str = "silu"
+    gated: bool = True
+    layout: str = "concatenated"
+    expert_bias: bool = False
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+    shared_intermediate_size: int = 0
+    shared_expert_gate: bool = False
+
+    def __post_init__(self):
+        for name in ("hidden_size", "intermediate_size", "num_experts", "top_k", "n_group", "topk_group"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"MoEConfig.{name}: expected a positive int, got {value!r}")
+        if self.top_k > self.num_experts:
+            raise ValueError(f"MoEConfig.top_k: expected <= num_experts ({self.num_experts}), got {self.top_k}")
+        if self.scoring not in SCORINGS:
+            raise ValueError(f"MoEConfig.scoring: expected one of {SCORINGS}, got {self.scoring!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"MoEConfig.activation: expected one of {ACTIVATIONS}, got {self.activation!r}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"MoEConfig.layout: expected one of {LAYOUTS}, got {self.layout!r}")
+        if self.activation == "clamped_swiglu" and not self.gated:
+            raise ValueError("MoEConfig.gated: clamped_swiglu is a gated activation, got gated=False")
+        if self.num_experts % self.n_group != 0:
+            raise ValueError(
+                f"MoEConfig.n_group: expected a divisor of num_experts ({self.num_experts}), got {self.n_group}")
+        if self.topk_group > self.n_group:
+            raise ValueError(f"MoEConfig.topk_group: expected <= n_group ({self.n_group}), got {self.topk_group}")
+        if self.shared_intermediate_size < 0:
+            raise ValueError(
+                f"MoEConfig.shared_intermediate_size: expected >= 0, got {self.shared_intermediate_size}")
+        if self.shared_expert_gate and self.shared_intermediate_size == 0:
+            raise ValueError("MoEConfig.shared_expert_gate: needs a shared expert (shared_intermediate_size > 0)")
+
+    @property
+    def gate_up_rows(self) -> int:
+        """Rows of one expert's gate_up projection: 2I when gated, I otherwise."""
+        return (2 if self.gated else 1) * self.intermediate_size

@@ -1,0 +1,97 @@
+"""`tpmoe.fused_experts`: the routed experts of one rank's shard, the same call on every device."""
+from typing import Optional
+
+import torch
+
+from ._checks import (FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_ids_in_range, check_shape,
+                      check_tensor)
+from .config import ACTIVATIONS, LAYOUTS
+
+BACKENDS = ("auto", "cpu", "triton", "reference")
+
+
+def fused_experts(hidden_states: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
+                  topk_ids: torch.Tensor, topk_weights: torch.Tensor, *, activation: str = "silu",
+                  layout: str = "concatenated", gated: bool = True, b_gate_up: Optional[torch.Tensor] = None,
+                  b_down: Optional[torch.Tensor] = None, alpha: float = 1.702, limit: float = 7.0,
+                  backend: str = "auto") -> torch.Tensor:
+    """y[t] = sum_k topk_weights[t, k] * expert_{topk_ids[t, k]}(hidden_states[t]).
+
+    Shapes (I_p is this rank's share of the intermediate size; I_p = 0 gives zeros plus the
+    weighted down bias):
+      hidden_states [T, H]; topk_ids [T, K] int32/int64; topk_weights [T, K] (any float dtype);
+      w_gate_up [E, R, H] ("concatenated", "interleaved") or [E, H, R] ("gpt_oss"), R = 2 I_p
+      gated, I_p not gated; w_down [E, H, I_p] ([E, I_p, H] for "gpt_oss");
+      b_gate_up [E, R], b_down [E, H].
+    backend: "auto" (Triton on CUDA tensors, the CPU path on CPU tensors), "cpu", "triton" (on
+    CPU tensors only under TRITON_INTERPRET=1), "reference" (tpmoe.reference, loop-style).
+    Differentiable in hidden_states, the weights, the biases and topk_weights.
+    """
+    check_choice(backend, "backend", BACKENDS)
+    check_choice(activation, "activation", ACTIVATIONS)
+    check_choice(layout, "layout", LAYOUTS)
+    if activation == "clamped_swiglu" and not gated:
+        raise ValueError("gated: clamped_swiglu is a gated activation, expected gated=True, got False")
+    num_experts, intermediate_local = _check_experts_args(hidden_states, w_gate_up, w_down, topk_ids,
+                                                          topk_weights, layout, gated, b_gate_up, b_down)
+    check_ids_in_range(topk_ids, num_experts)
+
+    if backend == "auto":
+        backend = "triton" if hidden_states.is_cuda else "cpu"
+    if backend == "cpu" and hidden_states.device.type != "cpu":
+        raise ValueError(f"backend: 'cpu' needs CPU tensors, got hidden_states on {hidden_states.device}")
+    options = dict(activation=activation, layout=layout, gated=gated, b_gate_up=b_gate_up, b_down=b_down,
+                   alpha=alpha, limit=limit)
+    if backend == "reference":
+        from .reference import reference_experts
+        return reference_experts(hidden_states, w_gate_up, w_down, topk_ids, topk_weights, **options)
+    if backend == "triton":
+        from .triton import fused_experts_triton
+        return fused_experts_triton(hidden_states.contiguous(), w_gate_up, w_down, topk_ids.long(),
+                                    topk_weights, **options)
+    from .experts_cpu import fused_experts_cpu
+    return fused_experts_cpu(hidden_states, w_gate_up, w_down, topk_ids, topk_weights, **options)
+
+
+def _check_experts_args(hidden_states, w_gate_up, w_down, topk_ids, topk_weights, layout, gated, b_gate_up,
+                        b_down):
+    """Returns (E, I_p) after checking every tensor against hidden_states and each other."""
+    check_tensor(hidden_states, "hidden_states", ndim=2, dtypes=FLOAT_DTYPES)
+    device, dtype = hidden_states.device, hidden_states.dtype
+    num_tokens, hidden_size = hidden_states.shape
+    check_tensor(w_gate_up, "w_gate_up", ndim=3, dtypes=FLOAT_DTYPES, device=device)
+    check_tensor(w_down, "w_down", ndim=3, dtypes=FLOAT_DTYPES, device=device)
+    for name, weight in (("w_gate_up", w_gate_up), ("w_down", w_down)):
+        if weight.dtype != dtype:
+            raise TypeError(f"{name}: expected dtype {dtype} (that of hidden_states), got {weight.dtype}")
+    num_experts = w_gate_up.shape[0]
+    transposed = layout == "gpt_oss"
+    hidden_axis, rows_axis = (1, 2) if transposed else (2, 1)
+    if w_gate_up.shape[hidden_axis] != hidden_size:
+        raise ValueError(f"w_gate_up: expected hidden size {hidden_size} (from hidden_states) on axis {hidden_axis} "
+                         f"for layout {layout!r}, got shape {tuple(w_gate_up.shape)}")
+    gate_up_rows = w_gate_up.shape[rows_axis]
+    if gated and gate_up_rows % 2 != 0:
+        raise ValueError(f"w_gate_up: gated experts need an even gate+up size on axis {rows_axis}, "
+                         f"got shape {tuple(w_gate_up.shape)}")
+    intermediate_local = gate_up_rows // 2 if gated else gate_up_rows
+    down_shape = ((num_experts, intermediate_local, hidden_size) if transposed
+                  else (num_experts, hidden_size, intermediate_local))
+    check_shape(w_down, "w_down", down_shape, f"E, I_p from w_gate_up, layout {layout!r}")
+
+    check_tensor(topk_ids, "topk_ids", ndim=2, dtypes=INDEX_DTYPES, device=device)
+    top_k = topk_ids.shape[1]
+    if topk_ids.shape[0] != num_tokens:
+        raise ValueError(f"topk_ids: expected {num_tokens} rows (tokens of hidden_states), got shape "
+                         f"{tuple(topk_ids.shape)}")
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"topk_ids: expected 1 <= K <= E ({num_experts}) columns, got K = {top_k}")
+    check_tensor(topk_weights, "topk_weights", ndim=2, dtypes=FLOAT_DTYPES, device=device)
+    check_shape(topk_weights, "topk_weights", tuple(topk_ids.shape), "that of topk_ids")
+    if b_gate_up is not None:
+        check_tensor(b_gate_up, "b_gate_up", dtypes=(dtype,), device=device)
+        check_shape(b_gate_up, "b_gate_up", (num_experts, gate_up_rows), "E, gate+up size of w_gate_up")
+    if b_down is not None:
+        check_tensor(b_down, "b_down", dtypes=(dtype,), device=device)
+        check_shape(b_down, "b_down", (num_experts, hidden_size), "E, H")
+    return num_experts, intermediate_local
