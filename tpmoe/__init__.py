@@ -3,10 +3,13 @@
 Importing tpmoe needs neither a GPU nor the built extension `tpmoe._C`; the calls that need
 one of them say so.
 """
+from .block import MoEBlock
 from .config import MoEConfig
+from .distributed import allreduce_router_grads
 from .fused import fused_experts
 from .reference import reference_experts, reference_moe_block, reference_route
 from .routing import AlignResult, align, route
+from .sharding import shard_moe_weights, shard_sizes
 from .weights import check_moe_weights, expected_shapes, random_moe_weights
 
 __version__ = "0.1.0"

@@ -1,0 +1,130 @@
+"""Real multi-process runs for the tensor-parallel tests: gloo on 127.0.0.1, spawned processes.
+
+`run_distributed(fn, world_size, *args)` starts `world_size` processes, each joining a gloo
+process group on a free port of 127.0.0.1 with a timeout (a hung collective then raises in the
+rank instead of hanging CI), runs `fn(rank, world_size, *args)` there and returns the list of
+its per-rank return values (picklable: numbers, strings, small CPU tensors) to the parent. An
+exception in a rank fails the parent with that rank's traceback.
+
+`CollectiveCounter` counts collectives by wrapping the public `torch.distributed` functions
+(all_reduce, all_gather_into_tensor, reduce_scatter_tensor, ... see COUNTED). tpmoe.distributed
+calls them as `torch.distributed.<name>(...)` looked up at call time, so every collective it
+issues passes through the wrapper; the wrapper adds nothing but a count. Since torch 2.13 the
+old all_gather_into_tensor / reduce_scatter_tensor call the *_single ones through the module,
+so calling an old name would count twice: tpmoe calls the *_single names where they exist
+(ALL_GATHER / REDUCE_SCATTER below name what is expected).
+"""
+import contextlib
+import datetime
+import queue as queue_module
+import socket
+import traceback
+from collections import Counter
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+PROCESS_GROUP_TIMEOUT_S = 60
+COUNTED = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single", "reduce_scatter",
+           "reduce_scatter_tensor", "reduce_scatter_single",
+           "broadcast", "reduce", "all_to_all", "all_to_all_single", "gather", "scatter", "barrier",
+           "all_gather_object", "broadcast_object_list", "send", "recv", "isend", "irecv")
+
+
+ALL_GATHER = "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"
+REDUCE_SCATTER = "reduce_scatter_single" if hasattr(dist, "reduce_scatter_single") else "reduce_scatter_tensor"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _worker(fn, rank, world_size, port, timeout_s, results, args):
+    try:
+        # Two cores are shared by every rank (and other jobs): one thread each avoids oversubscription.
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+        try:
+            results.put((rank, "ok", fn(rank, world_size, *args)))
+        finally:
+            dist.destroy_process_group()
+    except BaseException:  # reported to the parent, which fails the test with it
+        results.put((rank, "error", traceback.format_exc()))
+
+
+def run_distributed(fn, world_size: int, *args, timeout_s: int = PROCESS_GROUP_TIMEOUT_S):
+    """fn(rank, world_size, *args) on `world_size` gloo ranks -> [result of rank 0, 1, ...]."""
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    port = free_port()
+    processes = [context.Process(target=_worker, args=(fn, rank, world_size, port, timeout_s, results, args))
+                 for rank in range(world_size)]
+    for process in processes:
+        process.start()
+    collected, errors = {}, []
+    # Startup (importing torch per process on a loaded machine) plus the group timeout.
+    deadline_s = 3 * timeout_s + 60
+    try:
+        for _ in range(world_size):
+            rank, status, value = results.get(timeout=deadline_s)
+            if status == "ok":
+                collected[rank] = value
+            else:
+                errors.append(f"--- rank {rank} of {world_size} ---\n{value}")
+    except queue_module.Empty:
+        missing = sorted(set(range(world_size)) - set(collected))
+        errors.append(f"ranks {missing} of {world_size} returned nothing within {deadline_s} s")
+    finally:
+        for process in processes:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.terminate()
+                process.join()
+    if errors:
+        raise AssertionError("distributed run failed:\n" + "\n".join(errors))
+    return [collected[rank] for rank in range(world_size)]
+
+
+class CollectiveCounter:
+    """Context manager counting calls of the torch.distributed collectives, by name."""
+
+    def __init__(self):
+        self.counts = Counter()
+        self._originals = {}
+
+    def __enter__(self):
+        for name in COUNTED:
+            original = getattr(dist, name, None)
+            if original is None:
+                continue
+            self._originals[name] = original
+
+            def counting(*args, _counted_name=name, _original=original, **kwargs):
+                self.counts[_counted_name] += 1
+                return _original(*args, **kwargs)
+
+            setattr(dist, name, counting)
+        return self
+
+    def __exit__(self, *exc):
+        for name, original in self._originals.items():
+            setattr(dist, name, original)
+        return False
+
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def take(self) -> Counter:
+        """The counts since the last take, then reset."""
+        counts, self.counts = self.counts, Counter()
+        return counts
+
+
+@contextlib.contextmanager
+def counting_collectives():
+    with CollectiveCounter() as counter:
+        yield counter

@@ -1,0 +1,227 @@
+"""`tpmoe.MoEBlock`: router + routed experts + optional shared expert, in one process or
+sharded over a tensor-parallel (TP) group with one collective forward and one backward.
+
+Parameters and where they live (names as in tpmoe.weights; tpmoe.sharding says how they slice):
+  router_weight, router_bias, shared_gate, b_down    replicated: whole and identical on every rank
+  correction_bias                                     replicated buffer (DeepSeek-V3; not trained)
+  w_gate_up, b_gate_up, w_down                        this rank's I_local columns of every expert
+  shared_gate_up, shared_down                         this rank's Is_local columns of the shared expert
+
+TP mode (input replicated on every rank):
+  route(x) -> topk_weights, topk_ids; s = sigmoid(x W_sg^T)          replicated, outside f/g
+  f(x, topk_weights, s) -> experts on I_local + s * shared on Is_local -> g (all-reduce) -> y
+  y += sum_k topk_weights * b_down[topk_ids]                         replicated, after g
+The routed down bias is a replicated term: added after the reduction it is counted once, and
+its gradient (and that of the routing weights through it) is the same on every rank with no
+communication. Sequence-parallel mode replaces f/g by an all-gather of the routed local
+tokens and a reduce-scatter of the output (tpmoe.distributed.sequence_parallel).
+"""
+from typing import Dict, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import distributed as tp
+from .config import MoEConfig
+from .fused import fused_experts
+from .routing import route
+from .sharding import REPLICATED_NAMES, SHARDED_NAMES, check_shards, gather_full, shard_moe_weights, shard_sizes
+from .weights import check_moe_weights, random_moe_weights
+
+# Trained replicated parameters: their gradients are complete on every rank in TP mode and
+# per-rank partial sums (over the local tokens) in sequence-parallel mode.
+_TRAINED_REPLICATED = ("router_weight", "router_bias", "shared_gate", "b_down")
+
+
+class _ZeroPartialOutput(torch.autograd.Function):
+    """The partial output of a rank whose routed shard is empty (I_local = 0): zeros, with zero
+    gradients for x and the routing weights, so that the rank's autograd graph still reaches the
+    backward collective of f and the other ranks do not wait for it forever."""
+
+    @staticmethod
+    def forward(ctx, hidden_states, topk_weights):
+        # Shapes only: keeping the tensors on ctx would hold them (and their graph) alive.
+        ctx.hidden_like = (hidden_states.shape, hidden_states.dtype, hidden_states.device)
+        ctx.weights_like = (topk_weights.shape, topk_weights.dtype, topk_weights.device)
+        return torch.zeros_like(hidden_states)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (hidden_shape, hidden_dtype, device), (weights_shape, weights_dtype, _) = ctx.hidden_like, ctx.weights_like
+        return (torch.zeros(hidden_shape, dtype=hidden_dtype, device=device),
+                torch.zeros(weights_shape, dtype=weights_dtype, device=device))
+
+
+class MoEBlock(nn.Module):
+    """An MoE expert block, optionally tensor-parallel over `group`.
+
+    config: full (unsharded) sizes. group: None (one process), a ProcessGroup or a DeviceMesh
+    (its TP dimension: `tp_mesh_dim` for an N-D mesh). sequence_parallel: inputs and outputs
+    hold this rank's tokens only (see forward). check_replicated (off by default; for debugging):
+    one extra small all-gather per forward verifying that what must agree does, raising on every
+    rank and naming the first rank that differs: in TP mode the input and the routing (ids and
+    weights); in sequence-parallel mode the token counts (equal, or as tokens_per_rank says) and
+    the replicated parameters.
+    align: shard unit of the intermediate axes (tpmoe.sharding). backend: tpmoe.fused_experts'.
+    seed: the constructor's random init draws the FULL weights from this seed and keeps this
+    rank's slice, so the model is the same at every world size and replicas agree.
+    """
+
+    def __init__(self, config: MoEConfig, group=None, *, sequence_parallel: bool = False,
+                 check_replicated: bool = False, align: int = 1, backend: str = "auto", tp_mesh_dim=None,
+                 seed: int = 0, dtype: Optional[torch.dtype] = None, device=None, _shards=None):
+        super().__init__()
+        if not isinstance(config, MoEConfig):
+            raise TypeError(f"config: expected a tpmoe.MoEConfig, got {type(config).__name__}")
+        self.config = config
+        self.group = tp.resolve_tp_group(group, tp_mesh_dim)
+        self.tp_size, self.tp_rank = tp.group_size(self.group), tp.group_rank(self.group)
+        self.sequence_parallel = bool(sequence_parallel)
+        self.check_replicated = bool(check_replicated)
+        self.align = align
+        self.backend = backend
+        self.I_local = shard_sizes(config.intermediate_size, self.tp_size, align)[self.tp_rank]
+        self.Is_local = shard_sizes(config.shared_intermediate_size, self.tp_size, align)[self.tp_rank]
+        if _shards is None:
+            generator = torch.Generator().manual_seed(seed)
+            full = random_moe_weights(config, dtype=dtype or torch.get_default_dtype(), device=device or "cpu",
+                                      generator=generator)
+            _shards = shard_moe_weights(config, full, self.tp_rank, self.tp_size, align)
+        check_shards(config, _shards, self.tp_rank, self.tp_size, align)
+        for name, tensor in _shards.items():
+            value = tensor.detach().to(dtype=dtype or tensor.dtype, device=device or tensor.device).clone()
+            if name == "correction_bias":
+                self.register_buffer(name, value)
+            else:
+                setattr(self, name, nn.Parameter(value))
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_full(cls, config: MoEConfig, weights: Dict[str, torch.Tensor], group=None, **kwargs) -> "MoEBlock":
+        """Every rank passes the same full weights; each keeps its slice (tpmoe.sharding)."""
+        check_moe_weights(config, weights, "weights")
+        block_group = tp.resolve_tp_group(group, kwargs.get("tp_mesh_dim"))
+        shards = shard_moe_weights(config, weights, tp.group_rank(block_group), tp.group_size(block_group),
+                                   kwargs.get("align", 1))
+        return cls(config, group, _shards=shards, **kwargs)
+
+    @classmethod
+    def from_shards(cls, config: MoEConfig, shards: Dict[str, torch.Tensor], group=None, **kwargs) -> "MoEBlock":
+        """Each rank passes its own shard dict (shapes from tpmoe.sharding.shard_shapes for its rank)."""
+        return cls(config, group, _shards=shards, **kwargs)
+
+    def local_shards(self) -> Dict[str, torch.Tensor]:
+        """This rank's weights (detached), named as in tpmoe.weights."""
+        return {name: tensor.detach() for name, tensor in self._weight_items()}
+
+    def local_grads(self) -> Dict[str, Optional[torch.Tensor]]:
+        """The .grad of each trained weight of this rank (None where there is none)."""
+        return {name: tensor.grad for name, tensor in self._weight_items() if isinstance(tensor, nn.Parameter)}
+
+    def gather_full(self) -> Dict[str, torch.Tensor]:
+        """The full weights on every rank, bitwise equal to what from_full sliced: ONE all-gather."""
+        return gather_full(self.config, self.local_shards(), self.group, self.align)
+
+    def sequence_parallel_summed_parameters(self):
+        """The parameters whose gradients tpmoe.distributed.allreduce_router_grads sums (SP mode only)."""
+        if not self.sequence_parallel or not tp.communicates(self.group):
+            return []
+        return [getattr(self, name) for name in _TRAINED_REPLICATED if hasattr(self, name)]
+
+    def _weight_items(self):
+        for name in REPLICATED_NAMES + SHARDED_NAMES:
+            if hasattr(self, name):
+                yield name, getattr(self, name)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"H={c.hidden_size}, I={c.intermediate_size} (I_local={self.I_local}), E={c.num_experts}, "
+                f"top_k={c.top_k}, shared={c.shared_intermediate_size} (Is_local={self.Is_local}), "
+                f"tp={self.tp_rank}/{self.tp_size}, sequence_parallel={self.sequence_parallel}")
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, hidden_states: torch.Tensor, tokens_per_rank: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """[..., H] -> [..., H].
+
+        TP mode: hidden_states is the same on every rank, and so is the output.
+        Sequence-parallel mode: hidden_states holds this rank's tokens (the rows of its flattened
+        leading dims; rank p's rows follow rank p-1's in the full sequence) and so does the output.
+        Uneven counts need `tokens_per_rank` (the count of every rank, the same list on all ranks);
+        without it the counts must be equal: unequal counts then fail inside the all-gather or
+        hang until the process group's timeout, and check_replicated=True rejects them with a
+        clear error (naming the rank and the tokens_per_rank to pass) before any collective.
+        """
+        config = self.config
+        if not isinstance(hidden_states, torch.Tensor):
+            raise TypeError(f"hidden_states: expected a torch.Tensor, got {type(hidden_states).__name__}")
+        if hidden_states.dim() < 1 or hidden_states.shape[-1] != config.hidden_size:
+            raise ValueError(f"hidden_states: expected shape [..., {config.hidden_size}] (config.hidden_size), "
+                             f"got {tuple(hidden_states.shape)}")
+        if tokens_per_rank is not None and not self.sequence_parallel:
+            raise ValueError("tokens_per_rank: only used in sequence-parallel mode, "
+                             "got it with sequence_parallel=False")
+        leading_shape = hidden_states.shape[:-1]
+        x = hidden_states.reshape(-1, config.hidden_size)
+        topk_weights, topk_ids = self._route(x)
+        shared_gate = torch.sigmoid(F.linear(x, self.shared_gate)) if hasattr(self, "shared_gate") else None
+
+        if self.sequence_parallel:
+            if self.check_replicated:
+                replicated = {name: getattr(self, name) for name in REPLICATED_NAMES if hasattr(self, name)}
+                tp.check_replicated(replicated, self.group, what="MoEBlock(check_replicated=True)",
+                                    local_tokens=x.shape[0], tokens_per_rank=tokens_per_rank)
+            x_all, weights_all, ids_all, gate_all = tp.gather_from_sequence_parallel_region(
+                x, topk_weights, topk_ids, shared_gate, self.group, tokens_per_rank)
+            partial = self._partial_output(x_all, weights_all, ids_all, gate_all)
+            y = tp.reduce_scatter_to_sequence_parallel_region(partial, self.group, tokens_per_rank)
+        else:
+            if self.check_replicated:
+                tp.check_replicated({"hidden_states": x, "topk_ids": topk_ids, "topk_weights": topk_weights},
+                                    self.group, what="MoEBlock(check_replicated=True)")
+            x_tp, weights_tp, gate_tp = tp.copy_to_tensor_parallel_region(x, topk_weights, shared_gate, self.group)
+            partial = self._partial_output(x_tp, weights_tp, topk_ids, gate_tp)
+            y = tp.reduce_from_tensor_parallel_region(partial, self.group)
+
+        if hasattr(self, "b_down"):
+            y = y + self._routed_down_bias(topk_weights, topk_ids).to(y.dtype)
+        return y.reshape(*leading_shape, config.hidden_size)
+
+    def _route(self, x):
+        config = self.config
+        router_dtype = config.router_dtype or x.dtype
+        bias = self.router_bias.to(router_dtype) if hasattr(self, "router_bias") else None
+        logits = F.linear(x.to(router_dtype), self.router_weight.to(router_dtype), bias)
+        grouped = config.scoring == "sigmoid_group"
+        return route(logits, config.top_k, scoring=config.scoring, renormalize=config.renormalize,
+                     correction_bias=getattr(self, "correction_bias", None),
+                     n_group=config.n_group if grouped else 1, topk_group=config.topk_group if grouped else 1,
+                     routed_scaling_factor=config.routed_scaling_factor)
+
+    def _partial_output(self, x, topk_weights, topk_ids, shared_gate):
+        """This rank's share of the routed experts + shared expert (sums to the block over ranks)."""
+        config = self.config
+        options = dict(activation=config.activation, gated=config.gated, alpha=config.swiglu_alpha,
+                       limit=config.swiglu_limit, backend=self.backend)
+        if self.I_local > 0:
+            partial = fused_experts(x, self.w_gate_up, self.w_down, topk_ids, topk_weights, layout=config.layout,
+                                    b_gate_up=getattr(self, "b_gate_up", None), **options)
+        else:
+            partial = _ZeroPartialOutput.apply(x, topk_weights)
+        if self.Is_local > 0:
+            # The shared expert is one more expert that every token picks, weighted by its gate.
+            num_tokens = x.shape[0]
+            shared_ids = torch.zeros(num_tokens, 1, dtype=torch.int64, device=x.device)
+            shared_weight = shared_gate if shared_gate is not None else x.new_ones(num_tokens, 1)
+            partial = partial + fused_experts(x, self.shared_gate_up[None], self.shared_down[None], shared_ids,
+                                              shared_weight, layout="concatenated", **options)
+        return partial
+
+    def _routed_down_bias(self, topk_weights, topk_ids):
+        """sum_k topk_weights[t, k] * b_down[topk_ids[t, k]], as a [T, E] x [E, H] product: its
+        gradients are matmuls and gathers, deterministic, so ranks computing it agree bitwise."""
+        combine = topk_weights.new_zeros(topk_weights.shape[0], self.config.num_experts)
+        combine = combine.scatter_add(1, topk_ids, topk_weights)
+        return combine @ self.b_down.to(combine.dtype)

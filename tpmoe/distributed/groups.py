@@ -1,0 +1,60 @@
+"""Which process group is the tensor-parallel (TP) group: a ProcessGroup, the TP dimension of
+a DeviceMesh, or None (one process, no communication)."""
+from typing import Optional, Union
+
+import torch.distributed as dist
+
+
+def resolve_tp_group(group, mesh_dim: Optional[Union[str, int]] = None):
+    """ProcessGroup | DeviceMesh | None -> ProcessGroup | None.
+
+    A 1-D DeviceMesh is its own TP group; an N-D one needs `mesh_dim` (name or index of the TP
+    dimension), as `DeviceMesh.get_group` does.
+    """
+    if group is None:
+        if mesh_dim is not None:
+            raise ValueError(f"tp_mesh_dim: only used with a DeviceMesh group, got {mesh_dim!r} with group=None")
+        return None
+    from torch.distributed.device_mesh import DeviceMesh
+
+    if isinstance(group, DeviceMesh):
+        if mesh_dim is None and group.ndim != 1:
+            raise ValueError(f"tp_mesh_dim: the DeviceMesh has {group.ndim} dimensions "
+                             f"{group.mesh_dim_names}; expected the name or index of its TP dimension, got None")
+        return group.get_group(mesh_dim) if mesh_dim is not None else group.get_group()
+    if isinstance(group, dist.ProcessGroup):
+        if mesh_dim is not None:
+            raise ValueError(f"tp_mesh_dim: only used with a DeviceMesh group, got {mesh_dim!r} with a ProcessGroup")
+        return group
+    raise TypeError(f"group: expected a torch.distributed ProcessGroup, a DeviceMesh or None, "
+                    f"got {type(group).__name__}")
+
+
+def group_size(group) -> int:
+    """World size of the TP group; 1 for None."""
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def group_rank(group) -> int:
+    """This process's rank inside the TP group; 0 for None."""
+    return 0 if group is None else dist.get_rank(group)
+
+
+def communicates(group) -> bool:
+    """Whether a collective over `group` would move anything. Like Megatron, the TP Functions
+    skip their collectives in a group of one: a sum over one rank is the identity."""
+    return group is not None and dist.get_world_size(group) > 1
+
+
+# torch 2.13 renamed all_gather_into_tensor / reduce_scatter_tensor to *_single (the old names
+# warn). Looked up at each call, so a wrapper installed on torch.distributed sees every call.
+def all_gather_single(output, input, group):
+    """Concatenation along dim 0 of every rank's `input` into `output` (one collective)."""
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(output, input, group=group)
+
+
+def reduce_scatter_single(output, input, group):
+    """Rank p receives the sum over ranks of chunk p (along dim 0) of `input` (one collective)."""
+    scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    scatter(output, input, op=dist.ReduceOp.SUM, group=group)
