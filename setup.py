@@ -21,7 +21,8 @@ def native_extensions():
 
     cpp_sources = sorted(glob.glob("csrc/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/*.cu"))
-    cxx_flags = ["-O3", "-std=c++17"]
+    # torch 2.13 builds its own extensions as C++20; its headers warn under C++17.
+    cxx_flags = ["-O3", "-std=c++20"]
     with_cuda = bool(cuda_sources) and torch.version.cuda is not None and CUDA_HOME is not None
     if with_cuda:
         # Without an explicit list torch would ask the local GPU; a build must not need one.
@@ -31,7 +32,7 @@ def native_extensions():
             cpp_sources + cuda_sources,
             include_dirs=[os.path.join(ROOT, "csrc")],
             define_macros=[("TPMOE_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++20"]},
         )
     else:
         extension = CppExtension(
