@@ -56,6 +56,9 @@ class MoEConfig:
             raise ValueError(f"MoEConfig.layout: expected one of {LAYOUTS}, got {self.layout!r}")
         if self.activation == "clamped_swiglu" and not self.gated:
             raise ValueError("MoEConfig.gated: clamped_swiglu is a gated activation, got gated=False")
+        if self.scoring != "sigmoid_group" and (self.correction_bias or self.n_group != 1 or self.topk_group != 1):
+            raise ValueError("MoEConfig.scoring: correction_bias, n_group and topk_group belong to 'sigmoid_group' "
+                             f"routing, got them with scoring={self.scoring!r}")
         if self.num_experts % self.n_group != 0:
             raise ValueError(
                 f"MoEConfig.n_group: expected a divisor of num_experts ({self.num_experts}), got {self.n_group}")
