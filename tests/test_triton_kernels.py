@@ -1,0 +1,313 @@
+"""Each Triton kernel alone (under TRITON_INTERPRET=1 on CPU) against a plain torch computation.
+
+Small blocks (16) are forced through TPMOE_TRITON_CONFIG so that every loop runs several
+trips and every mask (rows, columns, depth) is exercised on shapes that are not multiples
+of a block.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tolerances import assert_fp32_close
+
+pytest.importorskip("triton", reason="the Triton path needs the triton package (pip install tpmoe[triton])")
+interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+pytestmark = [pytest.mark.triton,
+              pytest.mark.skipif(not interpreted and not torch.cuda.is_available(),
+                                 reason="needs a GPU or TRITON_INTERPRET=1 (set by conftest.py when no GPU)")]
+
+from tpmoe.activations import expert_activation  # noqa: E402
+from tpmoe.triton import autotune, backward_dh, backward_dw, down, gate_up  # noqa: E402
+from tpmoe.triton.autotune import KernelConfig  # noqa: E402
+from tpmoe.triton.layouts import down_axes, gate_up_axes, paired_load  # noqa: E402
+from tpmoe.triton.routing_metadata import align  # noqa: E402
+
+DEVICE = "cpu" if interpreted else "cuda"
+SMALL = KernelConfig(16, 16, 16, 4, 2)
+
+
+def make_problem(seed, num_tokens=23, hidden=37, inter=20, experts=5, top_k=2, layout="concatenated", gated=True,
+                 dtype=torch.float32, skip_expert=True):
+    generator = torch.Generator().manual_seed(seed)
+    rows = (2 if gated else 1) * inter
+    scores = torch.rand(num_tokens, experts, generator=generator)
+    if skip_expert:
+        scores[:, 1] = -1.0  # expert 1 gets no token
+    topk_ids = scores.topk(top_k, dim=1).indices
+    problem = dict(
+        x=torch.randn(num_tokens, hidden, generator=generator, dtype=torch.float64),
+        w_gate_up=torch.randn(experts, rows, hidden, generator=generator, dtype=torch.float64) / hidden ** 0.5,
+        w_down=torch.randn(experts, hidden, inter, generator=generator, dtype=torch.float64) / inter ** 0.5,
+        b_gate_up=torch.randn(experts, rows, generator=generator, dtype=torch.float64) / 4,
+        b_down=torch.randn(experts, hidden, generator=generator, dtype=torch.float64) / 4,
+        topk_weights=torch.rand(num_tokens, top_k, generator=generator, dtype=torch.float64) + 0.1,
+        dy=torch.randn(num_tokens, hidden, generator=generator, dtype=torch.float64))
+    if layout == "gpt_oss":
+        problem["w_gate_up"] = problem["w_gate_up"].transpose(1, 2).contiguous()
+        problem["w_down"] = problem["w_down"].transpose(1, 2).contiguous()
+    problem = {name: value.to(dtype).to(DEVICE) for name, value in problem.items()}
+    problem["topk_ids"] = topk_ids.to(DEVICE)
+    return problem
+
+
+def expert_matrices(problem, layout, expert):
+    """(W_gate_up[e] as [R, H], W_down[e] as [H, I]) whatever the storage layout."""
+    w_gate_up, w_down = problem["w_gate_up"][expert], problem["w_down"][expert]
+    if layout == "gpt_oss":
+        return w_gate_up.t(), w_down.t()
+    return w_gate_up, w_down
+
+
+def row_index(routing, num_pairs, top_k):
+    """(padded row, pair, token, expert) for every real row, from the alignment."""
+    used = int(routing.num_padded)
+    pairs = routing.sorted_ids_padded[:used].long()
+    block_m = used // max(1, (routing.block_expert >= 0).sum().item()) if used else 1
+    experts = routing.block_expert[: used // block_m].long().repeat_interleave(block_m)
+    real = pairs < num_pairs
+    rows = torch.arange(used, device=pairs.device)[real]
+    return rows, pairs[real], pairs[real] // top_k, experts[real]
+
+
+def preactivation(problem, layout, rows_tokens, rows_experts):
+    """[S_real, R] = x W_gu[e]^T + b for each real row, in float64."""
+    out = []
+    for token, expert in zip(rows_tokens.tolist(), rows_experts.tolist()):
+        w_gate_up, _ = expert_matrices(problem, layout, expert)
+        out.append(problem["x"][token].double() @ w_gate_up.double().t() + problem["b_gate_up"][expert].double())
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("layout,gated,activation", [
+    ("concatenated", True, "silu"), ("interleaved", True, "gelu"), ("gpt_oss", True, "clamped_swiglu"),
+    ("concatenated", False, "gelu_tanh"), ("gpt_oss", False, "relu")])
+def test_gate_up_kernel(layout, gated, activation, seed):
+    problem = make_problem(seed, layout=layout, gated=gated)
+    if activation == "clamped_swiglu":
+        problem["x"] = problem["x"] * 8  # reach both sides of the clamps
+    top_k = problem["topk_ids"].shape[1]
+    num_pairs = problem["topk_ids"].numel()
+    routing = align(problem["topk_ids"], problem["w_gate_up"].shape[0], SMALL.BLOCK_M)
+    h = gate_up.gate_up(problem["x"], problem["w_gate_up"], problem["b_gate_up"], routing.sorted_ids_padded,
+                        routing.block_expert, top_k=top_k, activation=activation, layout=layout, gated=gated,
+                        alpha=1.702, limit=7.0, config=SMALL)
+    rows, _, tokens, experts = row_index(routing, num_pairs, top_k)
+    expected = expert_activation(preactivation(problem, layout, tokens, experts), activation=activation,
+                                 layout=layout, gated=gated, alpha=1.702, limit=7.0)
+    assert_fp32_close(h[rows], expected, "h")
+    padding = torch.ones(int(routing.num_padded), dtype=torch.bool, device=h.device)
+    padding[rows] = False
+    assert torch.count_nonzero(h[: int(routing.num_padded)][padding]) == 0, "padding rows of h must be zero"
+
+
+@pytest.mark.parametrize("layout", ["concatenated", "gpt_oss"])
+def test_grouped_scatter_kernel_down_and_dx(layout, seed):
+    problem = make_problem(seed, layout=layout)
+    top_k, num_pairs = problem["topk_ids"].shape[1], problem["topk_ids"].numel()
+    experts = problem["w_gate_up"].shape[0]
+    routing = align(problem["topk_ids"], experts, SMALL.BLOCK_M)
+    rows, pairs, _, row_experts = row_index(routing, num_pairs, top_k)
+    num_rows = routing.sorted_ids_padded.shape[0]
+    generator = torch.Generator().manual_seed(seed + 1)
+    h = torch.randn(num_rows, problem["w_down"].shape[down_axes(layout)[1]], generator=generator).to(DEVICE)
+    hidden_axis, inter_axis = down_axes(layout)
+    out = down.grouped_scatter(h, problem["w_down"], hidden_axis, inter_axis, problem["b_down"],
+                               problem["topk_weights"], routing.sorted_ids_padded, routing.block_expert,
+                               num_pairs=num_pairs, config=SMALL)
+    flat_weights = problem["topk_weights"].reshape(-1).double()
+    expected = torch.stack([
+        flat_weights[p] * (h[r].double() @ expert_matrices(problem, layout, e)[1].double().t()
+                           + problem["b_down"][e].double())
+        for r, p, e in zip(rows.tolist(), pairs.tolist(), row_experts.tolist())])
+    assert_fp32_close(out[pairs], expected, "down pair rows")
+    combined = down.combine_pairs(out, problem["x"].shape[0], top_k, torch.float32)
+    assert_fp32_close(combined, out.view(-1, top_k, out.shape[1]).double().sum(1), "combine")
+
+    # dx: d_preact [M, R] times W_gate_up[e] read as [N = H, Kdim = R].
+    d_preact = torch.randn(num_rows, problem["w_gate_up"].shape[gate_up_axes(layout)[0]],
+                           generator=generator).to(DEVICE)
+    rows_axis, gu_hidden_axis = gate_up_axes(layout)
+    dx_pairs = down.grouped_scatter(d_preact, problem["w_gate_up"], gu_hidden_axis, rows_axis, None, None,
+                                    routing.sorted_ids_padded, routing.block_expert, num_pairs=num_pairs,
+                                    config=SMALL)
+    expected = torch.stack([d_preact[r].double() @ expert_matrices(problem, layout, e)[0].double()
+                            for r, e in zip(rows.tolist(), row_experts.tolist())])
+    assert_fp32_close(dx_pairs[pairs], expected, "dx pair rows")
+
+
+@pytest.mark.parametrize("layout,gated,activation", [
+    ("concatenated", True, "silu"), ("interleaved", True, "gelu_tanh"), ("gpt_oss", True, "clamped_swiglu"),
+    ("concatenated", False, "gelu"), ("interleaved", False, "relu")])
+def test_backward_dh_kernel(layout, gated, activation, seed):
+    problem = make_problem(seed, layout=layout, gated=gated)
+    if activation == "clamped_swiglu":
+        problem["x"] = problem["x"] * 8
+    top_k, num_pairs = problem["topk_ids"].shape[1], problem["topk_ids"].numel()
+    routing = align(problem["topk_ids"], problem["w_gate_up"].shape[0], SMALL.BLOCK_M)
+    options = dict(top_k=top_k, activation=activation, layout=layout, gated=gated, alpha=1.702, limit=7.0)
+    h = gate_up.gate_up(problem["x"], problem["w_gate_up"], problem["b_gate_up"], routing.sorted_ids_padded,
+                        routing.block_expert, config=SMALL, **options)
+    d_preact, d_topk_weights = backward_dh.backward_dh(
+        problem["dy"], problem["x"], problem["w_gate_up"], problem["b_gate_up"], problem["w_down"],
+        problem["b_down"], problem["topk_weights"], h, routing.sorted_ids_padded, routing.block_expert,
+        config=SMALL, **options)
+
+    rows, pairs, tokens, experts = row_index(routing, num_pairs, top_k)
+    preact = preactivation(problem, layout, tokens, experts).requires_grad_(True)
+    h_expected = expert_activation(preact, activation=activation, layout=layout, gated=gated, alpha=1.702,
+                                   limit=7.0)
+    flat_weights = problem["topk_weights"].reshape(-1).double()
+    dy_rows = problem["dy"][tokens].double()
+    w_down_rows = torch.stack([expert_matrices(problem, layout, e)[1].double() for e in experts.tolist()])
+    dh_expected = flat_weights[pairs, None] * torch.einsum("sh,shi->si", dy_rows, w_down_rows)
+    (d_preact_expected,) = torch.autograd.grad(h_expected, preact, dh_expected)
+    assert_fp32_close(d_preact[rows], d_preact_expected, "d_preact")
+
+    # d topk_weights = dy . o with o = h W_down^T + b_down, o computed from the kernel's own h.
+    o = torch.einsum("si,shi->sh", h[rows].double(), w_down_rows) + problem["b_down"][experts].double()
+    expected = torch.zeros(num_pairs, dtype=torch.float64, device=pairs.device)
+    expected[pairs] = (dy_rows * o).sum(-1)
+    assert_fp32_close(d_topk_weights.reshape(-1), expected, "d_topk_weights")
+
+
+@pytest.mark.parametrize("layout", ["concatenated", "gpt_oss"])
+def test_backward_dw_kernel(layout, seed):
+    problem = make_problem(seed, layout=layout, num_tokens=29)
+    top_k, num_pairs = problem["topk_ids"].shape[1], problem["topk_ids"].numel()
+    experts = problem["w_gate_up"].shape[0]
+    routing = align(problem["topk_ids"], experts, SMALL.BLOCK_M)
+    rows, pairs, tokens, row_experts = row_index(routing, num_pairs, top_k)
+    num_rows = routing.sorted_ids_padded.shape[0]
+    rows_axis, gu_hidden_axis = gate_up_axes(layout)
+    hidden_axis, inter_axis = down_axes(layout)
+    generator = torch.Generator().manual_seed(seed + 2)
+    d_preact = torch.zeros(num_rows, problem["w_gate_up"].shape[rows_axis], device=DEVICE)
+    d_preact[rows] = torch.randn(len(rows), d_preact.shape[1], generator=generator).to(DEVICE)
+    h = torch.zeros(num_rows, problem["w_down"].shape[inter_axis], device=DEVICE)
+    h[rows] = torch.randn(len(rows), h.shape[1], generator=generator).to(DEVICE)
+    # A 32-row reduction chunk over 16-aligned segments: chunks end mid-segment too.
+    config = KernelConfig(32, 16, 16, 4, 2)
+    common = dict(num_pairs=num_pairs, top_k=top_k, config=config)
+    dw_gate_up, db_gate_up = backward_dw.backward_dw(
+        d_preact, problem["x"], None, routing.sorted_ids_padded, routing.padded_offsets, problem["w_gate_up"],
+        rows_axis, gu_hidden_axis, a_gathered=False, b_gathered=True, bias_grad=True, **common)
+    dw_down, db_down = backward_dw.backward_dw(
+        problem["dy"], h, problem["topk_weights"], routing.sorted_ids_padded, routing.padded_offsets,
+        problem["w_down"], hidden_axis, inter_axis, a_gathered=True, b_gathered=False, bias_grad=True, **common)
+
+    flat_weights = problem["topk_weights"].reshape(-1).double()
+    for expert in range(experts):
+        mine = row_experts == expert
+        r, t, p = rows[mine], tokens[mine], pairs[mine]
+        expected_gate_up = d_preact[r].double().t() @ problem["x"][t].double()           # [R, H]
+        dy_weighted = problem["dy"][t].double() * flat_weights[p, None]
+        expected_down = dy_weighted.t() @ h[r].double()                                   # [H, I]
+        got_gate_up, got_down = dw_gate_up[expert], dw_down[expert]
+        if layout == "gpt_oss":
+            got_gate_up, got_down = got_gate_up.t(), got_down.t()
+        if len(r) == 0:
+            assert torch.count_nonzero(got_gate_up) == 0 and torch.count_nonzero(got_down) == 0
+            assert torch.count_nonzero(db_gate_up[expert]) == 0 and torch.count_nonzero(db_down[expert]) == 0
+            continue
+        assert_fp32_close(got_gate_up, expected_gate_up, f"dW_gate_up[{expert}]")
+        assert_fp32_close(got_down, expected_down, f"dW_down[{expert}]")
+        assert_fp32_close(db_gate_up[expert], d_preact[r].double().sum(0), f"db_gate_up[{expert}]")
+        assert_fp32_close(db_down[expert], dy_weighted.sum(0), f"db_down[{expert}]")
+
+
+def test_ops_have_working_fakes(seed):
+    """torch.library.opcheck: schema and fake (meta) implementations of every launch."""
+    from tpmoe.triton import ops
+    problem = make_problem(seed, num_tokens=7, hidden=16, inter=16, experts=3)
+    top_k, num_pairs = problem["topk_ids"].shape[1], problem["topk_ids"].numel()
+    routing = align(problem["topk_ids"], 3, 16)
+    config = ops.config_list(SMALL)
+    tests = ("test_schema", "test_faketensor")
+    h_args = (problem["x"], problem["w_gate_up"], problem["b_gate_up"], routing.sorted_ids_padded,
+              routing.block_expert, top_k, "silu", "concatenated", True, 1.702, 7.0, config)
+    torch.library.opcheck(ops.gate_up, h_args, test_utils=tests)
+    h = ops.gate_up(*h_args)
+    torch.library.opcheck(ops.grouped_scatter, (h, problem["w_down"], 1, 2, problem["b_down"], problem["topk_weights"],
+                                                routing.sorted_ids_padded, routing.block_expert, num_pairs, config),
+                          test_utils=tests)
+    dh_args = (problem["dy"], problem["x"], problem["w_gate_up"], problem["b_gate_up"], problem["w_down"],
+               problem["b_down"], problem["topk_weights"], h, routing.sorted_ids_padded, routing.block_expert,
+               top_k, "silu", "concatenated", True, 1.702, 7.0, config)
+    torch.library.opcheck(ops.backward_dh, dh_args, test_utils=tests)
+    d_preact, _ = ops.backward_dh(*dh_args)
+    torch.library.opcheck(ops.backward_dw, (d_preact, problem["x"], None, routing.sorted_ids_padded,
+                                            routing.padded_offsets, problem["w_gate_up"], 1, 2, num_pairs, top_k,
+                                            False, True, True, config), test_utils=tests)
+
+
+def test_env_config_selects_one_fixed_config(monkeypatch):
+    monkeypatch.setenv(autotune.ENV_VAR, "BLOCK_M=32,BLOCK_N=16,num_warps=2")
+    for kernel in autotune.KERNELS:
+        config = autotune.kernel_config(kernel, 4096, 1024, 1024)
+        assert (config.BLOCK_M, config.BLOCK_N, config.num_warps) == (32, 16, 2)
+    assert autotune.block_m_for(1) == 32
+    monkeypatch.setenv(autotune.ENV_VAR, "BLOCK_N=24")
+    with pytest.raises(ValueError, match="power of two"):
+        autotune.kernel_config("down", 16, 64, 64)
+    monkeypatch.setenv(autotune.ENV_VAR, "BLOCK_Q=16")
+    with pytest.raises(ValueError, match=autotune.ENV_VAR):
+        autotune.kernel_config("down", 16, 64, 64)
+
+
+def test_configs_are_keyed_on_tokens_and_width(monkeypatch):
+    monkeypatch.delenv(autotune.ENV_VAR, raising=False)
+    assert autotune.token_bucket(1, 8, 128) == 1
+    assert autotune.block_m_for(autotune.token_bucket(1, 8, 128)) == 16
+    assert autotune.block_m_for(autotune.token_bucket(16384, 8, 128)) == 128
+    assert autotune.kernel_config("gate_up", 64, 16, 2048).BLOCK_N == 32   # narrow I_p shard
+    assert autotune.kernel_config("gate_up", 64, 768, 2048).BLOCK_N == 64
+    for kernel in autotune.KERNELS:
+        for bucket in (1, 64, 4096):
+            assert autotune.kernel_config(kernel, bucket, 768, 2048) in autotune.all_configs(kernel)
+
+
+def test_cpu_tensors_without_the_interpreter_raise_clearly():
+    """Without TRITON_INTERPRET the kernels are compiled-only: CPU tensors get a RuntimeError saying so."""
+    code = (
+        "import torch, tpmoe.triton as t\n"
+        "x = torch.randn(3, 16); w = torch.randn(2, 32, 16); wd = torch.randn(2, 16, 16)\n"
+        "ids = torch.tensor([[0], [1], [0]]); tw = torch.ones(3, 1)\n"
+        "try:\n"
+        "    t.fused_experts_triton(x, w, wd, ids, tw, activation='silu', layout='concatenated', gated=True,\n"
+        "                           b_gate_up=None, b_down=None, alpha=1.702, limit=7.0)\n"
+        "except RuntimeError as error:\n"
+        "    print('RAISED', error)\n")
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert "RAISED" in result.stdout, result.stdout + result.stderr
+    assert "TRITON_INTERPRET=1" in result.stdout
+
+
+@pytest.mark.parametrize("activation", ["silu", "clamped_swiglu"])
+def test_paired_gate_up_load_matches_separate_loads(activation, seed):
+    """gpt_oss bf16 weights load gate and up as one tile and split it (layouts.paired_load); a
+    transposed view of the same values takes the two-load path: both must give identical bits."""
+    problem = make_problem(seed, layout="gpt_oss", dtype=torch.bfloat16)
+    contiguous = problem["w_gate_up"]                                  # [E, H, 2I], 2I contiguous
+    strided = contiguous.transpose(1, 2).contiguous().transpose(1, 2)  # same values, H contiguous
+    assert paired_load(contiguous, 2, True, 2) and not paired_load(strided, 2, True, 2)
+    top_k = problem["topk_ids"].shape[1]
+    routing = align(problem["topk_ids"], contiguous.shape[0], SMALL.BLOCK_M)
+    options = dict(top_k=top_k, activation=activation, layout="gpt_oss", gated=True, alpha=1.702, limit=7.0)
+    results = []
+    for weight in (contiguous, strided):
+        h = gate_up.gate_up(problem["x"], weight, problem["b_gate_up"], routing.sorted_ids_padded,
+                            routing.block_expert, config=SMALL, **options)
+        d_preact, _ = backward_dh.backward_dh(
+            problem["dy"], problem["x"], weight, problem["b_gate_up"], problem["w_down"], problem["b_down"],
+            problem["topk_weights"].float(), h, routing.sorted_ids_padded, routing.block_expert, config=SMALL,
+            **options)
+        used = int(routing.num_padded)
+        results.append((h[:used], d_preact[:used]))
+    assert torch.equal(results[0][0], results[1][0]), "h"
+    assert torch.equal(results[0][1], results[1][1]), "d_preact"

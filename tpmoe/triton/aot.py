@@ -1,0 +1,253 @@
+"""Ahead-of-time compilation of every kernel and config for a GPU target, on a machine without one.
+
+`triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))` needs no GPU. To compile
+what a real launch would, each launcher is run on CPU tensors of a representative problem
+(bf16, Qwen3-30B-A3B's H=2048 and I=768, few experts) with its kernel replaced by a recorder;
+the recorded arguments are then specialised exactly as the JIT does on a launch (ints equal
+to 1 become constexprs, pointers and ints divisible by 16 get the divisibility attribute),
+so the compiled code is the code a GPU run gets. Must run WITHOUT TRITON_INTERPRET (the
+kernels must be JITFunctions).
+
+    python -m tpmoe.triton.aot [--cc 80 90] [--kernel gate_up ...] [--shard i/n] [--json rows.json]
+prints, per kernel, call site, config and target: shared memory, wgmma count, and (sm_90)
+registers and spill bytes from ptxas-blackwell -v --gpu-name sm_90a.
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+
+from . import autotune, backward_dh, backward_dw, down, gate_up
+from ..routing_torch import align_torch
+
+# Shared memory per block an sm_80 / sm_90 kernel may use (opt-in maximum).
+SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+KERNEL_MODULES = {"gate_up": (gate_up, "gate_up_kernel"), "down": (down, "grouped_scatter_kernel"),
+                  "backward_dh": (backward_dh, "backward_dh_kernel"),
+                  "backward_dw": (backward_dw, "backward_dw_kernel")}
+
+
+@dataclass
+class Launch:
+    kernel_name: str   # key of KERNEL_MODULES
+    variant: str       # which call of that kernel (e.g. "dW_gate_up")
+    layout: str
+    dtype: str
+    config: autotune.KernelConfig
+    args: tuple
+    kwargs: dict
+
+
+class _Recorder:
+    def __init__(self, sink: list):
+        self.sink = sink
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.sink.append((args, kwargs))
+
+
+@contextmanager
+def _recording():
+    """Replaces every kernel by a recorder and lifts the device check for the duration."""
+    calls: List[tuple] = []
+    saved = []
+    for module, attr in KERNEL_MODULES.values():
+        saved.append((module, attr, getattr(module, attr), module.require_runnable))
+        setattr(module, attr, _Recorder(calls))
+        module.require_runnable = lambda kernel, device: None
+    try:
+        yield calls
+    finally:
+        for module, attr, kernel, check in saved:
+            setattr(module, attr, kernel)
+            module.require_runnable = check
+
+
+def main_config(kernel_name: str, element_size: int = 2) -> autotune.KernelConfig:
+    """The config a mid-size call (64 rows per expert, wide N) gets."""
+    return autotune.kernel_config(kernel_name, 64, 1024, 1024, element_size)
+
+
+def representative_launches(kernel_names=None, *, layout="concatenated", gated=True, activation="silu",
+                            dtype=torch.bfloat16, hidden_size=2048, intermediate_size=768, num_experts=4,
+                            num_tokens=256, top_k=2, main_only=False) -> List[Launch]:
+    """Every config (or only the main one) of every kernel, and each call site's variant, on one
+    representative problem."""
+    kernel_names = kernel_names or list(KERNEL_MODULES)
+    generator = torch.Generator().manual_seed(0)
+    rows = (2 if gated else 1) * intermediate_size
+    x = torch.randn(num_tokens, hidden_size, generator=generator).to(dtype)
+    if layout == "gpt_oss":
+        w_gate_up = torch.empty(num_experts, hidden_size, rows, dtype=dtype)
+        w_down = torch.empty(num_experts, intermediate_size, hidden_size, dtype=dtype)
+    else:
+        w_gate_up = torch.empty(num_experts, rows, hidden_size, dtype=dtype)
+        w_down = torch.empty(num_experts, hidden_size, intermediate_size, dtype=dtype)
+    b_gate_up = torch.empty(num_experts, rows, dtype=dtype)
+    b_down = torch.empty(num_experts, hidden_size, dtype=dtype)
+    topk_ids = torch.rand(num_tokens, num_experts, generator=generator).topk(top_k, dim=1).indices
+    topk_weights = torch.rand(num_tokens, top_k, generator=generator)
+    rows_axis, hidden_axis = (2, 1) if layout == "gpt_oss" else (1, 2)
+    down_h_axis, down_i_axis = (2, 1) if layout == "gpt_oss" else (1, 2)
+    options = dict(top_k=top_k, activation=activation, layout=layout, gated=gated, alpha=1.702, limit=7.0)
+    launches = []
+    for name in kernel_names:
+        configs = autotune.all_configs(name)
+        if dtype.itemsize > 2:
+            configs = [autotune.wide_dtype_config(name, config, dtype.itemsize) for config in configs]
+        if main_only:
+            configs = [main_config(name, dtype.itemsize)]
+        for config in configs:
+            meta = align_torch(topk_ids, num_experts, config.BLOCK_M)
+            num_rows = meta.sorted_ids_padded.shape[0]
+            h = torch.empty(num_rows, intermediate_size, dtype=dtype)
+            d_preact = torch.empty(num_rows, rows, dtype=dtype)
+            with _recording() as calls:
+                if name == "gate_up":
+                    gate_up.gate_up(x, w_gate_up, b_gate_up, meta.sorted_ids_padded, meta.block_expert, config=config,
+                                    **options)
+                    variants = ["forward"]
+                elif name == "down":
+                    down.grouped_scatter(h, w_down, down_h_axis, down_i_axis, b_down, topk_weights,
+                                         meta.sorted_ids_padded, meta.block_expert, num_pairs=num_tokens * top_k,
+                                         config=config)
+                    down.grouped_scatter(d_preact, w_gate_up, hidden_axis, rows_axis, None, None,
+                                         meta.sorted_ids_padded, meta.block_expert, num_pairs=num_tokens * top_k,
+                                         config=config)
+                    variants = ["forward", "dx"]
+                elif name == "backward_dh":
+                    backward_dh.backward_dh(x, x, w_gate_up, b_gate_up, w_down, b_down, topk_weights, h,
+                                            meta.sorted_ids_padded, meta.block_expert, config=config, **options)
+                    variants = ["dh"]
+                else:
+                    common = dict(num_pairs=num_tokens * top_k, top_k=top_k, config=config)
+                    backward_dw.backward_dw(d_preact, x, None, meta.sorted_ids_padded, meta.padded_offsets,
+                                            w_gate_up, rows_axis, hidden_axis, a_gathered=False, b_gathered=True,
+                                            bias_grad=True, **common)
+                    backward_dw.backward_dw(x, h, topk_weights, meta.sorted_ids_padded, meta.padded_offsets,
+                                            w_down, down_h_axis, down_i_axis, a_gathered=True, b_gathered=False,
+                                            bias_grad=True, **common)
+                    variants = ["dW_gate_up", "dW_down"]
+            for variant, (args, kwargs) in zip(variants, calls):
+                launches.append(Launch(name, variant, layout, str(dtype).replace("torch.", ""), config, args,
+                                       kwargs))
+    return launches
+
+
+def compile_launch(launch: Launch, capability: int):
+    """triton.compile of one recorded launch for sm_<capability>, specialised as the JIT would."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.compiler import ASTSource, make_backend
+
+    module, attr = KERNEL_MODULES[launch.kernel_name]
+    kernel = getattr(module, attr)
+    if not isinstance(kernel, triton.runtime.jit.JITFunction):
+        raise RuntimeError("tpmoe.triton.aot: the kernels were decorated under TRITON_INTERPRET=1; "
+                           "run the ahead-of-time compile in a process without it")
+    target = GPUTarget("cuda", capability, 32)
+    backend = make_backend(target)
+    kernel_kwargs = {k: v for k, v in launch.kwargs.items() if k in kernel.arg_names}
+    bound = kernel.signature.bind(*launch.args, **kernel_kwargs)
+    signature, constexprs, attrs = {}, {}, {}
+    for index, (name, param) in enumerate(zip(kernel.arg_names, kernel.params)):
+        value = bound.arguments[name]
+        if param.is_constexpr:
+            signature[name], constexprs[name] = "constexpr", value
+            continue
+        kind, spec = native_specialize_impl(backend, value, False, True, True)
+        if kind == "constexpr":  # an int equal to 1
+            signature[name], constexprs[name] = "constexpr", spec
+        else:
+            signature[name] = kind
+            if isinstance(spec, str) and spec:
+                attrs[(index,)] = backend.parse_attr(spec)
+    options = dict(num_warps=launch.kwargs["num_warps"], num_stages=launch.kwargs["num_stages"])
+    return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options)
+
+
+def ptxas_usage(ptx: str, gpu_name: str = "sm_90a") -> Dict[str, int]:
+    """Registers and spill bytes from Triton's bundled ptxas-blackwell -v."""
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas-blackwell")
+    with tempfile.TemporaryDirectory() as folder:
+        source = os.path.join(folder, "kernel.ptx")
+        with open(source, "w") as handle:
+            handle.write(ptx)
+        result = subprocess.run([ptxas, "-v", "--gpu-name", gpu_name, source, "-o", os.path.join(folder, "k.o")],
+                                capture_output=True, text=True, check=True)
+    report = result.stdout + result.stderr
+    registers = re.search(r"Used (\d+) registers", report)
+    stores = re.search(r"(\d+) bytes spill stores", report)
+    loads = re.search(r"(\d+) bytes spill loads", report)
+    return dict(registers=int(registers.group(1)), spill_stores=int(stores.group(1)) if stores else 0,
+                spill_loads=int(loads.group(1)) if loads else 0)
+
+
+def describe(launch: Launch, capability: int, compiled, usage: Optional[dict]) -> dict:
+    ptx = compiled.asm["ptx"]
+    row = dict(kernel=launch.kernel_name, variant=launch.variant, layout=launch.layout, dtype=launch.dtype,
+               cc=capability, shared=compiled.metadata.shared,
+               wgmma=ptx.count("wgmma.mma_async"), mma=ptx.count("mma.sync"), cp_async=ptx.count("cp.async"),
+               **launch.config.__dict__)
+    if usage:
+        row.update(usage)
+    return row
+
+
+def format_row(row: dict) -> str:
+    return (f"{row['kernel']:12} {row['variant']:11} {row['cc']:>3} {row['BLOCK_M']:>4} {row['BLOCK_N']:>4} "
+            f"{row['BLOCK_K']:>4} {row['num_warps']:>2} {row['num_stages']:>2} {row['shared']:>7} "
+            f"{row['wgmma']:>5} {row.get('registers', ''):>4} {row.get('spill_stores', ''):>5}")
+
+
+TABLE_HEADER = (f"{'kernel':12} {'variant':11} {'cc':>3} {'BM':>4} {'BN':>4} {'BK':>4} {'w':>2} {'s':>2} "
+                f"{'smem':>7} {'wgmma':>5} {'regs':>4} {'spill':>5}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cc", type=int, nargs="*", default=[80, 90])
+    parser.add_argument("--kernel", nargs="*", default=None, choices=list(KERNEL_MODULES))
+    parser.add_argument("--shard", default="0/1", help="i/n: compile every n-th launch starting at i")
+    parser.add_argument("--json", default=None, help="write the rows to this file as JSON")
+    parser.add_argument("--layout", default="concatenated", choices=["concatenated", "interleaved", "gpt_oss"])
+    parser.add_argument("--activation", default="silu")
+    parser.add_argument("--not-gated", action="store_true")
+    parser.add_argument("--main-only", action="store_true", help="only each kernel's main config")
+    parser.add_argument("--one-variant", action="store_true",
+                        help="only the first call site of each kernel (e.g. the forward down, not dx)")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32", "float64"])
+    args = parser.parse_args(argv)
+    shard, num_shards = (int(part) for part in args.shard.split("/"))
+    rows = []
+    print(TABLE_HEADER)
+    launches = representative_launches(args.kernel, layout=args.layout, gated=not args.not_gated,
+                                       activation=args.activation, main_only=args.main_only,
+                                       dtype=getattr(torch, args.dtype))
+    if args.one_variant:
+        first_of_each = {}
+        for launch in launches:
+            first_of_each.setdefault((launch.kernel_name, launch.config), launch)
+        launches = list(first_of_each.values())
+    jobs = [(launch, capability) for launch in launches for capability in args.cc]
+    for launch, capability in jobs[shard::num_shards]:
+        compiled = compile_launch(launch, capability)
+        usage = ptxas_usage(compiled.asm["ptx"]) if capability == 90 else None
+        row = describe(launch, capability, compiled, usage)
+        rows.append(row)
+        print(format_row(row), flush=True)
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(rows, handle)
+
+
+if __name__ == "__main__":
+    main()

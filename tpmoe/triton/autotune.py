@@ -1,0 +1,150 @@
+"""Kernel configurations: named functions keyed on (token-count bucket, N, K).
+
+The configs are chosen from fixed tables rather than by `triton.autotune`'s timing runs:
+BLOCK_M fixes the routing alignment (`tpmoe.routing.align(..., block_m)`) that every kernel of
+one forward and backward shares, so it must be known before the first launch, and a fixed
+choice keeps runs reproducible. Every config in `all_configs()` is compiled ahead of time for
+sm_80 and sm_90 by tests/test_triton_aot.py (shared memory within the limit, no spills in the
+main ones).
+
+Token-count bucket: rows per expert on average, T*K/E, rounded up to a power of two; it picks
+BLOCK_M (16 for decode-like calls, 64, then 128 for large prefill/training batches).
+
+TPMOE_TRITON_CONFIG selects one fixed config for every kernel (for determinism studies, CI and
+the interpreter tests), as comma-separated key=value pairs, e.g.
+    TPMOE_TRITON_CONFIG="BLOCK_M=64,BLOCK_N=64,BLOCK_K=32,num_warps=4,num_stages=3"
+Keys: BLOCK_M, BLOCK_N, BLOCK_K (powers of two >= 16), num_warps, num_stages; missing keys keep
+the table's value. For the weight-gradient kernel BLOCK_N and BLOCK_K are the tile of dW
+and BLOCK_M its reduction chunk over rows.
+"""
+import os
+from dataclasses import dataclass, replace
+from typing import Dict, List
+
+ENV_VAR = "TPMOE_TRITON_CONFIG"
+KERNELS = ("gate_up", "down", "backward_dh", "backward_dw")
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    BLOCK_M: int
+    BLOCK_N: int
+    BLOCK_K: int
+    num_warps: int
+    num_stages: int
+
+    def meta(self) -> Dict[str, int]:
+        return dict(BLOCK_M=self.BLOCK_M, BLOCK_N=self.BLOCK_N, BLOCK_K=self.BLOCK_K)
+
+
+def _table(kernel: str) -> Dict[int, List[KernelConfig]]:
+    """BLOCK_M -> configs; the first fits wide N, the second (if any) narrow N (N <= 32)."""
+    if kernel == "gate_up":
+        # Two fp32 accumulators (gate and up) per program: a 64x128 tile of each at 4 warps
+        # takes 243 registers and 160 KB of shared memory at 4 stages (ptxas, sm_90, bf16),
+        # at the edge of both limits, so the column block stays at 64 (128 registers) and
+        # 128-row blocks get 8 warps. Not yet timed on a GPU: benchmarks/bench_kernels.py.
+        return {16: [KernelConfig(16, 64, 128, 4, 4), KernelConfig(16, 32, 128, 4, 4)],
+                64: [KernelConfig(64, 64, 64, 4, 4), KernelConfig(64, 32, 64, 4, 4)],
+                128: [KernelConfig(128, 64, 64, 8, 3)]}
+    if kernel == "down":
+        return {16: [KernelConfig(16, 64, 128, 4, 4)],
+                64: [KernelConfig(64, 128, 64, 4, 4), KernelConfig(64, 32, 64, 4, 4)],
+                128: [KernelConfig(128, 128, 64, 8, 3)]}
+    if kernel == "backward_dh":
+        # Three accumulators (dh, and the recomputed gate and up): keep tiles small per thread.
+        return {16: [KernelConfig(16, 64, 64, 4, 3)],
+                64: [KernelConfig(64, 64, 64, 8, 3), KernelConfig(64, 32, 64, 4, 3)],
+                128: [KernelConfig(128, 64, 64, 8, 2)]}
+    if kernel == "backward_dw":
+        # Tile of dW [BLOCK_N, BLOCK_K], reduced over rows in chunks of BLOCK_M.
+        return {16: [KernelConfig(32, 64, 64, 4, 3)],
+                64: [KernelConfig(64, 128, 64, 8, 3), KernelConfig(64, 32, 64, 4, 3)],
+                128: [KernelConfig(64, 128, 128, 8, 3)]}
+    raise ValueError(f"kernel: expected one of {KERNELS}, got {kernel!r}")
+
+
+def all_configs(kernel: str) -> List[KernelConfig]:
+    """Every config the tables can return for `kernel` (what the AOT test compiles)."""
+    return [config for configs in _table(kernel).values() for config in configs]
+
+
+def token_bucket(num_tokens: int, top_k: int, num_experts: int) -> int:
+    rows_per_expert = max(1, -(-num_tokens * top_k // num_experts))
+    return 1 << (rows_per_expert - 1).bit_length()
+
+
+def block_m_for(bucket: int) -> int:
+    """The routing alignment for a token bucket (shared by all kernels of one call)."""
+    override = env_config()
+    if "BLOCK_M" in override:
+        return override["BLOCK_M"]
+    if bucket <= 16:
+        return 16
+    if bucket <= 512:
+        return 64
+    return 128
+
+
+def kernel_config(kernel: str, bucket: int, n: int, k: int, element_size: int = 2) -> KernelConfig:
+    """The config of `kernel` for a token bucket, output width n and reduction depth k.
+
+    (For backward_dw, n and k are the two dims of the weight gradient tile.) The tables are
+    tuned for bf16/fp16; fp32 (exact "ieee" dots run on FMA units, operands in registers) and
+    fp64 take a shallower, less pipelined variant so that they neither spill nor overflow
+    shared memory (`wide_dtype_config`).
+    """
+    del k  # the tables do not depend on the reduction depth yet; kept in the key on purpose
+    block_m = block_m_for(bucket)
+    table = _table(kernel)
+    configs = table.get(block_m) or table[min(table, key=lambda m: abs(m - block_m))]
+    config = configs[1] if (n <= 32 and len(configs) > 1) else configs[0]
+    if kernel != "backward_dw":
+        config = replace(config, BLOCK_M=block_m)
+    if element_size > 2:
+        config = wide_dtype_config(kernel, config, element_size)
+    override = env_config()
+    if override:
+        config = replace(config, **override)
+    return config
+
+
+# fp32 accumulator tiles each program holds: gate and up; dh and the recomputed gate and up.
+ACCUMULATORS = {"gate_up": 2, "down": 1, "backward_dh": 3, "backward_dw": 1}
+# Exact fp32 ("ieee") and fp64 dots run on FMA units with their operands in registers too:
+# measured with ptxas (tests/test_triton_aot.py), more than 32 accumulator elements per thread spills.
+WIDE_DTYPE_ACCUMULATORS_PER_THREAD = 32
+
+
+def wide_dtype_config(kernel: str, config: KernelConfig, element_size: int) -> KernelConfig:
+    """The fp32 / fp64 variant of a bf16 config: depth 32 (fp64: 16), two stages, and BLOCK_N
+    halved until the accumulators fit the per-thread budget."""
+    config = replace(config, BLOCK_K=min(config.BLOCK_K, 32 if element_size == 4 else 16), num_stages=2)
+    if kernel == "backward_dw":  # its accumulator is [BLOCK_N, BLOCK_K], BLOCK_K is now small
+        return config
+    threads = 32 * config.num_warps
+    block_n = config.BLOCK_N
+    budget = WIDE_DTYPE_ACCUMULATORS_PER_THREAD * threads
+    while block_n > 16 and config.BLOCK_M * block_n * ACCUMULATORS[kernel] > budget:
+        block_n //= 2
+    return replace(config, BLOCK_N=block_n)
+
+
+def env_config() -> Dict[str, int]:
+    """The fixed config from TPMOE_TRITON_CONFIG, {} when the variable is unset or empty."""
+    text = os.environ.get(ENV_VAR, "").strip()
+    if not text:
+        return {}
+    allowed = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
+    values = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in allowed or not value.strip().isdigit():
+            raise ValueError(f"{ENV_VAR}: expected comma-separated key=int pairs with keys in {allowed}, "
+                             f"got {text!r}")
+        values[key] = int(value)
+    for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
+        if key in values and (values[key] < 16 or values[key] & (values[key] - 1)):
+            raise ValueError(f"{ENV_VAR}: {key} must be a power of two >= 16, got {values[key]}")
+    return values

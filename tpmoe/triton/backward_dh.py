@@ -1,0 +1,190 @@
+"""Backward through the activation: d_preact = act'(.) * (topk_weight * dy[token] @ W_down[e]).
+
+Saved vs recomputed: the forward saves h [S, I_p] (it is needed anyway: dW_down = (w dy)^T h)
+and recomputes the gate/up pre-activation [S, 2 I_p] here rather than saving it. Saving it
+would put 2x h's memory per layer on the autograd tape, for training; recomputing costs the
+gate_up GEMM again, but it shares this kernel's loop over H with the dh GEMM (the same
+gathered token rows, the same trip count), so it adds MMA work and one more weight stream,
+not a pass over the activations.
+
+Also here, with no extra GEMM: d topk_weights[t, k] = dy_t . o_{t,k} (o without the weight)
+= (dy_t @ W_down[e]) . h + dy_t . b_down[e]. Each column block writes its partial sum of
+the first term for its pairs ([n_blocks, T*K]); the launcher sums those in a fixed order.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .activations import gated_backward, unary_activation_and_grad
+from .autotune import KernelConfig
+from .interpret import as_dot_operand, dot_flags, require_runnable, round_to, zeros_accumulator
+from .layouts import down_axes, gate_up_axes, gate_up_columns, paired_load
+
+
+@triton.jit
+def backward_dh_kernel(
+    # pointers
+    dy_ptr,                # [T, H] gradient of the block output
+    x_ptr,                 # [T, H] hidden states (to recompute gate/up)
+    w_gate_up_ptr,         # expert e, row r, hidden h at e*stride_gue + r*stride_gur + h*stride_guh
+    b_gate_up_ptr,         # [E, R] (read only if HAS_GATE_UP_BIAS)
+    w_down_ptr,            # expert e, hidden h, column i at e*stride_de + h*stride_dh + i*stride_di
+    b_down_ptr,            # [E, H] (read only if HAS_DOWN_BIAS)
+    routing_weight_ptr,    # [num_pairs] flat topk_weights
+    h_ptr,                 # [M, I] the forward's activation, padded sorted order
+    sorted_ids_ptr,        # [M] int32 pair ids; sentinel num_pairs
+    block_expert_ptr,      # [cdiv(M, BLOCK_M)] int32, -1 past the used rows
+    d_preact_ptr,          # [M, R] out: gradient of the gate_up pre-activation, columns packed like R
+    d_weight_partial_ptr,  # [cdiv(I, BLOCK_N), num_pairs] out: partial dy . o per column block
+    # sizes
+    num_pairs, top_k, hidden_size, intermediate_size, up_offset, alpha, limit,
+    # strides
+    stride_dyt, stride_dyh,
+    stride_xt, stride_xh,
+    stride_gue, stride_gur, stride_guh,
+    stride_gbe, stride_gbr,
+    stride_de, stride_dh, stride_di,
+    stride_dbe, stride_dbh,
+    stride_hm, stride_hi,
+    stride_pm, stride_pr,
+    stride_wpb, stride_wpp,
+    # meta-parameters
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    COL_STEP: tl.constexpr, GATED: tl.constexpr, HAS_GATE_UP_BIAS: tl.constexpr, HAS_DOWN_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr, INTERPRETED: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_FP64: tl.constexpr,
+    PAIRED_LOAD: tl.constexpr,  # gate/up columns adjacent and contiguous (gpt_oss): one [BK, 2 BN] load
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    if expert < 0:  # padding blocks past num_padded
+        return
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_ids_ptr + offs_m)
+    row_valid = pair < num_pairs
+    token = (pair // top_k).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_valid = offs_n < intermediate_size
+    gate_rows = offs_n.to(tl.int64) * COL_STEP
+    offs_k = tl.arange(0, BLOCK_K)
+
+    dy_ptrs = dy_ptr + token[:, None] * stride_dyt + offs_k[None, :] * stride_dyh
+    x_ptrs = x_ptr + token[:, None] * stride_xt + offs_k[None, :] * stride_xh
+    w_down_ptrs = (w_down_ptr + expert * stride_de + offs_k[:, None] * stride_dh
+                   + offs_n.to(tl.int64)[None, :] * stride_di)
+    w_gate_ptrs = w_gate_up_ptr + expert * stride_gue + gate_rows[None, :] * stride_gur + offs_k[:, None] * stride_guh
+    b_down_ptrs = b_down_ptr + expert * stride_dbe + offs_k * stride_dbh
+    acc_dh = zeros_accumulator(BLOCK_M, BLOCK_N, ACC_FP64)      # dy[token] @ W_down[e][:, cols]
+    acc_gate = zeros_accumulator(BLOCK_M, BLOCK_N, ACC_FP64)    # recomputed x @ W_gate^T
+    if GATED:
+        w_up_ptrs = w_gate_ptrs + up_offset * stride_gur
+        acc_up = zeros_accumulator(BLOCK_M, BLOCK_N, ACC_FP64)  # recomputed x @ W_up^T
+    if HAS_DOWN_BIAS:
+        bias_dot = tl.sum(acc_dh, axis=1)  # dy_t . b_down[e], zeros to start
+    if PAIRED_LOAD:
+        offs_pair = pid_n * 2 * BLOCK_N + tl.arange(0, 2 * BLOCK_N)
+        w_pair_ptrs = (w_gate_up_ptr + expert * stride_gue + offs_pair.to(tl.int64)[None, :] * stride_gur
+                       + offs_k[:, None] * stride_guh)
+        pair_valid = offs_pair < 2 * intermediate_size
+    for k0 in range(0, hidden_size, BLOCK_K):
+        k_valid = offs_k < hidden_size - k0
+        row_mask = row_valid[:, None] & k_valid[None, :]
+        w_mask = k_valid[:, None] & col_valid[None, :]
+        dy_tile = tl.load(dy_ptrs, mask=row_mask, other=0.0)
+        w_down_tile = tl.load(w_down_ptrs, mask=w_mask, other=0.0)
+        acc_dh = tl.dot(as_dot_operand(dy_tile, INTERPRETED), as_dot_operand(w_down_tile, INTERPRETED), acc_dh,
+                        input_precision=DOT_PRECISION)
+        x_tile = as_dot_operand(tl.load(x_ptrs, mask=row_mask, other=0.0), INTERPRETED)
+        if PAIRED_LOAD:
+            w_pair = tl.load(w_pair_ptrs, mask=k_valid[:, None] & pair_valid[None, :], other=0.0)
+            w_gate, w_up = tl.split(tl.reshape(w_pair, (BLOCK_K, BLOCK_N, 2)))
+            w_pair_ptrs += BLOCK_K * stride_guh
+        else:
+            w_gate = tl.load(w_gate_ptrs, mask=w_mask, other=0.0)
+        acc_gate = tl.dot(x_tile, as_dot_operand(w_gate, INTERPRETED), acc_gate, input_precision=DOT_PRECISION)
+        if GATED:
+            if not PAIRED_LOAD:
+                w_up = tl.load(w_up_ptrs, mask=w_mask, other=0.0)
+            acc_up = tl.dot(x_tile, as_dot_operand(w_up, INTERPRETED), acc_up, input_precision=DOT_PRECISION)
+            w_up_ptrs += BLOCK_K * stride_guh
+        if HAS_DOWN_BIAS:
+            b_down = tl.load(b_down_ptrs, mask=k_valid, other=0.0).to(acc_dh.dtype)
+            bias_dot += tl.sum(dy_tile.to(acc_dh.dtype) * b_down[None, :], axis=1)
+            b_down_ptrs += BLOCK_K * stride_dbh
+        dy_ptrs += BLOCK_K * stride_dyh
+        x_ptrs += BLOCK_K * stride_xh
+        w_down_ptrs += BLOCK_K * stride_dh
+        w_gate_ptrs += BLOCK_K * stride_guh
+
+    # d topk_weights partial: (dy @ W_down[e]) . h over this column block (+ the bias term once).
+    h_ptrs = h_ptr + offs_m.to(tl.int64)[:, None] * stride_hm + offs_n[None, :] * stride_hi
+    h_saved = tl.load(h_ptrs, mask=col_valid[None, :], other=0.0).to(acc_dh.dtype)
+    weight_partial = tl.sum(acc_dh * h_saved, axis=1)
+    if HAS_DOWN_BIAS:
+        weight_partial += tl.where(pid_n == 0, bias_dot, 0.0)
+    tl.store(d_weight_partial_ptr + pid_n * stride_wpb + pair.to(tl.int64) * stride_wpp,
+             round_to(weight_partial, d_weight_partial_ptr.dtype.element_ty, INTERPRETED), mask=row_valid)
+
+    routing_weight = tl.load(routing_weight_ptr + pair, mask=row_valid, other=0.0).to(acc_dh.dtype)
+    dh = acc_dh * routing_weight[:, None]  # zero on padding rows
+    if HAS_GATE_UP_BIAS:
+        b_expert = b_gate_up_ptr + expert * stride_gbe
+        acc_gate += tl.load(b_expert + gate_rows * stride_gbr, mask=col_valid, other=0.0).to(acc_gate.dtype)[None, :]
+        if GATED:
+            up_bias = tl.load(b_expert + (gate_rows + up_offset) * stride_gbr, mask=col_valid, other=0.0)
+            acc_up += up_bias.to(acc_up.dtype)[None, :]
+    d_preact_ptrs = d_preact_ptr + offs_m.to(tl.int64)[:, None] * stride_pm + gate_rows[None, :] * stride_pr
+    if GATED:
+        d_gate, d_up = gated_backward(dh, acc_gate, acc_up, alpha, limit, ACTIVATION)
+        tl.store(d_preact_ptrs + up_offset * stride_pr, round_to(d_up, d_preact_ptr.dtype.element_ty, INTERPRETED),
+                 mask=col_valid[None, :])
+    else:
+        _, act_grad = unary_activation_and_grad(acc_gate, ACTIVATION)
+        d_gate = dh * act_grad
+    tl.store(d_preact_ptrs, round_to(d_gate, d_preact_ptr.dtype.element_ty, INTERPRETED), mask=col_valid[None, :])
+
+
+def backward_dh(grad_output, hidden_states, w_gate_up, b_gate_up, w_down, b_down, topk_weights, h,
+                sorted_ids_padded, block_expert, *, top_k: int, activation: str, layout: str, gated: bool,
+                alpha: float, limit: float, config: KernelConfig):
+    """(d_preact [M, R] packed like w_gate_up's rows, d_topk_weights [T, K] in fp32 (fp64 for fp64))."""
+    require_runnable(backward_dh_kernel, grad_output.device)
+    num_tokens, hidden_size = hidden_states.shape
+    num_pairs = num_tokens * top_k
+    gu_rows_axis, gu_hidden_axis = gate_up_axes(layout)
+    down_hidden_axis, down_inter_axis = down_axes(layout)
+    gate_up_size = w_gate_up.shape[gu_rows_axis]
+    intermediate_size = h.shape[1]
+    col_step, up_offset = gate_up_columns(layout, gated, intermediate_size)
+    num_rows = sorted_ids_padded.shape[0]
+    assert block_expert.shape[0] * config.BLOCK_M >= num_rows, "block_expert does not cover sorted_ids_padded"
+    d_preact = torch.empty(num_rows, gate_up_size, dtype=hidden_states.dtype, device=hidden_states.device)
+    num_col_blocks = triton.cdiv(intermediate_size, config.BLOCK_N)
+    partial_dtype = torch.float64 if hidden_states.dtype == torch.float64 else torch.float32
+    d_weight_partial = torch.empty(num_col_blocks, num_pairs, dtype=partial_dtype, device=hidden_states.device)
+    routing_weights = topk_weights.reshape(-1)
+    assert routing_weights.is_contiguous()
+    gate_up_bias = b_gate_up if b_gate_up is not None else d_preact  # never read when absent
+    down_bias = b_down if b_down is not None else d_preact
+    grid = (block_expert.shape[0], num_col_blocks)
+    backward_dh_kernel[grid](
+        grad_output, hidden_states, w_gate_up, gate_up_bias, w_down, down_bias, routing_weights, h,
+        sorted_ids_padded, block_expert, d_preact, d_weight_partial,
+        num_pairs, top_k, hidden_size, intermediate_size, up_offset, alpha, limit,
+        grad_output.stride(0), grad_output.stride(1),
+        hidden_states.stride(0), hidden_states.stride(1),
+        w_gate_up.stride(0), w_gate_up.stride(gu_rows_axis), w_gate_up.stride(gu_hidden_axis),
+        gate_up_bias.stride(0), gate_up_bias.stride(1),
+        w_down.stride(0), w_down.stride(down_hidden_axis), w_down.stride(down_inter_axis),
+        down_bias.stride(0), down_bias.stride(1),
+        h.stride(0), h.stride(1),
+        d_preact.stride(0), d_preact.stride(1),
+        d_weight_partial.stride(0), d_weight_partial.stride(1),
+        **config.meta(), COL_STEP=col_step, GATED=gated, HAS_GATE_UP_BIAS=b_gate_up is not None,
+        HAS_DOWN_BIAS=b_down is not None, ACTIVATION=activation, **dot_flags(hidden_states.dtype),
+        PAIRED_LOAD=paired_load(w_gate_up, gu_rows_axis, gated, col_step),
+        num_warps=config.num_warps, num_stages=config.num_stages)
+    # A fixed-order sum over the column blocks: deterministic, no atomics.
+    d_topk_weights = d_weight_partial.sum(dim=0).view(num_tokens, top_k)
+    return d_preact, d_topk_weights

@@ -1,0 +1,95 @@
+"""Each Triton launch as a `torch.library.custom_op` with a fake (meta) implementation, so
+torch.compile can trace through them and CUDA graphs can capture them.
+
+`config` is a KernelConfig as a list [BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages].
+"""
+from typing import List, Optional, Tuple
+
+import torch
+
+from .autotune import KernelConfig
+from .backward_dh import backward_dh as _backward_dh
+from .backward_dw import backward_dw as _backward_dw
+from .down import grouped_scatter as _grouped_scatter
+from .gate_up import gate_up as _gate_up
+from .layouts import gate_up_axes
+
+
+def config_list(config: KernelConfig) -> List[int]:
+    return [config.BLOCK_M, config.BLOCK_N, config.BLOCK_K, config.num_warps, config.num_stages]
+
+
+def _config(values: List[int]) -> KernelConfig:
+    return KernelConfig(*values)
+
+
+@torch.library.custom_op("tpmoe_triton::gate_up", mutates_args=())
+def gate_up(hidden_states: torch.Tensor, w_gate_up: torch.Tensor, b_gate_up: Optional[torch.Tensor],
+            sorted_ids_padded: torch.Tensor, block_expert: torch.Tensor, top_k: int, activation: str, layout: str,
+            gated: bool, alpha: float, limit: float, config: List[int]) -> torch.Tensor:
+    """h [M, I] = act(gate) * up for the padded sorted rows."""
+    return _gate_up(hidden_states, w_gate_up, b_gate_up, sorted_ids_padded, block_expert, top_k=top_k,
+                    activation=activation, layout=layout, gated=gated, alpha=alpha, limit=limit,
+                    config=_config(config))
+
+
+@gate_up.register_fake
+def _(hidden_states, w_gate_up, b_gate_up, sorted_ids_padded, block_expert, top_k, activation, layout, gated,
+      alpha, limit, config):
+    intermediate_size = w_gate_up.shape[gate_up_axes(layout)[0]] // (2 if gated else 1)
+    return hidden_states.new_empty(sorted_ids_padded.shape[0], intermediate_size)
+
+
+@torch.library.custom_op("tpmoe_triton::grouped_scatter", mutates_args=())
+def grouped_scatter(rows: torch.Tensor, weight: torch.Tensor, n_axis: int, k_axis: int, bias: Optional[torch.Tensor],
+                    routing_weights: Optional[torch.Tensor], sorted_ids_padded: torch.Tensor,
+                    block_expert: torch.Tensor, num_pairs: int, config: List[int]) -> torch.Tensor:
+    """[num_pairs, N] fp32 per-pair rows: rows @ weight[e]^T (+ bias[e]) (* routing weight)."""
+    return _grouped_scatter(rows, weight, n_axis, k_axis, bias, routing_weights, sorted_ids_padded, block_expert,
+                            num_pairs=num_pairs, config=_config(config))
+
+
+@grouped_scatter.register_fake
+def _(rows, weight, n_axis, k_axis, bias, routing_weights, sorted_ids_padded, block_expert, num_pairs, config):
+    out_dtype = torch.float64 if rows.dtype == torch.float64 else torch.float32
+    return rows.new_empty(num_pairs, weight.shape[n_axis], dtype=out_dtype)
+
+
+@torch.library.custom_op("tpmoe_triton::backward_dh", mutates_args=())
+def backward_dh(grad_output: torch.Tensor, hidden_states: torch.Tensor, w_gate_up: torch.Tensor,
+                b_gate_up: Optional[torch.Tensor], w_down: torch.Tensor, b_down: Optional[torch.Tensor],
+                topk_weights: torch.Tensor, h: torch.Tensor, sorted_ids_padded: torch.Tensor,
+                block_expert: torch.Tensor, top_k: int, activation: str, layout: str, gated: bool, alpha: float,
+                limit: float, config: List[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(d_preact [M, R], d_topk_weights [T, K] fp32) through the down GEMM and the activation."""
+    return _backward_dh(grad_output, hidden_states, w_gate_up, b_gate_up, w_down, b_down, topk_weights, h,
+                        sorted_ids_padded, block_expert, top_k=top_k, activation=activation, layout=layout,
+                        gated=gated, alpha=alpha, limit=limit, config=_config(config))
+
+
+@backward_dh.register_fake
+def _(grad_output, hidden_states, w_gate_up, b_gate_up, w_down, b_down, topk_weights, h, sorted_ids_padded,
+      block_expert, top_k, activation, layout, gated, alpha, limit, config):
+    gate_up_size = w_gate_up.shape[gate_up_axes(layout)[0]]
+    partial_dtype = torch.float64 if hidden_states.dtype == torch.float64 else torch.float32
+    return (hidden_states.new_empty(sorted_ids_padded.shape[0], gate_up_size),
+            hidden_states.new_empty(hidden_states.shape[0], top_k, dtype=partial_dtype))
+
+
+@torch.library.custom_op("tpmoe_triton::backward_dw", mutates_args=())
+def backward_dw(a: torch.Tensor, b: torch.Tensor, routing_weights: Optional[torch.Tensor],
+                sorted_ids_padded: torch.Tensor, padded_offsets: torch.Tensor, weight_like: torch.Tensor,
+                n_axis: int, k_axis: int, num_pairs: int, top_k: int, a_gathered: bool, b_gathered: bool,
+                bias_grad: bool, config: List[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(dW like weight_like, db [E, N]; db is empty [0] when bias_grad is False)."""
+    dw, db = _backward_dw(a, b, routing_weights, sorted_ids_padded, padded_offsets, weight_like, n_axis, k_axis,
+                          num_pairs=num_pairs, top_k=top_k, a_gathered=a_gathered, b_gathered=b_gathered,
+                          bias_grad=bias_grad, config=_config(config))
+    return dw, (db if db is not None else weight_like.new_empty(0))
+
+
+@backward_dw.register_fake
+def _(a, b, routing_weights, sorted_ids_padded, padded_offsets, weight_like, n_axis, k_axis, num_pairs, top_k,
+      a_gathered, b_gathered, bias_grad, config):
+    db = weight_like.new_empty(weight_like.shape[0], a.shape[1]) if bias_grad else weight_like.new_empty(0)
+    return weight_like.new_empty(weight_like.shape), db
