@@ -1,0 +1,7 @@
+"""`python -m tpmoe ...`: the `tpmoe` command (tpmoe.cli)."""
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,436 @@
+"""`tpmoe bench`: one MoE block of a preset, timed per step at several token counts.
+
+Implementations (--impl), all on the same weights and the same tokens:
+  tpmoe          tpmoe.MoEBlock (router + experts + shared expert) at world sizes 1..P, tensor-
+                 parallel; a step's time is its slowest rank's
+  hf_eager       transformers' own block of the family, experts implementation "eager"   } world
+  hf_grouped_mm  the same with "grouped_mm"                                              } size 1
+  dense          per rank: one GEMM [T*K, H] x [H, N] with the FLOPs of the rank's share of the
+                 block: the compute ceiling
+  floor          per rank: a read of the rank's shard of the experts the routing touches (plus the
+                 shared expert): the bandwidth floor; in train mode two reads and one write
+mode fwd: forward under torch.no_grad; train: forward + backward (weights and input get grads).
+fraction_of_limit = max(dense, floor) / median at the same world size and tokens: 1.0 would be
+as fast as the better of the two yardsticks allows. gflops: the whole block's FLOPs per second.
+World sizes run largest first, so that a rank whose part is over leaves and waits for nobody.
+"""
+import datetime
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from ..config import MoEConfig
+from .timing import median_ms, time_step
+
+IMPLS = ("tpmoe", "hf_eager", "hf_grouped_mm", "dense", "floor")
+HF_IMPLS = {"hf_eager": "eager", "hf_grouped_mm": "grouped_mm"}
+ROW_FIELDS = ("preset", "impl", "world_size", "tokens", "mode", "median_ms", "gflops", "fraction_of_limit")
+
+
+@dataclass(frozen=True)
+class BenchPlan:
+    preset: str
+    family: str
+    config: MoEConfig
+    scale: float
+    world_size: int
+    tokens: Tuple[int, ...]
+    impls: Tuple[str, ...]
+    mode: str
+    dtype: torch.dtype
+    repeats: int = 5
+    warmup: int = 1
+    seed: int = 0
+    threads: Optional[int] = None  # CPU threads per rank; None: the cores shared out over the ranks
+    device_type: str = "cpu"       # "cuda": one GPU per rank, NCCL, Triton kernels
+
+
+# --------------------------------------------------------------------------- sizes
+
+def forward_flops(config: MoEConfig, num_tokens: int, intermediate: Optional[int] = None,
+                  shared: Optional[int] = None) -> int:
+    """FLOPs of one forward (router, routed experts, shared expert) on the given intermediate sizes."""
+    c = config
+    intermediate = c.intermediate_size if intermediate is None else intermediate
+    shared = c.shared_intermediate_size if shared is None else shared
+    gate_up = 2 if c.gated else 1
+    routed = 2 * num_tokens * c.top_k * c.hidden_size * (gate_up + 1) * intermediate
+    shared_flops = 2 * num_tokens * c.hidden_size * (gate_up + 1) * shared
+    router = 2 * num_tokens * c.hidden_size * c.num_experts
+    return routed + shared_flops + router
+
+
+def step_flops(config: MoEConfig, num_tokens: int, mode: str, **sizes) -> int:
+    return forward_flops(config, num_tokens, **sizes) * (3 if mode == "train" else 1)
+
+
+def block_bytes(config: MoEConfig, dtype: torch.dtype) -> int:
+    from ..weights import expected_shapes
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    return sum(math.prod(shape) for shape in expected_shapes(config).values()) * itemsize
+
+
+def available_bytes(device_type: str) -> Optional[int]:
+    """Free memory for the weights: GPU 0's on CUDA, else MemAvailable (None if unknown)."""
+    if device_type == "cuda":
+        return torch.cuda.mem_get_info(0)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_fits(plan: BenchPlan) -> None:
+    """Raises ValueError (one line, with the --scale to try) when the block cannot fit."""
+    needed = block_bytes(plan.config, plan.dtype) * (2 if plan.mode == "train" else 1)
+    free = available_bytes(plan.device_type)
+    if free is None or needed <= 0.7 * free:
+        return
+    scale = plan.scale
+    while needed * (scale / plan.scale) ** 2 > 0.7 * free and scale > 1e-3:
+        scale /= 2
+    raise ValueError(f"--scale: the {plan.preset} block needs {needed / 2**30:.1f} GiB at scale {plan.scale:g} "
+                     f"({str(plan.dtype).replace('torch.', '')}, {plan.mode}) but {free / 2**30:.1f} GiB are free; "
+                     f"try --scale {scale:g}")
+
+
+# --------------------------------------------------------------------------- weights and inputs
+
+def make_shards(config: MoEConfig, rank: int, world_size: int, dtype: torch.dtype, device: torch.device,
+                seed: int) -> Dict[str, torch.Tensor]:
+    """This rank's shard dict, drawn in place in `dtype` (no float64 copy of a full model): the
+    replicated weights from `seed` (the same on every rank and world size, so the routing is
+    too), the sharded ones per rank (their values do not change the work)."""
+    from ..sharding import SHARDED_NAMES, shard_shapes
+
+    replicated = torch.Generator().manual_seed(seed)
+    sharded = torch.Generator(device=device).manual_seed(seed + 1 + rank)
+    fan_in = {"router_weight": config.hidden_size, "shared_gate": config.hidden_size,
+              "w_gate_up": config.hidden_size, "shared_gate_up": config.hidden_size,
+              "w_down": config.intermediate_size, "shared_down": max(1, config.shared_intermediate_size)}
+    shards = {}
+    for name, shape in shard_shapes(config, rank, world_size).items():
+        std = 1 / math.sqrt(fan_in.get(name, 16))
+        if name in SHARDED_NAMES:
+            tensor = torch.empty(shape, dtype=dtype, device=device)
+            for slab in (tensor if tensor.dim() == 3 else [tensor]):  # per expert: no big temporaries
+                slab.normal_(0.0, std, generator=sharded)
+        else:
+            tensor = (torch.randn(shape, generator=replicated) * std).to(dtype=dtype, device=device)
+        shards[name] = tensor
+    return shards
+
+
+def make_tokens(config: MoEConfig, num_tokens: int, dtype, device, seed: int):
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + num_tokens)
+    x = torch.randn(num_tokens, config.hidden_size, generator=generator)
+    dy = torch.randn(num_tokens, config.hidden_size, generator=generator)
+    return x.to(dtype=dtype, device=device), dy.to(dtype=dtype, device=device)
+
+
+def routed_ids(block, x: torch.Tensor) -> torch.Tensor:
+    """The experts the block's router picks for x (what the floor must read)."""
+    from ..routing import route
+    c = block.config
+    router_dtype = c.router_dtype or x.dtype
+    bias = block.router_bias.to(router_dtype) if hasattr(block, "router_bias") else None
+    logits = torch.nn.functional.linear(x.to(router_dtype), block.router_weight.to(router_dtype), bias)
+    grouped = c.scoring == "sigmoid_group"
+    with torch.no_grad():
+        _, ids = route(logits, c.top_k, scoring=c.scoring, renormalize=c.renormalize,
+                       correction_bias=getattr(block, "correction_bias", None),
+                       n_group=c.n_group if grouped else 1, topk_group=c.topk_group if grouped else 1,
+                       routed_scaling_factor=c.routed_scaling_factor)
+    return ids
+
+
+def _expert_ranges(ids: torch.Tensor) -> List[Tuple[int, int]]:
+    """Sorted touched experts as contiguous [start, stop) runs: one read per run, not per expert."""
+    experts = torch.unique(ids).tolist()
+    ranges = []
+    for expert in experts:
+        if ranges and ranges[-1][1] == expert:
+            ranges[-1] = (ranges[-1][0], expert + 1)
+        else:
+            ranges.append((expert, expert + 1))
+    return ranges
+
+
+# --------------------------------------------------------------------------- the steps
+
+def _tpmoe_step(block, x, dy, mode):
+    if mode == "fwd":
+        def step():
+            with torch.no_grad():
+                return block(x)
+        return step
+    x_leaf = x.detach().clone().requires_grad_(True)
+
+    def step():
+        block.zero_grad(set_to_none=True)
+        x_leaf.grad = None
+        block(x_leaf).backward(dy)
+    return step
+
+
+def _hf_step(call, module, x, dy, mode):
+    if mode == "fwd":
+        def step():
+            with torch.no_grad():
+                return call(x)
+        return step
+    x_leaf = x.detach().clone().requires_grad_(True)
+
+    def step():
+        module.zero_grad(set_to_none=True)
+        x_leaf.grad = None
+        call(x_leaf).backward(dy)
+    return step
+
+
+def _dense_step(config, num_tokens, rank_forward_flops, mode, dtype, device):
+    rows = num_tokens * config.top_k
+    columns = max(1, math.ceil(rank_forward_flops / (2 * rows * config.hidden_size)))
+    a = torch.randn(rows, config.hidden_size, dtype=dtype, device=device)
+    b = torch.randn(config.hidden_size, columns, dtype=dtype, device=device)
+    if mode == "fwd":
+        return lambda: a @ b
+    a.requires_grad_(True)
+    b.requires_grad_(True)
+    grad = torch.randn(rows, columns, dtype=dtype, device=device)
+
+    def step():
+        a.grad = b.grad = None
+        (a @ b).backward(grad)
+    return step
+
+
+def _floor_step(block, ids, mode):
+    ranges = _expert_ranges(ids)
+    slabs = []
+    for name in ("w_gate_up", "b_gate_up", "w_down"):
+        if hasattr(block, name) and getattr(block, name).numel():
+            weight = getattr(block, name).detach()
+            slabs += [weight[start:stop] for start, stop in ranges]
+    for name in ("shared_gate_up", "shared_down"):
+        if hasattr(block, name) and getattr(block, name).numel():
+            slabs.append(getattr(block, name).detach())
+    if mode == "fwd":
+        return lambda: [slab.sum() for slab in slabs]
+    grads = [torch.empty_like(slab) for slab in slabs]
+
+    def step():  # forward reads the weights, backward reads them again and writes their gradients
+        for slab, grad in zip(slabs, grads):
+            slab.sum()
+            slab.sum()
+            grad.zero_()
+    return step
+
+
+# --------------------------------------------------------------------------- per rank
+
+def bench_rank(context, plan: BenchPlan) -> List[Dict]:
+    """Runs on every rank; rank 0 returns the rows (the timings are already the slowest rank's)."""
+    import torch.distributed as dist
+
+    from ..block import MoEBlock
+
+    rank, device = context.rank, context.device
+    world_sizes = list(range(plan.world_size, 0, -1))
+    # Every rank creates every subgroup, in the same order, before any work.
+    groups = {p: (context.group if p == context.world_size else
+                  dist.new_group(list(range(p))) if p > 1 else None) for p in world_sizes} \
+        if context.group is not None else {1: None}
+    rows = []
+    for world_size in world_sizes:
+        if rank >= world_size:
+            continue
+        group = groups[world_size]
+        if device.type == "cpu" and (plan.threads is not None or context.launcher != "torchrun"):
+            torch.set_num_threads(plan.threads or max(1, (os.cpu_count() or 1) // world_size))
+        shards = make_shards(plan.config, rank, world_size, plan.dtype, device, plan.seed)
+        block = MoEBlock.from_shards(plan.config, shards, group=group, device=device)
+        del shards
+        hf_modules = {}
+        if world_size == 1:
+            hf_modules = _hf_modules(plan, block, context)
+        for num_tokens in plan.tokens:
+            rows += _bench_tokens(plan, block, hf_modules, world_size, group, num_tokens, context)
+        del block, hf_modules
+    return rows if rank == 0 else []
+
+
+def _hf_modules(plan, block, context):
+    from .hf_blocks import HFUnavailable, make_hf_block
+    modules = {}
+    weights = block.local_shards()  # views of the block's parameters: no copy
+    for impl, implementation in HF_IMPLS.items():
+        if impl not in plan.impls:
+            continue
+        try:
+            modules[impl] = make_hf_block(plan.family, plan.config, weights, implementation,
+                                          trainable=plan.mode == "train")
+        except HFUnavailable as error:
+            context.send(("note", f"{impl}: skipped ({error})"))
+    return modules
+
+
+def _bench_tokens(plan, block, hf_modules, world_size, group, num_tokens, context):
+    config, device, mode = plan.config, context.device, plan.mode
+    x, dy = make_tokens(config, num_tokens, plan.dtype, device, plan.seed)
+    rank_fwd_flops = forward_flops(config, num_tokens, block.I_local, block.Is_local)
+    total_flops = step_flops(config, num_tokens, mode)
+    timing = dict(device=device, warmup=plan.warmup, repeats=plan.repeats)
+    label = f"T={num_tokens} P={world_size}"
+
+    steps = {"tpmoe": (_tpmoe_step(block, x, dy, mode), group)}
+    for impl, (module, call) in hf_modules.items():
+        steps[impl] = (_hf_step(call, module, x, dy, mode), None)
+    steps["dense"] = (_dense_step(config, num_tokens, rank_fwd_flops, mode, plan.dtype, device), group)
+    steps["floor"] = (_floor_step(block, routed_ids(block, x), mode), group)
+
+    medians, notes = {}, {}
+    for impl, (step, step_group) in steps.items():
+        try:
+            medians[impl] = median_ms(time_step(step, group=step_group, **timing))
+        except Exception as error:  # an HF implementation this build cannot run (e.g. no grouped_mm kernel)
+            if impl not in HF_IMPLS:
+                raise
+            notes[impl] = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
+            context.send(("note", f"{impl} at T={num_tokens}: failed ({notes[impl]})"))
+        context.send(("progress", f"{impl} {label}"))
+
+    differences = {}
+    if hf_modules:
+        # A sanity check that both sides compute the same block, as the median over tokens of
+        # |theirs - ours| / |ours| per row: in bf16 a near-tie in the router can pick another
+        # expert for a token on one side, which a maximum would report as a 100% difference.
+        with torch.no_grad():
+            ours = block(x).float()
+            norms = ours.norm(dim=-1).clamp_min(1e-30)
+            for impl, (module, call) in hf_modules.items():
+                if impl in medians:
+                    rows_diff = (call(x).float() - ours).norm(dim=-1) / norms
+                    differences[impl] = rows_diff.median().item()
+
+    limit_ms = max(medians["dense"], medians["floor"])
+    rows = []
+    for impl in IMPLS:
+        if impl not in plan.impls or impl not in medians:
+            continue
+        ms = medians[impl]
+        row = dict(preset=plan.preset, impl=impl, world_size=world_size, tokens=num_tokens, mode=mode,
+                   median_ms=ms, gflops=total_flops / (ms * 1e-3) / 1e9,
+                   fraction_of_limit=None if impl in ("dense", "floor") else limit_ms / ms,
+                   limit_ms=limit_ms, dtype=str(plan.dtype).replace("torch.", ""), device=device.type,
+                   threads=torch.get_num_threads() if device.type == "cpu" else None, scale=plan.scale)
+        if impl in differences:
+            row["median_row_diff_vs_tpmoe"] = differences[impl]
+        rows.append(row)
+    return rows
+
+
+# --------------------------------------------------------------------------- the command
+
+class _Progress:
+    """A tqdm bar when tqdm is installed, plain lines otherwise; notes are printed either way."""
+
+    def __init__(self, total: int):
+        try:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, desc="tpmoe bench", unit="run", file=sys.stderr)
+        except ImportError:
+            self.bar = None
+        self.total, self.done = total, 0
+
+    def __call__(self, message):
+        kind, text = message
+        if kind == "note":
+            (self.bar.write if self.bar is not None else lambda line: print(line, file=sys.stderr))(f"note: {text}")
+            return
+        self.done += 1
+        if self.bar is not None:
+            self.bar.set_postfix_str(text)
+            self.bar.update(1)
+        else:
+            print(f"[{self.done}/{self.total}] {text}", file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+TABLE_COLUMNS = ["world_size", "tokens", "impl", "median_ms", "gflops", "fraction_of_limit",
+                 "median_row_diff_vs_tpmoe"]
+TABLE_FORMATS = dict(median_ms=".3f", gflops=".2f", fraction_of_limit=".2f", median_row_diff_vs_tpmoe=".1e")
+TABLE_HEADERS = dict(world_size="P", tokens="T", median_ms="ms", fraction_of_limit="of limit",
+                     median_row_diff_vs_tpmoe="diff vs tpmoe")
+
+
+def describe(plan: BenchPlan) -> str:
+    c = plan.config
+    device = f"cuda ({torch.cuda.get_device_name(0)})" if plan.device_type == "cuda" else \
+        f"cpu ({os.cpu_count()} cores)"
+    return (f"tpmoe bench: preset {plan.preset} (scale {plan.scale:g}: H={c.hidden_size} I={c.intermediate_size} "
+            f"E={c.num_experts} K={c.top_k} shared={c.shared_intermediate_size}), mode {plan.mode}, "
+            f"{str(plan.dtype).replace('torch.', '')}, {device}, world sizes 1..{plan.world_size}, "
+            f"median of {plan.repeats}"
+            + (f", {plan.threads} thread{'s' if plan.threads != 1 else ''} per rank"
+               if plan.threads and plan.device_type == "cpu" else "")
+            + f"; torch {torch.__version__}; "
+            f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
+
+
+def run_bench(plan: BenchPlan, *, json_path: Optional[str], plot_path: Optional[str], timeout_s: int, out) -> int:
+    from .launch import is_main_process, run_ranks
+    from .table import format_table
+
+    check_fits(plan)
+    if plot_path is not None:
+        from .plot import check_plotting
+        check_plotting()  # before the long part: a missing matplotlib is said up front
+    main = is_main_process()
+    measured = 3 + sum(1 for impl in HF_IMPLS if impl in plan.impls)  # tpmoe, dense, floor (+ HF at P=1)
+    total = len(plan.tokens) * (3 * plan.world_size + measured - 3)
+    progress = _Progress(total) if main else None
+    try:
+        per_rank = run_ranks(bench_rank, plan, plan.world_size, on_message=progress, timeout_s=timeout_s,
+                             gather=False, device_type=plan.device_type)
+    finally:
+        if progress is not None:
+            progress.close()
+    if not main:
+        return 0
+    rows = sorted(per_rank[0], key=lambda row: (row["tokens"], row["world_size"], IMPLS.index(row["impl"])))
+    header = describe(plan)
+    print(header, file=out)
+    print(format_table(rows, TABLE_COLUMNS, TABLE_FORMATS, TABLE_HEADERS), file=out)
+    print("of limit: max(dense ceiling, weight-read floor) / median (1.0 = at the yardstick); "
+          "gflops: the whole block's FLOPs per second;\ndiff vs tpmoe: median over tokens of |theirs - ours| / |ours|",
+          file=out)
+    if json_path is not None:
+        _ensure_parent(json_path)
+        with open(json_path, "w") as handle:
+            json.dump(dict(header=header, fields=list(ROW_FIELDS), rows=rows), handle, indent=1)
+        print(f"JSON: {os.path.abspath(json_path)}", file=out)
+    if plot_path is not None:
+        from .plot import plot_rows
+        _ensure_parent(plot_path)
+        plot_rows(rows, plot_path, title=header.split(";")[0])
+        print(f"plot: {os.path.abspath(plot_path)}", file=out)
+    out.flush()
+    return 0
+
+
+def _ensure_parent(path: str) -> None:
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
