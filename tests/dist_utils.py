@@ -6,34 +6,23 @@ rank instead of hanging CI), runs `fn(rank, world_size, *args)` there and return
 its per-rank return values (picklable: numbers, strings, small CPU tensors) to the parent. An
 exception in a rank fails the parent with that rank's traceback.
 
-`CollectiveCounter` counts collectives by wrapping the public `torch.distributed` functions
-(all_reduce, all_gather_into_tensor, reduce_scatter_tensor, ... see COUNTED). tpmoe.distributed
-calls them as `torch.distributed.<name>(...)` looked up at call time, so every collective it
-issues passes through the wrapper; the wrapper adds nothing but a count. Since torch 2.13 the
-old all_gather_into_tensor / reduce_scatter_tensor call the *_single ones through the module,
-so calling an old name would count twice: tpmoe calls the *_single names where they exist
-(ALL_GATHER / REDUCE_SCATTER below name what is expected).
+`CollectiveCounter` (tpmoe.distributed.counting) counts collectives by wrapping the public
+`torch.distributed` functions.
 """
 import contextlib
 import datetime
 import queue as queue_module
 import socket
 import traceback
-from collections import Counter
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+# Re-exported for the tests: the counter lives in the package so that `tpmoe verify` uses it too.
+from tpmoe.distributed.counting import ALL_GATHER, REDUCE_SCATTER, CollectiveCounter  # noqa: F401
+
 PROCESS_GROUP_TIMEOUT_S = 60
-COUNTED = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single", "reduce_scatter",
-           "reduce_scatter_tensor", "reduce_scatter_single",
-           "broadcast", "reduce", "all_to_all", "all_to_all_single", "gather", "scatter", "barrier",
-           "all_gather_object", "broadcast_object_list", "send", "recv", "isend", "irecv")
-
-
-ALL_GATHER = "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"
-REDUCE_SCATTER = "reduce_scatter_single" if hasattr(dist, "reduce_scatter_single") else "reduce_scatter_tensor"
 
 
 def free_port() -> int:
@@ -87,41 +76,6 @@ def run_distributed(fn, world_size: int, *args, timeout_s: int = PROCESS_GROUP_T
     if errors:
         raise AssertionError("distributed run failed:\n" + "\n".join(errors))
     return [collected[rank] for rank in range(world_size)]
-
-
-class CollectiveCounter:
-    """Context manager counting calls of the torch.distributed collectives, by name."""
-
-    def __init__(self):
-        self.counts = Counter()
-        self._originals = {}
-
-    def __enter__(self):
-        for name in COUNTED:
-            original = getattr(dist, name, None)
-            if original is None:
-                continue
-            self._originals[name] = original
-
-            def counting(*args, _counted_name=name, _original=original, **kwargs):
-                self.counts[_counted_name] += 1
-                return _original(*args, **kwargs)
-
-            setattr(dist, name, counting)
-        return self
-
-    def __exit__(self, *exc):
-        for name, original in self._originals.items():
-            setattr(dist, name, original)
-        return False
-
-    def total(self) -> int:
-        return sum(self.counts.values())
-
-    def take(self) -> Counter:
-        """The counts since the last take, then reset."""
-        counts, self.counts = self.counts, Counter()
-        return counts
 
 
 @contextlib.contextmanager

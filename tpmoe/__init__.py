@@ -13,3 +13,9 @@ from .sharding import shard_moe_weights, shard_sizes
 from .weights import check_moe_weights, expected_shapes, random_moe_weights
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "AlignResult", "MoEBlock", "MoEConfig", "align", "allreduce_router_grads", "check_moe_weights",
+    "expected_shapes", "fused_experts", "random_moe_weights", "reference_experts", "reference_moe_block",
+    "reference_route", "route", "shard_moe_weights", "shard_sizes",
+]

@@ -1,26 +1,8 @@
-"""Counting the torch.distributed collectives a block issues, by name.
-
-`CollectiveCounter` wraps the public torch.distributed functions (COUNTED) while it is active.
-tpmoe.distributed looks them up as `torch.distributed.<name>` at each call, so every collective
-it issues passes through the wrapper, which adds nothing but a count. (tests/dist_utils.py
-holds the same counter for the test suite, which cannot import from tests/ here.)
-
-Since torch 2.13 the old all_gather_into_tensor / reduce_scatter_tensor call the *_single ones
-through the module, so one old-name call would count twice; tpmoe calls the *_single names
-where they exist, and ALL_GATHER / REDUCE_SCATTER name what is expected.
-"""
-from collections import Counter
+"""What `tpmoe verify` expects of the collectives per block and per step (DESIGN.md section 2);
+the counting itself is tpmoe.distributed.counting."""
 from typing import Dict
 
-import torch.distributed as dist
-
-COUNTED = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single", "reduce_scatter",
-           "reduce_scatter_tensor", "reduce_scatter_single", "broadcast", "reduce", "all_to_all",
-           "all_to_all_single", "gather", "scatter", "barrier", "all_gather_object", "broadcast_object_list",
-           "send", "recv", "isend", "irecv")
-
-ALL_GATHER = "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"
-REDUCE_SCATTER = "reduce_scatter_single" if hasattr(dist, "reduce_scatter_single") else "reduce_scatter_tensor"
+from ..distributed.counting import ALL_GATHER, REDUCE_SCATTER
 
 
 def expected_block_collectives(world_size: int, sequence_parallel: bool) -> Dict[str, int]:
@@ -39,36 +21,3 @@ def expected_step_collectives(world_size: int, sequence_parallel: bool) -> Dict[
 
 def format_counts(counts: Dict[str, int]) -> str:
     return ", ".join(f"{name} x{count}" for name, count in sorted(counts.items()) if count) or "none"
-
-
-class CollectiveCounter:
-    """Context manager counting calls of the torch.distributed collectives, by name."""
-
-    def __init__(self):
-        self.counts = Counter()
-        self._originals = {}
-
-    def __enter__(self):
-        for name in COUNTED:
-            original = getattr(dist, name, None)
-            if original is None:
-                continue
-            self._originals[name] = original
-
-            def counting(*args, _counted_name=name, _original=original, **kwargs):
-                self.counts[_counted_name] += 1
-                return _original(*args, **kwargs)
-
-            setattr(dist, name, counting)
-        return self
-
-    def __exit__(self, *exc):
-        for name, original in self._originals.items():
-            setattr(dist, name, original)
-        self._originals = {}
-        return False
-
-    def take(self) -> Dict[str, int]:
-        """The counts since the last take (zeros left out), then reset."""
-        counts, self.counts = self.counts, Counter()
-        return {name: count for name, count in counts.items() if count}

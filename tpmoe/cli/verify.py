@@ -23,7 +23,8 @@ from typing import Dict, List, Optional
 import torch
 
 from ..config import MoEConfig
-from .collectives import CollectiveCounter, expected_block_collectives, expected_step_collectives, format_counts
+from ..distributed.counting import CollectiveCounter
+from .collectives import expected_block_collectives, expected_step_collectives, format_counts
 
 FP32_RTOL = 1e-5
 # Where a same-dtype reference run happens to be exact, the bound falls back to the dtype's
