@@ -267,3 +267,122 @@ def available_families():
         if found:
             present.append(family)
     return present
+
+
+# ---------------------------------------------------------------- tiny full CausalLMs (helper HF)
+
+# Per family: the HF config arguments of a 2-layer CausalLM (small vocab, H=24, I=10: I is odd
+# per rank at world size 2 and uneven at 3). Attention sizes are each family's own names.
+CAUSAL_LM_CONFIGS = {
+    "mixtral": dict(intermediate_size=10, num_local_experts=8, num_experts_per_tok=2, router_jitter_noise=0.1),
+    "qwen3_moe": dict(intermediate_size=36, moe_intermediate_size=10, num_experts=8, num_experts_per_tok=2,
+                      norm_topk_prob=True),
+    "olmoe": dict(intermediate_size=10, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False),
+    "qwen2_moe": dict(intermediate_size=36, moe_intermediate_size=10, num_experts=8, num_experts_per_tok=2,
+                      norm_topk_prob=False, shared_expert_intermediate_size=14),
+    # Layer 0 dense (first_k_dense_replace=1): apply must leave it alone.
+    "deepseek_v3": dict(intermediate_size=36, moe_intermediate_size=10, n_routed_experts=8, num_experts_per_tok=3,
+                        n_group=4, topk_group=2, routed_scaling_factor=2.5, n_shared_experts=1, norm_topk_prob=True,
+                        first_k_dense_replace=1, kv_lora_rank=8, q_lora_rank=None, qk_rope_head_dim=4,
+                        qk_nope_head_dim=4, v_head_dim=6, head_dim=4, num_key_value_heads=4),
+    "gpt_oss": dict(intermediate_size=10, num_local_experts=8, num_experts_per_tok=2, sliding_window=4),
+}
+CAUSAL_LM_COMMON = dict(vocab_size=61, hidden_size=24, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=6, max_position_embeddings=64, tie_word_embeddings=False,
+                        pad_token_id=0, bos_token_id=1, eos_token_id=2)
+# Layers whose mlp is an MoE block in the configs above.
+CAUSAL_LM_MOE_LAYERS = {family: ([1] if family == "deepseek_v3" else [0, 1]) for family in CAUSAL_LM_CONFIGS}
+
+
+def _causal_lm_class(family: str):
+    import transformers
+    names = {"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM",
+             "qwen2_moe": "Qwen2MoeForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM",
+             "gpt_oss": "GptOssForCausalLM"}
+    return getattr(transformers, names[family])
+
+
+def causal_lm_config(family: str, **overrides):
+    """The family's tiny CausalLM config (HF experts_implementation "eager": HF's own loop)."""
+    from transformers import AutoConfig
+    kwargs = {**CAUSAL_LM_COMMON, **CAUSAL_LM_CONFIGS[family], **overrides}
+    config = AutoConfig.for_model(family, **kwargs)
+    config._experts_implementation = "eager"
+    return config
+
+
+@torch.no_grad()
+def randomize_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Every parameter and buffer that HF initialises to constants gets random values, the same
+    for a given seed in every process: norms near 1, routers wide enough for decisive routing."""
+    generator = torch.Generator().manual_seed(seed)
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if "inv_freq" in name or not tensor.is_floating_point():
+            continue
+        noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float64)
+        if name.endswith("norm.weight") or "layernorm" in name or name.endswith("sinks"):
+            value = 1 + 0.1 * noise
+        elif tensor.dim() == 1:
+            value = 0.1 * noise
+        elif name.endswith(("gate.weight", "router.weight")) and tensor.dim() == 2:
+            value = noise / tensor.shape[-1] ** 0.5 * 3
+        elif "embed" in name:
+            value = noise
+        else:
+            value = noise / max(tensor.shape[-1], tensor.shape[-2] if tensor.dim() == 3 else 1) ** 0.5 * 1.5
+        tensor.copy_(value.to(tensor.dtype))
+    return model
+
+
+def make_hf_causal_lm(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
+    """(model in eval mode, with random weights from `seed`) of the family's tiny CausalLM."""
+    config = causal_lm_config(family, **overrides)
+    torch.manual_seed(seed)
+    model = _causal_lm_class(family)(config).to(dtype)
+    return randomize_(model, seed).eval()
+
+
+class PerBlockCollectives:
+    """Counts the torch.distributed collectives issued inside each given module, forward and backward.
+
+    counter: a tests/dist_utils.CollectiveCounter (it wraps the torch.distributed functions).
+    Forward: the count between the module's forward pre-hook and forward hook. Backward: the
+    count between the gradient of its output being ready and the gradient of its input being
+    complete (tensor hooks): autograd runs nothing else in between, since every earlier node
+    waits for the input's gradient. Results: forward[name], backward[name] (lists, one per call).
+    """
+
+    def __init__(self, counter, modules: dict):
+        self.counter = counter
+        self.forward = {name: [] for name in modules}
+        self.backward = {name: [] for name in modules}
+        self._handles = []
+        for name, module in modules.items():
+            self._handles.append(module.register_forward_pre_hook(self._pre(name)))
+            self._handles.append(module.register_forward_hook(self._post(name)))
+
+    def _pre(self, name):
+        def hook(module, args):
+            module._count_start = self.counter.total()
+            hidden = args[0]
+            if hidden.requires_grad:
+                hidden.register_hook(lambda grad: self._backward_end(name, module))
+        return hook
+
+    def _post(self, name):
+        def hook(module, args, output):
+            self.forward[name].append(self.counter.total() - module._count_start)
+            hidden = output[0] if isinstance(output, tuple) else output
+            if hidden.requires_grad:
+                hidden.register_hook(lambda grad: self._backward_start(module))
+        return hook
+
+    def _backward_start(self, module):
+        module._count_backward = self.counter.total()
+
+    def _backward_end(self, name, module):
+        self.backward[name].append(self.counter.total() - module._count_backward)
+
+    def remove(self):
+        for handle in self._handles:
+            handle.remove()

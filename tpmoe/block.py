@@ -143,8 +143,9 @@ class MoEBlock(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def forward(self, hidden_states: torch.Tensor, tokens_per_rank: Optional[Sequence[int]] = None) -> torch.Tensor:
-        """[..., H] -> [..., H].
+    def forward(self, hidden_states: torch.Tensor, tokens_per_rank: Optional[Sequence[int]] = None, *,
+                return_routing: bool = False):
+        """[..., H] -> [..., H]; with return_routing=True, (output, route(x) of this rank's tokens).
 
         TP mode: hidden_states is the same on every rank, and so is the output.
         Sequence-parallel mode: hidden_states holds this rank's tokens (the rows of its flattened
@@ -165,7 +166,7 @@ class MoEBlock(nn.Module):
                              "got it with sequence_parallel=False")
         leading_shape = hidden_states.shape[:-1]
         x = hidden_states.reshape(-1, config.hidden_size)
-        topk_weights, topk_ids = self._route(x)
+        router_logits, topk_weights, topk_ids = self.route(x)
         shared_gate = torch.sigmoid(F.linear(x, self.shared_gate)) if hasattr(self, "shared_gate") else None
 
         if self.sequence_parallel:
@@ -187,18 +188,23 @@ class MoEBlock(nn.Module):
 
         if hasattr(self, "b_down"):
             y = y + self._routed_down_bias(topk_weights, topk_ids).to(y.dtype)
-        return y.reshape(*leading_shape, config.hidden_size)
+        y = y.reshape(*leading_shape, config.hidden_size)
+        if return_routing:
+            return y, (router_logits, topk_weights, topk_ids)
+        return y
 
-    def _route(self, x):
+    def route(self, x: torch.Tensor):
+        """x [T, H] -> (router_logits [T, E], topk_weights [T, K], topk_ids [T, K]).
+
+        The router is replicated: every rank computes the same routing for the same tokens."""
         config = self.config
         router_dtype = config.router_dtype or x.dtype
         bias = self.router_bias.to(router_dtype) if hasattr(self, "router_bias") else None
         logits = F.linear(x.to(router_dtype), self.router_weight.to(router_dtype), bias)
-        grouped = config.scoring == "sigmoid_group"
-        return route(logits, config.top_k, scoring=config.scoring, renormalize=config.renormalize,
-                     correction_bias=getattr(self, "correction_bias", None),
-                     n_group=config.n_group if grouped else 1, topk_group=config.topk_group if grouped else 1,
-                     routed_scaling_factor=config.routed_scaling_factor)
+        topk_weights, topk_ids = route(logits, config.top_k, scoring=config.scoring, renormalize=config.renormalize,
+                                       correction_bias=getattr(self, "correction_bias", None), n_group=config.n_group,
+                                       topk_group=config.topk_group, routed_scaling_factor=config.routed_scaling_factor)
+        return logits, topk_weights, topk_ids
 
     def _partial_output(self, x, topk_weights, topk_ids, shared_gate):
         """This rank's share of the routed experts + shared expert (sums to the block over ranks)."""
