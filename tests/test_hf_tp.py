@@ -113,7 +113,8 @@ def _jitter_case(hf_model, input_ids, seed):
     digests = []
 
     def record(module, args, output):
-        digests.append(_digest(module.last_routing[2]))
+        _, (_, _, topk_ids) = output  # TpmoeHFBlock calls its MoEBlock with return_routing=True
+        digests.append(_digest(topk_ids))
 
     for entry in report:
         sharded.get_submodule(entry.name).block.register_forward_hook(record)
