@@ -7,6 +7,7 @@ and `import tpmoe` still works (the calls that need `tpmoe._C` say how to build 
 """
 import glob
 import os
+import sys
 
 from setuptools import setup
 
@@ -23,6 +24,12 @@ def native_extensions():
     cuda_sources = sorted(glob.glob("csrc/*.cu"))
     # torch 2.13 builds its own extensions as C++20; its headers warn under C++17.
     cxx_flags = ["-O3", "-std=c++20"]
+    link_flags = []
+    if sys.platform.startswith("linux"):
+        # at::parallel_for is a header template: without -fopenmp its `omp parallel` is
+        # compiled out and every CPU op of the extension runs on one thread.
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     with_cuda = bool(cuda_sources) and torch.version.cuda is not None and CUDA_HOME is not None
     if with_cuda:
         # Without an explicit list torch would ask the local GPU; a build must not need one.
@@ -33,6 +40,7 @@ def native_extensions():
             include_dirs=[os.path.join(ROOT, "csrc")],
             define_macros=[("TPMOE_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++20"]},
+            extra_link_args=link_flags,
         )
     else:
         extension = CppExtension(
@@ -40,6 +48,7 @@ def native_extensions():
             cpp_sources,
             include_dirs=[os.path.join(ROOT, "csrc")],
             extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags,
         )
     return [extension], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

@@ -1,0 +1,80 @@
+"""Timing helpers shared by the benchmark scripts: the median of repeats after warm-up, peak
+memory of a call, and the table/JSON output."""
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+
+@dataclass
+class Timing:
+    median_s: float
+    min_s: float
+    repeats: int
+    samples_s: List[float] = field(default_factory=list)
+
+
+def time_call(fn: Callable[[], object], *, warmup: int = 2, repeats: int = 5, min_time_s: float = 0.0) -> Timing:
+    """Median wall time of fn() over `repeats` runs after `warmup` untimed runs; runs more
+    repeats (up to 10x) while the total is under min_time_s, for very short calls."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    started = time.perf_counter()
+    while len(samples) < repeats or (time.perf_counter() - started < min_time_s and len(samples) < 10 * repeats):
+        begin = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - begin)
+    return Timing(statistics.median(samples), min(samples), len(samples), samples)
+
+
+def peak_memory_bytes(fn: Callable[[], object]) -> int:
+    """Peak of the bytes allocated through torch's allocator during fn(), above the level
+    before it (the result is freed before the count ends). On CUDA torch.cuda's peak
+    statistics; on CPU the memory events of torch.profiler, summed in time order. Memory a
+    library allocates on its own (oneDNN scratch, std::vector) is not counted."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        result = fn()
+        torch.cuda.synchronize()
+        del result
+        return torch.cuda.max_memory_allocated() - before
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+        del result
+    changes = sorted((event.time_range.start, event.cpu_memory_usage) for event in prof.events()
+                     if event.cpu_memory_usage)
+    level = peak = 0
+    for _, change in changes:
+        level += change
+        peak = max(peak, level)
+    return peak
+
+
+def format_table(rows: List[Dict], columns: List[str], formats: Optional[Dict[str, str]] = None) -> str:
+    """A Markdown table of `rows` (dicts) restricted to `columns`; None prints as '-'."""
+    formats = formats or {}
+
+    def cell(row, column):
+        value = row.get(column)
+        if value is None:
+            return "-"
+        spec = formats.get(column)
+        return format(value, spec) if spec and isinstance(value, (int, float)) else str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(cell(row, column) for column in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_json(path: str, payload) -> None:
+    with open(path, "w") as handle:
+        json.dump(payload, handle, indent=2, default=lambda value: asdict(value) if hasattr(value, "__dataclass_fields__")
+                  else str(value))

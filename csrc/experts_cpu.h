@@ -1,0 +1,158 @@
+// The CPU expert compute (tpmoe::experts_cpu_forward / experts_cpu_backward): the shared
+// description of one call, its checks, and the work split between threads.
+//
+// Rows are the T*K (token, slot) pairs in expert-sorted order (tpmoe::align's
+// sorted_pair_ids); expert e owns rows [expert_offsets[e], expert_offsets[e+1]).
+// Every weight is used through a strided view, never repacked: "concatenated" and
+// "interleaved" store W_gate_up [E, R, H] and W_down [E, H, I] (x @ W^T), "gpt_oss" stores
+// W_gate_up [E, H, R] and W_down [E, I, H] (x @ W).
+//
+// Two ways to use the threads, chosen per call (`threading`):
+//  - "experts" (decode, and prefill with up to 256 rows per expert): every expert's output
+//    columns are cut into one slice per thread; a thread runs its slice of every active
+//    expert with single-threaded GEMMs (the bf16 small-rows kernel of experts_cpu_gemm.cpp
+//    up to 48 rows, else ATen), so each thread reads an equal share of the touched weights
+//    whatever the routing, and owns its output columns (the bias, activation and combine
+//    run there too).
+//  - "gemm" (prefill: many rows per expert): experts one after another, each GEMM given all
+//    threads by ATen/oneDNN/MKL, the element-wise passes split over rows.
+// Either way each output element is written by one thread and every sum has a fixed order,
+// so a call is bitwise reproducible for a given thread count.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+#include <c10/util/string_view.h>
+
+#include <array>
+#include <cstdint>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "experts_cpu_activation.h"
+
+namespace tpmoe {
+namespace cpu {
+
+enum class Layout { kConcatenated, kInterleaved, kGptOss };
+
+struct ExpertsProblem {
+  int64_t num_tokens = 0;    // T
+  int64_t hidden = 0;        // H
+  int64_t top_k = 0;         // K
+  int64_t num_experts = 0;   // E
+  int64_t inter = 0;         // I_p: this rank's intermediate columns
+  int64_t gate_up_cols = 0;  // R = 2 I_p gated, I_p not gated
+  int64_t rows = 0;          // S = T * K
+  Layout layout = Layout::kConcatenated;
+  bool gated = true;
+  GatedParams act{Activation::kSilu, 1.702, 7.0};
+  bool use_expert_threads = true;  // "experts" (true) or "gemm" (false)
+  int64_t small_rows_max = 12;     // experts with at most this many rows use the bf16 decode GEMM
+  int64_t num_slices = 1;          // column slices per expert ("experts": one per thread)
+};
+
+// Routing read once per call: sorted row of each pair, expert of each sorted row, token of
+// each sorted row, and the experts that have rows.
+struct RowMaps {
+  std::vector<int64_t> pair_of_row;     // [S] sorted_pair_ids
+  std::vector<int64_t> row_of_pair;     // [S] its inverse
+  std::vector<int64_t> token_of_row;    // [S]
+  std::vector<int32_t> expert_of_row;   // [S]
+  std::vector<int64_t> offsets;         // [E + 1]
+  std::vector<int64_t> active_experts;  // experts with at least one row, ascending
+};
+
+// Parses and checks the arguments shared by forward and backward (RuntimeError on bad input).
+ExpertsProblem make_problem(const char* op, const at::Tensor& hidden_states, const at::Tensor& w_gate_up,
+                            const at::Tensor& w_down, const at::Tensor& sorted_pair_ids,
+                            const at::Tensor& expert_offsets, const at::Tensor& topk_weights,
+                            const c10::optional<at::Tensor>& b_gate_up, const c10::optional<at::Tensor>& b_down,
+                            c10::string_view activation, c10::string_view layout, bool gated, double alpha,
+                            double limit, c10::string_view threading);
+
+RowMaps make_row_maps(const char* op, const ExpertsProblem& problem, const at::Tensor& sorted_pair_ids,
+                      const at::Tensor& expert_offsets);
+
+// [begin, end) of slice `slice` of `extent` columns cut into `num_slices`, boundaries on
+// multiples of 16 columns where the extent allows (whole vector registers and cache lines).
+std::pair<int64_t, int64_t> slice_bounds(int64_t extent, int64_t num_slices, int64_t slice);
+
+// Views of expert e's weights as right-hand GEMM operands: gate_up_rhs [H, R] (x @ it),
+// down_rhs [I, H] (h @ it). Strided views of the stored tensor, no copy.
+at::Tensor gate_up_rhs(const ExpertsProblem& problem, const at::Tensor& w_gate_up, int64_t expert);
+at::Tensor down_rhs(const ExpertsProblem& problem, const at::Tensor& w_down, int64_t expert);
+
+// The gate_up output columns that hold h-columns [j0, j1): one or two column ranges
+// (concatenated gated: gate [j0, j1) and up [I+j0, I+j1); interleaved/gpt_oss gated:
+// [2 j0, 2 j1); non-gated: [j0, j1)).
+std::vector<std::pair<int64_t, int64_t>> gate_up_column_ranges(const ExpertsProblem& problem, int64_t j0,
+                                                               int64_t j1);
+
+// Columns of the gate and up values of h-column j in a gate_up row.
+inline int64_t gate_column(const ExpertsProblem& problem, int64_t j) {
+  if (!problem.gated) return j;
+  return problem.layout == Layout::kConcatenated ? j : 2 * j;
+}
+inline int64_t up_column(const ExpertsProblem& problem, int64_t j) {
+  return problem.layout == Layout::kConcatenated ? problem.inter + j : 2 * j + 1;
+}
+
+// The decode GEMM (csrc/experts_cpu_gemm.cpp): out = lhs @ rhs for bf16, at most
+// max_rows rows, rhs a transposed view of a row-major [N, K] weight, on CPUs with
+// AVX512-BF16. Returns false, writing nothing, where it does not apply.
+bool small_rows_bf16_kernel_available();
+bool try_small_rows_gemm_bf16(const at::Tensor& lhs, const at::Tensor& rhs, at::Tensor& out, int64_t max_rows);
+
+// out = lhs @ rhs for one expert: the decode kernel in "experts" mode where it applies, else
+// ATen (oneDNN/MKL; single-threaded inside the "experts" workers, all threads in "gemm").
+void expert_mm(const ExpertsProblem& problem, at::Tensor& out, const at::Tensor& lhs, const at::Tensor& rhs);
+
+// Runs fn(slice) for every slice: spread over threads in "experts" mode, else in order on
+// the calling thread (whose GEMMs then use all threads).
+template <typename Fn>
+void for_each_slice(const ExpertsProblem& problem, const Fn& fn) {
+  if (problem.use_expert_threads && problem.num_slices > 1) {
+    at::parallel_for(0, problem.num_slices, 1, [&](int64_t begin, int64_t end) {
+      // Dispatch state is thread-local and OpenMP workers start from the defaults: without
+      // this the ATen GEMMs of a worker go through autograd and refuse out= on weights that
+      // require grad. The calling thread is already below autograd (custom op dispatch).
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      for (int64_t slice = begin; slice < end; ++slice) fn(slice);
+    });
+  } else {
+    for (int64_t slice = 0; slice < problem.num_slices; ++slice) fn(slice);
+  }
+}
+
+// Runs fn(begin, end) over rows [0, count): on the calling thread in "experts" mode (it is
+// already one of the workers), split over threads in "gemm" mode.
+template <typename Fn>
+void for_row_range(const ExpertsProblem& problem, int64_t count, const Fn& fn) {
+  if (problem.use_expert_threads) {
+    fn(int64_t(0), count);
+  } else {
+    at::parallel_for(0, count, 16, fn);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> experts_cpu_forward(
+    const at::Tensor& hidden_states, const at::Tensor& w_gate_up, const at::Tensor& w_down,
+    const at::Tensor& sorted_pair_ids, const at::Tensor& expert_offsets, const at::Tensor& topk_weights,
+    const c10::optional<at::Tensor>& b_gate_up, const c10::optional<at::Tensor>& b_down, c10::string_view activation,
+    c10::string_view layout, bool gated, double alpha, double limit, c10::string_view threading,
+    bool save_gate_up);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_cpu_backward(
+    const at::Tensor& grad_output, const at::Tensor& hidden_states, const at::Tensor& w_gate_up,
+    const at::Tensor& w_down, const at::Tensor& sorted_pair_ids, const at::Tensor& expert_offsets,
+    const at::Tensor& topk_weights, const c10::optional<at::Tensor>& b_gate_up,
+    const c10::optional<at::Tensor>& b_down, const at::Tensor& gate_up_sorted, c10::string_view activation,
+    c10::string_view layout, bool gated, double alpha, double limit, c10::string_view threading,
+    std::array<bool, 6> output_mask);
+
+}  // namespace cpu
+}  // namespace tpmoe

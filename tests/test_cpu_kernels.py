@@ -1,0 +1,284 @@
+"""The native CPU expert ops (csrc/experts_cpu_*.cpp via tpmoe.cpu) against the loop-style
+reference: output and every gradient, every layout and activation, both threading regimes."""
+import pytest
+import torch
+
+from tpmoe.cpu import cpu_ops, cpu_ops_available
+from tpmoe.experts_cpu import fused_experts_cpu
+from tpmoe.reference import reference_experts
+from tpmoe.routing import align
+
+from experts_cases import make_expert_weights, make_routing
+from tolerances import assert_fp32_close, assert_within_twice_same_dtype
+
+pytestmark = pytest.mark.skipif(not cpu_ops_available(),
+                                reason="tpmoe._C is not built (or built without csrc/experts_cpu_*.cpp)")
+
+GRAD_NAMES = ("hidden_states", "w_gate_up", "w_down", "topk_weights", "b_gate_up", "b_down")
+THREADINGS = ("experts", "gemm")
+
+
+def make_inputs(seed, num_tokens, hidden, inter, experts, top_k, *, layout, gated, bias, mode="random", scale=1.0):
+    generator = torch.Generator().manual_seed(seed)
+    topk_ids, topk_weights = make_routing(num_tokens, experts, top_k, mode=mode, generator=generator)
+    inputs = make_expert_weights(experts, hidden, inter, layout=layout, gated=gated, bias=bias, generator=generator)
+    inputs["hidden_states"] = scale * torch.randn(num_tokens, hidden, generator=generator, dtype=torch.float64)
+    inputs["topk_weights"] = topk_weights.double()
+    grad_out = torch.randn(num_tokens, hidden, generator=generator, dtype=torch.float64)
+    return inputs, topk_ids, grad_out
+
+
+def cast(inputs, dtype):
+    # Routing weights stay float32 at half precision, as tpmoe.routing.route returns them.
+    weight_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    return {name: value.to(weight_dtype if name == "topk_weights" else dtype) for name, value in inputs.items()}
+
+
+def run_with_grads(fn, inputs, topk_ids, options, grad_out):
+    leaves = {name: value.detach().clone().requires_grad_(True) for name, value in inputs.items()}
+    out = fn(leaves["hidden_states"], leaves["w_gate_up"], leaves["w_down"], topk_ids, leaves["topk_weights"],
+             b_gate_up=leaves.get("b_gate_up"), b_down=leaves.get("b_down"), **options)
+    out.backward(grad_out.to(out.dtype))
+    return out.detach(), {name: leaves[name].grad for name in GRAD_NAMES if name in leaves}
+
+
+def native(threading):
+    return lambda *args, **kwargs: fused_experts_cpu(*args, threading=threading, **kwargs)
+
+
+def options_for(activation, layout, gated):
+    return dict(activation=activation, layout=layout, gated=gated, alpha=1.702, limit=7.0)
+
+
+CASES = [
+    # (T, H, I_p, E, K, layout, gated, activation, bias, routing mode)
+    (37, 24, 40, 7, 2, "concatenated", True, "silu", False, "skip_last"),  # an expert with no tokens
+    (1, 16, 12, 5, 3, "concatenated", True, "gelu", True, "random"),  # decode: one token
+    (13, 20, 9, 6, 2, "interleaved", True, "gelu_tanh", True, "one_expert"),  # every token on expert 0
+    (11, 24, 10, 4, 2, "gpt_oss", True, "clamped_swiglu", True, "random"),
+    (17, 40, 8, 5, 5, "concatenated", False, "relu", True, "random"),  # K = E
+    (9, 12, 7, 3, 1, "interleaved", True, "relu", False, "random"),  # K = 1
+    (8, 16, 6, 4, 2, "gpt_oss", False, "gelu", False, "skip_last"),
+    (29, 33, 40, 7, 3, "gpt_oss", True, "silu", True, "one_expert"),
+    (64, 48, 21, 3, 2, "interleaved", False, "silu", True, "random"),  # many rows per expert
+]
+
+
+@pytest.mark.parametrize("threading", THREADINGS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+def test_matches_reference_fp64_and_fp32(case, threading, seed):
+    num_tokens, hidden, inter, experts, top_k, layout, gated, activation, bias, mode = case
+    # clamped_swiglu: large inputs push pre-activations past both clamps.
+    scale = 20.0 if activation == "clamped_swiglu" else 1.0
+    inputs, topk_ids, grad_out = make_inputs(seed, num_tokens, hidden, inter, experts, top_k, layout=layout,
+                                             gated=gated, bias=bias, mode=mode, scale=scale)
+    options = options_for(activation, layout, gated)
+    ref_out, ref_grads = run_with_grads(reference_experts, inputs, topk_ids, options, grad_out)
+    out64, grads64 = run_with_grads(native(threading), inputs, topk_ids, options, grad_out)
+    assert_fp32_close(out64, ref_out, "output fp64", rtol=1e-12)
+    assert set(grads64) == set(ref_grads)
+    for name, grad in ref_grads.items():
+        assert_fp32_close(grads64[name], grad, f"d{name} fp64", rtol=1e-12)
+    out32, grads32 = run_with_grads(native(threading), cast(inputs, torch.float32), topk_ids.int(), options,
+                                    grad_out)
+    assert out32.dtype == torch.float32
+    assert_fp32_close(out32, ref_out, "output fp32")
+    for name, grad in ref_grads.items():
+        assert grads32[name].dtype == torch.float32
+        assert_fp32_close(grads32[name], grad, f"d{name} fp32")
+
+
+@pytest.mark.parametrize("threading", THREADINGS)
+def test_empty_intermediate_shard(threading, seed):
+    # A TP rank with I_p = 0: the output is the weighted down bias, dx is zero.
+    inputs, topk_ids, grad_out = make_inputs(seed, 6, 8, 0, 3, 2, layout="concatenated", gated=True, bias=True)
+    options = options_for("silu", "concatenated", True)
+    out, grads = run_with_grads(native(threading), inputs, topk_ids, options, grad_out)
+    expected = (inputs["topk_weights"][..., None] * inputs["b_down"][topk_ids]).sum(dim=1)
+    assert_fp32_close(out, expected, "output", rtol=1e-12)
+    assert torch.count_nonzero(grads["hidden_states"]) == 0
+    ref_out, ref_grads = run_with_grads(reference_experts, inputs, topk_ids, options, grad_out)
+    for name in ("topk_weights", "b_down"):
+        assert_fp32_close(grads[name], ref_grads[name], f"d{name}", rtol=1e-12)
+    assert grads["w_gate_up"].shape == (3, 0, 8) and grads["w_down"].shape == (3, 8, 0)
+
+
+@pytest.mark.parametrize("threading", THREADINGS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout,activation,gated", [("concatenated", "silu", True),
+                                                     ("gpt_oss", "clamped_swiglu", True),
+                                                     ("interleaved", "gelu", False)])
+def test_half_precision_within_twice_torch_error(layout, activation, gated, dtype, threading, seed):
+    scale = 8.0 if activation == "clamped_swiglu" else 1.0
+    inputs, topk_ids, grad_out = make_inputs(seed, 41, 64, 48, 6, 2, layout=layout, gated=gated, bias=True,
+                                             scale=scale)
+    options = options_for(activation, layout, gated)
+    ref_out, ref_grads = run_with_grads(reference_experts, inputs, topk_ids, options, grad_out)
+    half_inputs = cast(inputs, dtype)
+    torch_out, torch_grads = run_with_grads(reference_experts, half_inputs, topk_ids, options, grad_out)
+    out, grads = run_with_grads(native(threading), half_inputs, topk_ids, options, grad_out)
+    assert out.dtype == dtype
+    assert_within_twice_same_dtype(out, torch_out, ref_out, "output")
+    for name, grad in ref_grads.items():
+        assert grads[name].dtype == half_inputs[name].dtype
+        assert_within_twice_same_dtype(grads[name], torch_grads[name], grad, f"d{name}")
+
+
+@pytest.mark.parametrize("layout,activation", [("concatenated", "silu"), ("interleaved", "gelu_tanh")])
+@pytest.mark.parametrize("num_tokens,num_experts,mode", [(1, 4, "random"), (6, 3, "one_expert"),
+                                                         (53, 3, "one_expert"), (9, 7, "skip_last")])
+def test_bf16_decode_kernel_within_twice_torch_error(layout, activation, num_tokens, num_experts, mode, seed):
+    # The bf16 decode GEMM (csrc/experts_cpu_gemm.cpp, on CPUs with AVX512-BF16) takes the
+    # experts with up to 48 rows in the "experts" regime: H = 80 leaves a 16-lane tail of the
+    # 32-lane dot products, I = 37 tails of the 6- and 4-column tiles; 6 tokens on expert 0
+    # make 2 row groups, 53 tokens send 53 rows to ATen and ~26 rows (7 groups) to the kernel.
+    inputs, topk_ids, grad_out = make_inputs(seed, num_tokens, 80, 37, num_experts, 2, layout=layout, gated=True,
+                                             bias=True, mode=mode)
+    options = options_for(activation, layout, True)
+    ref_out, _ = run_with_grads(reference_experts, inputs, topk_ids, options, grad_out)
+    half_inputs = cast(inputs, torch.bfloat16)
+    torch_out, _ = run_with_grads(reference_experts, half_inputs, topk_ids, options, grad_out)
+    with torch.no_grad():
+        out = fused_experts_cpu(half_inputs["hidden_states"], half_inputs["w_gate_up"], half_inputs["w_down"],
+                                topk_ids, half_inputs["topk_weights"], b_gate_up=half_inputs["b_gate_up"],
+                                b_down=half_inputs["b_down"], threading="experts", **options)
+    assert_within_twice_same_dtype(out, torch_out, ref_out, "output")
+
+
+@pytest.mark.parametrize("threading", ("auto",) + THREADINGS)
+def test_bitwise_reproducible(threading, seed):
+    inputs, topk_ids, grad_out = make_inputs(seed, 53, 40, 24, 5, 2, layout="interleaved", gated=True, bias=True)
+    inputs = cast(inputs, torch.bfloat16)
+    options = options_for("silu", "interleaved", True)
+    first_out, first_grads = run_with_grads(native(threading), inputs, topk_ids, options, grad_out)
+    for _ in range(2):
+        out, grads = run_with_grads(native(threading), inputs, topk_ids, options, grad_out)
+        assert torch.equal(out, first_out)
+        for name, grad in first_grads.items():
+            assert torch.equal(grads[name], grad), name
+
+
+@pytest.mark.parametrize("num_tokens,num_experts,expected", [(1, 8, "experts"), (1100, 2, "gemm")])
+def test_auto_picks_the_regime_by_rows_per_expert(num_tokens, num_experts, expected, seed):
+    # Decode (few rows per expert) runs "experts", prefill (many) "gemm": auto must be
+    # bitwise equal to the regime it picks.
+    inputs, topk_ids, _ = make_inputs(seed, num_tokens, 256, 384, num_experts, 2, layout="concatenated",
+                                      gated=True, bias=False)
+    inputs = cast(inputs, torch.float32)
+    args = (inputs["hidden_states"], inputs["w_gate_up"], inputs["w_down"], topk_ids, inputs["topk_weights"])
+    options = dict(options_for("silu", "concatenated", True), b_gate_up=None, b_down=None)
+    auto = fused_experts_cpu(*args, threading="auto", **options)
+    assert torch.equal(auto, fused_experts_cpu(*args, threading=expected, **options))
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs at least 2 threads to compare thread counts")
+def test_thread_count_changes_nothing_but_rounding(seed):
+    inputs, topk_ids, grad_out = make_inputs(seed, 19, 40, 36, 5, 2, layout="gpt_oss", gated=True, bias=True)
+    options = options_for("clamped_swiglu", "gpt_oss", True)
+    threads = torch.get_num_threads()
+    many_out, many_grads = run_with_grads(native("experts"), inputs, topk_ids, options, grad_out)
+    torch.set_num_threads(1)
+    try:
+        one_out, one_grads = run_with_grads(native("experts"), inputs, topk_ids, options, grad_out)
+    finally:
+        torch.set_num_threads(threads)
+    assert_fp32_close(one_out, many_out, "output", rtol=1e-12)
+    for name, grad in many_grads.items():
+        assert_fp32_close(one_grads[name], grad, f"d{name}", rtol=1e-12)
+
+
+# --------------------------------------------------------------------------- raw ops
+
+def raw_args(num_tokens=5, hidden=8, inter=6, experts=3, top_k=2, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(0)
+    topk_ids, topk_weights = make_routing(num_tokens, experts, top_k, generator=generator)
+    routing = align(topk_ids, experts)
+    return dict(hidden_states=torch.randn(num_tokens, hidden, dtype=dtype),
+                w_gate_up=torch.randn(experts, 2 * inter, hidden, dtype=dtype),
+                w_down=torch.randn(experts, hidden, inter, dtype=dtype),
+                sorted_pair_ids=routing.sorted_pair_ids, expert_offsets=routing.expert_offsets,
+                topk_weights=topk_weights, b_gate_up=None, b_down=None, activation="silu", layout="concatenated",
+                gated=True, alpha=1.702, limit=7.0, threading="auto", save_gate_up=True)
+
+
+def call_forward(args):
+    return cpu_ops().experts_cpu_forward(*args.values())
+
+
+def test_raw_forward_and_backward_output_mask(seed):
+    args = raw_args()
+    out, gate_up = call_forward(args)
+    assert out.shape == (5, 8) and gate_up.shape == (10, 12)
+    values = list(args.values())[:-1]  # the backward takes the forward's arguments but save_gate_up
+    grads = cpu_ops().experts_cpu_backward(torch.randn(5, 8), *values[:8], gate_up, *values[8:],
+                                           [True, False, False, True, False, False])
+    assert grads[0].shape == (5, 8) and grads[3].shape == (5, 2)
+    assert all(grad.numel() == 0 for grad in (grads[1], grads[2], grads[4], grads[5]))
+
+
+def test_fake_tensor_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    args = raw_args()
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake_args = {name: mode.from_tensor(value) if isinstance(value, torch.Tensor) else value
+                     for name, value in args.items()}
+        out, gate_up = call_forward(fake_args)
+    assert out.shape == (5, 8) and gate_up.shape == (10, 12)
+
+
+def test_torch_compile_matches_eager(seed):
+    # The fakes (tpmoe/cpu/ops.py) let dynamo trace the ops; the compiled graph must give the
+    # same output and gradients as the eager call (same kernels, so equal up to rounding).
+    inputs, topk_ids, grad_out = make_inputs(seed, 7, 16, 12, 4, 2, layout="interleaved", gated=True, bias=True)
+    inputs = cast(inputs, torch.float32)
+    options = options_for("gelu", "interleaved", True)
+    eager_out, eager_grads = run_with_grads(native("auto"), inputs, topk_ids, options, grad_out)
+    compiled = torch.compile(native("auto"))
+    out, grads = run_with_grads(compiled, inputs, topk_ids, options, grad_out)
+    assert_fp32_close(out, eager_out, "output")
+    for name, grad in eager_grads.items():
+        assert_fp32_close(grads[name], grad, f"d{name}")
+
+
+BAD_INPUTS = [
+    ("w_gate_up", lambda a: a["w_gate_up"].double(), "w_gate_up: expected dtype"),
+    ("w_down", lambda a: a["w_down"][:, :, :5], "w_down: expected shape"),
+    ("hidden_states", lambda a: a["hidden_states"][None], "hidden_states: expected a 2-D"),
+    ("sorted_pair_ids", lambda a: torch.full_like(a["sorted_pair_ids"], 99), "sorted_pair_ids: expected pair"),
+    ("sorted_pair_ids", lambda a: torch.zeros_like(a["sorted_pair_ids"]), "permutation"),
+    ("sorted_pair_ids", lambda a: a["sorted_pair_ids"][:-1], "sorted_pair_ids: expected shape"),
+    ("expert_offsets", lambda a: a["expert_offsets"] - 1, "expert_offsets: expected cumulative"),
+    ("expert_offsets", lambda a: torch.tensor([0, 7, 3, 10]), "non-decreasing"),
+    ("expert_offsets", lambda a: a["expert_offsets"].int(), "expert_offsets: expected int64"),
+    ("topk_weights", lambda a: a["topk_weights"][:, :1], "sorted_pair_ids: expected shape"),
+    ("b_down", lambda a: torch.zeros(3, 7), "b_down: expected shape"),
+    ("activation", lambda a: "swish", "activation: expected"),
+    ("layout", lambda a: "packed", "layout: expected"),
+    ("threading", lambda a: "many", "threading: expected"),
+]
+
+
+@pytest.mark.parametrize("name,make_bad,message", BAD_INPUTS, ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD_INPUTS)])
+def test_raw_forward_rejects_bad_input(name, make_bad, message):
+    args = raw_args()
+    args[name] = make_bad(args)
+    with pytest.raises(RuntimeError, match=message):
+        call_forward(args)
+
+
+def test_raw_forward_rejects_non_gated_clamped_swiglu():
+    args = raw_args()
+    args.update(activation="clamped_swiglu", gated=False)
+    with pytest.raises(RuntimeError, match="gated"):
+        call_forward(args)
+
+
+def test_raw_backward_rejects_a_wrong_saved_gate_up():
+    args = raw_args()
+    _, gate_up = call_forward(args)
+    values = list(args.values())[:-1]
+    with pytest.raises(RuntimeError, match="gate_up_sorted"):
+        cpu_ops().experts_cpu_backward(torch.randn(5, 8), *values[:8], gate_up[:-1], *values[8:], [True] * 6)
+    with pytest.raises(RuntimeError, match="grad_output"):
+        cpu_ops().experts_cpu_backward(torch.randn(4, 8), *values[:8], gate_up, *values[8:], [True] * 6)

@@ -1,0 +1,8 @@
+"""The native CPU expert path: C++ ops (csrc/experts_cpu_*.cpp) behind an autograd.Function.
+
+`experts_forward_native(...)` is what `tpmoe.experts_cpu.fused_experts_cpu` calls when the
+extension is built; `cpu_ops_available()` says whether it is.
+"""
+from .ops import ExpertsCpuFunction, cpu_ops, cpu_ops_available, experts_forward_native
+
+__all__ = ["ExpertsCpuFunction", "cpu_ops", "cpu_ops_available", "experts_forward_native"]

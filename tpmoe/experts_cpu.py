@@ -1,0 +1,71 @@
+"""The CPU expert path of tpmoe.fused_experts.
+
+It runs the native ops of tpmoe._C (csrc/experts_cpu_*.cpp, through tpmoe.cpu): expert-sorted
+rows, per-expert ATen GEMMs into preallocated buffers, the activation and the weighted sum
+over k fused into passes over the GEMM outputs, forward and backward, every dtype.
+
+Where tpmoe._C is not built (TPMOE_SKIP_NATIVE=1, a checkout without a build) the grouped
+PyTorch code below runs instead, under PyTorch's autograd: the package must work without
+its extension, only slower. It sorts rows with tpmoe.routing_torch.align_torch for the same
+reason.
+"""
+import torch
+
+from .activations import expert_activation
+from .cpu import cpu_ops_available, experts_forward_native
+from .routing_torch import align_torch
+
+
+def fused_experts_cpu(hidden_states, w_gate_up, w_down, topk_ids, topk_weights, *, activation, layout,
+                      gated, b_gate_up, b_down, alpha, limit, threading="auto"):
+    """threading: "auto", "experts" (threads split each expert's columns, for decode) or "gemm"
+    (all threads inside each GEMM, for prefill); "auto" picks by rows per expert."""
+    if cpu_ops_available():
+        return experts_forward_native(hidden_states, w_gate_up, w_down, topk_ids, topk_weights,
+                                      activation=activation, layout=layout, gated=gated, b_gate_up=b_gate_up,
+                                      b_down=b_down, alpha=alpha, limit=limit, threading=threading)
+    return grouped_experts_torch(hidden_states, w_gate_up, w_down, topk_ids, topk_weights, activation=activation,
+                                 layout=layout, gated=gated, b_gate_up=b_gate_up, b_down=b_down, alpha=alpha,
+                                 limit=limit)
+
+
+def grouped_experts_torch(hidden_states, w_gate_up, w_down, topk_ids, topk_weights, *, activation, layout,
+                          gated, b_gate_up, b_down, alpha, limit):
+    """The fallback without tpmoe._C: one PyTorch GEMM pair per expert, PyTorch's autograd."""
+    num_tokens, hidden_size = hidden_states.shape
+    top_k = topk_ids.shape[1]
+    num_experts = w_gate_up.shape[0]
+    transposed = layout == "gpt_oss"  # GPT-OSS stores x @ W, the others x @ W^T
+
+    routing = align_torch(topk_ids, num_experts)
+    pair_ids = routing.sorted_pair_ids.long()
+    rows_per_expert = routing.tokens_per_expert.tolist()
+    x_sorted = hidden_states.index_select(0, pair_ids // top_k)
+
+    expert_outputs = []
+    start = 0
+    for expert, rows in enumerate(rows_per_expert):
+        if rows == 0:
+            continue
+        x_rows = x_sorted[start:start + rows]
+        start += rows
+        w_gu = w_gate_up[expert]
+        gate_up = x_rows @ (w_gu if transposed else w_gu.t())
+        if b_gate_up is not None:
+            gate_up = gate_up + b_gate_up[expert]
+        h = expert_activation(gate_up, activation=activation, layout=layout, gated=gated, alpha=alpha,
+                              limit=limit)
+        w_d = w_down[expert]
+        out = h @ (w_d if transposed else w_d.t())
+        if b_down is not None:
+            out = out + b_down[expert]
+        expert_outputs.append(out)
+
+    out_sorted = torch.cat(expert_outputs) if expert_outputs else hidden_states.new_zeros(0, hidden_size)
+    # Weighting in the routing weights' precision (float32 for half inputs) and summing over k
+    # before the single cast back keeps one rounding per output element.
+    combine_dtype = torch.promote_types(out_sorted.dtype, topk_weights.dtype)
+    weight_sorted = topk_weights.reshape(-1).index_select(0, pair_ids).to(combine_dtype)
+    weighted = out_sorted.to(combine_dtype) * weight_sorted[:, None]
+    per_pair = weighted.new_zeros(num_tokens * top_k, hidden_size).index_copy(0, pair_ids, weighted)
+    return per_pair.view(num_tokens, top_k, hidden_size).sum(dim=1).to(hidden_states.dtype)
