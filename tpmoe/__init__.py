@@ -5,7 +5,7 @@ one of them say so.
 """
 from .block import MoEBlock
 from .config import MoEConfig
-from .distributed import allreduce_router_grads
+from .distributed import CollectiveError, allreduce_router_grads
 from .fused import fused_experts
 from .reference import reference_experts, reference_moe_block, reference_route
 from .routing import AlignResult, align, route
@@ -15,7 +15,7 @@ from .weights import check_moe_weights, expected_shapes, random_moe_weights
 __version__ = "0.1.0"
 
 __all__ = [
-    "AlignResult", "MoEBlock", "MoEConfig", "align", "allreduce_router_grads", "check_moe_weights",
+    "AlignResult", "CollectiveError", "MoEBlock", "MoEConfig", "align", "allreduce_router_grads", "check_moe_weights",
     "expected_shapes", "fused_experts", "random_moe_weights", "reference_experts", "reference_moe_block",
     "reference_route", "route", "shard_moe_weights", "shard_sizes",
 ]

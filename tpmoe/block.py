@@ -24,9 +24,11 @@ from torch import nn
 
 from . import distributed as tp
 from .config import MoEConfig
-from .fused import fused_experts
+from ._checks import FLOAT_DTYPES, check_choice
+from .fused import BACKENDS, fused_experts
 from .routing import route
-from .sharding import REPLICATED_NAMES, SHARDED_NAMES, check_shards, gather_full, shard_moe_weights, shard_sizes
+from .sharding import (REPLICATED_NAMES, SHARDED_NAMES, check_shards, check_shards_agree, gather_full,
+                       shard_moe_weights, shard_sizes)
 from .weights import check_moe_weights, random_moe_weights
 
 # Trained replicated parameters: their gradients are complete on every rank in TP mode and
@@ -53,6 +55,24 @@ class _ZeroPartialOutput(torch.autograd.Function):
                 torch.zeros(weights_shape, dtype=weights_dtype, device=device))
 
 
+def _check_shard_dtypes(shards: Dict[str, torch.Tensor], dtype: Optional[torch.dtype]) -> torch.dtype:
+    """The dtype the block's weights will have; raises TypeError naming a weight that is not
+    floating point, or an expert weight whose dtype differs from w_gate_up's (they meet in one GEMM
+    chain; the router and correction bias may keep their own dtype, as DeepSeek-V3's float32 bias)."""
+    for name, tensor in shards.items():
+        if not tensor.is_floating_point():
+            raise TypeError(f"shards[{name!r}]: expected a floating-point tensor, got dtype "
+                            f"{str(tensor.dtype).replace('torch.', '')}")
+    if dtype is not None:
+        return dtype
+    expected = shards["w_gate_up"].dtype
+    for name in SHARDED_NAMES + ("b_down", "shared_gate"):
+        if name in shards and shards[name].dtype != expected:
+            raise TypeError(f"shards[{name!r}]: expected dtype {str(expected).replace('torch.', '')} (that of "
+                            f"w_gate_up), got {str(shards[name].dtype).replace('torch.', '')}")
+    return expected
+
+
 class MoEBlock(nn.Module):
     """An MoE expert block, optionally tensor-parallel over `group`.
 
@@ -74,11 +94,17 @@ class MoEBlock(nn.Module):
         super().__init__()
         if not isinstance(config, MoEConfig):
             raise TypeError(f"config: expected a tpmoe.MoEConfig, got {type(config).__name__}")
+        for name, flag in (("sequence_parallel", sequence_parallel), ("check_replicated", check_replicated)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name}: expected a bool, got {type(flag).__name__} {flag!r}")
+        check_choice(backend, "backend", BACKENDS)
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or dtype not in FLOAT_DTYPES):
+            raise TypeError(f"dtype: expected None or one of {tuple(str(d) for d in FLOAT_DTYPES)}, got {dtype!r}")
         self.config = config
         self.group = tp.resolve_tp_group(group, tp_mesh_dim)
         self.tp_size, self.tp_rank = tp.group_size(self.group), tp.group_rank(self.group)
-        self.sequence_parallel = bool(sequence_parallel)
-        self.check_replicated = bool(check_replicated)
+        self.sequence_parallel = sequence_parallel
+        self.check_replicated = check_replicated
         self.align = align
         self.backend = backend
         self.I_local = shard_sizes(config.intermediate_size, self.tp_size, align)[self.tp_rank]
@@ -88,7 +114,20 @@ class MoEBlock(nn.Module):
             full = random_moe_weights(config, dtype=dtype or torch.get_default_dtype(), device=device or "cpu",
                                       generator=generator)
             _shards = shard_moe_weights(config, full, self.tp_rank, self.tp_size, align)
-        check_shards(config, _shards, self.tp_rank, self.tp_size, align)
+        # A rank that rejects its shards still joins the agreement all-gather (with a flag saying
+        # so) before raising: the other ranks then raise too instead of waiting for it in the
+        # first forward's collective until the process group's timeout.
+        local_error = None
+        try:
+            check_shards(config, _shards, self.tp_rank, self.tp_size, align)
+            weights_dtype = _check_shard_dtypes(_shards, dtype)
+        except (TypeError, ValueError) as error:
+            local_error, weights_dtype = error, None
+        if tp.communicates(self.group):
+            check_shards_agree(config, {name: tuple(t.shape) for name, t in _shards.items()} if local_error is None
+                               else {}, weights_dtype, self.group, align, local_ok=local_error is None)
+        if local_error is not None:
+            raise local_error
         for name, tensor in _shards.items():
             value = tensor.detach().to(dtype=dtype or tensor.dtype, device=device or tensor.device).clone()
             if name == "correction_bias":
@@ -161,6 +200,15 @@ class MoEBlock(nn.Module):
         if hidden_states.dim() < 1 or hidden_states.shape[-1] != config.hidden_size:
             raise ValueError(f"hidden_states: expected shape [..., {config.hidden_size}] (config.hidden_size), "
                              f"got {tuple(hidden_states.shape)}")
+        weight = self.router_weight
+        if hidden_states.device != weight.device:
+            raise ValueError(f"hidden_states: expected a tensor on {weight.device} (where the block's weights are), "
+                             f"got one on {hidden_states.device}")
+        expert_dtype = self.w_gate_up.dtype
+        if hidden_states.dtype != expert_dtype:
+            raise TypeError(f"hidden_states: expected dtype {str(expert_dtype).replace('torch.', '')} (that of the "
+                            f"block's weights; convert the input or the block), got "
+                            f"{str(hidden_states.dtype).replace('torch.', '')}")
         if tokens_per_rank is not None and not self.sequence_parallel:
             raise ValueError("tokens_per_rank: only used in sequence-parallel mode, "
                              "got it with sequence_parallel=False")

@@ -196,6 +196,12 @@ def _check_align_args(topk_ids, num_experts, block_m) -> None:
     _check_int("block_m", block_m, 1)
     if topk_ids.numel() >= _MAX_PAIRS:
         raise ValueError(f"topk_ids: expected T*K < 2**31 - 1 (pair ids are int32), got T*K = {topk_ids.numel()}")
+    padded_rows = padded_rows_bound(topk_ids.numel(), num_experts, block_m)
+    if padded_rows > _MAX_PAIRS:
+        # The GPU kernels index the padded rows with int32 program ids (pid_m * BLOCK_M).
+        raise ValueError(f"topk_ids: expected T*K + min(E, T*K) * (block_m - 1) <= 2**31 - 1 padded rows (row "
+                         f"indices are int32), got {padded_rows} for T*K = {topk_ids.numel()}, E = {num_experts}, "
+                         f"block_m = {block_m}")
     # The value check needs the data: done where it is free (CPU, eager). Under torch.compile
     # the native op checks on CPU; on CUDA the kernel asserts, as a sync here would stall
     # every MoE layer and break CUDA-graph capture.

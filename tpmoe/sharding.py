@@ -28,9 +28,11 @@ join every collective, so nothing hangs (tests/test_tp_block.py runs it).
 from typing import Dict, List, Sequence, Tuple
 
 import torch
+import torch.distributed as dist
 
-from .config import MoEConfig
-from .distributed import all_gather_tensor_lists, group_rank, group_size
+from .config import ACTIVATIONS, LAYOUTS, SCORINGS, MoEConfig
+from .distributed import all_gather_tensor_lists, group_rank, group_size, naming_collective_failures
+from .distributed.groups import all_gather_single
 from .weights import check_moe_weights, expected_shapes
 
 # Sliced along the intermediate axis; everything else in the weight dict is replicated.
@@ -188,3 +190,89 @@ def gather_full(config: MoEConfig, local_shards: Dict[str, torch.Tensor], group,
         shards.update(zip(names, gathered[p]))
         shards_per_rank.append(shards)
     return assemble_full(config, shards_per_rank, align)
+
+
+# What every rank of a TP group must agree on, as ints for one all-gather (check_shards_agree).
+_AGREED_FIELDS = ("hidden_size", "intermediate_size", "num_experts", "top_k", "shared_intermediate_size", "gated",
+                  "layout", "scoring", "activation", "expert_bias", "router_bias", "correction_bias",
+                  "shared_expert_gate")
+_CODED_FIELDS = {"layout": LAYOUTS, "scoring": SCORINGS, "activation": ACTIVATIONS}
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_MAX_DIMS = 3
+
+
+def _agreement_row(config: MoEConfig, shapes, dtype, align: int, local_ok: bool) -> List[int]:
+    fields = [_CODED_FIELDS[name].index(getattr(config, name)) if name in _CODED_FIELDS else int(getattr(config, name))
+              for name in _AGREED_FIELDS]
+    dims = []
+    for name in REPLICATED_NAMES + SHARDED_NAMES:  # fixed slots: the row has the same length on every rank
+        shape = tuple(shapes.get(name, ())) if shapes else ()
+        dims += list(shape) + [-1] * (_MAX_DIMS - len(shape))
+    dtype_code = _DTYPES.index(dtype) if dtype in _DTYPES else -1
+    return [int(local_ok)] + fields + [align, dtype_code] + dims
+
+
+def _describe_shapes(row: List[int]) -> Dict[str, tuple]:
+    dims = row[3 + len(_AGREED_FIELDS):]
+    shapes = {}
+    for slot, name in enumerate(REPLICATED_NAMES + SHARDED_NAMES):
+        shape = tuple(d for d in dims[slot * _MAX_DIMS:(slot + 1) * _MAX_DIMS] if d >= 0)
+        if shape:
+            shapes[name] = shape
+    return shapes
+
+
+def check_shards_agree(config: MoEConfig, shapes: Dict[str, tuple], dtype, group, align: int = 1, *,
+                       local_ok: bool = True, what: str = "MoEBlock") -> None:
+    """Raises ValueError on EVERY rank of `group` unless all ranks hold shards of one block: the
+    same config (full sizes, layout, scoring, activation, biases), align and dtype, and each rank
+    the shard shapes that config gives its rank. `local_ok=False` says this rank already rejected
+    its own shards (it then raises its own error): the others learn it here and raise too, instead
+    of waiting in the block's first collective until the process group's timeout.
+
+    Shards that each pass check_shards can still disagree across ranks (a rank built with another
+    intermediate_size, align or dtype): the block would then run, and its all-reduce would sum
+    garbage, fail on mismatched sizes, or hang. Communication: ONE all-gather of ~45 int64.
+    """
+    world_size, rank = group_size(group), group_rank(group)
+    if world_size < 2:
+        return
+    backend = str(dist.get_backend(group))
+    device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else torch.device("cpu")
+    local = torch.tensor(_agreement_row(config, shapes, dtype, align, local_ok), dtype=torch.int64, device=device)
+    gathered = local.new_empty(world_size * local.numel())
+    with naming_collective_failures(f"{what}: the construction-time check that the ranks' shards agree", group):
+        all_gather_single(gathered, local, group=group)
+    rows = gathered.view(world_size, local.numel()).cpu().tolist()
+    if not local_ok:
+        return  # the caller raises this rank's own error
+    seen_from = f"seen from rank {rank}"
+    failed = [p for p, row in enumerate(rows) if not row[0]]
+    if failed:
+        raise ValueError(f"{what}: rank {failed[0]} of the TP group rejected its shards (its own error says why); "
+                         f"every rank stops here so that none waits in a later collective ({seen_from})")
+    for p, row in enumerate(rows[1:], start=1):
+        for index, name in enumerate(_AGREED_FIELDS):
+            if row[1 + index] != rows[0][1 + index]:
+                decode = (lambda v, n=name: _CODED_FIELDS[n][v]) if name in _CODED_FIELDS else (lambda v: v)
+                raise ValueError(
+                    f"{what}: rank {p} of the TP group was built with config.{name}={decode(row[1 + index])!r} but "
+                    f"rank 0 with {decode(rows[0][1 + index])!r}; every rank needs the same MoEConfig (full sizes) "
+                    f"({seen_from})")
+        offset = 1 + len(_AGREED_FIELDS)
+        if row[offset] != rows[0][offset]:
+            raise ValueError(f"{what}: rank {p} of the TP group uses align={row[offset]} but rank 0 "
+                             f"align={rows[0][offset]}; the shard sizes then differ ({seen_from})")
+        if row[offset + 1] != rows[0][offset + 1]:
+            names = {code: str(d).replace("torch.", "") for code, d in enumerate(_DTYPES)}
+            raise ValueError(f"{what}: rank {p} of the TP group holds {names.get(row[offset + 1], 'other')} weights "
+                             f"but rank 0 {names.get(rows[0][offset + 1], 'other')}; the ranks' partial outputs "
+                             f"must share one dtype ({seen_from})")
+    for p, row in enumerate(rows):
+        got, expected = _describe_shapes(row), shard_shapes(config, p, world_size, align)
+        for name, shape in expected.items():
+            if got.get(name) != shape:
+                raise ValueError(
+                    f"{what}: the shards of rank {p} of the TP group do not fit together: {name} has shape "
+                    f"{got.get(name)} there, expected {shape} for rank {p} of world size {world_size} "
+                    f"(intermediate_size {config.intermediate_size}, align {align}) ({seen_from})")

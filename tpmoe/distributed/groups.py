@@ -1,8 +1,34 @@
 """Which process group is the tensor-parallel (TP) group: a ProcessGroup, the TP dimension of
 a DeviceMesh, or None (one process, no communication)."""
+import contextlib
 from typing import Optional, Union
 
 import torch.distributed as dist
+
+
+class CollectiveError(RuntimeError):
+    """A tpmoe collective failed on this rank: another rank of the TP group raised, exited or
+    did not reach the same collective within the process group's timeout. The message names
+    the collective, the group and this rank; the transport's own error is chained (__cause__)."""
+
+
+@contextlib.contextmanager
+def naming_collective_failures(what: str, group):
+    """Re-raises a failure of the collective(s) inside as CollectiveError naming `what`.
+
+    A peer that raised or exited shows up in gloo/NCCL as "Connection closed by peer", "Connection
+    reset" or "Timed out waiting ... ms": true, but silent about which tpmoe step was waiting and
+    why. Only the collective call itself goes inside, so a local bug is never relabelled."""
+    rank, size = group_rank(group), group_size(group)
+    try:
+        yield
+    except CollectiveError:
+        raise
+    except RuntimeError as error:
+        raise CollectiveError(
+            f"{what}: the collective over the TP group (this rank {rank} of {size}) failed: another rank "
+            f"raised, exited or did not reach the same collective within the process group's timeout; "
+            f"look for the first error on the other ranks. Transport error: {error}") from error
 
 
 def resolve_tp_group(group, mesh_dim: Optional[Union[str, int]] = None):

@@ -5,7 +5,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from .groups import all_gather_single, communicates, group_rank, group_size
+from .groups import all_gather_single, communicates, group_rank, group_size, naming_collective_failures
 
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -40,7 +40,8 @@ def check_replicated(tensors: Dict[str, torch.Tensor], group, what: str = "check
     local = torch.cat(parts)
     world_size = group_size(group)
     gathered = local.new_empty(world_size * local.numel())
-    all_gather_single(gathered, local, group=group)
+    with naming_collective_failures(what, group):
+        all_gather_single(gathered, local, group=group)
     gathered = gathered.view(world_size, local.numel()).cpu()
     seen_from = f"seen from rank {group_rank(group)}"
     if local_tokens is not None:
@@ -73,7 +74,9 @@ def allreduce_gradients(parameters: Sequence[torch.Tensor], group) -> int:
     for grad in grads[1:]:
         dtype = torch.promote_types(dtype, grad.dtype)
     buffer = torch.cat([grad.reshape(-1).to(dtype) for grad in grads])
-    dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group)
+    with naming_collective_failures("allreduce_router_grads / allreduce_gradients: the all-reduce of the "
+                                    "replicated parameters' gradients", group):
+        dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group)
     offset = 0
     for grad in grads:
         grad.copy_(buffer[offset:offset + grad.numel()].view_as(grad))
@@ -129,7 +132,8 @@ def all_gather_tensor_lists(local_tensors: List[torch.Tensor], shapes_per_rank: 
                       + [torch.zeros(0, dtype=torch.uint8, device=local_tensors[0].device)])
     local = torch.cat([local, local.new_zeros(padded - local.numel())])
     gathered = local.new_empty(world_size * padded)
-    all_gather_single(gathered, local, group=group)
+    with naming_collective_failures("gather_full: the all-gather of every rank's shards", group):
+        all_gather_single(gathered, local, group=group)
     gathered = gathered.view(world_size, padded)
     out = []
     for rank, shapes in enumerate(shapes_per_rank):

@@ -16,7 +16,8 @@ from typing import List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from .groups import all_gather_single, communicates, group_rank, group_size, reduce_scatter_single
+from .groups import (all_gather_single, communicates, group_rank, group_size, naming_collective_failures,
+                     reduce_scatter_single)
 from .tensor_parallel import _common_dtype
 
 
@@ -85,7 +86,9 @@ class GatherFromSequenceParallelRegion(torch.autograd.Function):
         widths = [part.shape[1] for part in byte_parts]
         local_bytes = _pad_rows(torch.cat(byte_parts, dim=1), max(counts))
         gathered = local_bytes.new_empty(len(counts) * max(counts), local_bytes.shape[1])
-        all_gather_single(gathered, local_bytes, group=group)
+        with naming_collective_failures("MoEBlock (sequence-parallel) forward all-gather of [x | topk_weights | "
+                                        "topk_ids | shared_gate]", group):
+            all_gather_single(gathered, local_bytes, group=group)
         gathered = _drop_padding(gathered, counts)
         outputs, offset = [], 0
         for part, width in zip(parts, widths):
@@ -109,7 +112,9 @@ class GatherFromSequenceParallelRegion(torch.autograd.Function):
         pack_dtype = _common_dtype(grads)
         packed = _spread_rows(torch.cat([grad.to(pack_dtype) for grad in grads], dim=1), ctx.counts)
         local = packed.new_empty(max(ctx.counts), packed.shape[1])
-        reduce_scatter_single(local, packed, ctx.group)
+        with naming_collective_failures("MoEBlock (sequence-parallel) backward reduce-scatter of [dx | dtopk_weights "
+                                        "| dshared_gate]", ctx.group):
+            reduce_scatter_single(local, packed, ctx.group)
         local = local[:ctx.counts[ctx.rank]]
         out, offset = [], 0
         for width, dtype in ctx.grad_likes:
@@ -132,14 +137,17 @@ class ReduceScatterToSequenceParallelRegion(torch.autograd.Function):
         rank = dist.get_rank(group)
         spread = _spread_rows(partial_output, counts)
         local = spread.new_empty(max(counts), spread.shape[1])
-        reduce_scatter_single(local, spread, group)
+        with naming_collective_failures("MoEBlock (sequence-parallel) forward reduce-scatter of the partial output",
+                                        group):
+            reduce_scatter_single(local, spread, group)
         return local[:counts[rank]]
 
     @staticmethod
     def backward(ctx, grad_local):
         padded = _pad_rows(grad_local.contiguous(), max(ctx.counts))
         gathered = padded.new_empty(len(ctx.counts) * max(ctx.counts), padded.shape[1])
-        all_gather_single(gathered, padded, group=ctx.group)
+        with naming_collective_failures("MoEBlock (sequence-parallel) backward all-gather of dy", ctx.group):
+            all_gather_single(gathered, padded, group=ctx.group)
         return None, None, _drop_padding(gathered, ctx.counts)
 
 

@@ -9,7 +9,7 @@ from typing import Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from .groups import communicates
+from .groups import communicates, naming_collective_failures
 
 
 def _common_dtype(tensors):
@@ -63,7 +63,9 @@ class CopyToTensorParallelRegion(torch.autograd.Function):
         grads = [torch.zeros(shape, dtype=dtype, device=_device(grads)) if grad is None else grad
                  for grad, (shape, dtype) in zip(grads, ctx.likes)]
         buffer = pack_flat(grads, _common_dtype(grads))
-        dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=ctx.group)
+        with naming_collective_failures("MoEBlock backward all-reduce of [dx | dtopk_weights | dshared_gate] (f)",
+                                        ctx.group):
+            dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=ctx.group)
         summed = unpack_flat(buffer, ctx.likes)
         if not ctx.has_shared_gate:
             summed.append(None)
@@ -85,7 +87,8 @@ class ReduceFromTensorParallelRegion(torch.autograd.Function):
     def forward(ctx, group, partial_output):
         # A copy: the partial output may be saved by the Function that made it.
         output = partial_output.clone()
-        dist.all_reduce(output, op=dist.ReduceOp.SUM, group=group)
+        with naming_collective_failures("MoEBlock forward all-reduce of the partial output (g)", group):
+            dist.all_reduce(output, op=dist.ReduceOp.SUM, group=group)
         return output
 
     @staticmethod

@@ -110,8 +110,16 @@ def apply(model: nn.Module, group=None, *, tp_mesh_dim=None, backend: str = "aut
     require_transformers()
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module (a transformers model), got {type(model).__name__}")
-    if not isinstance(jitter_seed, int):
+    if isinstance(jitter_seed, bool) or not isinstance(jitter_seed, int):
         raise TypeError(f"jitter_seed: expected an int (the same on every rank), got {type(jitter_seed).__name__}")
+    # Checked here too, not only when the first block is built: a bad value then fails before
+    # any block is swapped, and also on a model without MoE blocks.
+    from .._checks import check_choice
+    from ..fused import BACKENDS
+    check_choice(backend, "backend", BACKENDS)
+    if not isinstance(check_replicated, bool):
+        raise TypeError(f"check_replicated: expected a bool, got {type(check_replicated).__name__} "
+                        f"{check_replicated!r}")
     resolved = _resolve_group(group, tp_mesh_dim)
     blocks = _find_blocks(model)
     if not blocks:
