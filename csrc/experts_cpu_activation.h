@@ -32,7 +32,8 @@ inline T unary_forward(Activation activation, T x) {
     }
     case Activation::kRelu:
     default:
-      return x > T(0) ? x : T(0);
+      // Written so that NaN fails the test and passes through, as torch.relu lets it.
+      return x <= T(0) ? T(0) : x;
   }
 }
 
@@ -60,7 +61,7 @@ inline void unary_forward_backward(Activation activation, T x, T* value, T* deri
     }
     case Activation::kRelu:
     default:
-      *value = x > T(0) ? x : T(0);
+      *value = x <= T(0) ? T(0) : x;  // NaN passes through, as in torch.relu
       *derivative = x > T(0) ? T(1) : T(0);
       return;
   }
@@ -77,7 +78,8 @@ template <typename T>
 inline T gated_forward(const GatedParams& params, T gate, T up) {
   if (params.activation == Activation::kClampedSwiglu) {
     const T limit = T(params.limit);
-    const T gate_clamped = gate < limit ? gate : limit;
+    // Comparisons written so that NaN passes through the clamps, as torch.clamp lets it.
+    const T gate_clamped = gate > limit ? limit : gate;
     const T up_clamped = up < -limit ? -limit : (up > limit ? limit : up);
     return (up_clamped + T(1)) * gate_clamped * sigmoid(T(params.alpha) * gate_clamped);
   }
@@ -91,7 +93,7 @@ inline T gated_backward(const GatedParams& params, T gate, T up, T grad_h, T* gr
     const T limit = T(params.limit), alpha = T(params.alpha);
     const bool gate_passes = gate <= limit;
     const bool up_passes = up >= -limit && up <= limit;
-    const T gate_clamped = gate_passes ? gate : limit;
+    const T gate_clamped = gate > limit ? limit : gate;  // NaN passes through (forward value)
     const T up_clamped = up < -limit ? -limit : (up > limit ? limit : up);
     const T s = sigmoid(alpha * gate_clamped);
     const T glu = gate_clamped * s;

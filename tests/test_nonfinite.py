@@ -171,18 +171,8 @@ def _run(backend, inputs, **options):
     return y.detach(), {n: t.grad for n, t in leaves.items()}
 
 
-# Known gap: the CPU path (csrc/experts_cpu_activation.h: `x > 0 ? x : 0`, `gate < limit ? gate :
-# limit`) and the Triton path (tpmoe/triton/activations.py: tl.where(x > 0, ...), tl.minimum)
-# turn a NaN pre-activation into 0 (relu) or into `limit` (clamped_swiglu's gate clamp), where
-# torch.relu / torch.clamp, and so the reference, keep the NaN: a NaN token or weight can then
-# give a FINITE output. Triton clamps the up value with tl.minimum / tl.maximum too, so under
-# clamped_swiglu even a NaN token comes out finite there. Strict xfail: it turns into a failure
-# (to remove the marker) once the kernels propagate NaN, e.g. `x > 0 || x != x ? x : 0` and
-# `gate != gate ? gate : min(gate, limit)` in C++, tl.minimum(..., propagate_nan=tl.PropagateNan.ALL).
-NAN_SWALLOWED = pytest.mark.xfail(strict=True, reason="relu and clamped_swiglu's clamps map NaN to a finite value "
-                                                      "(CPU: relu, the gate clamp; Triton: relu, gate and up clamps)")
-
-
+# relu and clamped_swiglu's clamps keep a NaN pre-activation NaN in both kernel families, as
+# torch.relu / torch.clamp (the reference) do: a NaN token or weight never comes out finite.
 POISONS = ["nan_token", "inf_token", "neg_inf_token", "nan_weight_used_expert", "nan_weight_unused_expert",
            "inf_down_bias", "nan_routing_weight"]
 
@@ -191,11 +181,7 @@ POISONS = ["nan_token", "inf_token", "neg_inf_token", "nan_weight_used_expert", 
 @pytest.mark.parametrize("activation, layout", [("silu", "concatenated"), ("gelu", "interleaved"),
                                                 ("gelu_tanh", "concatenated"), ("clamped_swiglu", "gpt_oss")])
 @pytest.mark.parametrize("where", POISONS)
-def test_nonfinite_inputs_propagate_like_the_reference(backend, activation, layout, where, seed, request):
-    if backend == "triton" and activation == "clamped_swiglu" and where in ("nan_token", "nan_weight_used_expert"):
-        # Triton clamps the UP value with tl.minimum / tl.maximum too, which drop NaN: a NaN
-        # token comes out finite there.
-        request.applymarker(NAN_SWALLOWED)
+def test_nonfinite_inputs_propagate_like_the_reference(backend, activation, layout, where, seed):
     inputs = _experts_inputs(seed, layout)
     _poison(inputs, where, layout)
     options = dict(activation=activation, layout=layout)
@@ -208,7 +194,6 @@ def test_nonfinite_inputs_propagate_like_the_reference(backend, activation, layo
             f"{name}: non-finite rows {nonfinite_rows(grads[name])}, reference {nonfinite_rows(grads_ref[name])}")
 
 
-@NAN_SWALLOWED
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_nan_token_through_non_gated_relu(backend, seed):
     inputs = _experts_inputs(seed, gated=False)
@@ -219,7 +204,6 @@ def test_nan_token_through_non_gated_relu(backend, seed):
     assert_same_nonfinite(y, y_ref, "output")
 
 
-@NAN_SWALLOWED
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_nan_gate_weight_through_clamped_swiglu(backend, seed):
     inputs = _experts_inputs(seed)

@@ -34,19 +34,25 @@ def unary_activation_and_grad(x, ACTIVATION: tl.constexpr):
         value = 0.5 * x * (1.0 + tanh_inner)
         grad = 0.5 * (1.0 + tanh_inner) + 0.5 * x * (1.0 - tanh_inner * tanh_inner) * 0.7978845608028654 * (
             1.0 + 3.0 * 0.044715 * x * x)
-    else:  # relu; gradient 0 at x == 0 as torch.relu has it
-        positive = x > 0
-        value = tl.where(positive, x, 0.0)
-        grad = tl.where(positive, 1.0, 0.0)
+    else:  # relu; gradient 0 at x == 0 as torch.relu has it; NaN passes through as there
+        value = tl.where(x <= 0, 0.0, x)
+        grad = tl.where(x > 0, 1.0, 0.0)
     return value, grad
+
+
+@triton.jit
+def _clamped_gate_up(gate, up, limit):
+    # tl.minimum / tl.maximum drop NaN; torch.clamp (the reference) keeps it, and so do these.
+    gate_c = tl.where(gate > limit, limit, gate)
+    up_c = tl.where(up < -limit, -limit, tl.where(up > limit, limit, up))
+    return gate_c, up_c
 
 
 @triton.jit
 def gated_forward(gate, up, alpha, limit, ACTIVATION: tl.constexpr):
     """h = act(gate) * up, or GPT-OSS's clamped swiglu (up + 1) * g' * sigmoid(alpha g')."""
     if ACTIVATION == "clamped_swiglu":
-        gate_c = tl.minimum(gate, limit)
-        up_c = tl.minimum(tl.maximum(up, -limit), limit)
+        gate_c, up_c = _clamped_gate_up(gate, up, limit)
         h = (up_c + 1.0) * gate_c * tl.sigmoid(alpha * gate_c)
     else:
         value, _ = unary_activation_and_grad(gate, ACTIVATION)
@@ -58,8 +64,7 @@ def gated_forward(gate, up, alpha, limit, ACTIVATION: tl.constexpr):
 def gated_backward(dh, gate, up, alpha, limit, ACTIVATION: tl.constexpr):
     """(d gate, d up) of gated_forward; the clamps pass the gradient inside [.., limit] as torch.clamp does."""
     if ACTIVATION == "clamped_swiglu":
-        gate_c = tl.minimum(gate, limit)
-        up_c = tl.minimum(tl.maximum(up, -limit), limit)
+        gate_c, up_c = _clamped_gate_up(gate, up, limit)
         sig = tl.sigmoid(alpha * gate_c)
         d_gate = dh * (up_c + 1.0) * (sig + alpha * gate_c * sig * (1.0 - sig))
         d_gate = tl.where(gate <= limit, d_gate, 0.0)
