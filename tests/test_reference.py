@@ -451,3 +451,16 @@ def test_bad_route_arguments_raise():
         reference_route(logits, 3, scoring="sigmoid_group", n_group=4, topk_group=1)
     with pytest.raises(ValueError, match="router_logits"):
         reference_route(logits[0], 2)
+
+
+def test_reference_relu_is_torch_relu_on_special_values():
+    from tpmoe.reference import _act
+    x = torch.tensor([-math.inf, -1.0, 0.0, 2.0, math.inf, math.nan], dtype=torch.float64, requires_grad=True)
+    ours = _act("relu", x)
+    ours.sum().backward()
+    x_torch = x.detach().clone().requires_grad_()
+    theirs = torch.relu(x_torch)
+    theirs.sum().backward()
+    assert torch.equal(ours.isnan(), theirs.isnan())
+    assert torch.equal(ours[:5], theirs[:5])
+    assert torch.equal(x.grad, x_torch.grad)

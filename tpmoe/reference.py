@@ -38,8 +38,8 @@ def _act(name: str, x: torch.Tensor) -> torch.Tensor:
     if name == "gelu_tanh":
         return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
     if name == "relu":
-        # x * (x > 0): gradient 0 at x == 0, as torch.relu has it.
-        return x * (x > 0).to(x.dtype)
+        # As torch.relu: gradient 0 at x == 0, relu(-inf) = 0, NaN passes through.
+        return torch.where(x <= 0, torch.zeros_like(x), x)
     if name == "clamped_swiglu":
         raise ValueError("activation: clamped_swiglu is gated; it needs gated=True")
     raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {name!r}")
