@@ -24,7 +24,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import format_table, peak_memory_bytes, time_call, write_json  # noqa: E402
+from common import format_table, make_hf_experts, peak_memory_bytes, time_call, write_json  # noqa: E402
 
 from tpmoe.fused import fused_experts  # noqa: E402
 
@@ -50,31 +50,6 @@ def make_routing(num_tokens, preset, generator):
     logits = torch.randn(num_tokens, preset["experts"], generator=generator)
     weights, ids = torch.softmax(logits, dim=-1).topk(preset["top_k"], dim=-1)
     return ids, weights / weights.sum(dim=-1, keepdim=True)
-
-
-def make_hf_experts(preset, w_gate_up, w_down, implementation):
-    """transformers' experts module of the preset's family, sharing our weight tensors."""
-    try:
-        if preset["family"] == "qwen3_moe":
-            from transformers.models.qwen3_moe.configuration_qwen3_moe import Qwen3MoeConfig
-            from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts as Experts
-
-            config = Qwen3MoeConfig(hidden_size=preset["hidden"], moe_intermediate_size=preset["inter"],
-                                    num_experts=preset["experts"], num_experts_per_tok=preset["top_k"])
-        else:
-            from transformers.models.mixtral.configuration_mixtral import MixtralConfig
-            from transformers.models.mixtral.modeling_mixtral import MixtralExperts as Experts
-
-            config = MixtralConfig(hidden_size=preset["hidden"], intermediate_size=preset["inter"],
-                                   num_local_experts=preset["experts"], num_experts_per_tok=preset["top_k"])
-    except ImportError:
-        return None
-    config._experts_implementation = implementation
-    with torch.device("meta"):
-        module = Experts(config)
-    module.gate_up_proj = torch.nn.Parameter(w_gate_up, requires_grad=w_gate_up.requires_grad)
-    module.down_proj = torch.nn.Parameter(w_down, requires_grad=w_down.requires_grad)
-    return module
 
 
 def touched_weight_bytes(ids, w_gate_up, w_down):

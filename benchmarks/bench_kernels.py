@@ -23,7 +23,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import format_table, write_json  # noqa: E402
+from common import format_table, make_hf_experts, write_json  # noqa: E402
 
 PRESETS = {
     "qwen3": dict(hidden=2048, inter=768, experts=128, top_k=8, family="qwen3_moe"),
@@ -73,28 +73,6 @@ def torch_grouped_mm_experts(x, w_gate_up, w_down, ids, topk_weights):
     return unsorted.view(num_tokens, top_k, -1).float().sum(1).to(x.dtype)
 
 
-def make_hf_experts(preset, w_gate_up, w_down):
-    try:
-        if preset["family"] == "qwen3_moe":
-            from transformers.models.qwen3_moe.configuration_qwen3_moe import Qwen3MoeConfig
-            from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts as Experts
-            config = Qwen3MoeConfig(hidden_size=preset["hidden"], moe_intermediate_size=preset["inter"],
-                                    num_experts=preset["experts"], num_experts_per_tok=preset["top_k"])
-        else:
-            from transformers.models.mixtral.configuration_mixtral import MixtralConfig
-            from transformers.models.mixtral.modeling_mixtral import MixtralExperts as Experts
-            config = MixtralConfig(hidden_size=preset["hidden"], intermediate_size=preset["inter"],
-                                   num_local_experts=preset["experts"], num_experts_per_tok=preset["top_k"])
-    except ImportError:
-        return None
-    config._experts_implementation = "grouped_mm"
-    with torch.device("meta"):
-        module = Experts(config)
-    module.gate_up_proj = torch.nn.Parameter(w_gate_up, requires_grad=w_gate_up.requires_grad)
-    module.down_proj = torch.nn.Parameter(w_down, requires_grad=w_down.requires_grad)
-    return module
-
-
 def bench_one(preset_name, preset, num_tokens, peak, args, generator, do_bench):
     from tpmoe.triton import fused_experts_triton
 
@@ -107,7 +85,7 @@ def bench_one(preset_name, preset, num_tokens, peak, args, generator, do_bench):
         "tpmoe": lambda x, wgu, wd, tw: fused_experts_triton(x, wgu, wd, ids, tw, **options),
         "grouped_mm": lambda x, wgu, wd, tw: torch_grouped_mm_experts(x, wgu, wd, ids, tw),
     }
-    hf = make_hf_experts(preset, w_gate_up, w_down)
+    hf = make_hf_experts(preset, w_gate_up, w_down, "grouped_mm")
     if hf is not None:
         calls["hf_grouped"] = lambda x, wgu, wd, tw: hf(x, ids, tw.to(x.dtype))
     rows = []

@@ -78,3 +78,28 @@ def write_json(path: str, payload) -> None:
     with open(path, "w") as handle:
         json.dump(payload, handle, indent=2, default=lambda value: asdict(value) if hasattr(value, "__dataclass_fields__")
                   else str(value))
+
+
+def make_hf_experts(preset, w_gate_up, w_down, implementation):
+    """transformers' experts module of the preset's family, sharing our weight tensors."""
+    try:
+        if preset["family"] == "qwen3_moe":
+            from transformers.models.qwen3_moe.configuration_qwen3_moe import Qwen3MoeConfig
+            from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts as Experts
+
+            config = Qwen3MoeConfig(hidden_size=preset["hidden"], moe_intermediate_size=preset["inter"],
+                                    num_experts=preset["experts"], num_experts_per_tok=preset["top_k"])
+        else:
+            from transformers.models.mixtral.configuration_mixtral import MixtralConfig
+            from transformers.models.mixtral.modeling_mixtral import MixtralExperts as Experts
+
+            config = MixtralConfig(hidden_size=preset["hidden"], intermediate_size=preset["inter"],
+                                   num_local_experts=preset["experts"], num_experts_per_tok=preset["top_k"])
+    except ImportError:
+        return None
+    config._experts_implementation = implementation
+    with torch.device("meta"):
+        module = Experts(config)
+    module.gate_up_proj = torch.nn.Parameter(w_gate_up, requires_grad=w_gate_up.requires_grad)
+    module.down_proj = torch.nn.Parameter(w_down, requires_grad=w_down.requires_grad)
+    return module
