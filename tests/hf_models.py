@@ -386,3 +386,12 @@ class PerBlockCollectives:
     def remove(self):
         for handle in self._handles:
             handle.remove()
+
+
+def lm_loss_backward(model, input_ids):
+    """One training step's backward of a causal LM (language-model loss + router aux loss)."""
+    model.zero_grad(set_to_none=True)
+    output = model(input_ids, labels=input_ids, output_router_logits=True)
+    loss = output.loss + (output.aux_loss if output.aux_loss is not None else 0)
+    loss.backward()
+    return output

@@ -15,7 +15,7 @@ import torch
 transformers = pytest.importorskip("transformers", reason="tpmoe.hf needs transformers (pip install -e .[hf])")
 
 from hf_models import (CAUSAL_LM_CONFIGS, CAUSAL_LM_MOE_LAYERS, causal_lm_config, hf_to_tpmoe_weights,  # noqa: E402
-                       make_hf_causal_lm, randomize_)
+                       lm_loss_backward, make_hf_causal_lm, randomize_)
 from tolerances import assert_fp32_close  # noqa: E402
 
 import tpmoe.hf  # noqa: E402
@@ -28,14 +28,6 @@ AUX_LOSS_FAMILIES = ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "gpt_oss")
 def _input_ids(seed, batch=2, length=7, vocab=61):
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab, (batch, length), generator=generator)
-
-
-def _forward_backward(model, input_ids):
-    model.zero_grad(set_to_none=True)
-    output = model(input_ids, labels=input_ids, output_router_logits=True)
-    loss = output.loss + (output.aux_loss if output.aux_loss is not None else 0)
-    loss.backward()
-    return output
 
 
 def _compare_gradients(hf_model, swapped, report, family):
@@ -80,8 +72,8 @@ def test_swapped_model_matches_hf(family, seed):
                    for m in swapped.modules()), "an HF MoE block survived apply"
 
     input_ids = _input_ids(seed)
-    expected = _forward_backward(hf_model, input_ids)
-    got = _forward_backward(swapped, input_ids)
+    expected = lm_loss_backward(hf_model, input_ids)
+    got = lm_loss_backward(swapped, input_ids)
     assert expected.logits.abs().max() > 0
     assert_fp32_close(got.logits, expected.logits, f"{family}: logits")
     if family in AUX_LOSS_FAMILIES:
@@ -107,8 +99,8 @@ def test_experts_implementation_tpmoe(family, seed):
     ours.set_experts_implementation("tpmoe")
     assert ours.config._experts_implementation == "tpmoe"
     input_ids = _input_ids(seed)
-    expected = _forward_backward(hf_model, input_ids)
-    got = _forward_backward(ours, input_ids)
+    expected = lm_loss_backward(hf_model, input_ids)
+    got = lm_loss_backward(ours, input_ids)
     assert_fp32_close(got.logits, expected.logits, f"{family}: logits")
     for (name, theirs), ours_parameter in zip(hf_model.named_parameters(), ours.parameters()):
         assert_fp32_close(ours_parameter.grad, theirs.grad, f"{family}: {name}.grad")
@@ -246,8 +238,8 @@ def test_router_jitter_survives_gradient_checkpointing(seed):
     enable()
     input_ids = _input_ids(seed)
     for _ in range(2):  # two steps: different noise each
-        expected = _forward_backward(plain, input_ids)
-        got = _forward_backward(checkpointed, input_ids)
+        expected = lm_loss_backward(plain, input_ids)
+        got = lm_loss_backward(checkpointed, input_ids)
         assert_fp32_close(got.logits, expected.logits, "logits")
         for (name, ours), theirs in zip(checkpointed.named_parameters(), plain.parameters()):
             assert_fp32_close(ours.grad, theirs.grad, f"{name}.grad")

@@ -21,7 +21,7 @@ import torch
 pytest.importorskip("transformers", reason="tpmoe.hf needs transformers (pip install -e .[hf])")
 
 from dist_utils import run_distributed  # noqa: E402
-from hf_models import CAUSAL_LM_CONFIGS  # noqa: E402
+from hf_models import CAUSAL_LM_CONFIGS, lm_loss_backward  # noqa: E402
 from tolerances import FP32_RTOL  # noqa: E402
 
 
@@ -31,18 +31,10 @@ def _error(actual, reference):
     return max_rel_error(actual, reference) if reference.numel() else 0.0
 
 
-def _forward_backward(model, input_ids):
-    model.zero_grad(set_to_none=True)
-    output = model(input_ids, labels=input_ids, output_router_logits=True)
-    loss = output.loss + (output.aux_loss if output.aux_loss is not None else 0)
-    loss.backward()
-    return output
-
-
 def _reference(hf_model, input_ids, family, block_names):
     """One process: logits, dense gradients by name, expert gradients in tpmoe names per block."""
     from hf_models import hf_to_tpmoe_weights
-    output = _forward_backward(hf_model, input_ids)
+    output = lm_loss_backward(hf_model, input_ids)
     dense = {name: p.grad.detach().clone() for name, p in hf_model.named_parameters()
              if not any(name.startswith(block + ".") for block in block_names)}
     experts = {block: hf_to_tpmoe_weights(family, hf_model.get_submodule(block), grad=True) for block in block_names}
@@ -70,7 +62,7 @@ def _case(rank, world_size, family, seed, counter):
 
     blocks = {name: swapped.get_submodule(name) for name in block_names}
     per_block = PerBlockCollectives(counter, blocks)
-    output = _forward_backward(swapped, input_ids)
+    output = lm_loss_backward(swapped, input_ids)
     per_block.remove()
     result = {"report": [(e.layer, e.shards, e.I_local, e.Is_local, e.source) for e in report],
               "errors": {"logits": _error(output.logits, logits_ref)}, "zero_reference": [],
