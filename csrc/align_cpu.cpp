@@ -6,14 +6,13 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/full.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <tuple>
 #include <vector>
 
+#include "align_outputs.h"
 #include "routing_checks.h"
 #include "routing_common.h"
 
@@ -80,34 +79,22 @@ AlignOutputs align_cpu(const at::Tensor& topk_ids, int64_t num_experts, int64_t 
   check_align_args(topk_ids, num_experts, block_m);
   const at::Tensor ids = topk_ids.contiguous();
   const int64_t pairs = ids.numel();
-  const int64_t padded_rows = padded_rows_bound(pairs, num_experts, block_m);
-  const int64_t num_blocks = ceil_div(padded_rows, block_m);
-  const auto int32 = ids.options().dtype(at::kInt);
-  const auto int64 = ids.options().dtype(at::kLong);
+  AlignBuffers out = allocate_align_outputs(ids, num_experts, block_m);
 
-  at::Tensor sorted_pair_ids = at::empty({pairs}, int32);
-  at::Tensor tokens_per_expert = at::empty({num_experts}, int64);
-  at::Tensor expert_offsets = at::empty({num_experts + 1}, int64);
-  // The sentinel T*K marks padding: a row index one past the last pair.
-  at::Tensor sorted_ids_padded = at::full({padded_rows}, pairs, int32);
-  at::Tensor padded_offsets = at::empty({num_experts + 1}, int64);
-  at::Tensor block_expert = at::full({num_blocks}, -1, int32);
-  at::Tensor num_padded = at::empty({1}, int64);
-
-  int32_t* sorted = sorted_pair_ids.data_ptr<int32_t>();
-  int64_t* counts = tokens_per_expert.data_ptr<int64_t>();
-  int64_t* offsets = expert_offsets.data_ptr<int64_t>();
+  int32_t* sorted = out.sorted_pair_ids.data_ptr<int32_t>();
+  int64_t* counts = out.tokens_per_expert.data_ptr<int64_t>();
+  int64_t* offsets = out.expert_offsets.data_ptr<int64_t>();
   AT_DISPATCH_INDEX_TYPES(ids.scalar_type(), "tpmoe_align_cpu", [&] {
     sort_pairs_by_expert(ids.data_ptr<index_t>(), pairs, num_experts, sorted, counts, offsets);
   });
 
-  int64_t* padded = padded_offsets.data_ptr<int64_t>();
+  int64_t* padded = out.padded_offsets.data_ptr<int64_t>();
   padded[0] = 0;
   for (int64_t e = 0; e < num_experts; ++e) padded[e + 1] = padded[e] + ceil_div(counts[e], block_m) * block_m;
-  num_padded.data_ptr<int64_t>()[0] = padded[num_experts];
+  out.num_padded.data_ptr<int64_t>()[0] = padded[num_experts];
 
-  int32_t* sorted_padded = sorted_ids_padded.data_ptr<int32_t>();
-  int32_t* expert_of_block = block_expert.data_ptr<int32_t>();
+  int32_t* sorted_padded = out.sorted_ids_padded.data_ptr<int32_t>();
+  int32_t* expert_of_block = out.block_expert.data_ptr<int32_t>();
   at::parallel_for(0, num_experts, std::max<int64_t>(1, kMinPairsPerChunk / std::max<int64_t>(1, pairs / num_experts)),
                    [&](int64_t expert_begin, int64_t expert_end) {
                      for (int64_t e = expert_begin; e < expert_end; ++e) {
@@ -116,8 +103,7 @@ AlignOutputs align_cpu(const at::Tensor& topk_ids, int64_t num_experts, int64_t 
                                  static_cast<int32_t>(e));
                      }
                    });
-  return {sorted_pair_ids, tokens_per_expert, expert_offsets, sorted_ids_padded, padded_offsets, block_expert,
-          num_padded};
+  return out.as_tuple();
 }
 
 }  // namespace

@@ -5,13 +5,12 @@
 #include "cuda_compat.h"
 
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/full.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <tuple>
 
+#include "align_outputs.h"
 #include "cuda_launchers.h"
 #include "routing_checks.h"
 #include "routing_common.h"
@@ -27,31 +26,20 @@ AlignOutputs align_cuda(const at::Tensor& topk_ids, int64_t num_experts, int64_t
   const c10::cuda::OptionalCUDAGuard device_guard(topk_ids.device());
   const at::Tensor ids = topk_ids.contiguous();
   const int64_t pairs = ids.numel();
-  const int64_t padded_rows = padded_rows_bound(pairs, num_experts, block_m);
-  const int64_t num_blocks = ceil_div(padded_rows, block_m);
-  const auto int32 = ids.options().dtype(at::kInt);
-  const auto int64 = ids.options().dtype(at::kLong);
+  const int64_t num_blocks = ceil_div(padded_rows_bound(pairs, num_experts, block_m), block_m);
+  AlignBuffers out = allocate_align_outputs(ids, num_experts, block_m);
 
-  at::Tensor sorted_pair_ids = at::empty({pairs}, int32);
-  at::Tensor tokens_per_expert = at::zeros({num_experts}, int64);
-  at::Tensor expert_offsets = at::zeros({num_experts + 1}, int64);
-  // The sentinel T*K marks padding: a row index one past the last pair.
-  at::Tensor sorted_ids_padded = at::full({padded_rows}, pairs, int32);
-  at::Tensor padded_offsets = at::zeros({num_experts + 1}, int64);
-  at::Tensor block_expert = at::full({num_blocks}, -1, int32);
-  at::Tensor num_padded = at::zeros({1}, int64);
   if (pairs > 0) {
-    at::Tensor tile_counts = at::zeros({align_num_tiles(pairs), num_experts}, int32);
+    at::Tensor tile_counts = at::zeros({align_num_tiles(pairs), num_experts}, ids.options().dtype(at::kInt));
     C10_CUDA_CHECK(launch_align(
-        ids.const_data_ptr(), tile_counts.mutable_data_ptr<int32_t>(), tokens_per_expert.mutable_data_ptr<int64_t>(),
-        expert_offsets.mutable_data_ptr<int64_t>(), padded_offsets.mutable_data_ptr<int64_t>(),
-        num_padded.mutable_data_ptr<int64_t>(), sorted_pair_ids.mutable_data_ptr<int32_t>(),
-        sorted_ids_padded.mutable_data_ptr<int32_t>(), block_expert.mutable_data_ptr<int32_t>(),
+        ids.const_data_ptr(), tile_counts.mutable_data_ptr<int32_t>(), out.tokens_per_expert.mutable_data_ptr<int64_t>(),
+        out.expert_offsets.mutable_data_ptr<int64_t>(), out.padded_offsets.mutable_data_ptr<int64_t>(),
+        out.num_padded.mutable_data_ptr<int64_t>(), out.sorted_pair_ids.mutable_data_ptr<int32_t>(),
+        out.sorted_ids_padded.mutable_data_ptr<int32_t>(), out.block_expert.mutable_data_ptr<int32_t>(),
         ids.scalar_type() == at::kLong, pairs, static_cast<int>(num_experts), block_m, num_blocks,
         c10::cuda::getCurrentCUDAStream()));
   }
-  return {sorted_pair_ids, tokens_per_expert, expert_offsets, sorted_ids_padded, padded_offsets, block_expert,
-          num_padded};
+  return out.as_tuple();
 }
 
 }  // namespace

@@ -31,9 +31,11 @@ def check_choice(value, name: str, choices):
 
 
 def check_ids_in_range(topk_ids: torch.Tensor, num_experts: int, name: str = "topk_ids"):
-    """Reads the ids' extremes (a device sync on CUDA): an out-of-range id would otherwise read
-    another expert's memory or past the weights, silently."""
-    if topk_ids.numel() == 0 or torch.compiler.is_compiling():
+    """Reads the ids' extremes: an out-of-range id would otherwise read another expert's memory
+    or past the weights, silently. Not on CUDA: there reading them would sync the device in
+    every MoE layer (and break CUDA-graph capture), and the align kernel that every GPU path
+    runs first stops on a bad id with a device-side assert instead of indexing with it."""
+    if topk_ids.numel() == 0 or topk_ids.is_cuda or torch.compiler.is_compiling():
         return
     low, high = torch.aminmax(topk_ids)
     low, high = int(low), int(high)
