@@ -10,8 +10,8 @@
 // Two ways to use the threads, chosen per call (`threading`):
 //  - "experts" (decode, and prefill with up to 256 rows per expert): every expert's output
 //    columns are cut into one slice per thread; a thread runs its slice of every active
-//    expert with single-threaded GEMMs (the bf16 small-rows kernel of experts_cpu_gemm.cpp
-//    up to 48 rows, else ATen), so each thread reads an equal share of the touched weights
+//    expert with single-threaded GEMMs (the bf16 kernel of experts_cpu_gemm.cpp where the
+//    CPU has AVX512-BF16, else ATen), so each thread reads an equal share of the touched weights
 //    whatever the routing, and owns its output columns (the bias, activation and combine
 //    run there too).
 //  - "gemm" (prefill: many rows per expert): experts one after another, each GEMM given all
@@ -51,7 +51,7 @@ struct ExpertsProblem {
   bool gated = true;
   GatedParams act{Activation::kSilu, 1.702, 7.0};
   bool use_expert_threads = true;  // "experts" (true) or "gemm" (false)
-  int64_t small_rows_max = 12;     // experts with at most this many rows use the bf16 decode GEMM
+  int64_t bf16_kernel_max_rows = 0;  // experts with at most this many rows use the bf16 GEMM
   int64_t num_slices = 1;          // column slices per expert ("experts": one per thread)
 };
 
@@ -101,13 +101,13 @@ inline int64_t up_column(const ExpertsProblem& problem, int64_t j) {
   return problem.layout == Layout::kConcatenated ? problem.inter + j : 2 * j + 1;
 }
 
-// The decode GEMM (csrc/experts_cpu_gemm.cpp): out = lhs @ rhs for bf16, at most
+// The bf16 GEMM (csrc/experts_cpu_gemm.cpp): out = lhs @ rhs for bf16, at most
 // max_rows rows, rhs a transposed view of a row-major [N, K] weight, on CPUs with
 // AVX512-BF16. Returns false, writing nothing, where it does not apply.
-bool small_rows_bf16_kernel_available();
-bool try_small_rows_gemm_bf16(const at::Tensor& lhs, const at::Tensor& rhs, at::Tensor& out, int64_t max_rows);
+bool bf16_kernel_available();
+bool try_bf16_kernel_gemm(const at::Tensor& lhs, const at::Tensor& rhs, at::Tensor& out, int64_t max_rows);
 
-// out = lhs @ rhs for one expert: the decode kernel in "experts" mode where it applies, else
+// out = lhs @ rhs for one expert: the bf16 kernel in "experts" mode where it applies, else
 // ATen (oneDNN/MKL; single-threaded inside the "experts" workers, all threads in "gemm").
 void expert_mm(const ExpertsProblem& problem, at::Tensor& out, const at::Tensor& lhs, const at::Tensor& rhs);
 

@@ -5,6 +5,7 @@
 #include <c10/util/Exception.h>
 
 #include <cstdlib>
+#include <limits>
 
 #include <algorithm>
 #include <string>
@@ -21,11 +22,11 @@ namespace {
 // 0.84 of the dense-GEMM rate against 0.22/0.51/0.81; Mixtral T = 512: 0.95 s against
 // 1.0 s); past that the GEMMs are large enough for oneDNN's own threading.
 constexpr int64_t kMaxRowsPerExpertForExpertThreads = 256;
-// Up to this many rows per expert the bf16 small-rows GEMM (experts_cpu_gemm.cpp) beats
-// oneDNN, which repacks the weight on every call (2 threads, Qwen3 shape: T = 128, 512,
-// 2048 at 0.30/0.60/0.84 of the dense rate against 0.26/0.57/0.82 with oneDNN only; with a
-// bound of 160 rows T = 2048 fell to 0.70).
-constexpr int64_t kDefaultSmallRowsMax = 48;
+// In the "experts" regime bf16 experts run the GEMM of experts_cpu_gemm.cpp whatever their
+// row count: it reads the weights in place where oneDNN repacks them on every call (2 threads,
+// Qwen3 shape: T = 512 at 124 ms against 164 ms with oneDNN past 48 rows, T = 2048 at 462
+// against 519 ms; Mixtral T = 512: 917 against 937 ms).
+constexpr int64_t kDefaultBf16KernelMaxRows = std::numeric_limits<int64_t>::max();
 constexpr int64_t kMinMultiplyAddsForThreads = 1 << 18;
 
 std::string to_string(c10::string_view view) { return std::string(view.data(), view.size()); }
@@ -156,11 +157,11 @@ ExpertsProblem make_problem(const char* op, const at::Tensor& hidden_states, con
   } else {
     problem.use_expert_threads = mode == "experts";
   }
-  // TPMOE_CPU_SMALL_ROWS_MAX overrides the row bound of the bf16 small-rows GEMM (0: off), for
-  // measuring it against ATen; read per call (a getenv is ~100 ns).
-  const char* small_rows_env = std::getenv("TPMOE_CPU_SMALL_ROWS_MAX");
-  const int64_t small_rows_max = small_rows_env == nullptr ? kDefaultSmallRowsMax : std::atoll(small_rows_env);
-  problem.small_rows_max = small_rows_max;
+  // TPMOE_CPU_BF16_KERNEL_MAX_ROWS bounds the rows of the experts that run the bf16 GEMM (0: off,
+  // every GEMM through ATen), for measuring it against ATen; read per call (a getenv is ~100 ns).
+  const char* bf16_kernel_rows_env = std::getenv("TPMOE_CPU_BF16_KERNEL_MAX_ROWS");
+  problem.bf16_kernel_max_rows =
+      bf16_kernel_rows_env == nullptr ? kDefaultBf16KernelMaxRows : std::atoll(bf16_kernel_rows_env);
   problem.num_slices = problem.use_expert_threads ? std::max<int64_t>(1, threads) : 1;
   // "auto": a call this small costs less than waking the other threads.
   if (mode == "auto" && problem.rows * H * (problem.gate_up_cols + I) < kMinMultiplyAddsForThreads) {
@@ -226,7 +227,7 @@ at::Tensor down_rhs(const ExpertsProblem& problem, const at::Tensor& w_down, int
 }
 
 void expert_mm(const ExpertsProblem& problem, at::Tensor& out, const at::Tensor& lhs, const at::Tensor& rhs) {
-  if (problem.use_expert_threads && try_small_rows_gemm_bf16(lhs, rhs, out, problem.small_rows_max)) return;
+  if (problem.use_expert_threads && try_bf16_kernel_gemm(lhs, rhs, out, problem.bf16_kernel_max_rows)) return;
   at::mm_out(out, lhs, rhs);
 }
 

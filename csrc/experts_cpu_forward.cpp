@@ -203,7 +203,7 @@ std::tuple<at::Tensor, at::Tensor> experts_cpu_forward(
 
   at::Tensor y = at::empty({problem.num_tokens, H}, options);
   // Rows of the GEMM left operands padded by one cache line: rows 2^k bytes apart (H = 2048
-  // bf16 is 4 KiB) share L1 sets, and the small-rows GEMM reads 4 of them side by side.
+  // bf16 is 4 KiB) share L1 sets, and the bf16 GEMM reads 4 of them side by side.
   at::Tensor rows_sorted = at::empty({S, H + kRowPad}, options).narrow(1, 0, H);
   at::Tensor gate_up = at::empty({S, R}, options);
   at::Tensor h = at::empty({S, I + kRowPad}, options).narrow(1, 0, I);

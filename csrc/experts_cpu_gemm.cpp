@@ -1,18 +1,22 @@
-// A bf16 GEMM for the few to some dozens of rows an expert gets: out[m, n] = sum_k a[m, k] b[n, k]
-// with b's rows contiguous in k (x @ W^T of the concatenated/interleaved layouts).
+// The bf16 GEMM of the experts: out[m, n] = sum_k a[m, k] b[n, k] with b's rows contiguous in
+// k (x @ W^T of the concatenated/interleaved layouts), for any number of rows an expert gets.
 //
-// Why not ATen: oneDNN's bf16 GEMM repacks the weight on every call; with few rows that
-// costs as much as the product: at M <= 8 it reads the weights at about half the memory
-// bandwidth on the development machine (AMD EPYC Zen 4: 11 GB/s of 24 GB/s a core), and
-// decode is nothing but that read. Here the dot products run along k, where both operands
-// are already contiguous, with AVX512-BF16 (vdpbf16ps: 32 bf16 products per instruction,
-// float32 sums): tiles of 4 rows x 6 weight rows (24 accumulators, 10 loads per 24
-// instructions), weight rows in blocks small enough to stay in L2 while further groups of
-// 4 rows reuse them, each weight row streamed from memory once. It is compiled for that
-// ISA with a function attribute and runs only where the CPU reports it (checked once at
-// run time); everywhere else, and for other dtypes and the gpt_oss layout, ATen's GEMM runs.
+// Why not ATen: oneDNN's bf16 GEMM repacks the weight on every call. With few rows that
+// costs as much as the product (at M <= 8 it reads the weights at about half the memory
+// bandwidth of the development machine, AMD EPYC Zen 4: 11 GB/s of 24 GB/s a core, and
+// decode is nothing but that read); with dozens of rows it is still ~20% of an expert's
+// time. Here the dot products run along k, where both operands are already contiguous, with
+// AVX512-BF16 (vdpbf16ps: 32 bf16 products per instruction, float32 sums): tiles of 4 rows x
+// 6 weight rows (24 accumulators, 10 loads per 24 instructions), weight rows in blocks that
+// stay in L2 while every group of 4 rows reuses them, each weight row read from memory once
+// and, past 8 rows, fetched a block ahead. Single core: 160 GFLOP/s at M = 32 and 190 at
+// M = 128 on the Qwen3 gate_up shape, 200 at M = 128 for K = 4096 (oneDNN's dense GEMM: ~200,
+// the vdpbf16ps peak: 232). It is compiled for that ISA with a function attribute and runs
+// only where the CPU reports it (checked once at run time); everywhere else, and for other
+// dtypes and the gpt_oss layout, ATen's GEMM runs.
 #include <c10/util/BFloat16.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "experts_cpu.h"
@@ -30,13 +34,20 @@ namespace {
 
 #define TPMOE_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 
-// Weight rows per L2 block: 36 rows x K = 4096 bf16 = 288 KiB, under half of a 1 MiB L2
-// (a multiple of the 6-column tiles).
-constexpr int64_t kRowsPerBlock = 36;
-// Up to this many rows the weights are streamed one row at a time (dot_one_weight_row); at 8
-// the 4-row groups' inputs (4 x K bf16) no longer share L1 with the weight row for K = 4096
-// and the 6-row tiles win (Mixtral shape, T = 32: 141 ms against 206 ms).
-constexpr int64_t kMaxRowsForInOrderStream = 4;
+// Bytes of weight rows per L2 block (a multiple of the 6-row tiles, at least one tile): the
+// block is read by every group of 4 input rows, so it stays in L2 (1 MiB a core), with room
+// for the next block arriving. Single core, bf16 GEMM [M, K] x [K, N]^T: 144 KiB ran K = 768
+// (Qwen3 down) at 159 GFLOP/s for M = 32 against 143 with 288 KiB, K = 14336 (Mixtral down)
+// at 199 against 189 for M = 128.
+constexpr int64_t kBlockBytes = 144 * 1024;
+// Up to this many input rows each tile asks for its own weight rows a little ahead (below);
+// with more, the next block is fetched into L2 while this one is computed (NextBlockPrefetch).
+constexpr int64_t kMaxRowsForInTilePrefetch = 8;
+// Up to this many rows the weights are streamed one row at a time (dot_one_weight_row): it
+// reads at 17-21 GB/s on one core at M = 1, 2 (a plain sum: ~20 GB/s); at M = 3, 4 its 4-row
+// inner loop loads 5 vectors per 4 products and the 6-row tiles read faster (16 against 11-14
+// GB/s, K = 2048).
+constexpr int64_t kMaxRowsForInOrderStream = 2;
 // How far ahead the weight rows are prefetched, in elements (8 KiB; 2 and 16 KiB measured
 // within noise of it on the Mixtral shape at T = 32 and 128).
 constexpr int64_t kPrefetchElements = 4096;
@@ -53,7 +64,7 @@ TPMOE_BF16_TARGET inline __m128 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
 }
 
 // out[r, c] for r < kRows, c < kCols: kRows x kCols float32 accumulators over K.
-template <int kRows, int kCols>
+template <int kRows, int kCols, bool kInTilePrefetch>
 TPMOE_BF16_TARGET void dot_tile(int64_t K, const c10::BFloat16* a, int64_t lda, const c10::BFloat16* b, int64_t ldb,
                                 c10::BFloat16* out, int64_t ld_out) {
   __m512 acc[kRows][kCols];
@@ -63,9 +74,12 @@ TPMOE_BF16_TARGET void dot_tile(int64_t K, const c10::BFloat16* a, int64_t lda, 
   for (; k + 32 <= K; k += 32) {
     __m512i b_vec[kCols];
     for (int c = 0; c < kCols; ++c) {
-      // The weight rows are read once from memory: ask for them a little ahead (past the
-      // row's end this runs into the next weight row, next in memory for a contiguous weight).
-      _mm_prefetch(reinterpret_cast<const char*>(b + c * ldb + k + kPrefetchElements), _MM_HINT_T0);
+      // With few input rows the block is read from memory by this tile: ask for its rows a
+      // little ahead (past a row's end this runs into the next row, next in memory for a
+      // contiguous weight). With more rows the block is already in L2 and these cost time.
+      if (kInTilePrefetch) {
+        _mm_prefetch(reinterpret_cast<const char*>(b + c * ldb + k + kPrefetchElements), _MM_HINT_T0);
+      }
       b_vec[c] = _mm512_loadu_si512(b + c * ldb + k);
     }
     for (int r = 0; r < kRows; ++r) {
@@ -149,37 +163,80 @@ TPMOE_BF16_TARGET void rows_times_weight_rows(int64_t M, int64_t N, int64_t K, c
   }
 }
 
+// The weight rows of the next block, asked into L2 a share at a time while this block is
+// computed: one group of 4 input rows would otherwise wait for the whole block from memory
+// (one core streams ~14 GB/s, a 4-row group computes a 144 KiB block in ~3 us), the other
+// groups would not wait at all. Single core, M = 128: 191 GFLOP/s against 168 with the
+// in-tile prefetch (K = 2048), 200 against 159 (K = 4096).
+struct NextBlockPrefetch {
+  const char* next = nullptr;
+  const char* end = nullptr;
+  int64_t lines_per_tile = 0;
+
+  TPMOE_BF16_TARGET void issue() {
+    for (int64_t i = 0; i < lines_per_tile && next < end; ++i, next += 64) _mm_prefetch(next, _MM_HINT_T1);
+  }
+};
+
 // kCols = 6: 24 accumulators + 6 weight vectors + 1 row vector fill 31 of the 32 registers,
 // 10 loads for 24 dot products.
-template <int kRows>
+template <int kRows, bool kInTilePrefetch>
 TPMOE_BF16_TARGET void rows_times_weight_block(int64_t N, int64_t K, const c10::BFloat16* a, int64_t lda,
                                                const c10::BFloat16* b, int64_t ldb, c10::BFloat16* out,
-                                               int64_t ld_out) {
+                                               int64_t ld_out, NextBlockPrefetch& prefetch) {
   int64_t n = 0;
-  for (; n + 6 <= N; n += 6) dot_tile<kRows, 6>(K, a, lda, b + n * ldb, ldb, out + n, ld_out);
-  for (; n + 4 <= N; n += 4) dot_tile<kRows, 4>(K, a, lda, b + n * ldb, ldb, out + n, ld_out);
-  for (; n < N; ++n) dot_tile<kRows, 1>(K, a, lda, b + n * ldb, ldb, out + n, ld_out);
+  for (; n + 6 <= N; n += 6) {
+    prefetch.issue();
+    dot_tile<kRows, 6, kInTilePrefetch>(K, a, lda, b + n * ldb, ldb, out + n, ld_out);
+  }
+  for (; n + 4 <= N; n += 4) dot_tile<kRows, 4, kInTilePrefetch>(K, a, lda, b + n * ldb, ldb, out + n, ld_out);
+  for (; n < N; ++n) dot_tile<kRows, 1, kInTilePrefetch>(K, a, lda, b + n * ldb, ldb, out + n, ld_out);
 }
 
-TPMOE_BF16_TARGET void small_rows_gemm(int64_t M, int64_t N, int64_t K, const c10::BFloat16* a, int64_t lda,
+// One group of up to 4 input rows against a block of weight rows.
+template <bool kInTilePrefetch>
+TPMOE_BF16_TARGET void group_times_block(int64_t rows, int64_t N, int64_t K, const c10::BFloat16* a, int64_t lda,
+                                         const c10::BFloat16* b, int64_t ldb, c10::BFloat16* out, int64_t ld_out,
+                                         NextBlockPrefetch& prefetch) {
+  switch (rows) {
+    case 1: rows_times_weight_block<1, kInTilePrefetch>(N, K, a, lda, b, ldb, out, ld_out, prefetch); break;
+    case 2: rows_times_weight_block<2, kInTilePrefetch>(N, K, a, lda, b, ldb, out, ld_out, prefetch); break;
+    case 3: rows_times_weight_block<3, kInTilePrefetch>(N, K, a, lda, b, ldb, out, ld_out, prefetch); break;
+    default: rows_times_weight_block<4, kInTilePrefetch>(N, K, a, lda, b, ldb, out, ld_out, prefetch); break;
+  }
+}
+
+template <bool kInTilePrefetch>
+TPMOE_BF16_TARGET void blocked_gemm(int64_t M, int64_t N, int64_t K, const c10::BFloat16* a, int64_t lda,
+                                    const c10::BFloat16* b, int64_t ldb, c10::BFloat16* out, int64_t ld_out) {
+  const int64_t rows_per_block = std::max<int64_t>(6, kBlockBytes / (2 * K) / 6 * 6);
+  const int64_t groups = (M + 3) / 4;
+  for (int64_t n0 = 0; n0 < N; n0 += rows_per_block) {
+    const int64_t block = std::min(rows_per_block, N - n0);
+    NextBlockPrefetch prefetch;
+    const int64_t next_rows = std::min(rows_per_block, N - n0 - block);
+    if (!kInTilePrefetch && next_rows > 0) {
+      // [next, end) covers the next block's rows and, for a strided weight, the gaps between.
+      prefetch.next = reinterpret_cast<const char*>(b + (n0 + block) * ldb);
+      prefetch.end = reinterpret_cast<const char*>(b + (n0 + block + next_rows - 1) * ldb + K);
+      const int64_t lines = (prefetch.end - prefetch.next + 63) / 64, tiles = groups * (block / 6);
+      prefetch.lines_per_tile = tiles > 0 ? (lines + tiles - 1) / tiles : 0;
+    }
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      group_times_block<kInTilePrefetch>(std::min<int64_t>(4, M - m0), block, K, a + m0 * lda, lda, b + n0 * ldb,
+                                         ldb, out + m0 * ld_out + n0, ld_out, prefetch);
+    }
+  }
+}
+
+TPMOE_BF16_TARGET void bf16_gemm(int64_t M, int64_t N, int64_t K, const c10::BFloat16* a, int64_t lda,
                                        const c10::BFloat16* b, int64_t ldb, c10::BFloat16* out, int64_t ld_out) {
   if (M <= kMaxRowsForInOrderStream) {
     rows_times_weight_rows(M, N, K, a, lda, b, ldb, out, ld_out);
-    return;
-  }
-  for (int64_t n0 = 0; n0 < N; n0 += kRowsPerBlock) {
-    const int64_t block = N - n0 < kRowsPerBlock ? N - n0 : kRowsPerBlock;
-    for (int64_t m0 = 0; m0 < M; m0 += 4) {
-      const c10::BFloat16* a_rows = a + m0 * lda;
-      const c10::BFloat16* b_rows = b + n0 * ldb;
-      c10::BFloat16* out_tile = out + m0 * ld_out + n0;
-      switch (M - m0 < 4 ? M - m0 : 4) {
-        case 1: rows_times_weight_block<1>(block, K, a_rows, lda, b_rows, ldb, out_tile, ld_out); break;
-        case 2: rows_times_weight_block<2>(block, K, a_rows, lda, b_rows, ldb, out_tile, ld_out); break;
-        case 3: rows_times_weight_block<3>(block, K, a_rows, lda, b_rows, ldb, out_tile, ld_out); break;
-        default: rows_times_weight_block<4>(block, K, a_rows, lda, b_rows, ldb, out_tile, ld_out); break;
-      }
-    }
+  } else if (M <= kMaxRowsForInTilePrefetch) {
+    blocked_gemm<true>(M, N, K, a, lda, b, ldb, out, ld_out);
+  } else {
+    blocked_gemm<false>(M, N, K, a, lda, b, ldb, out, ld_out);
   }
 }
 
@@ -192,7 +249,7 @@ bool cpu_has_avx512_bf16() {
 }  // namespace
 #endif  // TPMOE_HAVE_BF16_KERNEL
 
-bool small_rows_bf16_kernel_available() {
+bool bf16_kernel_available() {
 #ifdef TPMOE_HAVE_BF16_KERNEL
   static const bool available = cpu_has_avx512_bf16();
   return available;
@@ -201,14 +258,14 @@ bool small_rows_bf16_kernel_available() {
 #endif
 }
 
-bool try_small_rows_gemm_bf16(const at::Tensor& lhs, const at::Tensor& rhs, at::Tensor& out, int64_t max_rows) {
+bool try_bf16_kernel_gemm(const at::Tensor& lhs, const at::Tensor& rhs, at::Tensor& out, int64_t max_rows) {
   // lhs [M, K] rows contiguous; rhs [K, N] a transposed view of a [N, K] row-major weight;
   // out [M, N] rows contiguous.
   if (lhs.scalar_type() != at::kBFloat16 || lhs.size(0) > max_rows) return false;
   if (lhs.stride(1) != 1 || rhs.stride(0) != 1 || out.stride(1) != 1) return false;
-  if (!small_rows_bf16_kernel_available()) return false;
+  if (!bf16_kernel_available()) return false;
 #ifdef TPMOE_HAVE_BF16_KERNEL
-  small_rows_gemm(lhs.size(0), rhs.size(1), lhs.size(1), lhs.data_ptr<c10::BFloat16>(), lhs.stride(0),
+  bf16_gemm(lhs.size(0), rhs.size(1), lhs.size(1), lhs.data_ptr<c10::BFloat16>(), lhs.stride(0),
                   rhs.data_ptr<c10::BFloat16>(), rhs.stride(1), out.data_ptr<c10::BFloat16>(), out.stride(0));
   return true;
 #else

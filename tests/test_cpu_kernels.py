@@ -125,15 +125,20 @@ def test_half_precision_within_twice_torch_error(layout, activation, gated, dtyp
 
 
 @pytest.mark.parametrize("layout,activation", [("concatenated", "silu"), ("interleaved", "gelu_tanh")])
-@pytest.mark.parametrize("num_tokens,num_experts,mode", [(1, 4, "random"), (6, 3, "one_expert"),
-                                                         (53, 3, "one_expert"), (9, 7, "skip_last")])
-def test_bf16_decode_kernel_within_twice_torch_error(layout, activation, num_tokens, num_experts, mode, seed):
-    # The bf16 decode GEMM (csrc/experts_cpu_gemm.cpp, on CPUs with AVX512-BF16) takes the
-    # experts with up to 48 rows in the "experts" regime: H = 80 leaves a 16-lane tail of the
-    # 32-lane dot products, I = 37 tails of the 6- and 4-column tiles; 6 tokens on expert 0
-    # make 2 row groups, 53 tokens send 53 rows to ATen and ~26 rows (7 groups) to the kernel.
-    inputs, topk_ids, grad_out = make_inputs(seed, num_tokens, 80, 37, num_experts, 2, layout=layout, gated=True,
-                                             bias=True, mode=mode)
+@pytest.mark.parametrize("num_tokens,num_experts,mode,hidden,inter", [
+    (1, 4, "random", 80, 37), (6, 3, "one_expert", 80, 37), (53, 3, "one_expert", 80, 37),
+    (9, 7, "skip_last", 80, 37), (6, 3, "one_expert", 2100, 75), (53, 3, "one_expert", 2100, 75)])
+def test_bf16_kernel_within_twice_torch_error(layout, activation, num_tokens, num_experts, mode, hidden, inter,
+                                              seed):
+    # The bf16 GEMM (csrc/experts_cpu_gemm.cpp, on CPUs with AVX512-BF16) runs every expert in
+    # the "experts" regime. Its paths: up to 2 rows one weight row at a time; 3-8 rows in
+    # groups of 4 with in-tile prefetch (6 tokens on expert 0); more rows with the next block
+    # fetched ahead (53 tokens: 14 groups, the last of one row). H = 80 leaves a 16-lane tail
+    # of the 32-lane dot products and I = 37 tails of the 6- and 4-column tiles; H = 2100
+    # makes 30-row weight blocks, so gate_up runs two blocks per thread slice, the second a
+    # partial one, and the down GEMM's K = 75 ends in an 11-lane tail.
+    inputs, topk_ids, grad_out = make_inputs(seed, num_tokens, hidden, inter, num_experts, 2, layout=layout,
+                                             gated=True, bias=True, mode=mode)
     options = options_for(activation, layout, True)
     ref_out, _ = run_with_grads(reference_experts, inputs, topk_ids, options, grad_out)
     half_inputs = cast(inputs, torch.bfloat16)
