@@ -103,13 +103,17 @@ inline int64_t up_column(const ExpertsProblem& problem, int64_t j) {
 
 // The bf16 GEMM (csrc/experts_cpu_gemm.cpp): out = lhs @ rhs for bf16, at most
 // max_rows rows, rhs a transposed view of a row-major [N, K] weight, on CPUs with
-// AVX512-BF16. Returns false, writing nothing, where it does not apply.
+// AVX512-BF16. Returns false, writing nothing, where it does not apply. following_rhs (may be
+// null): the right operand of the caller's next GEMM, whose first rows it fetches ahead.
 bool bf16_kernel_available();
-bool try_bf16_kernel_gemm(const at::Tensor& lhs, const at::Tensor& rhs, at::Tensor& out, int64_t max_rows);
+bool try_bf16_kernel_gemm(const at::Tensor& lhs, const at::Tensor& rhs, at::Tensor& out, int64_t max_rows,
+                          const at::Tensor* following_rhs = nullptr);
 
 // out = lhs @ rhs for one expert: the bf16 kernel in "experts" mode where it applies, else
 // ATen (oneDNN/MKL; single-threaded inside the "experts" workers, all threads in "gemm").
-void expert_mm(const ExpertsProblem& problem, at::Tensor& out, const at::Tensor& lhs, const at::Tensor& rhs);
+// following_rhs: the right operand of the GEMM that comes next on this thread, if known.
+void expert_mm(const ExpertsProblem& problem, at::Tensor& out, const at::Tensor& lhs, const at::Tensor& rhs,
+               const at::Tensor* following_rhs = nullptr);
 
 // Runs fn(slice) for every slice: spread over threads in "experts" mode, else in order on
 // the calling thread (whose GEMMs then use all threads).
@@ -138,6 +142,16 @@ void for_row_range(const ExpertsProblem& problem, int64_t count, const Fn& fn) {
     at::parallel_for(0, count, 16, fn);
   }
 }
+
+// The forward's scratch memory, kept between calls (experts_cpu_workspace.cpp): take a byte
+// buffer of at least `bytes`, give it back after the call; release_workspace frees the kept
+// one and returns its size. workspace_view: a [rows, cols] dtype view at a byte offset (a
+// multiple of the dtype's size).
+at::Tensor take_workspace(int64_t bytes);
+void return_workspace(at::Tensor workspace);
+int64_t release_workspace();
+at::Tensor workspace_view(const at::Tensor& workspace, int64_t offset_bytes, int64_t rows, int64_t cols,
+                          at::ScalarType dtype);
 
 std::tuple<at::Tensor, at::Tensor> experts_cpu_forward(
     const at::Tensor& hidden_states, const at::Tensor& w_gate_up, const at::Tensor& w_down,

@@ -226,8 +226,12 @@ at::Tensor down_rhs(const ExpertsProblem& problem, const at::Tensor& w_down, int
   return problem.layout == Layout::kGptOss ? weight : weight.t();
 }
 
-void expert_mm(const ExpertsProblem& problem, at::Tensor& out, const at::Tensor& lhs, const at::Tensor& rhs) {
-  if (problem.use_expert_threads && try_bf16_kernel_gemm(lhs, rhs, out, problem.bf16_kernel_max_rows)) return;
+void expert_mm(const ExpertsProblem& problem, at::Tensor& out, const at::Tensor& lhs, const at::Tensor& rhs,
+               const at::Tensor* following_rhs) {
+  if (problem.use_expert_threads &&
+      try_bf16_kernel_gemm(lhs, rhs, out, problem.bf16_kernel_max_rows, following_rhs)) {
+    return;
+  }
   at::mm_out(out, lhs, rhs);
 }
 

@@ -21,6 +21,7 @@
 #include <ATen/ops/zeros.h>
 
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #include "experts_cpu.h"
@@ -136,13 +137,25 @@ void forward_impl(const ExpertsProblem& problem, const RowMaps& maps, const at::
       const int64_t j0 = h_columns.first, j1 = h_columns.second;
       if (j0 == j1) return;
       const auto column_ranges = gate_up_column_ranges(problem, j0, j1);
-      for (const int64_t e : maps.active_experts) {
+      const auto& experts = maps.active_experts;
+      for (size_t index = 0; index < experts.size(); ++index) {
+        const int64_t e = experts[index];
         const int64_t r0 = maps.offsets[e], r1 = maps.offsets[e + 1];
         const at::Tensor lhs = rows_sorted.narrow(0, r0, r1 - r0);
         const at::Tensor rhs = gate_up_rhs(problem, w_gate_up, e);
-        for (const auto& [c0, c1] : column_ranges) {
+        for (size_t range = 0; range < column_ranges.size(); ++range) {
+          const auto [c0, c1] = column_ranges[range];
           at::Tensor out = gate_up.narrow(0, r0, r1 - r0).narrow(1, c0, c1 - c0);
-          expert_mm(problem, out, lhs, rhs.narrow(1, c0, c1 - c0));
+          // The GEMM after this one: the next column range, or the next expert's first.
+          at::Tensor following;
+          if (range + 1 < column_ranges.size()) {
+            following = rhs.narrow(1, column_ranges[range + 1].first,
+                                   column_ranges[range + 1].second - column_ranges[range + 1].first);
+          } else if (index + 1 < experts.size()) {
+            following = gate_up_rhs(problem, w_gate_up, experts[index + 1])
+                            .narrow(1, column_ranges[0].first, column_ranges[0].second - column_ranges[0].first);
+          }
+          expert_mm(problem, out, lhs, rhs.narrow(1, c0, c1 - c0), following.defined() ? &following : nullptr);
         }
         const scalar_t* bias = b_gate_up_data ? b_gate_up_data + e * problem.gate_up_cols : nullptr;
         if (!bias && activate_with_aten(problem, gate_up.narrow(0, r0, r1 - r0), h.narrow(0, r0, r1 - r0), j0, j1)) {
@@ -162,14 +175,20 @@ void forward_impl(const ExpertsProblem& problem, const RowMaps& maps, const at::
     const auto hidden_columns = slice_bounds(H, problem.num_slices, slice);
     const int64_t c0 = hidden_columns.first, c1 = hidden_columns.second;
     if (c0 == c1) return;
-    for (const int64_t e : maps.active_experts) {
+    const auto& experts = maps.active_experts;
+    for (size_t index = 0; index < experts.size(); ++index) {
+      const int64_t e = experts[index];
       const int64_t r0 = maps.offsets[e], r1 = maps.offsets[e + 1];
       at::Tensor out = expert_out.narrow(0, r0, r1 - r0).narrow(1, c0, c1 - c0);
       if (I == 0) {
         out.zero_();  // an empty intermediate shard: the expert adds only its bias
         continue;
       }
-      expert_mm(problem, out, h.narrow(0, r0, r1 - r0), down_rhs(problem, w_down, e).narrow(1, c0, c1 - c0));
+      const at::Tensor following = index + 1 < experts.size()
+                                       ? down_rhs(problem, w_down, experts[index + 1]).narrow(1, c0, c1 - c0)
+                                       : at::Tensor();
+      expert_mm(problem, out, h.narrow(0, r0, r1 - r0), down_rhs(problem, w_down, e).narrow(1, c0, c1 - c0),
+                following.defined() ? &following : nullptr);
     }
     for_row_range(problem, problem.num_tokens, [&](int64_t begin, int64_t end) {
       combine(problem, maps, expert_out.data_ptr<scalar_t>(), expert_out.stride(0), topk_weights.data_ptr<weight_t>(),
@@ -202,11 +221,20 @@ std::tuple<at::Tensor, at::Tensor> experts_cpu_forward(
   if (weights.scalar_type() != at::kDouble) weights = weights.to(at::kFloat);
 
   at::Tensor y = at::empty({problem.num_tokens, H}, options);
-  // Rows of the GEMM left operands padded by one cache line: rows 2^k bytes apart (H = 2048
-  // bf16 is 4 KiB) share L1 sets, and the bf16 GEMM reads 4 of them side by side.
-  at::Tensor rows_sorted = at::empty({S, H + kRowPad}, options).narrow(1, 0, H);
-  at::Tensor gate_up = at::empty({S, R}, options);
-  at::Tensor h = at::empty({S, I + kRowPad}, options).narrow(1, 0, I);
+  // Scratch from the kept workspace (experts_cpu_workspace.cpp); gate_up is its own tensor
+  // when it is returned for the backward. Rows of the GEMM left operands padded by one cache
+  // line: rows 2^k bytes apart (H = 2048 bf16 is 4 KiB) share L1 sets, and the bf16 GEMM
+  // reads 4 of them side by side.
+  const auto dtype = x.scalar_type();
+  const int64_t element = static_cast<int64_t>(c10::elementSize(dtype));
+  auto aligned = [](int64_t bytes) { return (bytes + 63) / 64 * 64; };
+  const int64_t rows_bytes = aligned(S * (H + kRowPad) * element), h_bytes = aligned(S * (I + kRowPad) * element);
+  const int64_t gate_up_bytes = save_gate_up ? 0 : aligned(S * R * element);
+  at::Tensor workspace = take_workspace(rows_bytes + h_bytes + gate_up_bytes);
+  at::Tensor rows_sorted = workspace_view(workspace, 0, S, H + kRowPad, dtype).narrow(1, 0, H);
+  at::Tensor h = workspace_view(workspace, rows_bytes, S, I + kRowPad, dtype).narrow(1, 0, I);
+  at::Tensor gate_up = save_gate_up ? at::empty({S, R}, options)
+                                    : workspace_view(workspace, rows_bytes + h_bytes, S, R, dtype);
   if (S > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "experts_cpu_forward", [&] {
       if (weights.scalar_type() == at::kDouble) {
@@ -218,6 +246,7 @@ std::tuple<at::Tensor, at::Tensor> experts_cpu_forward(
       }
     });
   }
+  return_workspace(std::move(workspace));
   if (!save_gate_up) gate_up = at::empty({0, R}, options);
   return {y, gate_up};
 }

@@ -168,6 +168,13 @@ TPMOE_BF16_TARGET void rows_times_weight_rows(int64_t M, int64_t N, int64_t K, c
 // (one core streams ~14 GB/s, a 4-row group computes a 144 KiB block in ~3 us), the other
 // groups would not wait at all. Single core, M = 128: 191 GFLOP/s against 168 with the
 // in-tile prefetch (K = 2048), 200 against 159 (K = 4096).
+// The [rows, K] weight the caller multiplies after this one (rows ld apart), if it said.
+struct FollowingWeight {
+  const c10::BFloat16* data = nullptr;
+  int64_t ld = 0;
+  int64_t rows = 0;
+};
+
 struct NextBlockPrefetch {
   const char* next = nullptr;
   const char* end = nullptr;
@@ -208,17 +215,24 @@ TPMOE_BF16_TARGET void group_times_block(int64_t rows, int64_t N, int64_t K, con
 
 template <bool kInTilePrefetch>
 TPMOE_BF16_TARGET void blocked_gemm(int64_t M, int64_t N, int64_t K, const c10::BFloat16* a, int64_t lda,
-                                    const c10::BFloat16* b, int64_t ldb, c10::BFloat16* out, int64_t ld_out) {
+                                    const c10::BFloat16* b, int64_t ldb, c10::BFloat16* out, int64_t ld_out,
+                                    const FollowingWeight& following) {
   const int64_t rows_per_block = std::max<int64_t>(6, kBlockBytes / (2 * K) / 6 * 6);
   const int64_t groups = (M + 3) / 4;
   for (int64_t n0 = 0; n0 < N; n0 += rows_per_block) {
     const int64_t block = std::min(rows_per_block, N - n0);
     NextBlockPrefetch prefetch;
-    const int64_t next_rows = std::min(rows_per_block, N - n0 - block);
+    // The next block of this weight, or after the last one the first block of the weight the
+    // caller multiplies next (its first block would otherwise come from memory unannounced).
+    const c10::BFloat16* next = b + (n0 + block) * ldb;
+    int64_t next_ld = ldb, next_rows = std::min(rows_per_block, N - n0 - block);
+    if (next_rows == 0 && following.data != nullptr) {
+      next = following.data, next_ld = following.ld, next_rows = std::min(rows_per_block, following.rows);
+    }
     if (!kInTilePrefetch && next_rows > 0) {
       // [next, end) covers the next block's rows and, for a strided weight, the gaps between.
-      prefetch.next = reinterpret_cast<const char*>(b + (n0 + block) * ldb);
-      prefetch.end = reinterpret_cast<const char*>(b + (n0 + block + next_rows - 1) * ldb + K);
+      prefetch.next = reinterpret_cast<const char*>(next);
+      prefetch.end = reinterpret_cast<const char*>(next + (next_rows - 1) * next_ld + K);
       const int64_t lines = (prefetch.end - prefetch.next + 63) / 64, tiles = groups * (block / 6);
       prefetch.lines_per_tile = tiles > 0 ? (lines + tiles - 1) / tiles : 0;
     }
@@ -230,13 +244,14 @@ TPMOE_BF16_TARGET void blocked_gemm(int64_t M, int64_t N, int64_t K, const c10::
 }
 
 TPMOE_BF16_TARGET void bf16_gemm(int64_t M, int64_t N, int64_t K, const c10::BFloat16* a, int64_t lda,
-                                       const c10::BFloat16* b, int64_t ldb, c10::BFloat16* out, int64_t ld_out) {
+                               const c10::BFloat16* b, int64_t ldb, c10::BFloat16* out, int64_t ld_out,
+                               const FollowingWeight& following) {
   if (M <= kMaxRowsForInOrderStream) {
     rows_times_weight_rows(M, N, K, a, lda, b, ldb, out, ld_out);
   } else if (M <= kMaxRowsForInTilePrefetch) {
-    blocked_gemm<true>(M, N, K, a, lda, b, ldb, out, ld_out);
+    blocked_gemm<true>(M, N, K, a, lda, b, ldb, out, ld_out, following);
   } else {
-    blocked_gemm<false>(M, N, K, a, lda, b, ldb, out, ld_out);
+    blocked_gemm<false>(M, N, K, a, lda, b, ldb, out, ld_out, following);
   }
 }
 
@@ -258,15 +273,21 @@ bool bf16_kernel_available() {
 #endif
 }
 
-bool try_bf16_kernel_gemm(const at::Tensor& lhs, const at::Tensor& rhs, at::Tensor& out, int64_t max_rows) {
+bool try_bf16_kernel_gemm(const at::Tensor& lhs, const at::Tensor& rhs, at::Tensor& out, int64_t max_rows,
+                          const at::Tensor* following_rhs) {
   // lhs [M, K] rows contiguous; rhs [K, N] a transposed view of a [N, K] row-major weight;
   // out [M, N] rows contiguous.
   if (lhs.scalar_type() != at::kBFloat16 || lhs.size(0) > max_rows) return false;
   if (lhs.stride(1) != 1 || rhs.stride(0) != 1 || out.stride(1) != 1) return false;
   if (!bf16_kernel_available()) return false;
 #ifdef TPMOE_HAVE_BF16_KERNEL
+  FollowingWeight following;
+  if (following_rhs != nullptr && following_rhs->scalar_type() == at::kBFloat16 && following_rhs->stride(0) == 1 &&
+      following_rhs->size(0) == lhs.size(1)) {
+    following = {following_rhs->data_ptr<c10::BFloat16>(), following_rhs->stride(1), following_rhs->size(1)};
+  }
   bf16_gemm(lhs.size(0), rhs.size(1), lhs.size(1), lhs.data_ptr<c10::BFloat16>(), lhs.stride(0),
-                  rhs.data_ptr<c10::BFloat16>(), rhs.stride(1), out.data_ptr<c10::BFloat16>(), out.stride(0));
+            rhs.data_ptr<c10::BFloat16>(), rhs.stride(1), out.data_ptr<c10::BFloat16>(), out.stride(0), following);
   return true;
 #else
   return false;

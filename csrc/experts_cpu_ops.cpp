@@ -32,6 +32,8 @@ TPMOE_LIBRARY_FRAGMENT(TPMOE_EXPERTS_CPU_NAMESPACE, m) {
       "Tensor gate_up_sorted, str activation, str layout, bool gated, float alpha, float limit, str threading, "
       "bool[6] output_mask) -> (Tensor dx, Tensor dw_gate_up, Tensor dw_down, Tensor dtopk_weights, "
       "Tensor db_gate_up, Tensor db_down)");
+  // Frees the forward's kept scratch buffer (csrc/experts_cpu_workspace.cpp); returns its bytes.
+  m.def("experts_cpu_release_workspace() -> int", &tpmoe::cpu::release_workspace);
 }
 
 TPMOE_LIBRARY_IMPL(TPMOE_EXPERTS_CPU_NAMESPACE, CPU, m) {
