@@ -49,8 +49,11 @@ def peak_memory_bytes(fn: Callable[[], object]) -> int:
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = fn()
         del result
-    changes = sorted((event.time_range.start, event.cpu_memory_usage) for event in prof.events()
-                     if event.cpu_memory_usage)
+    # Each event's own allocations and frees (self_cpu_memory_usage): an op's cpu_memory_usage
+    # also holds those of the ops below it, so summing it counts a nested allocation once per
+    # level of nesting (an op that keeps a buffer past its return showed up 3x).
+    changes = sorted((event.time_range.start, event.self_cpu_memory_usage) for event in prof.events()
+                     if event.self_cpu_memory_usage)
     level = peak = 0
     for _, change in changes:
         level += change
