@@ -8,8 +8,9 @@ For each preset (real model layer shapes, bf16) and token count T:
   floor      a plain read (sum) of as many experts' weights as the routing touches: the
              bandwidth floor
 All on the same weights and routing. Median (ms) and fastest (ms_min) of repeats after
-warm-up; the rates and ratios use the fastest run of each implementation (the one no other
-job on a shared machine disturbed). Forward at every T;
+warm-up, the implementations timed in turn, one call each per round (so all of them sample
+the same moments of a machine whose speed drifts); the rates and ratios use the fastest run
+of each implementation (the one no other job on a shared machine disturbed). Forward at every T;
 forward+backward (tpmoe vs hf_eager under autograd) at --backward-tokens.
 
   python benchmarks/bench_cpu.py                       # both presets, T in 1..2048
@@ -24,7 +25,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import format_table, make_hf_experts, peak_memory_bytes, time_call, write_json  # noqa: E402
+from common import (format_table, make_hf_experts, peak_memory_bytes, time_call,  # noqa: E402
+                    time_calls_interleaved, write_json)
 
 from tpmoe.cpu import release_workspace  # noqa: E402
 from tpmoe.fused import fused_experts  # noqa: E402
@@ -87,7 +89,7 @@ def bench_forward(preset_name, preset, num_tokens, weights, args, generator):
         error = None
         if reference is not None:
             error = ((ours.float() - reference.float()).abs().max() / reference.float().abs().max()).item()
-        results = {name: time_call(call, **timing) for name, call in calls.items()}
+        results = time_calls_interleaved(calls, **timing)
         # The forward keeps its scratch buffer between calls (tpmoe.cpu.release_workspace):
         # released first, the measured call allocates it again and its peak counts it.
         release_workspace()

@@ -31,6 +31,30 @@ def time_call(fn: Callable[[], object], *, warmup: int = 2, repeats: int = 5, mi
     return Timing(statistics.median(samples), min(samples), len(samples), samples)
 
 
+def time_calls_interleaved(calls: Dict[str, Callable[[], object]], *, warmup: int = 2, repeats: int = 5,
+                           min_time_s: float = 0.0) -> Dict[str, Timing]:
+    """time_call for several implementations at once, in rounds: each round times every call
+    once (the order reversed every other round), so that all of them sample the same
+    moments of a machine whose speed drifts (a shared VM's memory bandwidth moved between 20
+    and 40 GB/s within minutes). Rounds go on while fewer than `repeats`, or while the
+    rounds so far took under min_time_s (up to 10x repeats)."""
+    for fn in calls.values():
+        for _ in range(warmup):
+            fn()
+    names = list(calls)
+    samples: Dict[str, List[float]] = {name: [] for name in names}
+    started = time.perf_counter()
+    rounds = 0
+    while rounds < repeats or (time.perf_counter() - started < min_time_s and rounds < 10 * repeats):
+        for name in (names if rounds % 2 == 0 else reversed(names)):
+            begin = time.perf_counter()
+            calls[name]()
+            samples[name].append(time.perf_counter() - begin)
+        rounds += 1
+    return {name: Timing(statistics.median(values), min(values), len(values), values)
+            for name, values in samples.items()}
+
+
 def peak_memory_bytes(fn: Callable[[], object]) -> int:
     """Peak of the bytes allocated through torch's allocator during fn(), above the level
     before it (the result is freed before the count ends). On CUDA torch.cuda's peak

@@ -163,11 +163,6 @@ TPMOE_BF16_TARGET void rows_times_weight_rows(int64_t M, int64_t N, int64_t K, c
   }
 }
 
-// The weight rows of the next block, asked into L2 a share at a time while this block is
-// computed: one group of 4 input rows would otherwise wait for the whole block from memory
-// (one core streams ~14 GB/s, a 4-row group computes a 144 KiB block in ~3 us), the other
-// groups would not wait at all. Single core, M = 128: 191 GFLOP/s against 168 with the
-// in-tile prefetch (K = 2048), 200 against 159 (K = 4096).
 // The [rows, K] weight the caller multiplies after this one (rows ld apart), if it said.
 struct FollowingWeight {
   const c10::BFloat16* data = nullptr;
@@ -175,6 +170,13 @@ struct FollowingWeight {
   int64_t rows = 0;
 };
 
+// The weight rows of the next block, asked into L2 a share at a time while this block is
+// computed: one group of 4 input rows would otherwise wait for the whole block from memory
+// (one core streams ~14 GB/s, a 4-row group computes a 144 KiB block in ~3 us), the other
+// groups would not wait at all. Single core, M = 128: 191 GFLOP/s against 168 with the
+// in-tile prefetch (K = 2048), 200 against 159 (K = 4096). Measured and slower: prefetches
+// inside the tile's k loop (GCC's code for the loop lost ~25%), two blocks ahead, one line in
+// two, copying each block to rows padded against L1 set conflicts, 8x3 / 6x4 / 5x5 tiles.
 struct NextBlockPrefetch {
   const char* next = nullptr;
   const char* end = nullptr;
