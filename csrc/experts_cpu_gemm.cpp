@@ -174,9 +174,11 @@ struct FollowingWeight {
 // computed: one group of 4 input rows would otherwise wait for the whole block from memory
 // (one core streams ~14 GB/s, a 4-row group computes a 144 KiB block in ~3 us), the other
 // groups would not wait at all. Single core, M = 128: 191 GFLOP/s against 168 with the
-// in-tile prefetch (K = 2048), 200 against 159 (K = 4096). Measured and slower: prefetches
-// inside the tile's k loop (GCC's code for the loop lost ~25%), two blocks ahead, one line in
-// two, copying each block to rows padded against L1 set conflicts, 8x3 / 6x4 / 5x5 tiles.
+// in-tile prefetch (K = 2048), 200 against 159 (K = 4096). Measured and slower: one prefetch
+// per step of the tile's k loop (~25% slower, with the loop's code unchanged otherwise;
+// likely the prefetches waiting on memory hold the miss buffers the tile's own L2 loads
+// need), two blocks ahead, one line in two, copying each block to rows padded against L1
+// set conflicts, 8x3 / 6x4 / 5x5 tiles.
 struct NextBlockPrefetch {
   const char* next = nullptr;
   const char* end = nullptr;
