@@ -21,6 +21,7 @@
 #include <ATen/ops/zeros.h>
 
 #include <cstring>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -127,6 +128,8 @@ void forward_impl(const ExpertsProblem& problem, const RowMaps& maps, const at::
                   at::Tensor& y) {
   const int64_t H = problem.hidden, I = problem.inter;
   gather_rows(problem, maps, x.data_ptr<scalar_t>(), rows_sorted.data_ptr<scalar_t>(), rows_sorted.stride(0));
+  // Only the bf16 kernel (the "experts" regime) uses the next GEMM's weight: no views otherwise.
+  const bool hint_following = std::is_same<scalar_t, c10::BFloat16>::value && problem.use_expert_threads;
   const scalar_t* b_gate_up_data = b_gate_up.defined() ? b_gate_up.data_ptr<scalar_t>() : nullptr;
   const scalar_t* b_down_data = b_down.defined() ? b_down.data_ptr<scalar_t>() : nullptr;
 
@@ -146,12 +149,13 @@ void forward_impl(const ExpertsProblem& problem, const RowMaps& maps, const at::
         for (size_t range = 0; range < column_ranges.size(); ++range) {
           const auto [c0, c1] = column_ranges[range];
           at::Tensor out = gate_up.narrow(0, r0, r1 - r0).narrow(1, c0, c1 - c0);
-          // The GEMM after this one: the next column range, or the next expert's first.
+          // The GEMM after this one (for the bf16 kernel's prefetch): the next column range, or
+          // the next expert's first.
           at::Tensor following;
-          if (range + 1 < column_ranges.size()) {
+          if (hint_following && range + 1 < column_ranges.size()) {
             following = rhs.narrow(1, column_ranges[range + 1].first,
                                    column_ranges[range + 1].second - column_ranges[range + 1].first);
-          } else if (index + 1 < experts.size()) {
+          } else if (hint_following && index + 1 < experts.size()) {
             following = gate_up_rhs(problem, w_gate_up, experts[index + 1])
                             .narrow(1, column_ranges[0].first, column_ranges[0].second - column_ranges[0].first);
           }
@@ -184,7 +188,7 @@ void forward_impl(const ExpertsProblem& problem, const RowMaps& maps, const at::
         out.zero_();  // an empty intermediate shard: the expert adds only its bias
         continue;
       }
-      const at::Tensor following = index + 1 < experts.size()
+      const at::Tensor following = hint_following && index + 1 < experts.size()
                                        ? down_rhs(problem, w_down, experts[index + 1]).narrow(1, c0, c1 - c0)
                                        : at::Tensor();
       expert_mm(problem, out, h.narrow(0, r0, r1 - r0), down_rhs(problem, w_down, e).narrow(1, c0, c1 - c0),
