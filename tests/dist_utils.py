@@ -82,3 +82,13 @@ def run_distributed(fn, world_size: int, *args, timeout_s: int = PROCESS_GROUP_T
 def counting_collectives():
     with CollectiveCounter() as counter:
         yield counter
+
+
+def error_of(call):
+    """(exception type name, message) of call(), or None if it returned: what a rank records
+    for the parent test to assert on."""
+    try:
+        call()
+    except Exception as error:  # recorded for the parent to assert on
+        return type(error).__name__, str(error)
+    return None

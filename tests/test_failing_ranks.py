@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dist_utils import ALL_GATHER, free_port, run_distributed
+from dist_utils import ALL_GATHER, error_of, free_port, run_distributed
 from tpmoe import MoEConfig, random_moe_weights
 
 pytestmark = pytest.mark.distributed
@@ -142,14 +142,6 @@ def test_a_failing_rank_makes_the_others_fail_naming_the_collective(stage, fault
 # Shards that disagree across ranks: refused at construction, on every rank, with ONE all-gather.
 
 
-def _error_of(call):
-    try:
-        call()
-    except Exception as error:  # recorded for the parent to assert on
-        return type(error).__name__, str(error)
-    return None
-
-
 def _mismatched_shards(rank, world_size):
     import dataclasses
 
@@ -171,18 +163,18 @@ def _mismatched_shards(rank, world_size):
     wider = dataclasses.replace(CONFIG, intermediate_size=8)
     config = wider if rank == 1 else CONFIG
     weights_for_config = random_moe_weights(config, generator=torch.Generator().manual_seed(0))
-    results["config_differs"] = _error_of(lambda: MoEBlock.from_full(config, weights_for_config, group=group))
+    results["config_differs"] = error_of(lambda: MoEBlock.from_full(config, weights_for_config, group=group))
     # Rank 1 cut its shards with another align: same config, other shard sizes.
     align = 2 if rank == 1 else 1
     shards = shard_moe_weights(CONFIG, weights, rank, world_size, align)
-    results["align_differs"] = _error_of(lambda: MoEBlock.from_shards(CONFIG, shards, group=group, align=align))
+    results["align_differs"] = error_of(lambda: MoEBlock.from_shards(CONFIG, shards, group=group, align=align))
     # Rank 1 holds float64 weights.
     dtype = torch.float64 if rank == 1 else torch.float32
-    results["dtype_differs"] = _error_of(lambda: MoEBlock.from_full(CONFIG, weights, group=group, dtype=dtype))
+    results["dtype_differs"] = error_of(lambda: MoEBlock.from_full(CONFIG, weights, group=group, dtype=dtype))
     # Only rank 1's shards are wrong (cut for a world size of 3): it raises its own error, the
     # other ranks learn it in the same all-gather instead of waiting for it in the first forward.
     shards = shard_moe_weights(CONFIG, weights, rank, 3 if rank == 1 else world_size)
-    results["one_rank_rejects"] = _error_of(lambda: MoEBlock.from_shards(CONFIG, shards, group=group))
+    results["one_rank_rejects"] = error_of(lambda: MoEBlock.from_shards(CONFIG, shards, group=group))
 
     # After all of that the group is healthy: the agreeing block still runs, equal on both ranks.
     results["output"] = agreeing(x).detach().numpy().tobytes()  # bytes: no shared-memory handle to outlive us

@@ -9,21 +9,13 @@ import dataclasses
 import pytest
 import torch
 
-from dist_utils import ALL_GATHER, REDUCE_SCATTER, run_distributed
+from dist_utils import ALL_GATHER, REDUCE_SCATTER, error_of, run_distributed
 from tpmoe import MoEConfig, random_moe_weights
 from tpmoe.block import MoEBlock
 from tpmoe.sharding import shard_moe_weights, shard_sizes
 
 CONFIG = MoEConfig(hidden_size=8, intermediate_size=6, num_experts=4, top_k=2, shared_intermediate_size=3,
                    shared_expert_gate=True)
-
-
-def _error_of(call):
-    try:
-        call()
-    except Exception as error:  # recorded for the parent to assert on
-        return type(error).__name__, str(error)
-    return None
 
 
 def test_weights_not_matching_the_config():
@@ -70,10 +62,10 @@ def _distributed_errors(rank, world_size):
 
     # Shards cut for a TP group of 6 loaded on this group of 3.
     shards_for_six = shard_moe_weights(CONFIG, weights, rank, 6)
-    results["shards_for_another_world_size"] = _error_of(
+    results["shards_for_another_world_size"] = error_of(
         lambda: MoEBlock.from_shards(CONFIG, shards_for_six, group=group))
     bad = dict(weights, w_gate_up=weights["w_gate_up"][:, :-1])
-    results["full_weights_not_matching"] = _error_of(lambda: MoEBlock.from_full(CONFIG, bad, group=group))
+    results["full_weights_not_matching"] = error_of(lambda: MoEBlock.from_full(CONFIG, bad, group=group))
 
     # check_replicated: agreeing ranks pass with one extra all-gather; a differing rank is named on all ranks.
     block = MoEBlock.from_full(CONFIG, weights, group=group, check_replicated=True)
@@ -83,29 +75,29 @@ def _distributed_errors(rank, world_size):
     x_rank2_differs = x.clone()
     if rank == 2:
         x_rank2_differs[4, 7] += 1e-6
-    results["input_differs"] = _error_of(lambda: block(x_rank2_differs))
+    results["input_differs"] = error_of(lambda: block(x_rank2_differs))
     diverged = MoEBlock.from_full(CONFIG, weights, group=group, check_replicated=True)
     if rank == 1:
         with torch.no_grad():
             diverged.router_weight[0, 0] += 0.5  # a replica that drifted: same input, other routing
-    results["routing_differs"] = _error_of(lambda: diverged(x))
+    results["routing_differs"] = error_of(lambda: diverged(x))
 
     # Sequence-parallel token counts that cannot be right.
     sp_block = MoEBlock.from_full(CONFIG, weights, group=group, sequence_parallel=True)
-    results["tokens_per_rank_length"] = _error_of(lambda: sp_block(x[:2], tokens_per_rank=[2, 2]))
-    results["tokens_per_rank_entry"] = _error_of(lambda: sp_block(x[:2], tokens_per_rank=[3, 3, 3]))
+    results["tokens_per_rank_length"] = error_of(lambda: sp_block(x[:2], tokens_per_rank=[2, 2]))
+    results["tokens_per_rank_entry"] = error_of(lambda: sp_block(x[:2], tokens_per_rank=[3, 3, 3]))
     # check_replicated in sequence-parallel mode: uneven counts without tokens_per_rank (which
     # would otherwise fail inside the all-gather or hang), and a drifted replicated weight.
     sp_checked = MoEBlock.from_full(CONFIG, weights, group=group, sequence_parallel=True, check_replicated=True)
     local_tokens = 2 if rank == 1 else 1
-    results["sp_uneven_without_counts"] = _error_of(lambda: sp_checked(x[:local_tokens]))
+    results["sp_uneven_without_counts"] = error_of(lambda: sp_checked(x[:local_tokens]))
     with CollectiveCounter() as counter:
         sp_checked(x[:local_tokens], tokens_per_rank=[1, 2, 1])  # the same counts, declared: fine
     results["sp_check_counts"] = dict(counter.counts)
     if rank == 2:
         with torch.no_grad():
             sp_checked.shared_gate[0, 3] += 1e-3
-    results["sp_weight_differs"] = _error_of(lambda: sp_checked(x[:2]))
+    results["sp_weight_differs"] = error_of(lambda: sp_checked(x[:2]))
 
     # The TP group from a DeviceMesh: the same block, bitwise the same output.
     from torch.distributed.device_mesh import init_device_mesh
@@ -115,7 +107,7 @@ def _distributed_errors(rank, world_size):
     mesh_2d = init_device_mesh("cpu", (1, 3), mesh_dim_names=("dp", "tp"))
     results["mesh_2d_equal"] = torch.equal(
         MoEBlock.from_full(CONFIG, weights, group=mesh_2d, tp_mesh_dim="tp")(x), reference)
-    results["mesh_2d_without_dim"] = _error_of(lambda: MoEBlock.from_full(CONFIG, weights, group=mesh_2d))
+    results["mesh_2d_without_dim"] = error_of(lambda: MoEBlock.from_full(CONFIG, weights, group=mesh_2d))
     return results
 
 

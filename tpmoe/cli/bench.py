@@ -167,22 +167,9 @@ def _expert_ranges(ids: torch.Tensor) -> List[Tuple[int, int]]:
 
 # --------------------------------------------------------------------------- the steps
 
-def _tpmoe_step(block, x, dy, mode):
-    if mode == "fwd":
-        def step():
-            with torch.no_grad():
-                return block(x)
-        return step
-    x_leaf = x.detach().clone().requires_grad_(True)
-
-    def step():
-        block.zero_grad(set_to_none=True)
-        x_leaf.grad = None
-        block(x_leaf).backward(dy)
-    return step
-
-
-def _hf_step(call, module, x, dy, mode):
+def _module_step(call, module, x, dy, mode):
+    """One timed step of call(x): forward under no_grad, or forward+backward with module's
+    gradients cleared first (call is the module itself for tpmoe, a wrapper for transformers)."""
     if mode == "fwd":
         def step():
             with torch.no_grad():
@@ -292,9 +279,9 @@ def _bench_tokens(plan, block, hf_modules, world_size, group, num_tokens, contex
     timing = dict(device=device, warmup=plan.warmup, repeats=plan.repeats)
     label = f"T={num_tokens} P={world_size}"
 
-    steps = {"tpmoe": (_tpmoe_step(block, x, dy, mode), group)}
+    steps = {"tpmoe": (_module_step(block, block, x, dy, mode), group)}
     for impl, (module, call) in hf_modules.items():
-        steps[impl] = (_hf_step(call, module, x, dy, mode), None)
+        steps[impl] = (_module_step(call, module, x, dy, mode), None)
     steps["dense"] = (_dense_step(config, num_tokens, rank_fwd_flops, mode, plan.dtype, device), group)
     steps["floor"] = (_floor_step(block, routed_ids(block, x), mode), group)
 

@@ -73,7 +73,7 @@ def release_workspace() -> int:
     0 where nothing was kept or the ops are not built."""
     if not cpu_ops_available():
         return 0
-    return int(getattr(cpu_ops(), "experts_cpu_release_workspace")())
+    return int(cpu_ops().experts_cpu_release_workspace())
 
 
 def cpu_ops_available() -> bool:
