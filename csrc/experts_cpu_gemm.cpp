@@ -53,7 +53,7 @@ constexpr int64_t kMaxRowsForInOrderStream = 2;
 constexpr int64_t kPrefetchElements = 4096;
 
 // The four horizontal sums of a, b, c, d: one shuffle tree instead of four reductions.
-TPMOE_BF16_TARGET inline __m128 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
+TPMOE_BF16_TARGET __attribute__((always_inline)) inline __m128 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
   const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));  // a, b, a, b per lane
   const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
   const __m512 abcd = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))),
@@ -63,16 +63,69 @@ TPMOE_BF16_TARGET inline __m128 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
   return _mm_add_ps(_mm256_castps256_ps128(halves), _mm256_extractf128_ps(halves, 1));
 }
 
+// a + b lane-pairwise after interleaving: per 128-bit lane [a0+a2, b0+b2, a1+a3, b1+b3].
+TPMOE_BF16_TARGET __attribute__((always_inline)) inline __m512 pair_sum_ps(__m512 a, __m512 b) {
+  return _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+}
+TPMOE_BF16_TARGET __attribute__((always_inline)) inline __m512 pair_sum_pd(__m512 a, __m512 b) {
+  return _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a), _mm512_castps_pd(b))),
+                       _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a), _mm512_castps_pd(b))));
+}
+// Per 128-bit lane of a and b: [a.l0+a.l1, a.l2+a.l3, b.l0+b.l1, b.l2+b.l3].
+TPMOE_BF16_TARGET __attribute__((always_inline)) inline __m512 lane_pair_sum(__m512 a, __m512 b) {
+  return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x88), _mm512_shuffle_f32x4(a, b, 0xDD));
+}
+// The horizontal sums of the 12 accumulators of two tile rows in one vector (lane 6i + c =
+// sum of row i's column c; lanes 12-15 zero): a transposing tree, 3 instructions a pair.
+// Taken by value: with the tile's array passed by address GCC kept it on the stack.
+TPMOE_BF16_TARGET __attribute__((always_inline)) inline __m512 sum_two_rows_of_6(
+    __m512 a0, __m512 a1, __m512 a2, __m512 a3, __m512 a4, __m512 a5, __m512 b0, __m512 b1, __m512 b2, __m512 b3,
+    __m512 b4, __m512 b5) {
+  const __m512 q0 = pair_sum_pd(pair_sum_ps(a0, a1), pair_sum_ps(a2, a3));
+  const __m512 q1 = pair_sum_pd(pair_sum_ps(a4, a5), pair_sum_ps(b0, b1));
+  const __m512 q2 = pair_sum_pd(pair_sum_ps(b2, b3), pair_sum_ps(b4, b5));
+  // q[i] holds, per 128-bit lane, partial sums of 4 accumulators; fold the four lanes.
+  return lane_pair_sum(lane_pair_sum(q0, q1), lane_pair_sum(q2, _mm512_setzero_ps()));
+}
+// float32 -> bf16 bits, round to nearest even, NaN -> 0x7FC0: c10::BFloat16's conversion.
+TPMOE_BF16_TARGET __attribute__((always_inline)) inline __m256i to_bf16_bits(__m512 values) {
+  const __m512i bits = _mm512_castps_si512(values);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(values, values, _CMP_UNORD_Q);
+  rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7FC0));
+  return _mm512_cvtepi32_epi16(rounded);
+}
+
 // out[r, c] for r < kRows, c < kCols: kRows x kCols float32 accumulators over K.
 template <int kRows, int kCols, bool kInTilePrefetch>
 TPMOE_BF16_TARGET void dot_tile(int64_t K, const c10::BFloat16* a, int64_t lda, const c10::BFloat16* b, int64_t ldb,
                                 c10::BFloat16* out, int64_t ld_out) {
+  // Every loop over rows and columns unrolled by pragma: unrolled only later, GCC kept a copy
+  // of the accumulators on the stack (zeroed, spilled and reloaded around every tile: 11% of
+  // the Qwen3 forward at T = 512 with the scalar stores below).
   __m512 acc[kRows][kCols];
+  #pragma GCC unroll 8
   for (int r = 0; r < kRows; ++r)
+    #pragma GCC unroll 8
     for (int c = 0; c < kCols; ++c) acc[r][c] = _mm512_setzero_ps();
-  int64_t k = 0;
-  for (; k + 32 <= K; k += 32) {
+  // The K % 32 tail first, with masked loads (the missing lanes read as zeros), then whole steps.
+  const int64_t tail = K % 32;
+  if (tail != 0) {
+    const __mmask32 mask = static_cast<__mmask32>((uint64_t(1) << tail) - 1);
     __m512i b_vec[kCols];
+    #pragma GCC unroll 8
+    for (int c = 0; c < kCols; ++c) b_vec[c] = _mm512_maskz_loadu_epi16(mask, b + c * ldb);
+    #pragma GCC unroll 8
+    for (int r = 0; r < kRows; ++r) {
+      const __m512i a_vec = _mm512_maskz_loadu_epi16(mask, a + r * lda);
+      #pragma GCC unroll 8
+      for (int c = 0; c < kCols; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], (__m512bh)a_vec, (__m512bh)b_vec[c]);
+    }
+  }
+  for (int64_t k = tail; k < K; k += 32) {
+    __m512i b_vec[kCols];
+    #pragma GCC unroll 8
     for (int c = 0; c < kCols; ++c) {
       // With few input rows the block is read from memory by this tile: ask for its rows a
       // little ahead (past a row's end this runs into the next row, next in memory for a
@@ -82,20 +135,28 @@ TPMOE_BF16_TARGET void dot_tile(int64_t K, const c10::BFloat16* a, int64_t lda, 
       }
       b_vec[c] = _mm512_loadu_si512(b + c * ldb + k);
     }
+    #pragma GCC unroll 8
     for (int r = 0; r < kRows; ++r) {
       const __m512i a_vec = _mm512_loadu_si512(a + r * lda + k);
+      #pragma GCC unroll 8
       for (int c = 0; c < kCols; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], (__m512bh)a_vec, (__m512bh)b_vec[c]);
     }
   }
-  if (k < K) {  // the tail: masked loads fill the missing lanes with zeros
-    const __mmask32 mask = static_cast<__mmask32>((uint64_t(1) << (K - k)) - 1);
-    __m512i b_vec[kCols];
-    for (int c = 0; c < kCols; ++c) b_vec[c] = _mm512_maskz_loadu_epi16(mask, b + c * ldb + k);
-    for (int r = 0; r < kRows; ++r) {
-      const __m512i a_vec = _mm512_maskz_loadu_epi16(mask, a + r * lda + k);
-      for (int c = 0; c < kCols; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], (__m512bh)a_vec, (__m512bh)b_vec[c]);
+  if constexpr (kCols == 6) {
+    // Two rows (12 sums) a vector, stored with masked stores (the second row's 6 lanes
+    // through a pointer 6 elements before its start, so lanes 6-11 land on its columns 0-5).
+    #pragma GCC unroll 8
+    for (int r = 0; r < kRows; r += 2) {
+      const int r2 = r + 1 < kRows ? r + 1 : r;  // an odd last row pairs with itself, unstored
+      const __m256i sums = to_bf16_bits(sum_two_rows_of_6(acc[r][0], acc[r][1], acc[r][2], acc[r][3], acc[r][4],
+                                                          acc[r][5], acc[r2][0], acc[r2][1], acc[r2][2],
+                                                          acc[r2][3], acc[r2][4], acc[r2][5]));
+      _mm256_mask_storeu_epi16(out + r * ld_out, 0x003F, sums);
+      if (r2 != r) _mm256_mask_storeu_epi16(out + r2 * ld_out - 6, 0x0FC0, sums);
     }
+    return;
   }
+  #pragma GCC unroll 8
   for (int r = 0; r < kRows; ++r) {
     c10::BFloat16* out_row = out + r * ld_out;
     int c = 0;
@@ -177,8 +238,9 @@ struct FollowingWeight {
 // in-tile prefetch (K = 2048), 200 against 159 (K = 4096). Measured and slower: one prefetch
 // per step of the tile's k loop (~25% slower, with the loop's code unchanged otherwise;
 // likely the prefetches waiting on memory hold the miss buffers the tile's own L2 loads
-// need), two blocks ahead, one line in two, copying each block to rows padded against L1
-// set conflicts, 8x3 / 6x4 / 5x5 tiles.
+// need; a few lines every 8 steps: 4% slower at Qwen3 T = 512), two blocks ahead, one line
+// in two, the T0 and NTA hints (~15% slower; T2 ties T1), copying each block to rows
+// padded against L1 set conflicts, 8x3 / 6x4 / 5x5 tiles.
 struct NextBlockPrefetch {
   const char* next = nullptr;
   const char* end = nullptr;
