@@ -150,6 +150,40 @@ def test_bf16_kernel_within_twice_torch_error(layout, activation, num_tokens, nu
     assert_within_twice_same_dtype(out, torch_out, ref_out, "output")
 
 
+def test_bf16_products_round_to_nearest_even_in_every_tile_position(seed):
+    # Every dot product here has one nonzero term, exact in float32, so each GEMM output must
+    # be that product rounded to bf16 exactly as PyTorch rounds it (nearest, ties to even,
+    # NaN stays NaN): x rows one-hot, each down-weight row one-hot. Experts get 2, 6 and 13
+    # rows (every path of the bf16 GEMM), H = 80 and I = 37 leave tails in k, in the 6-column
+    # tiles and in the rows of the tile; a token carries a NaN.
+    generator = torch.Generator().manual_seed(seed)
+    hidden, inter, counts = 80, 37, (2, 6, 13)
+    num_tokens = sum(counts)
+    topk_ids = torch.cat([torch.full((count,), expert) for expert, count in enumerate(counts)])
+    topk_ids = topk_ids[torch.randperm(num_tokens, generator=generator)].view(-1, 1)
+    hot = torch.randint(0, hidden, (num_tokens,), generator=generator)
+    x = torch.zeros(num_tokens, hidden)
+    x[torch.arange(num_tokens), hot] = torch.randn(num_tokens, generator=generator)
+    x[num_tokens // 2, hot[num_tokens // 2]] = float("nan")
+    x = x.bfloat16()
+    w_gate_up = torch.randn(len(counts), inter, hidden, generator=generator).bfloat16()
+    down_hot = torch.arange(hidden) % inter  # output column c reads h column c % I only
+    w_down = torch.zeros(len(counts), hidden, inter)
+    w_down[:, torch.arange(hidden), down_hot] = torch.randn(len(counts), hidden, generator=generator)
+    w_down = w_down.bfloat16()
+    out = fused_experts_cpu(x, w_gate_up, w_down, topk_ids, torch.ones(num_tokens, 1), threading="experts",
+                            b_gate_up=None, b_down=None, **options_for("relu", "concatenated", False))
+
+    rows = torch.arange(num_tokens)
+    expert = topk_ids[:, 0]
+    gate_up = (x[rows, hot].float()[:, None] * w_gate_up[expert, :, hot].float()).bfloat16()
+    h = torch.relu(gate_up)
+    expected = (h[:, down_hot].float() * w_down[expert[:, None], torch.arange(hidden), down_hot].float()).bfloat16()
+    assert torch.equal(out.isnan(), expected.isnan())
+    assert expected.isnan().any() and (~expected.isnan()).sum() > 1000
+    assert torch.equal(out.nan_to_num(), expected.nan_to_num())
+
+
 @pytest.mark.parametrize("threading", ("auto",) + THREADINGS)
 def test_bitwise_reproducible(threading, seed):
     inputs, topk_ids, grad_out = make_inputs(seed, 53, 40, 24, 5, 2, layout="interleaved", gated=True, bias=True)
