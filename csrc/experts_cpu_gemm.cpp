@@ -13,9 +13,9 @@
 // M = 128 on the Qwen3 gate_up shape, 200 at M = 128 for K = 4096 (oneDNN's dense GEMM: ~200,
 // the vdpbf16ps peak: 232), measured before the tiles kept their sums in registers and stored
 // them as vectors; with that the whole Qwen3 forward at T = 512 (~32 rows an expert) runs at
-// 0.84-0.86 of a dense GEMM of the same FLOPs on 2 cores (was 0.74-0.82). It is compiled for that ISA with a function attribute and runs
-// only where the CPU reports it (checked once at run time); everywhere else, and for other
-// dtypes and the gpt_oss layout, ATen's GEMM runs.
+// 0.84-0.86 of a dense GEMM of the same FLOPs on 2 cores (was 0.74-0.82). It is compiled for
+// that ISA with a function attribute and runs only where the CPU reports it (checked once at run
+// time); everywhere else, and for other dtypes and the gpt_oss layout, ATen's GEMM runs.
 #include <c10/util/BFloat16.h>
 
 #include <algorithm>
@@ -54,32 +54,29 @@ constexpr int64_t kMaxRowsForInOrderStream = 2;
 // within noise of it on the Mixtral shape at T = 32 and 128).
 constexpr int64_t kPrefetchElements = 4096;
 
+// a + b lane-pairwise after interleaving: per 128-bit lane [a0+a2, b0+b2, a1+a3, b1+b3].
+TPMOE_BF16_TARGET __attribute__((always_inline)) inline __m512 pair_sum_ps(__m512 a, __m512 b) {
+  return _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+}
+// The same on pairs of floats: per 128-bit lane [a01 + a23, b01 + b23] as (a01, b01, a23, b23).
+TPMOE_BF16_TARGET __attribute__((always_inline)) inline __m512 pair_sum_pd(__m512 a, __m512 b) {
+  return _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a), _mm512_castps_pd(b))),
+                       _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a), _mm512_castps_pd(b))));
+}
 // The four horizontal sums of a, b, c, d: one shuffle tree instead of four reductions.
 TPMOE_BF16_TARGET __attribute__((always_inline)) inline __m128 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
-  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));  // a, b, a, b per lane
-  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
-  const __m512 abcd = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))),
-                                    _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))));
+  const __m512 abcd = pair_sum_pd(pair_sum_ps(a, b), pair_sum_ps(c, d));  // a, b, c, d per 128-bit lane
   const __m256 halves = _mm256_add_ps(_mm512_castps512_ps256(abcd),
                                       _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(abcd), 1)));
   return _mm_add_ps(_mm256_castps256_ps128(halves), _mm256_extractf128_ps(halves, 1));
 }
 
-// a + b lane-pairwise after interleaving: per 128-bit lane [a0+a2, b0+b2, a1+a3, b1+b3].
-TPMOE_BF16_TARGET __attribute__((always_inline)) inline __m512 pair_sum_ps(__m512 a, __m512 b) {
-  return _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
-}
-TPMOE_BF16_TARGET __attribute__((always_inline)) inline __m512 pair_sum_pd(__m512 a, __m512 b) {
-  return _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a), _mm512_castps_pd(b))),
-                       _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a), _mm512_castps_pd(b))));
-}
 // Per 128-bit lane of a and b: [a.l0+a.l1, a.l2+a.l3, b.l0+b.l1, b.l2+b.l3].
 TPMOE_BF16_TARGET __attribute__((always_inline)) inline __m512 lane_pair_sum(__m512 a, __m512 b) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x88), _mm512_shuffle_f32x4(a, b, 0xDD));
 }
 // The horizontal sums of the 12 accumulators of two tile rows in one vector (lane 6i + c =
 // sum of row i's column c; lanes 12-15 zero): a transposing tree, 3 instructions a pair.
-// Taken by value: with the tile's array passed by address GCC kept it on the stack.
 TPMOE_BF16_TARGET __attribute__((always_inline)) inline __m512 sum_two_rows_of_6(
     __m512 a0, __m512 a1, __m512 a2, __m512 a3, __m512 a4, __m512 a5, __m512 b0, __m512 b1, __m512 b2, __m512 b3,
     __m512 b4, __m512 b5) {
@@ -104,8 +101,8 @@ template <int kRows, int kCols, bool kInTilePrefetch>
 TPMOE_BF16_TARGET void dot_tile(int64_t K, const c10::BFloat16* a, int64_t lda, const c10::BFloat16* b, int64_t ldb,
                                 c10::BFloat16* out, int64_t ld_out) {
   // Every loop over rows and columns unrolled by pragma: unrolled only later, GCC kept a copy
-  // of the accumulators on the stack (zeroed, spilled and reloaded around every tile: 11% of
-  // the Qwen3 forward at T = 512 with the scalar stores below).
+  // of the accumulators on the stack, zeroed, spilled and reloaded around every tile (that and
+  // the scalar sums the 6-column tiles had cost 11% of the Qwen3 forward at T = 512).
   __m512 acc[kRows][kCols];
   #pragma GCC unroll 8
   for (int r = 0; r < kRows; ++r)
