@@ -26,8 +26,8 @@ AlignOutputs align_cuda(const at::Tensor& topk_ids, int64_t num_experts, int64_t
   const c10::cuda::OptionalCUDAGuard device_guard(topk_ids.device());
   const at::Tensor ids = topk_ids.contiguous();
   const int64_t pairs = ids.numel();
-  const int64_t num_blocks = ceil_div(padded_rows_bound(pairs, num_experts, block_m), block_m);
   AlignBuffers out = allocate_align_outputs(ids, num_experts, block_m);
+  const int64_t num_blocks = out.block_expert.size(0);
 
   if (pairs > 0) {
     at::Tensor tile_counts = at::zeros({align_num_tiles(pairs), num_experts}, ids.options().dtype(at::kInt));

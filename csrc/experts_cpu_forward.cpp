@@ -140,6 +140,9 @@ void forward_impl(const ExpertsProblem& problem, const RowMaps& maps, const at::
       const int64_t j0 = h_columns.first, j1 = h_columns.second;
       if (j0 == j1) return;
       const auto column_ranges = gate_up_column_ranges(problem, j0, j1);
+      auto columns = [&](const at::Tensor& matrix, size_t range) {  // its gate_up columns of this range
+        return matrix.narrow(1, column_ranges[range].first, column_ranges[range].second - column_ranges[range].first);
+      };
       const auto& experts = maps.active_experts;
       for (size_t index = 0; index < experts.size(); ++index) {
         const int64_t e = experts[index];
@@ -147,19 +150,16 @@ void forward_impl(const ExpertsProblem& problem, const RowMaps& maps, const at::
         const at::Tensor lhs = rows_sorted.narrow(0, r0, r1 - r0);
         const at::Tensor rhs = gate_up_rhs(problem, w_gate_up, e);
         for (size_t range = 0; range < column_ranges.size(); ++range) {
-          const auto [c0, c1] = column_ranges[range];
-          at::Tensor out = gate_up.narrow(0, r0, r1 - r0).narrow(1, c0, c1 - c0);
+          at::Tensor out = columns(gate_up.narrow(0, r0, r1 - r0), range);
           // The GEMM after this one (for the bf16 kernel's prefetch): the next column range, or
           // the next expert's first.
           at::Tensor following;
           if (hint_following && range + 1 < column_ranges.size()) {
-            following = rhs.narrow(1, column_ranges[range + 1].first,
-                                   column_ranges[range + 1].second - column_ranges[range + 1].first);
+            following = columns(rhs, range + 1);
           } else if (hint_following && index + 1 < experts.size()) {
-            following = gate_up_rhs(problem, w_gate_up, experts[index + 1])
-                            .narrow(1, column_ranges[0].first, column_ranges[0].second - column_ranges[0].first);
+            following = columns(gate_up_rhs(problem, w_gate_up, experts[index + 1]), 0);
           }
-          expert_mm(problem, out, lhs, rhs.narrow(1, c0, c1 - c0), following.defined() ? &following : nullptr);
+          expert_mm(problem, out, lhs, columns(rhs, range), following.defined() ? &following : nullptr);
         }
         const scalar_t* bias = b_gate_up_data ? b_gate_up_data + e * problem.gate_up_cols : nullptr;
         if (!bias && activate_with_aten(problem, gate_up.narrow(0, r0, r1 - r0), h.narrow(0, r0, r1 - r0), j0, j1)) {

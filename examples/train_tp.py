@@ -11,7 +11,6 @@ in sync by construction. In sequence-parallel mode the replicated gradients are 
 over each rank's tokens: `allreduce_router_grads` sums them, once per step for all blocks.
 """
 import argparse
-import gc
 import os
 
 import torch
@@ -20,7 +19,7 @@ from torch import nn
 
 from tpmoe import MoEConfig
 from tpmoe.block import MoEBlock
-from tpmoe.distributed import allreduce_router_grads, check_replicated
+from tpmoe.distributed import allreduce_router_grads, check_replicated, destroy_process_group_collected
 
 
 class ResidualMoEStack(nn.Module):
@@ -99,17 +98,11 @@ def main():
         check_replicated(replicated, group, what=f"after training, block {index}")
     if rank == 0:
         print("replicated parameters identical on every rank", flush=True)
-    # Tear down while the interpreter is fully alive: gloo's worker threads may still hold the
-    # last collective's tensors and take the GIL to free them. If the process group outlives
-    # this function (the modules hold it, and reference cycles free only at the interpreter's
-    # final collection), those threads can still be running during finalization, where taking
-    # the GIL aborts the process ("terminate called without an active exception"; seen about
-    # once in 10 runs on a loaded 2-core machine). So: every rank past its last collective,
-    # then drop what references the group, collect, and destroy it.
+    # Every rank past its last collective, then nothing here referencing the group, before it is
+    # destroyed while the interpreter is alive (see destroy_process_group_collected).
     dist.barrier(group)
     del student, teacher, optimizer, group
-    gc.collect()
-    dist.destroy_process_group()
+    destroy_process_group_collected()
 
 
 if __name__ == "__main__":

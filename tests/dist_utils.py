@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 # Re-exported for the tests: the counter lives in the package so that `tpmoe verify` uses it too.
+from tpmoe.distributed import destroy_process_group_collected
 from tpmoe.distributed.counting import ALL_GATHER, REDUCE_SCATTER, CollectiveCounter  # noqa: F401
 
 PROCESS_GROUP_TIMEOUT_S = 60
@@ -40,7 +41,7 @@ def _worker(fn, rank, world_size, port, timeout_s, results, args):
         try:
             results.put((rank, "ok", fn(rank, world_size, *args)))
         finally:
-            dist.destroy_process_group()
+            destroy_process_group_collected()
     except BaseException:  # reported to the parent, which fails the test with it
         results.put((rank, "error", traceback.format_exc()))
 

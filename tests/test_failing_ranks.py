@@ -20,6 +20,7 @@ import torch.multiprocessing as mp
 
 from dist_utils import ALL_GATHER, error_of, free_port, run_distributed
 from tpmoe import MoEConfig, random_moe_weights
+from tpmoe.distributed import destroy_process_group_collected
 
 pytestmark = pytest.mark.distributed
 
@@ -34,7 +35,7 @@ def _fault_worker(rank, world_size, port, stage, fault, results):
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=PROCESS_GROUP_TIMEOUT_S))
         results.put((rank, "ok", _faulty_step(rank, stage, fault)))
-        dist.destroy_process_group()
+        destroy_process_group_collected()
     except BaseException:
         results.put((rank, "error", traceback.format_exc()))
 

@@ -6,14 +6,19 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """"bfloat16" for torch.bfloat16: how the messages name a dtype."""
+    return str(dtype).replace("torch.", "")
+
+
 def check_tensor(value, name: str, *, ndim=None, dtypes=None, device=None):
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
     if ndim is not None and value.dim() != ndim:
         raise ValueError(f"{name}: expected a {ndim}-D tensor, got shape {tuple(value.shape)}")
     if dtypes is not None and value.dtype not in dtypes:
-        expected = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise TypeError(f"{name}: expected dtype in ({expected}), got {str(value.dtype).replace('torch.', '')}")
+        expected = ", ".join(dtype_name(d) for d in dtypes)
+        raise TypeError(f"{name}: expected dtype in ({expected}), got {dtype_name(value.dtype)}")
     if device is not None and value.device != device:
         raise ValueError(f"{name}: expected a tensor on {device} (like hidden_states), got one on {value.device}")
     return value

@@ -24,7 +24,7 @@ from torch import nn
 
 from . import distributed as tp
 from .config import MoEConfig
-from ._checks import FLOAT_DTYPES, check_choice
+from ._checks import FLOAT_DTYPES, check_choice, dtype_name
 from .fused import BACKENDS, fused_experts
 from .routing import route
 from .sharding import (REPLICATED_NAMES, SHARDED_NAMES, check_shards, check_shards_agree, gather_full,
@@ -62,14 +62,14 @@ def _check_shard_dtypes(shards: Dict[str, torch.Tensor], dtype: Optional[torch.d
     for name, tensor in shards.items():
         if not tensor.is_floating_point():
             raise TypeError(f"shards[{name!r}]: expected a floating-point tensor, got dtype "
-                            f"{str(tensor.dtype).replace('torch.', '')}")
+                            f"{dtype_name(tensor.dtype)}")
     if dtype is not None:
         return dtype
     expected = shards["w_gate_up"].dtype
     for name in SHARDED_NAMES + ("b_down", "shared_gate"):
         if name in shards and shards[name].dtype != expected:
-            raise TypeError(f"shards[{name!r}]: expected dtype {str(expected).replace('torch.', '')} (that of "
-                            f"w_gate_up), got {str(shards[name].dtype).replace('torch.', '')}")
+            raise TypeError(f"shards[{name!r}]: expected dtype {dtype_name(expected)} (that of "
+                            f"w_gate_up), got {dtype_name(shards[name].dtype)}")
     return expected
 
 
@@ -206,9 +206,8 @@ class MoEBlock(nn.Module):
                              f"got one on {hidden_states.device}")
         expert_dtype = self.w_gate_up.dtype
         if hidden_states.dtype != expert_dtype:
-            raise TypeError(f"hidden_states: expected dtype {str(expert_dtype).replace('torch.', '')} (that of the "
-                            f"block's weights; convert the input or the block), got "
-                            f"{str(hidden_states.dtype).replace('torch.', '')}")
+            raise TypeError(f"hidden_states: expected dtype {dtype_name(expert_dtype)} (that of the "
+                            f"block's weights; convert the input or the block), got {dtype_name(hidden_states.dtype)}")
         if tokens_per_rank is not None and not self.sequence_parallel:
             raise ValueError("tokens_per_rank: only used in sequence-parallel mode, "
                              "got it with sequence_parallel=False")

@@ -30,6 +30,7 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
+from ._checks import FLOAT_DTYPES, dtype_name
 from .config import ACTIVATIONS, LAYOUTS, SCORINGS, MoEConfig
 from .distributed import all_gather_tensor_lists, group_rank, group_size, naming_collective_failures
 from .distributed.groups import all_gather_single
@@ -197,7 +198,6 @@ _AGREED_FIELDS = ("hidden_size", "intermediate_size", "num_experts", "top_k", "s
                   "layout", "scoring", "activation", "expert_bias", "router_bias", "correction_bias",
                   "shared_expert_gate")
 _CODED_FIELDS = {"layout": LAYOUTS, "scoring": SCORINGS, "activation": ACTIVATIONS}
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _MAX_DIMS = 3
 
 
@@ -208,7 +208,7 @@ def _agreement_row(config: MoEConfig, shapes, dtype, align: int, local_ok: bool)
     for name in REPLICATED_NAMES + SHARDED_NAMES:  # fixed slots: the row has the same length on every rank
         shape = tuple(shapes.get(name, ())) if shapes else ()
         dims += list(shape) + [-1] * (_MAX_DIMS - len(shape))
-    dtype_code = _DTYPES.index(dtype) if dtype in _DTYPES else -1
+    dtype_code = FLOAT_DTYPES.index(dtype) if dtype in FLOAT_DTYPES else -1
     return [int(local_ok)] + fields + [align, dtype_code] + dims
 
 
@@ -264,7 +264,7 @@ def check_shards_agree(config: MoEConfig, shapes: Dict[str, tuple], dtype, group
             raise ValueError(f"{what}: rank {p} of the TP group uses align={row[offset]} but rank 0 "
                              f"align={rows[0][offset]}; the shard sizes then differ ({seen_from})")
         if row[offset + 1] != rows[0][offset + 1]:
-            names = {code: str(d).replace("torch.", "") for code, d in enumerate(_DTYPES)}
+            names = {code: dtype_name(d) for code, d in enumerate(FLOAT_DTYPES)}
             raise ValueError(f"{what}: rank {p} of the TP group holds {names.get(row[offset + 1], 'other')} weights "
                              f"but rank 0 {names.get(rows[0][offset + 1], 'other')}; the ranks' partial outputs "
                              f"must share one dtype ({seen_from})")

@@ -24,6 +24,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from .._checks import dtype_name
 from ..config import MoEConfig
 from .timing import median_ms, time_step
 
@@ -99,7 +100,7 @@ def check_fits(plan: BenchPlan) -> None:
     while needed * (scale / plan.scale) ** 2 > 0.7 * free and scale > 1e-3:
         scale /= 2
     raise ValueError(f"--scale: the {plan.preset} block needs {needed / 2**30:.1f} GiB at scale {plan.scale:g} "
-                     f"({str(plan.dtype).replace('torch.', '')}, {plan.mode}) but {free / 2**30:.1f} GiB are free; "
+                     f"({dtype_name(plan.dtype)}, {plan.mode}) but {free / 2**30:.1f} GiB are free; "
                      f"try --scale {scale:g}")
 
 
@@ -318,7 +319,7 @@ def _bench_tokens(plan, block, hf_modules, world_size, group, num_tokens, contex
         row = dict(preset=plan.preset, impl=impl, world_size=world_size, tokens=num_tokens, mode=mode,
                    median_ms=ms, gflops=total_flops / (ms * 1e-3) / 1e9,
                    fraction_of_limit=None if impl in ("dense", "floor") else limit_ms / ms,
-                   limit_ms=limit_ms, dtype=str(plan.dtype).replace("torch.", ""), device=device.type,
+                   limit_ms=limit_ms, dtype=dtype_name(plan.dtype), device=device.type,
                    threads=torch.get_num_threads() if device.type == "cpu" else None, scale=plan.scale)
         if impl in differences:
             row["median_row_diff_vs_tpmoe"] = differences[impl]
@@ -369,7 +370,7 @@ def describe(plan: BenchPlan) -> str:
         f"cpu ({os.cpu_count()} cores)"
     return (f"tpmoe bench: preset {plan.preset} (scale {plan.scale:g}: H={c.hidden_size} I={c.intermediate_size} "
             f"E={c.num_experts} K={c.top_k} shared={c.shared_intermediate_size}), mode {plan.mode}, "
-            f"{str(plan.dtype).replace('torch.', '')}, {device}, world sizes 1..{plan.world_size}, "
+            f"{dtype_name(plan.dtype)}, {device}, world sizes 1..{plan.world_size}, "
             f"median of {plan.repeats}"
             + (f", {plan.threads} thread{'s' if plan.threads != 1 else ''} per rank"
                if plan.threads and plan.device_type == "cpu" else "")

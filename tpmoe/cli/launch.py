@@ -25,6 +25,8 @@ from typing import Callable, List, Optional
 import torch
 import torch.distributed as dist
 
+from ..distributed import destroy_process_group_collected
+
 DEFAULT_TIMEOUT_S = 300
 
 
@@ -99,7 +101,7 @@ def _spawned_rank(worker, payload, rank, world_size, port, timeout_s, results, d
             context = RankContext(rank, world_size, dist.group.WORLD, device, backend, "spawn", send)
             results.put((rank, "ok", worker(context, payload)))
         finally:
-            dist.destroy_process_group()
+            destroy_process_group_collected()
     except BaseException:  # reported to the parent, which fails the command with it
         results.put((rank, "error", traceback.format_exc()))
 
@@ -179,7 +181,7 @@ def _run_torchrun(worker, payload, on_message, timeout_s, gather, device_type) -
         return gathered
     finally:
         if owns_group:
-            dist.destroy_process_group()
+            destroy_process_group_collected()
 
 
 def run_ranks(worker, payload, world_size: int, *, on_message=None, timeout_s: int = DEFAULT_TIMEOUT_S,

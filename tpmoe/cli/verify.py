@@ -22,6 +22,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from .._checks import dtype_name
 from ..config import MoEConfig
 from ..distributed.counting import CollectiveCounter
 from .collectives import expected_block_collectives, expected_step_collectives, format_counts
@@ -232,7 +233,7 @@ def header(plan: VerifyPlan, per_rank: List[Dict]) -> str:
             f"E={c.num_experts} K={c.top_k} shared={c.shared_intermediate_size})\n"
             f"  world size {plan.world_size} ({first['launcher']}, {first['backend'] or 'no process group'}), "
             f"mode {'sp' if plan.sequence_parallel else 'tp'}, {plan.num_tokens} tokens, "
-            f"{str(plan.dtype).replace('torch.', '')}, device {first['device']}, experts backend {plan.backend}"
+            f"{dtype_name(plan.dtype)}, device {first['device']}, experts backend {plan.backend}"
             + (f" ({'triton' if first['device'].startswith('cuda') else 'cpu'})" if plan.backend == "auto" else "")
             + ", "
             f"I per rank [{shards}], seed {plan.seed}"

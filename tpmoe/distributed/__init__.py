@@ -8,8 +8,8 @@ Every collective is issued as `torch.distributed.<name>(...)`, looked up at call
 all-gather is `all_gather_single`, `all_gather_into_tensor` before torch 2.13; the reduce-scatter
 `reduce_scatter_single`, `reduce_scatter_tensor` before).
 """
-from .groups import (CollectiveError, communicates, group_rank, group_size, naming_collective_failures,
-                     resolve_tp_group)
+from .groups import (CollectiveError, communicates, destroy_process_group_collected, group_rank, group_size,
+                     naming_collective_failures, resolve_tp_group)
 from .replicated import all_gather_tensor_lists, allreduce_gradients, allreduce_router_grads, check_replicated
 from .sequence_parallel import (GatherFromSequenceParallelRegion, ReduceScatterToSequenceParallelRegion,
                                 check_tokens_per_rank, gather_from_sequence_parallel_region,
@@ -22,7 +22,8 @@ __all__ = [
     "ReduceFromTensorParallelRegion",
     "ReduceScatterToSequenceParallelRegion", "all_gather_tensor_lists", "allreduce_gradients",
     "allreduce_router_grads", "check_replicated", "check_tokens_per_rank", "communicates",
-    "copy_to_tensor_parallel_region", "gather_from_sequence_parallel_region", "group_rank", "group_size",
+    "copy_to_tensor_parallel_region", "destroy_process_group_collected", "gather_from_sequence_parallel_region",
+    "group_rank", "group_size",
     "naming_collective_failures",
     "reduce_from_tensor_parallel_region", "reduce_scatter_to_sequence_parallel_region", "resolve_tp_group",
 ]

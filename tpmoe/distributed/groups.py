@@ -1,6 +1,7 @@
 """Which process group is the tensor-parallel (TP) group: a ProcessGroup, the TP dimension of
 a DeviceMesh, or None (one process, no communication)."""
 import contextlib
+import gc
 from typing import Optional, Union
 
 import torch.distributed as dist
@@ -29,6 +30,20 @@ def naming_collective_failures(what: str, group):
             f"{what}: the collective over the TP group (this rank {rank} of {size}) failed: another rank "
             f"raised, exited or did not reach the same collective within the process group's timeout; "
             f"look for the first error on the other ranks. Transport error: {error}") from error
+
+
+def destroy_process_group_collected() -> None:
+    """dist.destroy_process_group(), with the garbage collected before and after.
+
+    Modules and autograd graphs in reference cycles keep the process group alive past
+    destroy_process_group() until the interpreter's final collection; gloo's worker threads can
+    then run during finalization, where taking the GIL aborts the process ("terminate called
+    without an active exception", about one run in 10 of the torchrun example on a loaded 2-core
+    machine; pytorch/pytorch#179291). Collected here, the group goes while the interpreter is alive.
+    """
+    gc.collect()
+    dist.destroy_process_group()
+    gc.collect()
 
 
 def resolve_tp_group(group, mesh_dim: Optional[Union[str, int]] = None):

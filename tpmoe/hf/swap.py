@@ -102,8 +102,10 @@ def apply(model: nn.Module, group=None, *, tp_mesh_dim=None, backend: str = "aut
     Raises UnsupportedFamilyError (naming family and class) before changing anything if any
     MoE block is of an unsupported family, ValueError if the model has no MoE block.
     """
+    from .._checks import check_choice
     from ..block import MoEBlock
     from ..distributed import group_rank, group_size
+    from ..fused import BACKENDS
     from .families import hf_weight_names, moe_config_of
     from .module import JitterStep, TpmoeHFBlock
 
@@ -114,8 +116,6 @@ def apply(model: nn.Module, group=None, *, tp_mesh_dim=None, backend: str = "aut
         raise TypeError(f"jitter_seed: expected an int (the same on every rank), got {type(jitter_seed).__name__}")
     # Checked here too, not only when the first block is built: a bad value then fails before
     # any block is swapped, and also on a model without MoE blocks.
-    from .._checks import check_choice
-    from ..fused import BACKENDS
     check_choice(backend, "backend", BACKENDS)
     if not isinstance(check_replicated, bool):
         raise TypeError(f"check_replicated: expected a bool, got {type(check_replicated).__name__} "

@@ -27,6 +27,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 
 from . import autotune, backward_dh, backward_dw, down, gate_up
+from .._checks import dtype_name
 from ..routing_torch import align_torch
 
 # Shared memory per block an sm_80 / sm_90 kernel may use (opt-in maximum).
@@ -138,7 +139,7 @@ def representative_launches(kernel_names=None, *, layout="concatenated", gated=T
                                             bias_grad=True, **common)
                     variants = ["dW_gate_up", "dW_down"]
             for variant, (args, kwargs) in zip(variants, calls):
-                launches.append(Launch(name, variant, layout, str(dtype).replace("torch.", ""), config, args,
+                launches.append(Launch(name, variant, layout, dtype_name(dtype), config, args,
                                        kwargs))
     return launches
 
