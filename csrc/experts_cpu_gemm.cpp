@@ -8,8 +8,8 @@
 // time. Here the dot products run along k, where both operands are already contiguous, with
 // AVX512-BF16 (vdpbf16ps: 32 bf16 products per instruction, float32 sums): tiles of 4 rows x
 // 6 weight rows (24 accumulators, 10 loads per 24 instructions), weight rows in blocks that
-// stay in L2 while every group of 4 rows reuses them, each weight row read from memory once
-// and, past 8 rows, fetched a block ahead. Single core: 160 GFLOP/s at M = 32 and 190 at
+// stay in L2 while every group of 4 rows reuses them, each weight row read from memory once,
+// into L2 a block ahead while the tiles compute (NextBlockPrefetch). Single core: 160 GFLOP/s at M = 32 and 190 at
 // M = 128 on the Qwen3 gate_up shape, 200 at M = 128 for K = 4096 (oneDNN's dense GEMM: ~200,
 // the vdpbf16ps peak: 232), measured before the tiles kept their sums in registers and stored
 // them as vectors; with that the whole Qwen3 forward at T = 512 (~32 rows an expert) runs at
@@ -42,17 +42,6 @@ namespace {
 // (Qwen3 down) at 159 GFLOP/s for M = 32 against 143 with 288 KiB, K = 14336 (Mixtral down)
 // at 199 against 189 for M = 128.
 constexpr int64_t kBlockBytes = 144 * 1024;
-// Up to this many input rows each tile asks for its own weight rows a little ahead (below);
-// with more, the next block is fetched into L2 while this one is computed (NextBlockPrefetch).
-constexpr int64_t kMaxRowsForInTilePrefetch = 8;
-// Up to this many rows the weights are streamed one row at a time (dot_one_weight_row): it
-// reads at 17-21 GB/s on one core at M = 1, 2 (a plain sum: ~20 GB/s); at M = 3, 4 its 4-row
-// inner loop loads 5 vectors per 4 products and the 6-row tiles read faster (16 against 11-14
-// GB/s, K = 2048).
-constexpr int64_t kMaxRowsForInOrderStream = 2;
-// How far ahead the weight rows are prefetched, in elements (8 KiB; 2 and 16 KiB measured
-// within noise of it on the Mixtral shape at T = 32 and 128).
-constexpr int64_t kPrefetchElements = 4096;
 
 // a + b lane-pairwise after interleaving: per 128-bit lane [a0+a2, b0+b2, a1+a3, b1+b3].
 TPMOE_BF16_TARGET __attribute__((always_inline)) inline __m512 pair_sum_ps(__m512 a, __m512 b) {
@@ -96,10 +85,29 @@ TPMOE_BF16_TARGET __attribute__((always_inline)) inline __m256i to_bf16_bits(__m
   return _mm512_cvtepi32_epi16(rounded);
 }
 
+// The weight rows of the next block, asked into L2 a few lines at every k step of every tile
+// of this block, so that memory streams while the tiles compute: the first group of 4 input
+// rows then finds the block in L2 like the others (without it that group waits on memory,
+// and a core computes or streams, seldom both). Spread evenly, the prefetches never queue up
+// behind each other. 2 threads, Mixtral gate_up / down slices (K = 4096 / 14336) at M = 8:
+// 29 / 28 GB/s against 24 / 13 with the earlier scheme (up to 8 rows each tile prefetching
+// its own rows 8 KiB ahead, past that the next block in bursts of lines a tile); M = 6, 12,
+// 16: +35%, +35%, +9% (K = 4096); M = 32 and 128 within noise (Qwen3 K = 2048 and 768). A
+// whole Mixtral forward at T = 32: 1.52 -> 1.16x the weight-read floor. At M = 1 and 2 it
+// also replaced a kernel that streamed one weight row at a time in order (Mixtral forward at
+// T = 1 and 8: 5-8% faster; Qwen3 T = 1, 8, 32 within noise). Measured and slower: each
+// tile's own rows some distance ahead, with or without wrapping into the next tile at a
+// row's end (~10-20%), and, at M = 8, one or two lines a step more than an even spread.
+struct NextBlockPrefetch {
+  const char* next = nullptr;
+  const char* end = nullptr;
+  int64_t lines_per_step = 0;
+};
+
 // out[r, c] for r < kRows, c < kCols: kRows x kCols float32 accumulators over K.
-template <int kRows, int kCols, bool kInTilePrefetch>
+template <int kRows, int kCols>
 TPMOE_BF16_TARGET void dot_tile(int64_t K, const c10::BFloat16* a, int64_t lda, const c10::BFloat16* b, int64_t ldb,
-                                c10::BFloat16* out, int64_t ld_out) {
+                                c10::BFloat16* out, int64_t ld_out, NextBlockPrefetch& prefetch) {
   // Every loop over rows and columns unrolled by pragma: unrolled only later, GCC kept a copy
   // of the accumulators on the stack, zeroed, spilled and reloaded around every tile (that and
   // the scalar sums the 6-column tiles had cost 11% of the Qwen3 forward at T = 512).
@@ -122,18 +130,17 @@ TPMOE_BF16_TARGET void dot_tile(int64_t K, const c10::BFloat16* a, int64_t lda, 
       for (int c = 0; c < kCols; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], (__m512bh)a_vec, (__m512bh)b_vec[c]);
     }
   }
+  // Kept in registers for the loop (through the struct GCC stored `next` back every step).
+  const char* prefetch_next = prefetch.next;
+  const char* const prefetch_end = prefetch.end;
+  const int64_t prefetch_lines = prefetch.lines_per_step;
   for (int64_t k = tail; k < K; k += 32) {
+    if (prefetch_next < prefetch_end) {  // the last step may run up to lines_per_step - 1 lines past end: harmless
+      for (int64_t i = 0; i < prefetch_lines; ++i, prefetch_next += 64) _mm_prefetch(prefetch_next, _MM_HINT_T1);
+    }
     __m512i b_vec[kCols];
     #pragma GCC unroll 8
-    for (int c = 0; c < kCols; ++c) {
-      // With few input rows the block is read from memory by this tile: ask for its rows a
-      // little ahead (past a row's end this runs into the next row, next in memory for a
-      // contiguous weight). With more rows the block is already in L2 and these cost time.
-      if (kInTilePrefetch) {
-        _mm_prefetch(reinterpret_cast<const char*>(b + c * ldb + k + kPrefetchElements), _MM_HINT_T0);
-      }
-      b_vec[c] = _mm512_loadu_si512(b + c * ldb + k);
-    }
+    for (int c = 0; c < kCols; ++c) b_vec[c] = _mm512_loadu_si512(b + c * ldb + k);
     #pragma GCC unroll 8
     for (int r = 0; r < kRows; ++r) {
       const __m512i a_vec = _mm512_loadu_si512(a + r * lda + k);
@@ -141,6 +148,7 @@ TPMOE_BF16_TARGET void dot_tile(int64_t K, const c10::BFloat16* a, int64_t lda, 
       for (int c = 0; c < kCols; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], (__m512bh)a_vec, (__m512bh)b_vec[c]);
     }
   }
+  prefetch.next = prefetch_next;
   if constexpr (kCols == 6) {
     // Two rows (12 sums) a vector, stored with masked stores (the second row's 6 lanes
     // through a pointer 6 elements before its start, so lanes 6-11 land on its columns 0-5).
@@ -168,61 +176,6 @@ TPMOE_BF16_TARGET void dot_tile(int64_t K, const c10::BFloat16* a, int64_t lda, 
   }
 }
 
-// out[r, 0] for r < kRows against ONE weight row, k unrolled 4x (4 independent sums a row).
-// For few rows this streams the weights strictly in order: the 6-row tiles below read 6
-// rows side by side, 2*K bytes apart (4 KiB for K = 2048), and the L1 sets they share and
-// the interleaved streams held a core to ~60% of its read bandwidth (measured at T = 1 on
-// the Qwen3 shape; in order it reads at ~95% of a plain sum's rate).
-template <int kRows>
-TPMOE_BF16_TARGET void dot_one_weight_row(int64_t K, const c10::BFloat16* a, int64_t lda, const c10::BFloat16* b,
-                                          c10::BFloat16* out, int64_t ld_out) {
-  __m512 acc[kRows][4];
-  for (int r = 0; r < kRows; ++r)
-    for (int u = 0; u < 4; ++u) acc[r][u] = _mm512_setzero_ps();
-  int64_t k = 0;
-  for (; k + 128 <= K; k += 128) {
-    __m512i b_vec[4];
-    for (int u = 0; u < 4; ++u) b_vec[u] = _mm512_loadu_si512(b + k + 32 * u);
-    for (int r = 0; r < kRows; ++r) {
-      for (int u = 0; u < 4; ++u) {
-        const __m512i a_vec = _mm512_loadu_si512(a + r * lda + k + 32 * u);
-        acc[r][u] = _mm512_dpbf16_ps(acc[r][u], (__m512bh)a_vec, (__m512bh)b_vec[u]);
-      }
-    }
-  }
-  for (; k < K; k += 32) {  // the tail, 32 lanes at a time, the last one masked
-    const __mmask32 mask = K - k >= 32 ? ~__mmask32(0) : static_cast<__mmask32>((uint64_t(1) << (K - k)) - 1);
-    const __m512i b_vec = _mm512_maskz_loadu_epi16(mask, b + k);
-    for (int r = 0; r < kRows; ++r) {
-      const __m512i a_vec = _mm512_maskz_loadu_epi16(mask, a + r * lda + k);
-      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], (__m512bh)a_vec, (__m512bh)b_vec);
-    }
-  }
-  for (int r = 0; r < kRows; ++r) {
-    const __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]), _mm512_add_ps(acc[r][2], acc[r][3]));
-    out[r * ld_out] = c10::BFloat16(_mm512_reduce_add_ps(sum));
-  }
-}
-
-// Every weight row against all M rows (groups of up to 4): the row is read from memory for
-// the first group and from L1 for the others.
-TPMOE_BF16_TARGET void rows_times_weight_rows(int64_t M, int64_t N, int64_t K, const c10::BFloat16* a, int64_t lda,
-                                              const c10::BFloat16* b, int64_t ldb, c10::BFloat16* out,
-                                              int64_t ld_out) {
-  for (int64_t n = 0; n < N; ++n) {
-    for (int64_t m0 = 0; m0 < M; m0 += 4) {
-      const c10::BFloat16* a_rows = a + m0 * lda;
-      c10::BFloat16* out_rows = out + m0 * ld_out + n;
-      switch (M - m0 < 4 ? M - m0 : 4) {
-        case 1: dot_one_weight_row<1>(K, a_rows, lda, b + n * ldb, out_rows, ld_out); break;
-        case 2: dot_one_weight_row<2>(K, a_rows, lda, b + n * ldb, out_rows, ld_out); break;
-        case 3: dot_one_weight_row<3>(K, a_rows, lda, b + n * ldb, out_rows, ld_out); break;
-        default: dot_one_weight_row<4>(K, a_rows, lda, b + n * ldb, out_rows, ld_out); break;
-      }
-    }
-  }
-}
-
 // The [rows, K] weight the caller multiplies after this one (rows ld apart), if it said.
 struct FollowingWeight {
   const c10::BFloat16* data = nullptr;
@@ -230,58 +183,37 @@ struct FollowingWeight {
   int64_t rows = 0;
 };
 
-// The weight rows of the next block, asked into L2 a share at a time while this block is
-// computed: one group of 4 input rows would otherwise wait for the whole block from memory
-// (one core streams ~14 GB/s, a 4-row group computes a 144 KiB block in ~3 us), the other
-// groups would not wait at all. Single core, M = 128: 191 GFLOP/s against 168 with the
-// in-tile prefetch (K = 2048), 200 against 159 (K = 4096). Measured and slower: one prefetch
-// per step of the tile's k loop (~25% slower, with the loop's code unchanged otherwise;
-// likely the prefetches waiting on memory hold the miss buffers the tile's own L2 loads
-// need; a few lines every 8 steps: 4% slower at Qwen3 T = 512), two blocks ahead, one line
-// in two, the T0 and NTA hints (~15% slower; T2 ties T1), copying each block to rows
-// padded against L1 set conflicts, 8x3 / 6x4 / 5x5 tiles.
-struct NextBlockPrefetch {
-  const char* next = nullptr;
-  const char* end = nullptr;
-  int64_t lines_per_tile = 0;
-
-  TPMOE_BF16_TARGET void issue() {
-    for (int64_t i = 0; i < lines_per_tile && next < end; ++i, next += 64) _mm_prefetch(next, _MM_HINT_T1);
-  }
-};
 
 // kCols = 6: 24 accumulators + 6 weight vectors + 1 row vector fill 31 of the 32 registers,
 // 10 loads for 24 dot products.
-template <int kRows, bool kInTilePrefetch>
+template <int kRows>
 TPMOE_BF16_TARGET void rows_times_weight_block(int64_t N, int64_t K, const c10::BFloat16* a, int64_t lda,
                                                const c10::BFloat16* b, int64_t ldb, c10::BFloat16* out,
                                                int64_t ld_out, NextBlockPrefetch& prefetch) {
   int64_t n = 0;
-  for (; n + 6 <= N; n += 6) {
-    prefetch.issue();
-    dot_tile<kRows, 6, kInTilePrefetch>(K, a, lda, b + n * ldb, ldb, out + n, ld_out);
-  }
-  for (; n + 4 <= N; n += 4) dot_tile<kRows, 4, kInTilePrefetch>(K, a, lda, b + n * ldb, ldb, out + n, ld_out);
-  for (; n < N; ++n) dot_tile<kRows, 1, kInTilePrefetch>(K, a, lda, b + n * ldb, ldb, out + n, ld_out);
+  for (; n + 6 <= N; n += 6) dot_tile<kRows, 6>(K, a, lda, b + n * ldb, ldb, out + n, ld_out, prefetch);
+  for (; n + 4 <= N; n += 4) dot_tile<kRows, 4>(K, a, lda, b + n * ldb, ldb, out + n, ld_out, prefetch);
+  for (; n < N; ++n) dot_tile<kRows, 1>(K, a, lda, b + n * ldb, ldb, out + n, ld_out, prefetch);
 }
 
+// Tiles rows_times_weight_block runs over a block of `block` weight rows.
+int64_t tiles_in_block(int64_t block) { return block / 6 + block % 6 / 4 + block % 6 % 4; }
+
 // One group of up to 4 input rows against a block of weight rows.
-template <bool kInTilePrefetch>
 TPMOE_BF16_TARGET void group_times_block(int64_t rows, int64_t N, int64_t K, const c10::BFloat16* a, int64_t lda,
                                          const c10::BFloat16* b, int64_t ldb, c10::BFloat16* out, int64_t ld_out,
                                          NextBlockPrefetch& prefetch) {
   switch (rows) {
-    case 1: rows_times_weight_block<1, kInTilePrefetch>(N, K, a, lda, b, ldb, out, ld_out, prefetch); break;
-    case 2: rows_times_weight_block<2, kInTilePrefetch>(N, K, a, lda, b, ldb, out, ld_out, prefetch); break;
-    case 3: rows_times_weight_block<3, kInTilePrefetch>(N, K, a, lda, b, ldb, out, ld_out, prefetch); break;
-    default: rows_times_weight_block<4, kInTilePrefetch>(N, K, a, lda, b, ldb, out, ld_out, prefetch); break;
+    case 1: rows_times_weight_block<1>(N, K, a, lda, b, ldb, out, ld_out, prefetch); break;
+    case 2: rows_times_weight_block<2>(N, K, a, lda, b, ldb, out, ld_out, prefetch); break;
+    case 3: rows_times_weight_block<3>(N, K, a, lda, b, ldb, out, ld_out, prefetch); break;
+    default: rows_times_weight_block<4>(N, K, a, lda, b, ldb, out, ld_out, prefetch); break;
   }
 }
 
-template <bool kInTilePrefetch>
-TPMOE_BF16_TARGET void blocked_gemm(int64_t M, int64_t N, int64_t K, const c10::BFloat16* a, int64_t lda,
-                                    const c10::BFloat16* b, int64_t ldb, c10::BFloat16* out, int64_t ld_out,
-                                    const FollowingWeight& following) {
+TPMOE_BF16_TARGET void bf16_gemm(int64_t M, int64_t N, int64_t K, const c10::BFloat16* a, int64_t lda,
+                                 const c10::BFloat16* b, int64_t ldb, c10::BFloat16* out, int64_t ld_out,
+                                 const FollowingWeight& following) {
   const int64_t rows_per_block = std::max<int64_t>(6, kBlockBytes / (2 * K) / 6 * 6);
   const int64_t groups = (M + 3) / 4;
   for (int64_t n0 = 0; n0 < N; n0 += rows_per_block) {
@@ -294,31 +226,21 @@ TPMOE_BF16_TARGET void blocked_gemm(int64_t M, int64_t N, int64_t K, const c10::
     if (next_rows == 0 && following.data != nullptr) {
       next = following.data, next_ld = following.ld, next_rows = std::min(rows_per_block, following.rows);
     }
-    if (!kInTilePrefetch && next_rows > 0) {
+    const int64_t steps = groups * tiles_in_block(block) * (K / 32);
+    if (next_rows > 0 && steps > 0) {
       // [next, end) covers the next block's rows and, for a strided weight, the gaps between.
       prefetch.next = reinterpret_cast<const char*>(next);
       prefetch.end = reinterpret_cast<const char*>(next + (next_rows - 1) * next_ld + K);
-      const int64_t lines = (prefetch.end - prefetch.next + 63) / 64, tiles = groups * (block / 6);
-      prefetch.lines_per_tile = tiles > 0 ? (lines + tiles - 1) / tiles : 0;
+      const int64_t lines = (prefetch.end - prefetch.next + 63) / 64;
+      prefetch.lines_per_step = (lines + steps - 1) / steps;
     }
     for (int64_t m0 = 0; m0 < M; m0 += 4) {
-      group_times_block<kInTilePrefetch>(std::min<int64_t>(4, M - m0), block, K, a + m0 * lda, lda, b + n0 * ldb,
-                                         ldb, out + m0 * ld_out + n0, ld_out, prefetch);
+      group_times_block(std::min<int64_t>(4, M - m0), block, K, a + m0 * lda, lda, b + n0 * ldb, ldb,
+                        out + m0 * ld_out + n0, ld_out, prefetch);
     }
   }
 }
 
-TPMOE_BF16_TARGET void bf16_gemm(int64_t M, int64_t N, int64_t K, const c10::BFloat16* a, int64_t lda,
-                               const c10::BFloat16* b, int64_t ldb, c10::BFloat16* out, int64_t ld_out,
-                               const FollowingWeight& following) {
-  if (M <= kMaxRowsForInOrderStream) {
-    rows_times_weight_rows(M, N, K, a, lda, b, ldb, out, ld_out);
-  } else if (M <= kMaxRowsForInTilePrefetch) {
-    blocked_gemm<true>(M, N, K, a, lda, b, ldb, out, ld_out, following);
-  } else {
-    blocked_gemm<false>(M, N, K, a, lda, b, ldb, out, ld_out, following);
-  }
-}
 
 bool cpu_has_avx512_bf16() {
   __builtin_cpu_init();

@@ -131,12 +131,13 @@ def test_half_precision_within_twice_torch_error(layout, activation, gated, dtyp
 def test_bf16_kernel_within_twice_torch_error(layout, activation, num_tokens, num_experts, mode, hidden, inter,
                                               seed):
     # The bf16 GEMM (csrc/experts_cpu_gemm.cpp, on CPUs with AVX512-BF16) runs every expert in
-    # the "experts" regime. Its paths: up to 2 rows one weight row at a time; 3-8 rows in
-    # groups of 4 with in-tile prefetch (6 tokens on expert 0); more rows with the next block
-    # fetched ahead (53 tokens: 14 groups, the last of one row). H = 80 leaves a 16-lane tail
-    # of the 32-lane dot products and I = 37 tails of the 6- and 4-column tiles; H = 2100
-    # makes 30-row weight blocks, so gate_up runs two blocks per thread slice, the second a
-    # partial one, and the down GEMM's K = 75 ends in an 11-lane tail.
+    # the "experts" regime: input rows in groups of up to 4 (1 token: groups of 1 row; 6
+    # tokens on expert 0: a group of 4 and one of 2; 53 tokens: 14 groups, the last of one
+    # row), each against blocks of weight rows while the next block (or the next GEMM's
+    # first) is prefetched. H = 80 leaves a 16-lane tail of the 32-lane dot products and
+    # I = 37 tails of the 6- and 4-column tiles; H = 2100 makes 30-row weight blocks, so
+    # gate_up runs two blocks per thread slice, the second a partial one, and the down GEMM's
+    # K = 75 ends in an 11-lane tail.
     inputs, topk_ids, grad_out = make_inputs(seed, num_tokens, hidden, inter, num_experts, 2, layout=layout,
                                              gated=True, bias=True, mode=mode)
     options = options_for(activation, layout, True)
@@ -154,7 +155,7 @@ def test_bf16_products_round_to_nearest_even_in_every_tile_position(seed):
     # Every dot product here has one nonzero term, exact in float32, so each GEMM output must
     # be that product rounded to bf16 exactly as PyTorch rounds it (nearest, ties to even,
     # NaN stays NaN): x rows one-hot, each down-weight row one-hot. Experts get 2, 6 and 13
-    # rows (every path of the bf16 GEMM), H = 80 and I = 37 leave tails in k, in the 6-column
+    # rows (groups of 2, 4 + 2, 4 + 4 + 4 + 1 rows in the bf16 GEMM), H = 80 and I = 37 leave tails in k, in the 6-column
     # tiles and in the rows of the tile; a token carries a NaN.
     generator = torch.Generator().manual_seed(seed)
     hidden, inter, counts = 80, 37, (2, 6, 13)
