@@ -9,13 +9,14 @@
 // AVX512-BF16 (vdpbf16ps: 32 bf16 products per instruction, float32 sums): tiles of 4 rows x
 // 6 weight rows (24 accumulators, 10 loads per 24 instructions), weight rows in blocks that
 // stay in L2 while every group of 4 rows reuses them, each weight row read from memory once,
-// into L2 a block ahead while the tiles compute (NextBlockPrefetch). Single core: 160 GFLOP/s at M = 32 and 190 at
-// M = 128 on the Qwen3 gate_up shape, 200 at M = 128 for K = 4096 (oneDNN's dense GEMM: ~200,
-// the vdpbf16ps peak: 232), measured before the tiles kept their sums in registers and stored
-// them as vectors; with that the whole Qwen3 forward at T = 512 (~32 rows an expert) runs at
-// 0.84-0.86 of a dense GEMM of the same FLOPs on 2 cores (was 0.74-0.82). It is compiled for
-// that ISA with a function attribute and runs only where the CPU reports it (checked once at run
-// time); everywhere else, and for other dtypes and the gpt_oss layout, ATen's GEMM runs.
+// into L2 a block ahead while the tiles compute (NextBlockPrefetch). Single core: 160 GFLOP/s
+// at M = 32 and 190 at M = 128 on the Qwen3 gate_up shape, 200 at M = 128 for K = 4096
+// (oneDNN's dense GEMM: ~200, the vdpbf16ps peak: 232), measured before the tiles kept their
+// sums in registers and stored them as vectors; with that the whole Qwen3 forward at T = 512
+// (~32 rows an expert) runs at 0.82-0.87 of a dense GEMM of the same FLOPs on 2 cores (was
+// 0.74-0.82). It is compiled for that ISA with a function attribute and runs only where the
+// CPU reports it (checked once at run time); everywhere else, and for other dtypes and the
+// gpt_oss layout, ATen's GEMM runs.
 #include <c10/util/BFloat16.h>
 
 #include <algorithm>
@@ -135,7 +136,8 @@ TPMOE_BF16_TARGET void dot_tile(int64_t K, const c10::BFloat16* a, int64_t lda, 
   const char* const prefetch_end = prefetch.end;
   const int64_t prefetch_lines = prefetch.lines_per_step;
   for (int64_t k = tail; k < K; k += 32) {
-    if (prefetch_next < prefetch_end) {  // the last step may run up to lines_per_step - 1 lines past end: harmless
+    // The last step may run up to lines_per_step - 1 lines past end: prefetches never fault.
+    if (prefetch_next < prefetch_end) {
       for (int64_t i = 0; i < prefetch_lines; ++i, prefetch_next += 64) _mm_prefetch(prefetch_next, _MM_HINT_T1);
     }
     __m512i b_vec[kCols];
