@@ -89,8 +89,8 @@ TPMOE_BF16_TARGET __attribute__((always_inline)) inline __m256i to_bf16_bits(__m
 // The weight rows of the next block, asked into L2 a few lines at every k step of every tile
 // of this block, so that memory streams while the tiles compute: the first group of 4 input
 // rows then finds the block in L2 like the others (without it that group waits on memory,
-// and a core computes or streams, seldom both). Spread evenly, the prefetches never queue up
-// behind each other. 2 threads, Mixtral gate_up / down slices (K = 4096 / 14336) at M = 8:
+// and a core computes or streams, seldom both). Spread evenly, they do not wait on each
+// other in bursts. 2 threads, Mixtral gate_up / down slices (K = 4096 / 14336) at M = 8:
 // 29 / 28 GB/s against 24 / 13 with the earlier scheme (up to 8 rows each tile prefetching
 // its own rows 8 KiB ahead, past that the next block in bursts of lines a tile); M = 6, 12,
 // 16: +35%, +35%, +9% (K = 4096); M = 32 and 128 within noise (Qwen3 K = 2048 and 768). A
