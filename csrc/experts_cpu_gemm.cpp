@@ -99,6 +99,10 @@ TPMOE_BF16_TARGET __attribute__((always_inline)) inline __m256i to_bf16_bits(__m
 // T = 1 and 8: 5-8% faster; Qwen3 T = 1, 8, 32 within noise). Measured and slower: each
 // tile's own rows some distance ahead, with or without wrapping into the next tile at a
 // row's end (~10-20%), and, at M = 8, one or two lines a step more than an even spread.
+// (An earlier measurement, one core at M = 128, had a line at every step 25% slower than the
+// bursts used then; the even spread measured here ties them at M = 32 and 128.) Measured
+// slower with the earlier schemes and not tried again: copying each block to rows padded
+// against L1 set conflicts, 8x3 / 6x4 / 5x5 tiles.
 struct NextBlockPrefetch {
   const char* next = nullptr;
   const char* end = nullptr;
@@ -185,7 +189,6 @@ struct FollowingWeight {
   int64_t rows = 0;
 };
 
-
 // kCols = 6: 24 accumulators + 6 weight vectors + 1 row vector fill 31 of the 32 registers,
 // 10 loads for 24 dot products.
 template <int kRows>
@@ -198,7 +201,8 @@ TPMOE_BF16_TARGET void rows_times_weight_block(int64_t N, int64_t K, const c10::
   for (; n < N; ++n) dot_tile<kRows, 1>(K, a, lda, b + n * ldb, ldb, out + n, ld_out, prefetch);
 }
 
-// Tiles rows_times_weight_block runs over a block of `block` weight rows.
+// Tiles rows_times_weight_block runs over a block of `block` weight rows (kept in step with
+// its three loops: the prefetch is spread over this many tiles' k steps).
 int64_t tiles_in_block(int64_t block) { return block / 6 + block % 6 / 4 + block % 6 % 4; }
 
 // One group of up to 4 input rows against a block of weight rows.
@@ -242,7 +246,6 @@ TPMOE_BF16_TARGET void bf16_gemm(int64_t M, int64_t N, int64_t K, const c10::BFl
     }
   }
 }
-
 
 bool cpu_has_avx512_bf16() {
   __builtin_cpu_init();

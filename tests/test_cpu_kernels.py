@@ -155,8 +155,8 @@ def test_bf16_products_round_to_nearest_even_in_every_tile_position(seed):
     # Every dot product here has one nonzero term, exact in float32, so each GEMM output must
     # be that product rounded to bf16 exactly as PyTorch rounds it (nearest, ties to even,
     # NaN stays NaN): x rows one-hot, each down-weight row one-hot. Experts get 2, 6 and 13
-    # rows (groups of 2, 4 + 2, 4 + 4 + 4 + 1 rows in the bf16 GEMM), H = 80 and I = 37 leave tails in k, in the 6-column
-    # tiles and in the rows of the tile; a token carries a NaN.
+    # rows (groups of 2, 4 + 2 and 4 + 4 + 4 + 1 rows in the bf16 GEMM); H = 80 and I = 37
+    # leave tails in k, in the 6-column tiles and in the rows of the tile; a token carries a NaN.
     generator = torch.Generator().manual_seed(seed)
     hidden, inter, counts = 80, 37, (2, 6, 13)
     num_tokens = sum(counts)
