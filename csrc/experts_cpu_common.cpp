@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <string>
+#include <utility>
 
 #include "experts_cpu.h"
 
@@ -31,15 +32,27 @@ constexpr int64_t kMinMultiplyAddsForThreads = 1 << 18;
 
 std::string to_string(c10::string_view view) { return std::string(view.data(), view.size()); }
 
+// The names of tpmoe.config.ACTIVATIONS; tests/test_cpu_kernels.py runs each one.
+constexpr std::pair<const char*, Activation> kActivationNames[] = {
+    {"silu", Activation::kSilu},
+    {"gelu", Activation::kGelu},
+    {"gelu_tanh", Activation::kGeluTanh},
+    {"relu", Activation::kRelu},
+    {"clamped_swiglu", Activation::kClampedSwiglu},
+    {"relu2", Activation::kRelu2},
+    {"clamped_silu", Activation::kClampedSilu},
+    {"silu_clamped", Activation::kSiluClamped},
+    {"softcapped_swiglu", Activation::kSoftcappedSwiglu},
+};
+
 Activation parse_activation(const char* op, c10::string_view name) {
   const std::string value = to_string(name);
-  if (value == "silu") return Activation::kSilu;
-  if (value == "gelu") return Activation::kGelu;
-  if (value == "gelu_tanh") return Activation::kGeluTanh;
-  if (value == "relu") return Activation::kRelu;
-  if (value == "clamped_swiglu") return Activation::kClampedSwiglu;
-  TORCH_CHECK(false, op, ": activation: expected 'silu', 'gelu', 'gelu_tanh', 'relu' or 'clamped_swiglu', got '",
-              value, "'");
+  std::string expected;
+  for (const auto& entry : kActivationNames) {
+    if (value == entry.first) return entry.second;
+    expected += std::string(expected.empty() ? "'" : ", '") + entry.first + "'";
+  }
+  TORCH_CHECK(false, op, ": activation: expected one of ", expected, ", got '", value, "'");
 }
 
 Layout parse_layout(const char* op, c10::string_view name) {
@@ -73,8 +86,8 @@ ExpertsProblem make_problem(const char* op, const at::Tensor& hidden_states, con
   problem.layout = parse_layout(op, layout);
   problem.act = GatedParams{parse_activation(op, activation), alpha, limit};
   problem.gated = gated;
-  TORCH_CHECK(gated || problem.act.activation != Activation::kClampedSwiglu, op,
-              ": gated: clamped_swiglu is a gated activation, expected gated=True, got False");
+  TORCH_CHECK(gated || !is_gated_only(problem.act.activation), op, ": gated: ", to_string(activation),
+              " is a gated activation, expected gated=True, got False");
 
   TORCH_CHECK(hidden_states.dim() == 2, op, ": hidden_states: expected a 2-D tensor [T, H], got shape ",
               hidden_states.sizes());

@@ -78,8 +78,7 @@ constexpr int64_t kMinElementsForAten = 2048;
 bool activate_with_aten(const ExpertsProblem& problem, const at::Tensor& gate_up_rows, const at::Tensor& h_rows,
                         int64_t j0, int64_t j1) {
   const bool contiguous_blocks = !problem.gated || problem.layout == Layout::kConcatenated;
-  if (!contiguous_blocks || problem.act.activation == Activation::kClampedSwiglu ||
-      gate_up_rows.size(0) * (j1 - j0) < kMinElementsForAten) {
+  if (!contiguous_blocks || gate_up_rows.size(0) * (j1 - j0) < kMinElementsForAten) {
     return false;
   }
   at::Tensor out = h_rows.narrow(1, j0, j1 - j0);
@@ -88,7 +87,14 @@ bool activate_with_aten(const ExpertsProblem& problem, const at::Tensor& gate_up
     case Activation::kSilu: at::silu_out(out, gate); break;
     case Activation::kGelu: at::gelu_out(out, gate, "none"); break;
     case Activation::kGeluTanh: at::gelu_out(out, gate, "tanh"); break;
-    default: at::clamp_min_out(out, gate, 0); break;
+    case Activation::kRelu: at::clamp_min_out(out, gate, 0); break;
+    case Activation::kRelu2:
+      // relu is exact in the dtype, so the square rounds once, as in the scalar loop.
+      at::clamp_min_out(out, gate, 0);
+      out.mul_(out);
+      break;
+    default:
+      return false;  // the gated-only activations (clamps, softcaps): no ATen kernel, the scalar loop
   }
   if (problem.gated) out.mul_(gate_up_rows.narrow(1, up_column(problem, j0), j1 - j0));
   return true;

@@ -13,6 +13,9 @@ from tpmoe import MoEConfig, check_moe_weights, expected_shapes, random_moe_weig
     (dict(activation="swish"), ["activation", "swish"]),
     (dict(layout="packed"), ["layout", "packed"]),
     (dict(activation="clamped_swiglu", gated=False), ["gated", "clamped_swiglu"]),
+    (dict(activation="clamped_silu", gated=False), ["gated", "clamped_silu"]),
+    (dict(activation="silu_clamped", gated=False), ["gated", "silu_clamped"]),
+    (dict(activation="softcapped_swiglu", gated=False), ["gated", "softcapped_swiglu"]),
     (dict(scoring="sigmoid_group", n_group=3), ["n_group", "divisor of num_experts (4)", "3"]),
     (dict(scoring="sigmoid_group", n_group=2, topk_group=3), ["topk_group", "<= n_group (2)", "3"]),
     (dict(correction_bias=True), ["correction_bias", "sigmoid_group", "softmax"]),
@@ -26,6 +29,14 @@ def test_bad_config_names_the_field(kwargs, pieces):
         MoEConfig(**arguments)
     for piece in pieces:
         assert piece in str(info.value), f"{piece!r} not in {info.value}"
+
+
+def test_gated_only_activations_are_activations_and_relu2_runs_without_gate():
+    from tpmoe.config import ACTIVATIONS, GATED_ONLY_ACTIVATIONS
+    assert set(GATED_ONLY_ACTIVATIONS) < set(ACTIVATIONS)
+    for activation in ACTIVATIONS:
+        MoEConfig(8, 6, 4, 2, activation=activation)
+    assert MoEConfig(8, 6, 4, 2, activation="relu2", gated=False).gate_up_rows == 6
 
 
 def test_weights_checker_names_missing_extra_and_misshapen():

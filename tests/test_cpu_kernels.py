@@ -3,6 +3,7 @@ reference: output and every gradient, every layout and activation, both threadin
 import pytest
 import torch
 
+from tpmoe.config import ACTIVATIONS, GATED_ONLY_ACTIVATIONS
 from tpmoe.cpu import cpu_ops, cpu_ops_available
 from tpmoe.experts_cpu import fused_experts_cpu
 from tpmoe.reference import reference_experts
@@ -61,17 +62,29 @@ CASES = [
     (8, 16, 6, 4, 2, "gpt_oss", False, "gelu", False, "skip_last"),
     (29, 33, 40, 7, 3, "gpt_oss", True, "silu", True, "one_expert"),
     (64, 48, 21, 3, 2, "interleaved", False, "silu", True, "random"),  # many rows per expert
+    (12, 20, 11, 4, 2, "interleaved", True, "clamped_swiglu", False, "random"),
+    (15, 24, 10, 5, 2, "concatenated", True, "clamped_silu", True, "skip_last"),
+    (13, 20, 9, 4, 3, "interleaved", True, "silu_clamped", False, "random"),
+    (11, 16, 12, 4, 2, "gpt_oss", True, "softcapped_swiglu", True, "one_expert"),
+    (10, 16, 8, 4, 2, "gpt_oss", True, "relu2", True, "random"),
+    # Non-gated relu2 without bias on 64 rows x 48 columns: the ATen activation in "gemm", the
+    # scalar loop on each thread's 24 columns in "experts".
+    (64, 24, 48, 2, 2, "concatenated", False, "relu2", False, "random"),
 ]
+
+
+def input_scale(activation, fp32_scale):
+    # The gated-only activations: large inputs push pre-activations past the clamps and deep
+    # into the softcaps' saturation.
+    return fp32_scale if activation in GATED_ONLY_ACTIVATIONS else 1.0
 
 
 @pytest.mark.parametrize("threading", THREADINGS)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
 def test_matches_reference_fp64_and_fp32(case, threading, seed):
     num_tokens, hidden, inter, experts, top_k, layout, gated, activation, bias, mode = case
-    # clamped_swiglu: large inputs push pre-activations past both clamps.
-    scale = 20.0 if activation == "clamped_swiglu" else 1.0
     inputs, topk_ids, grad_out = make_inputs(seed, num_tokens, hidden, inter, experts, top_k, layout=layout,
-                                             gated=gated, bias=bias, mode=mode, scale=scale)
+                                             gated=gated, bias=bias, mode=mode, scale=input_scale(activation, 20.0))
     options = options_for(activation, layout, gated)
     ref_out, ref_grads = run_with_grads(reference_experts, inputs, topk_ids, options, grad_out)
     out64, grads64 = run_with_grads(native(threading), inputs, topk_ids, options, grad_out)
@@ -107,11 +120,14 @@ def test_empty_intermediate_shard(threading, seed):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("layout,activation,gated", [("concatenated", "silu", True),
                                                      ("gpt_oss", "clamped_swiglu", True),
-                                                     ("interleaved", "gelu", False)])
+                                                     ("interleaved", "gelu", False),
+                                                     ("concatenated", "clamped_silu", True),
+                                                     ("gpt_oss", "silu_clamped", True),
+                                                     ("interleaved", "softcapped_swiglu", True),
+                                                     ("concatenated", "relu2", False)])
 def test_half_precision_within_twice_torch_error(layout, activation, gated, dtype, threading, seed):
-    scale = 8.0 if activation == "clamped_swiglu" else 1.0
     inputs, topk_ids, grad_out = make_inputs(seed, 41, 64, 48, 6, 2, layout=layout, gated=gated, bias=True,
-                                             scale=scale)
+                                             scale=input_scale(activation, 8.0))
     options = options_for(activation, layout, gated)
     ref_out, ref_grads = run_with_grads(reference_experts, inputs, topk_ids, options, grad_out)
     half_inputs = cast(inputs, dtype)
@@ -307,11 +323,19 @@ def test_raw_forward_rejects_bad_input(name, make_bad, message):
         call_forward(args)
 
 
-def test_raw_forward_rejects_non_gated_clamped_swiglu():
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_raw_forward_knows_every_activation_and_which_need_a_gate(activation):
+    # The C++ side keeps its own list of names and of the gated-only ones: both must match tpmoe.config.
     args = raw_args()
-    args.update(activation="clamped_swiglu", gated=False)
-    with pytest.raises(RuntimeError, match="gated"):
-        call_forward(args)
+    args["activation"] = activation
+    out, _ = call_forward(args)
+    assert out.shape == (5, 8) and torch.isfinite(out).all()
+    args.update(gated=False, w_gate_up=args["w_gate_up"][:, :6])
+    if activation in GATED_ONLY_ACTIVATIONS:
+        with pytest.raises(RuntimeError, match=f"gated: {activation} is a gated activation"):
+            call_forward(args)
+    else:
+        assert call_forward(args)[0].shape == (5, 8)
 
 
 def test_raw_backward_rejects_a_wrong_saved_gate_up():

@@ -45,6 +45,9 @@ def test_valid_args_run():
     (dict(layout="packed"), ValueError, ["layout", "packed"]),
     (dict(backend="cuda"), ValueError, ["backend", "cuda"]),
     (dict(activation="clamped_swiglu", gated=False), ValueError, ["gated", "clamped_swiglu"]),
+    (dict(activation="clamped_silu", gated=False), ValueError, ["gated", "clamped_silu"]),
+    (dict(activation="silu_clamped", gated=False), ValueError, ["gated", "silu_clamped"]),
+    (dict(activation="softcapped_swiglu", gated=False), ValueError, ["gated", "softcapped_swiglu"]),
     (dict(hidden_states=[[1.0]]), TypeError, ["hidden_states", "torch.Tensor", "list"]),
 ])
 def test_bad_input_names_argument_expected_and_got(overrides, exception, pieces):

@@ -104,12 +104,12 @@ def _jitter_case(hf_model, input_ids, seed):
     report = tpmoe.hf.apply(sharded, dist.group.WORLD, jitter_seed=seed)
     digests = []
 
-    def record(module, args, output):
-        _, (_, _, topk_ids) = output  # TpmoeHFBlock calls its MoEBlock with return_routing=True
+    def record(module, args, kwargs, output):
+        _, _, topk_ids = kwargs["routing"]  # TpmoeHFBlock routes, then hands the routing to its MoEBlock
         digests.append(_digest(topk_ids))
 
     for entry in report:
-        sharded.get_submodule(entry.name).block.register_forward_hook(record)
+        sharded.get_submodule(entry.name).block.register_forward_hook(record, with_kwargs=True)
     one_process.train()
     sharded.train()
     errors = []

@@ -47,11 +47,13 @@ def _full(tensor):
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
-def _load(path, tp):
-    from transformers import AutoModelForCausalLM
+def _load(path, tp, dtype=torch.float32):
+    from transformers import AutoConfig
+
+    from hf_families import causal_lm_class
     kwargs = dict(tp_plan="auto") if tp else {}
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, experts_implementation="eager",
-                                                **kwargs).eval()
+    model_class = causal_lm_class(AutoConfig.from_pretrained(path))
+    return model_class.from_pretrained(path, dtype=dtype, experts_implementation="eager", **kwargs).eval()
 
 
 def _run(model, input_ids, counter, block_names):
@@ -149,3 +151,136 @@ def test_take_over_from_transformers_tp_plan(world_size, overrides, source, I_lo
             assert hf["forward"][name][0] >= 1 and hf["backward"][name][0] >= 1, (hf["forward"], hf["backward"])
         print(f"rank {rank}: collectives per MoE block forward/backward: transformers "
               f"{hf['forward']}/{hf['backward']}, tpmoe {ours['forward']}/{ours['backward']}")
+
+
+# Every supported family with a shared expert whose tiny CausalLM builds on CPU (tests/hf_families.py),
+# plus GPT-OSS, whose 5.24 plan leaves the experts whole (tpmoe then shards them over the mesh).
+SHARED_EXPERT_FAMILIES = ("afmoe", "aria", "axk1", "axk2", "cohere2_moe", "deepseek_v2", "deepseek_v3", "deepseek_v32",
+                          "dots1", "ernie4_5_moe", "exaone_moe", "flint", "glm4_moe", "glm4_moe_lite", "glm_moe_dsa",
+                          "hunyuan_v1_moe", "hy_v3", "kolibri1", "laguna", "lara_mini", "minimax_m3_vl", "mistral4",
+                          "llama4", "nemotron_h", "qwen2_moe", "qwen3_5_moe", "qwen3_next", "qwen4_exp", "solar_open")
+PLAN_FAMILIES = SHARED_EXPERT_FAMILIES + ("gpt_oss",)
+
+
+def _heads_for(world_size, config):
+    """Attention heads divisible by the TP size (transformers shards attention by heads)."""
+    if world_size == 2:
+        return {}
+    kv = getattr(config, "num_key_value_heads", None)
+    return dict(num_attention_heads=6, num_key_value_heads=6 if kv == getattr(config, "num_attention_heads", 0) else 3)
+
+
+def _take_over(rank, world_size, root, seed, families):
+    os.environ.update(WORLD_SIZE=str(world_size), RANK=str(rank), LOCAL_RANK=str(rank))
+    from dist_utils import CollectiveCounter
+    from hf_models import PerBlockCollectives
+
+    import tpmoe.hf
+
+    input_ids = torch.randint(3, 61, (2, 7), generator=torch.Generator().manual_seed(seed))
+    results = {}
+    with CollectiveCounter() as counter:
+        for family in families:
+            path = os.path.join(root, family)
+            reference = _load(path, tp=False, dtype=torch.float64)
+            reference.zero_grad(set_to_none=True)
+            logits_ref = reference(input_ids, labels=input_ids)
+            logits_ref.loss.backward()
+            grads_ref = {name: p.grad.detach().clone() for name, p in reference.named_parameters()
+                         if p.grad is not None}
+            model = _load(path, tp=True, dtype=torch.float64)
+            placements = {name: str(getattr(p, "placements", "plain")) for name, p in model.named_parameters()}
+            report = tpmoe.hf.apply(model)
+            blocks = {entry.name: model.get_submodule(entry.name) for entry in report}
+            per_block = PerBlockCollectives(counter, blocks)
+            model.zero_grad(set_to_none=True)
+            output = model(input_ids, labels=input_ids)
+            output.loss.backward()
+            per_block.remove()
+            errors = {"logits": _error(output.logits.detach(), logits_ref.logits.detach())}
+            from hf_families import expected_local_grads
+            grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+            for name, expected in expected_local_grads(reference, grads_ref, model, rank, world_size).items():
+                if expected is None or name not in grads:
+                    errors[f"{name} (missing)"] = float(expected is not None) + float(name in grads)
+                    continue
+                errors[name] = _error(_full(grads[name]), expected)
+            state_dict = tpmoe.hf.gather_state_dict(model)
+            original = reference.state_dict()
+            results[family] = dict(
+                errors=errors, forward=per_block.forward, backward=per_block.backward, placements=placements,
+                report=[(e.name, e.mode, e.shards, e.I_local, e.intermediate_size, e.source) for e in report],
+                bitwise=sorted(state_dict) == sorted(original) and all(torch.equal(state_dict[n], t)
+                                                                        for n, t in original.items()))
+    return results
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_take_over_every_shared_expert_family_from_tp_plan(world_size, tmp_path, seed):
+    """from_pretrained(tp_plan="auto") then apply(model): whatever mix the plan left (DTensor routed
+    experts, plain shared experts, sharded shared experts, nothing sharded at all for GPT-OSS), the
+    model computes the one-process logits and every gradient, each MoE block with ONE collective
+    forward and ONE backward, and gather_state_dict gives the one-process state dict bit for bit.
+
+    In float64: transformers' own sharded attention sums in another order than one process, which
+    in float32 alone reaches ~1e-5 on some norm gradients; in float64 what remains is the float32
+    rounding that several families' routers do on purpose (softmax(dtype=float32)), at ~1e-7."""
+    from hf_families import causal_lm_config, make_family_causal_lm
+
+    for family in PLAN_FAMILIES:
+        heads = _heads_for(world_size, causal_lm_config(family))
+        make_family_causal_lm(family, seed, **heads).save_pretrained(tmp_path / family)
+    per_rank = run_distributed(_take_over, world_size, str(tmp_path), seed, PLAN_FAMILIES, timeout_s=300)
+    from tpmoe.sharding import shard_sizes
+    for family in PLAN_FAMILIES:
+        for rank, results in enumerate(per_rank):
+            result = results[family]
+            where = f"{family}, rank {rank} of {world_size}"
+            for name, error in result["errors"].items():
+                assert error <= FP32_RTOL, f"{where}: {name} max relative error {error:.3e} > {FP32_RTOL:.0e}"
+            assert result["report"], where
+            for name, mode, shards, I_local, intermediate, source in result["report"]:
+                assert shards == (rank, world_size), (where, name, shards)
+                assert I_local == shard_sizes(intermediate, world_size)[rank], (where, name, I_local)
+            for name in result["forward"]:
+                assert result["forward"][name] == [1] and result["backward"][name] == [1], \
+                    f"{where}: {name} forward {result['forward'][name]}, backward {result['backward'][name]}"
+            assert result["bitwise"], f"{where}: gather_state_dict differs from the one-process state dict"
+        if family != "gpt_oss":
+            experts = [n for n, p in per_rank[0][family]["placements"].items()
+                       if n.endswith(("experts.gate_up_proj", "experts.up_proj"))]
+            assert experts and "Shard" in per_rank[0][family]["placements"][experts[0]], \
+                f"{family}: transformers did not shard the experts (the test would say nothing about TP)"
+        else:
+            assert all(p == "plain" for n, p in per_rank[0][family]["placements"].items() if ".experts." in n)
+
+
+def _misshapen(rank, world_size, seed):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from dist_utils import error_of
+    from hf_families import make_family_block
+
+    import tpmoe.hf
+
+    holder = make_family_block("qwen2_moe.Qwen2MoeSparseMoeBlock", seed)
+    mesh = init_device_mesh("cpu", (world_size,))
+    experts = holder.mlp.experts
+    # A checkpoint whose down projection has one intermediate column too many, as transformers shards it.
+    wrong = torch.randn(experts.down_proj.shape[0], experts.down_proj.shape[1], experts.down_proj.shape[2] + 1)
+    experts.down_proj = torch.nn.Parameter(distribute_tensor(wrong, mesh, [Shard(2)]))
+    before = [type(m).__name__ for m in holder.modules()]
+    error = error_of(lambda: tpmoe.hf.apply(holder))
+    return error, before == [type(m).__name__ for m in holder.modules()]
+
+
+@pytest.mark.distributed
+def test_a_weight_tpmoe_cannot_take_is_named_with_its_placement(seed):
+    for error, unchanged in run_distributed(_misshapen, 2, seed, timeout_s=60):
+        assert error is not None and error[0] == "ValueError", error
+        assert "mlp.experts.down_proj (a DTensor (Shard(dim=2),) on a 1-D mesh" in error[1], error[1]
+        assert "its whole shape is (8, 24, 11), expected (8, 24, 10)" in error[1], error[1]
+        assert unchanged, "apply changed the model before refusing it"

@@ -25,6 +25,7 @@ import tpmoe
 from dist_utils import run_distributed
 from tolerances import assert_fp32_close, assert_within_twice_same_dtype
 from tpmoe.block import MoEBlock
+from tpmoe.config import ACTIVATIONS, GATED_ONLY_ACTIVATIONS
 from tpmoe.reference import reference_experts, reference_moe_block
 from tpmoe.sharding import SHARDED_NAMES, assemble_full, shard_moe_weights, shard_sizes
 
@@ -43,8 +44,8 @@ def _settings(max_examples):
 
 @st.composite
 def experts_cases(draw, max_tokens=9, max_hidden=12, max_intermediate=6, max_experts=6):
-    activation = draw(st.sampled_from(["silu", "gelu", "gelu_tanh", "relu", "clamped_swiglu"]))
-    gated = True if activation == "clamped_swiglu" else draw(st.booleans())
+    activation = draw(st.sampled_from(ACTIVATIONS))
+    gated = True if activation in GATED_ONLY_ACTIVATIONS else draw(st.booleans())
     num_experts = draw(st.integers(1, max_experts))
     return dict(
         T=draw(st.integers(1, max_tokens)), H=draw(st.integers(1, max_hidden)),
@@ -139,8 +140,8 @@ def _assert_close_or_both_zero(actual, reference, name):
 
 @st.composite
 def block_configs(draw):
-    activation = draw(st.sampled_from(["silu", "gelu", "relu", "clamped_swiglu"]))
-    gated = True if activation == "clamped_swiglu" else draw(st.booleans())
+    activation = draw(st.sampled_from(["silu", "gelu", "relu", "clamped_swiglu", "relu2", "softcapped_swiglu"]))
+    gated = True if activation in GATED_ONLY_ACTIVATIONS else draw(st.booleans())
     num_experts = draw(st.sampled_from([1, 2, 3, 4, 6]))
     scoring = draw(st.sampled_from(["softmax", "topk_softmax", "sigmoid_group"]))
     n_group = draw(st.sampled_from([g for g in (1, 2, 3) if num_experts % g == 0])) if scoring == "sigmoid_group" else 1
@@ -220,12 +221,12 @@ def _spawned_cases(rank, world_size, seed, num_cases):
     errors = []
     for _ in range(num_cases):
         num_experts = draw.choice([2, 4, 6])
-        activation = draw.choice(["silu", "gelu_tanh", "clamped_swiglu"])
+        activation = draw.choice(["silu", "gelu_tanh", "clamped_swiglu", "silu_clamped"])
         shared = draw.choice([0, 2, 5])
         config = tpmoe.MoEConfig(
             hidden_size=draw.randint(2, 9), intermediate_size=draw.randint(1, 8), num_experts=num_experts,
             top_k=draw.randint(1, min(3, num_experts)), renormalize=draw.random() < 0.5, activation=activation,
-            gated=activation == "clamped_swiglu" or draw.random() < 0.7,
+            gated=activation in GATED_ONLY_ACTIVATIONS or draw.random() < 0.7,
             layout=draw.choice(["concatenated", "interleaved", "gpt_oss"]), expert_bias=draw.random() < 0.5,
             shared_intermediate_size=shared, shared_expert_gate=shared > 0 and draw.random() < 0.5)
         sequence_parallel = draw.random() < 0.5

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tpmoe.config import MoEConfig
+from tpmoe.config import GATED_ONLY_ACTIVATIONS, MoEConfig
 from tpmoe.reference import gated_activation, reference_experts, reference_moe_block, reference_route
 from tpmoe.weights import random_moe_weights
 
@@ -19,7 +19,9 @@ TORCH_ACTIVATIONS = {
     "gelu": F.gelu,
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "relu": F.relu,
+    "relu2": lambda x: torch.square(F.relu(x)),  # transformers' ReLUSquaredActivation
 }
+UNARY_ACTIVATIONS = list(TORCH_ACTIVATIONS)
 
 
 def _randn(*shape):
@@ -60,7 +62,7 @@ def _token_loop_experts(x, w_gate, w_up, b_gate, b_up, w_down, b_down, topk_ids,
 
 # --------------------------------------------------------------------------- experts
 
-@pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh", "relu"])
+@pytest.mark.parametrize("activation", UNARY_ACTIVATIONS)
 @pytest.mark.parametrize("T", [1, 13])
 def test_layouts_agree_with_each_other_and_a_token_loop(activation, T, seed):
     E, K, H, I = 5, 2, 12, 7
@@ -98,7 +100,7 @@ def test_layouts_give_the_same_gradients(seed):
 
 
 @pytest.mark.parametrize("layout", ["concatenated", "interleaved", "gpt_oss"])
-@pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh", "relu"])
+@pytest.mark.parametrize("activation", UNARY_ACTIVATIONS)
 def test_non_gated_matches_formula(activation, layout, seed):
     E, K, T, H, I = 4, 3, 7, 11, 5
     x = _randn(T, H)
@@ -118,7 +120,7 @@ def test_non_gated_matches_formula(activation, layout, seed):
     torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh", "relu"])
+@pytest.mark.parametrize("activation", UNARY_ACTIVATIONS)
 def test_gated_activation_matches_torch(activation, seed):
     gate, up = _randn(64) * 3, _randn(64)
     gate[0] = 0.0  # relu's kink: value 0, gradient 0 (as torch.relu)
@@ -150,6 +152,106 @@ def test_clamped_swiglu_beyond_limit(seed):
     assert torch.all(up_leaf.grad[(up.abs() < limit) & (gate != 0)] != 0)
     # Below the limit the gate is not clamped from below: large negative gates still count.
     assert gate.min() < -limit and h[0].item() != 0
+
+
+# The gated-only activations as transformers writes them (tensor code, torch autograd), and
+# as scalar formulas with their derivatives written out by hand (math module, no autograd).
+# alpha and limit are the tpmoe parameters (tpmoe.MoEConfig's table).
+TRANSFORMERS_GATED = {
+    # GLM-5-Next, HY-V4, DeepSeek-V4: gate.clamp(max=L); up.clamp(-L, L); silu(gate) * up
+    "clamped_silu": lambda gate, up, alpha, limit: F.silu(gate.clamp(max=limit)) * up.clamp(-limit, limit),
+    # Bailing-Hybrid, Step-3.7: act_fn(gate).clamp(max=L) * up.clamp(-L, L)
+    "silu_clamped": lambda gate, up, alpha, limit: F.silu(gate).clamp(max=limit) * up.clamp(-limit, limit),
+    # Inkling2SoftcappedSwiGLU: gate_softcap(gate) * sigmoid(gate) * up_softcap(up), softcap(z) = tanh(z / c) * c
+    "softcapped_swiglu": lambda gate, up, alpha, limit: (torch.tanh(gate / alpha) * alpha * torch.sigmoid(gate)
+                                                         * torch.tanh(up / limit) * limit),
+}
+
+
+def _scalar_sigmoid(x):
+    # Either branch's exp stays <= 1: no OverflowError at x = -800.
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
+def _scalar_gated(name, g, u, alpha, limit):
+    """(h, dh/dg, dh/du) of one element; a clamp's derivative is 1 on its closed interval, else 0."""
+    clamp_up = max(-limit, min(u, limit))
+    up_passes = 1.0 if -limit <= u <= limit else 0.0
+    if name == "clamped_silu":
+        g_clamped = min(g, limit)
+        s = _scalar_sigmoid(g_clamped)
+        silu_grad = s * (1.0 + g_clamped * (1.0 - s))
+        return (g_clamped * s * clamp_up, clamp_up * silu_grad * (1.0 if g <= limit else 0.0),
+                g_clamped * s * up_passes)
+    if name == "silu_clamped":
+        s = _scalar_sigmoid(g)
+        silu, silu_grad = g * s, s * (1.0 + g * (1.0 - s))
+        return (min(silu, limit) * clamp_up, clamp_up * silu_grad * (1.0 if silu <= limit else 0.0),
+                min(silu, limit) * up_passes)
+    assert name == "softcapped_swiglu"
+    s, tanh_g, tanh_u = _scalar_sigmoid(g), math.tanh(g / alpha), math.tanh(u / limit)
+    capped_g, capped_u = alpha * tanh_g, limit * tanh_u
+    d_gate = capped_u * ((1.0 - tanh_g ** 2) * s + capped_g * s * (1.0 - s))
+    return capped_g * s * capped_u, d_gate, capped_g * s * (1.0 - tanh_u ** 2)
+
+
+# (alpha, limit) per activation: a limit small enough that silu(gate) crosses it, softcaps
+# (alpha = gate softcap, limit = up softcap) different from each other.
+GATED_ONLY_PARAMETERS = {"clamped_silu": (1.702, 2.0), "silu_clamped": (1.702, 1.5),
+                         "softcapped_swiglu": (3.0, 5.0)}
+
+
+def _beyond_the_limits(alpha, limit):
+    """gate and up over [-25 L, 25 L] (past every clamp and deep in the softcaps' saturation),
+    plus -800 (sigmoid underflow) and the clamps' end points themselves."""
+    extent = 25 * max(alpha, limit)
+    gate = torch.cat([torch.linspace(-extent, extent, 101, dtype=F64),
+                      torch.tensor([-800.0, limit, -limit, 0.0], dtype=F64)])
+    up = torch.cat([torch.linspace(extent, -extent, 101, dtype=F64) * 0.9,
+                    torch.tensor([-limit, limit, 800.0, -800.0], dtype=F64)])
+    return gate, up
+
+
+@pytest.mark.parametrize("activation", ["clamped_silu", "silu_clamped", "softcapped_swiglu"])
+def test_gated_only_activation_matches_its_scalar_formula(activation, seed):
+    alpha, limit = GATED_ONLY_PARAMETERS[activation]
+    gate, up = _beyond_the_limits(alpha, limit)
+    gate_leaf, up_leaf = gate.clone().requires_grad_(), up.clone().requires_grad_()
+    h = gated_activation(activation, gate_leaf, up_leaf, alpha=alpha, limit=limit)
+    grad_h = torch.linspace(0.5, 1.5, len(gate), dtype=F64)
+    h.backward(grad_h)
+    for index, (g, u, dh) in enumerate(zip(gate.tolist(), up.tolist(), grad_h.tolist())):
+        value, d_gate, d_up = _scalar_gated(activation, g, u, alpha, limit)
+        assert h[index].item() == pytest.approx(value, rel=1e-12, abs=1e-12), (g, u)
+        assert gate_leaf.grad[index].item() == pytest.approx(dh * d_gate, rel=1e-12, abs=1e-12), (g, u)
+        assert up_leaf.grad[index].item() == pytest.approx(dh * d_up, rel=1e-12, abs=1e-12), (g, u)
+    if activation != "softcapped_swiglu":
+        # The cases reach both sides of every clamp: gradients that are 0 and ones that are not.
+        assert (gate_leaf.grad == 0).any() and (gate_leaf.grad != 0).any()
+        assert (up_leaf.grad == 0).any() and (up_leaf.grad != 0).any()
+    else:
+        # The softcaps bound h by alpha * limit, however large the arguments.
+        assert h.abs().max() <= alpha * limit and h.abs().max() > 0.9 * alpha * limit
+
+
+@pytest.mark.parametrize("activation", ["clamped_silu", "silu_clamped", "softcapped_swiglu"])
+def test_gated_only_activation_is_transformers_formula(activation, seed):
+    alpha, limit = GATED_ONLY_PARAMETERS[activation]
+    gate, up = _beyond_the_limits(alpha, limit)
+    gate = torch.cat([gate, torch.randn(64, dtype=F64) * 2 * limit, torch.tensor([math.nan, 1.0, math.nan])])
+    up = torch.cat([up, torch.randn(64, dtype=F64) * 2 * limit, torch.tensor([1.0, math.nan, math.nan])])
+    grad_h = torch.randn(len(gate), dtype=F64)
+    results = []
+    for formula in (lambda g, u: gated_activation(activation, g, u, alpha=alpha, limit=limit),
+                    lambda g, u: TRANSFORMERS_GATED[activation](g, u, alpha, limit)):
+        gate_leaf, up_leaf = gate.clone().requires_grad_(), up.clone().requires_grad_()
+        h = formula(gate_leaf, up_leaf)
+        h.backward(grad_h)
+        results.append((h.detach(), gate_leaf.grad, up_leaf.grad))
+    ours, theirs = results
+    assert ours[0][-3:].isnan().all(), "NaN in gate or up must pass through to h, as torch.clamp lets it"
+    for name, mine, expected in zip(("h", "d_gate", "d_up"), ours, theirs):
+        torch.testing.assert_close(mine, expected, rtol=1e-13, atol=1e-13, equal_nan=True, msg=lambda m: f"{name}: {m}")
 
 
 def test_expert_with_no_tokens_and_all_on_one_expert(seed):
@@ -376,6 +478,11 @@ GRADCHECK_CONFIGS = {
                                  correction_bias=True, routed_scaling_factor=2.5, shared_intermediate_size=2),
     "interleaved-gelu_tanh": dict(layout="interleaved", activation="gelu_tanh"),
     "non_gated-gelu": dict(gated=False, activation="gelu", expert_bias=True, shared_intermediate_size=2),
+    "non_gated-relu2": dict(gated=False, activation="relu2", expert_bias=True),
+    "concatenated-clamped_silu": dict(activation="clamped_silu", expert_bias=True, swiglu_limit=0.5),
+    "interleaved-silu_clamped": dict(layout="interleaved", activation="silu_clamped", swiglu_limit=0.2),
+    "gpt_oss-softcapped_swiglu": dict(layout="gpt_oss", activation="softcapped_swiglu", expert_bias=True,
+                                      swiglu_alpha=0.5, swiglu_limit=0.8, shared_intermediate_size=2),
 }
 
 
@@ -433,8 +540,9 @@ def test_bad_experts_arguments_raise():
         reference_experts(x, w_gate_up, w_down, ids, weights, b_gate_up=_randn(E, I))
     with pytest.raises(ValueError, match="activation"):
         reference_experts(x, w_gate_up, w_down, ids, weights, activation="swish")
-    with pytest.raises(ValueError, match="gated"):
-        reference_experts(x, w_gate_up[:, :I], w_down, ids, weights, activation="clamped_swiglu", gated=False)
+    for activation in GATED_ONLY_ACTIVATIONS:
+        with pytest.raises(ValueError, match=f"gated: {activation}"):
+            reference_experts(x, w_gate_up[:, :I], w_down, ids, weights, activation=activation, gated=False)
 
 
 def test_bad_route_arguments_raise():
@@ -453,14 +561,16 @@ def test_bad_route_arguments_raise():
         reference_route(logits[0], 2)
 
 
-def test_reference_relu_is_torch_relu_on_special_values():
+@pytest.mark.parametrize("activation", ["relu", "relu2"])
+def test_reference_relu_is_torch_relu_on_special_values(activation):
     from tpmoe.reference import _act
     x = torch.tensor([-math.inf, -1.0, 0.0, 2.0, math.inf, math.nan], dtype=torch.float64, requires_grad=True)
-    ours = _act("relu", x)
+    ours = _act(activation, x)
     ours.sum().backward()
     x_torch = x.detach().clone().requires_grad_()
-    theirs = torch.relu(x_torch)
+    theirs = TORCH_ACTIVATIONS[activation](x_torch)
     theirs.sum().backward()
-    assert torch.equal(ours.isnan(), theirs.isnan())
-    assert torch.equal(ours[:5], theirs[:5])
-    assert torch.equal(x.grad, x_torch.grad)
+    assert ours[-1].isnan()
+    # Bitwise, NaN where torch has NaN (relu2's gradient 2 relu(x) is NaN at NaN, inf at inf).
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(x.grad, x_torch.grad, rtol=0, atol=0, equal_nan=True)

@@ -17,7 +17,8 @@ Counts (tests/dist_utils.CollectiveCounter wraps the torch.distributed functions
   SP: forward 1 all-gather + 1 reduce-scatter per block, backward the same,
       then 1 all_reduce per step (allreduce_router_grads) for all blocks.
   At world size 1 nothing is communicated (a sum over one rank is the identity).
-The cases: plain; shared expert with its gate (interleaved layout); GPT-OSS (transposed
+The cases: plain; shared expert with its gate (interleaved layout); weights on the experts' input
+(Llama-4); GPT-OSS (transposed
 layout, biases, clamped swiglu, router bias); DeepSeek-V3 (sigmoid_group routing, correction
 bias, scaling, shared expert); I not divisible by the world size (most cases at 3 and 4);
 empty shards (I = 2, Is = 1 at world sizes 3 and 4); one token; all tokens on one expert.
@@ -60,6 +61,10 @@ CASES = {
     # A router bias of +8 on expert 2 sends every token there (top_k=1): the other experts get none.
     "all_tokens_one_expert": dict(hidden_size=12, intermediate_size=6, num_experts=4, top_k=1, router_bias=True,
                                   expert_bias=True),
+    # Llama-4: the routing weight scales each expert's input, not its output (+ a shared expert).
+    # Last: each case's weights are drawn from base_seed + its index.
+    "weights_on_input": dict(hidden_size=12, intermediate_size=7, num_experts=5, top_k=2, scoring="topk_softmax",
+                             weights_on_input=True, shared_intermediate_size=4),
 }
 TOKENS = {"one_token": 1}
 

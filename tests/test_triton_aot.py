@@ -68,6 +68,8 @@ def aot_rows():
         # strides and branches), and fp32 inputs (exact dots on FMA units: other register needs).
         ["--cc", "90", "--main-only", "--layout", "gpt_oss"],
         ["--cc", "90", "--main-only", "--not-gated", "--activation", "gelu", "--kernel", "gate_up", "backward_dh"],
+        # The epilogue with the most live values (two softcaps, a sigmoid, their derivatives).
+        ["--cc", "90", "--main-only", "--activation", "softcapped_swiglu", "--kernel", "gate_up", "backward_dh"],
         ["--cc", "90", "--main-only", "--dtype", "float32"],
     ]
     rows = _run_aot(jobs)

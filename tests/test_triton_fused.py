@@ -19,11 +19,12 @@ pytestmark = [
     pytest.mark.skipif(not interpreted and not torch.cuda.is_available(),
                        reason="needs a GPU or TRITON_INTERPRET=1 (set by conftest.py when no GPU)"),
     # The interpreter's tl.sigmoid evaluates exp(-x) in numpy, which warns when it reaches inf for
-    # x << 0 (clamped_swiglu's large inputs); the result, 1 / (1 + inf) = 0, is the right one.
+    # x << 0 (the gated-only activations' large inputs); the result, 1 / (1 + inf) = 0, is the right one.
     pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning"),
 ]
 
 import tpmoe  # noqa: E402
+from tpmoe.config import GATED_ONLY_ACTIVATIONS  # noqa: E402
 from tpmoe.reference import reference_experts  # noqa: E402
 from tpmoe.triton import autotune, fused_experts_triton  # noqa: E402
 
@@ -74,6 +75,11 @@ CASES = [
     (12, 28, 16, 3, 2, "concatenated", True, "clamped_swiglu", False, "skip_last"),
     (10, 24, 12, 4, 2, "interleaved", False, "gelu_tanh", True, "random"),
     (19, 20, 14, 6, 3, "gpt_oss", True, "gelu", True, "random"),
+    (11, 20, 10, 4, 2, "interleaved", True, "clamped_swiglu", True, "random"),
+    (11, 24, 10, 4, 2, "concatenated", True, "clamped_silu", True, "random"),
+    (13, 20, 9, 3, 2, "interleaved", True, "silu_clamped", False, "one_expert"),
+    (9, 24, 12, 4, 2, "gpt_oss", True, "softcapped_swiglu", True, "skip_last"),
+    (10, 16, 8, 4, 2, "gpt_oss", False, "relu2", True, "random"),
 ]
 
 
@@ -88,9 +94,10 @@ def options_for(case):
 
 def inputs_for(case, seed):
     num_tokens, hidden, inter, experts, top_k, layout, gated, activation, bias, mode = case
-    # clamped_swiglu: large inputs push pre-activations past the clamp on both branches.
+    # The gated-only activations: large inputs push pre-activations past the clamps on both
+    # branches, and deep into the softcaps' saturation.
     return make_inputs(seed, num_tokens, hidden, inter, experts, top_k, layout=layout, gated=gated, bias=bias,
-                       mode=mode, scale=20.0 if activation == "clamped_swiglu" else 1.0)
+                       mode=mode, scale=20.0 if activation in GATED_ONLY_ACTIVATIONS else 1.0)
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
@@ -113,7 +120,7 @@ def test_triton_matches_reference_fp32_and_fp64(case, seed, monkeypatch):
         assert_fp32_close(grads32[name], grad, f"d{name} fp32")
 
 
-HALF_CASES = [CASES[0], CASES[3], CASES[4], CASES[7]]
+HALF_CASES = [CASES[0], CASES[3], CASES[4], CASES[7], CASES[14], CASES[15]]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)

@@ -20,6 +20,7 @@ pytestmark = [pytest.mark.triton,
                                  reason="needs a GPU or TRITON_INTERPRET=1 (set by conftest.py when no GPU)")]
 
 from tpmoe.activations import expert_activation  # noqa: E402
+from tpmoe.config import GATED_ONLY_ACTIVATIONS  # noqa: E402
 from tpmoe.triton import autotune, backward_dh, backward_dw, down, gate_up  # noqa: E402
 from tpmoe.triton.autotune import KernelConfig  # noqa: E402
 from tpmoe.triton.layouts import down_axes, gate_up_axes, paired_load  # noqa: E402
@@ -83,11 +84,12 @@ def preactivation(problem, layout, rows_tokens, rows_experts):
 
 @pytest.mark.parametrize("layout,gated,activation", [
     ("concatenated", True, "silu"), ("interleaved", True, "gelu"), ("gpt_oss", True, "clamped_swiglu"),
-    ("concatenated", False, "gelu_tanh"), ("gpt_oss", False, "relu")])
+    ("concatenated", False, "gelu_tanh"), ("gpt_oss", False, "relu"), ("concatenated", True, "clamped_silu"),
+    ("interleaved", True, "silu_clamped"), ("gpt_oss", True, "softcapped_swiglu"), ("interleaved", False, "relu2")])
 def test_gate_up_kernel(layout, gated, activation, seed):
     problem = make_problem(seed, layout=layout, gated=gated)
-    if activation == "clamped_swiglu":
-        problem["x"] = problem["x"] * 8  # reach both sides of the clamps
+    if activation in GATED_ONLY_ACTIVATIONS:
+        problem["x"] = problem["x"] * 8  # reach both sides of the clamps, the softcaps' saturation
     top_k = problem["topk_ids"].shape[1]
     num_pairs = problem["topk_ids"].numel()
     routing = align(problem["topk_ids"], problem["w_gate_up"].shape[0], SMALL.BLOCK_M)
@@ -140,10 +142,11 @@ def test_grouped_scatter_kernel_down_and_dx(layout, seed):
 
 @pytest.mark.parametrize("layout,gated,activation", [
     ("concatenated", True, "silu"), ("interleaved", True, "gelu_tanh"), ("gpt_oss", True, "clamped_swiglu"),
-    ("concatenated", False, "gelu"), ("interleaved", False, "relu")])
+    ("concatenated", False, "gelu"), ("interleaved", False, "relu"), ("interleaved", True, "clamped_silu"),
+    ("gpt_oss", True, "silu_clamped"), ("concatenated", True, "softcapped_swiglu"), ("gpt_oss", False, "relu2")])
 def test_backward_dh_kernel(layout, gated, activation, seed):
     problem = make_problem(seed, layout=layout, gated=gated)
-    if activation == "clamped_swiglu":
+    if activation in GATED_ONLY_ACTIVATIONS:
         problem["x"] = problem["x"] * 8
     top_k, num_pairs = problem["topk_ids"].shape[1], problem["topk_ids"].numel()
     routing = align(problem["topk_ids"], problem["w_gate_up"].shape[0], SMALL.BLOCK_M)

@@ -10,7 +10,9 @@ import sys
 
 CORE = {"torch": "2.13.0", "triton": "3.9.0", "numpy": None, "ninja": None, "pybind11": None,
         "setuptools": None, "wheel": None}
-TEST = {"pytest": None, "hypothesis": None, "transformers": "5.23.0", "accelerate": "1.15.0"}
+# transformers: the newest release the registry serves WITH its dependencies (5.25.0 needs
+# kernels>=0.19.1, which it does not serve); tests/test_hf_families.py asserts it is the one installed.
+TEST = {"pytest": None, "hypothesis": None, "transformers": "5.24.0", "accelerate": "1.16.0"}
 DEMO = {"tqdm": None, "matplotlib": None}
 
 

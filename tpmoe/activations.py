@@ -21,12 +21,19 @@ def unary_activation(value: torch.Tensor, activation: str) -> torch.Tensor:
         return F.gelu(value, approximate="tanh")
     if activation == "relu":
         return F.relu(value)
-    raise ValueError(f"activation: expected silu, gelu, gelu_tanh or relu here, got {activation!r}")
+    if activation == "relu2":
+        return F.relu(value).square()
+    raise ValueError(f"activation: expected silu, gelu, gelu_tanh, relu or relu2 here, got {activation!r}")
+
+
+def softcap(value: torch.Tensor, cap: float) -> torch.Tensor:
+    return torch.tanh(value / cap) * cap
 
 
 def expert_activation(gate_up: torch.Tensor, *, activation: str, layout: str, gated: bool,
                       alpha: float, limit: float) -> torch.Tensor:
-    """h from the gate_up pre-activation: act(g) * u, GPT-OSS's clamped swiglu, or act(u)."""
+    """h from the gate_up pre-activation: act(g) * u, a gated-only activation (alpha and limit
+    as tpmoe.MoEConfig describes them), or act(u)."""
     if not gated:
         return unary_activation(gate_up, activation)
     gate, up = split_gate_up(gate_up, layout)
@@ -34,4 +41,13 @@ def expert_activation(gate_up: torch.Tensor, *, activation: str, layout: str, ga
         gate = gate.clamp(max=limit)
         up = up.clamp(min=-limit, max=limit)
         return (up + 1) * gate * torch.sigmoid(alpha * gate)
+    if activation == "clamped_silu":
+        return F.silu(gate.clamp(max=limit)) * up.clamp(min=-limit, max=limit)
+    if activation == "silu_clamped":
+        return F.silu(gate).clamp(max=limit) * up.clamp(min=-limit, max=limit)
+    if activation == "softcapped_swiglu":
+        # In float32 at least, as transformers' Inkling2SoftcappedSwiGLU computes it.
+        compute_dtype = torch.promote_types(gate.dtype, torch.float32)
+        gate, up = gate.to(compute_dtype), up.to(compute_dtype)
+        return (softcap(gate, alpha) * torch.sigmoid(gate) * softcap(up, limit)).to(gate_up.dtype)
     return unary_activation(gate, activation) * up

@@ -73,6 +73,30 @@ def _check_shard_dtypes(shards: Dict[str, torch.Tensor], dtype: Optional[torch.d
     return expected
 
 
+def _check_routing(routing, num_tokens: int, device):
+    """(router_logits, topk_weights, topk_ids) given to forward, checked against the tokens."""
+    if not isinstance(routing, (tuple, list)) or len(routing) != 3:
+        raise TypeError(f"routing: expected (router_logits or None, topk_weights, topk_ids), got "
+                        f"{type(routing).__name__}{'' if not isinstance(routing, (tuple, list)) else f' of {len(routing)}'}")
+    logits, weights, ids = routing
+    for name, tensor in (("topk_weights", weights), ("topk_ids", ids)):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"routing: expected {name} to be a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.dim() != 2 or tensor.shape[0] != num_tokens:
+            raise ValueError(f"routing: expected {name} of shape [{num_tokens}, K] (one row per token of "
+                             f"hidden_states), got {tuple(tensor.shape)}")
+        if tensor.device != device:
+            raise ValueError(f"routing: expected {name} on {device} (that of hidden_states), got {tensor.device}")
+    if ids.shape != weights.shape:
+        raise ValueError(f"routing: expected topk_ids of the shape of topk_weights {tuple(weights.shape)}, got "
+                         f"{tuple(ids.shape)}")
+    if not weights.is_floating_point():
+        raise TypeError(f"routing: expected floating-point topk_weights, got {dtype_name(weights.dtype)}")
+    if ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"routing: expected int32 or int64 topk_ids, got {dtype_name(ids.dtype)}")
+    return logits, weights, ids.long()
+
+
 class MoEBlock(nn.Module):
     """An MoE expert block, optionally tensor-parallel over `group`.
 
@@ -183,8 +207,13 @@ class MoEBlock(nn.Module):
     # ------------------------------------------------------------------ forward
 
     def forward(self, hidden_states: torch.Tensor, tokens_per_rank: Optional[Sequence[int]] = None, *,
-                return_routing: bool = False):
+                routing=None, return_routing: bool = False):
         """[..., H] -> [..., H]; with return_routing=True, (output, route(x) of this rank's tokens).
+
+        routing: None (the block's own router), or (router_logits or None, topk_weights [T, K],
+        topk_ids [T, K]) of this rank's T tokens from a router that runs outside the block, the
+        same on every rank of a TP group (required with config.external_router). Gradients flow
+        back into topk_weights, complete on every rank, as into the block's own router.
 
         TP mode: hidden_states is the same on every rank, and so is the output.
         Sequence-parallel mode: hidden_states holds this rank's tokens (the rows of its flattened
@@ -200,7 +229,7 @@ class MoEBlock(nn.Module):
         if hidden_states.dim() < 1 or hidden_states.shape[-1] != config.hidden_size:
             raise ValueError(f"hidden_states: expected shape [..., {config.hidden_size}] (config.hidden_size), "
                              f"got {tuple(hidden_states.shape)}")
-        weight = self.router_weight
+        weight = self.w_gate_up
         if hidden_states.device != weight.device:
             raise ValueError(f"hidden_states: expected a tensor on {weight.device} (where the block's weights are), "
                              f"got one on {hidden_states.device}")
@@ -213,7 +242,10 @@ class MoEBlock(nn.Module):
                              "got it with sequence_parallel=False")
         leading_shape = hidden_states.shape[:-1]
         x = hidden_states.reshape(-1, config.hidden_size)
-        router_logits, topk_weights, topk_ids = self.route(x)
+        if routing is None:
+            router_logits, topk_weights, topk_ids = self.route(x)
+        else:
+            router_logits, topk_weights, topk_ids = _check_routing(routing, x.shape[0], x.device)
         shared_gate = torch.sigmoid(F.linear(x, self.shared_gate)) if hasattr(self, "shared_gate") else None
 
         if self.sequence_parallel:
@@ -245,6 +277,9 @@ class MoEBlock(nn.Module):
 
         The router is replicated: every rank computes the same routing for the same tokens."""
         config = self.config
+        if config.external_router:
+            raise ValueError("routing: this block has no router of its own (config.external_router); pass "
+                             "routing=(router_logits, topk_weights, topk_ids) to forward")
         router_dtype = config.router_dtype or x.dtype
         bias = self.router_bias.to(router_dtype) if hasattr(self, "router_bias") else None
         logits = F.linear(x.to(router_dtype), self.router_weight.to(router_dtype), bias)
@@ -253,12 +288,45 @@ class MoEBlock(nn.Module):
                                        topk_group=config.topk_group, routed_scaling_factor=config.routed_scaling_factor)
         return logits, topk_weights, topk_ids
 
+    def expert_outputs(self, hidden_states: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        """[T, H], [T, K] -> [T, K, H]: each picked expert's output for its token, unweighted and
+        complete on every rank, for blocks that transform each expert's output before weighting
+        it (a per-expert output norm). TP: ONE all-reduce of the [T*K, H] outputs forward (g) and
+        ONE of dx backward (f); the weighting, after g, needs none. No shared expert here."""
+        config = self.config
+        if config.shared_intermediate_size or config.weights_on_input:
+            raise ValueError("expert_outputs: a block with a shared expert or weights on the input has no per-expert "
+                             "outputs of its own")
+        x, _, _ = tp.copy_to_tensor_parallel_region(hidden_states, None, None, self.group)
+        num_tokens, top_k = topk_ids.shape
+        x_pairs = x[:, None, :].expand(num_tokens, top_k, x.shape[-1]).reshape(num_tokens * top_k, -1)
+        ids_pairs = topk_ids.reshape(-1, 1)
+        ones = x_pairs.new_ones(num_tokens * top_k, 1)
+        if self.I_local > 0:
+            partial = fused_experts(x_pairs, self.w_gate_up, self.w_down, ids_pairs, ones, layout=config.layout,
+                                    b_gate_up=getattr(self, "b_gate_up", None), activation=config.activation,
+                                    gated=config.gated, alpha=config.swiglu_alpha, limit=config.swiglu_limit,
+                                    backend=self.backend)
+        else:
+            partial = _ZeroPartialOutput.apply(x_pairs, ones)
+        outputs = tp.reduce_from_tensor_parallel_region(partial, self.group)
+        if hasattr(self, "b_down"):
+            outputs = outputs + self.b_down[ids_pairs[:, 0]].to(outputs.dtype)
+        return outputs.view(num_tokens, top_k, -1)
+
     def _partial_output(self, x, topk_weights, topk_ids, shared_gate):
         """This rank's share of the routed experts + shared expert (sums to the block over ranks)."""
         config = self.config
         options = dict(activation=config.activation, gated=config.gated, alpha=config.swiglu_alpha,
                        limit=config.swiglu_limit, backend=self.backend)
-        if self.I_local > 0:
+        if self.I_local > 0 and config.weights_on_input:
+            # Each (token, k) pair is its own row, scaled before the experts, summed over k after.
+            num_tokens, top_k = topk_ids.shape
+            x_pairs = (x[:, None, :] * topk_weights[:, :, None].to(x.dtype)).reshape(num_tokens * top_k, -1)
+            ones = x_pairs.new_ones(num_tokens * top_k, 1)
+            partial = fused_experts(x_pairs, self.w_gate_up, self.w_down, topk_ids.reshape(-1, 1), ones,
+                                    layout=config.layout, **options).view(num_tokens, top_k, -1).sum(dim=1)
+        elif self.I_local > 0:
             partial = fused_experts(x, self.w_gate_up, self.w_down, topk_ids, topk_weights, layout=config.layout,
                                     b_gate_up=getattr(self, "b_gate_up", None), **options)
         else:

@@ -5,7 +5,11 @@ from typing import Optional
 import torch
 
 SCORINGS = ("softmax", "topk_softmax", "sigmoid_group")
-ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "clamped_swiglu")
+# Appended to only: tpmoe.sharding codes an activation by its index here.
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "clamped_swiglu", "relu2", "clamped_silu", "silu_clamped",
+               "softcapped_swiglu")
+# Defined on the (gate, up) pair only: these need gated=True. Every check reads this tuple.
+GATED_ONLY_ACTIVATIONS = ("clamped_swiglu", "clamped_silu", "silu_clamped", "softcapped_swiglu")
 LAYOUTS = ("concatenated", "interleaved", "gpt_oss")
 
 
@@ -17,6 +21,19 @@ class MoEConfig:
     "topk_softmax" (top-k on logits -> softmax over the k: GPT-OSS), "sigmoid_group"
     (sigmoid + correction bias + group-limited top-k -> renormalise -> scaling: DeepSeek-V3).
     layout: how gate and up are packed (see tpmoe.weights for the tensor shapes).
+    activation: h = act(gate) * up when gated, act(x) otherwise, for silu, gelu, gelu_tanh, relu
+    and relu2 (relu(x)^2); the gated-only ones (GATED_ONLY_ACTIVATIONS) read swiglu_alpha and
+    swiglu_limit as follows (the others ignore both; formulas in tpmoe.reference):
+        activation          swiglu_alpha          swiglu_limit
+        clamped_swiglu      alpha (GPT-OSS)       limit: gate <= limit, up in [-limit, limit]
+        clamped_silu        -                     limit: gate <= limit, up in [-limit, limit]
+        silu_clamped        -                     limit: silu(gate) <= limit, up in [-limit, limit]
+        softcapped_swiglu   gate softcap c_g      up softcap c_u
+    weights_on_input: the routing weight scales each expert's INPUT rather than its output
+    (Llama-4): y_t = sum_k E_k(w_tk x_t) (+ shared expert).
+    external_router: the block holds no router weights; its forward takes the routing (the
+    logits, weights and ids of a router that runs outside, replicated on every rank, such as a
+    transformers family's own router module). scoring and its fields are then unused.
     """
 
     hidden_size: int
@@ -40,6 +57,8 @@ class MoEConfig:
     swiglu_limit: float = 7.0
     shared_intermediate_size: int = 0
     shared_expert_gate: bool = False
+    external_router: bool = False
+    weights_on_input: bool = False
 
     def __post_init__(self):
         for name in ("hidden_size", "intermediate_size", "num_experts", "top_k", "n_group", "topk_group"):
@@ -54,8 +73,8 @@ class MoEConfig:
             raise ValueError(f"MoEConfig.activation: expected one of {ACTIVATIONS}, got {self.activation!r}")
         if self.layout not in LAYOUTS:
             raise ValueError(f"MoEConfig.layout: expected one of {LAYOUTS}, got {self.layout!r}")
-        if self.activation == "clamped_swiglu" and not self.gated:
-            raise ValueError("MoEConfig.gated: clamped_swiglu is a gated activation, got gated=False")
+        if self.activation in GATED_ONLY_ACTIVATIONS and not self.gated:
+            raise ValueError(f"MoEConfig.gated: {self.activation} is a gated activation, got gated=False")
         if self.scoring != "sigmoid_group" and (self.correction_bias or self.n_group != 1 or self.topk_group != 1):
             raise ValueError("MoEConfig.scoring: correction_bias, n_group and topk_group belong to 'sigmoid_group' "
                              f"routing, got them with scoring={self.scoring!r}")
@@ -67,6 +86,12 @@ class MoEConfig:
         if self.shared_intermediate_size < 0:
             raise ValueError(
                 f"MoEConfig.shared_intermediate_size: expected >= 0, got {self.shared_intermediate_size}")
+        if self.weights_on_input and self.expert_bias:
+            raise ValueError("MoEConfig.weights_on_input: experts with biases are weighted at their output in every "
+                             "family that has them, got expert_bias=True with weights_on_input=True")
+        if self.external_router and (self.router_bias or self.correction_bias):
+            raise ValueError("MoEConfig.external_router: the block holds no router weights, got router_bias="
+                             f"{self.router_bias}, correction_bias={self.correction_bias}")
         if self.shared_expert_gate and self.shared_intermediate_size == 0:
             raise ValueError("MoEConfig.shared_expert_gate: needs a shared expert (shared_intermediate_size > 0)")
 

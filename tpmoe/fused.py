@@ -5,7 +5,7 @@ import torch
 
 from ._checks import (FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_ids_in_range, check_shape,
                       check_tensor)
-from .config import ACTIVATIONS, LAYOUTS
+from .config import ACTIVATIONS, GATED_ONLY_ACTIVATIONS, LAYOUTS
 
 BACKENDS = ("auto", "cpu", "triton", "reference")
 
@@ -30,8 +30,8 @@ def fused_experts(hidden_states: torch.Tensor, w_gate_up: torch.Tensor, w_down: 
     check_choice(backend, "backend", BACKENDS)
     check_choice(activation, "activation", ACTIVATIONS)
     check_choice(layout, "layout", LAYOUTS)
-    if activation == "clamped_swiglu" and not gated:
-        raise ValueError("gated: clamped_swiglu is a gated activation, expected gated=True, got False")
+    if activation in GATED_ONLY_ACTIVATIONS and not gated:
+        raise ValueError(f"gated: {activation} is a gated activation, expected gated=True, got False")
     num_experts, intermediate_local = _check_experts_args(hidden_states, w_gate_up, w_down, topk_ids,
                                                           topk_weights, layout, gated, b_gate_up, b_down)
     check_ids_in_range(topk_ids, num_experts)

@@ -13,7 +13,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .config import ACTIVATIONS, LAYOUTS, SCORINGS, MoEConfig
+from .config import ACTIVATIONS, GATED_ONLY_ACTIVATIONS, LAYOUTS, SCORINGS, MoEConfig
 from .weights import check_moe_weights
 
 # DeepSeek-V3 adds this to the sum of the kept sigmoid scores before dividing (HF does too),
@@ -40,20 +40,40 @@ def _act(name: str, x: torch.Tensor) -> torch.Tensor:
     if name == "relu":
         # As torch.relu: gradient 0 at x == 0, relu(-inf) = 0, NaN passes through.
         return torch.where(x <= 0, torch.zeros_like(x), x)
-    if name == "clamped_swiglu":
-        raise ValueError("activation: clamped_swiglu is gated; it needs gated=True")
+    if name == "relu2":  # transformers' ReLUSquaredActivation (Nemotron-H experts, non-gated)
+        relu = torch.where(x <= 0, torch.zeros_like(x), x)
+        return relu * relu
+    if name in GATED_ONLY_ACTIVATIONS:
+        raise ValueError(f"activation: {name} is gated; it needs gated=True")
     raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {name!r}")
+
+
+def _softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    return cap * torch.tanh(x / cap)
 
 
 def gated_activation(name: str, gate: torch.Tensor, up: torch.Tensor, alpha: float = 1.702,
                      limit: float = 7.0) -> torch.Tensor:
-    """h = act(gate) * up, or GPT-OSS's clamped swiglu."""
+    """h = act(gate) * up, or one of the gated-only activations (alpha and limit: tpmoe.MoEConfig)."""
     if name == "clamped_swiglu":
         # GPT-OSS: the gate is clamped from above only, the up from both sides; the +1 on up
         # is part of the formula (HF GptOssExperts._apply_gate).
         gate = torch.clamp(gate, max=limit)
         up = torch.clamp(up, min=-limit, max=limit)
         return (up + 1.0) * gate * _sigmoid(alpha * gate)
+    if name == "clamped_silu":
+        # GLM-5-Next, HY-V4, DeepSeek-V4: the same clamps before a plain silu(gate) * up.
+        gate = torch.clamp(gate, max=limit)
+        up = torch.clamp(up, min=-limit, max=limit)
+        return gate * _sigmoid(gate) * up
+    if name == "silu_clamped":
+        # Bailing-Hybrid, Step-3.7: the clamp from above acts on silu(gate), not on the gate.
+        gate_activation = torch.clamp(gate * _sigmoid(gate), max=limit)
+        return gate_activation * torch.clamp(up, min=-limit, max=limit)
+    if name == "softcapped_swiglu":
+        # Inkling2: the softcaps (alpha on the gate, limit on the up) bound the linear factors;
+        # the sigmoid sees the raw gate.
+        return _softcap(gate, alpha) * _sigmoid(gate) * _softcap(up, limit)
     return _act(name, gate) * up
 
 
@@ -165,8 +185,8 @@ def _check_experts_args(hidden_states, w_gate_up, w_down, topk_ids, topk_weights
         raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation_name!r}")
     if layout not in LAYOUTS:
         raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
-    if activation_name == "clamped_swiglu" and not gated:
-        raise ValueError("gated: clamped_swiglu is a gated activation, got gated=False")
+    if activation_name in GATED_ONLY_ACTIVATIONS and not gated:
+        raise ValueError(f"gated: {activation_name} is a gated activation, got gated=False")
     if hidden_states.dim() != 2:
         raise ValueError(f"hidden_states: expected [T, H], got shape {tuple(hidden_states.shape)}")
     T, H = hidden_states.shape
@@ -210,8 +230,9 @@ def reference_experts(hidden_states: torch.Tensor, w_gate_up: torch.Tensor, w_do
                       topk_ids: torch.Tensor, topk_weights: torch.Tensor, *, activation: str = "silu",
                       layout: str = "concatenated", gated: bool = True,
                       b_gate_up: Optional[torch.Tensor] = None, b_down: Optional[torch.Tensor] = None,
-                      alpha: float = 1.702, limit: float = 7.0) -> torch.Tensor:
-    """y_t = sum_k topk_weights[t, k] * expert_{topk_ids[t, k]}(x_t), one expert at a time.
+                      alpha: float = 1.702, limit: float = 7.0, weights_on_input: bool = False) -> torch.Tensor:
+    """y_t = sum_k topk_weights[t, k] * expert_{topk_ids[t, k]}(x_t), one expert at a time; with
+    weights_on_input, y_t = sum_k expert_{topk_ids[t, k]}(topk_weights[t, k] * x_t) (Llama-4).
 
     hidden_states [T, H]; w_gate_up / w_down as in tpmoe.weights for `layout`; topk_ids and
     topk_weights [T, K]. Returns [T, H] in the dtype of hidden_states.
@@ -225,7 +246,11 @@ def reference_experts(hidden_states: torch.Tensor, w_gate_up: torch.Tensor, w_do
         token_index, slot_index = torch.nonzero(topk_ids == expert, as_tuple=True)
         if token_index.numel() == 0:
             continue
+        weight = topk_weights[token_index, slot_index].unsqueeze(-1)
         x = hidden_states[token_index]
+        if weights_on_input:
+            x = x * weight.to(x.dtype)
+            weight = torch.ones_like(weight)
         if layout == "gpt_oss":
             gate_up = x @ w_gate_up[expert]
         else:
@@ -246,7 +271,6 @@ def reference_experts(hidden_states: torch.Tensor, w_gate_up: torch.Tensor, w_do
             expert_out = h @ w_down[expert].t()
         if b_down is not None:
             expert_out = expert_out + b_down[expert]
-        weight = topk_weights[token_index, slot_index].unsqueeze(-1)
         output = output.index_add(0, token_index, (weight * expert_out).to(accumulate_dtype))
     return output.to(hidden_states.dtype)
 
@@ -302,7 +326,8 @@ def reference_moe_block(hidden_states: torch.Tensor, weights: Dict[str, torch.Te
     y = reference_experts(x, weights["w_gate_up"], weights["w_down"], topk_ids, topk_weights,
                           activation=config.activation, layout=config.layout, gated=config.gated,
                           b_gate_up=weights.get("b_gate_up"), b_down=weights.get("b_down"),
-                          alpha=config.swiglu_alpha, limit=config.swiglu_limit)
+                          alpha=config.swiglu_alpha, limit=config.swiglu_limit,
+                          weights_on_input=config.weights_on_input)
     if config.shared_intermediate_size > 0:
         y = y + reference_shared_expert(x, weights, config)
     return y.reshape(*leading_shape, config.hidden_size)

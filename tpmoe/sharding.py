@@ -115,6 +115,17 @@ def shard_shapes(config: MoEConfig, rank: int, world_size: int, align: int = 1) 
     return shapes
 
 
+def shard_weight(config: MoEConfig, name: str, full: torch.Tensor, rank: int, world_size: int,
+                 align: int = 1) -> torch.Tensor:
+    """Rank's slice of one full weight (a copy), or the tensor itself for a replicated name."""
+    _check_rank(rank, world_size)
+    plan = _shard_plan(config, rank, world_size, align)
+    if name not in plan:
+        return full
+    axis, indices = plan[name]
+    return full.index_select(axis, indices.to(full.device))
+
+
 def shard_moe_weights(config: MoEConfig, weights: Dict[str, torch.Tensor], rank: int, world_size: int,
                       align: int = 1) -> Dict[str, torch.Tensor]:
     """Rank's shard dict from the full weights: sharded entries are copies (the full tensors may be
@@ -196,7 +207,7 @@ def gather_full(config: MoEConfig, local_shards: Dict[str, torch.Tensor], group,
 # What every rank of a TP group must agree on, as ints for one all-gather (check_shards_agree).
 _AGREED_FIELDS = ("hidden_size", "intermediate_size", "num_experts", "top_k", "shared_intermediate_size", "gated",
                   "layout", "scoring", "activation", "expert_bias", "router_bias", "correction_bias",
-                  "shared_expert_gate")
+                  "shared_expert_gate", "external_router", "weights_on_input")
 _CODED_FIELDS = {"layout": LAYOUTS, "scoring": SCORINGS, "activation": ACTIVATIONS}
 _MAX_DIMS = 3
 

@@ -3,7 +3,7 @@
 One dict of tensors describes a block (I = intermediate_size, R = 2I gated or I not gated,
 Is = shared_intermediate_size):
 
-  router_weight   [E, H]
+  router_weight   [E, H]                     unless config.external_router
   router_bias     [E]                        if config.router_bias (GPT-OSS)
   correction_bias [E]                        if config.correction_bias (DeepSeek-V3, not trained)
   w_gate_up       [E, R, H]  concatenated: gate rows [0, I), up rows [I, 2I)
@@ -26,7 +26,7 @@ from .config import MoEConfig
 
 def expected_shapes(config: MoEConfig) -> Dict[str, tuple]:
     H, I, E, R = config.hidden_size, config.intermediate_size, config.num_experts, config.gate_up_rows
-    shapes = {"router_weight": (E, H)}
+    shapes = {} if config.external_router else {"router_weight": (E, H)}
     if config.router_bias:
         shapes["router_bias"] = (E,)
     if config.correction_bias:

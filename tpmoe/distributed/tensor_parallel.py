@@ -53,27 +53,23 @@ class CopyToTensorParallelRegion(torch.autograd.Function):
     @staticmethod
     def forward(ctx, group, hidden_states, topk_weights, shared_gate):
         ctx.group = group
+        # topk_weights is None where the weights are applied after g (a per-expert output norm).
+        ctx.present = [t is not None for t in (hidden_states, topk_weights, shared_gate)]
         ctx.likes = [(t.shape, t.dtype) for t in (hidden_states, topk_weights, shared_gate) if t is not None]
-        ctx.has_shared_gate = shared_gate is not None
         return hidden_states, topk_weights, shared_gate
 
     @staticmethod
     def backward(ctx, grad_hidden, grad_topk_weights, grad_shared_gate):
-        grads = [grad_hidden, grad_topk_weights] + ([grad_shared_gate] if ctx.has_shared_gate else [])
-        grads = [torch.zeros(shape, dtype=dtype, device=_device(grads)) if grad is None else grad
+        grads = [g for g, present in zip((grad_hidden, grad_topk_weights, grad_shared_gate), ctx.present) if present]
+        device = next((grad.device for grad in grads if grad is not None), None)
+        grads = [torch.zeros(shape, dtype=dtype, device=device) if grad is None else grad
                  for grad, (shape, dtype) in zip(grads, ctx.likes)]
         buffer = pack_flat(grads, _common_dtype(grads))
         with naming_collective_failures("MoEBlock backward all-reduce of [dx | dtopk_weights | dshared_gate] (f)",
                                         ctx.group):
             dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=ctx.group)
-        summed = unpack_flat(buffer, ctx.likes)
-        if not ctx.has_shared_gate:
-            summed.append(None)
-        return (None, *summed)
-
-
-def _device(grads):
-    return next(grad.device for grad in grads if grad is not None)
+        summed = iter(unpack_flat(buffer, ctx.likes))
+        return (None, *[next(summed) if present else None for present in ctx.present])
 
 
 class ReduceFromTensorParallelRegion(torch.autograd.Function):
@@ -96,7 +92,7 @@ class ReduceFromTensorParallelRegion(torch.autograd.Function):
         return None, grad_output
 
 
-def copy_to_tensor_parallel_region(hidden_states: torch.Tensor, topk_weights: torch.Tensor,
+def copy_to_tensor_parallel_region(hidden_states: torch.Tensor, topk_weights: Optional[torch.Tensor],
                                    shared_gate: Optional[torch.Tensor], group
                                    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """f (see CopyToTensorParallelRegion); the identity in both directions without a group of 2+."""

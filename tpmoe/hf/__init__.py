@@ -6,22 +6,26 @@
     model.save_pretrained(path, state_dict=state_dict)   # loads into the original class
     tpmoe.hf.register_experts_implementation()     # then experts_implementation="tpmoe"
 
-`apply` swaps every MoE block of the model for a `TpmoeHFBlock` (tpmoe/hf/module.py) holding
-the block's own weights: the full ones in one process; with a group, this rank's slice
-(tpmoe.sharding). A model loaded with transformers' own tensor parallelism
-(`from_pretrained(..., tp_plan="auto")` or `distributed_config=DistributedConfig(tp_size=N)`)
-keeps its experts as DTensors sharded over the TP mesh; `apply` then takes each rank's local
-shard as it is when transformers' slicing (torch.chunk of I, gate and up chunked separately)
-equals tpmoe's (shard sizes equal, e.g. I divisible by the TP size), and otherwise rebuilds the
-block's weights with DTensor.full_tensor() and slices them (reported as "resharded"). Nothing is
-re-read from disk; attention, embeddings and dense MLPs stay exactly as transformers sharded them.
+`apply` judges every MoE block of the model from its code (tpmoe/hf/judge.py, against the
+verified pieces of tpmoe/hf/registry.py) and either swaps the whole block for a `TpmoeHFBlock`
+(routed experts + shared expert in one tpmoe.MoEBlock, router native or the family's own) or,
+for blocks of any other structure, only its experts module for a `TpmoeHFExperts`
+(tpmoe/hf/module.py). Either way the block costs one all-reduce forward and one backward under
+TP. The replacement holds the block's own weights: the full ones in one process; with a group,
+this rank's slice (tpmoe.sharding). A model loaded with transformers' own tensor parallelism
+(`from_pretrained(..., tp_plan="auto")`) may hold any mix of DTensor shards, Replicate DTensors
+and plain whole tensors: each weight is taken as its local shard where transformers' slicing is
+tpmoe's, made whole and re-cut otherwise (tpmoe/hf/shards.py), and blocks the plan left whole are
+sharded over the model's TP mesh too. Nothing is re-read from disk; attention, embeddings and
+dense MLPs stay exactly as transformers sharded them.
 
-Which families are supported, and why others are refused: tpmoe/hf/families.py.
+Which families run, how, and why others are refused: `python -m tpmoe.hf.families` and its
+snapshot tpmoe/hf/families_snapshot.json.
 """
-from .swap import ApplyReport, ReplacedBlock, apply
 from .experts_interface import EXPERTS_IMPLEMENTATION, register_experts_implementation, tpmoe_experts_forward
-from .families import PATTERNS, UnsupportedFamilyError
+from .judge import UnsupportedFamilyError
 from .state_dict import gather_state_dict
+from .swap import ApplyReport, ReplacedBlock, apply
 
 __all__ = ["ApplyReport", "ReplacedBlock", "UnsupportedFamilyError", "apply", "gather_state_dict",
-           "register_experts_implementation", "tpmoe_experts_forward", "EXPERTS_IMPLEMENTATION", "PATTERNS"]
+           "register_experts_implementation", "tpmoe_experts_forward", "EXPERTS_IMPLEMENTATION"]

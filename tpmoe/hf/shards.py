@@ -45,37 +45,78 @@ def _local_shard_matches(name: str, tensor, config, world_size: int) -> bool:
     return _chunk_sizes(intermediate, world_size) == shard_sizes(intermediate, world_size)
 
 
-def collect_shards(module, pattern, config, group) -> Tuple[Dict[str, torch.Tensor], str]:
-    """This rank's shard dict (tpmoe names) from the HF block's tensors, and where it came from."""
+def _describe(part) -> str:
+    if not is_dtensor(part):
+        return "a plain tensor"
+    mesh = part.device_mesh
+    return f"a DTensor {tuple(part.placements)} on a {mesh.ndim}-D mesh {mesh.mesh_dim_names}"
+
+
+def _full_part(part) -> torch.Tensor:
+    """The whole tensor on every rank: plain as it is, Replicate DTensors' local copy, others gathered."""
+    if not is_dtensor(part):
+        return part.detach()
+    if all(placement.is_replicate() for placement in part.placements):
+        return part.to_local().detach()
+    return part.full_tensor().detach()
+
+
+def _not_taken(weights, name, parts, block_name: str, why: str) -> ValueError:
+    where = ", ".join(f"{block_name + '.' if block_name else ''}{hf_name} ({_describe(part)})"
+                      for hf_name, part in zip(weights.names[name], parts))
+    return ValueError(f"model: could not take the weight {where} as tpmoe's {name!r}: {why}")
+
+
+def check_whole_shapes(module, weights, config, block_name: str = "") -> None:
+    """Raises ValueError naming the first HF weight (and its placement) whose whole shape is not the
+    block's. From global shapes only, so every rank of a group raises together, before any change."""
+    from ..weights import expected_shapes
+
+    expected = expected_shapes(config)
+    for name, parts in weights.hf_tensors(module).items():
+        whole = weights.packing(name).whole_shape(parts)
+        if tuple(whole) != expected[name]:
+            raise _not_taken(weights, name, parts, block_name,
+                             f"its whole shape is {tuple(whole)}, expected {expected[name]} for the block (E "
+                             f"{config.num_experts}, H {config.hidden_size}, I {config.intermediate_size})")
+
+
+def collect_shards(module, weights, config, group, block_name: str = "") -> Tuple[Dict[str, torch.Tensor], str]:
+    """This rank's shard dict (tpmoe names) from the HF module's tensors, and where it came from.
+
+    weights: the block's tpmoe.hf.weight_map.WeightMap. A TP plan may leave any mix: DTensor
+    shards, plain whole tensors (a plan without an entry for, say, the shared expert) and
+    DTensors with Replicate placements. Each weight is decided on its own, from global shapes
+    and placements only (so every rank takes the same branch): a DTensor shard that is exactly
+    tpmoe's slice is taken as it is; anything else is made whole (plain tensors as they are,
+    Replicate locally, other DTensors with one full_tensor()) and sliced by tpmoe.sharding.
+    Source: "full" (no DTensor), "local shards" (every DTensor was taken as it is), "resharded"
+    (at least one was gathered and re-cut).
+    """
     from ..distributed import group_rank, group_size
-    from ..sharding import SHARDED_NAMES, shard_moe_weights
-    from .families import hf_tensors_of
+    from ..sharding import SHARDED_NAMES, shard_weight
 
     rank, world_size = group_rank(group), group_size(group)
-    hf = hf_tensors_of(module, pattern)
-    dtensor_names = [name for name, parts in hf.items() if any(is_dtensor(part) for part in parts)]
-    if not dtensor_names:
-        full = {name: torch.cat([p.detach() for p in parts]) if len(parts) > 1 else parts[0].detach()
-                for name, parts in hf.items()}
-        return shard_moe_weights(config, full, rank, world_size), "full"
-
-    def full_tensor(part):
-        return part.full_tensor().detach() if is_dtensor(part) else part.detach()
-
-    local_ok = all(_local_shard_matches(name, part, config, world_size)
-                   for name in SHARDED_NAMES if name in hf for part in hf[name]) and all(
-        not is_dtensor(part) or all(p.is_replicate() for p in part.placements)
-        for name in hf if name not in SHARDED_NAMES for part in hf[name])
-    if local_ok:
-        shards = {}
-        for name, parts in hf.items():
-            locals_ = [p.to_local().detach() if is_dtensor(p) else p.detach() for p in parts]
-            shards[name] = torch.cat(locals_) if len(locals_) > 1 else locals_[0]
-        return shards, "local shards"
-    # Every rank takes this branch together (decided from global shapes and placements only).
-    full = {name: torch.cat([full_tensor(p) for p in parts]) if len(parts) > 1 else full_tensor(parts[0])
-            for name, parts in hf.items()}
-    return shard_moe_weights(config, full, rank, world_size), "resharded"
+    shards, kinds = {}, set()
+    for name, parts in weights.hf_tensors(module).items():
+        try:
+            if name in SHARDED_NAMES and weights.plain(name) and all(
+                    is_dtensor(p) and _local_shard_matches(name, p, config, world_size) for p in parts):
+                locals_ = [p.to_local().detach() for p in parts]
+                shards[name] = torch.cat(locals_) if len(locals_) > 1 else locals_[0]
+                kinds.add("local")
+            else:
+                full = [_full_part(p) for p in parts]
+                whole = weights.to_tpmoe(name, full)
+                shards[name] = shard_weight(config, name, whole, rank, world_size)
+                if any(is_dtensor(p) and not all(pl.is_replicate() for pl in p.placements) for p in parts):
+                    kinds.add("gathered")
+        except Exception as error:  # re-raised naming the weight and its placement
+            raise _not_taken(weights, name, parts, block_name, f"rank {rank} of {world_size}: "
+                                                               f"{type(error).__name__}: {error}") from error
+    if "gathered" in kinds:
+        return shards, "resharded"
+    return shards, "local shards" if "local" in kinds else "full"
 
 
 def dtensor_group(module):

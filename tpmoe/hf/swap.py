@@ -1,25 +1,50 @@
-"""`tpmoe.hf.apply`: find every MoE block of a transformers model and swap it for a tpmoe block."""
+"""`tpmoe.hf.apply`: find every MoE block of a transformers model and swap it (or its experts) for tpmoe."""
 import re
+import warnings
 from dataclasses import dataclass
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 from torch import nn
 
-from .families import is_moe_block, match_pattern, require_transformers, unsupported_error
+from .judge import Plan, is_moe_block, plan_for
 from .shards import collect_shards, dtensor_group
+
+# The transformers releases the adapter is tested with (tools/ensure_deps.py pins the newest
+# one the registry serves with its dependencies; pyproject's `hf` extra claims the same).
+TESTED_TRANSFORMERS = "5.24."
+
+
+def require_transformers():
+    """tpmoe.hf imports without transformers; the calls that need it say so here."""
+    try:
+        import transformers
+    except ImportError as error:
+        raise ImportError("tpmoe.hf needs Hugging Face transformers: pip install -e .[hf] "
+                          "(transformers 5.24, accelerate)") from error
+    if not transformers.__version__.startswith(TESTED_TRANSFORMERS):
+        warnings.warn(f"tpmoe.hf is tested with transformers {TESTED_TRANSFORMERS}*, this is "
+                      f"{transformers.__version__}: blocks are still judged by their code, so a changed family is "
+                      f"refused rather than run wrongly, but the refusals may differ", stacklevel=3)
 
 
 @dataclass(frozen=True)
 class ReplacedBlock:
-    """One swapped block. shards: (this rank, TP world size); I_local / Is_local: this rank's
-    columns of the routed / shared intermediate axis; source: where the weights came from
-    ("full": a full HF tensor sliced here; "local shards": transformers' own TP shards taken as
-    they are; "resharded": transformers' shards gathered and re-cut to tpmoe's sizes)."""
+    """One swapped block. mode: "block" (the whole block is tpmoe's) or "experts" (its experts
+    module is; the rest of the block runs as transformers wrote it). pattern: the block structure
+    (tpmoe/hf/registry.py BLOCKS) or "experts"; router: the native router's name, "module" (the
+    family's own router kept) or None in experts mode. shards: (this rank, TP world size);
+    I_local / Is_local: this rank's columns of the routed / shared intermediate axis; source:
+    where the weights came from ("full": whole HF tensors sliced here; "local shards":
+    transformers' own TP shards taken as they are; "resharded": gathered and re-cut); replicated:
+    the parts of the block that run whole on every rank (experts mode: the block's shared expert);
+    note: why a block of a known structure runs in experts mode (its shared expert's activation...)."""
 
     name: str
     layer: int
     family: str
+    mode: str
     pattern: str
+    router: Optional[str]
     hf_class: str
     num_experts: int
     top_k: int
@@ -28,17 +53,20 @@ class ReplacedBlock:
     I_local: int
     Is_local: int
     source: str
+    replicated: Tuple[str, ...] = ()
+    note: str = ""
 
 
 class ApplyReport(list):
     """The ReplacedBlock of every swapped block, in model order (a list), printable as a table."""
 
     def __str__(self):
-        lines = [f"{'layer':>5}  {'family':<14} {'E':>4} {'K':>2} {'I':>6} {'I_local':>7}  {'rank/P':<7} "
+        lines = [f"{'layer':>5}  {'family':<16} {'mode':<7} {'E':>4} {'K':>2} {'I':>6} {'I_local':>7}  {'rank/P':<7} "
                  f"{'source':<13} name"]
         for b in self:
-            lines.append(f"{b.layer:>5}  {b.family:<14} {b.num_experts:>4} {b.top_k:>2} {b.intermediate_size:>6} "
-                         f"{b.I_local:>7}  {b.shards[0]}/{b.shards[1]:<5} {b.source:<13} {b.name}")
+            lines.append(f"{b.layer:>5}  {b.family:<16} {b.mode:<7} {b.num_experts:>4} {b.top_k:>2} "
+                         f"{b.intermediate_size:>6} {b.I_local:>7}  {b.shards[0]}/{b.shards[1]:<5} {b.source:<13} "
+                         f"{b.name}")
         return "\n".join(lines)
 
 
@@ -56,17 +84,24 @@ def _resolve_group(group, tp_mesh_dim):
     return resolve_tp_group(group, tp_mesh_dim)
 
 
-def _find_blocks(model: nn.Module) -> List[Tuple[str, nn.Module]]:
-    """(name, module) of every MoE block; refuses the first one of no supported pattern."""
+def _model_tp_group(model: nn.Module):
+    """The TP group of a model that transformers' own tensor parallelism loaded, or None."""
+    tp_size = getattr(model, "_tp_size", None)
+    mesh = getattr(model, "_device_mesh", None)
+    if not tp_size or tp_size < 2 or mesh is None:
+        return None
+    return _resolve_group(mesh, None)
+
+
+def _find_blocks(model: nn.Module) -> List[Tuple[str, nn.Module, Plan]]:
+    """(name, module, plan) of every MoE block; refuses the first one tpmoe cannot run."""
     found, inside = [], []
     for name, module in model.named_modules():
         if any(name.startswith(prefix + ".") for prefix in inside):
             continue
         if not is_moe_block(module):
             continue
-        if match_pattern(module) is None:
-            raise unsupported_error(module, name)
-        found.append((name, module))
+        found.append((name, module, plan_for(module, name)))
         inside.append(name)
     return found
 
@@ -91,23 +126,36 @@ def _layer_index(name: str, ordinal: int) -> int:
     return int(match.group(1)) if match else ordinal
 
 
+def _block_group(resolved, module, name):
+    from ..distributed import group_rank, group_size
+
+    hf_group = dtensor_group(module)
+    if hf_group is None:
+        return resolved
+    if resolved is None:
+        return hf_group
+    if group_size(resolved) != group_size(hf_group) or group_rank(resolved) != group_rank(hf_group):
+        raise ValueError(f"group: rank {group_rank(resolved)} of {group_size(resolved)}, but transformers sharded "
+                         f"{name} over a TP mesh where this process is rank {group_rank(hf_group)} of "
+                         f"{group_size(hf_group)}")
+    return hf_group
+
+
 def apply(model: nn.Module, group=None, *, tp_mesh_dim=None, backend: str = "auto", jitter_seed: int = 0,
           check_replicated: bool = False) -> ApplyReport:
-    """Replaces every MoE block of `model` (in place) by a tpmoe block and returns what it replaced.
+    """Replaces every MoE block of `model` (in place) by tpmoe and returns what it replaced.
 
-    group: None (one process; or, for a model that transformers' TP sharded, its TP mesh),
-    a ProcessGroup, or a DeviceMesh (1-D, or N-D with tp_mesh_dim / a dimension named "tp").
+    group: None (one process; or, for a model that transformers' TP loaded, its TP mesh), a
+    ProcessGroup, or a DeviceMesh (1-D, or N-D with tp_mesh_dim / a dimension named "tp").
     Every rank of the group must call apply on the same model. backend: tpmoe.fused_experts'.
-    jitter_seed: the seed of router jitter noise (module.py); the same int on every rank.
-    Raises UnsupportedFamilyError (naming family and class) before changing anything if any
-    MoE block is of an unsupported family, ValueError if the model has no MoE block.
+    jitter_seed: the seed of the random draws inside blocks under TP (module.py); the same int on
+    every rank. Raises UnsupportedFamilyError (naming family, class and reason) before changing
+    anything if any MoE block is of an unsupported family, ValueError if the model has none.
     """
     from .._checks import check_choice
-    from ..block import MoEBlock
-    from ..distributed import group_rank, group_size
+    from ..distributed import communicates
     from ..fused import BACKENDS
-    from .families import hf_weight_names, moe_config_of
-    from .module import JitterStep, TpmoeHFBlock
+    from .module import StepCounter, SynchronizedRandomness, TpmoeHFBlock, TpmoeHFExperts
 
     require_transformers()
     if not isinstance(model, nn.Module):
@@ -121,60 +169,145 @@ def apply(model: nn.Module, group=None, *, tp_mesh_dim=None, backend: str = "aut
         raise TypeError(f"check_replicated: expected a bool, got {type(check_replicated).__name__} "
                         f"{check_replicated!r}")
     resolved = _resolve_group(group, tp_mesh_dim)
+    if resolved is None:
+        # A model loaded with transformers' TP (tp_plan="auto") sits on a TP mesh even where its
+        # plan leaves a block whole (GPT-OSS's experts in 5.24): those blocks are sharded over it too.
+        resolved = _model_tp_group(model)
     blocks = _find_blocks(model)
     if not blocks:
-        if any(isinstance(m, TpmoeHFBlock) for m in model.modules()):
+        if any(isinstance(m, (TpmoeHFBlock, TpmoeHFExperts)) for m in model.modules()):
             raise ValueError(f"model: {type(model).__name__} has no HF MoE block left: tpmoe.hf.apply already "
                              f"swapped them")
         raise ValueError(f"model: found no MoE block in {type(model).__name__} (nothing for tpmoe to replace)")
     logit_classes = _router_logit_classes(model)
-    # Every block's config first: a refusal (activation, shared-expert variant) changes nothing.
-    matched = [(name, module, match_pattern(module)) for name, module in blocks]
-    configs = [moe_config_of(module, pattern, name) for name, module, pattern in matched]
+    # Every block's config and shapes first: a refusal (an activation, a shape) changes nothing.
+    judged = [_config(module, plan, name) for name, module, plan in blocks]
 
-    report, jittered = ApplyReport(), []
+    report, drawing = ApplyReport(), []
     modules = dict(model.named_modules())
-    for ordinal, ((name, module, pattern), config) in enumerate(zip(matched, configs)):
-        block_group = resolved
-        hf_group = dtensor_group(module)
-        if hf_group is not None:
-            if block_group is None:
-                block_group = hf_group
-            elif group_size(block_group) != group_size(hf_group) or group_rank(block_group) != group_rank(hf_group):
-                raise ValueError(f"group: rank {group_rank(block_group)} of {group_size(block_group)}, but "
-                                 f"transformers sharded {name} over a TP mesh where this process is rank "
-                                 f"{group_rank(hf_group)} of {group_size(hf_group)}")
-        shards, source = collect_shards(module, pattern, config, block_group)
-        hf_names = hf_weight_names(pattern)
-        tensors = {**dict(module.named_parameters()), **dict(module.named_buffers())}
-        hf_rows = {tp: [tensors[n].shape[0] for n in names] for tp, names in hf_names.items()}
-        trainable = {tp: tensors[names[0]].requires_grad for tp, names in hf_names.items()}
-        tp_block = MoEBlock.from_shards(config, shards, group=block_group, backend=backend,
-                                                check_replicated=check_replicated)
-        for tp_name, parameter in tp_block.named_parameters(recurse=False):
-            parameter.requires_grad_(trainable.get(tp_name, True))
-        router = getattr(module, pattern.router_attr)
-        replacement = TpmoeHFBlock(
-            tp_block, pattern, family=_family(module), hf_class_name=type(module).__name__,
-            layer_index=_layer_index(name, ordinal),
-            jitter_noise=float(getattr(module, "jitter_noise", 0.0) or 0.0) if pattern.jitter else 0.0,
-            jitter_seed=jitter_seed, records_router_logits=isinstance(router, logit_classes),
-            hf_weight_names=hf_names, hf_weight_rows=hf_rows)
-        replacement.train(module.training)
-        parent_name, _, child_name = name.rpartition(".")
-        setattr(modules[parent_name] if parent_name else model, child_name, replacement)
-        if replacement.jitter_noise > 0:
-            jittered.append(replacement)
+    for ordinal, ((name, module, plan), (config, weights)) in enumerate(zip(blocks, judged)):
+        block_group = _block_group(resolved, module, name)
+        layer = _layer_index(name, ordinal)
+        replacement, source = _build(module, plan, config, weights, block_group, name, layer, backend,
+                                     check_replicated, jitter_seed, logit_classes)
+        if plan.mode == "block":
+            parent_name, _, child_name = name.rpartition(".")
+            setattr(modules[parent_name] if parent_name else model, child_name, replacement)
+            if replacement.jitter_noise > 0:
+                drawing.append(replacement)
+            replicated = ()
+        else:
+            module.experts = replacement
+            replicated = _replicated_parts(module)
+            if communicates(block_group):
+                sync = SynchronizedRandomness(jitter_seed, layer)
+                module.register_forward_pre_hook(sync.before)
+                module.register_forward_hook(sync.after)
+                drawing.append(sync)
+        tp_block = replacement.block
         report.append(ReplacedBlock(
-            name=name, layer=replacement.layer_index, family=replacement.family, pattern=pattern.name,
+            name=name, layer=layer, family=replacement.family, mode=plan.mode,
+            pattern=plan.block.name if plan.mode == "block" else "experts",
+            router=(plan.router.name if plan.router else "module") if plan.mode == "block" else None,
             hf_class=type(module).__name__, num_experts=config.num_experts, top_k=config.top_k,
             intermediate_size=config.intermediate_size, shards=(tp_block.tp_rank, tp_block.tp_size),
-            I_local=tp_block.I_local, Is_local=tp_block.Is_local, source=source))
-    if jittered:
-        model.register_forward_pre_hook(JitterStep(jittered))
+            I_local=tp_block.I_local, Is_local=tp_block.Is_local, source=source, replicated=replicated,
+            note=plan.note))
+    if drawing:
+        model.register_forward_pre_hook(StepCounter(drawing))
     return report
 
 
-def _family(module) -> str:
-    from .families import _family_of
-    return _family_of(type(module))
+def _config(module, plan, name):
+    """The block's MoEConfig, its HF weights' whole shapes checked against it."""
+    from .judge import unsupported
+    from .registry import Unsupported
+    from .shards import check_whole_shapes
+    from .weight_map import moe_config_of, weight_map
+
+    owner = module if plan.mode == "block" else module.experts
+    weights = weight_map(plan, owner)
+    try:
+        config = moe_config_of(module, plan, weights)
+    except (Unsupported, ValueError) as error:
+        raise unsupported(module, name, str(error)) from None
+    check_whole_shapes(owner, weights, config, _owner_name(name, plan))
+    return config, weights
+
+
+def _owner_name(name: str, plan: Plan) -> str:
+    """The name of the module whose HF weights tpmoe takes: the block, or its experts module."""
+    if plan.mode == "block":
+        return name
+    return f"{name}.experts" if name else "experts"
+
+
+def _replicated_parts(module: nn.Module) -> Tuple[str, ...]:
+    """The shared or dense MLPs of a block in experts mode: they run whole on every rank."""
+    return tuple(child for child, sub in module.named_children()
+                 if ("shared" in child or "mlp" in child) and any(True for _ in sub.parameters()))
+
+
+def _build(module, plan: Plan, config, weights, group, name, layer, backend, check_replicated, jitter_seed,
+           logit_classes):
+    """(the replacement module, its weights' source) for one judged block."""
+    from ..block import MoEBlock
+    from .code import family_of
+    from .module import TpmoeHFBlock, TpmoeHFExperts
+
+    owner = module if plan.mode == "block" else module.experts
+    shards, source = collect_shards(owner, weights, config, group, _owner_name(name, plan))
+    hf_tensors = weights.hf_tensors(owner)
+    trainable = {tp_name: parts[0].requires_grad for tp_name, parts in hf_tensors.items()}
+    tp_block = MoEBlock.from_shards(config, shards, group=group, backend=backend, check_replicated=check_replicated)
+    for tp_name, parameter in tp_block.named_parameters(recurse=False):
+        parameter.requires_grad_(trainable.get(tp_name, True))
+    common = dict(family=family_of(type(module)), hf_class_name=type(module).__name__, layer_index=layer)
+    if plan.mode == "experts":
+        post_norm = plan.experts.impl.post_norm
+        replacement = TpmoeHFExperts(tp_block, weights, **common, post_norm=None if post_norm is None else (
+            post_norm, _undistributed(getattr(module.experts, post_norm))),
+            identity_experts=plan.experts.impl.identity_experts)
+        replacement.train(module.experts.training)
+        return replacement, source
+    structure = plan.block
+    kept = {}
+    if plan.router is None:
+        kept[structure.router] = getattr(module, structure.router)
+        kept.update({arg: getattr(module, arg) for arg in structure.router_args})
+    for attribute in (structure.post_norm, structure.output_bias):
+        if attribute is not None:
+            kept[attribute] = getattr(module, attribute)
+    kept = {name: _undistributed(value) for name, value in kept.items()}
+    router = getattr(module, structure.router)
+    replacement = TpmoeHFBlock(
+        tp_block, plan, weights, kept=kept,
+        routed_scale=float(getattr(module, structure.routed_scale)) if structure.routed_scale else 1.0,
+        jitter_noise=float(getattr(module, "jitter_noise", 0.0) or 0.0) if structure.jitter else 0.0,
+        jitter_seed=jitter_seed, records_router_logits=plan.router is not None and isinstance(router, logit_classes),
+        **common)
+    replacement.train(module.training)
+    return replacement, source
+
+
+def _undistributed(value):
+    """A kept HF module (or tensor) with plain tensors: it runs replicated beside tpmoe's plain
+    activations, and DTensor parameters cannot meet plain tensors in one op. Replicate placements
+    give their local copy; any other DTensor is gathered (every rank alike)."""
+    import torch
+
+    from .shards import _full_part, is_dtensor
+
+    if isinstance(value, torch.Tensor):
+        if not is_dtensor(value):
+            return value
+        whole = _full_part(value)
+        return nn.Parameter(whole, requires_grad=value.requires_grad) if isinstance(value, nn.Parameter) else whole
+    for submodule in value.modules():
+        for name, parameter in list(submodule.named_parameters(recurse=False)):
+            if is_dtensor(parameter):
+                setattr(submodule, name, nn.Parameter(_full_part(parameter), requires_grad=parameter.requires_grad))
+        for name, buffer in list(submodule.named_buffers(recurse=False)):
+            if is_dtensor(buffer):
+                submodule.register_buffer(name, _full_part(buffer))
+    return value
