@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (format_table, make_hf_experts, peak_memory_bytes, time_call,  # noqa: E402
-                    time_calls_interleaved, write_json)
+                    time_calls_interleaved, touched_weight_bytes, write_json)
 
 from tpmoe.cpu import release_workspace  # noqa: E402
 from tpmoe.fused import fused_experts  # noqa: E402
@@ -53,11 +53,6 @@ def make_routing(num_tokens, preset, generator):
     logits = torch.randn(num_tokens, preset["experts"], generator=generator)
     weights, ids = torch.softmax(logits, dim=-1).topk(preset["top_k"], dim=-1)
     return ids, weights / weights.sum(dim=-1, keepdim=True)
-
-
-def touched_weight_bytes(ids, w_gate_up, w_down):
-    experts = torch.unique(ids).tolist()
-    return experts, sum(w_gate_up[e].nbytes + w_down[e].nbytes for e in experts)
 
 
 def bench_forward(preset_name, preset, num_tokens, weights, args, generator):

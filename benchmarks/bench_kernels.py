@@ -1,17 +1,30 @@
-"""The Triton expert kernels on a GPU against their yardsticks, in one run (issue 3).
+"""The Triton expert kernels against their yardsticks at real model shapes, in one run (issues 3, 14).
 
-For each preset (real model layer shapes, bf16) and token count T:
-  tpmoe        tpmoe.triton.fused_experts_triton (forward; and forward+backward with --backward)
+For each preset (one MoE layer of a released model, tpmoe.presets; bf16) and token count T, the
+forward ("fwd") and, with --backward, forward+backward ("fwd+bwd") of:
+  tpmoe        tpmoe.triton.fused_experts_triton
   grouped_mm   torch._grouped_mm twice with the activation between (sort, gather, GEMM, act, GEMM,
                weight, unsort, sum): the same algorithm on PyTorch's grouped GEMM
-  hf_grouped   transformers' experts module with experts_implementation="grouped_mm"
-  matmul_peak  a large bf16 matmul measured once: the machine's reachable TFLOP/s
-Reported: median ms (triton.testing.do_bench), TFLOP/s of the useful work (2*T*K*H*3I forward,
-3x that for forward+backward; our recompute of the gate/up pre-activation is not counted), and
-the fraction of the measured matmul peak. Prints a Markdown table and writes JSON.
+  hf_grouped   transformers' experts module with experts_implementation="grouped_mm" (left out,
+               with the reason in the notes, where transformers does not import)
+  dense        one GEMM [T*K, H] x [H, 3I] of the same FLOPs (tpmoe.cli.bench.dense_step)
+Per row: median ms (triton.testing.do_bench); TFLOP/s of the useful work (2*T*K*H*3I forward, 3x
+that forward+backward; tpmoe's recompute of the gate/up pre-activation is not counted); of_dense,
+the dense GEMM's time over this one's (1.0: the dense rate); of_peak, of a large bf16 matmul
+measured once; hbm_gbps (forward), the bytes of the expert weights the routing touches over the
+time: the bandwidth a decode step reaches, meaningful where the weights dominate (T <= 128); and
+each implementation's max relative error against grouped_mm (output; dx for fwd+bwd). Per
+(preset, T), the Triton config of every launch (tpmoe.triton.autotune.launch_configs). Prints
+Markdown and writes JSON after every (preset, T), so that a run cut short keeps its rows. Exits 1
+when an implementation disagrees with grouped_mm beyond AGREEMENT_EPS units of bf16 rounding.
 
-  python benchmarks/bench_kernels.py                                  # both presets, T in 1..16384
-  python benchmarks/bench_kernels.py --preset qwen3 --tokens 1 512 --backward --json out.json
+--dry runs the same code on CPU under the Triton interpreter at shapes scaled by --scale (default
+1/64) and T in {1, 16}: every implementation runs and is checked, nothing is timed (rows marked
+dry). `make gpu-check` runs both (tools/gpu_check.py).
+
+  python benchmarks/bench_kernels.py --backward                 # the three presets, T in 1..8192
+  python benchmarks/bench_kernels.py --preset qwen3 --tokens 1 512 --json out.json
+  python benchmarks/bench_kernels.py --dry --backward --json dry.json   # no GPU needed
   python benchmarks/bench_kernels.py --results-md benchmarks/RESULTS.md   # append the dated table
 """
 import argparse
@@ -23,134 +36,315 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import format_table, make_hf_experts, write_json  # noqa: E402
+from common import format_table, make_hf_experts, touched_weight_bytes, write_json  # noqa: E402
 
-PRESETS = {
-    "qwen3": dict(hidden=2048, inter=768, experts=128, top_k=8, family="qwen3_moe"),
-    "mixtral": dict(hidden=4096, inter=14336, experts=8, top_k=2, family="mixtral"),
-}
-DEFAULT_TOKENS = (1, 4, 16, 64, 256, 1024, 4096, 16384)
+# Short name -> tpmoe.presets name.
+PRESETS = {"qwen3": "qwen3-30b-a3b", "gpt_oss": "gpt-oss-20b", "mixtral": "mixtral-8x7b"}
+DEFAULT_TOKENS = (1, 16, 128, 1024, 8192)
+DRY_TOKENS = (1, 16)
+DRY_SCALE = 1 / 64
+DTYPE = torch.bfloat16
+# tpmoe and grouped_mm round different intermediates to bf16 (grouped_mm its gate/up output and
+# each pair's row, tpmoe only h), so they differ by a few units of bf16 rounding relative to the
+# output's largest magnitude; a wrong expert or a dropped pair is off by O(1).
+AGREEMENT_EPS = 8
+ROW_COLUMNS = ["preset", "T", "pass_", "impl", "ms", "tflops", "of_dense", "of_peak", "hbm_gbps", "max_rel_err"]
+ROW_FORMATS = {"ms": ".3f", "tflops": ".1f", "of_dense": ".2f", "of_peak": ".2f", "hbm_gbps": ".0f",
+               "max_rel_err": ".1e"}
 
 
-def require_cuda():
+def choose_device(dry: bool) -> torch.device:
+    """Where the kernels run; sets TRITON_INTERPRET for --dry (before tpmoe.triton is imported)."""
+    if dry:
+        os.environ["TRITON_INTERPRET"] = "1"
+        return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise SystemExit("bench_kernels.py: needs a CUDA GPU, and torch.cuda.is_available() is False on this "
-                         "machine (torch " + torch.__version__ + "). The CPU path's benchmark is "
-                         "benchmarks/bench_cpu.py.")
+        raise SystemExit(f"bench_kernels.py: needs a CUDA GPU, and torch.cuda.is_available() is False on this "
+                         f"machine (torch {torch.__version__}); --dry runs the same code on CPU without timing it. "
+                         f"The CPU path's benchmark is benchmarks/bench_cpu.py.")
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("bench_kernels.py: unset TRITON_INTERPRET: it makes the kernels run in the interpreter")
+    return torch.device("cuda")
 
 
-def matmul_peak_tflops(do_bench, size=8192):
-    a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
-    ms = do_bench(lambda: a @ b, warmup=50, rep=300)
-    return 2 * size ** 3 / (ms * 1e-3) / 1e12
+def make_measure(device: torch.device, warmup_ms: int, rep_ms: int):
+    """The one timing helper: median ms of a step on the GPU; under --dry, None (every step has run
+    once already, checked; the interpreter's times say nothing about the kernels)."""
+    if device.type != "cuda":
+        return lambda step: None
+    from triton.testing import do_bench
+    return lambda step: do_bench(step, warmup=warmup_ms, rep=rep_ms, return_mode="median")
 
 
-def make_problem(preset, num_tokens, generator):
-    H, I, E, K = preset["hidden"], preset["inter"], preset["experts"], preset["top_k"]
-    w_gate_up = (torch.randn(E, 2 * I, H, device="cuda", generator=generator) / math.sqrt(H)).bfloat16()
-    w_down = (torch.randn(E, H, I, device="cuda", generator=generator) / math.sqrt(I)).bfloat16()
-    x = torch.randn(num_tokens, H, device="cuda", generator=generator).bfloat16()
-    logits = torch.randn(num_tokens, E, device="cuda", generator=generator)
-    weights, ids = torch.softmax(logits, dim=-1).topk(K, dim=-1)
-    return x, w_gate_up, w_down, ids, weights / weights.sum(dim=-1, keepdim=True)
+def matmul_peak_tflops(measure, size=8192):
+    a = torch.randn(size, size, device="cuda", dtype=DTYPE)
+    b = torch.randn(size, size, device="cuda", dtype=DTYPE)
+    return 2 * size ** 3 / (measure(lambda: a @ b) * 1e-3) / 1e12
 
 
-def torch_grouped_mm_experts(x, w_gate_up, w_down, ids, topk_weights):
-    """The same computation on torch._grouped_mm (concatenated gate/up, silu)."""
+def preset_shape(name: str, scale: float):
+    """The preset's MoEConfig (scaled) with the sizes make_hf_experts reads."""
+    from tpmoe.presets import get_preset, scaled_config
+    preset = get_preset(PRESETS[name])
+    config = scaled_config(preset.config, scale)
+    if not config.gated:
+        raise ValueError(f"preset: {name} has non-gated experts, which torch_grouped_mm_experts does not run")
+    return dict(name=name, family=preset.family, config=config, hidden=config.hidden_size,
+                inter=config.intermediate_size, experts=config.num_experts, top_k=config.top_k)
+
+
+def make_weights(config, device, generator):
+    """The expert tensors of `config` in tpmoe.weights' layout (std 1/sqrt(fan_in)), leaves that
+    take gradients."""
+    from tpmoe.weights import expected_shapes
+    shapes = expected_shapes(config)
+    fan_in = {"w_gate_up": config.hidden_size, "w_down": config.intermediate_size, "b_gate_up": 16, "b_down": 16}
+    names = ["w_gate_up", "w_down"] + (["b_gate_up", "b_down"] if config.expert_bias else [])
+    return {name: (torch.randn(shapes[name], generator=generator, device=device, dtype=DTYPE)
+                   / math.sqrt(fan_in[name])).requires_grad_(True) for name in names}
+
+
+def make_tokens(config, num_tokens, device, generator):
+    """x [T, H], ids [T, K] (softmax top-k of random logits) and their renormalised weights (fp32)."""
+    x = torch.randn(num_tokens, config.hidden_size, generator=generator, device=device, dtype=DTYPE)
+    logits = torch.randn(num_tokens, config.num_experts, generator=generator, device=device)
+    weights, ids = torch.softmax(logits, dim=-1).topk(config.top_k, dim=-1)
+    return x, ids, weights / weights.sum(dim=-1, keepdim=True)
+
+
+def torch_grouped_mm_experts(x, weights, ids, topk_weights, config):
+    """The same computation on torch._grouped_mm, for any layout of tpmoe.weights (with biases)."""
+    from tpmoe.reference import gated_activation
     num_tokens, top_k = ids.shape
     flat_ids = ids.reshape(-1)
     sorted_ids, order = torch.sort(flat_ids)
-    offsets = torch.cumsum(torch.bincount(flat_ids, minlength=w_gate_up.shape[0]), 0).to(torch.int32)
-    gate_up = torch._grouped_mm(x[order // top_k], w_gate_up.transpose(1, 2), offs=offsets)
-    gate, up = gate_up.chunk(2, dim=-1)
-    out = torch._grouped_mm(torch.nn.functional.silu(gate) * up, w_down.transpose(1, 2), offs=offsets)
+    offsets = torch.cumsum(torch.bincount(flat_ids, minlength=config.num_experts), 0).to(torch.int32)
+    transposed = config.layout == "gpt_oss"  # stored [E, H, R] and [E, I, H]: already GEMM-ready
+    w_gate_up, w_down = weights["w_gate_up"], weights["w_down"]
+    gate_up = torch._grouped_mm(x[order // top_k], w_gate_up if transposed else w_gate_up.transpose(1, 2),
+                                offs=offsets)
+    if "b_gate_up" in weights:
+        gate_up = gate_up + weights["b_gate_up"][sorted_ids]
+    inter = gate_up.shape[1] // 2
+    if config.layout == "concatenated":
+        gate, up = gate_up[:, :inter], gate_up[:, inter:]
+    else:
+        gate, up = gate_up[:, 0::2], gate_up[:, 1::2]
+    h = gated_activation(config.activation, gate, up, config.swiglu_alpha, config.swiglu_limit).contiguous()
+    out = torch._grouped_mm(h, w_down if transposed else w_down.transpose(1, 2), offs=offsets)
+    if "b_down" in weights:
+        out = out + weights["b_down"][sorted_ids]
     out = out * topk_weights.reshape(-1)[order, None].to(out.dtype)
     unsorted = torch.empty_like(out)
     unsorted[order] = out
     return unsorted.view(num_tokens, top_k, -1).float().sum(1).to(x.dtype)
 
 
-def bench_one(preset_name, preset, num_tokens, peak, args, generator, do_bench):
+def transformers_problem():
+    """None when transformers imports, else why not (the hf_grouped rows are then left out)."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError as error:
+        return f"transformers does not import ({error})"
+    return None
+
+
+def expert_calls(shape, weights, ids):
+    """impl -> (call(x, topk_weights) -> y, the parameters whose gradients a step clears)."""
     from tpmoe.triton import fused_experts_triton
-
-    x, w_gate_up, w_down, ids, topk_weights = make_problem(preset, num_tokens, generator)
-    H, I, K = preset["hidden"], preset["inter"], preset["top_k"]
-    flops_forward = 2 * num_tokens * K * H * 3 * I
-    options = dict(activation="silu", layout="concatenated", gated=True, b_gate_up=None, b_down=None,
-                   alpha=1.702, limit=7.0)
+    config = shape["config"]
+    options = dict(activation=config.activation, layout=config.layout, gated=config.gated,
+                   b_gate_up=weights.get("b_gate_up"), b_down=weights.get("b_down"), alpha=config.swiglu_alpha,
+                   limit=config.swiglu_limit)
+    parameters = list(weights.values())
     calls = {
-        "tpmoe": lambda x, wgu, wd, tw: fused_experts_triton(x, wgu, wd, ids, tw, **options),
-        "grouped_mm": lambda x, wgu, wd, tw: torch_grouped_mm_experts(x, wgu, wd, ids, tw),
+        "tpmoe": (lambda x, tw: fused_experts_triton(x, weights["w_gate_up"], weights["w_down"], ids, tw, **options),
+                  parameters),
+        "grouped_mm": (lambda x, tw: torch_grouped_mm_experts(x, weights, ids, tw, config), parameters),
     }
-    hf = make_hf_experts(preset, w_gate_up, w_down, "grouped_mm")
-    if hf is not None:
-        calls["hf_grouped"] = lambda x, wgu, wd, tw: hf(x, ids, tw.to(x.dtype))
-    rows = []
-    with torch.no_grad():
-        reference = calls["grouped_mm"](x, w_gate_up, w_down, topk_weights).float()
-        ours = calls["tpmoe"](x, w_gate_up, w_down, topk_weights).float()
-        error = ((ours - reference).abs().max() / reference.abs().max().clamp_min(1e-30)).item()
-        for name, call in calls.items():
-            ms = do_bench(lambda: call(x, w_gate_up, w_down, topk_weights), warmup=args.warmup, rep=args.rep)
-            tflops = flops_forward / (ms * 1e-3) / 1e12
-            rows.append(dict(preset=preset_name, T=num_tokens, impl=name, pass_="fwd", ms=ms, tflops=tflops,
-                             of_peak=tflops / peak, max_rel_err_vs_grouped_mm=error if name == "tpmoe" else None))
-    if args.backward:
-        grad_out = torch.randn_like(x)
-        for name in ("tpmoe", "grouped_mm"):
-            leaves = [t.detach().requires_grad_(True) for t in (x, w_gate_up, w_down, topk_weights)]
-
-            def step(name=name, leaves=leaves):
-                for leaf in leaves:
-                    leaf.grad = None
-                calls[name](*leaves).backward(grad_out)
-
-            ms = do_bench(step, warmup=args.warmup, rep=args.rep)
-            tflops = 3 * flops_forward / (ms * 1e-3) / 1e12
-            rows.append(dict(preset=preset_name, T=num_tokens, impl=name, pass_="fwd+bwd", ms=ms, tflops=tflops,
-                             of_peak=tflops / peak))
-    return rows
+    if transformers_problem() is None:
+        hf = make_hf_experts(shape, weights["w_gate_up"], weights["w_down"], "grouped_mm", weights.get("b_gate_up"),
+                             weights.get("b_down"))
+        calls["hf_grouped"] = (lambda x, tw: hf(x, ids, tw.to(x.dtype)), list(hf.parameters()))
+    return calls
 
 
-def main(argv=None):
+def forward_step(call, x, topk_weights):
+    def step():
+        with torch.no_grad():
+            return call(x, topk_weights)
+    return step
+
+
+def train_step(call, parameters, x, topk_weights, dy):
+    """(step, x leaf): one forward+backward with the gradients cleared first."""
+    x = x.detach().requires_grad_(True)
+    topk_weights = topk_weights.detach().requires_grad_(True)
+
+    def step():
+        for tensor in (x, topk_weights, *parameters):
+            tensor.grad = None
+        call(x, topk_weights).backward(dy)
+    return step, x
+
+
+def max_rel_error(actual, reference):
+    reference = reference.float()
+    return ((actual.float() - reference).abs().max() / reference.abs().max().clamp_min(1e-30)).item()
+
+
+def describe_configs(shape, num_tokens):
+    from tpmoe.triton.autotune import block_m_for, launch_configs, token_bucket
+    c = shape["config"]
+    configs = launch_configs(num_tokens, c.top_k, c.num_experts, c.hidden_size, c.intermediate_size, c.gate_up_rows,
+                             torch.empty(0, dtype=DTYPE).element_size())
+    bucket = token_bucket(num_tokens, c.top_k, c.num_experts)
+    row = dict(preset=shape["name"], T=num_tokens, BLOCK_M=block_m_for(bucket))
+    row.update({launch: f"{k.BLOCK_M}x{k.BLOCK_N}x{k.BLOCK_K} w{k.num_warps} s{k.num_stages}"
+                for launch, k in configs.items()})
+    return row
+
+
+def first_run(impl, step, shape, num_tokens, notes):
+    """step() once (it compiles the kernels; its result is checked). transformers' module may fail
+    on a release or device it does not support: noted and left out, where the others must run."""
+    try:
+        return step()
+    except Exception as error:
+        if impl != "hf_grouped":
+            raise
+        notes.append(f"hf_grouped at {shape['name']} T={num_tokens}: failed "
+                     f"({type(error).__name__}: {str(error).splitlines()[0][:160]})")
+        return None
+
+
+def bench_tokens(shape, weights, num_tokens, args, context):
+    """The rows of one (preset, T), and the notes found on the way."""
+    from tpmoe.cli.bench import dense_step
+    config, device, measure = shape["config"], context["device"], context["measure"]
+    x, ids, topk_weights = make_tokens(config, num_tokens, device, context["generator"])
+    dy = torch.randn_like(x)
+    flops = 2 * num_tokens * config.top_k * config.hidden_size * 3 * config.intermediate_size
+    _, touched_bytes = touched_weight_bytes(ids, *weights.values())
+    calls = expert_calls(shape, weights, ids)
+    rows, notes = [], []
+    for pass_name, mode, pass_flops in [("fwd", "fwd", flops)] + ([("fwd+bwd", "train", 3 * flops)]
+                                                                  if args.backward else []):
+        steps, results = {}, {}  # results: the output (fwd) or dx (fwd+bwd), compared with grouped_mm's
+        for impl, (call, parameters) in calls.items():
+            if mode == "fwd":
+                step = forward_step(call, x, topk_weights)
+                result = first_run(impl, step, shape, num_tokens, notes)
+            else:
+                step, x_leaf = train_step(call, parameters, x, topk_weights, dy)
+                result = None if first_run(impl, lambda: step() or True, shape, num_tokens, notes) is None \
+                    else x_leaf.grad
+            if result is not None:
+                steps[impl], results[impl] = step, result
+        steps["dense"] = dense_step(config, num_tokens, flops, mode, DTYPE, device)
+        steps["dense"]()
+        timings = {impl: measure(step) for impl, step in steps.items()}
+        for impl, ms in timings.items():
+            row = dict(preset=shape["name"], T=num_tokens, pass_=pass_name, impl=impl, ms=ms, dry=ms is None,
+                       max_rel_err=max_rel_error(results[impl], results["grouped_mm"])
+                       if impl not in ("dense", "grouped_mm") else None)
+            if ms is not None:
+                tflops = pass_flops / (ms * 1e-3) / 1e12
+                row.update(tflops=tflops, of_dense=timings["dense"] / ms,
+                           of_peak=tflops / context["peak"] if context["peak"] else None,
+                           hbm_gbps=touched_bytes / (ms * 1e-3) / 1e9 if mode == "fwd" else None)
+            rows.append(row)
+    return rows, notes
+
+
+def markdown(payload) -> str:
+    """The rows and the configs as Markdown tables, with the run's header and notes."""
+    mode = "dry run on CPU (Triton interpreter; nothing timed)" if payload["mode"] == "dry" else payload["device"]
+    lines = [f"bench_kernels.py, {payload['date']}, {mode}; torch {payload['torch']}, triton {payload['triton']}"
+             + (f"; bf16 matmul peak {payload['matmul_peak_tflops']:.0f} TFLOP/s"
+                if payload.get("matmul_peak_tflops") else ""), ""]
+    lines += [format_table(payload["rows"], ROW_COLUMNS, ROW_FORMATS), "", "Triton configs (BLOCK_MxBLOCK_NxBLOCK_K, "
+              "warps, stages) per launch:", ""]
+    if payload["configs"]:
+        lines.append(format_table(payload["configs"], list(payload["configs"][0])))
+    lines += [""] + [f"- note: {note}" for note in payload["notes"]]
+    lines += [f"- DISAGREES: {item}" for item in payload["disagreements"]]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def run(args) -> int:
+    device = choose_device(args.dry)
+    measure = make_measure(device, args.warmup, args.rep)
+    import triton
+    peak = matmul_peak_tflops(measure) if device.type == "cuda" else None
+    payload = dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                   mode="dry" if args.dry else "gpu",
+                   device=torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
+                   torch=torch.__version__, triton=triton.__version__, matmul_peak_tflops=peak, scale=args.scale,
+                   presets={}, rows=[], configs=[], notes=[], disagreements=[], complete=False)
+    problem = transformers_problem()
+    if problem:
+        payload["notes"].append(f"hf_grouped: left out: {problem}")
+    if peak:
+        print(f"# {payload['device']}: measured bf16 matmul peak {peak:.0f} TFLOP/s", flush=True)
+    context = dict(device=device, measure=measure, peak=peak,
+                   generator=torch.Generator(device=device).manual_seed(0))
+    bound = AGREEMENT_EPS * torch.finfo(DTYPE).eps
+    for name in args.preset:
+        shape = preset_shape(name, args.scale)
+        c = shape["config"]
+        payload["presets"][name] = dict(model=PRESETS[name], H=c.hidden_size, I=c.intermediate_size, E=c.num_experts,
+                                        K=c.top_k, layout=c.layout, activation=c.activation, bias=c.expert_bias)
+        weights = make_weights(c, device, context["generator"])
+        for num_tokens in args.tokens:
+            rows, notes = bench_tokens(shape, weights, num_tokens, args, context)
+            payload["rows"] += rows
+            payload["notes"] += notes
+            payload["configs"].append(describe_configs(shape, num_tokens))
+            payload["disagreements"] += [f"{row['impl']} {row['pass_']} at {name} T={num_tokens}: max relative error "
+                                         f"{row['max_rel_err']:.2e} against grouped_mm > {bound:.2e}"
+                                         for row in rows if (row["max_rel_err"] or 0) > bound]
+            print(format_table(rows, ROW_COLUMNS, ROW_FORMATS), flush=True)
+            write_json(args.json, payload)  # after every (preset, T): a run cut short keeps its rows
+        del weights
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    payload["complete"] = True
+    write_json(args.json, payload)
+    text = markdown(payload)
+    print("\n" + text)
+    if args.markdown:
+        with open(args.markdown, "w") as handle:
+            handle.write(text)
+    if args.results_md:
+        with open(args.results_md, "a") as handle:
+            handle.write(f"\n## {text}")
+    return 1 if payload["disagreements"] else 0
+
+
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", nargs="*", default=list(PRESETS), choices=list(PRESETS))
-    parser.add_argument("--tokens", type=int, nargs="*", default=list(DEFAULT_TOKENS))
+    parser.add_argument("--tokens", type=int, nargs="*", default=None,
+                        help=f"token counts (default {DEFAULT_TOKENS}; --dry: {DRY_TOKENS})")
     parser.add_argument("--backward", action="store_true", help="also time forward+backward")
     parser.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
     parser.add_argument("--rep", type=int, default=100, help="do_bench measuring time, ms")
+    parser.add_argument("--dry", action="store_true", help="run on CPU under the Triton interpreter, untimed")
+    parser.add_argument("--scale", type=float, default=None,
+                        help=f"hidden and intermediate sizes times this (default 1; --dry: {DRY_SCALE:g})")
     parser.add_argument("--json", default="bench_kernels.json")
+    parser.add_argument("--markdown", default=None, help="also write the Markdown tables to this file")
     parser.add_argument("--results-md", default=None, help="append the dated table to this Markdown file")
     args = parser.parse_args(argv)
-    require_cuda()
-    from triton.testing import do_bench
-
-    generator = torch.Generator(device="cuda").manual_seed(0)
-    peak = matmul_peak_tflops(do_bench)
-    device = torch.cuda.get_device_name()
-    print(f"# {device}: measured bf16 matmul peak {peak:.0f} TFLOP/s", flush=True)
-    rows = []
-    for preset_name in args.preset:
-        for num_tokens in args.tokens:
-            new_rows = bench_one(preset_name, PRESETS[preset_name], num_tokens, peak, args, generator, do_bench)
-            rows += new_rows
-            print(format_table(new_rows, ["preset", "T", "impl", "pass_", "ms", "tflops", "of_peak"],
-                               {"ms": ".3f", "tflops": ".1f", "of_peak": ".2f"}), flush=True)
-    columns = ["preset", "T", "impl", "pass_", "ms", "tflops", "of_peak", "max_rel_err_vs_grouped_mm"]
-    table = format_table(rows, columns, {"ms": ".3f", "tflops": ".1f", "of_peak": ".2f",
-                                         "max_rel_err_vs_grouped_mm": ".1e"})
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    print("\n" + table)
-    write_json(args.json, dict(date=stamp, device=device, torch=torch.__version__, matmul_peak_tflops=peak,
-                               rows=rows))
-    if args.results_md:
-        with open(args.results_md, "a") as handle:
-            handle.write(f"\n## bench_kernels.py, {stamp}, {device} (bf16 matmul peak {peak:.0f} TFLOP/s)\n\n"
-                         f"{table}\n")
+    if args.tokens is None:
+        args.tokens = list(DRY_TOKENS if args.dry else DEFAULT_TOKENS)
+    if args.scale is None:
+        args.scale = DRY_SCALE if args.dry else 1.0
+    if any(t < 1 for t in args.tokens):
+        parser.error(f"--tokens: expected positive token counts, got {args.tokens}")
+    return args
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run(parse_args()))

@@ -107,26 +107,47 @@ def write_json(path: str, payload) -> None:
                   else str(value))
 
 
-def make_hf_experts(preset, w_gate_up, w_down, implementation):
-    """transformers' experts module of the preset's family, sharing our weight tensors."""
+def touched_weight_bytes(ids, *weights):
+    """(the experts the routing picks, the bytes of their slices of `weights` [E, ...])."""
+    experts = torch.unique(ids).tolist()
+    return experts, sum(weight[e].nbytes for weight in weights for e in experts)
+
+
+def make_hf_experts(preset, w_gate_up, w_down, implementation, b_gate_up=None, b_down=None):
+    """transformers' experts module of the preset's family, sharing our weight tensors (and, for
+    GPT-OSS, its biases); None where transformers does not import."""
+    family = preset["family"]
     try:
-        if preset["family"] == "qwen3_moe":
+        if family == "qwen3_moe":
             from transformers.models.qwen3_moe.configuration_qwen3_moe import Qwen3MoeConfig
             from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts as Experts
 
             config = Qwen3MoeConfig(hidden_size=preset["hidden"], moe_intermediate_size=preset["inter"],
                                     num_experts=preset["experts"], num_experts_per_tok=preset["top_k"])
-        else:
+        elif family == "mixtral":
             from transformers.models.mixtral.configuration_mixtral import MixtralConfig
             from transformers.models.mixtral.modeling_mixtral import MixtralExperts as Experts
 
             config = MixtralConfig(hidden_size=preset["hidden"], intermediate_size=preset["inter"],
                                    num_local_experts=preset["experts"], num_experts_per_tok=preset["top_k"])
+        elif family == "gpt_oss":
+            from transformers.models.gpt_oss.configuration_gpt_oss import GptOssConfig
+            from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts as Experts
+
+            config = GptOssConfig(hidden_size=preset["hidden"], intermediate_size=preset["inter"],
+                                  num_local_experts=preset["experts"], num_experts_per_tok=preset["top_k"])
+        else:
+            raise ValueError(f"preset: no transformers experts module for family {family!r}")
     except ImportError:
         return None
     config._experts_implementation = implementation
     with torch.device("meta"):
         module = Experts(config)
-    module.gate_up_proj = torch.nn.Parameter(w_gate_up, requires_grad=w_gate_up.requires_grad)
-    module.down_proj = torch.nn.Parameter(w_down, requires_grad=w_down.requires_grad)
+    tensors = dict(gate_up_proj=w_gate_up, down_proj=w_down, gate_up_proj_bias=b_gate_up, down_proj_bias=b_down)
+    for name, tensor in tensors.items():
+        if tensor is not None:
+            setattr(module, name, torch.nn.Parameter(tensor, requires_grad=tensor.requires_grad))
+    left_on_meta = [name for name, parameter in module.named_parameters() if parameter.is_meta]
+    if left_on_meta:
+        raise ValueError(f"make_hf_experts: {type(module).__name__} also needs {left_on_meta} (pass the biases)")
     return module

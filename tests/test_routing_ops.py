@@ -1,10 +1,8 @@
 """The native routing ops (csrc/) against their plain-PyTorch twins (tpmoe.routing_torch),
 and the twins against a loop-style brute force in Python floats.
 
-Ids and all `align` metadata must be bit-identical. Weights: both sides compute in float64
-and round once, so a float32 weight may differ by at most one float32 ulp (|a - b| <=
-2**-23 * max(|a|, |b|)); float64 weights differ only by the last bits of exp and of the
-order of a sum, bounded here by 1e-12 relative.
+Ids and all `align` metadata must be bit-identical; weights within one rounding (the bounds
+and the cases are in routing_cases.py, shared with the CUDA tests of test_gpu.py).
 """
 import math
 
@@ -15,51 +13,11 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from tpmoe._native import native_available
 from tpmoe.routing import AlignResult, align, route
 from tpmoe.routing_torch import align_torch, route_torch, route_weights
+from routing_cases import (LOGIT_DTYPES, SCORING_IDS, SCORINGS, SHAPES, align_cases, applicable,
+                           assert_align_equal, assert_weights_match, masked_and_nan_logits, route_kwargs)
 from tolerances import assert_fp32_close
 
 pytestmark = pytest.mark.skipif(not native_available(), reason="tpmoe._C is not built (pip install -e .)")
-
-LOGIT_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
-
-# (name, route kwargs): each scoring, with and without the options that change the formula.
-SCORING_CASES = [
-    ("softmax", dict(scoring="softmax")),
-    ("softmax_renorm", dict(scoring="softmax", renormalize=True)),
-    ("softmax_scaled", dict(scoring="softmax", renormalize=True, routed_scaling_factor=1.5)),
-    ("topk_softmax", dict(scoring="topk_softmax")),
-    ("sigmoid", dict(scoring="sigmoid_group")),
-    ("sigmoid_renorm_bias", dict(scoring="sigmoid_group", renormalize=True, bias=True)),
-    ("deepseek", dict(scoring="sigmoid_group", renormalize=True, bias=True, n_group=4, topk_group=2,
-                      routed_scaling_factor=2.5)),
-]
-
-# (T, E, K): no tokens, one token, K = E, E not a power of two.
-SHAPES = [(0, 8, 2), (1, 8, 8), (1, 7, 3), (37, 60, 6), (64, 16, 4)]
-
-
-def _route_kwargs(case, num_experts, dtype=torch.float32):
-    kwargs = dict(case)
-    if kwargs.pop("bias", False):
-        kwargs["correction_bias"] = 0.1 * torch.randn(num_experts, dtype=dtype)
-    return kwargs
-
-
-def _applicable(case, num_experts, top_k):
-    n_group = case.get("n_group", 1)
-    if num_experts % n_group:
-        return False
-    return top_k <= case.get("topk_group", 1) * (num_experts // n_group)
-
-
-def assert_weights_match(actual, expected):
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape
-    a, e = actual.double(), expected.double()
-    if actual.dtype == torch.float64:
-        bound = 1e-12 * torch.maximum(a.abs(), e.abs())
-    else:
-        bound = 2.0**-23 * torch.maximum(a.abs(), e.abs()) + 2.0**-149
-    excess = (a - e).abs() - bound
-    assert (excess <= 0).all(), f"weights differ by more than the rounding bound: max excess {excess.max().item():.3e}"
 
 
 def assert_route_matches_twin(logits, top_k, **kwargs):
@@ -71,17 +29,17 @@ def assert_route_matches_twin(logits, top_k, **kwargs):
 
 
 @pytest.mark.parametrize("dtype", LOGIT_DTYPES, ids=str)
-@pytest.mark.parametrize("case", [c for _, c in SCORING_CASES], ids=[n for n, _ in SCORING_CASES])
+@pytest.mark.parametrize("case", SCORINGS, ids=SCORING_IDS)
 def test_route_matches_twin(case, dtype, seed):
     for num_tokens, num_experts, top_k in SHAPES:
-        if not _applicable(case, num_experts, top_k):
+        if not applicable(case, num_experts, top_k):
             continue
         logits = torch.randn(num_tokens, num_experts).to(dtype)
-        weights, _ = assert_route_matches_twin(logits, top_k, **_route_kwargs(case, num_experts))
+        weights, _ = assert_route_matches_twin(logits, top_k, **route_kwargs(case, num_experts))
         assert weights.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
 
 
-@pytest.mark.parametrize("case", [c for _, c in SCORING_CASES], ids=[n for n, _ in SCORING_CASES])
+@pytest.mark.parametrize("case", SCORINGS, ids=SCORING_IDS)
 def test_route_tied_scores(case, seed):
     """Logits on a coarse grid (many equal scores) and exactly equal rows: ties go to the lower
     expert index, on both sides."""
@@ -90,7 +48,7 @@ def test_route_tied_scores(case, seed):
     equal_rows = torch.randn(1, num_experts).expand(6, num_experts).contiguous()
     constant_rows = torch.zeros(3, num_experts)
     logits = torch.cat([grid_logits, equal_rows, constant_rows])
-    kwargs = _route_kwargs(case, num_experts)
+    kwargs = route_kwargs(case, num_experts)
     if "correction_bias" in kwargs:
         kwargs["correction_bias"] = torch.randint(-1, 2, (num_experts,)).float() * 0.25
     _, ids = assert_route_matches_twin(logits, top_k, **kwargs)
@@ -103,17 +61,12 @@ def test_route_tied_scores(case, seed):
 
 def test_route_masked_and_nan_logits(seed):
     """-inf logits (masked experts) and NaN logits: NaN ranks first, as torch.sort/topk do."""
-    logits = torch.randn(8, 10)
-    logits[0, 3] = float("-inf")
-    logits[1, :] = float("-inf")
-    logits[1, 5] = 0.0
-    logits[2, 7] = float("nan")
+    logits, rows = masked_and_nan_logits()
     for scoring in ("softmax", "topk_softmax"):
         weights, ids = route(logits, 3, scoring=scoring)
         weights_twin, ids_twin = route_torch(logits, 3, scoring=scoring)
         assert torch.equal(ids, ids_twin)
         assert ids[2, 0] == 7 and ids[1, 0] == 5 and 3 not in ids[0].tolist()
-        rows = [0, 1, 3, 4, 5, 6, 7]  # row 2 is NaN throughout for softmax
         assert_weights_match(weights[rows], weights_twin[rows])
 
 
@@ -178,12 +131,12 @@ def brute_force_route(logits, top_k, scoring="softmax", renormalize=False, corre
     return torch.tensor(all_weights, dtype=torch.float64), torch.tensor(all_ids, dtype=torch.int64)
 
 
-@pytest.mark.parametrize("case", [c for _, c in SCORING_CASES], ids=[n for n, _ in SCORING_CASES])
+@pytest.mark.parametrize("case", SCORINGS, ids=SCORING_IDS)
 def test_route_twin_matches_brute_force(case, seed):
     num_experts, top_k = 8, 3
     logits = torch.cat([torch.randn(12, num_experts, dtype=torch.float64),
                         torch.randint(-2, 3, (6, num_experts)).double()])
-    kwargs = _route_kwargs(case, num_experts, dtype=torch.float64)
+    kwargs = route_kwargs(case, num_experts, dtype=torch.float64)
     weights, ids = route_torch(logits, top_k, **kwargs)
     weights_brute, ids_brute = brute_force_route(logits, top_k, **kwargs)
     assert torch.equal(ids, ids_brute)
@@ -191,13 +144,13 @@ def test_route_twin_matches_brute_force(case, seed):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("case", [c for _, c in SCORING_CASES], ids=[n for n, _ in SCORING_CASES])
+@pytest.mark.parametrize("case", SCORINGS, ids=SCORING_IDS)
 def test_route_matches_reference(case, dtype, seed):
     """Against tpmoe.reference (written independently of this module), on untied logits."""
     from tpmoe.reference import reference_route
 
     num_experts, top_k = 60, 6
-    kwargs = _route_kwargs(case, num_experts)
+    kwargs = route_kwargs(case, num_experts)
     logits = torch.randn(41, num_experts, dtype=dtype)
     weights, ids = route(logits, top_k, **kwargs)
     reference_weights, reference_ids = reference_route(logits.double(), top_k, **kwargs)
@@ -232,35 +185,10 @@ def brute_force_align(topk_ids, num_experts, block_m):
                        torch.tensor([num_padded], dtype=i64))
 
 
-def assert_align_equal(actual, expected):
-    for name, a, e in zip(AlignResult._fields, actual, expected):
-        assert a.dtype == e.dtype, f"{name}: dtype {a.dtype} != {e.dtype}"
-        assert torch.equal(a, e), f"{name} differs:\n{a}\n{e}"
-
-
-def _align_cases(id_dtype):
-    """(name, topk_ids, E): the odd shapes and distributions."""
-    generator = torch.Generator().manual_seed(7)
-
-    def ids(rows, cols, high):
-        return torch.randint(0, high, (rows, cols), generator=generator).to(id_dtype)
-
-    return [
-        ("no_tokens", torch.empty(0, 2, dtype=id_dtype), 8),
-        ("one_token", ids(1, 2, 8), 8),
-        ("expert_without_tokens", ids(40, 2, 6), 7),  # expert 6 never drawn
-        ("all_on_one_expert", torch.full((23, 1), 4, dtype=id_dtype), 7),
-        ("k_equals_e", torch.stack([torch.randperm(7, generator=generator) for _ in range(9)]).to(id_dtype), 7),
-        ("e60", ids(101, 6, 60), 60),
-        # Above the CPU kernel's chunk size: several threads sort their chunks.
-        ("several_chunks", ids(4500, 8, 60), 60),
-    ]
-
-
 @pytest.mark.parametrize("block_m", [1, 4, 16, 64])
 @pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64], ids=str)
 def test_align_matches_twin(block_m, id_dtype):
-    for name, topk_ids, num_experts in _align_cases(id_dtype):
+    for name, topk_ids, num_experts in align_cases(id_dtype):
         result = align(topk_ids, num_experts, block_m)
         assert_align_equal(result, align_torch(topk_ids, num_experts, block_m))
         pairs = topk_ids.numel()
@@ -296,10 +224,10 @@ def test_align_does_not_depend_on_threads():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("case", [c for _, c in SCORING_CASES], ids=[n for n, _ in SCORING_CASES])
+@pytest.mark.parametrize("case", SCORINGS, ids=SCORING_IDS)
 def test_route_gradient_matches_twin_autograd(case, dtype, seed):
     num_tokens, num_experts, top_k = 9, 16, 4
-    kwargs = _route_kwargs(case, num_experts)
+    kwargs = route_kwargs(case, num_experts)
     logits = torch.randn(num_tokens, num_experts).to(dtype).requires_grad_()
     weights, ids = route(logits, top_k, **kwargs)
     grad_weights = torch.randn_like(weights)
@@ -323,10 +251,10 @@ def test_route_gradient_matches_twin_autograd(case, dtype, seed):
         assert ((grad.double() - grad64).abs() <= bound).all()
 
 
-@pytest.mark.parametrize("case", [c for _, c in SCORING_CASES], ids=[n for n, _ in SCORING_CASES])
+@pytest.mark.parametrize("case", SCORINGS, ids=SCORING_IDS)
 def test_route_gradcheck(case, seed):
     num_experts = 8
-    kwargs = _route_kwargs(case, num_experts, dtype=torch.float64)
+    kwargs = route_kwargs(case, num_experts, dtype=torch.float64)
     logits = torch.randn(4, num_experts, dtype=torch.float64, requires_grad=True)
     # Finite differences of 1e-6 keep the selection unchanged: random logits are ~0.1 apart.
     assert torch.autograd.gradcheck(lambda x: route(x, 3, **kwargs)[0], (logits,))

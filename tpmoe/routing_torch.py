@@ -35,7 +35,10 @@ def weight_dtype_for(logits_dtype: torch.dtype) -> torch.dtype:
 
 def padded_rows_bound(pairs, num_experts: int, block_m: int):
     """Rows of sorted_ids_padded: at most min(E, T*K) experts each add at most block_m - 1 pads."""
-    return pairs + torch.sym_min(num_experts, pairs) * (block_m - 1)
+    # torch.sym_min keeps a symbolic T*K symbolic (torch.compile with dynamic shapes); plain ints
+    # take min(): torch 2.11's Dynamo cannot trace torch.sym_min of two ints in an autograd.Function.
+    fewer = min(num_experts, pairs) if isinstance(pairs, int) else torch.sym_min(num_experts, pairs)
+    return pairs + fewer * (block_m - 1)
 
 
 def _descending_order(scores: torch.Tensor) -> torch.Tensor:

@@ -185,7 +185,9 @@ def _module_step(call, module, x, dy, mode):
     return step
 
 
-def _dense_step(config, num_tokens, rank_forward_flops, mode, dtype, device):
+def dense_step(config, num_tokens, rank_forward_flops, mode, dtype, device):
+    """One GEMM [T*K, H] x [H, N] with N chosen for `rank_forward_flops`: the compute ceiling at
+    this T (mode "train": forward and backward). Also benchmarks/bench_kernels.py's yardstick."""
     rows = num_tokens * config.top_k
     columns = max(1, math.ceil(rank_forward_flops / (2 * rows * config.hidden_size)))
     a = torch.randn(rows, config.hidden_size, dtype=dtype, device=device)
@@ -283,7 +285,7 @@ def _bench_tokens(plan, block, hf_modules, world_size, group, num_tokens, contex
     steps = {"tpmoe": (_module_step(block, block, x, dy, mode), group)}
     for impl, (module, call) in hf_modules.items():
         steps[impl] = (_module_step(call, module, x, dy, mode), None)
-    steps["dense"] = (_dense_step(config, num_tokens, rank_fwd_flops, mode, plan.dtype, device), group)
+    steps["dense"] = (dense_step(config, num_tokens, rank_fwd_flops, mode, plan.dtype, device), group)
     steps["floor"] = (_floor_step(block, routed_ids(block, x), mode), group)
 
     medians, notes = {}, {}

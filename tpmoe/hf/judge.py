@@ -52,33 +52,45 @@ def activation_of(act_fn) -> str:
 # --------------------------------------------------------------------------- reference code
 
 
+def _installed_code(family: str, class_name: str, method: str = "forward") -> Optional[str]:
+    """The normalised code of a registry reference in the installed transformers, or None where
+    that release lacks the family or the class (an older one): its entry then matches nothing,
+    and the blocks it would have matched are refused with the usual reason, not an ImportError."""
+    try:
+        cls = reference_class(family, class_name)
+    except (ImportError, AttributeError):
+        return None
+    return method_code(cls, method)
+
+
 @functools.lru_cache(maxsize=None)
 def _codes(kind: str) -> Dict[str, object]:
     """normalised code -> registry entry, for one kind of piece."""
     table = {}
     if kind == "experts":
         for impl in R.EXPERTS:
-            table[forward_code(reference_class(impl.family, impl.class_name))] = impl
+            table[_installed_code(impl.family, impl.class_name)] = impl
     elif kind == "gates":
         for impl in R.GATES:
             if (impl.family, impl.class_name) == R.DEFAULT_GATE:
                 from transformers.integrations import moe
-                table[normalized_code(moe._default_apply_gate)] = impl
+                default_gate = getattr(moe, "_default_apply_gate", None)
+                table[None if default_gate is None else normalized_code(default_gate)] = impl
             else:
-                table[method_code(reference_class(impl.family, impl.class_name), "_apply_gate")] = impl
+                table[_installed_code(impl.family, impl.class_name, "_apply_gate")] = impl
     elif kind == "shared":
         for impl in R.SHARED:
-            table[forward_code(reference_class(impl.family, impl.class_name))] = impl
+            table[_installed_code(impl.family, impl.class_name)] = impl
     elif kind == "routers":
         for impl in R.ROUTERS:
-            table[forward_code(reference_class(impl.family, impl.class_name))] = impl
+            table[_installed_code(impl.family, impl.class_name)] = impl
     elif kind == "blocks":
         for impl in R.BLOCKS:
-            table[forward_code(reference_class(impl.family, impl.class_name))] = impl
+            table[_installed_code(impl.family, impl.class_name)] = impl
     elif kind == "activation_modules":
         for gate in R.GATES:
             for family, class_name in gate.activation_modules:
-                table[forward_code(reference_class(family, class_name))] = (family, class_name)
+                table[_installed_code(family, class_name)] = (family, class_name)
     table.pop(None, None)
     return table
 

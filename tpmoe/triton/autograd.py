@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from . import ops
-from .autotune import block_m_for, kernel_config, token_bucket
+from .autotune import block_m_for, launch_configs, token_bucket
 from .down import combine_pairs
 from .layouts import down_axes, gate_up_axes
 from .routing_metadata import align
@@ -29,63 +29,56 @@ class FusedExpertsFunction(torch.autograd.Function):
         num_pairs = num_tokens * top_k
         down_hidden_axis, down_inter_axis = down_axes(layout)
         intermediate_size = w_down.shape[down_inter_axis]
-        bucket = token_bucket(num_tokens, top_k, num_experts)
-        routing = align(topk_ids, num_experts, block_m_for(bucket))
-        element_size = hidden_states.element_size()
+        routing = align(topk_ids, num_experts, block_m_for(token_bucket(num_tokens, top_k, num_experts)))
+        # As plain int lists: what the custom ops take, and constants to torch.compile on ctx.
+        configs = {launch: ops.config_list(config) for launch, config in launch_configs(
+            num_tokens, top_k, num_experts, hidden_size, intermediate_size, w_gate_up.shape[gate_up_axes(layout)[0]],
+            hidden_states.element_size()).items()}
 
-        gate_up_config = kernel_config("gate_up", bucket, intermediate_size, hidden_size, element_size)
         h = ops.gate_up(hidden_states, w_gate_up, b_gate_up, routing.sorted_ids_padded, routing.block_expert, top_k,
-                        activation, layout, gated, alpha, limit, ops.config_list(gate_up_config))
-        down_config = kernel_config("down", bucket, hidden_size, intermediate_size, element_size)
+                        activation, layout, gated, alpha, limit, configs["gate_up"])
         pair_out = ops.grouped_scatter(h, w_down, down_hidden_axis, down_inter_axis, b_down,
                                        topk_weights.contiguous(), routing.sorted_ids_padded, routing.block_expert,
-                                       num_pairs, ops.config_list(down_config))
+                                       num_pairs, configs["down"])
 
         ctx.save_for_backward(hidden_states, w_gate_up, w_down, topk_weights, b_gate_up, b_down, h,
                               routing.sorted_ids_padded, routing.block_expert, routing.padded_offsets)
-        ctx.options = (activation, layout, gated, alpha, limit, bucket)
+        ctx.options = (activation, layout, gated, alpha, limit, configs)
         return combine_pairs(pair_out, num_tokens, top_k, hidden_states.dtype)
 
     @staticmethod
     def backward(ctx, grad_output):
         (hidden_states, w_gate_up, w_down, topk_weights, b_gate_up, b_down, h, sorted_ids_padded, block_expert,
          padded_offsets) = ctx.saved_tensors
-        activation, layout, gated, alpha, limit, bucket = ctx.options
+        activation, layout, gated, alpha, limit, configs = ctx.options
         needs = ctx.needs_input_grad
-        num_tokens, hidden_size = hidden_states.shape
+        num_tokens = hidden_states.shape[0]
         top_k = topk_weights.shape[1]
         num_pairs = num_tokens * top_k
         gu_rows_axis, gu_hidden_axis = gate_up_axes(layout)
         down_hidden_axis, down_inter_axis = down_axes(layout)
-        intermediate_size = h.shape[1]
-        gate_up_size = w_gate_up.shape[gu_rows_axis]
-        element_size = hidden_states.element_size()
         grad_output = grad_output.to(hidden_states.dtype).contiguous()
         topk_weights = topk_weights.contiguous()
 
-        dh_config = kernel_config("backward_dh", bucket, intermediate_size, hidden_size, element_size)
         d_preact, d_topk_weights = ops.backward_dh(
             grad_output, hidden_states, w_gate_up, b_gate_up, w_down, b_down, topk_weights, h, sorted_ids_padded,
-            block_expert, top_k, activation, layout, gated, alpha, limit, ops.config_list(dh_config))
+            block_expert, top_k, activation, layout, gated, alpha, limit, configs["backward_dh"])
 
         d_hidden = d_w_gate_up = d_w_down = d_b_gate_up = d_b_down = None
         if needs[0]:
-            dx_config = kernel_config("down", bucket, hidden_size, gate_up_size, element_size)
             dx_pairs = ops.grouped_scatter(d_preact, w_gate_up, gu_hidden_axis, gu_rows_axis, None, None,
-                                           sorted_ids_padded, block_expert, num_pairs, ops.config_list(dx_config))
+                                           sorted_ids_padded, block_expert, num_pairs, configs["dx"])
             d_hidden = combine_pairs(dx_pairs, num_tokens, top_k, hidden_states.dtype)
         if needs[1] or needs[4]:
-            dw_config = kernel_config("backward_dw", bucket, gate_up_size, hidden_size, element_size)
             d_w_gate_up, d_b_gate_up = ops.backward_dw(
                 d_preact, hidden_states, None, sorted_ids_padded, padded_offsets, w_gate_up, gu_rows_axis,
                 gu_hidden_axis, num_pairs, top_k, False, True, b_gate_up is not None and needs[4],
-                ops.config_list(dw_config))
+                configs["backward_dw_gate_up"])
         if needs[2] or needs[5]:
-            dw_config = kernel_config("backward_dw", bucket, hidden_size, intermediate_size, element_size)
             d_w_down, d_b_down = ops.backward_dw(
                 grad_output, h, topk_weights, sorted_ids_padded, padded_offsets, w_down, down_hidden_axis,
                 down_inter_axis, num_pairs, top_k, True, False, b_down is not None and needs[5],
-                ops.config_list(dw_config))
+                configs["backward_dw_down"])
         d_topk_weights = d_topk_weights.to(topk_weights.dtype) if needs[3] else None
         return (d_hidden, d_w_gate_up if needs[1] else None, d_w_down if needs[2] else None, d_topk_weights,
                 d_b_gate_up if needs[4] else None, d_b_down if needs[5] else None,

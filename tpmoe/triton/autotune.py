@@ -109,6 +109,24 @@ def kernel_config(kernel: str, bucket: int, n: int, k: int, element_size: int = 
     return config
 
 
+def launch_configs(num_tokens: int, top_k: int, num_experts: int, hidden_size: int, intermediate_size: int,
+                   gate_up_size: int, element_size: int = 2) -> Dict[str, KernelConfig]:
+    """The config of every launch of one forward and backward, by launch: what
+    tpmoe.triton.autograd runs and what the benchmarks report. gate_up_size is the R axis of
+    w_gate_up (2 I_p gated, I_p not). Each launch's (n, k) is its GEMM's output width and
+    reduction depth; for the weight gradients, the two dims of dW."""
+    bucket = token_bucket(num_tokens, top_k, num_experts)
+    shapes = {
+        "gate_up": ("gate_up", intermediate_size, hidden_size),
+        "down": ("down", hidden_size, intermediate_size),
+        "backward_dh": ("backward_dh", intermediate_size, hidden_size),
+        "dx": ("down", hidden_size, gate_up_size),  # dx runs the down kernel on W_gate_up
+        "backward_dw_gate_up": ("backward_dw", gate_up_size, hidden_size),
+        "backward_dw_down": ("backward_dw", hidden_size, intermediate_size),
+    }
+    return {launch: kernel_config(kernel, bucket, n, k, element_size) for launch, (kernel, n, k) in shapes.items()}
+
+
 # fp32 accumulator tiles each program holds: gate and up; dh and the recomputed gate and up.
 ACCUMULATORS = {"gate_up": 2, "down": 1, "backward_dh": 3, "backward_dw": 1}
 # Exact fp32 ("ieee") and fp64 dots run on FMA units with their operands in registers too:

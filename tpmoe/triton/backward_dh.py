@@ -94,7 +94,7 @@ def backward_dh_kernel(
         dy_tile = tl.load(dy_ptrs, mask=row_mask, other=0.0)
         w_down_tile = tl.load(w_down_ptrs, mask=w_mask, other=0.0)
         acc_dh = tl.dot(as_dot_operand(dy_tile, INTERPRETED), as_dot_operand(w_down_tile, INTERPRETED), acc_dh,
-                        input_precision=DOT_PRECISION)
+                        input_precision=DOT_PRECISION, out_dtype=acc_dh.dtype)
         x_tile = as_dot_operand(tl.load(x_ptrs, mask=row_mask, other=0.0), INTERPRETED)
         if PAIRED_LOAD:
             w_pair = tl.load(w_pair_ptrs, mask=k_valid[:, None] & pair_valid[None, :], other=0.0)
@@ -102,11 +102,13 @@ def backward_dh_kernel(
             w_pair_ptrs += BLOCK_K * stride_guh
         else:
             w_gate = tl.load(w_gate_ptrs, mask=w_mask, other=0.0)
-        acc_gate = tl.dot(x_tile, as_dot_operand(w_gate, INTERPRETED), acc_gate, input_precision=DOT_PRECISION)
+        acc_gate = tl.dot(x_tile, as_dot_operand(w_gate, INTERPRETED), acc_gate,
+                          input_precision=DOT_PRECISION, out_dtype=acc_gate.dtype)
         if GATED:
             if not PAIRED_LOAD:
                 w_up = tl.load(w_up_ptrs, mask=w_mask, other=0.0)
-            acc_up = tl.dot(x_tile, as_dot_operand(w_up, INTERPRETED), acc_up, input_precision=DOT_PRECISION)
+            acc_up = tl.dot(x_tile, as_dot_operand(w_up, INTERPRETED), acc_up,
+                            input_precision=DOT_PRECISION, out_dtype=acc_up.dtype)
             w_up_ptrs += BLOCK_K * stride_guh
         if HAS_DOWN_BIAS:
             b_down = tl.load(b_down_ptrs, mask=k_valid, other=0.0).to(acc_dh.dtype)

@@ -79,7 +79,7 @@ def backward_dw_kernel(
             b_tile = tl.load(b_ptr + rows64[:, None] * stride_bm + offs_k[None, :] * stride_bk, mask=b_mask,
                              other=0.0)
         acc = tl.dot(tl.trans(as_dot_operand(a_tile, INTERPRETED)), as_dot_operand(b_tile, INTERPRETED), acc,
-                     input_precision=DOT_PRECISION)
+                     input_precision=DOT_PRECISION, out_dtype=acc.dtype)
 
     dw_ptrs = dw_ptr + expert * stride_oe + offs_n.to(tl.int64)[:, None] * stride_on + offs_k[None, :] * stride_ok
     tl.store(dw_ptrs, round_to(acc, dw_ptr.dtype.element_ty, INTERPRETED), mask=n_valid[:, None] & k_valid[None, :])

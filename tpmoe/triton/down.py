@@ -61,7 +61,7 @@ def grouped_scatter_kernel(
         a_tile = tl.load(a_ptrs, mask=row_valid[:, None] & k_valid[None, :], other=0.0)
         w_tile = tl.load(w_ptrs, mask=k_valid[:, None] & col_valid[None, :], other=0.0)
         acc = tl.dot(as_dot_operand(a_tile, INTERPRETED), as_dot_operand(w_tile, INTERPRETED), acc,
-                     input_precision=DOT_PRECISION)
+                     input_precision=DOT_PRECISION, out_dtype=acc.dtype)
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
 
@@ -107,4 +107,7 @@ def grouped_scatter(rows, weight, n_axis: int, k_axis: int, bias, routing_weight
 
 def combine_pairs(pair_rows: torch.Tensor, num_tokens: int, top_k: int, dtype: torch.dtype) -> torch.Tensor:
     """[T*K, N] fp32 -> [T, N] in `dtype`: the sum over k in a fixed order (deterministic)."""
-    return pair_rows.view(num_tokens, top_k, -1).sum(dim=1).to(dtype)
+    summed = pair_rows.view(num_tokens, top_k, -1).sum(dim=1)
+    # No .to() where it would return its input: torch 2.11's Dynamo routes the gradient of an
+    # autograd.Function output made by such an aliasing no-op to the wrong slot (zeros, fp32).
+    return summed if summed.dtype == dtype else summed.to(dtype)

@@ -76,11 +76,13 @@ def gate_up_kernel(
             w_pair_ptrs += BLOCK_K * stride_wh
         else:
             w_gate = tl.load(w_gate_ptrs, mask=w_mask, other=0.0)
-        acc_gate = tl.dot(x_tile, as_dot_operand(w_gate, INTERPRETED), acc_gate, input_precision=DOT_PRECISION)
+        acc_gate = tl.dot(x_tile, as_dot_operand(w_gate, INTERPRETED), acc_gate,
+                          input_precision=DOT_PRECISION, out_dtype=acc_gate.dtype)
         if GATED:
             if not PAIRED_LOAD:
                 w_up = tl.load(w_up_ptrs, mask=w_mask, other=0.0)
-            acc_up = tl.dot(x_tile, as_dot_operand(w_up, INTERPRETED), acc_up, input_precision=DOT_PRECISION)
+            acc_up = tl.dot(x_tile, as_dot_operand(w_up, INTERPRETED), acc_up,
+                            input_precision=DOT_PRECISION, out_dtype=acc_up.dtype)
             w_up_ptrs += BLOCK_K * stride_wh
         x_ptrs += BLOCK_K * stride_xh
         w_gate_ptrs += BLOCK_K * stride_wh

@@ -68,7 +68,9 @@ def as_dot_operand(tile, INTERPRETED: tl.constexpr):
 
 @triton.jit
 def zeros_accumulator(BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, ACC_FP64: tl.constexpr):
-    """The fp32 accumulator of every GEMM here (fp64 when the inputs are float64)."""
+    """The fp32 accumulator of every GEMM here (fp64 when the inputs are float64). Every tl.dot
+    into it passes out_dtype=acc.dtype: triton 3.6 asserts that the accumulator's dtype is
+    out_dtype, whose default is float32 there (later releases default to the accumulator's)."""
     if ACC_FP64:
         acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float64)
     else:
