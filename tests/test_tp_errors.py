@@ -46,8 +46,8 @@ def test_bad_arguments_in_one_process():
         MoEBlock(CONFIG, group=2)
     with pytest.raises(ValueError, match=r"world_size: expected a positive int, got 0"):
         shard_sizes(6, 0)
-    with pytest.raises(ValueError, match=r"align: expected a positive int"):
-        MoEBlock(CONFIG, align=0)
+    with pytest.raises(ValueError, match=r"shard_unit: expected a positive int"):
+        MoEBlock(CONFIG, shard_unit=0)
 
 
 def _distributed_errors(rank, world_size):
