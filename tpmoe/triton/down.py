@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .autotune import KernelConfig
+from .tile_configs import KernelConfig
 from .interpret import as_dot_operand, dot_flags, require_runnable, round_to, zeros_accumulator
 
 

@@ -7,7 +7,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .autotune import KernelConfig
+from .tile_configs import KernelConfig
 from .backward_dh import backward_dh as _backward_dh
 from .backward_dw import backward_dw as _backward_dw
 from .down import grouped_scatter as _grouped_scatter
