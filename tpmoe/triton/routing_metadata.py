@@ -1,4 +1,4 @@
-"""The routing alignment the kernels read (CONTRACTS.md, AlignResult): pairs p = t*K + k stably
+"""The routing alignment the kernels read (docs/contracts.md, AlignResult): pairs p = t*K + k stably
 sorted by expert, each expert's rows padded to a multiple of block_m with the sentinel T*K,
 `block_expert` -1 past num_padded.
 """
