@@ -1,11 +1,12 @@
 """Real multi-process runs for the tensor-parallel tests: gloo on 127.0.0.1, spawned processes.
 
 `run_distributed(fn, world_size, *args)` starts `world_size` processes, each joining a gloo
-process group on a free port of 127.0.0.1 (a new one when another process took it first, as
-the CLI launcher does: tpmoe.distributed.groups.run_on_free_port) with a timeout (a hung collective then raises in the
-rank instead of hanging CI), runs `fn(rank, world_size, *args)` there and returns the list of
-its per-rank return values (picklable: numbers, strings, small CPU tensors) to the parent. An
-exception in a rank fails the parent with that rank's traceback.
+process group on a free port of 127.0.0.1 with a timeout (a hung collective then raises in
+the rank instead of hanging CI), runs `fn(rank, world_size, *args)` there and returns the
+list of its per-rank return values (picklable: numbers, strings, small CPU tensors) to the
+parent. An exception in a rank fails the parent with that rank's traceback. A port another
+process took first is retried on a new one, as the CLI launcher does
+(tpmoe.distributed.groups.run_on_free_port).
 
 `CollectiveCounter` (tpmoe.distributed.counting) counts collectives by wrapping the public
 `torch.distributed` functions.
@@ -22,7 +23,7 @@ import torch.multiprocessing as mp
 # Re-exported for the tests: the counter lives in the package so that `tpmoe verify` uses it too.
 from tpmoe.distributed import destroy_process_group_collected
 from tpmoe.distributed.counting import ALL_GATHER, REDUCE_SCATTER, CollectiveCounter  # noqa: F401
-from tpmoe.distributed.groups import free_port, run_on_free_port  # noqa: F401
+from tpmoe.distributed.groups import run_on_free_port
 
 PROCESS_GROUP_TIMEOUT_S = 60
 

@@ -18,9 +18,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dist_utils import ALL_GATHER, error_of, run_distributed, run_on_free_port
+from dist_utils import ALL_GATHER, error_of, run_distributed
 from tpmoe import MoEConfig, random_moe_weights
 from tpmoe.distributed import destroy_process_group_collected
+from tpmoe.distributed.groups import run_on_free_port
 
 pytestmark = pytest.mark.distributed
 

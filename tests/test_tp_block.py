@@ -24,7 +24,6 @@ bias, scaling, shared expert); I not divisible by the world size (most cases at 
 empty shards (I = 2, Is = 1 at world sizes 3 and 4); one token; all tokens on one expert.
 The last test launches examples/train_tp.py under torchrun and checks that the loss falls.
 """
-import hashlib
 import os
 import re
 import subprocess
