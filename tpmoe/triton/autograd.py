@@ -13,10 +13,10 @@ from typing import Optional
 import torch
 
 from . import ops
-from .tile_configs import block_m_for, launch_configs, token_bucket
 from .down import combine_pairs
 from .layouts import down_axes, gate_up_axes
 from .routing_metadata import routing_metadata
+from .tile_configs import block_m_for, launch_configs, token_bucket
 
 
 class FusedExpertsFunction(torch.autograd.Function):
