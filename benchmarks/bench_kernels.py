@@ -14,7 +14,7 @@ the dense GEMM's time over this one's (1.0: the dense rate); of_peak, of a large
 measured once; hbm_gbps (forward), the bytes of the expert weights the routing touches over the
 time: the bandwidth a decode step reaches, meaningful where the weights dominate (T <= 128); and
 each implementation's max relative error against grouped_mm (output; dx for fwd+bwd). Per
-(preset, T), the Triton config of every launch (tpmoe.triton.autotune.launch_configs). Prints
+(preset, T), the Triton config of every launch (tpmoe.triton.tile_configs.launch_configs). Prints
 Markdown and writes JSON after every (preset, T), so that a run cut short keeps its rows. Exits 1
 when an implementation disagrees with grouped_mm beyond AGREEMENT_EPS units of bf16 rounding.
 
@@ -194,7 +194,7 @@ def max_rel_error(actual, reference):
 
 
 def describe_configs(shape, num_tokens):
-    from tpmoe.triton.autotune import block_m_for, launch_configs, token_bucket
+    from tpmoe.triton.tile_configs import block_m_for, launch_configs, token_bucket
     c = shape["config"]
     configs = launch_configs(num_tokens, c.top_k, c.num_experts, c.hidden_size, c.intermediate_size, c.gate_up_rows,
                              torch.empty(0, dtype=DTYPE).element_size())

@@ -13,10 +13,10 @@
 // at M = 32 and 190 at M = 128 on the Qwen3 gate_up shape, 200 at M = 128 for K = 4096
 // (oneDNN's dense GEMM: ~200, the vdpbf16ps peak: 232), measured before the tiles kept their
 // sums in registers and stored them as vectors; with that the whole Qwen3 forward at T = 512
-// (~32 rows an expert) runs at 0.82-0.87 of a dense GEMM of the same FLOPs on 2 cores (was
-// 0.74-0.82). It is compiled for that ISA with a function attribute and runs only where the
-// CPU reports it (checked once at run time); everywhere else, and for other dtypes and the
-// gpt_oss layout, ATen's GEMM runs.
+// (~32 rows an expert) runs at 0.82-0.87 of a dense GEMM of the same FLOPs on 2 cores. It is
+// compiled for that ISA with a function attribute and runs only where the CPU reports it
+// (checked once at run time); everywhere else, and for other dtypes and the gpt_oss layout,
+// ATen's GEMM runs.
 #include <c10/util/BFloat16.h>
 
 #include <algorithm>
@@ -89,20 +89,9 @@ TPMOE_BF16_TARGET __attribute__((always_inline)) inline __m256i to_bf16_bits(__m
 // The weight rows of the next block, asked into L2 a few lines at every k step of every tile
 // of this block, so that memory streams while the tiles compute: the first group of 4 input
 // rows then finds the block in L2 like the others (without it that group waits on memory,
-// and a core computes or streams, seldom both). Spread evenly, they do not wait on each
-// other in bursts. 2 threads, Mixtral gate_up / down slices (K = 4096 / 14336) at M = 8:
-// 29 / 28 GB/s against 24 / 13 with the earlier scheme (up to 8 rows each tile prefetching
-// its own rows 8 KiB ahead, past that the next block in bursts of lines a tile); M = 6, 12,
-// 16: +35%, +35%, +9% (K = 4096); M = 32 and 128 within noise (Qwen3 K = 2048 and 768). A
-// whole Mixtral forward at T = 32: 1.52 -> 1.16x the weight-read floor. At M = 1 and 2 it
-// also replaced a kernel that streamed one weight row at a time in order (Mixtral forward at
-// T = 1 and 8: 5-8% faster; Qwen3 T = 1, 8, 32 within noise). Measured and slower: each
-// tile's own rows some distance ahead, with or without wrapping into the next tile at a
-// row's end (~10-20%), and, at M = 8, one or two lines a step more than an even spread.
-// (An earlier measurement, one core at M = 128, had a line at every step 25% slower than the
-// bursts used then; the even spread measured here ties them at M = 32 and 128.) Measured
-// slower with the earlier schemes and not tried again: copying each block to rows padded
-// against L1 set conflicts, 8x3 / 6x4 / 5x5 tiles.
+// and a core computes or streams, seldom both). Spread evenly over the block's tiles, the
+// prefetches never wait on each other in bursts. The schemes measured against this one, and
+// its figures, are in benchmarks/RESULTS.md (CPU expert path, fourth session).
 struct NextBlockPrefetch {
   const char* next = nullptr;
   const char* end = nullptr;

@@ -1,10 +1,12 @@
 """Real multi-process runs for the tensor-parallel tests: gloo on 127.0.0.1, spawned processes.
 
 `run_distributed(fn, world_size, *args)` starts `world_size` processes, each joining a gloo
-process group on a free port of 127.0.0.1 with a timeout (a hung collective then raises in the
-rank instead of hanging CI), runs `fn(rank, world_size, *args)` there and returns the list of
-its per-rank return values (picklable: numbers, strings, small CPU tensors) to the parent. An
-exception in a rank fails the parent with that rank's traceback.
+process group on a free port of 127.0.0.1 with a timeout (a hung collective then raises in
+the rank instead of hanging CI), runs `fn(rank, world_size, *args)` there and returns the
+list of its per-rank return values (picklable: numbers, strings, small CPU tensors) to the
+parent. An exception in a rank fails the parent with that rank's traceback. A port another
+process took first is retried on a new one, as the CLI launcher does
+(tpmoe.distributed.groups.run_on_free_port).
 
 `CollectiveCounter` (tpmoe.distributed.counting) counts collectives by wrapping the public
 `torch.distributed` functions.
@@ -12,7 +14,6 @@ exception in a rank fails the parent with that rank's traceback.
 import contextlib
 import datetime
 import queue as queue_module
-import socket
 import traceback
 
 import torch
@@ -22,14 +23,9 @@ import torch.multiprocessing as mp
 # Re-exported for the tests: the counter lives in the package so that `tpmoe verify` uses it too.
 from tpmoe.distributed import destroy_process_group_collected
 from tpmoe.distributed.counting import ALL_GATHER, REDUCE_SCATTER, CollectiveCounter  # noqa: F401
+from tpmoe.distributed.groups import run_on_free_port
 
 PROCESS_GROUP_TIMEOUT_S = 60
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _worker(fn, rank, world_size, port, timeout_s, results, args):
@@ -48,9 +44,12 @@ def _worker(fn, rank, world_size, port, timeout_s, results, args):
 
 def run_distributed(fn, world_size: int, *args, timeout_s: int = PROCESS_GROUP_TIMEOUT_S):
     """fn(rank, world_size, *args) on `world_size` gloo ranks -> [result of rank 0, 1, ...]."""
+    return run_on_free_port(lambda port: _run_distributed_once(fn, world_size, args, timeout_s, port), AssertionError)
+
+
+def _run_distributed_once(fn, world_size: int, args, timeout_s: int, port: int):
     context = mp.get_context("spawn")
     results = context.Queue()
-    port = free_port()
     processes = [context.Process(target=_worker, args=(fn, rank, world_size, port, timeout_s, results, args))
                  for rank in range(world_size)]
     for process in processes:

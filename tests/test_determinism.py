@@ -9,7 +9,7 @@ Deterministic (tested here):
   equal on both ranks.
 
 Not deterministic in the bitwise sense, by design (stated in docs/robustness.md):
-- results across token counts: the Triton path picks BLOCK_M from T*K/E (autotune.py) unless
+- results across token counts: the Triton path picks BLOCK_M from T*K/E (tile_configs.py) unless
   TPMOE_TRITON_CONFIG pins it, and the CPU path's threading="auto" splits work by rows per
   expert, so a token's output may differ in the last bits with the batch it is in;
 - results across CPU thread counts: not promised (ATen's GEMMs may split a reduction by thread

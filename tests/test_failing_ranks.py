@@ -18,9 +18,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dist_utils import ALL_GATHER, error_of, free_port, run_distributed
+from dist_utils import ALL_GATHER, error_of, run_distributed
 from tpmoe import MoEConfig, random_moe_weights
 from tpmoe.distributed import destroy_process_group_collected
+from tpmoe.distributed.groups import run_on_free_port
 
 pytestmark = pytest.mark.distributed
 
@@ -78,9 +79,16 @@ def _faulty_step(rank, stage, fault):
 
 def _run_with_fault(stage, fault, world_size=2):
     """{rank: ("ok", value) | ("error", traceback) | ("died", exitcode)} and the parent's wall time."""
+    return run_on_free_port(lambda port: _run_with_fault_once(stage, fault, world_size, port), _PortTaken)
+
+
+class _PortTaken(RuntimeError):
+    """A rank could not bind the port (another process took it first): the run is retried on a new one."""
+
+
+def _run_with_fault_once(stage, fault, world_size, port):
     context = mp.get_context("spawn")
     results = context.Queue()
-    port = free_port()
     processes = [context.Process(target=_fault_worker, args=(rank, world_size, port, stage, fault, results))
                  for rank in range(world_size)]
     started = time.monotonic()
@@ -103,6 +111,9 @@ def _run_with_fault(stage, fault, world_size=2):
             if process.is_alive():
                 process.terminate()
                 process.join()
+    for status, value in reports.values():
+        if status == "error" and "address already in use" in value.lower():
+            raise _PortTaken(value)
     return reports, time.monotonic() - started
 
 
@@ -165,10 +176,11 @@ def _mismatched_shards(rank, world_size):
     config = wider if rank == 1 else CONFIG
     weights_for_config = random_moe_weights(config, generator=torch.Generator().manual_seed(0))
     results["config_differs"] = error_of(lambda: MoEBlock.from_full(config, weights_for_config, group=group))
-    # Rank 1 cut its shards with another align: same config, other shard sizes.
-    align = 2 if rank == 1 else 1
-    shards = shard_moe_weights(CONFIG, weights, rank, world_size, align)
-    results["align_differs"] = error_of(lambda: MoEBlock.from_shards(CONFIG, shards, group=group, align=align))
+    # Rank 1 cut its shards with another shard_unit: same config, other shard sizes.
+    shard_unit = 2 if rank == 1 else 1
+    shards = shard_moe_weights(CONFIG, weights, rank, world_size, shard_unit)
+    results["shard_unit_differs"] = error_of(lambda: MoEBlock.from_shards(CONFIG, shards, group=group,
+                                                                          shard_unit=shard_unit))
     # Rank 1 holds float64 weights.
     dtype = torch.float64 if rank == 1 else torch.float32
     results["dtype_differs"] = error_of(lambda: MoEBlock.from_full(CONFIG, weights, group=group, dtype=dtype))
@@ -190,8 +202,9 @@ def test_mismatched_shards_across_ranks_fail_at_construction_on_every_rank():
         kind, message = results["config_differs"]
         assert kind == "ValueError" and "rank 1 of the TP group was built with config.intermediate_size=8 but " \
             "rank 0 with 6" in message and f"seen from rank {rank}" in message, message
-        kind, message = results["align_differs"]
-        assert kind == "ValueError" and "rank 1 of the TP group uses align=2 but rank 0 align=1" in message, message
+        kind, message = results["shard_unit_differs"]
+        assert kind == "ValueError" and "rank 1 of the TP group uses shard_unit=2 but rank 0 shard_unit=1" in message, \
+            message
         kind, message = results["dtype_differs"]
         assert kind == "ValueError" and "rank 1 of the TP group holds float64 weights but rank 0 float32" in message, \
             message

@@ -112,7 +112,7 @@ def test_cuda_align_matches_cpu_op_and_twin(block_m, id_dtype):
 # ---------------------------------------------------------------------------------------
 
 # K/E = 1/4 in every case: T = 8, 512, 4096 give 2, 128, 1024 rows per expert, which select
-# BLOCK_M = 16, 64, 128 (tpmoe.triton.autotune) and so each table's tile configurations.
+# BLOCK_M = 16, 64, 128 (tpmoe.triton.tile_configs) and so each table's tile configurations.
 BLOCK_CASES = {
     "qwen": dict(hidden_size=256, intermediate_size=192, num_experts=8, top_k=2, renormalize=True),
     "gpt_oss": dict(hidden_size=192, intermediate_size=160, num_experts=8, top_k=2, scoring="topk_softmax",
@@ -186,12 +186,12 @@ def run_reference(block, x, dy, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", sorted(BLOCK_CASES))
 def test_block_matches_reference(case, dtype, num_tokens, seed):
-    from tpmoe.triton import autotune
+    from tpmoe.triton import tile_configs
 
     block = make_block(case, dtype, seed)
     config = block.config
-    bucket = autotune.token_bucket(num_tokens, config.top_k, config.num_experts)
-    assert autotune.block_m_for(bucket) == BLOCK_M_FOR_TOKENS[num_tokens], "the case no longer covers its BLOCK_M"
+    bucket = tile_configs.token_bucket(num_tokens, config.top_k, config.num_experts)
+    assert tile_configs.block_m_for(bucket) == BLOCK_M_FOR_TOKENS[num_tokens], "the case no longer covers its BLOCK_M"
     generator = torch.Generator().manual_seed(seed)
     x64 = well_routed_tokens(block, num_tokens, generator)
     dy64 = torch.randn(num_tokens, config.hidden_size, generator=generator, dtype=torch.float64).cuda()

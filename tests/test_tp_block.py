@@ -24,7 +24,6 @@ bias, scaling, shared expert); I not divisible by the world size (most cases at 
 empty shards (I = 2, Is = 1 at world sizes 3 and 4); one token; all tokens on one expert.
 The last test launches examples/train_tp.py under torchrun and checks that the loss falls.
 """
-import hashlib
 import os
 import re
 import subprocess
@@ -33,8 +32,13 @@ import sys
 import pytest
 import torch
 
-from dist_utils import ALL_GATHER, REDUCE_SCATTER, run_distributed
+from dist_utils import ALL_GATHER, run_distributed
 from tolerances import FP32_RTOL
+from tpmoe.cli.collectives import expected_block_collectives, expected_step_collectives
+from tpmoe.cli.verify import _digest as digest_of
+from tpmoe.cli.verify import _error as verify_error
+from tpmoe.cli.verify import _reference as verify_reference
+from tpmoe.cli.verify import token_split
 
 # The CPU expert path ("auto" on CPU tensors) is the one the package runs on these machines.
 BACKEND = "auto"
@@ -69,38 +73,27 @@ CASES = {
 TOKENS = {"one_token": 1}
 
 
-def _digest(tensor):
-    return hashlib.sha256(tensor.detach().contiguous().numpy().tobytes()).hexdigest()
-
-
 def _error(actual, reference):
-    """max relative error (to the reference's largest magnitude); 0 for empty slices of equal shape."""
-    from tolerances import max_rel_error
-    assert tuple(actual.shape) == tuple(reference.shape), (tuple(actual.shape), tuple(reference.shape))
-    if reference.numel() == 0:
-        return 0.0
-    return max_rel_error(actual, reference)
-
-
-def _token_split(num_tokens, world_size):
-    base, extra = divmod(num_tokens, world_size)
-    return [base + (1 if rank < extra else 0) for rank in range(world_size)]
+    """max relative error to the largest magnitude of the reference slice itself (stricter than
+    verify's scale, the whole tensor's); 0 for empty slices, inf for a shape mismatch."""
+    return verify_error(actual, reference, reference.abs().max().item() if reference.numel() else 1.0)
 
 
 def _reference(config, weights_per_block, x64, dy64):
-    """One process, float64: output and every gradient of the stacked blocks."""
+    """One process, float64: output, input grad and every block's weight grads of the stacked
+    blocks, each block by verify's reference; the chain rule links them (the output grad of
+    block b is the input grad of block b + 1)."""
     from tpmoe.reference import reference_moe_block
-    x = x64.clone().requires_grad_(True)
-    leaves = []
-    for weights in weights_per_block:
-        leaves.append({name: w.clone().requires_grad_(name != "correction_bias") for name, w in weights.items()})
-    y = x
-    for weights in leaves:
-        y = reference_moe_block(y, weights, config)
-    y.backward(dy64)
-    grads = [{name: (w.grad if w.grad is not None else torch.zeros_like(w)) for name, w in weights.items()}
-             for weights in leaves]
-    return y.detach(), x.grad, grads
+    inputs = [x64]
+    for weights in weights_per_block[:-1]:
+        inputs.append(reference_moe_block(inputs[-1], weights, config))
+    last = len(weights_per_block) - 1
+    grads, dy = [None] * len(weights_per_block), dy64
+    for index in range(last, -1, -1):
+        y_block, dy, grads[index] = verify_reference(config, weights_per_block[index], inputs[index], dy)
+        if index == last:
+            y = y_block
+    return y, dy, grads
 
 
 def _run_blocks(blocks, x, dy, counter, tokens_per_rank=None):
@@ -128,7 +121,7 @@ def _compare_grads(blocks, reference_grads, rank, world_size, result):
             result["scales"][f"block{index}.{name}.grad"] = scale
         for name in ("router_weight", "router_bias", "shared_gate", "b_down"):
             if hasattr(block, name):
-                result["replicated_digest"].append((index, name, _digest(getattr(block, name).grad)))
+                result["replicated_digest"].append((index, name, digest_of(getattr(block, name).grad)))
 
 
 def _all_cases(rank, world_size, base_seed):
@@ -153,7 +146,7 @@ def _all_cases(rank, world_size, base_seed):
                 for weights in weights64:
                     weights["router_bias"][2] += 8.0
             num_tokens = TOKENS.get(case, NUM_TOKENS)
-            counts = _token_split(num_tokens, world_size)
+            counts = token_split(num_tokens, world_size)
             start = sum(counts[:rank])
             local_rows = slice(start, start + counts[rank])
             x64 = torch.randn(num_tokens, config.hidden_size, dtype=torch.float64, generator=generator)
@@ -168,7 +161,7 @@ def _all_cases(rank, world_size, base_seed):
             routed_experts = sorted(set(blocks[0].route(x64.float())[2].flatten().tolist()))
             tp = {"errors": {"y": _error(y, y_ref), "dx": _error(dx, dx_ref)}, "scales": {},
                   "routed_experts": routed_experts,
-                  "replicated_digest": [(-1, "y", _digest(y)), (-1, "dx", _digest(dx))],
+                  "replicated_digest": [(-1, "y", digest_of(y)), (-1, "dx", digest_of(dx))],
                   "forward": forward_counts, "backward": backward_counts,
                   "shard_sizes": [block.I_local for block in blocks[:1]] + [blocks[0].Is_local]}
             _compare_grads(blocks, grads_ref, rank, world_size, tp)
@@ -208,11 +201,11 @@ def _all_cases(rank, world_size, base_seed):
 
 
 def _expected_counts(world_size):
-    if world_size == 1:
-        return {}, {}, {}
-    tp = {"all_reduce": NUM_BLOCKS}
-    sp = {ALL_GATHER: NUM_BLOCKS, REDUCE_SCATTER: NUM_BLOCKS}
-    return tp, sp, {"all_reduce": 1}
+    """(TP forward or backward, SP forward or backward, the SP step) for the NUM_BLOCKS stacked blocks."""
+    def stacked(sequence_parallel):
+        return {name: NUM_BLOCKS * count for name, count in expected_block_collectives(world_size,
+                                                                                        sequence_parallel).items()}
+    return stacked(False), stacked(True), expected_step_collectives(world_size, True)
 
 
 @pytest.mark.distributed

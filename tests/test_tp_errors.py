@@ -46,8 +46,8 @@ def test_bad_arguments_in_one_process():
         MoEBlock(CONFIG, group=2)
     with pytest.raises(ValueError, match=r"world_size: expected a positive int, got 0"):
         shard_sizes(6, 0)
-    with pytest.raises(ValueError, match=r"align: expected a positive int"):
-        MoEBlock(CONFIG, align=0)
+    with pytest.raises(ValueError, match=r"shard_unit: expected a positive int"):
+        MoEBlock(CONFIG, shard_unit=0)
 
 
 def _distributed_errors(rank, world_size):
@@ -142,3 +142,35 @@ def test_errors_in_spawned_ranks():
         assert results["mesh_1d_equal"] and results["mesh_2d_equal"]
         kind, message = results["mesh_2d_without_dim"]
         assert kind == "ValueError" and "tp_mesh_dim: the DeviceMesh has 2 dimensions" in message, message
+
+
+def test_a_taken_port_is_retried_on_a_new_one():
+    """The spawners' port retry (tpmoe.distributed.groups.run_on_free_port): a run that fails
+    with "address already in use" gets a fresh port; any other failure, a failure of another
+    type, and the last attempt's failure reach the caller unchanged."""
+    from tpmoe.distributed.groups import run_on_free_port
+
+    def run_failing(times, error):
+        ports = []
+
+        def run(port):
+            ports.append(port)
+            if len(ports) <= times:
+                raise error
+            return "ran"
+        return run, ports
+
+    run, ports = run_failing(2, AssertionError("rank 0: RuntimeError: Address already in use"))
+    assert run_on_free_port(run, AssertionError) == "ran" and len(ports) == 3
+    assert all(isinstance(port, int) and 0 < port < 65536 for port in ports)
+
+    run, ports = run_failing(3, AssertionError("rank 0: RuntimeError: Address already in use"))
+    with pytest.raises(AssertionError, match="Address already in use"):
+        run_on_free_port(run, AssertionError)
+    assert len(ports) == 3
+
+    for error in (AssertionError("rank 1: ValueError: something else"), RuntimeError("address already in use")):
+        run, ports = run_failing(1, error)
+        with pytest.raises(type(error), match=str(error)):
+            run_on_free_port(run, AssertionError)
+        assert len(ports) == 1, error

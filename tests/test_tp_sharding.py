@@ -40,14 +40,14 @@ def _shared_partial(config, weights, x):
     return reference_shared_expert(x, weights, dataclasses.replace(config, shared_intermediate_size=shared_size))
 
 
-@pytest.mark.parametrize("align", [1, 2, 3, 8])
+@pytest.mark.parametrize("shard_unit", [1, 2, 3, 8])
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4, 5])
-def test_shard_sizes_balanced_within_one_unit(world_size, align):
+def test_shard_sizes_balanced_within_one_unit(world_size, shard_unit):
     for total in range(0, 41):
-        sizes = shard_sizes(total, world_size, align)
+        sizes = shard_sizes(total, world_size, shard_unit)
         assert len(sizes) == world_size and sum(sizes) == total and min(sizes) >= 0, (total, sizes)
-        assert max(sizes) - min(sizes) <= align, (total, world_size, align, sizes)
-        starts = [shard_range(total, rank, world_size, align) for rank in range(world_size)]
+        assert max(sizes) - min(sizes) <= shard_unit, (total, world_size, shard_unit, sizes)
+        starts = [shard_range(total, rank, world_size, shard_unit) for rank in range(world_size)]
         assert [stop - start for start, stop in starts] == sizes
         assert all(starts[r][1] == starts[r + 1][0] for r in range(world_size - 1)) and starts[0][0] == 0
 
@@ -55,14 +55,14 @@ def test_shard_sizes_balanced_within_one_unit(world_size, align):
 def test_shard_sizes_whole_units_first():
     assert shard_sizes(10, 3) == [4, 3, 3]
     assert shard_sizes(2, 4) == [1, 1, 0, 0]  # fewer columns than ranks: empty shards at the end
-    assert shard_sizes(130, 2, align=64) == [66, 64]  # equal unit counts: the 2 leftover columns go to rank 0
-    assert shard_sizes(200, 2, align=64) == [128, 72]  # rank 1 holds one unit less: the leftover joins it
-    assert shard_sizes(192, 2, align=64) == [128, 64]
+    assert shard_sizes(130, 2, shard_unit=64) == [66, 64]  # equal unit counts: the 2 leftover columns go to rank 0
+    assert shard_sizes(200, 2, shard_unit=64) == [128, 72]  # rank 1 holds one unit less: the leftover joins it
+    assert shard_sizes(192, 2, shard_unit=64) == [128, 64]
 
 
 @pytest.mark.parametrize("layout,gated", LAYOUT_CASES)
-@pytest.mark.parametrize("world_size,align", [(1, 1), (2, 1), (3, 1), (4, 2), (8, 1)])
-def test_shards_sum_to_the_full_block(layout, gated, world_size, align, seed):
+@pytest.mark.parametrize("world_size,shard_unit", [(1, 1), (2, 1), (3, 1), (4, 2), (8, 1)])
+def test_shards_sum_to_the_full_block(layout, gated, world_size, shard_unit, seed):
     config = _config(layout, gated)
     weights = random_moe_weights(config, dtype=torch.float64)
     x = torch.randn(9, config.hidden_size, dtype=torch.float64)
@@ -71,15 +71,15 @@ def test_shards_sum_to_the_full_block(layout, gated, world_size, align, seed):
     full_routed = _routed_partial(config, weights, x, topk_ids, topk_weights)
     full_shared = _shared_partial(config, weights, x)
 
-    shards = [shard_moe_weights(config, weights, rank, world_size, align) for rank in range(world_size)]
+    shards = [shard_moe_weights(config, weights, rank, world_size, shard_unit) for rank in range(world_size)]
     for rank, shard in enumerate(shards):
-        assert {name: tuple(t.shape) for name, t in shard.items()} == shard_shapes(config, rank, world_size, align)
+        assert {name: tuple(t.shape) for name, t in shard.items()} == shard_shapes(config, rank, world_size, shard_unit)
     routed = sum(_routed_partial(config, shard, x, topk_ids, topk_weights) for shard in shards)
     shared = sum(_shared_partial(config, shard, x) for shard in shards)
     torch.testing.assert_close(routed, full_routed, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(shared, full_shared, rtol=1e-12, atol=1e-12)
 
-    rebuilt = assemble_full(config, shards, align)
+    rebuilt = assemble_full(config, shards, shard_unit)
     assert sorted(rebuilt) == sorted(weights)
     for name in weights:
         assert torch.equal(rebuilt[name], weights[name]), f"{name} not rebuilt bitwise"

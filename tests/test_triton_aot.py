@@ -82,11 +82,11 @@ def aot_rows():
 
 
 def test_every_kernel_and_config_compiles_for_sm80_and_sm90(aot_rows):
-    from tpmoe.triton import autotune
+    from tpmoe.triton import tile_configs
     compiled = {(row["kernel"], row["cc"], row["BLOCK_M"], row["BLOCK_N"], row["BLOCK_K"], row["num_warps"],
                  row["num_stages"]) for row in aot_rows}
-    for kernel in autotune.KERNELS:
-        for config in autotune.all_configs(kernel):
+    for kernel in tile_configs.KERNELS:
+        for config in tile_configs.all_configs(kernel):
             for capability in (80, 90):
                 key = (kernel, capability, config.BLOCK_M, config.BLOCK_N, config.BLOCK_K, config.num_warps,
                        config.num_stages)

@@ -26,7 +26,7 @@ pytestmark = [
 import tpmoe  # noqa: E402
 from tpmoe.config import GATED_ONLY_ACTIVATIONS  # noqa: E402
 from tpmoe.reference import reference_experts  # noqa: E402
-from tpmoe.triton import autotune, fused_experts_triton  # noqa: E402
+from tpmoe.triton import fused_experts_triton, tile_configs  # noqa: E402
 
 DEVICE = "cpu" if interpreted else "cuda"
 GRAD_NAMES = ("hidden_states", "w_gate_up", "w_down", "topk_weights", "b_gate_up", "b_down")
@@ -111,7 +111,7 @@ def test_triton_matches_reference_fp32_and_fp64(case, seed, monkeypatch):
     for name, grad in ref_grads.items():
         assert_fp32_close(grads64[name], grad, f"d{name} fp64", rtol=1e-12)
     # float32 with 16-wide blocks (several trips, every mask used)
-    monkeypatch.setenv(autotune.ENV_VAR, SMALL_BLOCKS)
+    monkeypatch.setenv(tile_configs.ENV_VAR, SMALL_BLOCKS)
     out32, grads32 = run_with_grads(triton_path, inputs, options, grad_out, torch.float32, DEVICE)
     assert out32.dtype == torch.float32
     assert_fp32_close(out32, ref_out, "output fp32")

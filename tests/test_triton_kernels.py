@@ -21,10 +21,10 @@ pytestmark = [pytest.mark.triton,
 
 from tpmoe.activations import expert_activation  # noqa: E402
 from tpmoe.config import GATED_ONLY_ACTIVATIONS  # noqa: E402
-from tpmoe.triton import autotune, backward_dh, backward_dw, down, gate_up  # noqa: E402
-from tpmoe.triton.autotune import KernelConfig  # noqa: E402
+from tpmoe.triton import backward_dh, backward_dw, down, gate_up, tile_configs  # noqa: E402
+from tpmoe.triton.tile_configs import KernelConfig  # noqa: E402
 from tpmoe.triton.layouts import down_axes, gate_up_axes, paired_load  # noqa: E402
-from tpmoe.triton.routing_metadata import align  # noqa: E402
+from tpmoe.triton.routing_metadata import routing_metadata  # noqa: E402
 
 DEVICE = "cpu" if interpreted else "cuda"
 SMALL = KernelConfig(16, 16, 16, 4, 2)
@@ -92,7 +92,7 @@ def test_gate_up_kernel(layout, gated, activation, seed):
         problem["x"] = problem["x"] * 8  # reach both sides of the clamps, the softcaps' saturation
     top_k = problem["topk_ids"].shape[1]
     num_pairs = problem["topk_ids"].numel()
-    routing = align(problem["topk_ids"], problem["w_gate_up"].shape[0], SMALL.BLOCK_M)
+    routing = routing_metadata(problem["topk_ids"], problem["w_gate_up"].shape[0], SMALL.BLOCK_M)
     h = gate_up.gate_up(problem["x"], problem["w_gate_up"], problem["b_gate_up"], routing.sorted_ids_padded,
                         routing.block_expert, top_k=top_k, activation=activation, layout=layout, gated=gated,
                         alpha=1.702, limit=7.0, config=SMALL)
@@ -110,7 +110,7 @@ def test_grouped_scatter_kernel_down_and_dx(layout, seed):
     problem = make_problem(seed, layout=layout)
     top_k, num_pairs = problem["topk_ids"].shape[1], problem["topk_ids"].numel()
     experts = problem["w_gate_up"].shape[0]
-    routing = align(problem["topk_ids"], experts, SMALL.BLOCK_M)
+    routing = routing_metadata(problem["topk_ids"], experts, SMALL.BLOCK_M)
     rows, pairs, _, row_experts = row_index(routing, num_pairs, top_k)
     num_rows = routing.sorted_ids_padded.shape[0]
     generator = torch.Generator().manual_seed(seed + 1)
@@ -149,7 +149,7 @@ def test_backward_dh_kernel(layout, gated, activation, seed):
     if activation in GATED_ONLY_ACTIVATIONS:
         problem["x"] = problem["x"] * 8
     top_k, num_pairs = problem["topk_ids"].shape[1], problem["topk_ids"].numel()
-    routing = align(problem["topk_ids"], problem["w_gate_up"].shape[0], SMALL.BLOCK_M)
+    routing = routing_metadata(problem["topk_ids"], problem["w_gate_up"].shape[0], SMALL.BLOCK_M)
     options = dict(top_k=top_k, activation=activation, layout=layout, gated=gated, alpha=1.702, limit=7.0)
     h = gate_up.gate_up(problem["x"], problem["w_gate_up"], problem["b_gate_up"], routing.sorted_ids_padded,
                         routing.block_expert, config=SMALL, **options)
@@ -181,7 +181,7 @@ def test_backward_dw_kernel(layout, seed):
     problem = make_problem(seed, layout=layout, num_tokens=29)
     top_k, num_pairs = problem["topk_ids"].shape[1], problem["topk_ids"].numel()
     experts = problem["w_gate_up"].shape[0]
-    routing = align(problem["topk_ids"], experts, SMALL.BLOCK_M)
+    routing = routing_metadata(problem["topk_ids"], experts, SMALL.BLOCK_M)
     rows, pairs, tokens, row_experts = row_index(routing, num_pairs, top_k)
     num_rows = routing.sorted_ids_padded.shape[0]
     rows_axis, gu_hidden_axis = gate_up_axes(layout)
@@ -226,7 +226,7 @@ def test_ops_have_working_fakes(seed):
     from tpmoe.triton import ops
     problem = make_problem(seed, num_tokens=7, hidden=16, inter=16, experts=3)
     top_k, num_pairs = problem["topk_ids"].shape[1], problem["topk_ids"].numel()
-    routing = align(problem["topk_ids"], 3, 16)
+    routing = routing_metadata(problem["topk_ids"], 3, 16)
     config = ops.config_list(SMALL)
     tests = ("test_schema", "test_faketensor")
     h_args = (problem["x"], problem["w_gate_up"], problem["b_gate_up"], routing.sorted_ids_padded,
@@ -247,29 +247,29 @@ def test_ops_have_working_fakes(seed):
 
 
 def test_env_config_selects_one_fixed_config(monkeypatch):
-    monkeypatch.setenv(autotune.ENV_VAR, "BLOCK_M=32,BLOCK_N=16,num_warps=2")
-    for kernel in autotune.KERNELS:
-        config = autotune.kernel_config(kernel, 4096, 1024, 1024)
+    monkeypatch.setenv(tile_configs.ENV_VAR, "BLOCK_M=32,BLOCK_N=16,num_warps=2")
+    for kernel in tile_configs.KERNELS:
+        config = tile_configs.kernel_config(kernel, 4096, 1024, 1024)
         assert (config.BLOCK_M, config.BLOCK_N, config.num_warps) == (32, 16, 2)
-    assert autotune.block_m_for(1) == 32
-    monkeypatch.setenv(autotune.ENV_VAR, "BLOCK_N=24")
+    assert tile_configs.block_m_for(1) == 32
+    monkeypatch.setenv(tile_configs.ENV_VAR, "BLOCK_N=24")
     with pytest.raises(ValueError, match="power of two"):
-        autotune.kernel_config("down", 16, 64, 64)
-    monkeypatch.setenv(autotune.ENV_VAR, "BLOCK_Q=16")
-    with pytest.raises(ValueError, match=autotune.ENV_VAR):
-        autotune.kernel_config("down", 16, 64, 64)
+        tile_configs.kernel_config("down", 16, 64, 64)
+    monkeypatch.setenv(tile_configs.ENV_VAR, "BLOCK_Q=16")
+    with pytest.raises(ValueError, match=tile_configs.ENV_VAR):
+        tile_configs.kernel_config("down", 16, 64, 64)
 
 
 def test_configs_are_keyed_on_tokens_and_width(monkeypatch):
-    monkeypatch.delenv(autotune.ENV_VAR, raising=False)
-    assert autotune.token_bucket(1, 8, 128) == 1
-    assert autotune.block_m_for(autotune.token_bucket(1, 8, 128)) == 16
-    assert autotune.block_m_for(autotune.token_bucket(16384, 8, 128)) == 128
-    assert autotune.kernel_config("gate_up", 64, 16, 2048).BLOCK_N == 32   # narrow I_p shard
-    assert autotune.kernel_config("gate_up", 64, 768, 2048).BLOCK_N == 64
-    for kernel in autotune.KERNELS:
+    monkeypatch.delenv(tile_configs.ENV_VAR, raising=False)
+    assert tile_configs.token_bucket(1, 8, 128) == 1
+    assert tile_configs.block_m_for(tile_configs.token_bucket(1, 8, 128)) == 16
+    assert tile_configs.block_m_for(tile_configs.token_bucket(16384, 8, 128)) == 128
+    assert tile_configs.kernel_config("gate_up", 64, 16, 2048).BLOCK_N == 32   # narrow I_p shard
+    assert tile_configs.kernel_config("gate_up", 64, 768, 2048).BLOCK_N == 64
+    for kernel in tile_configs.KERNELS:
         for bucket in (1, 64, 4096):
-            assert autotune.kernel_config(kernel, bucket, 768, 2048) in autotune.all_configs(kernel)
+            assert tile_configs.kernel_config(kernel, bucket, 768, 2048) in tile_configs.all_configs(kernel)
 
 
 def test_cpu_tensors_without_the_interpreter_raise_clearly():
@@ -300,7 +300,7 @@ def test_paired_gate_up_load_matches_separate_loads(activation, seed):
     strided = contiguous.transpose(1, 2).contiguous().transpose(1, 2)  # same values, H contiguous
     assert paired_load(contiguous, 2, True, 2) and not paired_load(strided, 2, True, 2)
     top_k = problem["topk_ids"].shape[1]
-    routing = align(problem["topk_ids"], contiguous.shape[0], SMALL.BLOCK_M)
+    routing = routing_metadata(problem["topk_ids"], contiguous.shape[0], SMALL.BLOCK_M)
     options = dict(top_k=top_k, activation=activation, layout="gpt_oss", gated=True, alpha=1.702, limit=7.0)
     results = []
     for weight in (contiguous, strided):

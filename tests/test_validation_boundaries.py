@@ -60,7 +60,7 @@ def _weights(**changes):
     (lambda: MoEBlock(CONFIG, backend="cuda"), ValueError, ["backend", "'triton'", "'cuda'"]),
     (lambda: MoEBlock(CONFIG, sequence_parallel="yes"), TypeError, ["sequence_parallel", "bool", "'yes'"]),
     (lambda: MoEBlock(CONFIG, check_replicated=1), TypeError, ["check_replicated", "bool", "int 1"]),
-    (lambda: MoEBlock(CONFIG, align=1.5), ValueError, ["align", "positive int", "1.5"]),
+    (lambda: MoEBlock(CONFIG, shard_unit=1.5), ValueError, ["shard_unit", "positive int", "1.5"]),
     (lambda: MoEBlock(CONFIG, tp_mesh_dim="tp"), ValueError, ["tp_mesh_dim", "DeviceMesh", "'tp'"]),
     (lambda: MoEBlock.from_full(CONFIG, _weights(w_down=torch.zeros(4, 8, 6, dtype=torch.long))), TypeError,
      ["shards['w_down']", "floating-point", "int64"]),

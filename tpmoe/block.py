@@ -27,8 +27,8 @@ from .config import MoEConfig
 from ._checks import FLOAT_DTYPES, check_choice, dtype_name
 from .fused import BACKENDS, fused_experts
 from .routing import route
-from .sharding import (REPLICATED_NAMES, SHARDED_NAMES, check_shards, check_shards_agree, gather_full,
-                       shard_moe_weights, shard_sizes)
+from .distributed.replicated import check_shards_agree, gather_full
+from .sharding import REPLICATED_NAMES, SHARDED_NAMES, check_shards, shard_moe_weights, shard_sizes
 from .weights import check_moe_weights, random_moe_weights
 
 # Trained replicated parameters: their gradients are complete on every rank in TP mode and
@@ -107,13 +107,13 @@ class MoEBlock(nn.Module):
     rank and naming the first rank that differs: in TP mode the input and the routing (ids and
     weights); in sequence-parallel mode the token counts (equal, or as tokens_per_rank says) and
     the replicated parameters.
-    align: shard unit of the intermediate axes (tpmoe.sharding). backend: tpmoe.fused_experts'.
+    shard_unit: columns per shard unit of the intermediate axes (tpmoe.sharding). backend: tpmoe.fused_experts'.
     seed: the constructor's random init draws the FULL weights from this seed and keeps this
     rank's slice, so the model is the same at every world size and replicas agree.
     """
 
     def __init__(self, config: MoEConfig, group=None, *, sequence_parallel: bool = False,
-                 check_replicated: bool = False, align: int = 1, backend: str = "auto", tp_mesh_dim=None,
+                 check_replicated: bool = False, shard_unit: int = 1, backend: str = "auto", tp_mesh_dim=None,
                  seed: int = 0, dtype: Optional[torch.dtype] = None, device=None, _shards=None):
         super().__init__()
         if not isinstance(config, MoEConfig):
@@ -129,27 +129,27 @@ class MoEBlock(nn.Module):
         self.tp_size, self.tp_rank = tp.group_size(self.group), tp.group_rank(self.group)
         self.sequence_parallel = sequence_parallel
         self.check_replicated = check_replicated
-        self.align = align
+        self.shard_unit = shard_unit
         self.backend = backend
-        self.I_local = shard_sizes(config.intermediate_size, self.tp_size, align)[self.tp_rank]
-        self.Is_local = shard_sizes(config.shared_intermediate_size, self.tp_size, align)[self.tp_rank]
+        self.I_local = shard_sizes(config.intermediate_size, self.tp_size, shard_unit)[self.tp_rank]
+        self.Is_local = shard_sizes(config.shared_intermediate_size, self.tp_size, shard_unit)[self.tp_rank]
         if _shards is None:
             generator = torch.Generator().manual_seed(seed)
             full = random_moe_weights(config, dtype=dtype or torch.get_default_dtype(), device=device or "cpu",
                                       generator=generator)
-            _shards = shard_moe_weights(config, full, self.tp_rank, self.tp_size, align)
+            _shards = shard_moe_weights(config, full, self.tp_rank, self.tp_size, shard_unit)
         # A rank that rejects its shards still joins the agreement all-gather (with a flag saying
         # so) before raising: the other ranks then raise too instead of waiting for it in the
         # first forward's collective until the process group's timeout.
         local_error = None
         try:
-            check_shards(config, _shards, self.tp_rank, self.tp_size, align)
+            check_shards(config, _shards, self.tp_rank, self.tp_size, shard_unit)
             weights_dtype = _check_shard_dtypes(_shards, dtype)
         except (TypeError, ValueError) as error:
             local_error, weights_dtype = error, None
         if tp.communicates(self.group):
             check_shards_agree(config, {name: tuple(t.shape) for name, t in _shards.items()} if local_error is None
-                               else {}, weights_dtype, self.group, align, local_ok=local_error is None)
+                               else {}, weights_dtype, self.group, shard_unit, local_ok=local_error is None)
         if local_error is not None:
             raise local_error
         for name, tensor in _shards.items():
@@ -167,7 +167,7 @@ class MoEBlock(nn.Module):
         check_moe_weights(config, weights, "weights")
         block_group = tp.resolve_tp_group(group, kwargs.get("tp_mesh_dim"))
         shards = shard_moe_weights(config, weights, tp.group_rank(block_group), tp.group_size(block_group),
-                                   kwargs.get("align", 1))
+                                   kwargs.get("shard_unit", 1))
         return cls(config, group, _shards=shards, **kwargs)
 
     @classmethod
@@ -185,7 +185,7 @@ class MoEBlock(nn.Module):
 
     def gather_full(self) -> Dict[str, torch.Tensor]:
         """The full weights on every rank, bitwise equal to what from_full sliced: ONE all-gather."""
-        return gather_full(self.config, self.local_shards(), self.group, self.align)
+        return gather_full(self.config, self.local_shards(), self.group, self.shard_unit)
 
     def sequence_parallel_summed_parameters(self):
         """The parameters whose gradients tpmoe.distributed.allreduce_router_grads sums (SP mode only)."""

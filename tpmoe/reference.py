@@ -6,7 +6,7 @@ out as its formula. It shares no code with tpmoe.routing or the kernels it check
 in float64 and under autograd: the input and every trained weight get gradients (the
 top-k ids are fixed by the forward pass; gradients flow through the routing weights).
 
-Math and layouts: /work/shared/DESIGN.md section 1 and tpmoe/weights.py.
+Math and layouts: docs/design.md section 1 and tpmoe/weights.py.
 """
 import math
 from typing import Dict, Optional, Tuple

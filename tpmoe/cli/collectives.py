@@ -1,4 +1,4 @@
-"""What `tpmoe verify` expects of the collectives per block and per step (DESIGN.md section 2);
+"""What `tpmoe verify` expects of the collectives per block and per step (docs/design.md section 2);
 the counting itself is tpmoe.distributed.counting."""
 from typing import Dict
 
@@ -6,7 +6,7 @@ from ..distributed.counting import ALL_GATHER, REDUCE_SCATTER
 
 
 def expected_block_collectives(world_size: int, sequence_parallel: bool) -> Dict[str, int]:
-    """What ONE MoEBlock issues in its forward, and again in its backward (DESIGN.md section 2)."""
+    """What ONE MoEBlock issues in its forward, and again in its backward (docs/design.md section 2)."""
     if world_size == 1:
         return {}  # a sum over one rank is the identity: nothing is communicated
     if sequence_parallel:

@@ -16,7 +16,6 @@ call `context.send(message)` to report progress while it runs (`on_message` rece
 import datetime
 import os
 import queue as queue_module
-import socket
 import time
 import traceback
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from ..distributed import destroy_process_group_collected
+from ..distributed.groups import run_on_free_port
 
 DEFAULT_TIMEOUT_S = 300
 
@@ -75,12 +75,6 @@ def pick_device(world_size: int, requested: str = "auto") -> str:
     return "cpu"
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _device_and_backend(local_rank: int, device_type: str):
     if device_type == "cuda":
         torch.cuda.set_device(local_rank)
@@ -107,23 +101,15 @@ def _spawned_rank(worker, payload, rank, world_size, port, timeout_s, results, d
 
 
 def _run_spawned(worker, payload, world_size, on_message, timeout_s, device_type) -> List[object]:
-    # The free port is found by binding and releasing it, so another process may take it before
-    # rank 0 binds it again: then the ranks fail at once and a new port is tried.
-    for attempt in range(3):
-        try:
-            return _run_spawned_once(worker, payload, world_size, on_message, timeout_s, device_type)
-        except RankFailure as failure:
-            if attempt == 2 or "address already in use" not in str(failure).lower():
-                raise
-    raise AssertionError("unreachable")
+    return run_on_free_port(lambda port: _run_spawned_once(worker, payload, world_size, on_message, timeout_s,
+                                                           device_type, port), RankFailure)
 
 
-def _run_spawned_once(worker, payload, world_size, on_message, timeout_s, device_type) -> List[object]:
+def _run_spawned_once(worker, payload, world_size, on_message, timeout_s, device_type, port) -> List[object]:
     import torch.multiprocessing as mp
 
     context = mp.get_context("spawn")
     results = context.Queue()
-    port = _free_port()
     processes = [context.Process(target=_spawned_rank, args=(worker, payload, rank, world_size, port, timeout_s,
                                                              results, device_type), daemon=True)
                  for rank in range(world_size)]

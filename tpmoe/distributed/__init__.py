@@ -10,7 +10,8 @@ all-gather is `all_gather_single`, `all_gather_into_tensor` before torch 2.13; t
 """
 from .groups import (CollectiveError, communicates, destroy_process_group_collected, group_rank, group_size,
                      naming_collective_failures, resolve_tp_group)
-from .replicated import all_gather_tensor_lists, allreduce_gradients, allreduce_router_grads, check_replicated
+from .replicated import (all_gather_tensor_lists, allreduce_gradients, allreduce_router_grads, check_replicated,
+                         check_shards_agree, gather_full)
 from .sequence_parallel import (GatherFromSequenceParallelRegion, ReduceScatterToSequenceParallelRegion,
                                 check_tokens_per_rank, gather_from_sequence_parallel_region,
                                 reduce_scatter_to_sequence_parallel_region)
@@ -21,9 +22,9 @@ __all__ = [
     "CollectiveError", "CopyToTensorParallelRegion", "GatherFromSequenceParallelRegion",
     "ReduceFromTensorParallelRegion",
     "ReduceScatterToSequenceParallelRegion", "all_gather_tensor_lists", "allreduce_gradients",
-    "allreduce_router_grads", "check_replicated", "check_tokens_per_rank", "communicates",
+    "allreduce_router_grads", "check_replicated", "check_shards_agree", "check_tokens_per_rank", "communicates",
     "copy_to_tensor_parallel_region", "destroy_process_group_collected", "gather_from_sequence_parallel_region",
-    "group_rank", "group_size",
+    "gather_full", "group_rank", "group_size",
     "naming_collective_failures",
     "reduce_from_tensor_parallel_region", "reduce_scatter_to_sequence_parallel_region", "resolve_tp_group",
 ]

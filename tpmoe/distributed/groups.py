@@ -2,8 +2,10 @@
 a DeviceMesh, or None (one process, no communication)."""
 import contextlib
 import gc
-from typing import Optional, Union
+import socket
+from typing import Callable, Optional, TypeVar, Union
 
+import torch
 import torch.distributed as dist
 
 
@@ -46,6 +48,32 @@ def destroy_process_group_collected() -> None:
     gc.collect()
 
 
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that was free a moment ago (bound and released)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+_Result = TypeVar("_Result")
+
+
+def run_on_free_port(run: Callable[[int], _Result], failure_type: type = Exception, attempts: int = 3) -> _Result:
+    """run(port) with a port from free_port(), retried on a new port when it raises a
+    `failure_type` saying "address already in use" (the launcher's RankFailure, the test
+    spawner's AssertionError: each reports a rank's traceback its own way).
+
+    The port is released before the ranks start, so another process may take it before rank 0
+    binds it again: the ranks then fail at once, and a new port fixes it."""
+    for attempt in range(attempts):
+        try:
+            return run(free_port())
+        except failure_type as failure:
+            if attempt == attempts - 1 or "address already in use" not in str(failure).lower():
+                raise
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
 def resolve_tp_group(group, mesh_dim: Optional[Union[str, int]] = None):
     """ProcessGroup | DeviceMesh | None -> ProcessGroup | None.
 
@@ -85,6 +113,14 @@ def communicates(group) -> bool:
     """Whether a collective over `group` would move anything. Like Megatron, the TP Functions
     skip their collectives in a group of one: a sum over one rank is the identity."""
     return group is not None and dist.get_world_size(group) > 1
+
+
+def collective_device(group) -> torch.device:
+    """Where a tensor built on the host (a check's integers) must be to travel through `group`:
+    the device torch's own object collectives (all_gather_object) pick, the CPU for gloo and the
+    current accelerator for NCCL."""
+    kind = dist.distributed_c10d._get_object_coll_device(group)
+    return torch.device(kind) if kind == "cpu" else torch.device(kind, torch.accelerator.current_device_index())
 
 
 # torch 2.13 renamed all_gather_into_tensor / reduce_scatter_tensor to *_single (the old names

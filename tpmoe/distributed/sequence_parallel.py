@@ -1,4 +1,4 @@
-"""The two communicating Functions of sequence-parallel (SP) mode (DESIGN.md section 2).
+"""The two communicating Functions of sequence-parallel (SP) mode (docs/design.md section 2).
 
 Between blocks the tokens are sharded: rank p holds rows [offset_p, offset_p + T_p) of the
 flattened tokens (T_p = tokens_per_rank[p]; all equal when tokens_per_rank is None). Each

@@ -1,4 +1,4 @@
-"""The two communicating Functions of tensor-parallel (TP) mode (DESIGN.md section 2).
+"""The two communicating Functions of tensor-parallel (TP) mode (docs/design.md section 2).
 
     x, topk_weights, shared_gate (replicated) -> f -> partial experts -> g -> y (replicated)
 

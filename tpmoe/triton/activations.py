@@ -7,11 +7,6 @@ the interpreter and the compiled path both have `tl.sigmoid`, and that form cann
 import triton
 import triton.language as tl
 
-SQRT_HALF = 0.7071067811865476        # 1 / sqrt(2)
-INV_SQRT_2PI = 0.3989422804014327     # 1 / sqrt(2 pi)
-SQRT_2_OVER_PI = 0.7978845608028654   # sqrt(2 / pi)
-GELU_TANH_CUBIC = 0.044715
-
 
 @triton.jit
 def _tanh(z):
@@ -29,11 +24,11 @@ def unary_activation_and_grad(x, ACTIVATION: tl.constexpr):
     """(act(x), act'(x)) for silu, gelu (erf), gelu_tanh, relu, relu2."""
     if ACTIVATION == "silu":
         value, grad = _silu_and_grad(x)
-    elif ACTIVATION == "gelu":
+    elif ACTIVATION == "gelu":  # 0.7071... = 1 / sqrt(2), 0.3989... = 1 / sqrt(2 pi)
         cdf = 0.5 * (1.0 + tl.erf(x * 0.7071067811865476))
         value = x * cdf
         grad = cdf + x * tl.exp(-0.5 * x * x) * 0.3989422804014327
-    elif ACTIVATION == "gelu_tanh":
+    elif ACTIVATION == "gelu_tanh":  # 0.7978... = sqrt(2 / pi); 0.044715: the approximation's cubic term
         tanh_inner = _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x))
         value = 0.5 * x * (1.0 + tanh_inner)
         grad = 0.5 * (1.0 + tanh_inner) + 0.5 * x * (1.0 - tanh_inner * tanh_inner) * 0.7978845608028654 * (

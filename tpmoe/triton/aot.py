@@ -26,7 +26,7 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 
-from . import autotune, backward_dh, backward_dw, down, gate_up
+from . import backward_dh, backward_dw, down, gate_up, tile_configs
 from .._checks import dtype_name
 from ..routing_torch import align_torch
 
@@ -43,7 +43,7 @@ class Launch:
     variant: str       # which call of that kernel (e.g. "dW_gate_up")
     layout: str
     dtype: str
-    config: autotune.KernelConfig
+    config: tile_configs.KernelConfig
     args: tuple
     kwargs: dict
 
@@ -73,9 +73,9 @@ def _recording():
             module.require_runnable = check
 
 
-def main_config(kernel_name: str, element_size: int = 2) -> autotune.KernelConfig:
+def main_config(kernel_name: str, element_size: int = 2) -> tile_configs.KernelConfig:
     """The config a mid-size call (64 rows per expert, wide N) gets."""
-    return autotune.kernel_config(kernel_name, 64, 1024, 1024, element_size)
+    return tile_configs.kernel_config(kernel_name, 64, 1024, 1024, element_size)
 
 
 def representative_launches(kernel_names=None, *, layout="concatenated", gated=True, activation="silu",
@@ -102,9 +102,9 @@ def representative_launches(kernel_names=None, *, layout="concatenated", gated=T
     options = dict(top_k=top_k, activation=activation, layout=layout, gated=gated, alpha=1.702, limit=7.0)
     launches = []
     for name in kernel_names:
-        configs = autotune.all_configs(name)
+        configs = tile_configs.all_configs(name)
         if dtype.itemsize > 2:
-            configs = [autotune.wide_dtype_config(name, config, dtype.itemsize) for config in configs]
+            configs = [tile_configs.wide_dtype_config(name, config, dtype.itemsize) for config in configs]
         if main_only:
             configs = [main_config(name, dtype.itemsize)]
         for config in configs:

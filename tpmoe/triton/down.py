@@ -14,8 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .autotune import KernelConfig
 from .interpret import as_dot_operand, dot_flags, require_runnable, round_to, zeros_accumulator
+from .tile_configs import KernelConfig
 
 
 @triton.jit

@@ -10,9 +10,9 @@ import triton
 import triton.language as tl
 
 from .activations import gated_forward, unary_activation_and_grad
-from .autotune import KernelConfig
 from .interpret import as_dot_operand, dot_flags, require_runnable, round_to, zeros_accumulator
 from .layouts import gate_up_axes, gate_up_columns, paired_load
+from .tile_configs import KernelConfig
 
 
 @triton.jit

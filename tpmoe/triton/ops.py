@@ -7,12 +7,12 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .autotune import KernelConfig
 from .backward_dh import backward_dh as _backward_dh
 from .backward_dw import backward_dw as _backward_dw
 from .down import grouped_scatter as _grouped_scatter
 from .gate_up import gate_up as _gate_up
 from .layouts import gate_up_axes
+from .tile_configs import KernelConfig
 
 
 def config_list(config: KernelConfig) -> List[int]:

@@ -1,4 +1,4 @@
-"""The routing alignment the kernels read (CONTRACTS.md, AlignResult): pairs p = t*K + k stably
+"""The routing alignment the kernels read (docs/contracts.md, AlignResult): pairs p = t*K + k stably
 sorted by expert, each expert's rows padded to a multiple of block_m with the sentinel T*K,
 `block_expert` -1 past num_padded.
 """
@@ -8,7 +8,7 @@ from .._native import NativeExtensionMissing
 from ..routing_torch import AlignResult, align_torch
 
 
-def align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> AlignResult:
+def routing_metadata(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> AlignResult:
     """tpmoe.routing.align (the native op, CPU and CUDA); its PyTorch twin where the extension is
     not built (TPMOE_SKIP_NATIVE=1), so the Triton path never depends on the C++ build."""
     from ..routing import align as native_align

@@ -1,4 +1,4 @@
-"""Kernel configurations: named functions keyed on (token-count bucket, N, K).
+"""Kernel tile configurations: fixed tables, looked up by (token-count bucket, N, K).
 
 The configs are chosen from fixed tables rather than by `triton.autotune`'s timing runs:
 BLOCK_M fixes the routing alignment (`tpmoe.routing.align(..., block_m)`) that every kernel of
