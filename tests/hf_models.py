@@ -149,8 +149,8 @@ def available_families():
 
 # ---------------------------------------------------------------- tiny full CausalLMs (helper HF)
 
-# Per family: the HF config arguments of a 2-layer CausalLM (small vocab, H=24, I=10: I is odd
-# per rank at world size 2 and uneven at 3). Attention sizes are each family's own names.
+# Per family: the HF config arguments of a 2-layer CausalLM over tests/hf_families.py's tiny sizes
+# (vocab 61, H=24, I=10: I is odd per rank at world size 2 and uneven at 3).
 CAUSAL_LM_CONFIGS = {
     "mixtral": dict(intermediate_size=10, num_local_experts=8, num_experts_per_tok=2, router_jitter_noise=0.1),
     "qwen3_moe": dict(intermediate_size=36, moe_intermediate_size=10, num_experts=8, num_experts_per_tok=2,
@@ -165,28 +165,26 @@ CAUSAL_LM_CONFIGS = {
                         qk_nope_head_dim=4, v_head_dim=6, head_dim=4, num_key_value_heads=4),
     "gpt_oss": dict(intermediate_size=10, num_local_experts=8, num_experts_per_tok=2, sliding_window=4),
 }
-CAUSAL_LM_COMMON = dict(vocab_size=61, hidden_size=24, num_hidden_layers=2, num_attention_heads=4,
-                        num_key_value_heads=2, head_dim=6, max_position_embeddings=64, tie_word_embeddings=False,
-                        pad_token_id=0, bos_token_id=1, eos_token_id=2)
 # Layers whose mlp is an MoE block in the configs above.
 CAUSAL_LM_MOE_LAYERS = {family: ([1] if family == "deepseek_v3" else [0, 1]) for family in CAUSAL_LM_CONFIGS}
 
 
-def _causal_lm_class(family: str):
-    import transformers
-    names = {"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM",
-             "qwen2_moe": "Qwen2MoeForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM",
-             "gpt_oss": "GptOssForCausalLM"}
-    return getattr(transformers, names[family])
+def _causal_lm_fields(family: str, overrides: dict) -> dict:
+    # With the KV cache (hf_families' models go without): tests/test_hf_apply.py generates with it.
+    return {"use_cache": True, **CAUSAL_LM_CONFIGS[family], **overrides}
 
 
 def causal_lm_config(family: str, **overrides):
     """The family's tiny CausalLM config (HF experts_implementation "eager": HF's own loop)."""
-    from transformers import AutoConfig
-    kwargs = {**CAUSAL_LM_COMMON, **CAUSAL_LM_CONFIGS[family], **overrides}
-    config = AutoConfig.for_model(family, **kwargs)
-    config._experts_implementation = "eager"
-    return config
+    # Imported here: tests/hf_families.py imports this module's helpers.
+    from hf_families import causal_lm_config as tiny_causal_lm_config
+    return tiny_causal_lm_config(family, **_causal_lm_fields(family, overrides))
+
+
+def make_hf_causal_lm(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
+    """(model in eval mode, with random weights from `seed`) of the family's tiny CausalLM."""
+    from hf_families import make_family_causal_lm
+    return make_family_causal_lm(family, seed, dtype, **_causal_lm_fields(family, overrides))
 
 
 @torch.no_grad()
@@ -210,14 +208,6 @@ def randomize_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
             value = noise / max(tensor.shape[-1], tensor.shape[-2] if tensor.dim() == 3 else 1) ** 0.5 * 1.5
         tensor.copy_(value.to(tensor.dtype))
     return model
-
-
-def make_hf_causal_lm(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
-    """(model in eval mode, with random weights from `seed`) of the family's tiny CausalLM."""
-    config = causal_lm_config(family, **overrides)
-    torch.manual_seed(seed)
-    model = _causal_lm_class(family)(config).to(dtype)
-    return randomize_(model, seed).eval()
 
 
 class PerBlockCollectives:

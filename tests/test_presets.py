@@ -1,7 +1,8 @@
 """tpmoe.presets: the real model shapes, checked against the transformers config classes.
 
 Each preset must equal what tpmoe.hf reads off its family's block built from the config class
-with the preset's `hf_overrides` (tpmoe.hf.configs.moe_config_from_hf) (the checkpoint's values where the class defaults differ).
+with the preset's `hf_overrides` (the checkpoint's values where the class defaults differ;
+tpmoe.hf.configs.moe_config_from_hf, the adapter's own reading of a block).
 Every override must really differ from the class default, so that the list documents exactly
 where the defaults do not describe the checkpoint (and the rest of the preset comes from them).
 """

@@ -32,12 +32,13 @@ def make_hf_block(family: str, config: MoEConfig, weights: Dict[str, torch.Tenso
                   trainable: bool) -> Tuple[torch.nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
     """(the HF block sharing `weights`, a call [T, H] -> [T, H]). Raises HFUnavailable."""
     from ..hf.configs import Inexpressible, meta_block
+    from ..hf.judge import UnsupportedFamilyError
 
     try:
         module, hf_weights = meta_block(family, config, implementation)
     except ImportError as error:
         raise HFUnavailable(f"transformers is not installed ({error}); pip install 'tpmoe[hf]'") from None
-    except Inexpressible as error:
+    except (Inexpressible, UnsupportedFamilyError) as error:  # the latter: this release's block is not tpmoe's
         raise HFUnavailable(str(error)) from None
     for name in hf_weights.names:
         for hf_name, part in hf_weights.to_hf(name, weights[name]).items():

@@ -10,7 +10,6 @@ built describes the config asked for (what a family fixes, such as Mixtral's ren
 cannot be asked otherwise). transformers is imported inside the functions.
 """
 import dataclasses
-import importlib
 from typing import Dict, Tuple
 
 import torch
@@ -18,7 +17,7 @@ from torch import nn
 
 from ..config import MoEConfig
 from . import registry as R
-from .code import reference_class
+from .code import configuration_module, reference_class
 from .judge import Plan, plan_for
 from .weight_map import WeightMap, moe_config_of, weight_map
 
@@ -39,8 +38,7 @@ def config_impl(family: str) -> R.ConfigImpl:
 
 def config_class(family: str) -> type:
     """The family's transformers config class (ImportError where this transformers lacks it)."""
-    module = importlib.import_module(f"transformers.models.{family}.configuration_{family}")
-    return getattr(module, config_impl(family).class_name)
+    return getattr(configuration_module(family), config_impl(family).class_name)
 
 
 def block_class(family: str) -> type:
