@@ -67,7 +67,7 @@ def hf_config_kwargs(family: str, config: MoEConfig) -> Dict[str, object]:
 def describe(block: nn.Module) -> Tuple[Plan, WeightMap, MoEConfig]:
     """(the judged plan, the weight map, the MoEConfig) of an HF block, as tpmoe.hf.apply reads them."""
     plan = plan_for(block)
-    weights = weight_map(plan, block if plan.mode == "block" else block.experts)
+    weights = weight_map(plan, plan.replaced(block))
     return plan, weights, moe_config_of(block, plan, weights)
 
 
