@@ -14,13 +14,13 @@ FAMILY_SIZES.
 """
 import copy
 import dataclasses
-import importlib
 import inspect
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 
 from hf_models import PerBlockCollectives, randomize_
+from tpmoe.hf.code import configuration_module, modeling_module, reference_class
 
 HIDDEN = 24
 # I = 10 is odd per rank at world size 2 (5, 5) and uneven at 3 (4, 3, 3); the shared expert's
@@ -78,12 +78,12 @@ def _config_class(block_class: type, key: str = ""):
     named = _family_sizes(key).get("_config") if key else None
     if named is not None:
         family = key.split(".")[0]
-        return getattr(importlib.import_module(f"transformers.models.{family}.configuration_{family}"), named)
+        return getattr(configuration_module(family), named)
     annotation = inspect.signature(block_class.__init__).parameters.get("config")
     annotation = annotation.annotation if annotation is not None else None
     if not (isinstance(annotation, type) and issubclass(annotation, PreTrainedConfig)):
         family = block_class.__module__.split(".")[2]
-        module = importlib.import_module(f"transformers.models.{family}.configuration_{family}")
+        module = configuration_module(family)
         candidates = [c for _, c in inspect.getmembers(module, inspect.isclass)
                       if issubclass(c, PreTrainedConfig) and c.__module__ == module.__name__]
         text = [c for c in candidates if c.__name__.endswith("TextConfig")]
@@ -103,8 +103,7 @@ def tiny_config(block_class: type, key: str):
 
 
 def block_class_of(key: str) -> type:
-    family, class_name = key.split(".")
-    return getattr(importlib.import_module(f"transformers.models.{family}.modeling_{family}"), class_name)
+    return reference_class(*key.split("."))
 
 
 def make_family_block(key: str, seed: int) -> torch.nn.Module:
@@ -213,8 +212,6 @@ DECODER_LAYERS = ("gemma4.Gemma4TextDecoderLayer", "diffusion_gemma.DiffusionGem
                   "diffusion_gemma.DiffusionGemmaEncoderTextLayer")
 
 
-
-
 def supported_keys() -> list:
     """The supported blocks of the snapshot (tpmoe/hf/families_snapshot.json)."""
     from tpmoe.hf.families import load_snapshot
@@ -252,7 +249,7 @@ def causal_lm_class(config):
         return AutoModelForCausalLM._model_mapping[type(config)]
     except KeyError:
         family = type(config).__module__.split(".")[2]
-        module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+        module = modeling_module(family)
         for name, cls in inspect.getmembers(module, inspect.isclass):
             if name.endswith("ForCausalLM") and getattr(cls, "config_class", None) is type(config):
                 return cls
@@ -269,15 +266,15 @@ def causal_lm_config(family: str, **overrides):
     kwargs.update({n: v for n, v in FAMILY_SIZES.get(family, {}).items() if not n.startswith("_")})
     kwargs.update(MODEL_SIZES.get(family, {}))
     kwargs.update(max_position_embeddings=64, tie_word_embeddings=False, use_cache=False)
-    kwargs.update(overrides)
-    config = config_class(**{name: value for name, value in kwargs.items() if value is not None})
+    # None drops a tiny size; in overrides it is the value (DeepSeek-V3's q_lora_rank=None).
+    config = config_class(**{**{name: value for name, value in kwargs.items() if value is not None}, **overrides})
     config._experts_implementation = "eager"
     return config
 
 
-def make_family_causal_lm(family: str, seed: int, **overrides):
-    """(the family's tiny CausalLM with random weights, in float32, eval mode); overrides: config fields."""
+def make_family_causal_lm(family: str, seed: int, dtype: torch.dtype = torch.float32, **overrides):
+    """(the family's tiny CausalLM with random weights, in `dtype`, eval mode); overrides: config fields."""
     config = causal_lm_config(family, **overrides)
     torch.manual_seed(seed)
     model = causal_lm_class(config)(config)
-    return randomize_(model.float(), seed).eval()
+    return randomize_(model.to(dtype), seed).eval()

@@ -2,11 +2,13 @@
 
     hf_block, config, weights = make_hf_block("qwen3_moe", {"num_experts": 7})
 
-builds the family's own transformers module from its config class (no download), casts it,
-fills every parameter and buffer with random values (HF starts routers at zeros, which would
-make every expert tie), and returns the matching tpmoe.MoEConfig and a weights dict in
-tpmoe's names (tpmoe/weights.py) holding copies of the same values. `hf_to_tpmoe_weights`
-maps HF parameters (or their .grad) to tpmoe names, so gradients can be compared too.
+builds the family's own transformers block from its config class (no download; the families,
+classes and config fields of tpmoe/hf/registry.py CONFIGS), casts it, fills every parameter and
+buffer with random values (HF starts routers at zeros, which would make every expert tie), and
+returns the tpmoe.MoEConfig tpmoe.hf reads off it and a weights dict in tpmoe's names
+(tpmoe/weights.py) holding copies of the same values. `hf_to_tpmoe_weights` maps an HF block's
+parameters (or their .grad) to tpmoe names through the adapter's weight map, so gradients can
+be compared too.
 
 transformers is imported inside the functions, so this module imports without it.
 """
@@ -17,60 +19,20 @@ from unittest import mock
 import torch
 
 from tpmoe.config import MoEConfig
+from tpmoe.hf.configs import config_class, config_impl
 from tpmoe.weights import random_moe_weights
 
 # Sizes every family starts from: odd on purpose (H=24, I=40, E=8, K=2).
 TINY_SIZES = dict(hidden_size=24, intermediate_size=40, num_experts=8, top_k=2)
-
-# HF's hidden_act names -> tpmoe activation names (ACT2FN: "gelu" is the exact erf GELU).
-HF_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
-                  "relu": "relu"}
-
-# tpmoe weight name -> the HF parameter/buffer names that hold it, per family. Several HF
-# names are concatenated along dim 0 (the shared expert's separate gate and up projections
-# form tpmoe's concatenated shared_gate_up).
-HF_PARAMETER_NAMES = {
-    "qwen3_moe": {
-        "router_weight": ["gate.weight"],
-        "w_gate_up": ["experts.gate_up_proj"],
-        "w_down": ["experts.down_proj"],
-    },
-    "qwen2_moe": {
-        "router_weight": ["gate.weight"],
-        "w_gate_up": ["experts.gate_up_proj"],
-        "w_down": ["experts.down_proj"],
-        "shared_gate_up": ["shared_expert.gate_proj.weight", "shared_expert.up_proj.weight"],
-        "shared_down": ["shared_expert.down_proj.weight"],
-        "shared_gate": ["shared_expert_gate.weight"],
-    },
-    "mixtral": {
-        "router_weight": ["gate.weight"],
-        "w_gate_up": ["experts.gate_up_proj"],
-        "w_down": ["experts.down_proj"],
-    },
-    "olmoe": {
-        "router_weight": ["gate.weight"],
-        "w_gate_up": ["experts.gate_up_proj"],
-        "w_down": ["experts.down_proj"],
-    },
-    "gpt_oss": {
-        "router_weight": ["router.weight"],
-        "router_bias": ["router.bias"],
-        "w_gate_up": ["experts.gate_up_proj"],
-        "b_gate_up": ["experts.gate_up_proj_bias"],
-        "w_down": ["experts.down_proj"],
-        "b_down": ["experts.down_proj_bias"],
-    },
-    "deepseek_v3": {
-        "router_weight": ["gate.weight"],
-        "correction_bias": ["gate.e_score_correction_bias"],  # a buffer: never trained
-        "w_gate_up": ["experts.gate_up_proj"],
-        "w_down": ["experts.down_proj"],
-        "shared_gate_up": ["shared_experts.gate_proj.weight", "shared_experts.up_proj.weight"],
-        "shared_down": ["shared_experts.down_proj.weight"],
-    },
+# Per family: its config fields beyond TINY_SIZES (HF names).
+TINY_CONFIGS = {
+    "qwen3_moe": dict(norm_topk_prob=True),
+    "qwen2_moe": dict(norm_topk_prob=False, shared_expert_intermediate_size=2 * TINY_SIZES["intermediate_size"] - 3),
+    "mixtral": dict(),
+    "olmoe": dict(norm_topk_prob=False),
+    "gpt_oss": dict(),
+    "deepseek_v3": dict(n_group=4, topk_group=2, routed_scaling_factor=2.5, n_shared_experts=1, norm_topk_prob=True),
 }
-FAMILIES = tuple(HF_PARAMETER_NAMES)
 
 # Weights that HF does not train (buffers): they have no gradient on either side.
 UNTRAINED = ("correction_bias",)
@@ -78,122 +40,34 @@ UNTRAINED = ("correction_bias",)
 
 def _hf_config(family: str, config_kwargs: dict):
     """The family's HF config with tiny defaults, overridden by config_kwargs (HF names)."""
-    H, I, E, K = (TINY_SIZES[n] for n in ("hidden_size", "intermediate_size", "num_experts", "top_k"))
-    if family == "qwen3_moe":
-        from transformers import Qwen3MoeConfig as config_class
-        defaults = dict(hidden_size=H, moe_intermediate_size=I, num_experts=E, num_experts_per_tok=K,
-                        norm_topk_prob=True)
-    elif family == "qwen2_moe":
-        from transformers import Qwen2MoeConfig as config_class
-        defaults = dict(hidden_size=H, moe_intermediate_size=I, num_experts=E, num_experts_per_tok=K,
-                        norm_topk_prob=False, shared_expert_intermediate_size=2 * I - 3)
-    elif family == "mixtral":
-        from transformers import MixtralConfig as config_class
-        defaults = dict(hidden_size=H, intermediate_size=I, num_local_experts=E, num_experts_per_tok=K)
-    elif family == "olmoe":
-        from transformers import OlmoeConfig as config_class
-        defaults = dict(hidden_size=H, intermediate_size=I, num_experts=E, num_experts_per_tok=K,
-                        norm_topk_prob=False)
-    elif family == "gpt_oss":
-        from transformers import GptOssConfig as config_class
-        defaults = dict(hidden_size=H, intermediate_size=I, num_local_experts=E, num_experts_per_tok=K)
-    elif family == "deepseek_v3":
-        from transformers import DeepseekV3Config as config_class
-        defaults = dict(hidden_size=H, moe_intermediate_size=I, n_routed_experts=E, num_experts_per_tok=K,
-                        n_group=4, topk_group=2, routed_scaling_factor=2.5, n_shared_experts=1,
-                        norm_topk_prob=True)
-    else:
-        raise ValueError(f"family: expected one of {FAMILIES}, got {family!r}")
-    hf_config = config_class(**{**defaults, **config_kwargs})
+    if family not in TINY_CONFIGS:
+        raise ValueError(f"family: expected one of {tuple(TINY_CONFIGS)}, got {family!r}")
+    sizes = {field: TINY_SIZES[ours] for field, ours in config_impl(family).fields.items() if ours in TINY_SIZES}
+    hf_config = config_class(family)(**{**sizes, **TINY_CONFIGS[family], **config_kwargs})
     # HF dispatches experts through an interface; "eager" is its own plain loop.
     hf_config._experts_implementation = "eager"
     return hf_config
 
 
-def _hf_module(family: str, hf_config):
-    if family == "qwen3_moe":
-        from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock as module_class
-    elif family == "qwen2_moe":
-        from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock as module_class
-    elif family == "mixtral":
-        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock as module_class
-    elif family == "olmoe":
-        from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock as module_class
-    elif family == "gpt_oss":
-        from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP as module_class
-    else:
-        from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE as module_class
-    return module_class(hf_config)
-
-
-def moe_config_from_hf(family: str, hf_config) -> MoEConfig:
-    """The tpmoe.MoEConfig that describes the family's block (how HF computes it)."""
-    c = hf_config
-    if family == "gpt_oss":
-        return MoEConfig(hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-                         num_experts=c.num_local_experts, top_k=c.num_experts_per_tok, scoring="topk_softmax",
-                         router_bias=True, activation="clamped_swiglu", layout="gpt_oss", expert_bias=True,
-                         swiglu_alpha=c.swiglu_alpha, swiglu_limit=c.swiglu_limit)
-    activation = HF_ACTIVATIONS[c.hidden_act]
-    if family == "deepseek_v3":
-        return MoEConfig(hidden_size=c.hidden_size, intermediate_size=c.moe_intermediate_size,
-                         num_experts=c.n_routed_experts, top_k=c.num_experts_per_tok, scoring="sigmoid_group",
-                         renormalize=bool(c.norm_topk_prob), n_group=c.n_group, topk_group=c.topk_group,
-                         routed_scaling_factor=c.routed_scaling_factor, correction_bias=True,
-                         router_dtype=torch.float32, activation=activation,
-                         shared_intermediate_size=c.moe_intermediate_size * c.n_shared_experts)
-    if family == "mixtral":
-        # Mixtral always renormalises its top-k weights.
-        return MoEConfig(hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-                         num_experts=c.num_local_experts, top_k=c.num_experts_per_tok, renormalize=True,
-                         activation=activation)
-    if family == "olmoe":
-        intermediate_size = c.intermediate_size
-    else:
-        intermediate_size = c.moe_intermediate_size
-    shared = c.shared_expert_intermediate_size if family == "qwen2_moe" else 0
-    return MoEConfig(hidden_size=c.hidden_size, intermediate_size=intermediate_size, num_experts=c.num_experts,
-                     top_k=c.num_experts_per_tok, renormalize=bool(c.norm_topk_prob), activation=activation,
-                     shared_intermediate_size=shared, shared_expert_gate=family == "qwen2_moe")
-
-
-def _hf_tensors(hf_module: torch.nn.Module) -> Dict[str, torch.Tensor]:
-    return {**dict(hf_module.named_parameters()), **dict(hf_module.named_buffers())}
-
-
-def hf_to_tpmoe_weights(family: str, hf_module: torch.nn.Module, *, grad: bool = False) -> Dict[str, torch.Tensor]:
-    """The HF module's weights (grad=False) or their gradients (grad=True) under tpmoe names.
+def hf_to_tpmoe_weights(hf_module: torch.nn.Module, *, grad: bool = False) -> Dict[str, torch.Tensor]:
+    """An HF block's weights (grad=False) or their gradients (grad=True) under tpmoe names.
 
     With grad=True the untrained buffers (UNTRAINED) are left out.
     """
-    hf_tensors = _hf_tensors(hf_module)
+    from tpmoe.hf.configs import describe
+
+    hf_weights = describe(hf_module)[1]
     ours = {}
-    for name, hf_names in HF_PARAMETER_NAMES[family].items():
+    for name, tensors in hf_weights.hf_tensors(hf_module).items():
         if grad and name in UNTRAINED:
             continue
-        parts = []
-        for hf_name in hf_names:
-            tensor = hf_tensors[hf_name]
-            if grad:
-                if tensor.grad is None:
-                    raise AssertionError(f"{family}: HF parameter {hf_name} got no gradient")
-                tensor = tensor.grad
-            parts.append(tensor.detach())
-        ours[name] = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0].clone()
+        if grad:
+            missing = [n for n, t in zip(hf_weights.names[name], tensors) if t.grad is None]
+            if missing:
+                raise AssertionError(f"HF parameters {missing} got no gradient")
+            tensors = [tensor.grad for tensor in tensors]
+        ours[name] = hf_weights.to_tpmoe(name, [tensor.detach() for tensor in tensors]).clone()
     return ours
-
-
-@torch.no_grad()
-def _load_tpmoe_weights(family: str, hf_module: torch.nn.Module, weights: Dict[str, torch.Tensor]) -> None:
-    hf_tensors = _hf_tensors(hf_module)
-    for name, hf_names in HF_PARAMETER_NAMES[family].items():
-        offset = 0
-        for hf_name in hf_names:
-            target = hf_tensors[hf_name]
-            target.copy_(weights[name][offset:offset + target.shape[0]])
-            offset += target.shape[0]
-        if offset != weights[name].shape[0]:
-            raise AssertionError(f"{family}: {name} has {weights[name].shape[0]} rows, HF holds {offset}")
 
 
 def make_hf_block(family: str, config_kwargs: Optional[dict] = None, *, dtype: torch.dtype = torch.float64,
@@ -204,22 +78,26 @@ def make_hf_block(family: str, config_kwargs: Optional[dict] = None, *, dtype: t
     config_kwargs: the family's HF config arguments (HF names) over the tiny defaults.
     The weights dict holds copies (not the HF parameters), so each side gets its own .grad.
     """
-    hf_config = _hf_config(family, dict(config_kwargs or {}))
-    config = moe_config_from_hf(family, hf_config)
-    hf_module = _hf_module(family, hf_config).to(dtype)
+    from tpmoe.hf.configs import block_class, describe
+
+    hf_module = block_class(family)(_hf_config(family, dict(config_kwargs or {}))).to(dtype)
+    _, hf_weights, config = describe(hf_module)
     weights = random_moe_weights(config, dtype=dtype, generator=generator)
-    _load_tpmoe_weights(family, hf_module, weights)
-    unset = [name for name in _hf_tensors(hf_module)
-             if name not in {n for names in HF_PARAMETER_NAMES[family].values() for n in names}]
+    hf_tensors = {**dict(hf_module.named_parameters()), **dict(hf_module.named_buffers())}
+    with torch.no_grad():
+        for name in hf_weights.names:
+            for hf_name, part in hf_weights.to_hf(name, weights[name]).items():
+                hf_tensors[hf_name].copy_(part)
+    unset = sorted(set(hf_tensors) - {n for names in hf_weights.names.values() for n in names})
     if unset:
         raise AssertionError(f"{family}: HF tensors {unset} have no tpmoe name; they would keep HF's init")
     return hf_module, config, weights
 
 
-def hf_block_forward(family: str, hf_module: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+def hf_block_forward(hf_module: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
     """Runs the HF block on [B, S, H]; GPT-OSS's MLP returns (output, router_scores)."""
     out = hf_module(hidden_states)
-    return out[0] if family == "gpt_oss" else out
+    return out[0] if isinstance(out, tuple) else out
 
 
 @contextlib.contextmanager
@@ -259,7 +137,7 @@ def available_families():
     import importlib.util
 
     present = []
-    for family in FAMILIES:
+    for family in TINY_CONFIGS:
         try:
             found = importlib.util.find_spec(f"transformers.models.{family}.modeling_{family}") is not None
         except ImportError:  # transformers itself is missing
@@ -271,8 +149,8 @@ def available_families():
 
 # ---------------------------------------------------------------- tiny full CausalLMs (helper HF)
 
-# Per family: the HF config arguments of a 2-layer CausalLM (small vocab, H=24, I=10: I is odd
-# per rank at world size 2 and uneven at 3). Attention sizes are each family's own names.
+# Per family: the HF config arguments of a 2-layer CausalLM over tests/hf_families.py's tiny sizes
+# (vocab 61, H=24, I=10: I is odd per rank at world size 2 and uneven at 3).
 CAUSAL_LM_CONFIGS = {
     "mixtral": dict(intermediate_size=10, num_local_experts=8, num_experts_per_tok=2, router_jitter_noise=0.1),
     "qwen3_moe": dict(intermediate_size=36, moe_intermediate_size=10, num_experts=8, num_experts_per_tok=2,
@@ -287,28 +165,26 @@ CAUSAL_LM_CONFIGS = {
                         qk_nope_head_dim=4, v_head_dim=6, head_dim=4, num_key_value_heads=4),
     "gpt_oss": dict(intermediate_size=10, num_local_experts=8, num_experts_per_tok=2, sliding_window=4),
 }
-CAUSAL_LM_COMMON = dict(vocab_size=61, hidden_size=24, num_hidden_layers=2, num_attention_heads=4,
-                        num_key_value_heads=2, head_dim=6, max_position_embeddings=64, tie_word_embeddings=False,
-                        pad_token_id=0, bos_token_id=1, eos_token_id=2)
 # Layers whose mlp is an MoE block in the configs above.
 CAUSAL_LM_MOE_LAYERS = {family: ([1] if family == "deepseek_v3" else [0, 1]) for family in CAUSAL_LM_CONFIGS}
 
 
-def _causal_lm_class(family: str):
-    import transformers
-    names = {"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM",
-             "qwen2_moe": "Qwen2MoeForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM",
-             "gpt_oss": "GptOssForCausalLM"}
-    return getattr(transformers, names[family])
+def _causal_lm_fields(family: str, overrides: dict) -> dict:
+    # With the KV cache (hf_families' models go without): tests/test_hf_apply.py generates with it.
+    return {"use_cache": True, **CAUSAL_LM_CONFIGS[family], **overrides}
 
 
 def causal_lm_config(family: str, **overrides):
     """The family's tiny CausalLM config (HF experts_implementation "eager": HF's own loop)."""
-    from transformers import AutoConfig
-    kwargs = {**CAUSAL_LM_COMMON, **CAUSAL_LM_CONFIGS[family], **overrides}
-    config = AutoConfig.for_model(family, **kwargs)
-    config._experts_implementation = "eager"
-    return config
+    # Imported here: tests/hf_families.py imports this module's helpers.
+    from hf_families import causal_lm_config as tiny_causal_lm_config
+    return tiny_causal_lm_config(family, **_causal_lm_fields(family, overrides))
+
+
+def make_hf_causal_lm(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
+    """(model in eval mode, with random weights from `seed`) of the family's tiny CausalLM."""
+    from hf_families import make_family_causal_lm
+    return make_family_causal_lm(family, seed, dtype, **_causal_lm_fields(family, overrides))
 
 
 @torch.no_grad()
@@ -332,14 +208,6 @@ def randomize_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
             value = noise / max(tensor.shape[-1], tensor.shape[-2] if tensor.dim() == 3 else 1) ** 0.5 * 1.5
         tensor.copy_(value.to(tensor.dtype))
     return model
-
-
-def make_hf_causal_lm(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
-    """(model in eval mode, with random weights from `seed`) of the family's tiny CausalLM."""
-    config = causal_lm_config(family, **overrides)
-    torch.manual_seed(seed)
-    model = _causal_lm_class(family)(config).to(dtype)
-    return randomize_(model, seed).eval()
 
 
 class PerBlockCollectives:

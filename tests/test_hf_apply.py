@@ -45,7 +45,7 @@ def _compare_gradients(hf_model, swapped, report, family):
         assert_fp32_close(ours.grad, parameter.grad, f"{family}: {name}.grad")
         compared += 1
     for block in block_names:
-        expected = hf_to_tpmoe_weights(family, hf_modules[block], grad=True)
+        expected = hf_to_tpmoe_weights(hf_modules[block], grad=True)
         got = swapped_modules[block].block.local_grads()
         assert sorted(got) == sorted(expected), (sorted(got), sorted(expected))
         for weight_name, grad in expected.items():

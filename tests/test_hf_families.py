@@ -73,6 +73,38 @@ def test_refusals_are_only_what_is_no_routed_expert_block_here():
         assert key in supported, key
 
 
+def test_every_config_family_has_one_block_and_a_line_of_test_sizes():
+    """registry CONFIGS: each family builds its one BLOCKS class, has its tiny sizes in
+    tests/hf_models.py, and reads back, off the block built, the MoEConfig written into its config."""
+    from hf_models import TINY_CONFIGS, make_hf_block
+
+    from tpmoe.hf.configs import FAMILIES, block_class, config_class, hf_config_kwargs, moe_config_from_hf
+    from tpmoe.hf.registry import BLOCKS
+
+    assert sorted(TINY_CONFIGS) == sorted(FAMILIES)
+    for family in FAMILIES:
+        assert block_class(family).__name__ in {block.class_name for block in BLOCKS if block.family == family}
+        _, config, _ = make_hf_block(family)
+        assert moe_config_from_hf(family, config_class(family)(**hf_config_kwargs(family, config))) == config
+
+
+def test_a_config_the_family_cannot_describe_is_refused_by_name():
+    import dataclasses
+
+    from tpmoe.cli.hf_blocks import HFUnavailable, make_hf_block
+    from tpmoe.hf.configs import Inexpressible, hf_config_kwargs, meta_block
+    from tpmoe.presets import preset_config
+
+    config = preset_config("mixtral-8x7b", 1 / 64)
+    # Mixtral always renormalises: no config field says otherwise.
+    with pytest.raises(Inexpressible, match="MixtralSparseMoeBlock computes another block: renormalize=True, not "):
+        meta_block("mixtral", dataclasses.replace(config, renormalize=False))
+    with pytest.raises(Inexpressible, match="activation 'relu2' has no transformers name"):
+        hf_config_kwargs("qwen3_moe", dataclasses.replace(config, activation="relu2"))
+    with pytest.raises(HFUnavailable, match=r"family: expected one of qwen3_moe, .*, got 'llama'"):
+        make_hf_block("llama", config, {}, "eager", trainable=False)
+
+
 def _assert_matches(key: str, result: dict, where: str) -> None:
     assert not result["missing"], f"{where}: gradients present on one side only: {result['missing']}"
     assert not result["vacuous"], f"{where}: zero reference gradients (vacuous): {result['vacuous']}"

@@ -37,7 +37,7 @@ def _reference(hf_model, input_ids, family, block_names):
     output = lm_loss_backward(hf_model, input_ids)
     dense = {name: p.grad.detach().clone() for name, p in hf_model.named_parameters()
              if not any(name.startswith(block + ".") for block in block_names)}
-    experts = {block: hf_to_tpmoe_weights(family, hf_model.get_submodule(block), grad=True) for block in block_names}
+    experts = {block: hf_to_tpmoe_weights(hf_model.get_submodule(block), grad=True) for block in block_names}
     return output.logits.detach(), dense, experts
 
 

@@ -82,7 +82,7 @@ def _ranks(rank, world_size, path, seed):
     with CollectiveCounter() as counter:
         logits_ref, _ = _run(reference, input_ids, counter, block_names)
         grads_ref = {name: p.grad.detach().clone() for name, p in reference.named_parameters()}
-        experts_ref = {name: hf_to_tpmoe_weights(FAMILY, reference.get_submodule(name), grad=True)
+        experts_ref = {name: hf_to_tpmoe_weights(reference.get_submodule(name), grad=True)
                        for name in block_names}
 
         hf_tp = _load(path, tp=True)

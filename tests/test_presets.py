@@ -1,7 +1,8 @@
 """tpmoe.presets: the real model shapes, checked against the transformers config classes.
 
-Each preset must equal what tests/hf_models.moe_config_from_hf makes of its family's config
-class with the preset's `hf_overrides` (the checkpoint's values where the class defaults differ).
+Each preset must equal what tpmoe.hf reads off its family's block built from the config class
+with the preset's `hf_overrides` (the checkpoint's values where the class defaults differ;
+tpmoe.hf.configs.moe_config_from_hf, the adapter's own reading of a block).
 Every override must really differ from the class default, so that the list documents exactly
 where the defaults do not describe the checkpoint (and the rest of the preset comes from them).
 """
@@ -13,20 +14,19 @@ from tpmoe import MoEConfig
 from tpmoe.presets import PRESETS, SCALE_MULTIPLE, describe_presets, get_preset, preset_config, scaled_config
 
 RELEASED = [name for name in PRESETS if name != "tiny"]
-CONFIG_CLASSES = {"mixtral": "MixtralConfig", "qwen3_moe": "Qwen3MoeConfig", "qwen2_moe": "Qwen2MoeConfig",
-                  "deepseek_v3": "DeepseekV3Config", "gpt_oss": "GptOssConfig", "olmoe": "OlmoeConfig"}
 
 
 def _config_class(family):
-    transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install 'tpmoe[hf]')")
-    return getattr(transformers, CONFIG_CLASSES[family])
+    pytest.importorskip("transformers", reason="transformers is not installed (pip install 'tpmoe[hf]')")
+    from tpmoe.hf.configs import config_class
+    return config_class(family)
 
 
 @pytest.mark.parametrize("name", RELEASED)
 def test_preset_matches_transformers_config_class(name):
     preset = get_preset(name)
     config_class = _config_class(preset.family)
-    from hf_models import moe_config_from_hf
+    from tpmoe.hf.configs import moe_config_from_hf
 
     defaults = config_class()
     for key, value in preset.hf_overrides.items():
@@ -46,12 +46,12 @@ def test_expected_checkpoint_overrides():
 @pytest.mark.parametrize("name", list(PRESETS))
 @pytest.mark.parametrize("scale", [1.0, 1 / 16])
 def test_bench_hf_mapping_round_trips(name, scale):
-    """tpmoe.cli.hf_blocks describes each (scaled) preset to transformers without loss."""
+    """tpmoe.hf.configs describes each (scaled) preset to transformers without loss (what
+    `tpmoe bench` builds its HF blocks from)."""
     preset = get_preset(name)
     config_class = _config_class(preset.family)
-    from hf_models import moe_config_from_hf
+    from tpmoe.hf.configs import hf_config_kwargs, moe_config_from_hf
 
-    from tpmoe.cli.hf_blocks import hf_config_kwargs
     config = preset_config(name, scale)
     assert moe_config_from_hf(preset.family, config_class(**hf_config_kwargs(preset.family, config))) == config
 

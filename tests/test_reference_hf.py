@@ -63,16 +63,16 @@ def _run_both(family, config_kwargs, num_tokens, *, exact):
 
     if exact:
         with hf_router_float32_casts_disabled():
-            y_hf = hf_block_forward(family, hf_module, x_hf)
+            y_hf = hf_block_forward(hf_module, x_hf)
     else:
-        y_hf = hf_block_forward(family, hf_module, x_hf)
+        y_hf = hf_block_forward(hf_module, x_hf)
     y_ours = reference_moe_block(x_ours, weights, config)
     grad_y = torch.randn_like(y_hf)
     (y_hf * grad_y).sum().backward()
     (y_ours * grad_y).sum().backward()
 
     pairs = {"output": (y_ours.detach(), y_hf.detach()), "grad hidden_states": (x_ours.grad, x_hf.grad)}
-    hf_grads = hf_to_tpmoe_weights(family, hf_module, grad=True)
+    hf_grads = hf_to_tpmoe_weights(hf_module, grad=True)
     trained = [name for name in weights if name not in UNTRAINED]
     assert sorted(hf_grads) == sorted(trained), f"weights {sorted(trained)} vs HF gradients {sorted(hf_grads)}"
     for name in trained:
@@ -117,9 +117,9 @@ def test_float32_casts_switch_is_not_vacuous(seed):
     hf_module, config, weights = make_hf_block("qwen3_moe", dict(num_experts=7, num_experts_per_tok=3))
     x = torch.randn(1, 13, config.hidden_size, dtype=torch.float64)
     with torch.no_grad():
-        shipped = hf_block_forward("qwen3_moe", hf_module, x)
+        shipped = hf_block_forward(hf_module, x)
         with hf_router_float32_casts_disabled():
-            exact = hf_block_forward("qwen3_moe", hf_module, x)
+            exact = hf_block_forward(hf_module, x)
     assert max_rel_error(shipped, exact) > 100 * EXACT_RTOL
     assert max_rel_error(shipped, exact) < FP32_RTOL
     _check(pairs, EXACT_RTOL)

@@ -4,9 +4,9 @@
 
 Each preset is one MoE block of a released checkpoint, described as a tpmoe.MoEConfig. The
 sizes come from the checkpoint's config.json; tests/test_presets.py checks them against the
-transformers config class of the family, whose defaults describe the same model except where
-`hf_overrides` says otherwise (e.g. Qwen3MoeConfig() keeps norm_topk_prob=False while the
-Qwen3-30B-A3B checkpoint sets it True).
+family's transformers config class (tpmoe/hf/registry.py CONFIGS), whose defaults describe the
+same model except where `hf_overrides` says otherwise (e.g. Qwen3-MoE's class keeps
+norm_topk_prob=False while the Qwen3-30B-A3B checkpoint sets it True).
 
 `scale` shrinks the hidden and intermediate sizes (never the expert count or top-k, which
 fix the routing pattern) for machines that cannot hold the real block.
@@ -26,7 +26,7 @@ SCALE_MULTIPLE = 8
 class Preset:
     name: str
     model: str                   # the checkpoint it describes (Hugging Face id)
-    family: str                  # transformers model type whose MoE block it is
+    family: str                  # transformers model type whose MoE block it is (registry CONFIGS)
     config: MoEConfig
     # Arguments to the family's transformers config class that turn its defaults into this
     # checkpoint (where the class defaults describe another size or another variant).

@@ -67,6 +67,10 @@ def modeling_module(family: str):
     return importlib.import_module(f"transformers.models.{family}.modeling_{family}")
 
 
+def configuration_module(family: str):
+    return importlib.import_module(f"transformers.models.{family}.configuration_{family}")
+
+
 def reference_class(family: str, class_name: str) -> type:
     """A class of the installed transformers, named by family and class (a registry reference)."""
     return getattr(modeling_module(family), class_name)

@@ -222,6 +222,10 @@ class Plan:
     shared: Optional[SharedPlan] = None
     note: str = ""
 
+    def replaced(self, block: nn.Module) -> nn.Module:
+        """The module tpmoe replaces, whose HF weights it takes: the block, or its experts module."""
+        return block if self.mode == "block" else block.experts
+
 
 def is_moe_block(module: nn.Module) -> bool:
     """A module holding routed experts next to a router: what `apply` must either swap or refuse.

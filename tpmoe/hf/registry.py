@@ -14,7 +14,8 @@ piece (tpmoe/hf/judge.py):
            optional shared expert (optionally behind a sigmoid gate), an optional output scale
            and norm. A block of such a structure is replaced whole, shared expert included
            (ONE all-reduce for both); its router is either a native one or the family's own
-           router module, kept and run replicated.
+           router module, kept and run replicated;
+  CONFIGS  config classes tpmoe writes a MoEConfig into, to build a family's block at given sizes.
 
 A block whose forward is not in BLOCKS but whose experts are in EXPERTS keeps its own forward
 and has only its experts module replaced ("experts" mode): the rest of the block (router,
@@ -304,6 +305,54 @@ BLOCKS: Tuple[BlockImpl, ...] = (
     BlockImpl("ernie4_5_moe", "ernie4_5_moe", "Ernie4_5_MoeSparseMoeBlock", shared="shared_experts",
               shared_optional=True),
 )
+
+# --------------------------------------------------------------------------- config classes
+
+
+@dataclass(frozen=True)
+class ConfigImpl:
+    """A family's transformers config class and how a tpmoe.MoEConfig is written into it, to build
+    the family's own block (its BLOCKS entry) at tpmoe's sizes: `tpmoe bench`'s HF implementations,
+    the presets' check and the tests' reference blocks (tpmoe/hf/configs.py).
+
+    fields: config field -> the MoEConfig field it holds; activation: the config field naming
+    the activation by its ACT2FN name (ACT2FN_NAMES), or None where the family fixes it;
+    shared_experts: the config field counting the shared expert in whole experts (DeepSeek-V3).
+    What a family fixes (Mixtral always renormalises, Qwen2-MoE gates its shared expert,
+    GPT-OSS's layout) is no field: it is read off the block built (weight_map.moe_config_of),
+    as for every block `apply` meets."""
+
+    family: str
+    class_name: str
+    fields: Dict[str, str]
+    activation: Optional[str] = "hidden_act"
+    shared_experts: Optional[str] = None
+
+
+def _fields(intermediate: str, experts: str, **more: str) -> Dict[str, str]:
+    """The sizes every family has, under its own names, and `more` (config field -> MoEConfig field)."""
+    return {"hidden_size": "hidden_size", intermediate: "intermediate_size", experts: "num_experts",
+            "num_experts_per_tok": "top_k", **more}
+
+
+CONFIGS: Tuple[ConfigImpl, ...] = (
+    ConfigImpl("qwen3_moe", "Qwen3MoeConfig", _fields("moe_intermediate_size", "num_experts",
+                                                      norm_topk_prob="renormalize")),
+    ConfigImpl("qwen2_moe", "Qwen2MoeConfig", _fields("moe_intermediate_size", "num_experts",
+                                                      norm_topk_prob="renormalize",
+                                                      shared_expert_intermediate_size="shared_intermediate_size")),
+    ConfigImpl("mixtral", "MixtralConfig", _fields("intermediate_size", "num_local_experts")),
+    ConfigImpl("olmoe", "OlmoeConfig", _fields("intermediate_size", "num_experts", norm_topk_prob="renormalize")),
+    ConfigImpl("gpt_oss", "GptOssConfig", _fields("intermediate_size", "num_local_experts", swiglu_alpha="swiglu_alpha",
+                                                  swiglu_limit="swiglu_limit"), activation=None),
+    ConfigImpl("deepseek_v3", "DeepseekV3Config",
+               _fields("moe_intermediate_size", "n_routed_experts", n_group="n_group", topk_group="topk_group",
+                       routed_scaling_factor="routed_scaling_factor", norm_topk_prob="renormalize"),
+               shared_experts="n_shared_experts"),
+)
+
+# tpmoe activation -> the ACT2FN name a config's hidden_act selects it by.
+ACT2FN_NAMES: Dict[str, str] = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu"}
 
 # --------------------------------------------------------------------------- refused on sight
 

@@ -225,7 +225,7 @@ def _config(module, plan, name):
     from .shards import check_whole_shapes
     from .weight_map import moe_config_of, weight_map
 
-    owner = module if plan.mode == "block" else module.experts
+    owner = plan.replaced(module)
     weights = weight_map(plan, owner)
     try:
         config = moe_config_of(module, plan, weights)
@@ -255,7 +255,7 @@ def _build(module, plan: Plan, config, weights, group, name, layer, backend, che
     from .code import family_of
     from .module import TpmoeHFBlock, TpmoeHFExperts
 
-    owner = module if plan.mode == "block" else module.experts
+    owner = plan.replaced(module)
     shards, source = collect_shards(owner, weights, config, group, _owner_name(name, plan))
     hf_tensors = weights.hf_tensors(owner)
     trainable = {tp_name: parts[0].requires_grad for tp_name, parts in hf_tensors.items()}

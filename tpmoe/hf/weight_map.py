@@ -149,7 +149,7 @@ def moe_config_of(module: nn.Module, plan: Plan, weights: WeightMap) -> MoEConfi
     """The tpmoe.MoEConfig of a judged block, from its modules' attributes and the whole (global)
     shapes of its weights (DTensor parameters report their global shapes)."""
     e = plan.experts
-    owner = module if plan.mode == "block" else module.experts
+    owner = plan.replaced(module)
     tensors = weights.hf_tensors(owner)
     up_shape = weights.packing("w_gate_up").whole_shape(tensors["w_gate_up"])
     if e.layout == "gpt_oss":
