@@ -77,10 +77,8 @@ def scale(text: str) -> float:
 
 def scale_or_auto(text: str):
     """A scale, or None for 'auto'."""
-    if text == "auto":
-        return None
     try:
-        return scale(text)
+        return None if text == "auto" else scale(text)
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"expected a number in (0, 1] or 'auto', got {text!r}") from None
 
@@ -193,8 +191,6 @@ def resolve_device(requested: str, world_size) -> str:
     import torch
 
     from .launch import pick_device
-    if requested not in DEVICES:
-        raise UsageError(f"--device: expected {_expected(DEVICES)}, got {requested!r}")
     if requested == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device: cuda requested, but torch sees no CUDA device here")
     return pick_device(world_size or 1, requested)
@@ -207,8 +203,6 @@ def check_world_size(value: int, config, device_type: str = "cpu") -> int:
         if value is not None and value != launched:
             raise UsageError(f"--world-size: torchrun started {launched} ranks, got --world-size {value}")
         return launched
-    if value < 1:
-        raise UsageError(f"--world-size: expected a positive integer, got {value}")
     limit = max_world_size(device_type)
     if value > limit:
         where = f"one rank per GPU, {limit} GPUs here" if device_type == "cuda" else "ranks on this CPU"
