@@ -1,81 +1,69 @@
 """The CPU expert path against its yardsticks, in one run (issue 6).
 
-For each preset (real model layer shapes, bf16) and token count T:
+For each preset (tpmoe.presets: real model layer shapes; bf16) and token count T:
   tpmoe      tpmoe.fused_experts(backend="cpu") (the native ops of csrc/experts_cpu_*.cpp)
   hf_eager   transformers' experts module, "eager" (its per-expert Python loop)
   hf_grouped transformers' experts module, "grouped_mm"
   dense      one bf16 GEMM [T*K, H] x [H, 3I]: the same FLOPs, the compute ceiling
   floor      a plain read (sum) of as many experts' weights as the routing touches: the
              bandwidth floor
-All on the same weights and routing. Median (ms) and fastest (ms_min) of repeats after
-warm-up, the implementations timed in turn, one call each per round (so all of them sample
-the same moments of a machine whose speed drifts); the rates and ratios use the fastest run
-of each implementation (the one no other job on a shared machine disturbed). Forward at every T;
-forward+backward (tpmoe vs hf_eager under autograd) at --backward-tokens.
+All on the same weights and routing (tpmoe.cli.workload). Median (ms) and fastest (ms_min) of
+repeats after warm-up, the implementations timed interleaved, one call each per round (so all of
+them sample the same moments of a machine whose speed drifts; tpmoe.cli.timing); the rates and
+ratios use the fastest run of each implementation (the one no other job on a shared machine
+disturbed). Forward at every T; forward+backward (tpmoe vs hf_eager under autograd) at
+--backward-tokens.
 
   python benchmarks/bench_cpu.py                       # both presets, T in 1..2048
-  python benchmarks/bench_cpu.py --preset qwen3 --tokens 1 32 --repeats 3 --json out.json
+  python benchmarks/bench_cpu.py --preset qwen3-30b-a3b --tokens 1 32 --repeats 3 --json out.json
 """
 import argparse
 import datetime
-import math
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (format_table, make_hf_experts, peak_memory_bytes, time_call,  # noqa: E402
-                    time_calls_interleaved, touched_weight_bytes, write_json)
+from common import make_expert_weights, make_hf_experts  # noqa: E402
 
+from tpmoe.cli.hf_blocks import HFUnavailable  # noqa: E402
+from tpmoe.cli.report import format_table, write_json  # noqa: E402
+from tpmoe.cli.timing import peak_memory_bytes, time_call, time_calls_interleaved  # noqa: E402
+from tpmoe.cli.workload import (dense_step, random_routing, routed_expert_flops, touched_bytes,  # noqa: E402
+                                weight_read_step)
 from tpmoe.cpu import release_workspace  # noqa: E402
 from tpmoe.fused import fused_experts  # noqa: E402
+from tpmoe.presets import PRESETS, get_preset, scaled_config  # noqa: E402
 
-PRESETS = {
-    # name: (H, I, E, K, transformers model type)
-    "qwen3": dict(hidden=2048, inter=768, experts=128, top_k=8, family="qwen3_moe"),
-    "mixtral": dict(hidden=4096, inter=14336, experts=8, top_k=2, family="mixtral"),
-}
+DEFAULT_PRESETS = ("qwen3-30b-a3b", "mixtral-8x7b")
 DEFAULT_TOKENS = (1, 8, 32, 128, 512, 2048)
+DTYPE = torch.bfloat16
 
 
-def make_weights(preset, dtype, generator):
-    H, I, E = preset["hidden"], preset["inter"], preset["experts"]
-    w_gate_up = torch.empty(E, 2 * I, H, dtype=dtype)
-    w_down = torch.empty(E, H, I, dtype=dtype)
-    for expert in range(E):  # per expert: keeps the float32 temporaries small
-        w_gate_up[expert] = torch.randn(2 * I, H, generator=generator) / math.sqrt(H)
-        w_down[expert] = torch.randn(H, I, generator=generator) / math.sqrt(I)
-    return w_gate_up, w_down
+def hf_experts(preset, config, weights, implementation):
+    """transformers' experts module on our tensors, or None where transformers lacks it."""
+    try:
+        return make_hf_experts(preset.family, config, weights, implementation)
+    except HFUnavailable:
+        return None
 
 
-def make_routing(num_tokens, preset, generator):
-    logits = torch.randn(num_tokens, preset["experts"], generator=generator)
-    weights, ids = torch.softmax(logits, dim=-1).topk(preset["top_k"], dim=-1)
-    return ids, weights / weights.sum(dim=-1, keepdim=True)
-
-
-def bench_forward(preset_name, preset, num_tokens, weights, args, generator):
-    w_gate_up, w_down = weights
-    H, I, K = preset["hidden"], preset["inter"], preset["top_k"]
-    x = torch.randn(num_tokens, H, generator=generator).to(w_gate_up.dtype)
-    ids, topk_weights = make_routing(num_tokens, preset, generator)
-    flops = 2 * num_tokens * K * H * 3 * I
-    experts, weight_bytes = touched_weight_bytes(ids, w_gate_up, w_down)
+def bench_forward(preset, config, num_tokens, weights, args, generator):
+    w_gate_up, w_down = weights["w_gate_up"], weights["w_down"]
+    x = torch.randn(num_tokens, config.hidden_size, generator=generator).to(DTYPE)
+    ids, topk_weights = random_routing(config, num_tokens, generator=generator)
+    flops = routed_expert_flops(config, num_tokens)
+    weight_bytes = touched_bytes(ids, w_gate_up, w_down)
     timing = dict(warmup=args.warmup, repeats=args.repeats, min_time_s=args.min_time)
 
     calls = {"tpmoe": lambda: fused_experts(x, w_gate_up, w_down, ids, topk_weights, backend="cpu")}
     for implementation, name in (("eager", "hf_eager"), ("grouped_mm", "hf_grouped")):
-        module = make_hf_experts(preset, w_gate_up, w_down, implementation)
+        module = hf_experts(preset, config, weights, implementation)
         if module is not None:
             calls[name] = (lambda m: lambda: m(x, ids, topk_weights.to(x.dtype)))(module)
-    dense_x = torch.randn(num_tokens * K, H, generator=generator).to(w_gate_up.dtype)
-    dense_w = torch.randn(H, 3 * I, generator=generator).to(w_gate_up.dtype)
-    calls["dense"] = lambda: dense_x @ dense_w
-    # The same number of bytes in one contiguous pass per tensor (experts 0..n-1): a per-expert
-    # loop would add a call overhead per expert to the floor and flatter the ratio.
-    touched_gate_up, touched_down = w_gate_up[:len(experts)], w_down[:len(experts)]
-    calls["floor"] = lambda: (touched_gate_up.sum(), touched_down.sum())
+    calls["dense"] = dense_step(config, num_tokens, flops, "fwd", DTYPE, None)
+    calls["floor"] = weight_read_step(ids, [w_gate_up, w_down], "fwd")
 
     rows = []
     with torch.no_grad():
@@ -96,7 +84,7 @@ def bench_forward(preset_name, preset, num_tokens, weights, args, generator):
     hf_best = min((best[name] for name in ("hf_eager", "hf_grouped") if name in best), default=None)
     for name, result in results.items():
         seconds = best[name]
-        row = dict(preset=preset_name, T=num_tokens, impl=name, pass_="fwd", ms=result.median_s * 1e3,
+        row = dict(preset=preset.name, T=num_tokens, impl=name, pass_="fwd", ms=result.median_s * 1e3,
                    ms_min=seconds * 1e3,
                    gflops=flops / seconds / 1e9 if name != "floor" else None,
                    gbs=weight_bytes / seconds / 1e9 if name != "dense" else None)
@@ -111,14 +99,14 @@ def bench_forward(preset_name, preset, num_tokens, weights, args, generator):
     return rows
 
 
-def bench_backward(preset_name, preset, num_tokens, weights, args, generator):
-    w_gate_up, w_down = (weight.detach().requires_grad_(True) for weight in weights)
-    H, I, K = preset["hidden"], preset["inter"], preset["top_k"]
-    x = torch.randn(num_tokens, H, generator=generator).to(w_gate_up.dtype).requires_grad_(True)
-    ids, topk_weights = make_routing(num_tokens, preset, generator)
+def bench_backward(preset, config, num_tokens, weights, args, generator):
+    weights = {name: weight.detach().requires_grad_(True) for name, weight in weights.items()}
+    w_gate_up, w_down = weights["w_gate_up"], weights["w_down"]
+    x = torch.randn(num_tokens, config.hidden_size, generator=generator).to(DTYPE).requires_grad_(True)
+    ids, topk_weights = random_routing(config, num_tokens, generator=generator)
     topk_weights.requires_grad_(True)
-    grad_out = torch.randn(num_tokens, H, generator=generator).to(w_gate_up.dtype)
-    flops = 3 * 2 * num_tokens * K * H * 3 * I
+    grad_out = torch.randn(num_tokens, config.hidden_size, generator=generator).to(DTYPE)
+    flops = 3 * routed_expert_flops(config, num_tokens)
     leaves = (x, w_gate_up, w_down, topk_weights)
 
     def step(forward):
@@ -127,34 +115,32 @@ def bench_backward(preset_name, preset, num_tokens, weights, args, generator):
         forward().backward(grad_out)
 
     calls = {"tpmoe": lambda: step(lambda: fused_experts(x, w_gate_up, w_down, ids, topk_weights, backend="cpu"))}
-    module = make_hf_experts(preset, w_gate_up, w_down, "eager")
+    module = hf_experts(preset, config, weights, "eager")
     if module is not None:
         calls["hf_eager"] = lambda: step(lambda: module(x, ids, topk_weights.to(x.dtype)))
     # transformers' eager backward takes about a minute on the Qwen3 shape (it zero-fills a
     # full [E, 2I, H] gradient per expert): one timed run, no warm-up, is enough there.
+    # Peak memory is not reported here: the profiler misses frees done inside the autograd
+    # engine, so its running sum is not the live memory.
     results = {name: time_call(call, warmup=0 if name == "hf_eager" else 1,
                                repeats=1 if name == "hf_eager" else args.backward_repeats)
                for name, call in calls.items()}
-    # Peak memory is not reported here: the profiler misses frees done inside the autograd
-    # engine, so its running sum is not the live memory.
-    peak = {}
     for leaf in leaves:
         leaf.grad = None
     rows = []
     for name, result in results.items():
-        row = dict(preset=preset_name, T=num_tokens, impl=name, pass_="fwd+bwd", ms=result.median_s * 1e3,
+        row = dict(preset=preset.name, T=num_tokens, impl=name, pass_="fwd+bwd", ms=result.median_s * 1e3,
                    ms_min=result.min_s * 1e3, gflops=flops / result.min_s / 1e9)
         if name == "tpmoe" and "hf_eager" in results:
             row["speedup_vs_hf"] = results["hf_eager"].min_s / result.min_s
-        if name in peak:
-            row["peak_mib"] = peak[name] / 2**20
         rows.append(row)
     return rows
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", nargs="+", choices=sorted(PRESETS), default=["qwen3", "mixtral"])
+    parser.add_argument("--preset", nargs="+", choices=list(PRESETS), default=list(DEFAULT_PRESETS),
+                        help="tpmoe.presets names (`tpmoe --list-presets`)")
     parser.add_argument("--tokens", nargs="+", type=int, default=list(DEFAULT_TOKENS))
     parser.add_argument("--backward-tokens", nargs="*", type=int, default=[512],
                         help="token counts for forward+backward (none: skip)")
@@ -165,6 +151,8 @@ def main(argv=None):
     parser.add_argument("--min-time", type=float, default=0.5, help="seconds of repeats for short calls")
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory runs")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="hidden and intermediate sizes times this (tpmoe.presets.scaled_config)")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     if args.threads:
@@ -173,21 +161,22 @@ def main(argv=None):
     generator = torch.Generator().manual_seed(0)
     rows = []
     for preset_name in args.preset:
-        preset = PRESETS[preset_name]
-        weights = make_weights(preset, torch.bfloat16, generator)
+        preset = get_preset(preset_name)
+        config = scaled_config(preset.config, args.scale)
+        weights = make_expert_weights(config, DTYPE, generator=generator)
         for num_tokens in args.tokens:
-            rows += bench_forward(preset_name, preset, num_tokens, weights, args, generator)
+            rows += bench_forward(preset, config, num_tokens, weights, args, generator)
             print(format_table([r for r in rows if r["T"] == num_tokens and r["preset"] == preset_name],
-                               COLUMNS, FORMATS), flush=True)
+                               COLUMNS, FORMATS, markdown=True), flush=True)
         for num_tokens in args.backward_tokens:
-            rows += bench_backward(preset_name, preset, num_tokens, weights, args, generator)
+            rows += bench_backward(preset, config, num_tokens, weights, args, generator)
         del weights
 
     header = (f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, "
               f"{torch.get_num_threads()} threads, bf16; command: python benchmarks/bench_cpu.py "
               + " ".join(argv if argv is not None else sys.argv[1:]))
     print("\n" + header)
-    print(format_table(rows, COLUMNS, FORMATS))
+    print(format_table(rows, COLUMNS, FORMATS, markdown=True))
     if args.json:
         write_json(args.json, dict(header=header, rows=rows))
 

@@ -7,7 +7,7 @@ forward ("fwd") and, with --backward, forward+backward ("fwd+bwd") of:
                weight, unsort, sum): the same algorithm on PyTorch's grouped GEMM
   hf_grouped   transformers' experts module with experts_implementation="grouped_mm" (left out,
                with the reason in the notes, where transformers does not import)
-  dense        one GEMM [T*K, H] x [H, 3I] of the same FLOPs (tpmoe.cli.bench.dense_step)
+  dense        one GEMM [T*K, H] x [H, 3I] of the same FLOPs (tpmoe.cli.workload.dense_step)
 Per row: median ms (triton.testing.do_bench); TFLOP/s of the useful work (2*T*K*H*3I forward, 3x
 that forward+backward; tpmoe's recompute of the gate/up pre-activation is not counted); of_dense,
 the dense GEMM's time over this one's (1.0: the dense rate); of_peak, of a large bf16 matmul
@@ -23,7 +23,7 @@ when an implementation disagrees with grouped_mm beyond AGREEMENT_EPS units of b
 dry). `make gpu-check` runs both (tools/gpu_check.py).
 
   python benchmarks/bench_kernels.py --backward                 # the three presets, T in 1..8192
-  python benchmarks/bench_kernels.py --preset qwen3 --tokens 1 512 --json out.json
+  python benchmarks/bench_kernels.py --preset qwen3-30b-a3b --tokens 1 512 --json out.json
   python benchmarks/bench_kernels.py --dry --backward --json dry.json   # no GPU needed
   python benchmarks/bench_kernels.py --results-md benchmarks/RESULTS.md   # append the dated table
 """
@@ -36,10 +36,14 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import format_table, make_hf_experts, touched_weight_bytes, write_json  # noqa: E402
+from common import make_expert_weights, make_hf_experts  # noqa: E402
 
-# Short name -> tpmoe.presets name.
-PRESETS = {"qwen3": "qwen3-30b-a3b", "gpt_oss": "gpt-oss-20b", "mixtral": "mixtral-8x7b"}
+# None of these import tpmoe.triton (which must come after choose_device sets TRITON_INTERPRET).
+from tpmoe.cli.report import format_table, write_json  # noqa: E402
+from tpmoe.cli.workload import dense_step, random_routing, routed_expert_flops, touched_bytes  # noqa: E402
+from tpmoe.presets import PRESETS, get_preset, scaled_config  # noqa: E402
+
+DEFAULT_PRESETS = ("qwen3-30b-a3b", "gpt-oss-20b", "mixtral-8x7b")
 DEFAULT_TOKENS = (1, 16, 128, 1024, 8192)
 DRY_TOKENS = (1, 16)
 DRY_SCALE = 1 / 64
@@ -68,8 +72,10 @@ def choose_device(dry: bool) -> torch.device:
 
 
 def make_measure(device: torch.device, warmup_ms: int, rep_ms: int):
-    """The one timing helper: median ms of a step on the GPU; under --dry, None (every step has run
-    once already, checked; the interpreter's times say nothing about the kernels)."""
+    """The one timing helper: median ms of a step on the GPU, by triton's do_bench (CUDA events,
+    the L2 cache cleared before every run: what tpmoe.cli.timing's host clock cannot do); under
+    --dry, None (every step has run once already, checked; the interpreter's times say nothing
+    about the kernels)."""
     if device.type != "cuda":
         return lambda step: None
     from triton.testing import do_bench
@@ -83,33 +89,12 @@ def matmul_peak_tflops(measure, size=8192):
 
 
 def preset_shape(name: str, scale: float):
-    """The preset's MoEConfig (scaled) with the sizes make_hf_experts reads."""
-    from tpmoe.presets import get_preset, scaled_config
-    preset = get_preset(PRESETS[name])
+    """The preset's name, family, model and MoEConfig (scaled)."""
+    preset = get_preset(name)
     config = scaled_config(preset.config, scale)
     if not config.gated:
         raise ValueError(f"preset: {name} has non-gated experts, which torch_grouped_mm_experts does not run")
-    return dict(name=name, family=preset.family, config=config, hidden=config.hidden_size,
-                inter=config.intermediate_size, experts=config.num_experts, top_k=config.top_k)
-
-
-def make_weights(config, device, generator):
-    """The expert tensors of `config` in tpmoe.weights' layout (std 1/sqrt(fan_in)), leaves that
-    take gradients."""
-    from tpmoe.weights import expected_shapes
-    shapes = expected_shapes(config)
-    fan_in = {"w_gate_up": config.hidden_size, "w_down": config.intermediate_size, "b_gate_up": 16, "b_down": 16}
-    names = ["w_gate_up", "w_down"] + (["b_gate_up", "b_down"] if config.expert_bias else [])
-    return {name: (torch.randn(shapes[name], generator=generator, device=device, dtype=DTYPE)
-                   / math.sqrt(fan_in[name])).requires_grad_(True) for name in names}
-
-
-def make_tokens(config, num_tokens, device, generator):
-    """x [T, H], ids [T, K] (softmax top-k of random logits) and their renormalised weights (fp32)."""
-    x = torch.randn(num_tokens, config.hidden_size, generator=generator, device=device, dtype=DTYPE)
-    logits = torch.randn(num_tokens, config.num_experts, generator=generator, device=device)
-    weights, ids = torch.softmax(logits, dim=-1).topk(config.top_k, dim=-1)
-    return x, ids, weights / weights.sum(dim=-1, keepdim=True)
+    return dict(name=name, family=preset.family, model=preset.model, config=config)
 
 
 def torch_grouped_mm_experts(x, weights, ids, topk_weights, config):
@@ -163,8 +148,7 @@ def expert_calls(shape, weights, ids):
         "grouped_mm": (lambda x, tw: torch_grouped_mm_experts(x, weights, ids, tw, config), parameters),
     }
     if transformers_problem() is None:
-        hf = make_hf_experts(shape, weights["w_gate_up"], weights["w_down"], "grouped_mm", weights.get("b_gate_up"),
-                             weights.get("b_down"))
+        hf = make_hf_experts(shape["family"], config, weights, "grouped_mm")
         calls["hf_grouped"] = (lambda x, tw: hf(x, ids, tw.to(x.dtype)), list(hf.parameters()))
     return calls
 
@@ -220,12 +204,12 @@ def first_run(impl, step, shape, num_tokens, notes):
 
 def bench_tokens(shape, weights, num_tokens, args, context):
     """The rows of one (preset, T), and the notes found on the way."""
-    from tpmoe.cli.bench import dense_step
     config, device, measure = shape["config"], context["device"], context["measure"]
-    x, ids, topk_weights = make_tokens(config, num_tokens, device, context["generator"])
+    x = torch.randn(num_tokens, config.hidden_size, generator=context["generator"], device=device, dtype=DTYPE)
+    ids, topk_weights = random_routing(config, num_tokens, generator=context["generator"], device=device)
     dy = torch.randn_like(x)
-    flops = 2 * num_tokens * config.top_k * config.hidden_size * 3 * config.intermediate_size
-    _, touched_bytes = touched_weight_bytes(ids, *weights.values())
+    flops = routed_expert_flops(config, num_tokens)
+    weight_bytes = touched_bytes(ids, *weights.values())
     calls = expert_calls(shape, weights, ids)
     rows, notes = [], []
     for pass_name, mode, pass_flops in [("fwd", "fwd", flops)] + ([("fwd+bwd", "train", 3 * flops)]
@@ -252,7 +236,7 @@ def bench_tokens(shape, weights, num_tokens, args, context):
                 tflops = pass_flops / (ms * 1e-3) / 1e12
                 row.update(tflops=tflops, of_dense=timings["dense"] / ms,
                            of_peak=tflops / context["peak"] if context["peak"] else None,
-                           hbm_gbps=touched_bytes / (ms * 1e-3) / 1e9 if mode == "fwd" else None)
+                           hbm_gbps=weight_bytes / (ms * 1e-3) / 1e9 if mode == "fwd" else None)
             rows.append(row)
     return rows, notes
 
@@ -263,10 +247,10 @@ def markdown(payload) -> str:
     lines = [f"bench_kernels.py, {payload['date']}, {mode}; torch {payload['torch']}, triton {payload['triton']}"
              + (f"; bf16 matmul peak {payload['matmul_peak_tflops']:.0f} TFLOP/s"
                 if payload.get("matmul_peak_tflops") else ""), ""]
-    lines += [format_table(payload["rows"], ROW_COLUMNS, ROW_FORMATS), "", "Triton configs (BLOCK_MxBLOCK_NxBLOCK_K, "
+    lines += [format_table(payload["rows"], ROW_COLUMNS, ROW_FORMATS, markdown=True), "", "Triton configs (BLOCK_MxBLOCK_NxBLOCK_K, "
               "warps, stages) per launch:", ""]
     if payload["configs"]:
-        lines.append(format_table(payload["configs"], list(payload["configs"][0])))
+        lines.append(format_table(payload["configs"], list(payload["configs"][0]), markdown=True))
     lines += [""] + [f"- note: {note}" for note in payload["notes"]]
     lines += [f"- DISAGREES: {item}" for item in payload["disagreements"]]
     return "\n".join(lines).rstrip() + "\n"
@@ -293,9 +277,9 @@ def run(args) -> int:
     for name in args.preset:
         shape = preset_shape(name, args.scale)
         c = shape["config"]
-        payload["presets"][name] = dict(model=PRESETS[name], H=c.hidden_size, I=c.intermediate_size, E=c.num_experts,
+        payload["presets"][name] = dict(model=shape["model"], H=c.hidden_size, I=c.intermediate_size, E=c.num_experts,
                                         K=c.top_k, layout=c.layout, activation=c.activation, bias=c.expert_bias)
-        weights = make_weights(c, device, context["generator"])
+        weights = make_expert_weights(c, DTYPE, device, context["generator"], requires_grad=True)
         for num_tokens in args.tokens:
             rows, notes = bench_tokens(shape, weights, num_tokens, args, context)
             payload["rows"] += rows
@@ -304,7 +288,7 @@ def run(args) -> int:
             payload["disagreements"] += [f"{row['impl']} {row['pass_']} at {name} T={num_tokens}: max relative error "
                                          f"{row['max_rel_err']:.2e} against grouped_mm > {bound:.2e}"
                                          for row in rows if (row["max_rel_err"] or 0) > bound]
-            print(format_table(rows, ROW_COLUMNS, ROW_FORMATS), flush=True)
+            print(format_table(rows, ROW_COLUMNS, ROW_FORMATS, markdown=True), flush=True)
             write_json(args.json, payload)  # after every (preset, T): a run cut short keeps its rows
         del weights
         if device.type == "cuda":
@@ -324,7 +308,8 @@ def run(args) -> int:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", nargs="*", default=list(PRESETS), choices=list(PRESETS))
+    parser.add_argument("--preset", nargs="*", default=list(DEFAULT_PRESETS), choices=list(PRESETS),
+                        help="tpmoe.presets names (`tpmoe --list-presets`)")
     parser.add_argument("--tokens", type=int, nargs="*", default=None,
                         help=f"token counts (default {DEFAULT_TOKENS}; --dry: {DRY_TOKENS})")
     parser.add_argument("--backward", action="store_true", help="also time forward+backward")

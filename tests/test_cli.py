@@ -6,6 +6,7 @@ bench writes JSON rows with the documented fields and a PNG; usage errors are on
 stderr with exit status 2, never a traceback. Plus in-process checks of the pieces (token
 parsing, the bench's transformers blocks against the float64 reference).
 """
+import argparse
 import dataclasses
 import importlib.util
 import json
@@ -219,16 +220,32 @@ def test_list_presets():
     code, stdout, stderr = _run("--list-presets")
     assert code == 0, stderr
     assert [line.split()[0] for line in stdout.strip().splitlines()[1:]] == list(PRESETS)
-    assert main(["bench", "--list-presets"]) == 0
+    # One option, taken wherever it is on the line (as --help is), before any other check.
+    for argv in (["bench", "--list-presets"], ["--list-presets", "verify"], ["verify", "--list-presets", "--mode", "sp"]):
+        assert main(argv) == 0, argv
 
 
 def test_parse_tokens():
-    from tpmoe.cli import UsageError, parse_tokens
+    from tpmoe.cli import parse_tokens
     assert parse_tokens("512,1,32,32") == [1, 32, 512]
     assert parse_tokens(" 7 ") == [7]
     for bad in ("", "1,", "a", "-1", "1.5", "0,1"):
-        with pytest.raises(UsageError, match="--tokens"):
+        # argparse puts the option's name in front ("--tokens: expected ...", BAD_ARGUMENTS).
+        with pytest.raises(argparse.ArgumentTypeError, match="^expected a (positive integer|comma-separated list)"):
             parse_tokens(bad)
+
+
+def test_an_error_inside_a_command_is_not_a_usage_error(monkeypatch):
+    """parser.error is for what the user typed; a bug inside a command is a traceback, not
+    'tpmoe: error: ...' with the usage exit status."""
+    import tpmoe.cli.bench
+    from tpmoe.cli import main
+
+    def broken_run_bench(*args, **kwargs):
+        raise ValueError("an internal check failed")
+    monkeypatch.setattr(tpmoe.cli.bench, "run_bench", broken_run_bench)
+    with pytest.raises(ValueError, match="an internal check failed"):
+        main(["bench", "--world-size", "1", "--tokens", "1"])
 
 
 @pytest.mark.skipif(not HAS_TRANSFORMERS, reason="transformers is not installed (pip install 'tpmoe[hf]')")

@@ -60,7 +60,7 @@ def test_make_gpu_check_runs_dry_without_a_gpu_and_writes_every_step(tmp_path):
 
     bench = load(tmp_path, "bench.json")["details"]
     assert bench["mode"] == "dry" and bench["complete"] and not bench["disagreements"]
-    assert set(bench["presets"]) == {"qwen3", "gpt_oss", "mixtral"}
+    assert set(bench["presets"]) == {"qwen3-30b-a3b", "gpt-oss-20b", "mixtral-8x7b"}
     rows = bench["rows"]
     assert rows and all(row["dry"] and row["ms"] is None for row in rows)  # no timing claims
     impls = {row["impl"] for row in rows}
@@ -116,8 +116,8 @@ def test_a_failing_test_fails_the_step(tmp_path):
 
 
 def test_a_disagreeing_or_cut_short_bench_fails_the_step():
-    payload = dict(rows=[dict(preset="qwen3")], disagreements=["tpmoe fwd at qwen3 T=1: 0.5"], complete=True,
-                   mode="dry", presets={"qwen3": {}}, notes=[], scale=1.0)
+    payload = dict(rows=[dict(preset="qwen3-30b-a3b")], disagreements=["tpmoe fwd at qwen3-30b-a3b T=1: 0.5"],
+                   complete=True, mode="dry", presets={"qwen3-30b-a3b": {}}, notes=[], scale=1.0)
     assert bench_verdict(1, payload, 100, "")[0] == "FAIL"
     assert bench_verdict(None, dict(payload, disagreements=[]), 100, "")[0] == "FAIL"  # timed out
     assert bench_verdict(0, dict(payload, disagreements=[], complete=False), 100, "")[0] == "FAIL"

@@ -18,55 +18,179 @@ import argparse
 import sys
 
 EXIT_USAGE = 2
+DEVICES = ("auto", "cpu", "cuda")
 
 
-class UsageError(ValueError):
-    """A bad command line: printed as one line, exit status 2."""
+class UsageError(Exception):
+    """A bad command line: printed as one line, exit status 2. Only for what the user typed: an
+    error inside a command is not one (it is a traceback, or a rank's failure)."""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not argparse's usage block
-        raise UsageError(message)
+# --------------------------------------------------------------------------- argument types
+
+def _expected(choices) -> str:
+    """'a or b', 'a, b or c', 'one of a, b, c, d': the words of every check's message."""
+    names = [str(choice) for choice in choices]
+    if len(names) > 3:
+        return "one of " + ", ".join(names)
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
 
 
-def _positive_int(text: str, what: str) -> int:
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise UsageError(f"{what}: expected a positive integer, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
-        raise UsageError(f"{what}: expected a positive integer, got {value}")
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 0, got {text!r}")
     return value
 
 
 def parse_tokens(text: str):
     """'1,32,512' -> [1, 32, 512] (positive, de-duplicated, sorted)."""
     parts = [part.strip() for part in str(text).split(",")]
-    if not parts or any(part == "" for part in parts):
-        raise UsageError(f"--tokens: expected a comma-separated list of positive integers like 1,32,512, got {text!r}")
-    return sorted({_positive_int(part, "--tokens") for part in parts})
+    if any(part == "" for part in parts):
+        raise argparse.ArgumentTypeError(
+            f"expected a comma-separated list of positive integers like 1,32,512, got {text!r}")
+    return sorted({positive_int(part) for part in parts})
 
 
-def parse_scale(text: str, allow_auto: bool):
-    if allow_auto and text == "auto":
-        return None
+def scale(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         value = None
     if value is None or not 0 < value <= 1:
-        expected = "a number in (0, 1]" + (" or 'auto'" if allow_auto else "")
-        raise UsageError(f"--scale: expected {expected}, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
     return value
 
+
+def scale_or_auto(text: str):
+    """A scale, or None for 'auto'."""
+    try:
+        return None if text == "auto" else scale(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1] or 'auto', got {text!r}") from None
+
+
+def impl_list(text: str):
+    """'tpmoe,dense' -> ('tpmoe', 'dense'), each one of tpmoe.cli.bench.IMPLS."""
+    from .bench import IMPLS
+    impls = tuple(name.strip() for name in text.split(","))
+    if not impls or any(name not in IMPLS for name in impls):
+        raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {', '.join(IMPLS)}, got {text!r}")
+    return impls
+
+
+def _dtypes():
+    import torch
+    # The names first, their short forms after (the order the choices are listed in).
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+            "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# --------------------------------------------------------------------------- the parser
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block
+        raise UsageError(message.removeprefix("argument "))
+
+    def _check_value(self, action, value):
+        # argparse's own check of `choices=`, in the words of the other messages.
+        if action.choices is not None and value not in action.choices:
+            raise argparse.ArgumentError(action, f"expected {_expected(action.choices)}, got {value!r}")
+
+
+class _ListPresets(argparse.Action):
+    """--list-presets: prints the presets and exits, wherever it is on the line (as --help does)."""
+
+    def __init__(self, option_strings, dest, help=None):
+        super().__init__(option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from ..presets import describe_presets
+        print(describe_presets())
+        parser.exit(0)
+
+
+def _common_options(timeout_s: int):
+    from ..presets import PRESETS
+    options = _Parser(add_help=False)
+    options.add_argument("--preset", default="tiny", choices=list(PRESETS), metavar="NAME",
+                         help="a model shape (see --list-presets; default tiny)")
+    options.add_argument("--world-size", type=positive_int, default=None,
+                         help="number of tensor-parallel ranks (torchrun: the ranks it started)")
+    options.add_argument("--timeout", type=positive_int, default=timeout_s, help="process-group timeout in seconds")
+    options.add_argument("--device", default="auto", choices=DEVICES,
+                         help="cuda (one GPU per rank, NCCL, Triton kernels), cpu (gloo, C++ kernels) or auto: "
+                              "cuda when there is a GPU for every rank")
+    return options
+
+
+def build_parser():
+    from ..fused import BACKENDS
+    from .verify import FAULTS
+
+    list_presets = _Parser(add_help=False)
+    list_presets.add_argument("--list-presets", action=_ListPresets, help="print the presets and exit")
+    parser = _Parser(prog="tpmoe", description=__doc__.split("\n\nUsage errors")[0], parents=[list_presets],
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", parser_class=_Parser)
+
+    verify = commands.add_parser("verify", help="check a sharded block against the float64 reference",
+                                 parents=[list_presets, _common_options(300)])
+    verify.set_defaults(run=_verify)
+    verify.add_argument("--mode", default="tp", choices=("tp", "sp"),
+                        help="tp (replicated tokens) or sp (sequence-parallel)")
+    verify.add_argument("--scale", type=scale_or_auto, default="auto",
+                        help="shrink hidden/intermediate sizes by F in (0, 1]; auto: the float64 reference fits "
+                             "in 64 MiB")
+    verify.add_argument("--tokens", type=positive_int, default=37,
+                        help="number of tokens (default 37: prime, uneven splits)")
+    verify.add_argument("--dtype", default="float32", choices=list(_dtypes()),
+                        help="float32 (1e-5), bfloat16 or float16")
+    verify.add_argument("--seed", type=non_negative_int, default=0)
+    verify.add_argument("--backend", default="auto", choices=BACKENDS,
+                        help="tpmoe.fused_experts backend (auto: Triton on CUDA)")
+    verify.add_argument("--inject-fault", default=None, choices=FAULTS, help=argparse.SUPPRESS)
+
+    bench = commands.add_parser("bench", help="time tpmoe against transformers and the hardware yardsticks",
+                                parents=[list_presets, _common_options(3600)])
+    bench.set_defaults(run=_bench)
+    bench.add_argument("--tokens", type=parse_tokens, default="1,32,512", help="comma-separated token counts")
+    bench.add_argument("--impl", type=impl_list, default=None,
+                       help="comma-separated subset of: tpmoe, hf_eager, hf_grouped_mm, dense, floor (default: all)")
+    bench.add_argument("--mode", default="fwd", choices=("fwd", "train"),
+                       help="fwd (inference) or train (forward + backward)")
+    bench.add_argument("--json", default=None, help="write the rows to this JSON file")
+    bench.add_argument("--plot", default=None, help="write a PNG plot (needs matplotlib)")
+    bench.add_argument("--scale", type=scale, default=1.0, help="shrink hidden/intermediate sizes by F in (0, 1]")
+    bench.add_argument("--repeats", type=positive_int, default=5,
+                       help="timed repeats per measurement (median reported)")
+    bench.add_argument("--warmup", type=non_negative_int, default=1, help="untimed runs before the repeats")
+    bench.add_argument("--dtype", default="bfloat16", choices=list(_dtypes()), help="bfloat16, float16 or float32")
+    bench.add_argument("--threads", type=positive_int, default=None,
+                       help="CPU threads per rank (default: the cores shared out)")
+    return parser
+
+
+# --------------------------------------------------------------------------- checks that need more than one option
 
 def resolve_device(requested: str, world_size) -> str:
     """--device auto|cpu|cuda -> "cpu" or "cuda" (auto: CUDA when there is a GPU for each rank)."""
     import torch
 
     from .launch import pick_device
-    if requested not in ("auto", "cpu", "cuda"):
-        raise UsageError(f"--device: expected auto, cpu or cuda, got {requested!r}")
     if requested == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device: cuda requested, but torch sees no CUDA device here")
     return pick_device(world_size or 1, requested)
@@ -79,8 +203,6 @@ def check_world_size(value: int, config, device_type: str = "cpu") -> int:
         if value is not None and value != launched:
             raise UsageError(f"--world-size: torchrun started {launched} ranks, got --world-size {value}")
         return launched
-    if value < 1:
-        raise UsageError(f"--world-size: expected a positive integer, got {value}")
     limit = max_world_size(device_type)
     if value > limit:
         where = f"one rank per GPU, {limit} GPUs here" if device_type == "cuda" else "ranks on this CPU"
@@ -91,143 +213,59 @@ def check_world_size(value: int, config, device_type: str = "cpu") -> int:
     return value
 
 
-def _common_arguments(parser, timeout_s):
-    parser.add_argument("--preset", default=None, help="a model shape (see --list-presets)")
-    parser.add_argument("--world-size", type=str, default=None,
-                        help="number of tensor-parallel ranks (torchrun: the ranks it started)")
-    parser.add_argument("--list-presets", action="store_true", help="print the presets and exit")
-    parser.add_argument("--timeout", type=str, default=str(timeout_s), help="process-group timeout in seconds")
-    parser.add_argument("--device", default="auto",
-                        help="cuda (one GPU per rank, NCCL, Triton kernels), cpu (gloo, C++ kernels) or auto: "
-                             "cuda when there is a GPU for every rank")
+def _world_size(args, config, default: int):
+    """(world size, device type) from --world-size (default `default`; under torchrun its ranks) and --device."""
+    from .launch import launched_by_torchrun
+    requested = args.world_size if args.world_size is not None or launched_by_torchrun() else default
+    device_type = resolve_device(args.device, requested)
+    return check_world_size(requested, config, device_type), device_type
 
 
-def build_parser():
-    parser = _Parser(prog="tpmoe", description=__doc__.split("\n\nUsage errors")[0],
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--list-presets", action="store_true", help="print the presets and exit")
-    commands = parser.add_subparsers(dest="command", parser_class=_Parser)
-
-    verify = commands.add_parser("verify", help="check a sharded block against the float64 reference")
-    _common_arguments(verify, 300)
-    verify.add_argument("--mode", default="tp", help="tp (replicated tokens) or sp (sequence-parallel)")
-    verify.add_argument("--scale", default="auto",
-                        help="shrink hidden/intermediate sizes by F in (0, 1]; auto: the float64 reference fits "
-                             "in 64 MiB")
-    verify.add_argument("--tokens", default="37", help="number of tokens (default 37: prime, uneven splits)")
-    verify.add_argument("--dtype", default="float32", help="float32 (1e-5), bfloat16 or float16")
-    verify.add_argument("--seed", default="0")
-    verify.add_argument("--backend", default="auto", help="tpmoe.fused_experts backend (auto: Triton on CUDA)")
-    verify.add_argument("--inject-fault", default=None, help=argparse.SUPPRESS)
-
-    bench = commands.add_parser("bench", help="time tpmoe against transformers and the hardware yardsticks")
-    _common_arguments(bench, 3600)
-    bench.add_argument("--tokens", default="1,32,512", help="comma-separated token counts")
-    bench.add_argument("--impl", default=None, help="comma-separated subset of: tpmoe, hf_eager, hf_grouped_mm, "
-                                                    "dense, floor (default: all)")
-    bench.add_argument("--mode", default="fwd", help="fwd (inference) or train (forward + backward)")
-    bench.add_argument("--json", default=None, help="write the rows to this JSON file")
-    bench.add_argument("--plot", default=None, help="write a PNG plot (needs matplotlib)")
-    bench.add_argument("--scale", default="1", help="shrink hidden/intermediate sizes by F in (0, 1]")
-    bench.add_argument("--repeats", default="5", help="timed repeats per measurement (median reported)")
-    bench.add_argument("--warmup", default="1", help="untimed runs before the repeats")
-    bench.add_argument("--dtype", default="bfloat16", help="bfloat16, float16 or float32")
-    bench.add_argument("--threads", default=None, help="CPU threads per rank (default: the cores shared out)")
-    return parser
-
-
-def _dtype(text: str):
-    import torch
-    dtypes = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-              "float16": torch.float16, "fp16": torch.float16}
-    if text not in dtypes:
-        raise UsageError(f"--dtype: expected one of float32, bfloat16, float16, got {text!r}")
-    return dtypes[text]
-
-
-def _default_preset(args):
-    return args.preset if args.preset is not None else "tiny"
-
+# --------------------------------------------------------------------------- the commands
 
 def _verify(args) -> int:
     from ..presets import get_preset, scaled_config
-    from .verify import FAULTS, VerifyPlan, auto_scale, run_verify
+    from .verify import VerifyPlan, auto_scale, run_verify
 
-    preset = get_preset(_default_preset(args))
-    scale = parse_scale(args.scale, allow_auto=True)
-    scale = auto_scale(preset.config) if scale is None else scale
-    config = scaled_config(preset.config, scale)
-    if args.mode not in ("tp", "sp"):
-        raise UsageError(f"--mode: expected tp or sp, got {args.mode!r}")
-    requested = None if args.world_size is None and _torchrun() else _positive_int(args.world_size or "2",
-                                                                                    "--world-size")
-    device_type = resolve_device(args.device, requested)
-    world_size = check_world_size(requested, config, device_type)
-    num_tokens = _positive_int(args.tokens, "--tokens")
-    if args.inject_fault is not None and args.inject_fault not in FAULTS:
-        raise UsageError(f"--inject-fault: expected one of {FAULTS}, got {args.inject_fault!r}")
-    from ..fused import BACKENDS
-    if args.backend not in BACKENDS:
-        raise UsageError(f"--backend: expected one of {', '.join(BACKENDS)}, got {args.backend!r}")
-    plan = VerifyPlan(preset=preset.name, config=config, scale=scale, world_size=world_size,
-                      sequence_parallel=args.mode == "sp", num_tokens=num_tokens, dtype=_dtype(args.dtype),
-                      seed=_non_negative_int(args.seed, "--seed"), backend=args.backend, fault=args.inject_fault,
-                      device_type=device_type)
-    return run_verify(plan, timeout_s=_positive_int(args.timeout, "--timeout"), out=sys.stdout)
+    preset = get_preset(args.preset)
+    scale_factor = auto_scale(preset.config) if args.scale is None else args.scale
+    config = scaled_config(preset.config, scale_factor)
+    world_size, device_type = _world_size(args, config, default=2)
+    plan = VerifyPlan(preset=preset.name, config=config, scale=scale_factor, world_size=world_size,
+                      sequence_parallel=args.mode == "sp", num_tokens=args.tokens, dtype=_dtypes()[args.dtype],
+                      seed=args.seed, backend=args.backend, fault=args.inject_fault, device_type=device_type)
+    return run_verify(plan, timeout_s=args.timeout, out=sys.stdout)
 
 
 def _bench(args) -> int:
+    import torch
+
     from ..presets import get_preset, scaled_config
     from .bench import IMPLS, BenchPlan, run_bench
 
-    preset = get_preset(_default_preset(args))
-    scale = parse_scale(args.scale, allow_auto=False)
-    config = scaled_config(preset.config, scale)
-    if args.mode not in ("fwd", "train"):
-        raise UsageError(f"--mode: expected fwd or train, got {args.mode!r}")
-    import torch
-    default_world_size = str(torch.cuda.device_count()) if torch.cuda.is_available() and args.device != "cpu" else "1"
-    requested = None if args.world_size is None and _torchrun() else _positive_int(
-        args.world_size or default_world_size, "--world-size")
-    device_type = resolve_device(args.device, requested)
-    world_size = check_world_size(requested, config, device_type)
-    impls = IMPLS if args.impl is None else [name.strip() for name in args.impl.split(",")]
-    unknown = [name for name in impls if name not in IMPLS]
-    if unknown or not impls:
-        raise UsageError(f"--impl: expected a comma-separated subset of {', '.join(IMPLS)}, got {args.impl!r}")
-    plan = BenchPlan(preset=preset.name, family=preset.family, config=config, scale=scale, world_size=world_size,
-                     tokens=parse_tokens(args.tokens), impls=tuple(impls), mode=args.mode, dtype=_dtype(args.dtype),
-                     repeats=_positive_int(args.repeats, "--repeats"),
-                     warmup=_non_negative_int(args.warmup, "--warmup"),
-                     threads=None if args.threads is None else _positive_int(args.threads, "--threads"),
+    preset = get_preset(args.preset)
+    config = scaled_config(preset.config, args.scale)
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() and args.device != "cpu" else 0
+    world_size, device_type = _world_size(args, config, default=gpus or 1)
+    plan = BenchPlan(preset=preset.name, family=preset.family, config=config, scale=args.scale,
+                     world_size=world_size, tokens=tuple(args.tokens), impls=args.impl or IMPLS, mode=args.mode,
+                     dtype=_dtypes()[args.dtype], repeats=args.repeats, warmup=args.warmup, threads=args.threads,
                      device_type=device_type)
-    return run_bench(plan, json_path=args.json, plot_path=args.plot,
-                     timeout_s=_positive_int(args.timeout, "--timeout"), out=sys.stdout)
-
-
-def _non_negative_int(text, what):
-    return 0 if str(text).strip() == "0" else _positive_int(text, what)
-
-
-def _torchrun():
-    from .launch import launched_by_torchrun
-    return launched_by_torchrun()
+    return run_bench(plan, json_path=args.json, plot_path=args.plot, timeout_s=args.timeout, out=sys.stdout)
 
 
 def main(argv=None) -> int:
+    parser = build_parser()
     try:
-        args = build_parser().parse_args(argv)
-        if args.list_presets:
-            from ..presets import describe_presets
-            print(describe_presets())
-            return 0
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as exit_request:  # --help, --list-presets
+            return exit_request.code or 0
         if args.command is None:
-            raise UsageError("expected a command: verify or bench (or --list-presets; --help for more)")
-        return _verify(args) if args.command == "verify" else _bench(args)
-    except (UsageError, ValueError) as error:
-        # Our checks (and MoEConfig's) name the argument, what was expected and what came.
-        message = str(error)
-        print(f"tpmoe: error: {message}", file=sys.stderr)
+            parser.error("expected a command: verify or bench (or --list-presets; --help for more)")
+        return args.run(args)
+    except UsageError as error:
+        print(f"tpmoe: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:  # `tpmoe ... | head`: the reader left; say nothing more
         import os

@@ -7,15 +7,16 @@ Implementations (--impl), all on the same weights and the same tokens:
   hf_grouped_mm  the same with "grouped_mm"                                              } size 1
   dense          per rank: one GEMM [T*K, H] x [H, N] with the FLOPs of the rank's share of the
                  block: the compute ceiling
-  floor          per rank: a read of the rank's shard of the experts the routing touches (plus the
-                 shared expert): the bandwidth floor; in train mode two reads and one write
-mode fwd: forward under torch.no_grad; train: forward + backward (weights and input get grads).
+  floor          per rank: a read of the rank's shard of as many experts as the routing touches
+                 (plus the shared expert): the bandwidth floor; in train mode two reads and one write
+(tpmoe.cli.workload). mode fwd: forward under torch.no_grad; train: forward + backward (weights
+and input get grads). The implementations are timed interleaved, one run each per round, a run's
+time being its slowest rank's (tpmoe.cli.timing); the median of the rounds is reported.
 fraction_of_limit = max(dense, floor) / median at the same world size and tokens: 1.0 would be
 as fast as the better of the two yardsticks allows. gflops: the whole block's FLOPs per second.
 World sizes run largest first, so that a rank whose part is over leaves and waits for nobody.
 """
 import datetime
-import json
 import math
 import os
 import sys
@@ -26,7 +27,8 @@ import torch
 
 from .._checks import dtype_name
 from ..config import MoEConfig
-from .timing import median_ms, time_step
+from .timing import time_calls_interleaved
+from .workload import block_forward_flops, dense_step, weight_read_step
 
 IMPLS = ("tpmoe", "hf_eager", "hf_grouped_mm", "dense", "floor")
 HF_IMPLS = {"hf_eager": "eager", "hf_grouped_mm": "grouped_mm"}
@@ -53,21 +55,8 @@ class BenchPlan:
 
 # --------------------------------------------------------------------------- sizes
 
-def forward_flops(config: MoEConfig, num_tokens: int, intermediate: Optional[int] = None,
-                  shared: Optional[int] = None) -> int:
-    """FLOPs of one forward (router, routed experts, shared expert) on the given intermediate sizes."""
-    c = config
-    intermediate = c.intermediate_size if intermediate is None else intermediate
-    shared = c.shared_intermediate_size if shared is None else shared
-    gate_up = 2 if c.gated else 1
-    routed = 2 * num_tokens * c.top_k * c.hidden_size * (gate_up + 1) * intermediate
-    shared_flops = 2 * num_tokens * c.hidden_size * (gate_up + 1) * shared
-    router = 2 * num_tokens * c.hidden_size * c.num_experts
-    return routed + shared_flops + router
-
-
-def step_flops(config: MoEConfig, num_tokens: int, mode: str, **sizes) -> int:
-    return forward_flops(config, num_tokens, **sizes) * (3 if mode == "train" else 1)
+def step_flops(config: MoEConfig, num_tokens: int, mode: str) -> int:
+    return block_forward_flops(config, num_tokens) * (3 if mode == "train" else 1)
 
 
 def block_bytes(config: MoEConfig, dtype: torch.dtype) -> int:
@@ -91,7 +80,7 @@ def available_bytes(device_type: str) -> Optional[int]:
 
 
 def check_fits(plan: BenchPlan) -> None:
-    """Raises ValueError (one line, with the --scale to try) when the block cannot fit."""
+    """Raises UsageError (one line, with the --scale to try) when the block cannot fit."""
     needed = block_bytes(plan.config, plan.dtype) * (2 if plan.mode == "train" else 1)
     free = available_bytes(plan.device_type)
     if free is None or needed <= 0.7 * free:
@@ -99,7 +88,8 @@ def check_fits(plan: BenchPlan) -> None:
     scale = plan.scale
     while needed * (scale / plan.scale) ** 2 > 0.7 * free and scale > 1e-3:
         scale /= 2
-    raise ValueError(f"--scale: the {plan.preset} block needs {needed / 2**30:.1f} GiB at scale {plan.scale:g} "
+    from . import UsageError
+    raise UsageError(f"--scale: the {plan.preset} block needs {needed / 2**30:.1f} GiB at scale {plan.scale:g} "
                      f"({dtype_name(plan.dtype)}, {plan.mode}) but {free / 2**30:.1f} GiB are free; "
                      f"try --scale {scale:g}")
 
@@ -138,34 +128,6 @@ def make_tokens(config: MoEConfig, num_tokens: int, dtype, device, seed: int):
     return x.to(dtype=dtype, device=device), dy.to(dtype=dtype, device=device)
 
 
-def routed_ids(block, x: torch.Tensor) -> torch.Tensor:
-    """The experts the block's router picks for x (what the floor must read)."""
-    from ..routing import route
-    c = block.config
-    router_dtype = c.router_dtype or x.dtype
-    bias = block.router_bias.to(router_dtype) if hasattr(block, "router_bias") else None
-    logits = torch.nn.functional.linear(x.to(router_dtype), block.router_weight.to(router_dtype), bias)
-    grouped = c.scoring == "sigmoid_group"
-    with torch.no_grad():
-        _, ids = route(logits, c.top_k, scoring=c.scoring, renormalize=c.renormalize,
-                       correction_bias=getattr(block, "correction_bias", None),
-                       n_group=c.n_group if grouped else 1, topk_group=c.topk_group if grouped else 1,
-                       routed_scaling_factor=c.routed_scaling_factor)
-    return ids
-
-
-def _expert_ranges(ids: torch.Tensor) -> List[Tuple[int, int]]:
-    """Sorted touched experts as contiguous [start, stop) runs: one read per run, not per expert."""
-    experts = torch.unique(ids).tolist()
-    ranges = []
-    for expert in experts:
-        if ranges and ranges[-1][1] == expert:
-            ranges[-1] = (ranges[-1][0], expert + 1)
-        else:
-            ranges.append((expert, expert + 1))
-    return ranges
-
-
 # --------------------------------------------------------------------------- the steps
 
 def _module_step(call, module, x, dy, mode):
@@ -182,47 +144,6 @@ def _module_step(call, module, x, dy, mode):
         module.zero_grad(set_to_none=True)
         x_leaf.grad = None
         call(x_leaf).backward(dy)
-    return step
-
-
-def dense_step(config, num_tokens, rank_forward_flops, mode, dtype, device):
-    """One GEMM [T*K, H] x [H, N] with N chosen for `rank_forward_flops`: the compute ceiling at
-    this T (mode "train": forward and backward). Also benchmarks/bench_kernels.py's yardstick."""
-    rows = num_tokens * config.top_k
-    columns = max(1, math.ceil(rank_forward_flops / (2 * rows * config.hidden_size)))
-    a = torch.randn(rows, config.hidden_size, dtype=dtype, device=device)
-    b = torch.randn(config.hidden_size, columns, dtype=dtype, device=device)
-    if mode == "fwd":
-        return lambda: a @ b
-    a.requires_grad_(True)
-    b.requires_grad_(True)
-    grad = torch.randn(rows, columns, dtype=dtype, device=device)
-
-    def step():
-        a.grad = b.grad = None
-        (a @ b).backward(grad)
-    return step
-
-
-def _floor_step(block, ids, mode):
-    ranges = _expert_ranges(ids)
-    slabs = []
-    for name in ("w_gate_up", "b_gate_up", "w_down"):
-        if hasattr(block, name) and getattr(block, name).numel():
-            weight = getattr(block, name).detach()
-            slabs += [weight[start:stop] for start, stop in ranges]
-    for name in ("shared_gate_up", "shared_down"):
-        if hasattr(block, name) and getattr(block, name).numel():
-            slabs.append(getattr(block, name).detach())
-    if mode == "fwd":
-        return lambda: [slab.sum() for slab in slabs]
-    grads = [torch.empty_like(slab) for slab in slabs]
-
-    def step():  # forward reads the weights, backward reads them again and writes their gradients
-        for slab, grad in zip(slabs, grads):
-            slab.sum()
-            slab.sum()
-            grad.zero_()
     return step
 
 
@@ -277,26 +198,32 @@ def _hf_modules(plan, block, context):
 def _bench_tokens(plan, block, hf_modules, world_size, group, num_tokens, context):
     config, device, mode = plan.config, context.device, plan.mode
     x, dy = make_tokens(config, num_tokens, plan.dtype, device, plan.seed)
-    rank_fwd_flops = forward_flops(config, num_tokens, block.I_local, block.Is_local)
+    rank_fwd_flops = block_forward_flops(config, num_tokens, block.I_local, block.Is_local)
     total_flops = step_flops(config, num_tokens, mode)
-    timing = dict(device=device, warmup=plan.warmup, repeats=plan.repeats)
-    label = f"T={num_tokens} P={world_size}"
+    with torch.no_grad():
+        _, _, topk_ids = block.route(x)  # the experts the floor must read
 
-    steps = {"tpmoe": (_module_step(block, block, x, dy, mode), group)}
+    steps = {"tpmoe": _module_step(block, block, x, dy, mode)}
+    notes = {}
     for impl, (module, call) in hf_modules.items():
-        steps[impl] = (_module_step(call, module, x, dy, mode), None)
-    steps["dense"] = (dense_step(config, num_tokens, rank_fwd_flops, mode, plan.dtype, device), group)
-    steps["floor"] = (_floor_step(block, routed_ids(block, x), mode), group)
-
-    medians, notes = {}, {}
-    for impl, (step, step_group) in steps.items():
-        try:
-            medians[impl] = median_ms(time_step(step, group=step_group, **timing))
-        except Exception as error:  # an HF implementation this build cannot run (e.g. no grouped_mm kernel)
-            if impl not in HF_IMPLS:
-                raise
+        step = _module_step(call, module, x, dy, mode)
+        try:  # one untimed run first: an HF implementation this build cannot run (e.g. no grouped_mm kernel)
+            step()
+        except Exception as error:
             notes[impl] = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
             context.send(("note", f"{impl} at T={num_tokens}: failed ({notes[impl]})"))
+            continue
+        steps[impl] = step
+    steps["dense"] = dense_step(config, num_tokens, rank_fwd_flops, mode, plan.dtype, device)
+    steps["floor"] = weight_read_step(
+        topk_ids, [getattr(block, name) for name in ("w_gate_up", "b_gate_up", "w_down") if hasattr(block, name)],
+        mode, [getattr(block, name) for name in ("shared_gate_up", "shared_down") if hasattr(block, name)])
+
+    # HF modules exist at world size 1 only, so every rank of the group times the same steps.
+    timings = time_calls_interleaved(steps, warmup=plan.warmup, repeats=plan.repeats, device=device, group=group)
+    medians = {impl: timing.median_ms for impl, timing in timings.items()}
+    label = f"T={num_tokens} P={world_size}"
+    for impl in list(steps) + list(notes):
         context.send(("progress", f"{impl} {label}"))
 
     differences = {}
@@ -382,7 +309,7 @@ def describe(plan: BenchPlan) -> str:
 
 def run_bench(plan: BenchPlan, *, json_path: Optional[str], plot_path: Optional[str], timeout_s: int, out) -> int:
     from .launch import is_main_process, run_ranks
-    from .table import format_table
+    from .report import format_table, write_json
 
     check_fits(plan)
     if plot_path is not None:
@@ -408,19 +335,13 @@ def run_bench(plan: BenchPlan, *, json_path: Optional[str], plot_path: Optional[
           "gflops: the whole block's FLOPs per second;\ndiff vs tpmoe: median over tokens of |theirs - ours| / |ours|",
           file=out)
     if json_path is not None:
-        _ensure_parent(json_path)
-        with open(json_path, "w") as handle:
-            json.dump(dict(header=header, fields=list(ROW_FIELDS), rows=rows), handle, indent=1)
+        write_json(json_path, dict(header=header, fields=list(ROW_FIELDS), rows=rows))
         print(f"JSON: {os.path.abspath(json_path)}", file=out)
     if plot_path is not None:
         from .plot import plot_rows
-        _ensure_parent(plot_path)
+        os.makedirs(os.path.dirname(os.path.abspath(plot_path)), exist_ok=True)
         plot_rows(rows, plot_path, title=header.split(";")[0])
         print(f"plot: {os.path.abspath(plot_path)}", file=out)
     out.flush()
     return 0
 
-
-def _ensure_parent(path: str) -> None:
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)

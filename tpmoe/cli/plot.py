@@ -2,9 +2,11 @@
 and world size (log-log). matplotlib is an optional extra (`pip install 'tpmoe[plot]'`)."""
 from typing import Dict, List
 
+from . import UsageError
 
-class PlottingUnavailable(ValueError):
-    pass
+
+class PlottingUnavailable(UsageError):
+    """--plot without matplotlib: said before the bench runs."""
 
 
 def check_plotting() -> None:

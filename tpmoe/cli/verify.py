@@ -172,7 +172,7 @@ def verify_rank(context, plan: VerifyPlan) -> Dict:
 
 def summarize(plan: VerifyPlan, per_rank: List[Dict]) -> (str, bool):
     """The pass/fail table and whether everything passed."""
-    from .table import format_table
+    from .report import format_table
 
     world_size = len(per_rank)
     rows, ok = [], True
