@@ -19,20 +19,28 @@ def make_expert_weights(config, dtype, device=None, generator=None, requires_gra
 
 
 def make_hf_experts(family, config, weights, implementation):
-    """transformers' experts module of `family` (the `experts` of its MoE block, as
-    tpmoe.cli.hf_blocks builds it) for `config`, holding the tensors of `weights`
-    (make_expert_weights) as its parameters: call it as module(x, topk_ids, topk_weights).
-    Raises tpmoe.cli.hf_blocks.HFUnavailable where transformers does not import or lacks it."""
-    from tpmoe.cli.hf_blocks import HFUnavailable, _module_and_config_classes, hf_config_kwargs
-    config_class, block_class = _module_and_config_classes(family)
-    hf_config = config_class(**hf_config_kwargs(family, config))
-    hf_config._experts_implementation = implementation
-    with torch.device("meta"):
-        module = block_class(hf_config).experts
-    names = dict(w_gate_up="gate_up_proj", w_down="down_proj", b_gate_up="gate_up_proj_bias",
-                 b_down="down_proj_bias")
+    """transformers' experts module of `family` (the `experts` of its MoE block, built as
+    tpmoe.hf.configs.meta_block builds it) for `config`, holding the tensors of `weights`
+    (make_expert_weights) as its parameters, placed by the adapter's weight map: call it as
+    module(x, topk_ids, topk_weights). Raises tpmoe.cli.hf_blocks.HFUnavailable where
+    transformers does not import or cannot express the block."""
+    from tpmoe.cli.hf_blocks import HFUnavailable
+    from tpmoe.hf.configs import Inexpressible, meta_block
+    from tpmoe.hf.judge import UnsupportedFamilyError
+
+    try:
+        block, hf_weights = meta_block(family, config, implementation)
+    except ImportError as error:
+        raise HFUnavailable(f"transformers is not installed ({error}); pip install 'tpmoe[hf]'") from None
+    except (Inexpressible, UnsupportedFamilyError) as error:
+        raise HFUnavailable(str(error)) from None
+    module = block.experts
     for name, tensor in weights.items():
-        setattr(module, names[name], torch.nn.Parameter(tensor, requires_grad=tensor.requires_grad))
+        for hf_name, part in hf_weights.to_hf(name, tensor).items():
+            owner, _, attribute = hf_name.rpartition(".")
+            if owner != "experts":
+                raise HFUnavailable(f"{name} maps to {hf_name}, outside transformers' experts module")
+            setattr(module, attribute, torch.nn.Parameter(part, requires_grad=tensor.requires_grad))
     left_on_meta = [name for name, parameter in module.named_parameters() if parameter.is_meta]
     if left_on_meta:
         raise HFUnavailable(f"{type(module).__name__} also has {left_on_meta}, which tpmoe's experts do not")

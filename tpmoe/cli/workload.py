@@ -2,7 +2,7 @@
 against; shared by `tpmoe bench` and the scripts in benchmarks/.
 
   FLOPs          of the routed experts (and of a whole block: router and shared expert too)
-  routing        tpmoe.route of random logits, for the scripts that time the experts alone
+  routing        tpmoe.route's twin on random logits, for the scripts that time the experts alone
   dense          one GEMM [T*K, H] x [H, N] with the same FLOPs: the compute ceiling
   weight read    one pass over as many experts' weights as the routing touches: the
                  bandwidth floor
@@ -36,10 +36,12 @@ def block_forward_flops(config: MoEConfig, num_tokens: int, intermediate: Option
 def random_routing(config: MoEConfig, num_tokens: int, *, generator: Optional[torch.Generator] = None,
                    device=None):
     """(topk_ids [T, K] int64, topk_weights [T, K] float32): softmax top-k of random logits,
-    renormalised, by tpmoe.route."""
-    from ..routing import route
+    renormalised, by tpmoe.route's plain-PyTorch twin (the same ids and weights): a benchmark of
+    the experts alone must not need the native routing op on its device, which a GPU check
+    builds and tests in a step of its own."""
+    from ..routing_torch import route_torch
     logits = torch.randn(num_tokens, config.num_experts, generator=generator, device=device)
-    topk_weights, topk_ids = route(logits, config.top_k, renormalize=True)
+    topk_weights, topk_ids = route_torch(logits, config.top_k, renormalize=True)
     return topk_ids, topk_weights
 
 
