@@ -61,7 +61,7 @@ def backend(request, monkeypatch):
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_matches_reference_fp64_and_fp32(case, backend, seed, monkeypatch):
+def test_matches_reference_fp32_and_fp64(case, backend, seed, monkeypatch):
     inputs, grad_out = case_inputs(case, seed)
     options = case_options(case)
     ref_out, ref_grads = run_with_grads(reference_experts, inputs, options, grad_out)
