@@ -3,7 +3,7 @@
 The C++ (CPU) sources in csrc/ are always built; the CUDA sources only where torch is a
 CUDA build and nvcc exists. Architectures come from TORCH_CUDA_ARCH_LIST (default
 "8.0;9.0"): the build never queries a device. TPMOE_SKIP_NATIVE=1 builds no extension,
-and `import tpmoe` still works (the calls that need `tpmoe._C` say how to build it).
+and tpmoe still works: its plain-PyTorch twins run, after one warning that says how to build it.
 """
 import glob
 import os

@@ -6,27 +6,22 @@ import threading
 import pytest
 import torch
 
-from tpmoe.cpu import cpu_ops_available, release_workspace
-from tpmoe.experts_cpu import fused_experts_cpu
+from tpmoe._native import native_available
+from tpmoe.cpu import fused_experts_cpu, release_workspace
 from tpmoe.reference import reference_experts
 
-from experts_cases import make_expert_weights, make_routing
+from experts_cases import cast, make_inputs, run_with_grads
 from tolerances import assert_fp32_close
 
-pytestmark = pytest.mark.skipif(not cpu_ops_available(),
-                                reason="tpmoe._C is not built (or built without csrc/experts_cpu_*.cpp)")
+pytestmark = pytest.mark.skipif(not native_available(), reason="tpmoe._C is not built")
 
 OPTIONS = dict(activation="silu", layout="concatenated", gated=True, alpha=1.702, limit=7.0)
 
 
 def make_call(seed, num_tokens, dtype=torch.float32):
-    generator = torch.Generator().manual_seed(seed)
-    topk_ids, topk_weights = make_routing(num_tokens, 5, 2, generator=generator)
-    weights = make_expert_weights(5, 24, 19, bias=True, generator=generator)
-    x = torch.randn(num_tokens, 24, generator=generator, dtype=torch.float64)
-    args = dict(hidden_states=x, w_gate_up=weights["w_gate_up"], w_down=weights["w_down"],
-                b_gate_up=weights["b_gate_up"], b_down=weights["b_down"], topk_weights=topk_weights.double())
-    return {name: value.to(dtype) for name, value in args.items()}, topk_ids
+    inputs, _ = make_inputs(seed, num_tokens, 24, 19, 5, 2, layout="concatenated", gated=True, bias=True)
+    args = cast(inputs, dtype)
+    return args, args.pop("topk_ids")
 
 
 def run(args, topk_ids, threading_mode="experts"):
@@ -37,7 +32,7 @@ def run(args, topk_ids, threading_mode="experts"):
 
 
 def reference(args, topk_ids):
-    doubled = {name: value.double() for name, value in args.items()}
+    doubled = cast(args, torch.float64)
     return reference_experts(doubled["hidden_states"], doubled["w_gate_up"], doubled["w_down"], topk_ids,
                              doubled["topk_weights"], b_gate_up=doubled["b_gate_up"], b_down=doubled["b_down"],
                              **OPTIONS)
@@ -80,14 +75,11 @@ def test_outputs_and_saved_gate_up_do_not_alias_the_kept_buffer(seed):
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
     out.backward(grad_out)
 
-    ref_leaves = {name: value.double().clone().requires_grad_(True) for name, value in first.items()}
-    ref_out = reference_experts(ref_leaves["hidden_states"], ref_leaves["w_gate_up"], ref_leaves["w_down"],
-                                first_ids, ref_leaves["topk_weights"], b_gate_up=ref_leaves["b_gate_up"],
-                                b_down=ref_leaves["b_down"], **OPTIONS)
-    ref_out.backward(grad_out.double())
+    ref_out, ref_grads = run_with_grads(reference_experts, dict(first, topk_ids=first_ids), OPTIONS, grad_out,
+                                        torch.float64)
     assert_fp32_close(kept_out, ref_out, "output")
     for name, leaf in leaves.items():
-        assert_fp32_close(leaf.grad, ref_leaves[name].grad, f"d{name}")
+        assert_fp32_close(leaf.grad, ref_grads[name], f"d{name}")
 
 
 def test_concurrent_calls_each_get_their_own_scratch(seed):

@@ -18,49 +18,39 @@ Not deterministic in the bitwise sense, by design (stated in docs/robustness.md)
   rounding) and against the one-process block: equal within the dtype tolerance, not bitwise;
 - NCCL all-reduce on GPUs may pick another algorithm (ring/tree) with other sizes or topology.
 """
+import functools
+
 import pytest
 import torch
 
 import tpmoe
 from dist_utils import run_distributed
-from experts_cases import make_expert_weights, make_routing
+from experts_cases import make_inputs, run_with_grads
 
 REPEATS = 3
 
 
-def _experts_run(backend, inputs, options):
-    names = ("hidden_states", "w_gate_up", "w_down", "topk_weights", "b_gate_up", "b_down")
-    leaves = {n: inputs[n].detach().clone().requires_grad_() for n in names}
-    y = tpmoe.fused_experts(leaves["hidden_states"], leaves["w_gate_up"], leaves["w_down"], inputs["topk_ids"],
-                            leaves["topk_weights"], b_gate_up=leaves["b_gate_up"], b_down=leaves["b_down"],
-                            backend=backend, **options)
-    y.backward(inputs["grad_output"])
-    return [y.detach()] + [leaves[n].grad for n in names]
-
-
-def _experts_inputs(seed, T, H, I, E, K, layout, dtype):
-    generator = torch.Generator().manual_seed(seed)
-    weights = make_expert_weights(E, H, I, layout=layout, bias=True, generator=generator)
-    topk_ids, topk_weights = make_routing(T, E, K, mode="skip_last", generator=generator)
-    inputs = {name: w.to(dtype) for name, w in weights.items()}
-    inputs.update(hidden_states=torch.randn(T, H, generator=generator).to(dtype), topk_ids=topk_ids,
-                  topk_weights=topk_weights, grad_output=torch.randn(T, H, generator=generator).to(dtype))
-    return inputs
+def _experts_runs(backend, seed, T, H, I, E, K, layout, activation, dtype):
+    """REPEATS runs of the same call: (output, {name: gradient}) each."""
+    inputs, grad_out = make_inputs(seed, T, H, I, E, K, layout=layout, gated=True, bias=True, mode="skip_last")
+    options = dict(layout=layout, activation=activation)
+    call = functools.partial(tpmoe.fused_experts, backend=backend)
+    return [run_with_grads(call, inputs, options, grad_out, dtype) for _ in range(REPEATS)]
 
 
 def _assert_bitwise_equal_runs(runs):
-    names = ("output", "dx", "dw_gate_up", "dw_down", "dtopk_weights", "db_gate_up", "db_down")
-    for repeat, run in enumerate(runs[1:], start=1):
-        for name, first, again in zip(names, runs[0], run):
-            assert torch.equal(first, again), f"{name} differs between run 0 and run {repeat}"
+    first_out, first_grads = runs[0]
+    for repeat, (out, grads) in enumerate(runs[1:], start=1):
+        assert torch.equal(first_out, out), f"output differs between run 0 and run {repeat}"
+        for name, grad in first_grads.items():
+            assert torch.equal(grad, grads[name]), f"d{name} differs between run 0 and run {repeat}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("layout", ["concatenated", "gpt_oss"])
 def test_cpu_path_is_bitwise_reproducible(dtype, layout, seed):
-    inputs = _experts_inputs(seed, T=37, H=24, I=10, E=6, K=3, layout=layout, dtype=dtype)
     threads = torch.get_num_threads()
-    runs = [_experts_run("cpu", inputs, dict(layout=layout, activation="silu")) for _ in range(REPEATS)]
+    runs = _experts_runs("cpu", seed, T=37, H=24, I=10, E=6, K=3, layout=layout, activation="silu", dtype=dtype)
     assert torch.get_num_threads() == threads
     _assert_bitwise_equal_runs(runs)
 
@@ -69,9 +59,8 @@ def test_cpu_path_is_bitwise_reproducible(dtype, layout, seed):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_path_with_a_fixed_config_is_bitwise_reproducible(dtype, seed, monkeypatch):
     monkeypatch.setenv("TPMOE_TRITON_CONFIG", "BLOCK_M=16,BLOCK_N=16,BLOCK_K=16,num_warps=4,num_stages=2")
-    inputs = _experts_inputs(seed, T=11, H=16, I=8, E=4, K=2, layout="interleaved", dtype=dtype)
-    runs = [_experts_run("triton", inputs, dict(layout="interleaved", activation="gelu_tanh"))
-            for _ in range(REPEATS)]
+    runs = _experts_runs("triton", seed, T=11, H=16, I=8, E=4, K=2, layout="interleaved", activation="gelu_tanh",
+                         dtype=dtype)
     _assert_bitwise_equal_runs(runs)
 
 

@@ -1,4 +1,5 @@
-"""`import tpmoe` works without the built extension; the call that needs it says how to build it."""
+"""`import tpmoe` works without the built extension, and so does every call: the plain-PyTorch
+twins run, after one warning that says how to build it."""
 import subprocess
 import sys
 
@@ -16,16 +17,30 @@ def run_python(code):
     return subprocess.run([sys.executable, "-c", BLOCK_NATIVE + code], capture_output=True, text=True, timeout=120)
 
 
-def test_import_without_native_extension_then_clear_error():
+def test_without_native_extension_everything_runs_after_one_warning():
+    # Routing, the experts and the whole block, forward and backward, twice: the plain-PyTorch
+    # twins run, and the one warning names the missing extension and the build command.
     result = run_python(
+        "import warnings\n"
         "import torch, tpmoe\n"
-        "from tpmoe._native import NativeExtensionMissing\n"
-        "try:\n"
-        "    tpmoe.route(torch.randn(4, 6), 2)\n"
-        "except NativeExtensionMissing as error:\n"
-        "    print('MESSAGE', error)\n")
+        "from tpmoe._native import NativeFallbackWarning\n"
+        "config = tpmoe.MoEConfig(hidden_size=8, intermediate_size=6, num_experts=4, top_k=2)\n"
+        "block = tpmoe.MoEBlock.from_full(config, tpmoe.random_moe_weights(config))\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    for _ in range(2):\n"
+        "        weights, ids = tpmoe.route(torch.randn(5, 4), 2)\n"
+        "        tpmoe.align(ids, 4)\n"
+        "        tpmoe.fused_experts(torch.randn(5, 8), torch.randn(4, 12, 8), torch.randn(4, 8, 6), ids, weights)\n"
+        "        x = torch.randn(5, 8, requires_grad=True)\n"
+        "        block(x).sum().backward()\n"
+        "        assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0\n"
+        "fallbacks = [w for w in caught if issubclass(w.category, NativeFallbackWarning)]\n"
+        "print('WARNINGS', len(fallbacks))\n"
+        "print('MESSAGE', fallbacks[0].message)\n")
     assert result.returncode == 0, result.stderr
-    assert "MESSAGE" in result.stdout
+    assert "WARNINGS 1" in result.stdout, result.stdout
+    assert "tpmoe._C is not built" in result.stdout
     assert "pip install --no-build-isolation -e ." in result.stdout
 
 

@@ -1,15 +1,15 @@
 """The Triton fused experts, forward and backward, against tpmoe.reference: output and every gradient.
 
 On CPU the kernels run under TRITON_INTERPRET=1 (conftest.py sets it when there is no GPU).
-fp32 within 1e-5 relative of the float64 reference; float64 within 1e-12; fp16/bf16 within
-twice the error of a same-dtype PyTorch run of the reference (tests/tolerances.py).
+fp16/bf16 within twice the error of a same-dtype PyTorch run of the reference
+(tests/tolerances.py); fp32 and float64 on every case: tests/test_experts_contract.py.
 """
 import os
 
 import pytest
 import torch
 
-from experts_cases import make_expert_weights, make_routing
+from experts_cases import case_id, case_inputs, case_options, make_inputs, run_with_grads
 from tolerances import assert_fp32_close, assert_within_twice_same_dtype, max_rel_error
 
 pytest.importorskip("triton", reason="the Triton path needs the triton package (pip install tpmoe[triton])")
@@ -24,110 +24,32 @@ pytestmark = [
 ]
 
 import tpmoe  # noqa: E402
-from tpmoe.config import GATED_ONLY_ACTIVATIONS  # noqa: E402
 from tpmoe.reference import reference_experts  # noqa: E402
-from tpmoe.triton import fused_experts_triton, tile_configs  # noqa: E402
+from tpmoe.triton import fused_experts_triton  # noqa: E402
 
 DEVICE = "cpu" if interpreted else "cuda"
-GRAD_NAMES = ("hidden_states", "w_gate_up", "w_down", "topk_weights", "b_gate_up", "b_down")
-# Blocks of 16 so every loop over H, I and rows runs several trips on these small shapes.
-SMALL_BLOCKS = "BLOCK_M=16,BLOCK_N=16,BLOCK_K=16"
-
-
-def make_inputs(seed, num_tokens, hidden, inter, experts, top_k, *, layout, gated, bias, mode="random",
-                scale=1.0):
-    generator = torch.Generator().manual_seed(seed)
-    topk_ids, topk_weights = make_routing(num_tokens, experts, top_k, mode=mode, generator=generator)
-    inputs = make_expert_weights(experts, hidden, inter, layout=layout, gated=gated, bias=bias, generator=generator)
-    inputs["hidden_states"] = torch.randn(num_tokens, hidden, generator=generator, dtype=torch.float64) * scale
-    inputs["topk_ids"] = topk_ids
-    inputs["topk_weights"] = topk_weights.double()
-    grad_out = torch.randn(num_tokens, hidden, generator=generator, dtype=torch.float64)
-    return inputs, grad_out
-
-
-def run_with_grads(fn, inputs, options, grad_out, dtype, device="cpu"):
-    # Routing weights stay float32 at half precision, as tpmoe.route returns them.
-    weight_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-    leaves = {name: value.detach().to(device=device, dtype=weight_dtype if name == "topk_weights" else dtype)
-              .requires_grad_(True) for name, value in inputs.items() if name != "topk_ids"}
-    out = fn(leaves["hidden_states"], leaves["w_gate_up"], leaves["w_down"], inputs["topk_ids"].to(device),
-             leaves["topk_weights"], b_gate_up=leaves.get("b_gate_up"), b_down=leaves.get("b_down"), **options)
-    out.backward(grad_out.to(device=device, dtype=out.dtype))
-    return out.detach().cpu(), {name: leaves[name].grad.cpu() for name in GRAD_NAMES if name in leaves}
+# Each layout, a gated-only activation of each kind, not gated.
+HALF_CASES = [
+    (37, 48, 40, 7, 2, "concatenated", True, "silu", False, "skip_last"),
+    (11, 24, 10, 4, 2, "gpt_oss", True, "clamped_swiglu", True, "random"),
+    (17, 16, 8, 5, 5, "concatenated", False, "relu", True, "random"),
+    (21, 33, 40, 4, 2, "interleaved", True, "silu", True, "one_expert"),
+    (13, 20, 9, 3, 2, "interleaved", True, "silu_clamped", False, "one_expert"),
+    (9, 24, 12, 4, 2, "gpt_oss", True, "softcapped_swiglu", True, "skip_last"),
+]
+ONE_TOKEN_CASE = (1, 24, 12, 5, 3, "concatenated", True, "gelu", True, "random")
+ONE_EXPERT_CASE = (13, 40, 9, 6, 2, "interleaved", True, "gelu_tanh", True, "one_expert")
 
 
 def triton_path(*args, **kwargs):
     return fused_experts_triton(*args, **kwargs)
 
 
-CASES = [
-    # (T, H, I_p, E, K, layout, gated, activation, bias, mode)
-    (37, 48, 40, 7, 2, "concatenated", True, "silu", False, "skip_last"),
-    (1, 24, 12, 5, 3, "concatenated", True, "gelu", True, "random"),
-    (13, 40, 9, 6, 2, "interleaved", True, "gelu_tanh", True, "one_expert"),
-    (11, 24, 10, 4, 2, "gpt_oss", True, "clamped_swiglu", True, "random"),
-    (17, 16, 8, 5, 5, "concatenated", False, "relu", True, "random"),
-    (9, 20, 7, 3, 1, "interleaved", True, "relu", False, "random"),
-    (8, 16, 6, 4, 2, "gpt_oss", False, "gelu", False, "skip_last"),
-    (21, 33, 40, 4, 2, "interleaved", True, "silu", True, "one_expert"),
-    (15, 36, 24, 5, 2, "gpt_oss", True, "silu", False, "random"),
-    (12, 28, 16, 3, 2, "concatenated", True, "clamped_swiglu", False, "skip_last"),
-    (10, 24, 12, 4, 2, "interleaved", False, "gelu_tanh", True, "random"),
-    (19, 20, 14, 6, 3, "gpt_oss", True, "gelu", True, "random"),
-    (11, 20, 10, 4, 2, "interleaved", True, "clamped_swiglu", True, "random"),
-    (11, 24, 10, 4, 2, "concatenated", True, "clamped_silu", True, "random"),
-    (13, 20, 9, 3, 2, "interleaved", True, "silu_clamped", False, "one_expert"),
-    (9, 24, 12, 4, 2, "gpt_oss", True, "softcapped_swiglu", True, "skip_last"),
-    (10, 16, 8, 4, 2, "gpt_oss", False, "relu2", True, "random"),
-]
-
-
-def case_id(case):
-    return "-".join(map(str, case))
-
-
-def options_for(case):
-    _, _, _, _, _, layout, gated, activation, _, _ = case
-    return dict(activation=activation, layout=layout, gated=gated, alpha=1.702, limit=7.0)
-
-
-def inputs_for(case, seed):
-    num_tokens, hidden, inter, experts, top_k, layout, gated, activation, bias, mode = case
-    # The gated-only activations: large inputs push pre-activations past the clamps on both
-    # branches, and deep into the softcaps' saturation.
-    return make_inputs(seed, num_tokens, hidden, inter, experts, top_k, layout=layout, gated=gated, bias=bias,
-                       mode=mode, scale=20.0 if activation in GATED_ONLY_ACTIVATIONS else 1.0)
-
-
-@pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_triton_matches_reference_fp32_and_fp64(case, seed, monkeypatch):
-    inputs, grad_out = inputs_for(case, seed)
-    options = options_for(case)
-    ref_out, ref_grads = run_with_grads(reference_experts, inputs, options, grad_out, torch.float64)
-    # float64 with the tables' default blocks (one trip over these small dims)
-    out64, grads64 = run_with_grads(triton_path, inputs, options, grad_out, torch.float64, DEVICE)
-    assert_fp32_close(out64, ref_out, "output fp64", rtol=1e-12)
-    for name, grad in ref_grads.items():
-        assert_fp32_close(grads64[name], grad, f"d{name} fp64", rtol=1e-12)
-    # float32 with 16-wide blocks (several trips, every mask used)
-    monkeypatch.setenv(tile_configs.ENV_VAR, SMALL_BLOCKS)
-    out32, grads32 = run_with_grads(triton_path, inputs, options, grad_out, torch.float32, DEVICE)
-    assert out32.dtype == torch.float32
-    assert_fp32_close(out32, ref_out, "output fp32")
-    for name, grad in ref_grads.items():
-        assert grads32[name].dtype == torch.float32, name
-        assert_fp32_close(grads32[name], grad, f"d{name} fp32")
-
-
-HALF_CASES = [CASES[0], CASES[3], CASES[4], CASES[7], CASES[14], CASES[15]]
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", HALF_CASES, ids=case_id)
 def test_triton_half_within_twice_same_dtype_torch(case, dtype, seed):
-    inputs, grad_out = inputs_for(case, seed)
-    options = options_for(case)
+    inputs, grad_out = case_inputs(case, seed)
+    options = case_options(case)
     ref_out, ref_grads = run_with_grads(reference_experts, inputs, options, grad_out, torch.float64)
     torch_out, torch_grads = run_with_grads(reference_experts, inputs, options, grad_out, dtype)
     out, grads = run_with_grads(triton_path, inputs, options, grad_out, dtype, DEVICE)
@@ -142,9 +64,9 @@ def test_triton_half_within_twice_same_dtype_torch(case, dtype, seed):
 
 def test_half_tolerance_is_not_vacuous(seed):
     """The bf16 bound catches a real mistake: dropping one (token, k) contribution fails it."""
-    case = CASES[0]
-    inputs, grad_out = inputs_for(case, seed)
-    options = options_for(case)
+    case = HALF_CASES[0]
+    inputs, grad_out = case_inputs(case, seed)
+    options = case_options(case)
     ref_out, _ = run_with_grads(reference_experts, inputs, options, grad_out, torch.float64)
     torch_out, _ = run_with_grads(reference_experts, inputs, options, grad_out, torch.bfloat16)
     broken = dict(inputs)
@@ -156,9 +78,9 @@ def test_half_tolerance_is_not_vacuous(seed):
 
 
 def test_deterministic_bitwise(seed):
-    case = CASES[7]
-    inputs, grad_out = inputs_for(case, seed)
-    options = options_for(case)
+    case = HALF_CASES[3]
+    inputs, grad_out = case_inputs(case, seed)
+    options = case_options(case)
     first = run_with_grads(triton_path, inputs, options, grad_out, torch.bfloat16, DEVICE)
     second = run_with_grads(triton_path, inputs, options, grad_out, torch.bfloat16, DEVICE)
     assert torch.equal(first[0], second[0])
@@ -169,8 +91,8 @@ def test_deterministic_bitwise(seed):
 def test_strided_weight_shards_are_read_in_place(seed):
     """A TP shard that is a view (every other gate/up column pair of a larger weight): no copy needed."""
     case = (14, 24, 10, 4, 2, "gpt_oss", True, "silu", True, "random")
-    inputs, grad_out = inputs_for(case, seed)
-    options = options_for(case)
+    inputs, grad_out = case_inputs(case, seed)
+    options = case_options(case)
     ref_out, ref_grads = run_with_grads(reference_experts, inputs, options, grad_out, torch.float64)
     full = torch.zeros(4, 24, 40, dtype=torch.float64)
     full[:, :, 0::2] = inputs["w_gate_up"]
@@ -186,9 +108,9 @@ def test_strided_weight_shards_are_read_in_place(seed):
 
 def test_only_input_gradient_requested(seed):
     """Frozen weights: the weight-gradient kernels are skipped and dx is still right."""
-    case = CASES[1]
-    inputs, grad_out = inputs_for(case, seed)
-    options = options_for(case)
+    case = ONE_TOKEN_CASE
+    inputs, grad_out = case_inputs(case, seed)
+    options = case_options(case)
     _, ref_grads = run_with_grads(reference_experts, inputs, options, grad_out, torch.float64)
     x = inputs["hidden_states"].to(DEVICE, torch.float32).requires_grad_(True)
     as32 = {name: value.to(DEVICE, torch.float32) for name, value in inputs.items() if name != "topk_ids"}
@@ -217,9 +139,9 @@ def test_empty_sizes(num_tokens, inter, seed):
 
 
 def test_public_entry_point_dispatches_here(seed):
-    case = CASES[2]
-    inputs, grad_out = inputs_for(case, seed)
-    options = options_for(case)
+    case = ONE_EXPERT_CASE
+    inputs, grad_out = case_inputs(case, seed)
+    options = case_options(case)
     ref_out, ref_grads = run_with_grads(reference_experts, inputs, options, grad_out, torch.float64)
     out, grads = run_with_grads(lambda *a, **k: tpmoe.fused_experts(*a, backend="triton", **k), inputs, options,
                                 grad_out, torch.float32, DEVICE)
@@ -232,8 +154,8 @@ def test_public_entry_point_dispatches_here(seed):
 def test_traces_whole_under_torch_compile(seed):
     """Every launch is a custom op with a fake: torch.compile captures forward and backward in one graph."""
     case = (9, 16, 16, 4, 2, "concatenated", True, "silu", True, "random")
-    inputs, grad_out = inputs_for(case, seed)
-    options = options_for(case)
+    inputs, grad_out = case_inputs(case, seed)
+    options = case_options(case)
     eager_out, eager_grads = run_with_grads(triton_path, inputs, options, grad_out, torch.float32, DEVICE)
     compiled = torch.compile(triton_path, backend="aot_eager", fullgraph=True)
     out, grads = run_with_grads(compiled, inputs, options, grad_out, torch.float32, DEVICE)

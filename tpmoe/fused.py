@@ -5,6 +5,7 @@ import torch
 
 from ._checks import (FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_ids_in_range, check_shape,
                       check_tensor)
+from ._native import use_native_ops
 from .config import ACTIVATIONS, GATED_ONLY_ACTIVATIONS, LAYOUTS
 
 BACKENDS = ("auto", "cpu", "triton", "reference")
@@ -23,8 +24,9 @@ def fused_experts(hidden_states: torch.Tensor, w_gate_up: torch.Tensor, w_down: 
       w_gate_up [E, R, H] ("concatenated", "interleaved") or [E, H, R] ("gpt_oss"), R = 2 I_p
       gated, I_p not gated; w_down [E, H, I_p] ([E, I_p, H] for "gpt_oss");
       b_gate_up [E, R], b_down [E, H].
-    backend: "auto" (Triton on CUDA tensors, the CPU path on CPU tensors), "cpu", "triton" (on
-    CPU tensors only under TRITON_INTERPRET=1), "reference" (tpmoe.reference, loop-style).
+    backend: "auto" (Triton on CUDA tensors, the CPU path on CPU tensors), "cpu" (the native ops
+    of tpmoe._C; where it is not built, their plain-PyTorch twin, after one warning), "triton"
+    (on CPU tensors only under TRITON_INTERPRET=1), "reference" (tpmoe.reference, loop-style).
     Differentiable in hidden_states, the weights, the biases and topk_weights.
     """
     check_choice(backend, "backend", BACKENDS)
@@ -36,21 +38,31 @@ def fused_experts(hidden_states: torch.Tensor, w_gate_up: torch.Tensor, w_down: 
                                                           topk_weights, layout, gated, b_gate_up, b_down)
     check_ids_in_range(topk_ids, num_experts)
 
+    implementation = _implementation(backend, hidden_states.device)
+    # The Triton kernels read rows of a contiguous x and int64 ids; the other paths give the
+    # same results either way.
+    return implementation(hidden_states.contiguous(), w_gate_up, w_down, topk_ids.long(), topk_weights,
+                          activation=activation, layout=layout, gated=gated, b_gate_up=b_gate_up, b_down=b_down,
+                          alpha=alpha, limit=limit)
+
+
+def _implementation(backend: str, device: torch.device):
+    """The one backend decision: the function that runs a call of `backend` on `device`."""
     if backend == "auto":
-        backend = "triton" if hidden_states.is_cuda else "cpu"
-    if backend == "cpu" and hidden_states.device.type != "cpu":
-        raise ValueError(f"backend: 'cpu' needs CPU tensors, got hidden_states on {hidden_states.device}")
-    options = dict(activation=activation, layout=layout, gated=gated, b_gate_up=b_gate_up, b_down=b_down,
-                   alpha=alpha, limit=limit)
+        backend = "triton" if device.type == "cuda" else "cpu"
     if backend == "reference":
         from .reference import reference_experts
-        return reference_experts(hidden_states, w_gate_up, w_down, topk_ids, topk_weights, **options)
+        return reference_experts
     if backend == "triton":
         from .triton import fused_experts_triton
-        return fused_experts_triton(hidden_states.contiguous(), w_gate_up, w_down, topk_ids.long(),
-                                    topk_weights, **options)
-    from .experts_cpu import fused_experts_cpu
-    return fused_experts_cpu(hidden_states, w_gate_up, w_down, topk_ids, topk_weights, **options)
+        return fused_experts_triton
+    if device.type != "cpu":
+        raise ValueError(f"backend: 'cpu' needs CPU tensors, got hidden_states on {device}")
+    if use_native_ops():
+        from .cpu import fused_experts_cpu
+        return fused_experts_cpu
+    from .cpu import grouped_experts_torch
+    return grouped_experts_torch
 
 
 def _check_experts_args(hidden_states, w_gate_up, w_down, topk_ids, topk_weights, layout, gated, b_gate_up,

@@ -1,20 +1,21 @@
 """Routing: which experts each token goes to (`route`) and the metadata that groups the
 (token, expert) pairs by expert for the grouped GEMMs (`align`).
 
-Both run the native ops `torch.ops.tpmoe.route` / `torch.ops.tpmoe.align` (csrc/, CPU and
-CUDA). This module checks the arguments first (the messages name the argument, what was
-expected and what came), and registers for the ops what torch needs around them: fake
-(meta) implementations, so `torch.compile` traces them, and the autograd formula of `route`.
-The plain-PyTorch twins are in `tpmoe.routing_torch`.
+Both check their arguments first (the messages name the argument, what was expected and
+what came), then run the native ops `torch.ops.tpmoe.route` / `torch.ops.tpmoe.align`
+(csrc/, CPU and CUDA), or, where tpmoe._C is not built, their plain-PyTorch twins
+(tpmoe.routing_torch; the decision is tpmoe._native.use_native_ops). This module registers
+for the native ops what torch needs around them: fake (meta) implementations, so
+`torch.compile` traces them, and the autograd formula of `route`.
 """
 import math
 from typing import Optional, Tuple
 
 import torch
 
-from ._native import NativeExtensionMissing, native_ops
+from ._native import native_ops, on_load, use_native_ops
 from .config import SCORINGS
-from .routing_torch import AlignResult, padded_rows_bound, weight_dtype_for
+from .routing_torch import AlignResult, align_torch, padded_rows_bound, route_torch, weight_dtype_for
 
 __all__ = ["AlignResult", "align", "route"]
 
@@ -24,11 +25,8 @@ _ID_DTYPES = (torch.int32, torch.int64)
 _MAX_PAIRS = 2**31 - 1
 
 # ---------------------------------------------------------------------------------------
-# Registration of the fake implementations and the autograd formula. They need the ops to
-# exist, i.e. tpmoe._C loaded: done once, at import when the extension is there, otherwise
-# at the first call that loads it.
+# The fake implementations and the autograd formula of the native ops
 # ---------------------------------------------------------------------------------------
-_registered = False
 
 
 def _route_fake(router_logits, top_k, scoring, renormalize, correction_bias, n_group, topk_group,
@@ -97,27 +95,12 @@ def _route_backward(ctx, grad_topk_weights, _grad_topk_ids):
     return grad_logits.to(router_logits.dtype), None, None, None, None, None, None, None
 
 
-def _register_once() -> None:
-    global _registered
-    if _registered:
-        return
-    native_ops()  # raises NativeExtensionMissing with the build hint
+@on_load
+def _register_python_side() -> None:
     torch.library.register_fake("tpmoe::route", _route_fake)
     torch.library.register_fake("tpmoe::align", _align_fake)
     torch.library.register_autograd("tpmoe::route", _route_backward, setup_context=_route_setup_context)
-    _registered = True
 
-
-def _ops():
-    if not _registered:
-        _register_once()
-    return torch.ops.tpmoe
-
-
-try:
-    _register_once()
-except NativeExtensionMissing:
-    pass  # route/align raise it, with the build hint, when called
 
 # ---------------------------------------------------------------------------------------
 # Argument checks
@@ -244,8 +227,12 @@ def route(
     """
     _check_route_args(router_logits, top_k, scoring, renormalize, correction_bias, n_group, topk_group,
                       routed_scaling_factor)
-    return _ops().route(router_logits, top_k, scoring, renormalize, correction_bias, n_group, topk_group,
-                        float(routed_scaling_factor))
+    if not use_native_ops():
+        return route_torch(router_logits, top_k, scoring=scoring, renormalize=renormalize,
+                           correction_bias=correction_bias, n_group=n_group, topk_group=topk_group,
+                           routed_scaling_factor=float(routed_scaling_factor))
+    return native_ops().route(router_logits, top_k, scoring, renormalize, correction_bias, n_group, topk_group,
+                              float(routed_scaling_factor))
 
 
 def align(topk_ids: torch.Tensor, num_experts: int, block_m: int = 1) -> AlignResult:
@@ -256,4 +243,6 @@ def align(topk_ids: torch.Tensor, num_experts: int, block_m: int = 1) -> AlignRe
     M = T*K + min(E, T*K) * (block_m - 1) depends on shapes only.
     """
     _check_align_args(topk_ids, num_experts, block_m)
-    return AlignResult(*_ops().align(topk_ids, num_experts, block_m))
+    if not use_native_ops():
+        return align_torch(topk_ids, num_experts, block_m)
+    return AlignResult(*native_ops().align(topk_ids, num_experts, block_m))

@@ -1,9 +1,17 @@
-"""The native CPU expert path: C++ ops (csrc/experts_cpu_*.cpp) behind an autograd.Function.
+"""The CPU expert path of tpmoe.fused_experts, laid out as tpmoe.triton is.
 
-`experts_forward_native(...)` is what `tpmoe.experts_cpu.fused_experts_cpu` calls when the
-extension is built; `cpu_ops_available()` says whether it is. The forward keeps its scratch
-buffer between calls; `release_workspace()` frees it.
+- ops.py: the native ops of tpmoe._C (csrc/experts_cpu_*.cpp) and their fakes;
+- autograd.py: ExpertsCpuFunction and `fused_experts_cpu`, what tpmoe.fused_experts calls
+  where tpmoe._C is built (expert-sorted rows, per-expert GEMMs into preallocated buffers,
+  the activation and the weighted sum over k fused into passes over the GEMM outputs,
+  forward and backward, every dtype);
+- experts_torch.py: `grouped_experts_torch`, the plain-PyTorch twin that runs where it is not
+  (tpmoe.fused decides which; tpmoe._native.use_native_ops).
+
+The native forward keeps its scratch buffer between calls; `release_workspace()` frees it.
 """
-from .ops import ExpertsCpuFunction, cpu_ops, cpu_ops_available, experts_forward_native, release_workspace
+from .autograd import ExpertsCpuFunction, fused_experts_cpu
+from .experts_torch import grouped_experts_torch
+from .ops import cpu_ops, release_workspace
 
-__all__ = ["ExpertsCpuFunction", "cpu_ops", "cpu_ops_available", "experts_forward_native", "release_workspace"]
+__all__ = ["ExpertsCpuFunction", "cpu_ops", "fused_experts_cpu", "grouped_experts_torch", "release_workspace"]

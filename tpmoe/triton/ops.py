@@ -1,5 +1,6 @@
 """Each Triton launch as a `torch.library.custom_op` with a fake (meta) implementation, so
-torch.compile can trace through them and CUDA graphs can capture them.
+torch.compile can trace through them and CUDA graphs can capture them. They are
+`torch.ops.tpmoe.triton_*`, in the namespace of the C++ ops (tpmoe._native).
 
 `config` is a KernelConfig as a list [BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages].
 """
@@ -23,7 +24,7 @@ def _config(values: List[int]) -> KernelConfig:
     return KernelConfig(*values)
 
 
-@torch.library.custom_op("tpmoe_triton::gate_up", mutates_args=())
+@torch.library.custom_op("tpmoe::triton_gate_up", mutates_args=())
 def gate_up(hidden_states: torch.Tensor, w_gate_up: torch.Tensor, b_gate_up: Optional[torch.Tensor],
             sorted_ids_padded: torch.Tensor, block_expert: torch.Tensor, top_k: int, activation: str, layout: str,
             gated: bool, alpha: float, limit: float, config: List[int]) -> torch.Tensor:
@@ -40,7 +41,7 @@ def _(hidden_states, w_gate_up, b_gate_up, sorted_ids_padded, block_expert, top_
     return hidden_states.new_empty(sorted_ids_padded.shape[0], intermediate_size)
 
 
-@torch.library.custom_op("tpmoe_triton::grouped_scatter", mutates_args=())
+@torch.library.custom_op("tpmoe::triton_grouped_scatter", mutates_args=())
 def grouped_scatter(rows: torch.Tensor, weight: torch.Tensor, n_axis: int, k_axis: int, bias: Optional[torch.Tensor],
                     routing_weights: Optional[torch.Tensor], sorted_ids_padded: torch.Tensor,
                     block_expert: torch.Tensor, num_pairs: int, config: List[int]) -> torch.Tensor:
@@ -55,7 +56,7 @@ def _(rows, weight, n_axis, k_axis, bias, routing_weights, sorted_ids_padded, bl
     return rows.new_empty(num_pairs, weight.shape[n_axis], dtype=out_dtype)
 
 
-@torch.library.custom_op("tpmoe_triton::backward_dh", mutates_args=())
+@torch.library.custom_op("tpmoe::triton_backward_dh", mutates_args=())
 def backward_dh(grad_output: torch.Tensor, hidden_states: torch.Tensor, w_gate_up: torch.Tensor,
                 b_gate_up: Optional[torch.Tensor], w_down: torch.Tensor, b_down: Optional[torch.Tensor],
                 topk_weights: torch.Tensor, h: torch.Tensor, sorted_ids_padded: torch.Tensor,
@@ -76,7 +77,7 @@ def _(grad_output, hidden_states, w_gate_up, b_gate_up, w_down, b_down, topk_wei
             hidden_states.new_empty(hidden_states.shape[0], top_k, dtype=partial_dtype))
 
 
-@torch.library.custom_op("tpmoe_triton::backward_dw", mutates_args=())
+@torch.library.custom_op("tpmoe::triton_backward_dw", mutates_args=())
 def backward_dw(a: torch.Tensor, b: torch.Tensor, routing_weights: Optional[torch.Tensor],
                 sorted_ids_padded: torch.Tensor, padded_offsets: torch.Tensor, weight_like: torch.Tensor,
                 n_axis: int, k_axis: int, num_pairs: int, top_k: int, a_gathered: bool, b_gathered: bool,

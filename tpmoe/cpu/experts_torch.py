@@ -1,37 +1,18 @@
-"""The CPU expert path of tpmoe.fused_experts.
+"""The plain-PyTorch twin of the native CPU experts: what tpmoe.fused_experts(backend="cpu")
+runs where tpmoe._C is not built (or TPMOE_SKIP_NATIVE=1), correct and slower.
 
-It runs the native ops of tpmoe._C (csrc/experts_cpu_*.cpp, through tpmoe.cpu): expert-sorted
-rows, per-expert ATen GEMMs into preallocated buffers, the activation and the weighted sum
-over k fused into passes over the GEMM outputs, forward and backward, every dtype.
-
-Where tpmoe._C is not built (TPMOE_SKIP_NATIVE=1, a checkout without a build) the grouped
-PyTorch code below runs instead, under PyTorch's autograd: the package must work without
-its extension, only slower. It sorts rows with tpmoe.routing_torch.align_torch for the same
-reason.
+One PyTorch GEMM pair per expert under PyTorch's autograd; the rows are grouped by
+tpmoe.routing_torch.align_torch, as the native `align` is missing too.
 """
 import torch
 
-from .activations import expert_activation
-from .cpu import cpu_ops_available, experts_forward_native
-from .routing_torch import align_torch
-
-
-def fused_experts_cpu(hidden_states, w_gate_up, w_down, topk_ids, topk_weights, *, activation, layout,
-                      gated, b_gate_up, b_down, alpha, limit, threading="auto"):
-    """threading: "auto", "experts" (threads split each expert's columns, for decode) or "gemm"
-    (all threads inside each GEMM, for prefill); "auto" picks by rows per expert."""
-    if cpu_ops_available():
-        return experts_forward_native(hidden_states, w_gate_up, w_down, topk_ids, topk_weights,
-                                      activation=activation, layout=layout, gated=gated, b_gate_up=b_gate_up,
-                                      b_down=b_down, alpha=alpha, limit=limit, threading=threading)
-    return grouped_experts_torch(hidden_states, w_gate_up, w_down, topk_ids, topk_weights, activation=activation,
-                                 layout=layout, gated=gated, b_gate_up=b_gate_up, b_down=b_down, alpha=alpha,
-                                 limit=limit)
+from ..activations import expert_activation
+from ..routing_torch import align_torch
 
 
 def grouped_experts_torch(hidden_states, w_gate_up, w_down, topk_ids, topk_weights, *, activation, layout,
                           gated, b_gate_up, b_down, alpha, limit):
-    """The fallback without tpmoe._C: one PyTorch GEMM pair per expert, PyTorch's autograd."""
+    """y[t] = sum_k topk_weights[t, k] * expert_{topk_ids[t, k]}(hidden_states[t]), as tpmoe.fused_experts."""
     num_tokens, hidden_size = hidden_states.shape
     top_k = topk_ids.shape[1]
     num_experts = w_gate_up.shape[0]
