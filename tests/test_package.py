@@ -50,3 +50,17 @@ def test_native_extension_registers_ops():
     ops = native_ops()
     assert hasattr(ops, "route") and hasattr(ops, "align")
     assert ops is torch.ops.tpmoe
+
+
+
+def test_readme_map_names_files_that_exist():
+    """The README's "Where things are" table: every path it names is in the repository."""
+    import os
+    import re
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "README.md")) as handle:
+        section = handle.read().split("## Where things are", 1)[1]
+    paths = [path for path in re.findall(r"`([\w./-]+)`", section) if "/" in path and "*" not in path]
+    assert len(paths) > 20, paths
+    missing = [path for path in paths if not os.path.exists(os.path.join(root, path))]
+    assert not missing, f"README names paths that do not exist: {missing}"
