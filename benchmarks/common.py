@@ -19,21 +19,14 @@ def make_expert_weights(config, dtype, device=None, generator=None, requires_gra
 
 
 def make_hf_experts(family, config, weights, implementation):
-    """transformers' experts module of `family` (the `experts` of its MoE block, built as
-    tpmoe.hf.configs.meta_block builds it) for `config`, holding the tensors of `weights`
+    """transformers' experts module of `family` (the `experts` of its MoE block, built by
+    tpmoe.cli.hf_blocks.meta_hf_block) for `config`, holding the tensors of `weights`
     (make_expert_weights) as its parameters, placed by the adapter's weight map: call it as
     module(x, topk_ids, topk_weights). Raises tpmoe.cli.hf_blocks.HFUnavailable where
     transformers does not import or cannot express the block."""
-    from tpmoe.cli.hf_blocks import HFUnavailable
-    from tpmoe.hf.configs import Inexpressible, meta_block
-    from tpmoe.hf.judge import UnsupportedFamilyError
+    from tpmoe.cli.hf_blocks import HFUnavailable, meta_hf_block
 
-    try:
-        block, hf_weights = meta_block(family, config, implementation)
-    except ImportError as error:
-        raise HFUnavailable(f"transformers is not installed ({error}); pip install 'tpmoe[hf]'") from None
-    except (Inexpressible, UnsupportedFamilyError) as error:
-        raise HFUnavailable(str(error)) from None
+    block, hf_weights = meta_hf_block(family, config, implementation)
     module = block.experts
     for name, tensor in weights.items():
         for hf_name, part in hf_weights.to_hf(name, tensor).items():

@@ -28,18 +28,24 @@ def _set_tensor(module: torch.nn.Module, dotted_name: str, value: torch.Tensor, 
         owner._buffers[name] = value.detach()
 
 
-def make_hf_block(family: str, config: MoEConfig, weights: Dict[str, torch.Tensor], implementation: str,
-                  trainable: bool) -> Tuple[torch.nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
-    """(the HF block sharing `weights`, a call [T, H] -> [T, H]). Raises HFUnavailable."""
+def meta_hf_block(family: str, config: MoEConfig, implementation: str):
+    """tpmoe.hf.configs.meta_block (the family's block on the meta device, its weight map), its
+    failures as HFUnavailable."""
     from ..hf.configs import Inexpressible, meta_block
     from ..hf.judge import UnsupportedFamilyError
 
     try:
-        module, hf_weights = meta_block(family, config, implementation)
+        return meta_block(family, config, implementation)
     except ImportError as error:
         raise HFUnavailable(f"transformers is not installed ({error}); pip install 'tpmoe[hf]'") from None
     except (Inexpressible, UnsupportedFamilyError) as error:  # the latter: this release's block is not tpmoe's
         raise HFUnavailable(str(error)) from None
+
+
+def make_hf_block(family: str, config: MoEConfig, weights: Dict[str, torch.Tensor], implementation: str,
+                  trainable: bool) -> Tuple[torch.nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
+    """(the HF block sharing `weights`, a call [T, H] -> [T, H]). Raises HFUnavailable."""
+    module, hf_weights = meta_hf_block(family, config, implementation)
     for name in hf_weights.names:
         for hf_name, part in hf_weights.to_hf(name, weights[name]).items():
             _set_tensor(module, hf_name, part, trainable)
