@@ -24,7 +24,7 @@ from tpmoe.config import GATED_ONLY_ACTIVATIONS  # noqa: E402
 from tpmoe.triton import backward_dh, backward_dw, down, gate_up, tile_configs  # noqa: E402
 from tpmoe.triton.tile_configs import KernelConfig  # noqa: E402
 from tpmoe.triton.layouts import down_axes, gate_up_axes, paired_load  # noqa: E402
-from tpmoe.triton.routing_metadata import routing_metadata  # noqa: E402
+from tpmoe.routing import align  # noqa: E402
 
 DEVICE = "cpu" if interpreted else "cuda"
 SMALL = KernelConfig(16, 16, 16, 4, 2)
@@ -92,7 +92,7 @@ def test_gate_up_kernel(layout, gated, activation, seed):
         problem["x"] = problem["x"] * 8  # reach both sides of the clamps, the softcaps' saturation
     top_k = problem["topk_ids"].shape[1]
     num_pairs = problem["topk_ids"].numel()
-    routing = routing_metadata(problem["topk_ids"], problem["w_gate_up"].shape[0], SMALL.BLOCK_M)
+    routing = align(problem["topk_ids"], problem["w_gate_up"].shape[0], SMALL.BLOCK_M)
     h = gate_up.gate_up(problem["x"], problem["w_gate_up"], problem["b_gate_up"], routing.sorted_ids_padded,
                         routing.block_expert, top_k=top_k, activation=activation, layout=layout, gated=gated,
                         alpha=1.702, limit=7.0, config=SMALL)
@@ -110,7 +110,7 @@ def test_grouped_scatter_kernel_down_and_dx(layout, seed):
     problem = make_problem(seed, layout=layout)
     top_k, num_pairs = problem["topk_ids"].shape[1], problem["topk_ids"].numel()
     experts = problem["w_gate_up"].shape[0]
-    routing = routing_metadata(problem["topk_ids"], experts, SMALL.BLOCK_M)
+    routing = align(problem["topk_ids"], experts, SMALL.BLOCK_M)
     rows, pairs, _, row_experts = row_index(routing, num_pairs, top_k)
     num_rows = routing.sorted_ids_padded.shape[0]
     generator = torch.Generator().manual_seed(seed + 1)
@@ -149,7 +149,7 @@ def test_backward_dh_kernel(layout, gated, activation, seed):
     if activation in GATED_ONLY_ACTIVATIONS:
         problem["x"] = problem["x"] * 8
     top_k, num_pairs = problem["topk_ids"].shape[1], problem["topk_ids"].numel()
-    routing = routing_metadata(problem["topk_ids"], problem["w_gate_up"].shape[0], SMALL.BLOCK_M)
+    routing = align(problem["topk_ids"], problem["w_gate_up"].shape[0], SMALL.BLOCK_M)
     options = dict(top_k=top_k, activation=activation, layout=layout, gated=gated, alpha=1.702, limit=7.0)
     h = gate_up.gate_up(problem["x"], problem["w_gate_up"], problem["b_gate_up"], routing.sorted_ids_padded,
                         routing.block_expert, config=SMALL, **options)
@@ -181,7 +181,7 @@ def test_backward_dw_kernel(layout, seed):
     problem = make_problem(seed, layout=layout, num_tokens=29)
     top_k, num_pairs = problem["topk_ids"].shape[1], problem["topk_ids"].numel()
     experts = problem["w_gate_up"].shape[0]
-    routing = routing_metadata(problem["topk_ids"], experts, SMALL.BLOCK_M)
+    routing = align(problem["topk_ids"], experts, SMALL.BLOCK_M)
     rows, pairs, tokens, row_experts = row_index(routing, num_pairs, top_k)
     num_rows = routing.sorted_ids_padded.shape[0]
     rows_axis, gu_hidden_axis = gate_up_axes(layout)
@@ -226,7 +226,7 @@ def test_ops_have_working_fakes(seed):
     from tpmoe.triton import ops
     problem = make_problem(seed, num_tokens=7, hidden=16, inter=16, experts=3)
     top_k, num_pairs = problem["topk_ids"].shape[1], problem["topk_ids"].numel()
-    routing = routing_metadata(problem["topk_ids"], 3, 16)
+    routing = align(problem["topk_ids"], 3, 16)
     config = ops.config_list(SMALL)
     tests = ("test_schema", "test_faketensor")
     h_args = (problem["x"], problem["w_gate_up"], problem["b_gate_up"], routing.sorted_ids_padded,
@@ -300,7 +300,7 @@ def test_paired_gate_up_load_matches_separate_loads(activation, seed):
     strided = contiguous.transpose(1, 2).contiguous().transpose(1, 2)  # same values, H contiguous
     assert paired_load(contiguous, 2, True, 2) and not paired_load(strided, 2, True, 2)
     top_k = problem["topk_ids"].shape[1]
-    routing = routing_metadata(problem["topk_ids"], contiguous.shape[0], SMALL.BLOCK_M)
+    routing = align(problem["topk_ids"], contiguous.shape[0], SMALL.BLOCK_M)
     options = dict(top_k=top_k, activation=activation, layout="gpt_oss", gated=True, alpha=1.702, limit=7.0)
     results = []
     for weight in (contiguous, strided):

@@ -15,7 +15,7 @@ import torch
 from . import ops
 from .down import combine_pairs
 from .layouts import down_axes, gate_up_axes
-from .routing_metadata import routing_metadata
+from ..routing import align  # the alignment the kernels read: docs/contracts.md, AlignResult
 from .tile_configs import block_m_for, launch_configs, token_bucket
 
 
@@ -29,7 +29,7 @@ class FusedExpertsFunction(torch.autograd.Function):
         num_pairs = num_tokens * top_k
         down_hidden_axis, down_inter_axis = down_axes(layout)
         intermediate_size = w_down.shape[down_inter_axis]
-        routing = routing_metadata(topk_ids, num_experts, block_m_for(token_bucket(num_tokens, top_k, num_experts)))
+        routing = align(topk_ids, num_experts, block_m_for(token_bucket(num_tokens, top_k, num_experts)))
         # As plain int lists: what the custom ops take, and constants to torch.compile on ctx.
         configs = {launch: ops.config_list(config) for launch, config in launch_configs(
             num_tokens, top_k, num_experts, hidden_size, intermediate_size, w_gate_up.shape[gate_up_axes(layout)[0]],
