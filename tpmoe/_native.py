@@ -95,19 +95,19 @@ def native_available() -> bool:
     return True
 
 
-def use_native_ops() -> bool:
-    """The backend decision: True where the ops of tpmoe._C run; otherwise False, after warning
-    once per process, and the caller runs its plain-PyTorch twin."""
+def use_native_ops():
+    """The backend decision: `torch.ops.tpmoe` where the ops of tpmoe._C run (the caller uses
+    it, with no second lookup); otherwise None, after warning once per process, and the caller
+    runs its plain-PyTorch twin."""
     global _fallback_warned
     try:
-        native_ops()
+        return native_ops()
     except NativeExtensionMissing as missing:
         if not _fallback_warned:
             _fallback_warned = True
             warnings.warn(f"tpmoe: {missing}. Routing and the CPU experts run their plain-PyTorch versions "
                           "instead: correct, and slower.", NativeFallbackWarning, stacklevel=3)
-        return False
-    return True
+        return None
 
 
 if not _skipped():

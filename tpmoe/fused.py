@@ -58,7 +58,7 @@ def _implementation(backend: str, device: torch.device):
         return fused_experts_triton
     if device.type != "cpu":
         raise ValueError(f"backend: 'cpu' needs CPU tensors, got hidden_states on {device}")
-    if use_native_ops():
+    if use_native_ops() is not None:
         from .cpu import fused_experts_cpu
         return fused_experts_cpu
     from .cpu import grouped_experts_torch

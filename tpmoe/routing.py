@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._native import native_ops, on_load, use_native_ops
+from ._native import on_load, use_native_ops
 from .config import SCORINGS
 from .routing_torch import AlignResult, align_torch, padded_rows_bound, route_torch, weight_dtype_for
 
@@ -227,12 +227,13 @@ def route(
     """
     _check_route_args(router_logits, top_k, scoring, renormalize, correction_bias, n_group, topk_group,
                       routed_scaling_factor)
-    if not use_native_ops():
+    ops = use_native_ops()
+    if ops is None:
         return route_torch(router_logits, top_k, scoring=scoring, renormalize=renormalize,
                            correction_bias=correction_bias, n_group=n_group, topk_group=topk_group,
                            routed_scaling_factor=float(routed_scaling_factor))
-    return native_ops().route(router_logits, top_k, scoring, renormalize, correction_bias, n_group, topk_group,
-                              float(routed_scaling_factor))
+    return ops.route(router_logits, top_k, scoring, renormalize, correction_bias, n_group, topk_group,
+                     float(routed_scaling_factor))
 
 
 def align(topk_ids: torch.Tensor, num_experts: int, block_m: int = 1) -> AlignResult:
@@ -243,6 +244,7 @@ def align(topk_ids: torch.Tensor, num_experts: int, block_m: int = 1) -> AlignRe
     M = T*K + min(E, T*K) * (block_m - 1) depends on shapes only.
     """
     _check_align_args(topk_ids, num_experts, block_m)
-    if not use_native_ops():
+    ops = use_native_ops()
+    if ops is None:
         return align_torch(topk_ids, num_experts, block_m)
-    return AlignResult(*native_ops().align(topk_ids, num_experts, block_m))
+    return AlignResult(*ops.align(topk_ids, num_experts, block_m))

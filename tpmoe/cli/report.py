@@ -1,5 +1,5 @@
-"""What a run writes: tables (aligned text for the terminal, or Markdown for RESULTS.md and
-summaries; no dependency) and JSON files."""
+"""What a run writes: tables (aligned text for the terminal, or Markdown for
+benchmarks/RESULTS.md and summaries; no dependency) and JSON files."""
 import json
 import os
 from dataclasses import asdict, is_dataclass
