@@ -2,7 +2,7 @@
 torch.compile can trace through them and CUDA graphs can capture them. They are
 `torch.ops.tpmoe.triton_*`, in the namespace of the C++ ops (tpmoe._native).
 
-`config` is a KernelConfig as a list [BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages].
+`config` is a KernelConfig as a list [BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, GROUP_M, SPLIT].
 """
 from typing import List, Optional, Tuple
 
@@ -17,7 +17,8 @@ from .tile_configs import KernelConfig
 
 
 def config_list(config: KernelConfig) -> List[int]:
-    return [config.BLOCK_M, config.BLOCK_N, config.BLOCK_K, config.num_warps, config.num_stages]
+    return [config.BLOCK_M, config.BLOCK_N, config.BLOCK_K, config.num_warps, config.num_stages, config.GROUP_M,
+            config.SPLIT]
 
 
 def _config(values: List[int]) -> KernelConfig:

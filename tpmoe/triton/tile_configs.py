@@ -13,7 +13,8 @@ BLOCK_M (16 for decode-like calls, 64, then 128 for large prefill/training batch
 TPMOE_TRITON_CONFIG selects one fixed config for every kernel (for determinism studies, CI and
 the interpreter tests), as comma-separated key=value pairs, e.g.
     TPMOE_TRITON_CONFIG="BLOCK_M=64,BLOCK_N=64,BLOCK_K=32,num_warps=4,num_stages=3"
-Keys: BLOCK_M, BLOCK_N, BLOCK_K (powers of two >= 16), num_warps, num_stages; missing keys keep
+Keys: BLOCK_M, BLOCK_N, BLOCK_K (powers of two >= 16), num_warps, num_stages, GROUP_M, SPLIT
+(>= 1); missing keys keep
 the table's value. For the weight-gradient kernel BLOCK_N and BLOCK_K are the tile of dW
 and BLOCK_M its reduction chunk over rows.
 """
@@ -32,36 +33,56 @@ class KernelConfig:
     BLOCK_K: int
     num_warps: int
     num_stages: int
+    # Row blocks per group of the grid's swizzle: consecutive programs walk GROUP_M row blocks
+    # down one column stripe before moving right, so that stripe of B stays in L2 (1: no swizzle).
+    GROUP_M: int = 1
+    # Programs that split one output tile's reduction (split-K / split over rows), each writing
+    # a partial that a fixed-order sum combines (1: no split).
+    SPLIT: int = 1
 
     def meta(self) -> Dict[str, int]:
         return dict(BLOCK_M=self.BLOCK_M, BLOCK_N=self.BLOCK_N, BLOCK_K=self.BLOCK_K)
 
 
+def _gate_up_table() -> Dict[int, List[KernelConfig]]:
+    # Two fp32 accumulators (gate and up) per program: a 64x128 tile of each at 4 warps
+    # takes 243 registers and 160 KB of shared memory at 4 stages (ptxas, sm_90, bf16),
+    # at the edge of both limits, so the column block stays at 64 (128 registers) and
+    # 128-row blocks get 8 warps. Not yet timed on a GPU: benchmarks/bench_kernels.py.
+    return {16: [KernelConfig(16, 64, 128, 4, 4), KernelConfig(16, 32, 128, 4, 4)],
+            64: [KernelConfig(64, 64, 64, 4, 4), KernelConfig(64, 32, 64, 4, 4)],
+            128: [KernelConfig(128, 64, 64, 8, 3)]}
+
+
+def _down_table() -> Dict[int, List[KernelConfig]]:
+    return {16: [KernelConfig(16, 64, 128, 4, 4)],
+            64: [KernelConfig(64, 128, 64, 4, 4), KernelConfig(64, 32, 64, 4, 4)],
+            128: [KernelConfig(128, 128, 64, 8, 3)]}
+
+
+def _backward_dh_table() -> Dict[int, List[KernelConfig]]:
+    # Three accumulators (dh, and the recomputed gate and up): keep tiles small per thread.
+    return {16: [KernelConfig(16, 64, 64, 4, 3)],
+            64: [KernelConfig(64, 64, 64, 8, 3), KernelConfig(64, 32, 64, 4, 3)],
+            128: [KernelConfig(128, 64, 64, 8, 2)]}
+
+
+def _backward_dw_table() -> Dict[int, List[KernelConfig]]:
+    # Tile of dW [BLOCK_N, BLOCK_K], reduced over rows in chunks of BLOCK_M.
+    return {16: [KernelConfig(32, 64, 64, 4, 3)],
+            64: [KernelConfig(64, 128, 64, 8, 3), KernelConfig(64, 32, 64, 4, 3)],
+            128: [KernelConfig(64, 128, 128, 8, 3)]}
+
+
+_TABLES = {"gate_up": _gate_up_table, "down": _down_table, "backward_dh": _backward_dh_table,
+           "backward_dw": _backward_dw_table}
+
+
 def _table(kernel: str) -> Dict[int, List[KernelConfig]]:
     """BLOCK_M -> configs; the first fits wide N, the second (if any) narrow N (N <= 32)."""
-    if kernel == "gate_up":
-        # Two fp32 accumulators (gate and up) per program: a 64x128 tile of each at 4 warps
-        # takes 243 registers and 160 KB of shared memory at 4 stages (ptxas, sm_90, bf16),
-        # at the edge of both limits, so the column block stays at 64 (128 registers) and
-        # 128-row blocks get 8 warps. Not yet timed on a GPU: benchmarks/bench_kernels.py.
-        return {16: [KernelConfig(16, 64, 128, 4, 4), KernelConfig(16, 32, 128, 4, 4)],
-                64: [KernelConfig(64, 64, 64, 4, 4), KernelConfig(64, 32, 64, 4, 4)],
-                128: [KernelConfig(128, 64, 64, 8, 3)]}
-    if kernel == "down":
-        return {16: [KernelConfig(16, 64, 128, 4, 4)],
-                64: [KernelConfig(64, 128, 64, 4, 4), KernelConfig(64, 32, 64, 4, 4)],
-                128: [KernelConfig(128, 128, 64, 8, 3)]}
-    if kernel == "backward_dh":
-        # Three accumulators (dh, and the recomputed gate and up): keep tiles small per thread.
-        return {16: [KernelConfig(16, 64, 64, 4, 3)],
-                64: [KernelConfig(64, 64, 64, 8, 3), KernelConfig(64, 32, 64, 4, 3)],
-                128: [KernelConfig(128, 64, 64, 8, 2)]}
-    if kernel == "backward_dw":
-        # Tile of dW [BLOCK_N, BLOCK_K], reduced over rows in chunks of BLOCK_M.
-        return {16: [KernelConfig(32, 64, 64, 4, 3)],
-                64: [KernelConfig(64, 128, 64, 8, 3), KernelConfig(64, 32, 64, 4, 3)],
-                128: [KernelConfig(64, 128, 128, 8, 3)]}
-    raise ValueError(f"kernel: expected one of {KERNELS}, got {kernel!r}")
+    if kernel not in _TABLES:
+        raise ValueError(f"kernel: expected one of {KERNELS}, got {kernel!r}")
+    return _TABLES[kernel]()
 
 
 def all_configs(kernel: str) -> List[KernelConfig]:
@@ -153,7 +174,7 @@ def env_config() -> Dict[str, int]:
     text = os.environ.get(ENV_VAR, "").strip()
     if not text:
         return {}
-    allowed = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
+    allowed = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "GROUP_M", "SPLIT")
     values = {}
     for item in text.split(","):
         key, sep, value = item.partition("=")
