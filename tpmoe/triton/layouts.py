@@ -37,3 +37,22 @@ def paired_load(w_gate_up, rows_axis: int, gated: bool, col_step: int) -> bool:
     """
     return (gated and col_step == 2 and w_gate_up.stride(rows_axis) == 1
             and w_gate_up.element_size() <= 2)
+
+
+# Rows of a buffer the kernels read start on a 16-byte boundary: cp.async / TMA copies and
+# vectorised loads need it, and a row of 154 bf16 (I = 768 over 5 ranks) would lose them all.
+ROW_ALIGN_BYTES = 16
+
+
+def aligned_row_stride(columns: int, element_size: int) -> int:
+    """The row stride (in elements) of a [rows, columns] buffer: columns rounded up to 16 bytes."""
+    per_row = max(1, ROW_ALIGN_BYTES // element_size)
+    return -(-columns // per_row) * per_row
+
+
+def empty_aligned_rows(rows: int, columns: int, dtype, device):
+    """An uninitialised [rows, columns] view whose row stride is `aligned_row_stride` (the padding
+    columns are never read: every kernel masks its columns by `columns`)."""
+    import torch
+    stride = aligned_row_stride(columns, torch.empty(0, dtype=dtype).element_size())
+    return torch.empty(rows, stride, dtype=dtype, device=device)[:, :columns]
