@@ -6,6 +6,7 @@ The kernels never repack a weight: they take the strides of the axes named here.
 Intermediate column j of gate sits at row j * COL_STEP of the R axis, its up partner at
 j * COL_STEP + up_offset: concatenated (1, I), interleaved and gpt_oss (2, 1).
 """
+import torch
 
 
 def gate_up_axes(layout: str):
@@ -53,6 +54,5 @@ def aligned_row_stride(columns: int, element_size: int) -> int:
 def empty_aligned_rows(rows: int, columns: int, dtype, device):
     """An uninitialised [rows, columns] view whose row stride is `aligned_row_stride` (the padding
     columns are never read: every kernel masks its columns by `columns`)."""
-    import torch
     stride = aligned_row_stride(columns, torch.empty(0, dtype=dtype).element_size())
     return torch.empty(rows, stride, dtype=dtype, device=device)[:, :columns]
