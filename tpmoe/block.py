@@ -28,7 +28,8 @@ from ._checks import FLOAT_DTYPES, check_choice, dtype_name
 from .fused import BACKENDS, fused_experts
 from .routing import route
 from .distributed.replicated import check_shards_agree, gather_full
-from .sharding import REPLICATED_NAMES, SHARDED_NAMES, check_shards, shard_moe_weights, shard_sizes
+from .sharding import (REPLICATED_NAMES, SHARDED_NAMES, align_sharded_storage, check_shards, shard_moe_weights,
+                       shard_sizes)
 from .weights import check_moe_weights, random_moe_weights
 
 # Trained replicated parameters: their gradients are complete on every rank in TP mode and
@@ -158,6 +159,14 @@ class MoEBlock(nn.Module):
                 self.register_buffer(name, value)
             else:
                 setattr(self, name, nn.Parameter(value))
+        align_sharded_storage(self)
+
+    def _apply(self, fn, recurse=True):
+        # .to() / .cuda() / .half() copy parameters compactly: the expert weights get their
+        # 16-byte aligned rows back on the new device (tpmoe.sharding.aligned_storage).
+        super()._apply(fn, recurse)
+        align_sharded_storage(self)
+        return self
 
     # ------------------------------------------------------------------ construction
 
