@@ -5,12 +5,21 @@ what a real launch would, each launcher is run on CPU tensors of a representativ
 (bf16, Qwen3-30B-A3B's H=2048 and I=768, few experts) with its kernel replaced by a recorder;
 the recorded arguments are then specialised exactly as the JIT does on a launch (ints equal
 to 1 become constexprs, pointers and ints divisible by 16 get the divisibility attribute),
-so the compiled code is the code a GPU run gets. Must run WITHOUT TRITON_INTERPRET (the
-kernels must be JITFunctions).
+so the compiled code is the code a GPU run gets. The weights are stored as a CUDA block
+stores them (tpmoe.sharding.aligned_storage) and the h / d_preact buffers with aligned rows
+(tpmoe.triton.layouts.empty_aligned_rows). Every call site is recorded without biases (Qwen,
+Mixtral, DeepSeek) and with them (GPT-OSS): variant "forward" and "forward+bias", and so on.
+Must run WITHOUT TRITON_INTERPRET (the kernels must be JITFunctions).
 
-    python -m tpmoe.triton.aot [--cc 80 90] [--kernel gate_up ...] [--shard i/n] [--json rows.json]
-prints, per kernel, call site, config and target: shared memory, wgmma count, and (sm_90)
-registers and spill bytes from ptxas-blackwell -v --gpu-name sm_90a.
+    python -m tpmoe.triton.aot [--cc 80 90] [--kernel gate_up ...] [--intermediate 768 154 77]
+                               [--bias none|bias|both] [--shard i/n] [--json rows.json] [--markdown table.md]
+prints, per kernel, call site, intermediate size I_p, config and target: shared memory, registers
+and spill bytes (ptxas-blackwell -v --gpu-name sm_80 / sm_90a), the wgmma shapes, the async
+copies (cp.async, TMA cp.async.bulk), mma.sync and plain global loads in the PTX.
+I_p = 154 and 77 are a rank's columns of I = 768 over 5 and 10 ranks (rows of 308 and 154 bytes).
+
+    python -m tpmoe.triton.aot --model [--preset qwen3-30b-a3b ...] [--tokens 1 16384] [--tp P]
+prints the bytes each launch of one forward and backward moves (tpmoe.triton.traffic).
 """
 import argparse
 import json
@@ -27,8 +36,10 @@ import triton
 from triton.backends.compiler import GPUTarget
 
 from . import backward_dh, backward_dw, down, gate_up, tile_configs
+from .layouts import empty_aligned_rows
 from .._checks import dtype_name
 from ..routing_torch import align_torch
+from ..sharding import aligned_storage
 
 # Shared memory per block an sm_80 / sm_90 kernel may use (opt-in maximum).
 SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
@@ -40,9 +51,10 @@ KERNEL_MODULES = {"gate_up": (gate_up, "gate_up_kernel"), "down": (down, "groupe
 @dataclass
 class Launch:
     kernel_name: str   # key of KERNEL_MODULES
-    variant: str       # which call of that kernel (e.g. "dW_gate_up")
+    variant: str       # which call of that kernel (e.g. "dW_gate_up", "dW_gate_up+bias")
     layout: str
     dtype: str
+    intermediate: int  # I_p, the columns of the rank's shard
     config: tile_configs.KernelConfig
     args: tuple
     kwargs: dict
@@ -78,21 +90,26 @@ def main_config(kernel_name: str, element_size: int = 2) -> tile_configs.KernelC
     return tile_configs.kernel_config(kernel_name, 64, 1024, 1024, element_size)
 
 
+BIAS_CHOICES = {"none": (False,), "bias": (True,), "both": (False, True)}
+
+
 def representative_launches(kernel_names=None, *, layout="concatenated", gated=True, activation="silu",
                             dtype=torch.bfloat16, hidden_size=2048, intermediate_size=768, num_experts=4,
-                            num_tokens=256, top_k=2, main_only=False) -> List[Launch]:
-    """Every config (or only the main one) of every kernel, and each call site's variant, on one
-    representative problem."""
+                            num_tokens=256, top_k=2, main_only=False, biases=(False, True)) -> List[Launch]:
+    """Every config (or only the main one) of every kernel, and each call site's variant (bias-free
+    and, with True in `biases`, biased), on one representative problem of `intermediate_size` columns."""
     kernel_names = kernel_names or list(KERNEL_MODULES)
     generator = torch.Generator().manual_seed(0)
     rows = (2 if gated else 1) * intermediate_size
     x = torch.randn(num_tokens, hidden_size, generator=generator).to(dtype)
     if layout == "gpt_oss":
-        w_gate_up = torch.empty(num_experts, hidden_size, rows, dtype=dtype)
-        w_down = torch.empty(num_experts, intermediate_size, hidden_size, dtype=dtype)
+        w_gate_up = torch.zeros(num_experts, hidden_size, rows, dtype=dtype)
+        w_down = torch.zeros(num_experts, intermediate_size, hidden_size, dtype=dtype)
     else:
-        w_gate_up = torch.empty(num_experts, rows, hidden_size, dtype=dtype)
-        w_down = torch.empty(num_experts, hidden_size, intermediate_size, dtype=dtype)
+        w_gate_up = torch.zeros(num_experts, rows, hidden_size, dtype=dtype)
+        w_down = torch.zeros(num_experts, hidden_size, intermediate_size, dtype=dtype)
+    # As a block on CUDA stores them: rows of an uneven shard (I_p = 154) padded to 16 bytes.
+    w_gate_up, w_down = aligned_storage(w_gate_up), aligned_storage(w_down)
     b_gate_up = torch.empty(num_experts, rows, dtype=dtype)
     b_down = torch.empty(num_experts, hidden_size, dtype=dtype)
     topk_ids = torch.rand(num_tokens, num_experts, generator=generator).topk(top_k, dim=1).indices
@@ -110,37 +127,45 @@ def representative_launches(kernel_names=None, *, layout="concatenated", gated=T
         for config in configs:
             meta = align_torch(topk_ids, num_experts, config.BLOCK_M)
             num_rows = meta.sorted_ids_padded.shape[0]
-            h = torch.empty(num_rows, intermediate_size, dtype=dtype)
-            d_preact = torch.empty(num_rows, rows, dtype=dtype)
-            with _recording() as calls:
-                if name == "gate_up":
-                    gate_up.gate_up(x, w_gate_up, b_gate_up, meta.sorted_ids_padded, meta.block_expert, config=config,
-                                    **options)
-                    variants = ["forward"]
-                elif name == "down":
-                    down.grouped_scatter(h, w_down, down_h_axis, down_i_axis, b_down, topk_weights,
-                                         meta.sorted_ids_padded, meta.block_expert, num_pairs=num_tokens * top_k,
-                                         config=config)
-                    down.grouped_scatter(d_preact, w_gate_up, hidden_axis, rows_axis, None, None,
-                                         meta.sorted_ids_padded, meta.block_expert, num_pairs=num_tokens * top_k,
-                                         config=config)
-                    variants = ["forward", "dx"]
-                elif name == "backward_dh":
-                    backward_dh.backward_dh(x, x, w_gate_up, b_gate_up, w_down, b_down, topk_weights, h,
-                                            meta.sorted_ids_padded, meta.block_expert, config=config, **options)
-                    variants = ["dh"]
-                else:
-                    common = dict(num_pairs=num_tokens * top_k, top_k=top_k, config=config)
-                    backward_dw.backward_dw(d_preact, x, None, meta.sorted_ids_padded, meta.padded_offsets,
-                                            w_gate_up, rows_axis, hidden_axis, a_gathered=False, b_gathered=True,
-                                            bias_grad=True, **common)
-                    backward_dw.backward_dw(x, h, topk_weights, meta.sorted_ids_padded, meta.padded_offsets,
-                                            w_down, down_h_axis, down_i_axis, a_gathered=True, b_gathered=False,
-                                            bias_grad=True, **common)
-                    variants = ["dW_gate_up", "dW_down"]
-            for variant, (args, kwargs) in zip(variants, calls):
-                launches.append(Launch(name, variant, layout, dtype_name(dtype), config, args,
-                                       kwargs))
+            h = empty_aligned_rows(num_rows, intermediate_size, dtype, "cpu")
+            d_preact = empty_aligned_rows(num_rows, rows, dtype, "cpu")
+            for biased in biases:
+                suffix = "+bias" if biased else ""
+                gu_bias, dn_bias = (b_gate_up, b_down) if biased else (None, None)
+                with _recording() as calls:
+                    if name == "gate_up":
+                        gate_up.gate_up(x, w_gate_up, gu_bias, meta.sorted_ids_padded, meta.block_expert,
+                                        config=config, **options)
+                        variants = ["forward"]
+                    elif name == "down":
+                        down.grouped_scatter(h, w_down, down_h_axis, down_i_axis, dn_bias, topk_weights,
+                                             meta.sorted_ids_padded, meta.block_expert, num_pairs=num_tokens * top_k,
+                                             config=config)
+                        variants = ["forward"]
+                        if not biased:  # dx has no bias: one variant
+                            down.grouped_scatter(d_preact, w_gate_up, hidden_axis, rows_axis, None, None,
+                                                 meta.sorted_ids_padded, meta.block_expert,
+                                                 num_pairs=num_tokens * top_k, config=config)
+                            variants.append("dx")
+                    elif name == "backward_dh":
+                        backward_dh.backward_dh(x, x, w_gate_up, gu_bias, w_down, dn_bias, topk_weights, h,
+                                                meta.sorted_ids_padded, meta.block_expert, config=config, **options)
+                        variants = ["dh"]
+                    else:
+                        common = dict(num_pairs=num_tokens * top_k, top_k=top_k, config=config)
+                        backward_dw.backward_dw(d_preact, x, None, meta.sorted_ids_padded, meta.padded_offsets,
+                                                w_gate_up, rows_axis, hidden_axis, a_gathered=False,
+                                                b_gathered=True, bias_grad=biased, **common)
+                        backward_dw.backward_dw(x, h, topk_weights, meta.sorted_ids_padded, meta.padded_offsets,
+                                                w_down, down_h_axis, down_i_axis, a_gathered=True,
+                                                b_gathered=False, bias_grad=biased, **common)
+                        variants = ["dW_gate_up", "dW_down"]
+                if len(calls) != len(variants):
+                    raise RuntimeError(f"tpmoe.triton.aot: {name} launched {len(calls)} kernels for the call "
+                                       f"sites {variants}; the recorder needs updating")
+                for variant, (args, kwargs) in zip(variants, calls):
+                    launches.append(Launch(name, variant + suffix, layout, dtype_name(dtype), intermediate_size,
+                                           config, args, kwargs))
     return launches
 
 
@@ -192,33 +217,82 @@ def ptxas_usage(ptx: str, gpu_name: str = "sm_90a") -> Dict[str, int]:
                 spill_loads=int(loads.group(1)) if loads else 0)
 
 
+PTXAS_GPU_NAME = {80: "sm_80", 90: "sm_90a"}  # sm_90a: the wgmma instructions need the "a" target
+
+
+def ptx_instructions(ptx: str) -> dict:
+    """What the PTX does with memory and tensor cores: the distinct wgmma shapes ("m64n128k16"),
+    the counts of wgmma, of 4/8/16-byte async copies (cp.async.ca/cg, the pipelined loads of
+    sm_80/sm_90), of TMA bulk copies (cp.async.bulk), of mma.sync, and of plain global loads
+    (where a load could not become an async copy: unaligned rows, element-wise masks)."""
+    shapes = sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", ptx)),
+                    key=lambda shape: [int(n) for n in re.findall(r"\d+", shape)])
+    return dict(wgmma=len(re.findall(r"wgmma\.mma_async\.sync", ptx)), wgmma_shapes=shapes,
+                cp_async=len(re.findall(r"cp\.async\.c[ag]\.shared", ptx)),
+                tma=len(re.findall(r"cp\.async\.bulk", ptx)),
+                mma=len(re.findall(r"mma\.sync\.aligned", ptx)),
+                ld_global=len(re.findall(r"\bld\.global", ptx)))
+
+
 def describe(launch: Launch, capability: int, compiled, usage: Optional[dict]) -> dict:
-    ptx = compiled.asm["ptx"]
     row = dict(kernel=launch.kernel_name, variant=launch.variant, layout=launch.layout, dtype=launch.dtype,
-               cc=capability, shared=compiled.metadata.shared,
-               wgmma=ptx.count("wgmma.mma_async"), mma=ptx.count("mma.sync"), cp_async=ptx.count("cp.async"),
-               **launch.config.__dict__)
+               intermediate=launch.intermediate, cc=capability, shared=compiled.metadata.shared,
+               **ptx_instructions(compiled.asm["ptx"]), **launch.config.__dict__)
     if usage:
         row.update(usage)
     return row
 
 
+# (header, width, cell of a row): the one description of the table, printed and as Markdown.
+COLUMNS = (
+    ("kernel", 11, lambda r: r["kernel"]),
+    ("variant", 15, lambda r: r["variant"]),
+    ("layout", 12, lambda r: r["layout"]),
+    ("dtype", 8, lambda r: r["dtype"]),
+    ("I_p", 4, lambda r: r["intermediate"]),
+    ("cc", 3, lambda r: r["cc"]),
+    ("BMxBNxBK", 11, lambda r: f"{r['BLOCK_M']}x{r['BLOCK_N']}x{r['BLOCK_K']}"),
+    ("w", 2, lambda r: r["num_warps"]),
+    ("s", 2, lambda r: r["num_stages"]),
+    ("GM", 2, lambda r: r.get("GROUP_M", 1)),
+    ("SP", 2, lambda r: r.get("SPLIT", 1)),
+    ("smem", 6, lambda r: r["shared"]),
+    ("regs", 4, lambda r: r.get("registers", "")),
+    ("spill", 5, lambda r: r.get("spill_stores", 0) + r.get("spill_loads", 0) if "registers" in r else ""),
+    ("wgmma", 12, lambda r: ",".join(r["wgmma_shapes"]) or "-"),
+    ("cp.async", 8, lambda r: r["cp_async"]),
+    ("tma", 3, lambda r: r["tma"]),
+    ("mma.sync", 8, lambda r: r["mma"]),
+    ("ld.global", 9, lambda r: r["ld_global"]),
+)
+TABLE_HEADER = " ".join(f"{name:>{width}}" if index > 3 else f"{name:{width}}"
+                        for index, (name, width, _) in enumerate(COLUMNS))
+
+
 def format_row(row: dict) -> str:
-    return (f"{row['kernel']:12} {row['variant']:11} {row['cc']:>3} {row['BLOCK_M']:>4} {row['BLOCK_N']:>4} "
-            f"{row['BLOCK_K']:>4} {row['num_warps']:>2} {row['num_stages']:>2} {row['shared']:>7} "
-            f"{row['wgmma']:>5} {row.get('registers', ''):>4} {row.get('spill_stores', ''):>5}")
+    return " ".join(f"{str(cell(row)):>{width}}" if index > 3 else f"{str(cell(row)):{width}}"
+                    for index, (_, width, cell) in enumerate(COLUMNS))
 
 
-TABLE_HEADER = (f"{'kernel':12} {'variant':11} {'cc':>3} {'BM':>4} {'BN':>4} {'BK':>4} {'w':>2} {'s':>2} "
-                f"{'smem':>7} {'wgmma':>5} {'regs':>4} {'spill':>5}")
+def markdown_table(rows: List[dict]) -> str:
+    """The rows as a Markdown table (for benchmarks/RESULTS.md)."""
+    lines = ["| " + " | ".join(name for name, _, _ in COLUMNS) + " |",
+             "|" + "|".join("---" if index <= 3 else "---:" for index in range(len(COLUMNS))) + "|"]
+    lines += ["| " + " | ".join(str(cell(row)) for _, _, cell in COLUMNS) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cc", type=int, nargs="*", default=[80, 90])
+    parser.add_argument("--cc", type=int, nargs="*", default=[80, 90], choices=sorted(PTXAS_GPU_NAME))
     parser.add_argument("--kernel", nargs="*", default=None, choices=list(KERNEL_MODULES))
+    parser.add_argument("--intermediate", type=int, nargs="*", default=[768],
+                        help="I_p values to compile at (a rank's columns; 154 and 77: I = 768 over 5 and 10 ranks)")
+    parser.add_argument("--bias", default="both", choices=sorted(BIAS_CHOICES),
+                        help="call sites without biases, with them, or both (default)")
     parser.add_argument("--shard", default="0/1", help="i/n: compile every n-th launch starting at i")
     parser.add_argument("--json", default=None, help="write the rows to this file as JSON")
+    parser.add_argument("--markdown", default=None, help="write the rows to this file as a Markdown table")
     parser.add_argument("--layout", default="concatenated", choices=["concatenated", "interleaved", "gpt_oss"])
     parser.add_argument("--activation", default="silu")
     parser.add_argument("--not-gated", action="store_true")
@@ -226,28 +300,49 @@ def main(argv=None):
     parser.add_argument("--one-variant", action="store_true",
                         help="only the first call site of each kernel (e.g. the forward down, not dx)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32", "float64"])
+    parser.add_argument("--model", action="store_true",
+                        help="print the bytes-moved model of one forward and backward instead (tpmoe.triton.traffic)")
+    parser.add_argument("--preset", nargs="*", default=None, help="with --model: presets (tpmoe/presets.py)")
+    parser.add_argument("--tokens", type=int, nargs="*", default=None, help="with --model: token counts T")
+    parser.add_argument("--tp", type=int, default=1, help="with --model: TP world size (rank 0's shard)")
     args = parser.parse_args(argv)
+    if args.model:
+        from . import traffic
+
+        rows = traffic.main_rows(args.preset, args.tokens, args.tp, args.dtype)
+        if args.json:
+            with open(args.json, "w") as handle:
+                json.dump(rows, handle)
+        return
+    if any(value < 1 for value in args.intermediate):
+        parser.error(f"--intermediate: expected positive column counts, got {args.intermediate}")
     shard, num_shards = (int(part) for part in args.shard.split("/"))
     rows = []
     print(TABLE_HEADER)
-    launches = representative_launches(args.kernel, layout=args.layout, gated=not args.not_gated,
-                                       activation=args.activation, main_only=args.main_only,
-                                       dtype=getattr(torch, args.dtype))
+    launches = []
+    for intermediate in args.intermediate:
+        launches += representative_launches(args.kernel, layout=args.layout, gated=not args.not_gated,
+                                            activation=args.activation, main_only=args.main_only,
+                                            dtype=getattr(torch, args.dtype), intermediate_size=intermediate,
+                                            biases=BIAS_CHOICES[args.bias])
     if args.one_variant:
         first_of_each = {}
         for launch in launches:
-            first_of_each.setdefault((launch.kernel_name, launch.config), launch)
+            first_of_each.setdefault((launch.kernel_name, launch.config, launch.intermediate), launch)
         launches = list(first_of_each.values())
     jobs = [(launch, capability) for launch in launches for capability in args.cc]
     for launch, capability in jobs[shard::num_shards]:
         compiled = compile_launch(launch, capability)
-        usage = ptxas_usage(compiled.asm["ptx"]) if capability == 90 else None
+        usage = ptxas_usage(compiled.asm["ptx"], PTXAS_GPU_NAME[capability])
         row = describe(launch, capability, compiled, usage)
         rows.append(row)
         print(format_row(row), flush=True)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(rows, handle)
+    if args.markdown:
+        with open(args.markdown, "w") as handle:
+            handle.write(markdown_table(rows))
 
 
 if __name__ == "__main__":
