@@ -18,7 +18,7 @@ and spill bytes (ptxas-blackwell -v --gpu-name sm_80 / sm_90a), the wgmma shapes
 copies (cp.async, TMA cp.async.bulk), mma.sync and plain global loads in the PTX.
 I_p = 154 and 77 are a rank's columns of I = 768 over 5 and 10 ranks (rows of 308 and 154 bytes).
 
-    python -m tpmoe.triton.aot --model [--preset qwen3-30b-a3b ...] [--tokens 1 16384] [--tp P]
+    python -m tpmoe.triton.aot --model [--preset qwen3-30b-a3b ...] [--tokens 1 16384] [--tp P] [--group-m G]
 prints the bytes each launch of one forward and backward moves (tpmoe.triton.traffic).
 """
 import argparse
@@ -305,11 +305,17 @@ def main(argv=None):
     parser.add_argument("--preset", nargs="*", default=None, help="with --model: presets (tpmoe/presets.py)")
     parser.add_argument("--tokens", type=int, nargs="*", default=None, help="with --model: token counts T")
     parser.add_argument("--tp", type=int, default=1, help="with --model: TP world size (rank 0's shard)")
+    parser.add_argument("--group-m", type=int, default=None,
+                        help="with --model: GROUP_M for the row-block kernels instead of the configured one")
+    parser.add_argument("--l2-mb", type=float, default=50.0, help="with --model: L2 capacity in MB (H200: 50)")
     args = parser.parse_args(argv)
     if args.model:
         from . import traffic
 
-        rows = traffic.main_rows(args.preset, args.tokens, args.tp, args.dtype)
+        if args.tp < 1 or (args.group_m is not None and args.group_m < 1) or args.l2_mb <= 0:
+            parser.error(f"--tp, --group-m, --l2-mb: expected positive values, got {args.tp}, {args.group_m}, "
+                         f"{args.l2_mb}")
+        rows = traffic.main_rows(args.preset, args.tokens, args.tp, args.dtype, args.group_m, args.l2_mb)
         if args.json:
             with open(args.json, "w") as handle:
                 json.dump(rows, handle)
