@@ -19,6 +19,7 @@ copies (cp.async, TMA cp.async.bulk), mma.sync and plain global loads in the PTX
 I_p = 154 and 77 are a rank's columns of I = 768 over 5 and 10 ranks (rows of 308 and 154 bytes).
 
     python -m tpmoe.triton.aot --model [--preset qwen3-30b-a3b ...] [--tokens 1 16384] [--tp P] [--group-m G]
+                               [--l2-mb 50] [--wave 132]
 prints the bytes each launch of one forward and backward moves (tpmoe.triton.traffic).
 """
 import argparse
@@ -308,14 +309,15 @@ def main(argv=None):
     parser.add_argument("--group-m", type=int, default=None,
                         help="with --model: GROUP_M for the row-block kernels instead of the configured one")
     parser.add_argument("--l2-mb", type=float, default=50.0, help="with --model: L2 capacity in MB (H200: 50)")
+    parser.add_argument("--wave", type=int, default=132, help="with --model: programs resident at once (H200: 132)")
     args = parser.parse_args(argv)
     if args.model:
         from . import traffic
 
-        if args.tp < 1 or (args.group_m is not None and args.group_m < 1) or args.l2_mb <= 0:
-            parser.error(f"--tp, --group-m, --l2-mb: expected positive values, got {args.tp}, {args.group_m}, "
-                         f"{args.l2_mb}")
-        rows = traffic.main_rows(args.preset, args.tokens, args.tp, args.dtype, args.group_m, args.l2_mb)
+        if args.tp < 1 or (args.group_m is not None and args.group_m < 1) or args.l2_mb <= 0 or args.wave < 1:
+            parser.error(f"--tp, --group-m, --l2-mb, --wave: expected positive values, got {args.tp}, "
+                         f"{args.group_m}, {args.l2_mb}, {args.wave}")
+        rows = traffic.main_rows(args.preset, args.tokens, args.tp, args.dtype, args.group_m, args.l2_mb, args.wave)
         if args.json:
             with open(args.json, "w") as handle:
                 json.dump(rows, handle)

@@ -19,15 +19,16 @@ The model, stated so that its numbers can be checked:
     depth), an (expert, column block)'s B panel (the block's columns x the full depth); for the
     weight gradients, expert e's A panel of a dW row block and B panel of a dW column block
     over e's rows. A program touches its panels whole.
-  - L2 is an LRU cache of --l2-mb (50 MB: H100 / H200) over those panels, with the programs
-    taken in launch order (program_id 0 fastest, as CUDA issues blocks; with GROUP_M > 1 the
-    grouped order of Triton's matmul tutorial: GROUP_M row blocks walk every column block
-    before the next group). A panel still cached is free; a miss reads it from DRAM. Programs
-    running concurrently are ignored: they shift reuse distances by at most one wave.
+  - Programs run in waves of --wave (132: one per H200 SM), in launch order (program_id 0
+    fastest, as CUDA issues blocks; with GROUP_M > 1 the grouped order of Triton's matmul
+    tutorial: GROUP_M row blocks walk every column block before the next group). The programs
+    of a wave walk the reduction depth side by side, so a panel that several of them read comes
+    from DRAM once per wave. L2 is an LRU cache of --l2-mb (50 MB: H100 / H200) over panels,
+    filled wave by wave: a panel a later wave reads again is free if still cached.
   - So, row-fastest: a column stripe of B is read once (an expert's row blocks run back to
-    back) and A is re-read once per column block unless all of A and one stripe of B fit in L2;
-    grouped: A's group stays cached across the column blocks, and B is re-read once per group
-    unless the expert's whole weight (plus the group's A) fits.
+    back) and A is re-read once per column block unless all of A fits in L2; grouped: A's
+    group is read once per wave it spans, and B once per group unless the expert's whole
+    weight stays cached between its groups.
   - Gathered rows (x, dy read at each pair's token) count once per pair: K experts reading the
     same token's row may in fact hit L2; the ideal counts each token once.
   - SPLIT > 1 (split-K of the decode down, split over rows of dW): SPLIT fp32 partials written
@@ -46,7 +47,6 @@ from ..sharding import shard_sizes
 
 DEFAULT_PRESETS = ("qwen3-30b-a3b", "mixtral-8x7b")
 DEFAULT_TOKENS = (1, 16, 1024, 16384)
-L2_BYTES = {"h200": 50 * 10 ** 6}
 LAUNCHES = ("gate_up", "down", "combine", "backward_dh", "dx", "dx_combine", "dW_gate_up", "dW_down")
 FORWARD = ("gate_up", "down", "combine")
 
@@ -78,6 +78,14 @@ class Problem:
         return [base + (1 if e < extra else 0) for e in range(touched)]
 
 
+@dataclass(frozen=True)
+class Machine:
+    """The L2 capacity and the programs resident at once (one per SM: the tile configs' shared
+    memory allows one or two; one is the cautious count)."""
+    l2_bytes: float = 50e6   # H100 / H200
+    wave: int = 132          # H200 SMs
+
+
 @dataclass
 class Traffic:
     a_read: float = 0.0
@@ -89,22 +97,43 @@ class Traffic:
         return self.a_read + self.b_read + self.c_written
 
 
-class _LRU:
-    """An LRU cache of panels (key -> bytes) of a fixed capacity; counts the bytes of misses."""
+class _L2:
+    """Panels (key -> bytes) cached in an LRU of a fixed capacity, filled a wave at a time: the
+    distinct panels of the programs running together are read once (the programs walk the
+    reduction depth side by side, so one program's tile is in L2 when another asks for it), and
+    one wave's panels are hits in a later wave if they are still cached. Counts the miss bytes."""
 
-    def __init__(self, capacity: float):
-        self.capacity, self.used, self.panels = capacity, 0.0, OrderedDict()
+    def __init__(self, capacity: float, wave: int):
+        self.capacity, self.wave, self.used = capacity, wave, 0.0
+        self.panels, self.pending, self.programs = OrderedDict(), {}, 0
+        self.missed = {}
 
-    def touch(self, key, size: float) -> float:
-        if key in self.panels:
-            self.panels.move_to_end(key)
-            return 0.0
-        self.panels[key] = size
-        self.used += size
-        while self.used > self.capacity and len(self.panels) > 1:
+    def program(self, *panels):
+        """One program's panels, as (operand, key, bytes)."""
+        for operand, key, size in panels:
+            entry = self.pending.setdefault((operand, key), [size, 0])
+            entry[1] += 1
+        self.programs += 1
+        if self.programs % self.wave == 0:
+            self.flush()
+
+    def flush(self):
+        # The panels more programs of the wave read count as the more recently used.
+        for key, (size, _) in sorted(self.pending.items(), key=lambda item: item[1][1]):
+            if key in self.panels:
+                self.panels.move_to_end(key)
+                continue
+            self.missed[key[0]] = self.missed.get(key[0], 0.0) + size
+            self.panels[key] = size
+            self.used += size
+        self.pending = {}
+        while self.used > self.capacity and self.panels:
             _, evicted = self.panels.popitem(last=False)
             self.used -= evicted
-        return size
+
+    def traffic(self) -> "Traffic":
+        self.flush()
+        return Traffic(a_read=self.missed.get("A", 0.0), b_read=self.missed.get("B", 0.0))
 
 
 def program_order(num_pid_m: int, num_pid_n: int, group_m: int) -> Iterable[tuple]:
@@ -122,7 +151,7 @@ def program_order(num_pid_m: int, num_pid_n: int, group_m: int) -> Iterable[tupl
 
 
 def _row_block_gemm(problem: Problem, config, depth: int, width: int, a_bytes_per_row: int, b_columns_per_block,
-                    l2_bytes: float) -> Traffic:
+                    l2: "Machine") -> Traffic:
     """A and B reads of a kernel with one program per (row block, column block of `width`):
     A panel = valid rows x a_bytes_per_row; B panel = b_columns_per_block(n) x depth elements."""
     blocks = []  # (expert, valid rows) per row block, experts in order
@@ -130,12 +159,12 @@ def _row_block_gemm(problem: Problem, config, depth: int, width: int, a_bytes_pe
         for start in range(0, rows, config.BLOCK_M):
             blocks.append((expert, min(config.BLOCK_M, rows - start)))
     num_pid_n = math.ceil(width / config.BLOCK_N)
-    cache, traffic = _LRU(l2_bytes), Traffic()
+    cache = _L2(l2.l2_bytes, l2.wave)
     for pid_m, pid_n in program_order(len(blocks), num_pid_n, config.GROUP_M):
         expert, rows = blocks[pid_m]
-        traffic.a_read += cache.touch(("A", pid_m), rows * a_bytes_per_row)
-        traffic.b_read += cache.touch(("B", expert, pid_n), b_columns_per_block(pid_n) * depth * problem.element_size)
-    return traffic
+        cache.program(("A", pid_m, rows * a_bytes_per_row),
+                      ("B", (expert, pid_n), b_columns_per_block(pid_n) * depth * problem.element_size))
+    return cache.traffic()
 
 
 def _columns(total: int, block: int, pid: int) -> int:
@@ -147,21 +176,22 @@ def padded_rows(problem: Problem, block_m: int) -> int:
 
 
 def _weight_grad(problem: Problem, config, n_size: int, k_size: int, a_row_bytes: int, b_row_bytes: int,
-                 l2_bytes: float) -> Traffic:
+                 l2: "Machine") -> Traffic:
     """backward_dw: grid (expert, dW row block, dW column block), expert fastest; program (e, n, k)
     reads e's rows of A's column block n and of B's column block k; writes every expert's dW."""
     rows = problem.expert_rows() + [0] * (problem.num_experts - len(problem.expert_rows()))
     num_n, num_k = math.ceil(n_size / config.BLOCK_N), math.ceil(k_size / config.BLOCK_K)
-    cache, traffic = _LRU(l2_bytes), Traffic()
+    cache = _L2(l2.l2_bytes, l2.wave)
     for pid_k in range(num_k):
         for pid_n in range(num_n):
             for expert in range(problem.num_experts):
-                if rows[expert] == 0:
-                    continue  # the program skips its loop and stores zeros
+                # An expert without rows: its program skips the loop and stores zeros (it still
+                # takes a slot of the wave).
                 a_cols = _columns(n_size, config.BLOCK_N, pid_n)
                 b_cols = _columns(k_size, config.BLOCK_K, pid_k)
-                traffic.a_read += cache.touch(("A", expert, pid_n), rows[expert] * a_cols * a_row_bytes)
-                traffic.b_read += cache.touch(("B", expert, pid_k), rows[expert] * b_cols * b_row_bytes)
+                cache.program(("A", (expert, pid_n), rows[expert] * a_cols * a_row_bytes),
+                              ("B", (expert, pid_k), rows[expert] * b_cols * b_row_bytes))
+    traffic = cache.traffic()
     result = problem.num_experts * n_size * k_size
     if config.SPLIT > 1:
         traffic.c_written = config.SPLIT * result * 4 * 2 + result * problem.element_size  # partials out and in
@@ -171,7 +201,7 @@ def _weight_grad(problem: Problem, config, n_size: int, k_size: int, a_row_bytes
 
 
 def launch_traffic(problem: Problem, configs: Dict[str, tile_configs.KernelConfig],
-                   l2_bytes: float) -> Dict[str, Traffic]:
+                   l2: Machine) -> Dict[str, Traffic]:
     """Traffic of every launch of one forward and backward (keys LAUNCHES)."""
     es, pes = problem.element_size, problem.pair_element_size
     H, I, R = problem.hidden_size, problem.intermediate, problem.gate_up_rows
@@ -181,14 +211,14 @@ def launch_traffic(problem: Problem, configs: Dict[str, tile_configs.KernelConfi
 
     config = configs["gate_up"]
     traffic = _row_block_gemm(problem, config, H, I, H * es,
-                              lambda n: halves * _columns(I, config.BLOCK_N, n), l2_bytes)
+                              lambda n: halves * _columns(I, config.BLOCK_N, n), l2)
     traffic.c_written = padded_rows(problem, config.BLOCK_M) * I * es  # h, padding rows stored as zeros
     out["gate_up"] = traffic
 
     for launch, depth, a_rows in (("down", I, I), ("dx", R, R)):
         config = configs[launch]
         traffic = _row_block_gemm(problem, config, depth, H, a_rows * es,
-                                  lambda n, c=config: _columns(H, c.BLOCK_N, n), l2_bytes)
+                                  lambda n, c=config: _columns(H, c.BLOCK_N, n), l2)
         traffic.c_written = config.SPLIT * pairs * H * pes
         out[launch] = traffic
         combine = Traffic(a_read=config.SPLIT * pairs * H * pes, c_written=problem.num_tokens * H * es)
@@ -197,15 +227,15 @@ def launch_traffic(problem: Problem, configs: Dict[str, tile_configs.KernelConfi
     config = configs["backward_dh"]
     # A: dy and x rows at each pair's token; B: W_down's and W_gate_up's columns of the block.
     traffic = _row_block_gemm(problem, config, H, I, 2 * H * es,
-                              lambda n: (1 + halves) * _columns(I, config.BLOCK_N, n), l2_bytes)
+                              lambda n: (1 + halves) * _columns(I, config.BLOCK_N, n), l2)
     traffic.a_read += pairs * I * es  # the saved h, read once
     num_col_blocks = math.ceil(I / config.BLOCK_N)
     traffic.c_written = padded_rows(problem, config.BLOCK_M) * R * es + num_col_blocks * pairs * pes
     out["backward_dh"] = traffic
 
     # dW_gate_up = d_preact^T x (A sorted rows of R, B gathered x); dW_down = (w dy)^T h.
-    out["dW_gate_up"] = _weight_grad(problem, configs["backward_dw_gate_up"], R, H, es, es, l2_bytes)
-    out["dW_down"] = _weight_grad(problem, configs["backward_dw_down"], H, I, es, es, l2_bytes)
+    out["dW_gate_up"] = _weight_grad(problem, configs["backward_dw_gate_up"], R, H, es, es, l2)
+    out["dW_down"] = _weight_grad(problem, configs["backward_dw_down"], H, I, es, es, l2)
     return out
 
 
@@ -252,14 +282,14 @@ def configs_for(problem: Problem) -> Dict[str, tile_configs.KernelConfig]:
 ROW_BLOCK_KERNELS = ("gate_up", "down", "backward_dh", "dx")
 
 
-def report(problem: Problem, l2_bytes: float, group_m: Optional[int] = None) -> List[dict]:
+def report(problem: Problem, machine: Machine = Machine(), group_m: Optional[int] = None) -> List[dict]:
     """One row per launch: the row-fastest and the configured traffic, the ideal."""
     configured = configs_for(problem)
     if group_m is not None:
         configured = {name: replace(config, GROUP_M=group_m) if name in ROW_BLOCK_KERNELS else config
                       for name, config in configured.items()}
     old = {name: replace(config, GROUP_M=1, SPLIT=1) for name, config in configured.items()}
-    before, now = launch_traffic(problem, old, l2_bytes), launch_traffic(problem, configured, l2_bytes)
+    before, now = launch_traffic(problem, old, machine), launch_traffic(problem, configured, machine)
     ideal = ideal_traffic(problem)
     config_of = {"combine": "down", "dx_combine": "dx", "dW_gate_up": "backward_dw_gate_up",
                  "dW_down": "backward_dw_down"}
@@ -276,10 +306,10 @@ def _mb(value: float) -> str:
     return f"{value / 1e6:10.2f}"
 
 
-def format_report(preset: str, problem: Problem, rows: List[dict], l2_bytes: float) -> str:
+def format_report(preset: str, problem: Problem, rows: List[dict], machine: Machine) -> str:
     lines = [f"{preset}: T={problem.num_tokens} H={problem.hidden_size} I_p={problem.intermediate} "
              f"E={problem.num_experts} K={problem.top_k} touched experts={len(problem.expert_rows())}, "
-             f"L2 {l2_bytes / 1e6:.0f} MB; MB (1e6 bytes)",
+             f"L2 {machine.l2_bytes / 1e6:.0f} MB, {machine.wave} programs a wave; MB (1e6 bytes)",
              f"{'launch':11} {'config':22} | {'row-fastest (old)':^43} | {'as configured':^43} | {'ideal':>10}",
              f"{'':11} {'BMxBNxBK GM SP':22} | " + " ".join(f"{c:>10}" for c in ("A read", "B read", "C write",
                                                                                      "total")) + " | "
@@ -308,18 +338,19 @@ def format_report(preset: str, problem: Problem, rows: List[dict], l2_bytes: flo
 
 
 def main_rows(presets: Optional[Sequence[str]], tokens: Optional[Sequence[int]], tp: int = 1,
-              dtype: str = "bfloat16", group_m: Optional[int] = None, l2_mb: float = 50.0) -> List[dict]:
+              dtype: str = "bfloat16", group_m: Optional[int] = None, l2_mb: float = 50.0,
+              wave: int = Machine.wave) -> List[dict]:
     """Prints the report of every preset x token count; returns its rows (for --json)."""
     element_size = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}[dtype]
-    l2_bytes = l2_mb * 1e6
+    machine = Machine(l2_mb * 1e6, wave)
     everything = []
     for preset in presets or DEFAULT_PRESETS:
         for num_tokens in tokens or DEFAULT_TOKENS:
             if num_tokens < 1:
                 raise ValueError(f"--tokens: expected positive token counts, got {num_tokens}")
             problem = problem_for(preset, num_tokens, tp, element_size)
-            rows = report(problem, l2_bytes, group_m)
-            print(format_report(preset, problem, rows, l2_bytes) + "\n", flush=True)
+            rows = report(problem, machine, group_m)
+            print(format_report(preset, problem, rows, machine) + "\n", flush=True)
             everything += [dict(row, preset=preset, tokens=num_tokens, tp=tp, intermediate=problem.intermediate,
                                 weight_floor=weight_floor(problem)) for row in rows]
     return everything
