@@ -4,8 +4,11 @@ No GPU is needed: `triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 3
 tpmoe/triton/aot.py, which specialises the arguments exactly as a launch would). This catches
 what the interpreter forgives (dot shapes, layouts, shared memory over the limit), checks that
 the bf16 GEMMs use wgmma on sm_90, and reads registers and spills from Triton's bundled
-ptxas-blackwell. The compiles run in separate processes, in parallel, because the kernels
-must be decorated without TRITON_INTERPRET (which this test session sets for the others).
+ptxas-blackwell, for the bias-free and the biased call sites, at I_p = 768 and at the uneven
+shards 154 and 77 (I = 768 over 5 and 10 ranks), where the aligned weight storage and buffers
+must keep the async copies. The compiles run in separate processes, in parallel, because the
+kernels must be decorated without TRITON_INTERPRET (which this test session sets for the
+others). Also here: the bytes-moved model (`python -m tpmoe.triton.aot --model`) and its invariants.
 """
 import json
 import os
@@ -23,6 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas-blackwell")
 SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 NUM_PROCESSES = 2
+UNEVEN = (154, 77)  # I_p of I = 768 over 5 and 10 ranks: rows of 308 and 154 bytes in bf16
 
 
 def _run_aot(jobs):
@@ -60,24 +64,30 @@ def aot_rows():
     if not os.path.exists(PTXAS):
         pytest.skip(f"Triton's bundled ptxas-blackwell is missing at {PTXAS}")
     jobs = [
-        # Every config of every call site on sm_90 (wgmma, registers, spills), in two halves.
+        # Every config of every call site, bias-free and biased, on sm_90 (wgmma, registers,
+        # spills), in two halves.
         ["--cc", "90", "--shard", "0/2"], ["--cc", "90", "--shard", "1/2"],
         # Every config of every kernel on sm_80 (one call site each: the kernel code is the same).
         ["--cc", "80", "--one-variant"],
-        # Main configs on sm_90 for the transposed weight layout and the non-gated variant (other
-        # strides and branches), and fp32 inputs (exact dots on FMA units: other register needs).
+        # Main configs on sm_90 for the transposed weight layout (both bias variants: GPT-OSS is
+        # biased) and the non-gated variant (other strides and branches), and fp32 inputs (exact
+        # dots on FMA units: other register needs).
         ["--cc", "90", "--main-only", "--layout", "gpt_oss"],
-        ["--cc", "90", "--main-only", "--not-gated", "--activation", "gelu", "--kernel", "gate_up", "backward_dh"],
+        ["--cc", "90", "--main-only", "--bias", "none", "--not-gated", "--activation", "gelu",
+         "--kernel", "gate_up", "backward_dh"],
         # The epilogue with the most live values (two softcaps, a sigmoid, their derivatives).
-        ["--cc", "90", "--main-only", "--activation", "softcapped_swiglu", "--kernel", "gate_up", "backward_dh"],
+        ["--cc", "90", "--main-only", "--bias", "none", "--activation", "softcapped_swiglu",
+         "--kernel", "gate_up", "backward_dh"],
         ["--cc", "90", "--main-only", "--dtype", "float32"],
+        # Uneven shards: a rank's I_p of I = 768 over 5 and 10 ranks, both layouts.
+        ["--cc", "90", "--main-only", "--intermediate", *map(str, UNEVEN)],
+        ["--cc", "90", "--main-only", "--layout", "gpt_oss", "--intermediate", *map(str, UNEVEN)],
     ]
     rows = _run_aot(jobs)
     from tpmoe.triton.aot import TABLE_HEADER, format_row
-    print("\n" + TABLE_HEADER.replace("variant    ", "variant     layout       dtype    "))
+    print("\n" + TABLE_HEADER)
     for row in rows:
-        line = format_row(row)
-        print(line[:25] + f"{row['layout']:13}{row['dtype']:9}" + line[25:])
+        print(format_row(row))
     return rows
 
 
@@ -119,3 +129,91 @@ def test_no_register_spills_on_sm90(aot_rows):
     assert rows and all("registers" in row for row in rows)
     spilling = [row for row in rows if row["spill_stores"] or row["spill_loads"]]
     assert not spilling, f"configs that spill: {spilling}"
+
+
+def test_bias_free_and_biased_call_sites_compile(aot_rows):
+    """Both variants of every call site (dx has no bias), every config on sm_90, both layouts."""
+    from tpmoe.triton import tile_configs
+    expected = {"gate_up": ("forward",), "down": ("forward", "dx"), "backward_dh": ("dh",),
+                "backward_dw": ("dW_gate_up", "dW_down")}
+    compiled = {(row["kernel"], row["variant"], row["layout"], row["BLOCK_M"], row["BLOCK_N"], row["BLOCK_K"],
+                 row["num_warps"], row["num_stages"]) for row in aot_rows if row["cc"] == 90
+                and row["dtype"] == "bfloat16"}
+    for kernel, call_sites in expected.items():
+        for config in tile_configs.all_configs(kernel):
+            for call_site in call_sites:
+                for variant in (call_site,) if call_site == "dx" else (call_site, call_site + "+bias"):
+                    key = (kernel, variant, "concatenated", config.BLOCK_M, config.BLOCK_N, config.BLOCK_K,
+                           config.num_warps, config.num_stages)
+                    assert key in compiled, f"not compiled: {key}"
+        layouts = {row["layout"] for row in aot_rows if row["kernel"] == kernel and row["variant"].endswith("+bias")}
+        assert {"concatenated", "gpt_oss"} <= layouts, (kernel, layouts)
+
+
+def test_uneven_shards_keep_async_copies_and_do_not_spill(aot_rows):
+    """At I_p = 154 and 77 (aligned weight rows and h / d_preact buffers) every sm_90 launch
+    compiles without spills and with as many 16-byte async copies (cp.async or TMA) as at I_p = 768."""
+    def key(row):
+        return (row["kernel"], row["variant"], row["layout"], row["BLOCK_M"], row["BLOCK_N"], row["BLOCK_K"],
+                row["num_warps"], row["num_stages"])
+
+    full = {key(row): row for row in aot_rows if row["cc"] == 90 and row["dtype"] == "bfloat16"
+            and row["intermediate"] == 768}
+    uneven = [row for row in aot_rows if row["intermediate"] in UNEVEN]
+    assert {row["intermediate"] for row in uneven} == set(UNEVEN)
+    assert {row["layout"] for row in uneven} == {"concatenated", "gpt_oss"}
+    problems = []
+    for row in uneven:
+        # Full-width (16-byte) async copies or TMA: 4-byte copies do not count as kept.
+        copies = row["cp_async_16"] + row["tma"]
+        reference = full.get(key(row))
+        expected = reference["cp_async_16"] + reference["tma"] if reference else 1
+        if row["spill_stores"] or row["spill_loads"]:
+            problems.append(f"{key(row)} I_p={row['intermediate']}: spills {row['spill_stores']} bytes")
+        if copies == 0 or copies < expected:
+            problems.append(f"{key(row)} I_p={row['intermediate']}: {copies} 16-byte async copies (I_p=768: "
+                            f"{expected}; {row['cp_async']} of any width), {row['ld_global']} plain global loads")
+    assert not problems, "uneven shards:\n" + "\n".join(problems)
+
+
+def _run_model(*arguments):
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    with tempfile.TemporaryDirectory() as folder:
+        out = os.path.join(folder, "model.json")
+        result = subprocess.run([sys.executable, "-m", "tpmoe.triton.aot", "--model", "--json", out, *arguments],
+                                env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        with open(out) as handle:
+            return result.stdout, json.load(handle)
+
+
+def test_bytes_moved_model_obeys_its_invariants():
+    """Every launch moves at least the ideal bytes (each operand once); the row-fastest order
+    moves at least what a GROUP_M swizzle does; a decode forward reads at least the touched
+    experts' weights; and at T = 16384 the row-fastest down kernel re-reads h once per column
+    block (H / BLOCK_N times), which the swizzle brings back to once."""
+    from tpmoe.presets import get_preset
+    from tpmoe.triton import tile_configs
+    output, rows = _run_model("--preset", "qwen3-30b-a3b", "mixtral-8x7b", "--tokens", "1", "16384", "--group-m", "8")
+    assert "row-fastest (old)" in output and "as configured" in output
+    assert {(row["preset"], row["tokens"]) for row in rows} == {(p, t) for p in ("qwen3-30b-a3b", "mixtral-8x7b")
+                                                              for t in (1, 16384)}
+    forward = {}
+    for row in rows:
+        for order in ("old", "configured"):
+            assert row[order]["total"] >= row["ideal"] * (1 - 1e-9), row
+        assert row["old"]["total"] >= row["configured"]["total"] * (1 - 1e-9), row
+        if row["launch"] in ("gate_up", "down", "combine"):
+            forward.setdefault((row["preset"], row["tokens"]), []).append(row)
+    for (preset, tokens), launches in forward.items():
+        if tokens == 1:
+            assert sum(row["configured"]["total"] for row in launches) >= launches[0]["weight_floor"]
+    config = get_preset("qwen3-30b-a3b").config
+    down = next(row for row in rows if row["preset"] == "qwen3-30b-a3b" and row["tokens"] == 16384
+                and row["launch"] == "down")
+    h_bytes = 16384 * config.top_k * config.intermediate_size * 2
+    block_n = tile_configs.launch_configs(16384, config.top_k, config.num_experts, config.hidden_size,
+                                          config.intermediate_size, 2 * config.intermediate_size)["down"].BLOCK_N
+    assert down["old"]["a_read"] == pytest.approx(h_bytes * config.hidden_size / block_n)
+    assert down["configured"]["a_read"] == pytest.approx(h_bytes)

@@ -223,13 +223,17 @@ PTXAS_GPU_NAME = {80: "sm_80", 90: "sm_90a"}  # sm_90a: the wgmma instructions n
 
 def ptx_instructions(ptx: str) -> dict:
     """What the PTX does with memory and tensor cores: the distinct wgmma shapes ("m64n128k16"),
-    the counts of wgmma, of 4/8/16-byte async copies (cp.async.ca/cg, the pipelined loads of
-    sm_80/sm_90), of TMA bulk copies (cp.async.bulk), of mma.sync, and of plain global loads
-    (where a load could not become an async copy: unaligned rows, element-wise masks)."""
+    the counts of wgmma, of async copies (cp.async.ca/cg, the pipelined loads of sm_80/sm_90;
+    cp_async_16 those of the full 16 bytes: narrower ones mean a mask or stride the compiler
+    could not prove 16-byte uniform), of TMA bulk copies (cp.async.bulk), of mma.sync, and of
+    plain global loads (where a load could not become an async copy at all)."""
     shapes = sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", ptx)),
                     key=lambda shape: [int(n) for n in re.findall(r"\d+", shape)])
+    # cp.async.{ca,cg}.shared.global [dst], [src], bytes(, src-size): the copy width, 4 to 16 bytes.
+    widths = [int(width, 0) for width in re.findall(r"cp\.async\.c[ag]\.shared\.global[^,]*,[^,]*,\s*(0x[0-9a-fA-F]+|\d+)",
+                                                    ptx)]
     return dict(wgmma=len(re.findall(r"wgmma\.mma_async\.sync", ptx)), wgmma_shapes=shapes,
-                cp_async=len(re.findall(r"cp\.async\.c[ag]\.shared", ptx)),
+                cp_async=len(widths), cp_async_16=sum(width == 16 for width in widths),
                 tma=len(re.findall(r"cp\.async\.bulk", ptx)),
                 mma=len(re.findall(r"mma\.sync\.aligned", ptx)),
                 ld_global=len(re.findall(r"\bld\.global", ptx)))
@@ -262,6 +266,7 @@ COLUMNS = (
     ("spill", 5, lambda r: r.get("spill_stores", 0) + r.get("spill_loads", 0) if "registers" in r else ""),
     ("wgmma", 12, lambda r: ",".join(r["wgmma_shapes"]) or "-"),
     ("cp.async", 8, lambda r: r["cp_async"]),
+    ("of 16B", 6, lambda r: r["cp_async_16"]),
     ("tma", 3, lambda r: r["tma"]),
     ("mma.sync", 8, lambda r: r["mma"]),
     ("ld.global", 9, lambda r: r["ld_global"]),
