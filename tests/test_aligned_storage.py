@@ -17,9 +17,9 @@ import tpmoe.sharding as sharding
 from dist_utils import run_distributed
 from tpmoe.sharding import ALIGNED_NAMES, aligned_storage
 
-# Uneven shards with unaligned rows: 38 columns over 3 ranks are 13, 13, 12 (52 and 48 bytes in fp32,
-# 26 and 24 in bf16), the shared expert's 10 over 3 are 4, 3, 3.
-CONFIG = tpmoe.MoEConfig(hidden_size=24, intermediate_size=38, num_experts=4, top_k=2,
+# Uneven shards with unaligned rows: 38 columns over 3 ranks are 13, 13, 12, the shared expert's 10
+# over 3 are 4, 3, 3 (rows of w_down and shared_down padded to 16 elements; H = 32 is aligned).
+CONFIG = tpmoe.MoEConfig(hidden_size=32, intermediate_size=38, num_experts=4, top_k=2,
                          shared_intermediate_size=10, shared_expert_gate=True)
 
 
@@ -29,8 +29,9 @@ def pad_on_cpu(monkeypatch):
 
 
 def _row_aligned(tensor):
-    """Every stride but the unit one is a multiple of 16 bytes."""
-    return all(stride * tensor.element_size() % 16 == 0 for stride in tensor.stride() if stride != 1)
+    """Every stride but the unit one is a multiple of 16 elements (so of 16 bytes), as the JIT
+    must see it to keep 16-byte copies."""
+    return all(stride % 16 == 0 for stride in tensor.stride() if stride != 1)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
@@ -53,8 +54,8 @@ def test_aligned_storage_keeps_values_shape_and_memory_order(dtype, shape, permu
 
 
 def test_aligned_storage_returns_aligned_and_degenerate_tensors_themselves():
-    for tensor in (torch.zeros(4, 8), torch.zeros(3, 2, 16, dtype=torch.bfloat16), torch.zeros(7), torch.zeros(0, 5),
-                   torch.zeros(3, 5)[:, ::2]):
+    for tensor in (torch.zeros(4, 16), torch.zeros(3, 2, 32, dtype=torch.bfloat16), torch.zeros(7), torch.zeros(0, 5),
+                   torch.zeros(3, 5)[:, ::2], torch.zeros(5, 3, 16).permute(0, 2, 1)):
         assert aligned_storage(tensor) is tensor
     with pytest.raises(TypeError, match="tensor: expected a torch.Tensor"):
         aligned_storage([1.0, 2.0])
@@ -146,7 +147,7 @@ def _padded_vs_compact(rank, world_size, seed):
         sharding.ALIGNED_DEVICE_TYPES = device_types
         block = tpmoe.MoEBlock.from_full(CONFIG, full, group=group)
         padded = not block.w_down.is_contiguous()
-        assert padded == bool(device_types) or block.I_local * 4 % 16 == 0
+        assert padded == bool(device_types) or block.I_local % 16 == 0
         inputs = x.clone().requires_grad_(True)
         y = block(inputs)
         y.backward(dy)

@@ -26,7 +26,8 @@ last ranks get an EMPTY shard (I_p = 0): they contribute zero to the partial sum
 join every collective, so nothing hangs (tests/test_tp_block.py runs it).
 
 Storage: on CUDA a block keeps its expert weights with every row of the innermost
-(contiguous) axis starting on a 16-byte boundary (`aligned_storage`, `align_sharded_storage`):
+(contiguous) axis starting on a 16-byte boundary, its stride a multiple of 16 elements
+(`aligned_storage`, `align_sharded_storage`):
 an uneven shard, I_p = 154 of I = 768 over 5 ranks, makes a row of w_down 308 bytes and costs
 the GPU kernels their 16-byte async copies. The padding columns are zeros outside the tensor's
 logical shape: no math, state dict, gather or optimizer sees them.
@@ -196,13 +197,16 @@ ALIGNED_DEVICE_TYPES = ("cuda",)
 
 
 def aligned_storage(tensor: torch.Tensor) -> torch.Tensor:
-    """`tensor`'s values as a view whose innermost rows start every 16 bytes: the tensor itself
-    where they already do, else a copy into zero-padded storage.
+    """`tensor`'s values as a view whose innermost rows start on 16-byte boundaries, with strides
+    the Triton JIT sees as such: the tensor itself where they already are, else a copy into
+    zero-padded storage.
 
     "Innermost rows": the stride of the dimension next to the contiguous one (in memory order)
-    is rounded up to a multiple of 16 bytes (tpmoe.triton.layouts.aligned_row_stride); the
-    view keeps the tensor's shape, dtype, device and memory order. Tensors of fewer than two
-    dimensions, empty ones, and ones without a unit-stride dimension are returned as they are.
+    is rounded up to a multiple of 16 elements (tpmoe.triton.layouts.aligned_row_stride: the
+    JIT specialises a stride as divisible only when its value is a multiple of 16), so every
+    outer stride is one too; the view keeps the tensor's shape, dtype, device and memory order.
+    Tensors of fewer than two dimensions, empty ones, and ones without a unit-stride dimension
+    are returned as they are.
     """
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"tensor: expected a torch.Tensor, got {type(tensor).__name__}")
@@ -213,13 +217,13 @@ def aligned_storage(tensor: torch.Tensor) -> torch.Tensor:
     inner = order[-1]
     if tensor.stride(inner) != 1:
         return tensor
-    from .triton.layouts import ROW_ALIGN_BYTES, aligned_row_stride  # needs triton; only CUDA blocks pad
+    from .triton.layouts import ROW_ALIGN_BYTES, ROW_ALIGN_ELEMENTS, aligned_row_stride  # CUDA blocks only
 
     columns = tensor.shape[inner]
     row_stride = aligned_row_stride(columns, tensor.element_size())
     # Aligned already: every outer stride and the start (also what makes this idempotent).
     if (tensor.data_ptr() % ROW_ALIGN_BYTES == 0
-            and all(tensor.stride(d) * tensor.element_size() % ROW_ALIGN_BYTES == 0 for d in order[:-1])):
+            and all(tensor.stride(d) % ROW_ALIGN_ELEMENTS == 0 for d in order[:-1])):
         return tensor
     storage_shape = [tensor.shape[d] for d in order[:-1]] + [row_stride]
     storage = torch.zeros(storage_shape, dtype=tensor.dtype, device=tensor.device)
