@@ -53,6 +53,15 @@ def test_aligned_storage_keeps_values_shape_and_memory_order(dtype, shape, permu
     assert aligned_storage(aligned) is aligned
 
 
+def test_aligned_row_stride_is_a_multiple_of_16_elements():
+    """16 elements, not only 16 bytes: 2 I_p = 308 bf16 rounded to 16 bytes is 312, which the JIT
+    does not mark divisible (its copies then stay narrow)."""
+    assert [sharding.aligned_row_stride(columns, 2) for columns in (154, 308, 77, 768, 1)] == [160, 320, 80, 768, 16]
+    assert sharding.aligned_row_stride(13, 4) == 16 and sharding.aligned_row_stride(16, 8) == 16
+    with pytest.raises(ValueError, match="element_size"):
+        sharding.aligned_row_stride(10, 0)
+
+
 def test_aligned_storage_returns_aligned_and_degenerate_tensors_themselves():
     for tensor in (torch.zeros(4, 16), torch.zeros(3, 2, 32, dtype=torch.bfloat16), torch.zeros(7), torch.zeros(0, 5),
                    torch.zeros(3, 5)[:, ::2], torch.zeros(5, 3, 16).permute(0, 2, 1)):

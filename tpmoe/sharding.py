@@ -189,6 +189,25 @@ def assemble_full(config: MoEConfig, shards_per_rank: Sequence[Dict[str, torch.T
     return full
 
 
+# Rows of a tensor the GPU kernels read start on a 16-byte boundary: cp.async / TMA copies and
+# vectorised loads need it, and a row of 154 bf16 (I = 768 over 5 ranks) would lose them all.
+ROW_ALIGN_BYTES = 16
+# The row stride is rounded to a multiple of 16 ELEMENTS, not only of 16 bytes: the Triton JIT marks
+# an int argument (a stride) divisible only when its value is a multiple of 16, so a stride of
+# 312 bf16 (624 bytes: 2 I_p = 308 rounded to 16 bytes) still loses every 16-byte copy (gpt_oss
+# gate_up and dx at I_p = 154 in `python -m tpmoe.triton.aot --intermediate 154`; dx spilled).
+# 16 elements are at least 16 bytes for every dtype.
+ROW_ALIGN_ELEMENTS = 16
+
+
+def aligned_row_stride(columns: int, element_size: int) -> int:
+    """The row stride (in elements) of a [rows, columns] buffer or weight: columns rounded up to a
+    multiple of 16 elements (hence of 16 bytes at any `element_size`)."""
+    if element_size < 1:
+        raise ValueError(f"element_size: expected a positive byte count, got {element_size}")
+    return -(-columns // ROW_ALIGN_ELEMENTS) * ROW_ALIGN_ELEMENTS
+
+
 # The weights the expert kernels stream in tiles (the shared expert runs through the same ones),
 # and the devices whose kernels want their rows 16-byte aligned. Not the CPU: its C++ path takes
 # a contiguous copy of a strided weight on every call, which would cost more than it gains.
@@ -202,7 +221,7 @@ def aligned_storage(tensor: torch.Tensor) -> torch.Tensor:
     zero-padded storage.
 
     "Innermost rows": the stride of the dimension next to the contiguous one (in memory order)
-    is rounded up to a multiple of 16 elements (tpmoe.triton.layouts.aligned_row_stride: the
+    is rounded up to a multiple of 16 elements (`aligned_row_stride`: the
     JIT specialises a stride as divisible only when its value is a multiple of 16), so every
     outer stride is one too; the view keeps the tensor's shape, dtype, device and memory order.
     Tensors of fewer than two dimensions, empty ones, and ones without a unit-stride dimension
@@ -217,8 +236,6 @@ def aligned_storage(tensor: torch.Tensor) -> torch.Tensor:
     inner = order[-1]
     if tensor.stride(inner) != 1:
         return tensor
-    from .triton.layouts import ROW_ALIGN_BYTES, ROW_ALIGN_ELEMENTS, aligned_row_stride  # CUDA blocks only
-
     columns = tensor.shape[inner]
     row_stride = aligned_row_stride(columns, tensor.element_size())
     # Aligned already: every outer stride and the start (also what makes this idempotent).

@@ -8,6 +8,11 @@ j * COL_STEP + up_offset: concatenated (1, I), interleaved and gpt_oss (2, 1).
 """
 import torch
 
+# Rows of a buffer the kernels read start on a 16-byte boundary, their stride a multiple of 16
+# elements: the rule and its reasons are in tpmoe.sharding, which pads the weights the same way
+# (and must not import triton).
+from ..sharding import ROW_ALIGN_BYTES, ROW_ALIGN_ELEMENTS, aligned_row_stride  # noqa: F401
+
 
 def gate_up_axes(layout: str):
     """(rows axis R, hidden axis H) of w_gate_up."""
@@ -38,25 +43,6 @@ def paired_load(w_gate_up, rows_axis: int, gated: bool, col_step: int) -> bool:
     """
     return (gated and col_step == 2 and w_gate_up.stride(rows_axis) == 1
             and w_gate_up.element_size() <= 2)
-
-
-# Rows of a buffer the kernels read start on a 16-byte boundary: cp.async / TMA copies and
-# vectorised loads need it, and a row of 154 bf16 (I = 768 over 5 ranks) would lose them all.
-ROW_ALIGN_BYTES = 16
-# The row stride is rounded to a multiple of 16 ELEMENTS, not only of 16 bytes: the JIT marks an
-# int argument (a stride) divisible only when its value is a multiple of 16, so a stride of 312
-# bf16 (624 bytes, 2 I_p = 308 rounded to 16 bytes) still loses every 16-byte copy (gpt_oss
-# gate_up and dx at I_p = 154 in `python -m tpmoe.triton.aot --intermediate 154`; dx spilled).
-# 16 elements are at least 16 bytes for every dtype.
-ROW_ALIGN_ELEMENTS = 16
-
-
-def aligned_row_stride(columns: int, element_size: int) -> int:
-    """The row stride (in elements) of a [rows, columns] buffer: columns rounded up to a multiple
-    of 16 elements (hence of 16 bytes at any `element_size`)."""
-    if element_size < 1:
-        raise ValueError(f"element_size: expected a positive byte count, got {element_size}")
-    return -(-columns // ROW_ALIGN_ELEMENTS) * ROW_ALIGN_ELEMENTS
 
 
 def empty_aligned_rows(rows: int, columns: int, dtype, device):
