@@ -230,8 +230,8 @@ def ptx_instructions(ptx: str) -> dict:
     shapes = sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", ptx)),
                     key=lambda shape: [int(n) for n in re.findall(r"\d+", shape)])
     # cp.async.{ca,cg}.shared.global [dst], [src], bytes(, src-size): the copy width, 4 to 16 bytes.
-    widths = [int(width, 0) for width in re.findall(r"cp\.async\.c[ag]\.shared\.global[^,]*,[^,]*,\s*(0x[0-9a-fA-F]+|\d+)",
-                                                    ptx)]
+    copy = r"cp\.async\.c[ag]\.shared\.global[^,]*,[^,]*,\s*(0x[0-9a-fA-F]+|\d+)"
+    widths = [int(width, 0) for width in re.findall(copy, ptx)]
     return dict(wgmma=len(re.findall(r"wgmma\.mma_async\.sync", ptx)), wgmma_shapes=shapes,
                 cp_async=len(widths), cp_async_16=sum(width == 16 for width in widths),
                 tma=len(re.findall(r"cp\.async\.bulk", ptx)),
