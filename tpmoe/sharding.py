@@ -30,7 +30,11 @@ Storage: on CUDA a block keeps its expert weights with every row of the innermos
 (`aligned_storage`, `align_sharded_storage`):
 an uneven shard, I_p = 154 of I = 768 over 5 ranks, makes a row of w_down 308 bytes and costs
 the GPU kernels their 16-byte async copies. The padding columns are zeros outside the tensor's
-logical shape: no math, state dict, gather or optimizer sees them.
+logical shape: no math, state dict, gather or optimizer sees them. (state_dict() holds the
+padded views, of the logical shape and values; torch.save writes their storage, zeros and all,
+at most 15 elements a row, and loads them back so; load_state_dict copies into the padded
+parameters; gather_full and the transformers adapter's gather_state_dict are compact;
+load_state_dict(assign=True) installs the given, compact tensors until the next .to().)
 
 Index maths otherwise: the collectives over shards (gather_full, and check_shards_agree at a
 block's construction) are in tpmoe.distributed.replicated.
