@@ -247,3 +247,38 @@ def test_expert_parallel_block_matches_reference(world_size, seed):
             in construction["repr"], construction["repr"]
         spread = "uneven ranges of 3 or 2 experts" if world_size == 3 else f"even ranges of {NUM_EXPERTS // ep_size}"
         assert spread in construction["repr"], construction["repr"]
+
+
+@pytest.mark.parametrize("layout,gated", [("concatenated", True), ("gpt_oss", True), ("interleaved", False)])
+def test_expert_ranges_and_shards_round_trip(layout, gated):
+    """The index maths alone (tpmoe.sharding): contiguous expert ranges differing by at most one
+    (the first E % P_ep ranks one more), shard shapes as cut, and assemble_full the bitwise inverse
+    of shard_moe_weights for every (EP, TP) with E = 7 (uneven at EP 2, 3, 4), I = 5 (uneven TP)."""
+    from tpmoe import MoEConfig, random_moe_weights
+    from tpmoe.sharding import assemble_full, check_shards, expert_ranges, shard_moe_weights, shard_shapes
+
+    config = MoEConfig(hidden_size=6, intermediate_size=5, num_experts=7, top_k=2, layout=layout, gated=gated,
+                       activation="silu" if gated else "gelu", expert_bias=True, shared_intermediate_size=3)
+    weights = random_moe_weights(config, generator=torch.Generator().manual_seed(7))
+    for ep_size in range(1, 8):
+        ranges = expert_ranges(7, ep_size)
+        assert [first for first, _ in ranges] == [sum(c for _, c in ranges[:e]) for e in range(ep_size)]
+        assert [count for _, count in ranges] == [7 // ep_size + (e < 7 % ep_size) for e in range(ep_size)]
+        for tp_size in (1, 2, 3):
+            shards = [shard_moe_weights(config, weights, p, tp_size, ep_rank=e, ep_size=ep_size)
+                      for e in range(ep_size) for p in range(tp_size)]
+            for index, shard in enumerate(shards):
+                e, p = divmod(index, tp_size)
+                assert {n: tuple(t.shape) for n, t in shard.items()} == shard_shapes(config, p, tp_size, ep_rank=e,
+                                                                                    ep_size=ep_size)
+                first, count = ranges[e]
+                assert torch.equal(shard["b_down"], weights["b_down"])  # replicated
+                assert shard["w_gate_up"].shape[0] == count
+            full = assemble_full(config, shards, ep_size=ep_size)
+            assert all(torch.equal(full[name], weights[name]) for name in weights), (ep_size, tp_size)
+    wrong = shard_moe_weights(config, weights, 0, 1, ep_rank=0, ep_size=2)
+    with pytest.raises(ValueError, match=r"for rank 0 of a TP group of world size 1 and EP rank 1 of an EP group of "
+                                         r"size 2 \(experts \[4, 7\)\)"):
+        check_shards(config, wrong, 0, 1, ep_rank=1, ep_size=2)
+    with pytest.raises(ValueError, match=r"ep_size: expected at most num_experts = 7 EP ranks"):
+        expert_ranges(7, 8)
