@@ -11,7 +11,7 @@ errors left nothing half-done.
 import pytest
 import torch
 
-from dist_utils import error_of, run_distributed
+from dist_utils import ALL_GATHER, error_of, run_distributed
 from tpmoe import MoEConfig, random_moe_weights
 
 CONFIG = MoEConfig(hidden_size=8, intermediate_size=6, num_experts=7, top_k=2, shared_intermediate_size=3)
@@ -66,6 +66,23 @@ def _distributed_errors(rank, world_size):
     block = MoEBlock.from_full(CONFIG, weights, mesh_ep_tp, ep_mesh_dim="ep", tp_mesh_dim="tp")
     x = torch.randn(3, CONFIG.hidden_size, generator=torch.Generator().manual_seed(ep_rank))
     results["good_block_after"] = tuple(block(x).shape)
+
+    # check_replicated=True: within each TP group the tokens and routing, over each EP group the
+    # replicated weights. The faults hit every TP group (or every EP group), so that every rank raises.
+    from dist_utils import CollectiveCounter
+    checked = MoEBlock.from_full(CONFIG, weights, mesh_ep_tp, ep_mesh_dim="ep", tp_mesh_dim="tp",
+                                 check_replicated=True)
+    with CollectiveCounter() as counter:
+        checked(x)
+    results["check_counts"] = dict(counter.counts)
+    x_differs = x.clone()
+    if tp_rank == 1:
+        x_differs[2, 5] += 1e-6
+    results["tokens_differ_in_tp_group"] = error_of(lambda: checked(x_differs))
+    if ep_rank == 1:
+        with torch.no_grad():
+            checked.router_weight[0, 0] += 0.5
+    results["router_differs_in_ep_group"] = error_of(lambda: checked(x))
     return results
 
 
@@ -102,5 +119,11 @@ def test_expert_parallel_errors_on_every_rank():
         else:
             assert kind == "ValueError" and ("rejected its shards" in message or "found its" in message), message
         assert results["good_block_after"] == (3, CONFIG.hidden_size)
+        assert results["check_counts"] == {"all_to_all_single": 3, "all_reduce": 1, ALL_GATHER: 2}, \
+            results["check_counts"]
+        expect(results, "tokens_differ_in_tp_group", "ValueError",
+               "hidden_states on rank 1 of the TP group differs from rank 0")
+        expect(results, "router_differs_in_ep_group", "ValueError",
+               "router_weight on rank 1 of the EP group differs from rank 0")
     # Ranks 0 and 2 (and 1 and 3) are EP peers with TP groups of two and one: they name the sizes.
     assert "has tp_size=1 but rank 0 of it tp_size=2" in per_rank[0]["mismatched_tp_sizes"][1]

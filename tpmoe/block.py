@@ -309,10 +309,9 @@ class MoEBlock(nn.Module):
         if self.expert_parallel:
             if self.check_replicated:
                 tp.check_replicated({"hidden_states": x, "topk_ids": topk_ids, "topk_weights": topk_weights},
-                                    self.group, what="MoEBlock(check_replicated=True), within the TP group")
+                                    self.group, what="MoEBlock(check_replicated=True)")
                 replicated = {name: getattr(self, name) for name in REPLICATED_NAMES if hasattr(self, name)}
-                tp.check_replicated(replicated, self.ep_group, what="MoEBlock(check_replicated=True), over the EP "
-                                    "group")
+                tp.check_replicated(replicated, self.ep_group, what="MoEBlock(check_replicated=True)", kind="EP")
             y = self._expert_parallel_output(x, topk_weights, topk_ids, shared_gate)
         elif self.sequence_parallel:
             if self.check_replicated:
@@ -404,12 +403,7 @@ class MoEBlock(nn.Module):
         else:
             partial = _ZeroPartialOutput.apply(x, topk_weights)
         if self.Is_local > 0:
-            # The shared expert is one more expert that every token picks, weighted by its gate.
-            num_tokens = x.shape[0]
-            shared_ids = torch.zeros(num_tokens, 1, dtype=torch.int64, device=x.device)
-            shared_weight = shared_gate if shared_gate is not None else x.new_ones(num_tokens, 1)
-            partial = partial + fused_experts(x, self.shared_gate_up[None], self.shared_down[None], shared_ids,
-                                              shared_weight, layout="concatenated", **options)
+            partial = partial + self._shared_expert_rows(x, shared_gate)
         return partial
 
     def _local_expert_rows(self, rows, local_ids):
@@ -424,9 +418,10 @@ class MoEBlock(nn.Module):
                              backend=self.backend)
 
     def _shared_expert_rows(self, x, shared_gate):
-        """This rank's partial (its Is_local columns) of the gated shared expert on tokens x."""
+        """This rank's partial (its Is_local columns) of the gated shared expert on tokens x: one more
+        expert that every token picks, weighted by its gate."""
         if self.Is_local == 0:
-            return x.new_zeros(x.shape)  # joins the TP all-reduce as zeros; f fills the missing gradients
+            return x.new_zeros(x.shape)  # EP x TP: joins the TP all-reduce as zeros; f fills the missing grads
         config = self.config
         shared_ids = torch.zeros(x.shape[0], 1, dtype=torch.int64, device=x.device)
         weight = shared_gate if shared_gate is not None else x.new_ones(x.shape[0], 1)

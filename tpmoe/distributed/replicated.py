@@ -16,7 +16,8 @@ from .groups import (all_gather_single, collective_device, communicates, group_r
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def _all_gather_named(local: Dict[str, torch.Tensor], group, what: str) -> List[Dict[str, torch.Tensor]]:
+def _all_gather_named(local: Dict[str, torch.Tensor], group, what: str, kind: str = "TP"
+                      ) -> List[Dict[str, torch.Tensor]]:
     """Every rank's named int64 vectors (the same names and lengths on every rank), one dict per
     rank, on the CPU. Communication: ONE all-gather of their concatenation."""
     names = list(local)
@@ -24,7 +25,7 @@ def _all_gather_named(local: Dict[str, torch.Tensor], group, what: str) -> List[
     flat = torch.cat([local[name].reshape(-1) for name in names])
     world_size = group_size(group)
     gathered = flat.new_empty(world_size * flat.numel())
-    with naming_collective_failures(what, group):
+    with naming_collective_failures(what, group, kind):
         all_gather_single(gathered, flat, group=group)
     rows = gathered.view(world_size, flat.numel()).cpu()
     return [dict(zip(names, row.split(lengths))) for row in rows]
@@ -41,7 +42,8 @@ def _bit_checksum(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def check_replicated(tensors: Dict[str, torch.Tensor], group, what: str = "check_replicated", *,
-                     local_tokens: Optional[int] = None, tokens_per_rank: Optional[Sequence[int]] = None) -> None:
+                     local_tokens: Optional[int] = None, tokens_per_rank: Optional[Sequence[int]] = None,
+                     kind: str = "TP") -> None:
     """Raises ValueError on every rank (so no rank is left waiting in a later collective), naming
     the first rank that differs from rank 0, unless every named tensor is bitwise equal on every
     rank of `group`.
@@ -58,7 +60,7 @@ def check_replicated(tensors: Dict[str, torch.Tensor], group, what: str = "check
     local = {index: _bit_checksum(tensors[name]).to(device) for index, name in enumerate(names)}
     if local_tokens is not None:
         local["local_tokens"] = torch.tensor([local_tokens], dtype=torch.int64, device=device)
-    rows = _all_gather_named(local, group, what)
+    rows = _all_gather_named(local, group, what, kind)
     world_size = len(rows)
     seen_from = f"seen from rank {group_rank(group)}"
     if local_tokens is not None:
@@ -68,12 +70,12 @@ def check_replicated(tensors: Dict[str, torch.Tensor], group, what: str = "check
             if count != wanted:
                 hint = (f"tokens_per_rank says {wanted}" if tokens_per_rank is not None else
                         f"rank 0 holds {counts[0]}; uneven counts need tokens_per_rank={counts}")
-                raise ValueError(f"{what}: rank {rank} of the TP group holds {count} tokens but {hint} ({seen_from})")
+                raise ValueError(f"{what}: rank {rank} of the {kind} group holds {count} tokens but {hint} ({seen_from})")
     for rank in range(1, world_size):
         for index, name in enumerate(names):
             if not torch.equal(rows[rank][index], rows[0][index]):
                 raise ValueError(
-                    f"{what}: {name} on rank {rank} of the TP group differs from rank 0 ({seen_from}); the "
+                    f"{what}: {name} on rank {rank} of the {kind} group differs from rank 0 ({seen_from}); the "
                     f"ranks need the same {name} (same input batch in tensor-parallel mode, same replicated "
                     f"weights in both modes)")
 
@@ -189,19 +191,20 @@ def check_expert_parallel_agree(config: MoEConfig, shapes: Dict[str, tuple], dty
     seen_from = f"seen from EP rank {ep_rank}, TP rank {tp_rank}"
     label = f"{what}: the construction-time check that the ranks' shards agree"
 
-    def gathered(fields, group):
-        return [{key: value.tolist() for key, value in row.items()} for row in _all_gather_named(fields, group, label)]
+    def gathered(fields, group, kind):
+        return [{key: value.tolist() for key, value in row.items()}
+                for row in _all_gather_named(fields, group, label, kind)]
 
     verdict = None if local_ok else "this rank's own error"
     if communicates(tp_group):
-        rows = gathered(local, tp_group)
+        rows = gathered(local, tp_group, "TP")
         if verdict is None:
             verdict = _agreement_verdict(
                 config, rows, lambda p: shard_shapes(config, p, tp_size, shard_unit, ep_rank=ep_rank, ep_size=ep_size),
                 "TP", what, seen_from, same=("ep_rank", "ep_size"))
     local["tp_group_ok"] = torch.tensor([int(verdict is None)], dtype=torch.int64, device=local["local_ok"].device)
     if communicates(ep_group):
-        rows = gathered(local, ep_group)
+        rows = gathered(local, ep_group, "EP")
         if verdict is None:
             verdict = _agreement_verdict(
                 config, rows, lambda p: shard_shapes(config, tp_rank, tp_size, shard_unit, ep_rank=p, ep_size=ep_size),
@@ -212,7 +215,7 @@ def check_expert_parallel_agree(config: MoEConfig, shapes: Dict[str, tuple], dty
                        f"errors say why); every rank stops here ({seen_from})")
     if communicates(tp_group):
         flags = gathered({"ok": torch.tensor([int(verdict is None)], dtype=torch.int64,
-                                             device=local["local_ok"].device)}, tp_group)
+                                             device=local["local_ok"].device)}, tp_group, "TP")
         bad = [p for p, row in enumerate(flags) if not row["ok"][0]]
         if verdict is None and bad:
             verdict = (f"{what}: rank {bad[0]} of the TP group found its EP group's shards or groups inconsistent "
