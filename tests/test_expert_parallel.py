@@ -19,8 +19,9 @@ Cases: plain; a gated shared expert (interleaved layout); GPT-OSS (transposed la
 clamped swiglu, router bias); DeepSeek-V3 (sigmoid_group routing, correction bias, scaling,
 shared expert); weights on the experts' input (Llama-4); an expert no token of any rank picks;
 every token of every rank routed to EP rank 0's experts; a rank with no token; one token per
-rank. Plus: from_shards / local_shards, the seeded constructor, gather_full (bitwise), plain
-ProcessGroups (bitwise the mesh's output), extra_repr.
+rank. Plus: expert_outputs (each pair's output) in float64, from_shards / local_shards, the
+seeded constructor, gather_full (bitwise), plain ProcessGroups (bitwise the mesh's output),
+extra_repr.
 """
 import pytest
 import torch
@@ -102,7 +103,7 @@ def _all_cases(rank, world_size, base_seed):
     from tpmoe import MoEConfig, random_moe_weights
     from tpmoe.block import MoEBlock
     from tpmoe.distributed import allreduce_router_grads
-    from tpmoe.sharding import expert_range, shard_moe_weights
+    from tpmoe.sharding import expert_range, shard_moe_weights, shard_weight
 
     ep_size, tp_size = MESHES[world_size]
     if tp_size > 1:
@@ -181,6 +182,34 @@ def _all_cases(rank, world_size, base_seed):
         ep_groups = [dist.new_group(list(range(t, world_size, tp_size))) for t in range(tp_size)]
         plain = MoEBlock.from_full(config, weights, group=tp_groups[ep_rank] if tp_size > 1 else None,
                                    ep_group=ep_groups[tp_rank])
+        # expert_outputs (each pair's output, for blocks that transform it before weighting), float64,
+        # against tpmoe.reference's experts run on every (token, k) pair of the global batch.
+        from tpmoe.reference import reference_experts
+        weights64 = {name: w.double() for name, w in weights.items()}
+        block64 = MoEBlock.from_full(config, weights64, mesh, **mesh_args)
+        x_all = torch.randn(sum(DEFAULT_TOKENS[:ep_size]), config.hidden_size, dtype=torch.float64,
+                            generator=torch.Generator().manual_seed(base_seed + 1))
+        ids_all = block64.route(x_all)[2]
+        grad_all = torch.randn(*ids_all.shape, config.hidden_size, dtype=torch.float64,
+                               generator=torch.Generator().manual_seed(base_seed + 2))
+        leaves = {name: w.clone().requires_grad_(True) for name, w in weights64.items()}
+        x_ref = x_all.clone().requires_grad_(True)
+        pairs = x_ref[:, None, :].expand(*ids_all.shape, config.hidden_size).reshape(-1, config.hidden_size)
+        ref = reference_experts(pairs, leaves["w_gate_up"], leaves["w_down"], ids_all.reshape(-1, 1),
+                                pairs.new_ones(pairs.shape[0], 1), activation=config.activation, layout=config.layout,
+                                b_gate_up=leaves["b_gate_up"], b_down=leaves["b_down"], limit=config.swiglu_limit)
+        ref = ref.view(*ids_all.shape, config.hidden_size)
+        (ref * grad_all).sum().backward()
+        own = slice(sum(DEFAULT_TOKENS[:ep_rank]), sum(DEFAULT_TOKENS[:ep_rank + 1]))
+        x_own = x_all[own].clone().requires_grad_(True)
+        outputs = block64.expert_outputs(x_own, ids_all[own])
+        (outputs * grad_all[own]).sum().backward()
+        expected_w_down = shard_weight(config, "w_down", leaves["w_down"].grad, tp_rank, tp_size, ep_rank=ep_rank,
+                                       ep_size=ep_size)
+        results["expert_outputs_errors"] = {
+            "outputs": _error(outputs, ref[own], ref.abs().max().item()),
+            "dx": _error(x_own.grad, x_ref.grad[own], x_ref.grad.abs().max().item()),
+            "w_down.grad": _error(block64.w_down.grad, expected_w_down, leaves["w_down"].grad.abs().max().item())}
         results["construction"] = {
             "gather_full_bitwise": sorted(gathered) == sorted(weights) and all(
                 torch.equal(gathered[name], weights[name]) for name in weights),
@@ -243,6 +272,8 @@ def test_expert_parallel_block_matches_reference(world_size, seed):
                       "plain_groups_equal"):
             assert construction[check], f"rank {rank}: {check} failed: {construction}"
         assert construction["gather_full_counts"] == expected_gather, construction["gather_full_counts"]
+        for name, error in results["expert_outputs_errors"].items():
+            assert error <= FP64_RTOL, f"expert_outputs, rank {rank}: {name} max relative error {error:.3e}"
         assert f"ep={rank // tp_size}/{ep_size}, experts [{first}, {first + count}) of {NUM_EXPERTS}" \
             in construction["repr"], construction["repr"]
         spread = "uneven ranges of 3 or 2 experts" if world_size == 3 else f"even ranges of {NUM_EXPERTS // ep_size}"

@@ -118,7 +118,8 @@ class MoEBlock(nn.Module):
     (then `group`, if given, the TP group). Inputs and outputs hold this rank's tokens (any count
     per rank); EP rank e keeps the experts of tpmoe.sharding.expert_range(E, e, P_ep), each one's
     columns split over the TP group as in TP mode. Once per step call
-    tpmoe.distributed.allreduce_router_grads(model) (the replicated parameters' EP sum). check_replicated (off by default; for debugging):
+    tpmoe.distributed.allreduce_router_grads(model) (the replicated parameters' EP sum).
+    check_replicated (off by default; for debugging):
     one extra small all-gather per forward verifying that what must agree does, raising on every
     rank and naming the first rank that differs: in TP mode the input and the routing (ids and
     weights); in sequence-parallel mode the token counts (equal, or as tokens_per_rank says) and
@@ -358,7 +359,8 @@ class MoEBlock(nn.Module):
         complete on every rank, for blocks that transform each expert's output before weighting
         it (a per-expert output norm). TP: ONE all-reduce of the [T*K, H] outputs forward (g) and
         ONE of dx backward (f); the weighting, after g, needs none. EP: the block's own exchange
-        (tpmoe.distributed.expert_parallel), which returns exactly these outputs. No shared expert here."""
+        (tpmoe.distributed.expert_parallel), which returns exactly these outputs. No shared expert
+        here."""
         config = self.config
         if config.shared_intermediate_size or config.weights_on_input:
             raise ValueError("expert_outputs: a block with a shared expert or weights on the input has no per-expert "

@@ -218,7 +218,8 @@ def check_shards(config: MoEConfig, shards: Dict[str, torch.Tensor], rank: int, 
             kind = "shard" if name in SHARDED_NAMES else "replicated weight"
             raise ValueError(
                 f"{argument}[{name!r}]: expected the {kind} shape {shape} for rank {rank} of a TP group of "
-                f"world size {world_size}{where_ep} (num_experts {config.num_experts}, intermediate_size {config.intermediate_size}, shared_intermediate_size "
+                f"world size {world_size}{where_ep} (num_experts {config.num_experts}, intermediate_size "
+                f"{config.intermediate_size}, shared_intermediate_size "
                 f"{config.shared_intermediate_size}, shard_unit {shard_unit}), got {tuple(tensor.shape)}: were these "
                 f"shards cut for another world size or config?")
     extra = sorted(set(shards) - set(shapes))

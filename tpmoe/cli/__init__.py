@@ -229,7 +229,8 @@ def _check_expert_parallel(world_size: int, config, ep_size: int) -> int:
         raise UsageError(f"--world-size: expected a multiple of --ep {ep_size} (EP x TP ranks), got {world_size}")
     if world_size // ep_size > config.intermediate_size:
         raise UsageError(f"--world-size: expected at most {ep_size * config.intermediate_size} with --ep {ep_size} "
-                         f"(TP ranks up to the preset's intermediate size {config.intermediate_size}), got {world_size}")
+                         f"(TP ranks up to the preset's intermediate size {config.intermediate_size}), got "
+                         f"{world_size}")
     return world_size
 
 

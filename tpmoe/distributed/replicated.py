@@ -70,7 +70,8 @@ def check_replicated(tensors: Dict[str, torch.Tensor], group, what: str = "check
             if count != wanted:
                 hint = (f"tokens_per_rank says {wanted}" if tokens_per_rank is not None else
                         f"rank 0 holds {counts[0]}; uneven counts need tokens_per_rank={counts}")
-                raise ValueError(f"{what}: rank {rank} of the {kind} group holds {count} tokens but {hint} ({seen_from})")
+                raise ValueError(f"{what}: rank {rank} of the {kind} group holds {count} tokens but {hint} "
+                                 f"({seen_from})")
     for rank in range(1, world_size):
         for index, name in enumerate(names):
             if not torch.equal(rows[rank][index], rows[0][index]):
