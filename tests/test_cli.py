@@ -151,6 +151,22 @@ def test_verify_in_process_bfloat16_and_fault(capsys):
     assert _table_row(stdout, "output").endswith("FAIL") and stdout.rstrip().endswith("verify FAILED")
 
 
+@pytest.mark.distributed
+def test_verify_expert_parallel_passes():
+    """--ep: EP 2 x TP 2 on 4 ranks and EP 3 (tiny's 8 experts: ranges 3, 3, 2) on 3, at once."""
+    ep_tp = _start("verify", "--preset", "tiny", "--ep", "2", "--world-size", "4", "--tokens", "11")
+    uneven = _start("verify", "--preset", "tiny", "--ep", "3", "--world-size", "3", "--tokens", "7")
+    for process, mode, counts in ((ep_tp, "ep 2 x tp 2", "all_reduce x1, all_to_all_single x3"),
+                                  (uneven, "ep 3 x tp 1", "all_to_all_single x3")):
+        code, stdout, stderr = _finish(process)
+        assert code == 0, stdout + stderr
+        assert f"mode {mode}," in stdout, stdout
+        assert _table_row(stdout, "forward per block").endswith("pass") and counts in stdout, stdout
+        assert _table_row(stdout, "step (router grads)").endswith("pass"), stdout
+        assert stdout.rstrip().endswith("verify PASSED")
+    assert "experts per EP rank [3, 3, 2]" in stdout, stdout
+
+
 # Run as processes: the exit status and stderr that a user sees.
 BAD_COMMANDS = {
     "unknown preset": (["verify", "--preset", "mixtral-8x22b"], "preset: expected one of mixtral-8x7b"),
@@ -171,6 +187,10 @@ BAD_ARGUMENTS = {
     "bad device": (["bench", "--device", "tpu"], "--device: expected auto, cpu or cuda, got 'tpu'"),
     "unknown option": (["verify", "--wrld-size", "2"], "unrecognized arguments: --wrld-size 2"),
     "no command": ([], "expected a command: verify or bench"),
+    "ep not dividing": (["verify", "--ep", "3", "--world-size", "4"],
+                        "--world-size: expected a multiple of --ep 3 (EP x TP ranks), got 4"),
+    "ep above the experts": (["verify", "--ep", "9", "--world-size", "9"], "--ep: expected at most 8"),
+    "ep with sp": (["verify", "--ep", "2", "--mode", "sp"], "--mode: expected tp with --ep"),
 }
 
 

@@ -62,13 +62,16 @@ def _faulty_step(rank, stage, fault):
     try:
         if faulty and stage == "construction":
             return _inject(fault)
-        sequence_parallel = stage.startswith("sp_")
-        block = MoEBlock.from_full(CONFIG, weights, group=dist.group.WORLD, sequence_parallel=sequence_parallel)
-        local_x = x[3 * rank:3 * rank + 3] if sequence_parallel else x
-        if faulty and stage in ("forward", "sp_forward"):
+        sequence_parallel, expert_parallel = stage.startswith("sp_"), stage.startswith("ep_")
+        if expert_parallel:  # EP 2: each rank owns 2 of the 4 experts
+            block = MoEBlock.from_full(CONFIG, weights, ep_group=dist.group.WORLD)
+        else:
+            block = MoEBlock.from_full(CONFIG, weights, group=dist.group.WORLD, sequence_parallel=sequence_parallel)
+        local_x = x[3 * rank:3 * rank + 3] if sequence_parallel or expert_parallel else x
+        if faulty and stage in ("forward", "sp_forward", "ep_forward"):
             return _inject(fault)
         y = block(local_x)
-        if faulty and stage in ("backward", "sp_backward"):
+        if faulty and stage in ("backward", "sp_backward", "ep_backward"):
             return _inject(fault)
         y.sum().backward()
     except Exception as error:
@@ -124,6 +127,8 @@ FAULT_CASES = [
     ("forward", "stall", "MoEBlock forward all-reduce of the partial output"),
     ("construction", "raise", "the construction-time check that the ranks' shards agree"),
     ("sp_forward", "exit", "MoEBlock (sequence-parallel) forward all-gather"),
+    ("ep_forward", "exit", "MoEBlock (expert-parallel) forward all-to-all of the per-expert token counts"),
+    ("ep_backward", "raise", "MoEBlock (expert-parallel) backward all-to-all of d outputs (the combine's backward)"),
 ]
 
 

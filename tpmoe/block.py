@@ -1,10 +1,13 @@
 """`tpmoe.MoEBlock`: router + routed experts + optional shared expert, in one process or
-sharded over a tensor-parallel (TP) group with one collective forward and one backward.
+sharded over a tensor-parallel (TP) group with one collective forward and one backward, or with
+its experts split over an expert-parallel (EP) group (optionally each expert's columns over a TP
+group too: EP x TP).
 
 Parameters and where they live (names as in tpmoe.weights; tpmoe.sharding says how they slice):
   router_weight, router_bias, shared_gate, b_down    replicated: whole and identical on every rank
   correction_bias                                     replicated buffer (DeepSeek-V3; not trained)
   w_gate_up, b_gate_up, w_down                        this rank's I_local columns of every expert
+                                                      (EP: of its own experts [expert_first, + num_local_experts))
   shared_gate_up, shared_down                         this rank's Is_local columns of the shared expert
 
 TP mode (input replicated on every rank):
@@ -14,7 +17,10 @@ TP mode (input replicated on every rank):
 The routed down bias is a replicated term: added after the reduction it is counted once, and
 its gradient (and that of the routing weights through it) is the same on every rank with no
 communication. Sequence-parallel mode replaces f/g by an all-gather of the routed local
-tokens and a reduce-scatter of the output (tpmoe.distributed.sequence_parallel).
+tokens and a reduce-scatter of the output (tpmoe.distributed.sequence_parallel). Expert-parallel
+mode (inputs hold this rank's tokens; each EP rank routes its own) sends the tokens' rows to the
+ranks owning their experts and back (tpmoe.distributed.expert_parallel); the shared expert and
+the routed down bias run on the token's own rank.
 """
 from typing import Dict, Optional, Sequence
 
@@ -23,18 +29,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed as tp
+from .distributed import expert_parallel as ep
 from .config import MoEConfig
 from ._checks import FLOAT_DTYPES, check_choice, dtype_name
 from .fused import BACKENDS, fused_experts
 from .routing import route
-from .distributed.replicated import check_shards_agree, gather_full
-from .sharding import (REPLICATED_NAMES, SHARDED_NAMES, align_sharded_storage, check_shards, shard_moe_weights,
-                       shard_sizes)
+from .distributed.replicated import check_expert_parallel_agree, check_shards_agree, gather_full
+from .sharding import (REPLICATED_NAMES, SHARDED_NAMES, align_sharded_storage, check_shards, expert_range,
+                       expert_ranges, shard_moe_weights, shard_sizes)
 from .weights import check_moe_weights, random_moe_weights
 
 # Trained replicated parameters: their gradients are complete on every rank in TP mode and
-# per-rank partial sums (over the local tokens) in sequence-parallel mode.
+# per-rank partial sums (over the local tokens) in sequence-parallel and expert-parallel mode.
 _TRAINED_REPLICATED = ("router_weight", "router_bias", "shared_gate", "b_down")
+# Replicated over the EP group (TP-sliced alike on its ranks), so also summed over it per step.
+_EP_REPLICATED_SHARDS = ("shared_gate_up", "shared_down")
 
 
 class _ZeroPartialOutput(torch.autograd.Function):
@@ -103,7 +112,14 @@ class MoEBlock(nn.Module):
 
     config: full (unsharded) sizes. group: None (one process), a ProcessGroup or a DeviceMesh
     (its TP dimension: `tp_mesh_dim` for an N-D mesh). sequence_parallel: inputs and outputs
-    hold this rank's tokens only (see forward). check_replicated (off by default; for debugging):
+    hold this rank's tokens only (see forward).
+    Expert parallelism: `ep_mesh_dim` names the EP dimension of a DeviceMesh `group` (then
+    `tp_mesh_dim`, if given, its TP dimension; None: no TP), or `ep_group` is the EP ProcessGroup
+    (then `group`, if given, the TP group). Inputs and outputs hold this rank's tokens (any count
+    per rank); EP rank e keeps the experts of tpmoe.sharding.expert_range(E, e, P_ep), each one's
+    columns split over the TP group as in TP mode. Once per step call
+    tpmoe.distributed.allreduce_router_grads(model) (the replicated parameters' EP sum).
+    check_replicated (off by default; for debugging):
     one extra small all-gather per forward verifying that what must agree does, raising on every
     rank and naming the first rank that differs: in TP mode the input and the routing (ids and
     weights); in sequence-parallel mode the token counts (equal, or as tokens_per_rank says) and
@@ -115,7 +131,8 @@ class MoEBlock(nn.Module):
 
     def __init__(self, config: MoEConfig, group=None, *, sequence_parallel: bool = False,
                  check_replicated: bool = False, shard_unit: int = 1, backend: str = "auto", tp_mesh_dim=None,
-                 seed: int = 0, dtype: Optional[torch.dtype] = None, device=None, _shards=None):
+                 ep_mesh_dim=None, ep_group=None, seed: int = 0, dtype: Optional[torch.dtype] = None, device=None,
+                 _shards=None):
         super().__init__()
         if not isinstance(config, MoEConfig):
             raise TypeError(f"config: expected a tpmoe.MoEConfig, got {type(config).__name__}")
@@ -126,31 +143,45 @@ class MoEBlock(nn.Module):
         if dtype is not None and (not isinstance(dtype, torch.dtype) or dtype not in FLOAT_DTYPES):
             raise TypeError(f"dtype: expected None or one of {tuple(str(d) for d in FLOAT_DTYPES)}, got {dtype!r}")
         self.config = config
-        self.group = tp.resolve_tp_group(group, tp_mesh_dim)
+        self.group, self.ep_group = tp.resolve_groups(group, tp_mesh_dim, ep_group, ep_mesh_dim)
         self.tp_size, self.tp_rank = tp.group_size(self.group), tp.group_rank(self.group)
+        self.expert_parallel = self.ep_group is not None
+        self.ep_size, self.ep_rank = tp.group_size(self.ep_group), tp.group_rank(self.ep_group)
+        if self.expert_parallel and sequence_parallel:
+            raise ValueError("sequence_parallel: expected False with expert parallelism (its inputs already hold "
+                             "this rank's tokens), got True")
         self.sequence_parallel = sequence_parallel
         self.check_replicated = check_replicated
         self.shard_unit = shard_unit
         self.backend = backend
         self.I_local = shard_sizes(config.intermediate_size, self.tp_size, shard_unit)[self.tp_rank]
         self.Is_local = shard_sizes(config.shared_intermediate_size, self.tp_size, shard_unit)[self.tp_rank]
-        if _shards is None:
-            generator = torch.Generator().manual_seed(seed)
-            full = random_moe_weights(config, dtype=dtype or torch.get_default_dtype(), device=device or "cpu",
-                                      generator=generator)
-            _shards = shard_moe_weights(config, full, self.tp_rank, self.tp_size, shard_unit)
-        # A rank that rejects its shards still joins the agreement all-gather (with a flag saying
-        # so) before raising: the other ranks then raise too instead of waiting for it in the
-        # first forward's collective until the process group's timeout.
+        # A rank that rejects its shards (or its groups, or an EP group larger than E) still joins
+        # the agreement all-gathers (with a flag saying so) before raising: the other ranks then
+        # raise too instead of waiting for it in the first forward's collective until the process
+        # group's timeout.
         local_error = None
         try:
-            check_shards(config, _shards, self.tp_rank, self.tp_size, shard_unit)
+            self.expert_first, self.num_local_experts = expert_range(config.num_experts, self.ep_rank, self.ep_size)
+            tp.check_groups_disjoint(self.group, self.ep_group)
+            if _shards is None:
+                generator = torch.Generator().manual_seed(seed)
+                full = random_moe_weights(config, dtype=dtype or torch.get_default_dtype(), device=device or "cpu",
+                                          generator=generator)
+                _shards = shard_moe_weights(config, full, self.tp_rank, self.tp_size, shard_unit, ep_rank=self.ep_rank,
+                                            ep_size=self.ep_size)
+            check_shards(config, _shards, self.tp_rank, self.tp_size, shard_unit, ep_rank=self.ep_rank,
+                         ep_size=self.ep_size)
             weights_dtype = _check_shard_dtypes(_shards, dtype)
         except (TypeError, ValueError) as error:
             local_error, weights_dtype = error, None
-        if tp.communicates(self.group):
-            check_shards_agree(config, {name: tuple(t.shape) for name, t in _shards.items()} if local_error is None
-                               else {}, weights_dtype, self.group, shard_unit, local_ok=local_error is None)
+        agreed_shapes = {name: tuple(t.shape) for name, t in _shards.items()} if local_error is None else {}
+        if self.expert_parallel:
+            check_expert_parallel_agree(config, agreed_shapes, weights_dtype, self.group, self.ep_group, shard_unit,
+                                        local_ok=local_error is None)
+        elif tp.communicates(self.group):
+            check_shards_agree(config, agreed_shapes, weights_dtype, self.group, shard_unit,
+                               local_ok=local_error is None)
         if local_error is not None:
             raise local_error
         for name, tensor in _shards.items():
@@ -174,14 +205,17 @@ class MoEBlock(nn.Module):
     def from_full(cls, config: MoEConfig, weights: Dict[str, torch.Tensor], group=None, **kwargs) -> "MoEBlock":
         """Every rank passes the same full weights; each keeps its slice (tpmoe.sharding)."""
         check_moe_weights(config, weights, "weights")
-        block_group = tp.resolve_tp_group(group, kwargs.get("tp_mesh_dim"))
-        shards = shard_moe_weights(config, weights, tp.group_rank(block_group), tp.group_size(block_group),
-                                   kwargs.get("shard_unit", 1))
+        tp_group, ep_group = tp.resolve_groups(group, kwargs.get("tp_mesh_dim"), kwargs.get("ep_group"),
+                                               kwargs.get("ep_mesh_dim"))
+        shards = shard_moe_weights(config, weights, tp.group_rank(tp_group), tp.group_size(tp_group),
+                                   kwargs.get("shard_unit", 1), ep_rank=tp.group_rank(ep_group),
+                                   ep_size=tp.group_size(ep_group))
         return cls(config, group, _shards=shards, **kwargs)
 
     @classmethod
     def from_shards(cls, config: MoEConfig, shards: Dict[str, torch.Tensor], group=None, **kwargs) -> "MoEBlock":
-        """Each rank passes its own shard dict (shapes from tpmoe.sharding.shard_shapes for its rank)."""
+        """Each rank passes its own shard dict (shapes from tpmoe.sharding.shard_shapes for its TP rank,
+        and its EP rank with expert parallelism)."""
         return cls(config, group, _shards=shards, **kwargs)
 
     def local_shards(self) -> Dict[str, torch.Tensor]:
@@ -193,14 +227,22 @@ class MoEBlock(nn.Module):
         return {name: tensor.grad for name, tensor in self._weight_items() if isinstance(tensor, nn.Parameter)}
 
     def gather_full(self) -> Dict[str, torch.Tensor]:
-        """The full weights on every rank, bitwise equal to what from_full sliced: ONE all-gather."""
-        return gather_full(self.config, self.local_shards(), self.group, self.shard_unit)
+        """The full weights on every rank, bitwise equal to what from_full sliced: ONE all-gather
+        (over the TP group; with EP one more, over the EP group)."""
+        return gather_full(self.config, self.local_shards(), self.group, self.shard_unit, ep_group=self.ep_group)
 
     def sequence_parallel_summed_parameters(self):
         """The parameters whose gradients tpmoe.distributed.allreduce_router_grads sums (SP mode only)."""
         if not self.sequence_parallel or not tp.communicates(self.group):
             return []
         return [getattr(self, name) for name in _TRAINED_REPLICATED if hasattr(self, name)]
+
+    def expert_parallel_summed_parameters(self):
+        """The parameters whose gradients tpmoe.distributed.allreduce_router_grads sums over the EP
+        group (EP mode only): the replicated ones and the shared expert's TP slices."""
+        if not self.expert_parallel or not tp.communicates(self.ep_group):
+            return []
+        return [getattr(self, name) for name in _TRAINED_REPLICATED + _EP_REPLICATED_SHARDS if hasattr(self, name)]
 
     def _weight_items(self):
         for name in REPLICATED_NAMES + SHARDED_NAMES:
@@ -211,7 +253,16 @@ class MoEBlock(nn.Module):
         c = self.config
         return (f"H={c.hidden_size}, I={c.intermediate_size} (I_local={self.I_local}), E={c.num_experts}, "
                 f"top_k={c.top_k}, shared={c.shared_intermediate_size} (Is_local={self.Is_local}), "
-                f"tp={self.tp_rank}/{self.tp_size}, sequence_parallel={self.sequence_parallel}")
+                f"tp={self.tp_rank}/{self.tp_size}, sequence_parallel={self.sequence_parallel}" + self._ep_repr())
+
+    def _ep_repr(self) -> str:
+        if not self.expert_parallel:
+            return ""
+        counts = sorted({count for _, count in expert_ranges(self.config.num_experts, self.ep_size)})
+        spread = (f"uneven ranges of {counts[-1]} or {counts[0]} experts" if len(counts) > 1
+                  else f"even ranges of {counts[0]} experts")
+        return (f", ep={self.ep_rank}/{self.ep_size}, experts [{self.expert_first}, "
+                f"{self.expert_first + self.num_local_experts}) of {self.config.num_experts} ({spread})")
 
     # ------------------------------------------------------------------ forward
 
@@ -231,6 +282,13 @@ class MoEBlock(nn.Module):
         without it the counts must be equal: unequal counts then fail inside the all-gather or
         hang until the process group's timeout, and check_replicated=True rejects them with a
         clear error (naming the rank and the tokens_per_rank to pass) before any collective.
+
+        Expert-parallel mode: hidden_states holds this rank's tokens, any count per EP rank (the
+        counts travel in the block's counts all-to-all; no tokens_per_rank), and so does the
+        output. With TP the ranks of a TP group must hold the SAME tokens (as in TP mode): their
+        received rows meet in one all-reduce, which differing tokens would mis-size (gloo then
+        aborts the process). check_replicated=True checks it within the TP group, raising there;
+        the other groups' ranks then fail in their next collective, naming it (CollectiveError).
         """
         config = self.config
         if not isinstance(hidden_states, torch.Tensor):
@@ -257,7 +315,14 @@ class MoEBlock(nn.Module):
             router_logits, topk_weights, topk_ids = _check_routing(routing, x.shape[0], x.device)
         shared_gate = torch.sigmoid(F.linear(x, self.shared_gate)) if hasattr(self, "shared_gate") else None
 
-        if self.sequence_parallel:
+        if self.expert_parallel:
+            if self.check_replicated:
+                tp.check_replicated({"hidden_states": x, "topk_ids": topk_ids, "topk_weights": topk_weights},
+                                    self.group, what="MoEBlock(check_replicated=True)")
+                replicated = {name: getattr(self, name) for name in REPLICATED_NAMES if hasattr(self, name)}
+                tp.check_replicated(replicated, self.ep_group, what="MoEBlock(check_replicated=True)", kind="EP")
+            y = self._expert_parallel_output(x, topk_weights, topk_ids, shared_gate)
+        elif self.sequence_parallel:
             if self.check_replicated:
                 replicated = {name: getattr(self, name) for name in REPLICATED_NAMES if hasattr(self, name)}
                 tp.check_replicated(replicated, self.group, what="MoEBlock(check_replicated=True)",
@@ -301,13 +366,20 @@ class MoEBlock(nn.Module):
         """[T, H], [T, K] -> [T, K, H]: each picked expert's output for its token, unweighted and
         complete on every rank, for blocks that transform each expert's output before weighting
         it (a per-expert output norm). TP: ONE all-reduce of the [T*K, H] outputs forward (g) and
-        ONE of dx backward (f); the weighting, after g, needs none. No shared expert here."""
+        ONE of dx backward (f); the weighting, after g, needs none. EP: the block's own exchange
+        (tpmoe.distributed.expert_parallel), which returns exactly these outputs. No shared expert
+        here."""
         config = self.config
         if config.shared_intermediate_size or config.weights_on_input:
             raise ValueError("expert_outputs: a block with a shared expert or weights on the input has no per-expert "
                              "outputs of its own")
-        x, _, _ = tp.copy_to_tensor_parallel_region(hidden_states, None, None, self.group)
         num_tokens, top_k = topk_ids.shape
+        if self.expert_parallel:
+            outputs = self._expert_parallel_pairs(hidden_states, None, topk_ids, None)[0]
+            if hasattr(self, "b_down"):
+                outputs = outputs + self.b_down[topk_ids].to(outputs.dtype)
+            return outputs
+        x, _, _ = tp.copy_to_tensor_parallel_region(hidden_states, None, None, self.group)
         x_pairs = x[:, None, :].expand(num_tokens, top_k, x.shape[-1]).reshape(num_tokens * top_k, -1)
         ids_pairs = topk_ids.reshape(-1, 1)
         ones = x_pairs.new_ones(num_tokens * top_k, 1)
@@ -341,13 +413,50 @@ class MoEBlock(nn.Module):
         else:
             partial = _ZeroPartialOutput.apply(x, topk_weights)
         if self.Is_local > 0:
-            # The shared expert is one more expert that every token picks, weighted by its gate.
-            num_tokens = x.shape[0]
-            shared_ids = torch.zeros(num_tokens, 1, dtype=torch.int64, device=x.device)
-            shared_weight = shared_gate if shared_gate is not None else x.new_ones(num_tokens, 1)
-            partial = partial + fused_experts(x, self.shared_gate_up[None], self.shared_down[None], shared_ids,
-                                              shared_weight, layout="concatenated", **options)
+            partial = partial + self._shared_expert_rows(x, shared_gate)
         return partial
+
+    def _local_expert_rows(self, rows, local_ids):
+        """EP: this rank's partial (its TP columns) of its own experts on the received rows, unweighted."""
+        ones = rows.new_ones(rows.shape[0], 1)
+        if self.I_local == 0:
+            return _ZeroPartialOutput.apply(rows, ones)
+        config = self.config
+        return fused_experts(rows, self.w_gate_up, self.w_down, local_ids[:, None], ones, layout=config.layout,
+                             b_gate_up=getattr(self, "b_gate_up", None), activation=config.activation,
+                             gated=config.gated, alpha=config.swiglu_alpha, limit=config.swiglu_limit,
+                             backend=self.backend)
+
+    def _shared_expert_rows(self, x, shared_gate):
+        """This rank's partial (its Is_local columns) of the gated shared expert on tokens x: one more
+        expert that every token picks, weighted by its gate."""
+        if self.Is_local == 0:
+            return x.new_zeros(x.shape)  # EP x TP: joins the TP all-reduce as zeros; f fills the missing grads
+        config = self.config
+        shared_ids = torch.zeros(x.shape[0], 1, dtype=torch.int64, device=x.device)
+        weight = shared_gate if shared_gate is not None else x.new_ones(x.shape[0], 1)
+        return fused_experts(x, self.shared_gate_up[None], self.shared_down[None], shared_ids, weight,
+                             layout="concatenated", activation=config.activation, gated=config.gated,
+                             alpha=config.swiglu_alpha, limit=config.swiglu_limit, backend=self.backend)
+
+    def _expert_parallel_pairs(self, x, topk_weights, topk_ids, shared_gate):
+        """EP: ([T, K, H] per-pair expert outputs, shared expert [T, H] or None), complete."""
+        return ep.expert_parallel_outputs(
+            x, topk_ids, num_experts=self.config.num_experts, ep_group=self.ep_group, tp_group=self.group,
+            local_experts=self._local_expert_rows,
+            shared_expert=self._shared_expert_rows if self.config.shared_intermediate_size else None,
+            shared_gate=shared_gate, input_weights=topk_weights if self.config.weights_on_input else None)
+
+    def _expert_parallel_output(self, x, topk_weights, topk_ids, shared_gate):
+        """EP: the block's output on this rank's tokens, but for the routed down bias."""
+        pair_outputs, shared = self._expert_parallel_pairs(x, topk_weights, topk_ids, shared_gate)
+        if self.config.weights_on_input:
+            y = pair_outputs.sum(dim=1)
+        else:
+            # The weighted sum over k on the token's own rank: a dense reduction in a fixed order.
+            dtype = torch.promote_types(pair_outputs.dtype, topk_weights.dtype)
+            y = (pair_outputs.to(dtype) * topk_weights[:, :, None].to(dtype)).sum(dim=1).to(x.dtype)
+        return y if shared is None else y + shared
 
     def _routed_down_bias(self, topk_weights, topk_ids):
         """sum_k topk_weights[t, k] * b_down[topk_ids[t, k]], as a [T, E] x [E, H] product: its

@@ -36,7 +36,16 @@ at most 15 elements a row, and loads them back so; load_state_dict copies into t
 parameters; gather_full and the transformers adapter's gather_state_dict are compact;
 load_state_dict(assign=True) installs the given, compact tensors until the next .to().)
 
-Index maths otherwise: the collectives over shards (gather_full, and check_shards_agree at a
+Expert parallelism (EP, optionally combined with TP: rank (e, p) of an EP group of size
+P_ep and a TP group of size P): EP rank e owns the contiguous experts [first_e, first_e + n_e)
+of the routed per-expert weights (w_gate_up, b_gate_up, w_down; axis 0), and within them the
+TP column slice above. The ranges come from the same dealing as the columns (shard_sizes with
+a unit of one expert): they differ by at most one expert, the first E % P_ep ranks holding one
+more, and no range is empty (P_ep <= E). The shared expert is replicated over EP (TP-sliced
+only); b_down, the router and the shared gate stay replicated. The default ep_rank=0,
+ep_size=1 is plain TP: every function below then slices exactly as without EP.
+
+Index maths only: the collectives over shards (gather_full, and check_shards_agree at a
 block's construction) are in tpmoe.distributed.replicated.
 """
 from typing import Dict, List, Sequence, Tuple
@@ -49,6 +58,10 @@ from .weights import check_moe_weights, expected_shapes
 # Sliced along the intermediate axis; everything else in the weight dict is replicated.
 SHARDED_NAMES = ("w_gate_up", "b_gate_up", "w_down", "shared_gate_up", "shared_down")
 REPLICATED_NAMES = ("router_weight", "router_bias", "correction_bias", "b_down", "shared_gate")
+# Routed per-expert weights: under expert parallelism each EP rank keeps its experts' rows of axis 0.
+# b_down is per-expert too but stays replicated: it is added on the token's own rank after the
+# combine, so no rank needs to own it.
+EXPERT_SHARDED_NAMES = ("w_gate_up", "b_gate_up", "w_down")
 
 
 def _check_rank(rank, world_size):
@@ -86,6 +99,38 @@ def shard_range(total: int, rank: int, world_size: int, shard_unit: int = 1) -> 
     return start, start + sizes[rank]
 
 
+def _check_ep(num_experts: int, ep_rank, ep_size):
+    if not isinstance(ep_size, int) or ep_size < 1:
+        raise ValueError(f"ep_size: expected a positive int (ranks of the EP group), got {ep_size!r}")
+    if ep_size > num_experts:
+        raise ValueError(f"ep_size: expected at most num_experts = {num_experts} EP ranks (each owns at least one "
+                         f"whole expert), got an EP group of {ep_size}")
+    if not isinstance(ep_rank, int) or not 0 <= ep_rank < ep_size:
+        raise ValueError(f"ep_rank: expected an int in [0, {ep_size}) (EP size {ep_size}), got {ep_rank!r}")
+
+
+def expert_ranges(num_experts: int, ep_size: int) -> List[Tuple[int, int]]:
+    """(first expert, count) of every EP rank: contiguous ranges covering [0, E) in rank order,
+    counts differing by at most one (the first E % ep_size ranks hold one more)."""
+    _check_ep(num_experts, 0, ep_size)
+    counts = shard_sizes(num_experts, ep_size)
+    return [(sum(counts[:rank]), counts[rank]) for rank in range(ep_size)]
+
+
+def expert_range(num_experts: int, ep_rank: int, ep_size: int) -> Tuple[int, int]:
+    """(first expert, count) of EP rank `ep_rank`: see expert_ranges."""
+    _check_ep(num_experts, ep_rank, ep_size)
+    return expert_ranges(num_experts, ep_size)[ep_rank]
+
+
+def _expert_slice(config: MoEConfig, name: str, ep_rank: int, ep_size: int):
+    """(first, count) of the experts axis (0) of `name` kept by EP rank `ep_rank`; None when the
+    whole axis is kept (a name that is not a routed per-expert weight, or no EP)."""
+    if ep_size == 1 or name not in EXPERT_SHARDED_NAMES:
+        return None
+    return expert_range(config.num_experts, ep_rank, ep_size)
+
+
 def _gate_up_indices(intermediate: int, start: int, stop: int, gated: bool, layout: str) -> torch.Tensor:
     """Indices on the R axis of gate_up (and its bias) that belong to intermediate columns [start, stop)."""
     if not gated:
@@ -116,44 +161,64 @@ def _shard_plan(config: MoEConfig, rank: int, world_size: int,
     return plan
 
 
-def shard_shapes(config: MoEConfig, rank: int, world_size: int, shard_unit: int = 1) -> Dict[str, tuple]:
-    """Shapes of rank's shard dict (replicated entries keep their full shape)."""
+def shard_shapes(config: MoEConfig, rank: int, world_size: int, shard_unit: int = 1, *, ep_rank: int = 0,
+                 ep_size: int = 1) -> Dict[str, tuple]:
+    """Shapes of the shard dict of TP rank `rank` (of `world_size`) on EP rank `ep_rank` (of
+    `ep_size`); replicated entries keep their full shape."""
+    _check_ep(config.num_experts, ep_rank, ep_size)
     shapes = dict(expected_shapes(config))
     for name, (axis, indices) in _shard_plan(config, rank, world_size, shard_unit).items():
         shape = list(shapes[name])
         shape[axis] = indices.numel()
+        experts = _expert_slice(config, name, ep_rank, ep_size)
+        if experts is not None:
+            shape[0] = experts[1]
         shapes[name] = tuple(shape)
     return shapes
 
 
+def _take(config: MoEConfig, name: str, full: torch.Tensor, axis: int, indices: torch.Tensor, ep_rank: int,
+          ep_size: int) -> torch.Tensor:
+    """The slice of one full sharded weight (a copy): the EP rank's experts, then the TP columns."""
+    experts = _expert_slice(config, name, ep_rank, ep_size)
+    if experts is not None:
+        full = full.narrow(0, *experts)
+    return full.index_select(axis, indices.to(full.device))
+
+
 def shard_weight(config: MoEConfig, name: str, full: torch.Tensor, rank: int, world_size: int,
-                 shard_unit: int = 1) -> torch.Tensor:
+                 shard_unit: int = 1, *, ep_rank: int = 0, ep_size: int = 1) -> torch.Tensor:
     """Rank's slice of one full weight (a copy), or the tensor itself for a replicated name."""
     _check_rank(rank, world_size)
+    _check_ep(config.num_experts, ep_rank, ep_size)
     plan = _shard_plan(config, rank, world_size, shard_unit)
     if name not in plan:
         return full
     axis, indices = plan[name]
-    return full.index_select(axis, indices.to(full.device))
+    return _take(config, name, full, axis, indices, ep_rank, ep_size)
 
 
 def shard_moe_weights(config: MoEConfig, weights: Dict[str, torch.Tensor], rank: int, world_size: int,
-                      shard_unit: int = 1) -> Dict[str, torch.Tensor]:
+                      shard_unit: int = 1, *, ep_rank: int = 0, ep_size: int = 1) -> Dict[str, torch.Tensor]:
     """Rank's shard dict from the full weights: sharded entries are copies (the full tensors may be
     freed afterwards); replicated entries are the given tensors themselves."""
     check_moe_weights(config, weights, "weights")
     _check_rank(rank, world_size)
+    _check_ep(config.num_experts, ep_rank, ep_size)
     shards = dict(weights)
     for name, (axis, indices) in _shard_plan(config, rank, world_size, shard_unit).items():
-        full = weights[name]
-        shards[name] = full.index_select(axis, indices.to(full.device))
+        shards[name] = _take(config, name, weights[name], axis, indices, ep_rank, ep_size)
     return shards
 
 
 def check_shards(config: MoEConfig, shards: Dict[str, torch.Tensor], rank: int, world_size: int,
-                 shard_unit: int = 1, argument: str = "shards") -> None:
+                 shard_unit: int = 1, argument: str = "shards", *, ep_rank: int = 0, ep_size: int = 1) -> None:
     """Raises ValueError naming the first entry missing, unexpected or sized for another world size."""
-    shapes = shard_shapes(config, rank, world_size, shard_unit)
+    shapes = shard_shapes(config, rank, world_size, shard_unit, ep_rank=ep_rank, ep_size=ep_size)
+    where_ep = ""
+    if ep_size > 1:
+        first, count = expert_range(config.num_experts, ep_rank, ep_size)
+        where_ep = f" and EP rank {ep_rank} of an EP group of size {ep_size} (experts [{first}, {first + count}))"
     for name, shape in shapes.items():
         if name not in shards:
             raise ValueError(f"{argument}: missing {name!r} (expected shape {shape} on rank {rank} of {world_size})")
@@ -164,7 +229,8 @@ def check_shards(config: MoEConfig, shards: Dict[str, torch.Tensor], rank: int, 
             kind = "shard" if name in SHARDED_NAMES else "replicated weight"
             raise ValueError(
                 f"{argument}[{name!r}]: expected the {kind} shape {shape} for rank {rank} of a TP group of "
-                f"world size {world_size} (intermediate_size {config.intermediate_size}, shared_intermediate_size "
+                f"world size {world_size}{where_ep} (num_experts {config.num_experts}, intermediate_size "
+                f"{config.intermediate_size}, shared_intermediate_size "
                 f"{config.shared_intermediate_size}, shard_unit {shard_unit}), got {tuple(tensor.shape)}: were these "
                 f"shards cut for another world size or config?")
     extra = sorted(set(shards) - set(shapes))
@@ -173,23 +239,36 @@ def check_shards(config: MoEConfig, shards: Dict[str, torch.Tensor], rank: int, 
 
 
 def assemble_full(config: MoEConfig, shards_per_rank: Sequence[Dict[str, torch.Tensor]],
-                  shard_unit: int = 1) -> Dict[str, torch.Tensor]:
-    """The full weights from every rank's shard dict (rank order): the exact inverse of
-    shard_moe_weights, element copies only, so the result is bitwise equal to the original.
-    Replicated entries are taken from rank 0."""
-    world_size = len(shards_per_rank)
-    if world_size < 1:
+                  shard_unit: int = 1, *, ep_size: int = 1) -> Dict[str, torch.Tensor]:
+    """The full weights from every rank's shard dict: the exact inverse of shard_moe_weights,
+    element copies only, so the result is bitwise equal to the original. Rank order is EP-major:
+    entry ep_rank * P + tp_rank for a TP size P = len(shards_per_rank) / ep_size (plain TP: the TP
+    ranks in order). Replicated entries (and the shared expert, replicated over EP) are taken from
+    EP rank 0."""
+    if len(shards_per_rank) < 1:
         raise ValueError("shards_per_rank: expected one shard dict per rank, got none")
-    for rank, shards in enumerate(shards_per_rank):
-        check_shards(config, shards, rank, world_size, shard_unit, argument=f"shards_per_rank[{rank}]")
+    _check_ep(config.num_experts, 0, ep_size)
+    if len(shards_per_rank) % ep_size:
+        raise ValueError(f"shards_per_rank: expected ep_size x TP size dicts (ep_size {ep_size}), got "
+                         f"{len(shards_per_rank)}")
+    world_size = len(shards_per_rank) // ep_size
+    for index, shards in enumerate(shards_per_rank):
+        ep_rank, rank = divmod(index, world_size)
+        check_shards(config, shards, rank, world_size, shard_unit, argument=f"shards_per_rank[{index}]",
+                     ep_rank=ep_rank, ep_size=ep_size)
     full_shapes = expected_shapes(config)
     reference = shards_per_rank[0]
     full = {name: reference[name].detach().clone() for name in full_shapes if name not in SHARDED_NAMES}
     for name in _shard_plan(config, 0, world_size, shard_unit):
         full[name] = reference[name].new_empty(full_shapes[name])
-    for rank, shards in enumerate(shards_per_rank):
+    for index, shards in enumerate(shards_per_rank):
+        ep_rank, rank = divmod(index, world_size)
         for name, (axis, indices) in _shard_plan(config, rank, world_size, shard_unit).items():
-            full[name].index_copy_(axis, indices.to(full[name].device), shards[name].detach().to(full[name].device))
+            experts = _expert_slice(config, name, ep_rank, ep_size)
+            if experts is None and ep_rank > 0:
+                continue  # replicated over EP: EP rank 0's copy is the one
+            target = full[name] if experts is None else full[name].narrow(0, *experts)  # a view of full[name]
+            target.index_copy_(axis, indices.to(target.device), shards[name].detach().to(target.device))
     return full
 
 

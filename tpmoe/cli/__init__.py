@@ -1,12 +1,13 @@
 """The `tpmoe` command (also `python -m tpmoe`):
 
-  tpmoe verify [--preset NAME] [--world-size P] [--mode tp|sp] [--scale F|auto] [--tokens T]
+  tpmoe verify [--preset NAME] [--world-size P] [--mode tp|sp] [--ep E] [--scale F|auto] [--tokens T]
   tpmoe bench  [--preset NAME] [--tokens 1,32,512] [--world-size P] [--impl LIST] [--mode fwd|train]
                [--json FILE] [--plot FILE] [--scale F] [--repeats N]
   tpmoe --list-presets
 
 verify: the block of a preset sharded over P ranks against the float64 one-process reference,
-forward and backward, collectives counted; exits non-zero on any failure. bench: tpmoe at
+forward and backward, collectives counted; exits non-zero on any failure (--ep E: expert
+parallelism, E EP ranks x P / E TP ranks). bench: tpmoe at
 world sizes 1..P against transformers' experts implementations, a dense GEMM of the same FLOPs
 (ceiling) and a read of the weights touched (floor). Ranks are spawned on this machine (gloo on
 CPU, NCCL on GPUs), or are the processes of a `torchrun` launch. On CUDA tensors the experts
@@ -152,6 +153,8 @@ def build_parser():
     verify.set_defaults(run=_verify)
     verify.add_argument("--mode", default="tp", choices=("tp", "sp"),
                         help="tp (replicated tokens) or sp (sequence-parallel)")
+    verify.add_argument("--ep", type=positive_int, default=1,
+                        help="expert-parallel ranks E (default 1: none); --world-size P = E x the TP ranks")
     verify.add_argument("--scale", type=scale_or_auto, default="auto",
                         help="shrink hidden/intermediate sizes by F in (0, 1]; auto: the float64 reference fits "
                              "in 64 MiB")
@@ -196,29 +199,47 @@ def resolve_device(requested: str, world_size) -> str:
     return pick_device(world_size or 1, requested)
 
 
-def check_world_size(value: int, config, device_type: str = "cpu") -> int:
+def check_world_size(value: int, config, device_type: str = "cpu", ep_size: int = 1) -> int:
     from .launch import launched_by_torchrun, max_world_size, torchrun_world_size
+    if ep_size > config.num_experts:  # first: the world size it implies may also be too large
+        raise UsageError(f"--ep: expected at most {config.num_experts} (the preset's experts: every EP rank owns at "
+                         f"least one), got {ep_size}")
     if launched_by_torchrun():
         launched = torchrun_world_size()
         if value is not None and value != launched:
             raise UsageError(f"--world-size: torchrun started {launched} ranks, got --world-size {value}")
-        return launched
-    limit = max_world_size(device_type)
-    if value > limit:
-        where = f"one rank per GPU, {limit} GPUs here" if device_type == "cuda" else "ranks on this CPU"
-        raise UsageError(f"--world-size: expected at most {limit} ({where}), got {value}")
-    if value > config.intermediate_size:
+        value = launched
+    else:
+        limit = max_world_size(device_type)
+        if value > limit:
+            where = f"one rank per GPU, {limit} GPUs here" if device_type == "cuda" else "ranks on this CPU"
+            raise UsageError(f"--world-size: expected at most {limit} ({where}), got {value}")
+    if ep_size > 1:
+        return _check_expert_parallel(value, config, ep_size)
+    if not launched_by_torchrun() and value > config.intermediate_size:
         raise UsageError(f"--world-size: expected at most {config.intermediate_size} (the preset's intermediate "
                          f"size: every rank holds at least one column), got {value}")
     return value
 
 
-def _world_size(args, config, default: int):
+def _check_expert_parallel(world_size: int, config, ep_size: int) -> int:
+    """--ep E with P ranks: E divides P (P / E TP ranks each) and P / E <= I (E <= the experts is
+    checked first, by check_world_size)."""
+    if world_size % ep_size:
+        raise UsageError(f"--world-size: expected a multiple of --ep {ep_size} (EP x TP ranks), got {world_size}")
+    if world_size // ep_size > config.intermediate_size:
+        raise UsageError(f"--world-size: expected at most {ep_size * config.intermediate_size} with --ep {ep_size} "
+                         f"(TP ranks up to the preset's intermediate size {config.intermediate_size}), got "
+                         f"{world_size}")
+    return world_size
+
+
+def _world_size(args, config, default: int, ep_size: int = 1):
     """(world size, device type) from --world-size (default `default`; under torchrun its ranks) and --device."""
     from .launch import launched_by_torchrun
     requested = args.world_size if args.world_size is not None or launched_by_torchrun() else default
     device_type = resolve_device(args.device, requested)
-    return check_world_size(requested, config, device_type), device_type
+    return check_world_size(requested, config, device_type, ep_size), device_type
 
 
 # --------------------------------------------------------------------------- the commands
@@ -230,10 +251,14 @@ def _verify(args) -> int:
     preset = get_preset(args.preset)
     scale_factor = auto_scale(preset.config) if args.scale is None else args.scale
     config = scaled_config(preset.config, scale_factor)
-    world_size, device_type = _world_size(args, config, default=2)
+    world_size, device_type = _world_size(args, config, default=max(2, args.ep), ep_size=args.ep)
+    if args.ep > 1 and args.mode == "sp":
+        raise UsageError("--mode: expected tp with --ep (expert parallelism holds each rank's own tokens already), "
+                         "got sp")
     plan = VerifyPlan(preset=preset.name, config=config, scale=scale_factor, world_size=world_size,
                       sequence_parallel=args.mode == "sp", num_tokens=args.tokens, dtype=_dtypes()[args.dtype],
-                      seed=args.seed, backend=args.backend, fault=args.inject_fault, device_type=device_type)
+                      seed=args.seed, backend=args.backend, fault=args.inject_fault, device_type=device_type,
+                      ep_size=args.ep)
     return run_verify(plan, timeout_s=args.timeout, out=sys.stdout)
 
 

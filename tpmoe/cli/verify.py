@@ -14,6 +14,9 @@ rank's slice is measured on the same scale). Tolerance: 1e-5 in float32; in bflo
 twice the error of the same reference run in that dtype (the flash-attention rule).
 Collectives per block: TP forward 1 all-reduce, backward 1; SP forward 1 all-gather +
 1 reduce-scatter, backward the same, then 1 all-reduce per step; none at world size 1.
+Expert parallelism (`--ep E`, P = E x TP ranks on an ("ep", "tp") DeviceMesh): each EP rank
+holds its own tokens (an uneven split of the batch) and its experts; forward 3 all_to_all_single,
+backward 2, each + 1 all-reduce with TP > 1, then 1 all-reduce per step over the EP group.
 """
 import hashlib
 import math
@@ -25,7 +28,9 @@ import torch
 from .._checks import dtype_name
 from ..config import MoEConfig
 from ..distributed.counting import CollectiveCounter
-from .collectives import expected_block_collectives, expected_step_collectives, format_counts
+from ..sharding import expert_ranges
+from .collectives import (expected_block_collectives, expected_ep_block_collectives, expected_ep_step_collectives,
+                          expected_step_collectives, format_counts)
 
 FP32_RTOL = 1e-5
 # Where a same-dtype reference run happens to be exact, the bound falls back to the dtype's
@@ -52,6 +57,27 @@ class VerifyPlan:
     # after the block is built, so the real comparison must catch it.
     fault: Optional[str] = None
     device_type: str = "cpu"  # "cuda": one GPU per rank (NCCL; fused_experts "auto" runs Triton there)
+    ep_size: int = 1  # > 1: expert parallelism, world_size = ep_size x TP size
+
+    @property
+    def tp_size(self) -> int:
+        return self.world_size // self.ep_size
+
+    def expected_collectives(self, phase: str) -> Dict[str, int]:
+        """What one block issues in `phase`: "forward", "backward" or "step" (all blocks, once)."""
+        if self.ep_size > 1:
+            if phase == "step":
+                return expected_ep_step_collectives(self.ep_size)
+            return expected_ep_block_collectives(self.ep_size, self.tp_size, phase)
+        if phase == "step":
+            return expected_step_collectives(self.world_size, self.sequence_parallel)
+        return expected_block_collectives(self.world_size, self.sequence_parallel)
+
+    @property
+    def mode(self) -> str:
+        if self.ep_size > 1:
+            return f"ep {self.ep_size} x tp {self.tp_size}"
+        return "sp" if self.sequence_parallel else "tp"
 
 
 def weight_bytes(config: MoEConfig, itemsize: int) -> int:
@@ -115,13 +141,24 @@ def verify_rank(context, plan: VerifyPlan) -> Dict:
         same_dtype = _reference(config, {n: w.to(plan.dtype) for n, w in weights64.items()},
                                 x64.to(plan.dtype), dy64.to(plan.dtype))
 
-    counts = token_split(plan.num_tokens, world_size)
-    start = sum(counts[:rank])
-    rows = slice(start, start + counts[rank]) if plan.sequence_parallel else slice(0, plan.num_tokens)
+    expert_parallel = plan.ep_size > 1
+    # Expert parallelism: an ("ep", "tp") mesh in row-major order; rank (e, p) holds EP rank e's tokens.
+    ep_rank, tp_rank = divmod(rank, plan.tp_size) if expert_parallel else (0, rank)
+    counts = token_split(plan.num_tokens, plan.ep_size if expert_parallel else world_size)
+    token_rank = ep_rank if expert_parallel else rank
+    start = sum(counts[:token_rank])
+    own_tokens = plan.sequence_parallel or expert_parallel
+    rows = slice(start, start + counts[token_rank]) if own_tokens else slice(0, plan.num_tokens)
     device = context.device
-    block = MoEBlock.from_full(config, {name: w.to(plan.dtype) for name, w in weights64.items()},
-                               group=context.group, sequence_parallel=plan.sequence_parallel,
-                               backend=plan.backend, device=device)
+    full_weights = {name: w.to(plan.dtype) for name, w in weights64.items()}
+    if expert_parallel:
+        from torch.distributed.device_mesh import init_device_mesh
+        mesh = init_device_mesh(device.type, (plan.ep_size, plan.tp_size), mesh_dim_names=("ep", "tp"))
+        block = MoEBlock.from_full(config, full_weights, mesh, ep_mesh_dim="ep", tp_mesh_dim="tp",
+                                   backend=plan.backend, device=device)
+    else:
+        block = MoEBlock.from_full(config, full_weights, group=context.group, sequence_parallel=plan.sequence_parallel,
+                                   backend=plan.backend, device=device)
     if plan.fault == "perturb-shard" and rank == world_size - 1:
         with torch.no_grad():
             block.w_down.mul_(1 + 1e-3)
@@ -134,15 +171,16 @@ def verify_rank(context, plan: VerifyPlan) -> Dict:
         forward_counts = counter.take()
         y.backward(dy)
         backward_counts = counter.take()
-        if plan.sequence_parallel:
+        if own_tokens:
             allreduce_router_grads([block])
         step_counts = counter.take()
 
     # (name, ours, reference slice, full reference, same-dtype slice)
     checks = [("output", y, y_ref[rows], y_ref, same_dtype and same_dtype[0][rows]),
               ("input grad", x.grad, dx_ref[rows], dx_ref, same_dtype and same_dtype[1][rows])]
-    expected_shards = shard_moe_weights(config, grads_ref, rank, world_size)
-    same_dtype_shards = same_dtype and shard_moe_weights(config, same_dtype[2], rank, world_size)
+    shard_of = dict(rank=tp_rank, world_size=plan.tp_size, ep_rank=ep_rank, ep_size=plan.ep_size)
+    expected_shards = shard_moe_weights(config, grads_ref, **shard_of)
+    same_dtype_shards = same_dtype and shard_moe_weights(config, same_dtype[2], **shard_of)
     replicated_digests = []
     for name, grad in block.local_grads().items():
         parameter = getattr(block, name)
@@ -152,7 +190,7 @@ def verify_rank(context, plan: VerifyPlan) -> Dict:
                        same_dtype_shards and same_dtype_shards[name]))
         if name in ("router_weight", "router_bias", "shared_gate", "b_down") and grad is not None:
             replicated_digests.append((name, _digest(grad)))
-    if not plan.sequence_parallel:
+    if not own_tokens:
         replicated_digests += [("output", _digest(y)), ("input grad", _digest(x.grad))]
 
     results = []
@@ -187,12 +225,12 @@ def summarize(plan: VerifyPlan, per_rank: List[Dict]) -> (str, bool):
         rows.append(dict(check=what, error=worst["error"], bound=worst["bound"], result="pass" if passed else "FAIL"))
         ok &= passed
 
-    expected_block = expected_block_collectives(world_size, plan.sequence_parallel)
-    expected_step = expected_step_collectives(world_size, plan.sequence_parallel)
     count_rows = []
-    for phase, expected in (("forward", expected_block), ("backward", expected_block),
-                            ("step (router grads)", expected_step)):
-        if phase.startswith("step") and not plan.sequence_parallel:
+    own_tokens = plan.sequence_parallel or plan.ep_size > 1
+    for phase, expected in (("forward", plan.expected_collectives("forward")),
+                            ("backward", plan.expected_collectives("backward")),
+                            ("step (router grads)", plan.expected_collectives("step"))):
+        if phase.startswith("step") and not own_tokens:
             continue
         key = "step" if phase.startswith("step") else phase
         seen = [result[key] for result in per_rank]
@@ -208,7 +246,7 @@ def summarize(plan: VerifyPlan, per_rank: List[Dict]) -> (str, bool):
     digests = [dict(result["replicated_digests"]) for result in per_rank]
     agree = all(d == digests[0] for d in digests[1:])
     ok &= agree
-    what = "output, input grad, replicated grads" if not plan.sequence_parallel else "replicated parameter grads"
+    what = "output, input grad, replicated grads" if not own_tokens else "replicated parameter grads"
     count_rows.append(dict(collectives=f"{what} bitwise equal on every rank", expected="yes",
                            seen="yes" if agree else "no", result="pass" if agree else "FAIL"))
 
@@ -232,11 +270,14 @@ def header(plan: VerifyPlan, per_rank: List[Dict]) -> str:
     return (f"tpmoe verify: preset {plan.preset} (scale {plan.scale:g}: H={c.hidden_size} I={c.intermediate_size} "
             f"E={c.num_experts} K={c.top_k} shared={c.shared_intermediate_size})\n"
             f"  world size {plan.world_size} ({first['launcher']}, {first['backend'] or 'no process group'}), "
-            f"mode {'sp' if plan.sequence_parallel else 'tp'}, {plan.num_tokens} tokens, "
+            f"mode {plan.mode}, {plan.num_tokens} tokens, "
             f"{dtype_name(plan.dtype)}, device {first['device']}, experts backend {plan.backend}"
             + (f" ({'triton' if first['device'].startswith('cuda') else 'cpu'})" if plan.backend == "auto" else "")
             + ", "
-            f"I per rank [{shards}], seed {plan.seed}"
+            f"I per rank [{shards}]"
+            + (f", experts per EP rank {[count for _, count in expert_ranges(c.num_experts, plan.ep_size)]}"
+               if plan.ep_size > 1 else "")
+            + f", seed {plan.seed}"
             + (f"\n  INJECTED FAULT: {plan.fault}" if plan.fault else ""))
 
 

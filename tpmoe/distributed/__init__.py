@@ -4,14 +4,19 @@ Tensor-parallel mode, per block: forward ONE all-reduce (`reduce_from_tensor_par
 backward ONE all-reduce (`copy_to_tensor_parallel_region`'s backward).
 Sequence-parallel mode, per block: forward ONE all-gather + ONE reduce-scatter, backward the
 same; plus ONE all-reduce per step for all blocks (`allreduce_router_grads`).
+Expert-parallel mode (EP, optionally x TP), per block: forward ONE all_to_all_single of the
+per-expert counts, ONE of the rows (dispatch) and ONE back (combine), + ONE all-reduce in the
+TP group when TP > 1; backward the dispatch and the combine (+ ONE all-reduce); plus ONE
+all-reduce over the EP group per step for all blocks (`allreduce_router_grads`).
 Every collective is issued as `torch.distributed.<name>(...)`, looked up at call time (the
 all-gather is `all_gather_single`, `all_gather_into_tensor` before torch 2.13; the reduce-scatter
 `reduce_scatter_single`, `reduce_scatter_tensor` before).
 """
-from .groups import (CollectiveError, communicates, destroy_process_group_collected, group_rank, group_size,
-                     naming_collective_failures, resolve_tp_group)
-from .replicated import (all_gather_tensor_lists, allreduce_gradients, allreduce_router_grads, check_replicated,
-                         check_shards_agree, gather_full)
+from .expert_parallel import AllToAllRows, ExchangePlan, exchange_counts, expert_parallel_outputs
+from .groups import (CollectiveError, check_groups_disjoint, communicates, destroy_process_group_collected,
+                     group_rank, group_size, naming_collective_failures, resolve_groups, resolve_tp_group)
+from .replicated import (all_gather_tensor_lists, allreduce_gradients, allreduce_router_grads,
+                         check_expert_parallel_agree, check_replicated, check_shards_agree, gather_full)
 from .sequence_parallel import (GatherFromSequenceParallelRegion, ReduceScatterToSequenceParallelRegion,
                                 check_tokens_per_rank, gather_from_sequence_parallel_region,
                                 reduce_scatter_to_sequence_parallel_region)
@@ -19,6 +24,8 @@ from .tensor_parallel import (CopyToTensorParallelRegion, ReduceFromTensorParall
                               copy_to_tensor_parallel_region, reduce_from_tensor_parallel_region)
 
 __all__ = [
+    "AllToAllRows", "ExchangePlan", "check_expert_parallel_agree", "check_groups_disjoint", "exchange_counts",
+    "expert_parallel_outputs", "resolve_groups",
     "CollectiveError", "CopyToTensorParallelRegion", "GatherFromSequenceParallelRegion",
     "ReduceFromTensorParallelRegion",
     "ReduceScatterToSequenceParallelRegion", "all_gather_tensor_lists", "allreduce_gradients",

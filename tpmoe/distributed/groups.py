@@ -16,8 +16,9 @@ class CollectiveError(RuntimeError):
 
 
 @contextlib.contextmanager
-def naming_collective_failures(what: str, group):
-    """Re-raises a failure of the collective(s) inside as CollectiveError naming `what`.
+def naming_collective_failures(what: str, group, kind: str = "TP"):
+    """Re-raises a failure of the collective(s) inside as CollectiveError naming `what` (and the
+    kind of group, "TP" or "EP").
 
     A peer that raised or exited shows up in gloo/NCCL as "Connection closed by peer", "Connection
     reset" or "Timed out waiting ... ms": true, but silent about which tpmoe step was waiting and
@@ -29,7 +30,7 @@ def naming_collective_failures(what: str, group):
         raise
     except RuntimeError as error:
         raise CollectiveError(
-            f"{what}: the collective over the TP group (this rank {rank} of {size}) failed: another rank "
+            f"{what}: the collective over the {kind} group (this rank {rank} of {size}) failed: another rank "
             f"raised, exited or did not reach the same collective within the process group's timeout; "
             f"look for the first error on the other ranks. Transport error: {error}") from error
 
@@ -97,6 +98,68 @@ def resolve_tp_group(group, mesh_dim: Optional[Union[str, int]] = None):
         return group
     raise TypeError(f"group: expected a torch.distributed ProcessGroup, a DeviceMesh or None, "
                     f"got {type(group).__name__}")
+
+
+def _mesh_dim(mesh, dim, argument: str):
+    """`dim` (a name or an index) checked against the mesh's dimensions."""
+    names = tuple(mesh.mesh_dim_names or ())
+    if isinstance(dim, int) and not isinstance(dim, bool):
+        if not 0 <= dim < mesh.ndim:
+            raise ValueError(f"{argument}: expected a dimension index in [0, {mesh.ndim}) of the DeviceMesh, got {dim}")
+        return dim
+    if not isinstance(dim, str) or dim not in names:
+        raise ValueError(f"{argument}: expected the name of a dimension of the DeviceMesh (its dimensions: "
+                         f"{names or 'unnamed'}), got {dim!r}")
+    return names.index(dim)
+
+
+def resolve_groups(group, tp_mesh_dim=None, ep_group=None, ep_mesh_dim=None):
+    """(TP group or None, EP group or None) from a block's arguments.
+
+    Without EP (ep_group and ep_mesh_dim None) this is resolve_tp_group. With a DeviceMesh and
+    `ep_mesh_dim`: that dimension is the EP group and `tp_mesh_dim` (None: no TP, the experts
+    whole on their EP rank) the TP group. With ProcessGroups: `ep_group` and `group` (None: no
+    TP). Raises naming the argument when a named dimension is missing or both name one.
+    """
+    if ep_group is None and ep_mesh_dim is None:
+        return resolve_tp_group(group, tp_mesh_dim), None
+    from torch.distributed.device_mesh import DeviceMesh
+
+    if ep_mesh_dim is not None:
+        if ep_group is not None:
+            raise ValueError("ep_group: expected None with ep_mesh_dim (the EP group is the mesh's dimension), got a "
+                             "group")
+        if not isinstance(group, DeviceMesh):
+            raise ValueError(f"ep_mesh_dim: only used with a DeviceMesh group, got {ep_mesh_dim!r} with "
+                             f"{type(group).__name__}; pass ep_group= with ProcessGroups")
+        ep_dim = _mesh_dim(group, ep_mesh_dim, "ep_mesh_dim")
+        if tp_mesh_dim is None:
+            return None, group.get_group(ep_dim)
+        tp_dim = _mesh_dim(group, tp_mesh_dim, "tp_mesh_dim")
+        if tp_dim == ep_dim:
+            raise ValueError(f"tp_mesh_dim: expected a dimension other than the EP one ({ep_mesh_dim!r}), got "
+                             f"{tp_mesh_dim!r}")
+        return group.get_group(tp_dim), group.get_group(ep_dim)
+    if not isinstance(ep_group, dist.ProcessGroup):
+        raise TypeError(f"ep_group: expected a torch.distributed ProcessGroup (or a DeviceMesh as group with "
+                        f"ep_mesh_dim), got {type(ep_group).__name__}")
+    if isinstance(group, DeviceMesh):
+        raise ValueError("group: a DeviceMesh with ep_group; name the mesh's EP dimension with ep_mesh_dim instead")
+    return resolve_tp_group(group, tp_mesh_dim), ep_group
+
+
+def check_groups_disjoint(tp_group, ep_group) -> None:
+    """Raises ValueError unless this rank is the only rank its TP and EP groups share: a TP group
+    spans the ranks holding the same tokens and experts, an EP group one TP rank of each expert
+    range, so a rank in both twice would be asked for two roles."""
+    if tp_group is None or ep_group is None:
+        return
+    me = dist.get_rank()
+    shared = sorted(set(dist.get_process_group_ranks(tp_group)) & set(dist.get_process_group_ranks(ep_group)))
+    if shared != [me]:
+        raise ValueError(f"ep_group: expected a group sharing only this rank ({me}) with the TP group, got one "
+                         f"sharing the ranks {shared}; the EP group holds one rank of each EP rank's TP group "
+                         f"(a DeviceMesh of dimensions ('ep', 'tp') builds both)")
 
 
 def group_size(group) -> int:
