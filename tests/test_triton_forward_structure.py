@@ -187,6 +187,16 @@ def test_combine_kernel(num_tokens, top_k, splits, width, dtype, seed):
         assert torch.equal(combine.combine(partials[0], num_tokens, top_k, dtype), out)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_combine_of_half_pair_rows(dtype, seed):
+    """Half-precision pair rows (down.pair_dtype without a split) are upcast and summed in fp32."""
+    assert down.pair_dtype(dtype, 1) == dtype and down.pair_dtype(dtype, 2) == torch.float32
+    generator = torch.Generator().manual_seed(seed)
+    partials = torch.randn(1, 7 * 4, 45, generator=generator).to(dtype).to(DEVICE)
+    out = combine.combine(partials, 7, 4, dtype)
+    assert torch.equal(out, _combine_same_order(partials, 7, 4, torch.float32).to(dtype))
+
+
 def test_combine_op_has_a_working_fake(seed):
     partials = torch.randn(2, 6, 19, device=DEVICE)
     torch.library.opcheck(ops.combine, (partials, 3, 2, torch.bfloat16), test_utils=("test_schema", "test_faketensor"))

@@ -1,7 +1,8 @@
 """The combine: y[t] = sum_k sum_s partial[s, t*K + k], one launch, fixed order, no atomics.
 
 The down kernel (forward) and the dx launch (backward) write one row per (token, k) pair per
-split, [SPLIT, T*K, N] in fp32 (fp64 for float64). This kernel reads each of them once,
+split, [SPLIT, T*K, N] (fp32; bf16/fp16 rows for half-precision inputs without a split; fp64
+for float64: `down.pair_dtype`). This kernel reads each of them once,
 sums in registers in a fixed order (for each k in 0..K-1: that pair's splits 0..SPLIT-1,
 then added to the running sum over k), in fp32 (fp64 for float64), and writes [T, N] in the
 output dtype, rounded once. That replaces a torch sum over k plus a cast (two launches and an
@@ -10,8 +11,8 @@ fp32 [T, N] intermediate), and makes the result independent of torch's reduction
 Grid: (T, cdiv(N, BLOCK_N)); tokens on the first axis (2^31 programs, the others 65535).
 Each program reads SPLIT * K rows of BLOCK_N contiguous values (4 per thread: 16-byte loads).
 
-Why fp32 pairs, not bf16 ones for bf16 runs: see tpmoe/triton/down.py (rounding the pair rows
-doubled the error against a same-dtype PyTorch run in some cases, over the tests' bound).
+Why half-precision pair rows are accurate enough, and why split partials stay fp32: see the
+docstring of tpmoe/triton/down.py.
 """
 import torch
 import triton
@@ -25,7 +26,7 @@ NUM_WARPS = 4
 
 @triton.jit
 def combine_kernel(
-    partial_ptr,   # [SPLIT, T*K, N] fp32/fp64: pair p's split s at s*stride_ps + p*stride_pp
+    partial_ptr,   # [SPLIT, T*K, N] (down.pair_dtype): pair p's split s at s*stride_ps + p*stride_pp
     out_ptr,       # [T, N] out, in the output dtype
     top_k, num_splits, N,
     stride_ps, stride_pp, stride_pn,
@@ -53,7 +54,7 @@ def combine_kernel(
 
 def combine(partials: torch.Tensor, num_tokens: int, top_k: int, dtype: torch.dtype) -> torch.Tensor:
     """[SPLIT, T*K, N] (or [T*K, N]) partial pair rows -> [T, N] in `dtype`: the sum over splits
-    and k slots in a fixed order, accumulated in fp32 (fp64 for float64 partials)."""
+    and k slots in a fixed order, accumulated in fp32 (fp64 for float64 partials), rounded once."""
     require_runnable(combine_kernel, partials.device)
     if partials.dim() == 2:
         partials = partials.unsqueeze(0)

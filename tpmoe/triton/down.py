@@ -21,11 +21,16 @@ empty still writes its (zero, or bias-only) partial, so the buffer needs no zero
 Tile: one [BLOCK_M, BLOCK_N] accumulator; 128 x 256 for the 128-row prefill config (two
 n = 256 wgmma per k-step, 8 warps), 64 x 128 mid-size, 16-row ones for decode (mma.sync).
 
-The pair rows are kept in fp32 (fp64 for float64): the sum over k is part of the
-accumulation, and rounding each row to bf16 before it measurably doubled the output error
-against a same-dtype PyTorch run in some cases (tests/test_triton_fused.py's bound is twice
-that error); the price is 2 more bytes per element of this [SPLIT, T*K, H] buffer, written
-once and read once by the combine.
+Pair rows dtype (`pair_dtype`): for fp16/bf16 inputs without a split, the input dtype, each
+row rounded once from the fp32 accumulator, which halves the traffic of the [T*K, H] buffer
+(at T = 16384, K = 8, H = 2048: 0.5 GB written and read instead of 1 GB, next to 1.2 GB of
+weights). That is the rounding the reference itself makes (tpmoe.reference rounds each
+expert's output rows to bf16 and sums them in fp32), so the bf16 accuracy bound (twice a
+same-dtype PyTorch run, tests/test_triton_fused.py) keeps its margin: over its cases x 3
+seeds the worst ratio stayed 1.41 of the bound's 2, as with fp32 rows (individual cases moved
+either way). With SPLIT > 1 (decode, where the buffer is small) the partials stay fp32: a
+pair split in S rounded pieces would add roundings the reference does not make. fp32 and
+fp64 inputs: fp32 / fp64 rows.
 """
 import torch
 import triton
@@ -102,6 +107,13 @@ def grouped_scatter_kernel(
              mask=row_valid[:, None] & col_valid[None, :])
 
 
+def pair_dtype(dtype: torch.dtype, split: int) -> torch.dtype:
+    """The dtype of the pair rows: the input's for fp16/bf16 without a split, else fp32 (fp64)."""
+    if dtype in (torch.float16, torch.bfloat16) and split == 1:
+        return dtype
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def split_depth(depth: int, block_k: int, split: int) -> int:
     """Kdim columns per split: whole BLOCK_K steps, so every split but the last is full."""
     steps = triton.cdiv(max(depth, 1), block_k)
@@ -110,7 +122,7 @@ def split_depth(depth: int, block_k: int, split: int) -> int:
 
 def grouped_scatter(rows, weight, n_axis: int, k_axis: int, bias, routing_weights, sorted_ids_padded,
                     block_expert, *, num_pairs: int, config: KernelConfig) -> torch.Tensor:
-    """out [SPLIT, num_pairs, N] fp32 (fp64 for float64) partials: rows @ weight[e]^T (+ bias[e])
+    """out [SPLIT, num_pairs, N] partials in `pair_dtype`: rows @ weight[e]^T (+ bias[e])
     (* routing weight) per pair, split s over its slice of Kdim; `combine.combine` sums them.
 
     weight is read in place: its axis n_axis is N (the output) and k_axis is Kdim (= rows.shape[1]).
@@ -122,8 +134,8 @@ def grouped_scatter(rows, weight, n_axis: int, k_axis: int, bias, routing_weight
     assert weight.shape[k_axis] == depth, f"weight axis {k_axis} is {weight.shape[k_axis]}, rows have {depth}"
     num_row_blocks = block_expert.shape[0]
     assert num_row_blocks * config.BLOCK_M >= num_rows, "block_expert does not cover sorted_ids_padded"
-    out_dtype = torch.float64 if rows.dtype == torch.float64 else torch.float32
-    out = torch.empty(config.SPLIT, num_pairs, out_size, dtype=out_dtype, device=rows.device)
+    out = torch.empty(config.SPLIT, num_pairs, out_size, dtype=pair_dtype(rows.dtype, config.SPLIT),
+                      device=rows.device)
     bias_arg = bias if bias is not None else out  # never read when HAS_BIAS is False
     weight_arg = routing_weights.reshape(-1) if routing_weights is not None else out
     assert routing_weights is None or weight_arg.is_contiguous()

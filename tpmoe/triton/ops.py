@@ -12,6 +12,7 @@ from .backward_dh import backward_dh as _backward_dh
 from .backward_dw import backward_dw as _backward_dw
 from .combine import combine as _combine
 from .down import grouped_scatter as _grouped_scatter
+from .down import pair_dtype
 from .gate_up import gate_up as _gate_up
 from .layouts import aligned_row_stride, gate_up_axes
 from .tile_configs import KernelConfig
@@ -49,15 +50,14 @@ def _(hidden_states, w_gate_up, b_gate_up, sorted_ids_padded, block_expert, top_
 def grouped_scatter(rows: torch.Tensor, weight: torch.Tensor, n_axis: int, k_axis: int, bias: Optional[torch.Tensor],
                     routing_weights: Optional[torch.Tensor], sorted_ids_padded: torch.Tensor,
                     block_expert: torch.Tensor, num_pairs: int, config: List[int]) -> torch.Tensor:
-    """[SPLIT, num_pairs, N] fp32 per-pair partials: rows @ weight[e]^T (+ bias[e]) (* routing weight)."""
+    """[SPLIT, num_pairs, N] per-pair partials (dtype: down.pair_dtype): rows @ weight[e]^T (+ bias[e]) (* routing weight)."""
     return _grouped_scatter(rows, weight, n_axis, k_axis, bias, routing_weights, sorted_ids_padded, block_expert,
                             num_pairs=num_pairs, config=_config(config))
 
 
 @grouped_scatter.register_fake
 def _(rows, weight, n_axis, k_axis, bias, routing_weights, sorted_ids_padded, block_expert, num_pairs, config):
-    out_dtype = torch.float64 if rows.dtype == torch.float64 else torch.float32
-    return rows.new_empty(config[6], num_pairs, weight.shape[n_axis], dtype=out_dtype)
+    return rows.new_empty(config[6], num_pairs, weight.shape[n_axis], dtype=pair_dtype(rows.dtype, config[6]))
 
 
 @torch.library.custom_op("tpmoe::triton_combine", mutates_args=())
