@@ -257,6 +257,25 @@ def test_forward_launches_only_the_three_kernels_after_align(monkeypatch, seed):
     assert_fp32_close(dx, dx64, "dx")
 
 
+def test_tables_fill_the_gpu_at_decode_and_go_wide_for_prefill(monkeypatch):
+    """Qwen3-30B-A3B (E 128, K 8, H 2048, I 768) on a 132-SM H100/H200."""
+    from tpmoe.triton import tile_configs
+    monkeypatch.delenv(tile_configs.ENV_VAR, raising=False)
+    configs = tile_configs.launch_configs(1, 8, 128, 2048, 768, 2 * 768)
+    row_blocks = 8  # T = 1: 8 experts with one 16-row block each
+    gate_up_programs = row_blocks * triton.cdiv(768, configs["gate_up"].BLOCK_N)
+    assert configs["gate_up"].BLOCK_M == 16 and gate_up_programs >= 132, gate_up_programs
+    assert configs["down"].SPLIT > 1 and configs["dx"].SPLIT > 1
+    # A TP shard too shallow to split (I_p = 96: under two BLOCK_K steps per split) gets none.
+    assert tile_configs.launch_configs(1, 8, 128, 2048, 96, 192)["down"].SPLIT == 1
+    prefill = tile_configs.launch_configs(16384, 8, 128, 2048, 768, 2 * 768)
+    gate_up_config, down_config = prefill["gate_up"], prefill["down"]
+    assert (gate_up_config.BLOCK_M, 2 * gate_up_config.BLOCK_N, gate_up_config.num_warps) == (128, 256, 8)
+    assert (down_config.BLOCK_M, down_config.BLOCK_N, down_config.num_warps) == (128, 256, 8)
+    assert gate_up_config.GROUP_M > 1 and down_config.GROUP_M > 1
+    assert gate_up_config.SPLIT == 1 and down_config.SPLIT == 1
+
+
 _AOT_CHECK = r"""
 import json, re, sys
 from tpmoe.triton import aot, tile_configs
