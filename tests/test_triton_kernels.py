@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.triton,
 
 from tpmoe.activations import expert_activation  # noqa: E402
 from tpmoe.config import GATED_ONLY_ACTIVATIONS  # noqa: E402
-from tpmoe.triton import backward_dh, backward_dw, down, gate_up, tile_configs  # noqa: E402
+from tpmoe.triton import backward_dh, backward_dw, combine, down, gate_up, tile_configs  # noqa: E402
 from tpmoe.triton.tile_configs import KernelConfig  # noqa: E402
 from tpmoe.triton.layouts import down_axes, gate_up_axes, paired_load  # noqa: E402
 from tpmoe.routing import align  # noqa: E402
@@ -118,14 +118,14 @@ def test_grouped_scatter_kernel_down_and_dx(layout, seed):
     hidden_axis, inter_axis = down_axes(layout)
     out = down.grouped_scatter(h, problem["w_down"], hidden_axis, inter_axis, problem["b_down"],
                                problem["topk_weights"], routing.sorted_ids_padded, routing.block_expert,
-                               num_pairs=num_pairs, config=SMALL)
+                               num_pairs=num_pairs, config=SMALL)[0]  # [SPLIT = 1, num_pairs, N]
     flat_weights = problem["topk_weights"].reshape(-1).double()
     expected = torch.stack([
         flat_weights[p] * (h[r].double() @ expert_matrices(problem, layout, e)[1].double().t()
                            + problem["b_down"][e].double())
         for r, p, e in zip(rows.tolist(), pairs.tolist(), row_experts.tolist())])
     assert_fp32_close(out[pairs], expected, "down pair rows")
-    combined = down.combine_pairs(out, problem["x"].shape[0], top_k, torch.float32)
+    combined = combine.combine(out, problem["x"].shape[0], top_k, torch.float32)
     assert_fp32_close(combined, out.view(-1, top_k, out.shape[1]).double().sum(1), "combine")
 
     # dx: d_preact [M, R] times W_gate_up[e] read as [N = H, Kdim = R].
@@ -134,7 +134,7 @@ def test_grouped_scatter_kernel_down_and_dx(layout, seed):
     rows_axis, gu_hidden_axis = gate_up_axes(layout)
     dx_pairs = down.grouped_scatter(d_preact, problem["w_gate_up"], gu_hidden_axis, rows_axis, None, None,
                                     routing.sorted_ids_padded, routing.block_expert, num_pairs=num_pairs,
-                                    config=SMALL)
+                                    config=SMALL)[0]
     expected = torch.stack([d_preact[r].double() @ expert_matrices(problem, layout, e)[0].double()
                             for r, e in zip(rows.tolist(), row_experts.tolist())])
     assert_fp32_close(dx_pairs[pairs], expected, "dx pair rows")

@@ -3,9 +3,11 @@
 Saved for backward: x, the weights and biases, topk_weights, h [S, I_p] and the routing
 alignment. Recomputed: the gate/up pre-activation (inside backward_dh; see its docstring).
 
-Forward:   align -> gate_up (h, saved) -> grouped_scatter with W_down (·w, +b_down) -> sum over k
+Forward:   align -> gate_up (h, saved) -> grouped_scatter with W_down (·w, +b_down; SPLIT partials
+           per pair) -> combine (sum over splits and k, fixed order, in the output dtype): with
+           route, five launches and no torch op between them
 Backward:  backward_dh (dh, activation backward with gate/up recomputed, d topk_weights)
-           -> grouped_scatter with W_gate_up (dx per pair) -> sum over k
+           -> grouped_scatter with W_gate_up (dx per pair) -> combine
            -> backward_dw twice (dW_gate_up + db_gate_up, dW_down + db_down)
 """
 from typing import Optional
@@ -13,7 +15,6 @@ from typing import Optional
 import torch
 
 from . import ops
-from .down import combine_pairs
 from .layouts import down_axes, gate_up_axes
 from ..routing import align  # the alignment the kernels read: docs/contracts.md, AlignResult
 from .tile_configs import block_m_for, launch_configs, token_bucket
@@ -44,7 +45,7 @@ class FusedExpertsFunction(torch.autograd.Function):
         ctx.save_for_backward(hidden_states, w_gate_up, w_down, topk_weights, b_gate_up, b_down, h,
                               routing.sorted_ids_padded, routing.block_expert, routing.padded_offsets)
         ctx.options = (activation, layout, gated, alpha, limit, configs)
-        return combine_pairs(pair_out, num_tokens, top_k, hidden_states.dtype)
+        return ops.combine(pair_out, num_tokens, top_k, hidden_states.dtype)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -68,7 +69,7 @@ class FusedExpertsFunction(torch.autograd.Function):
         if needs[0]:
             dx_pairs = ops.grouped_scatter(d_preact, w_gate_up, gu_hidden_axis, gu_rows_axis, None, None,
                                            sorted_ids_padded, block_expert, num_pairs, configs["dx"])
-            d_hidden = combine_pairs(dx_pairs, num_tokens, top_k, hidden_states.dtype)
+            d_hidden = ops.combine(dx_pairs, num_tokens, top_k, hidden_states.dtype)
         if needs[1] or needs[4]:
             d_w_gate_up, d_b_gate_up = ops.backward_dw(
                 d_preact, hidden_states, None, sorted_ids_padded, padded_offsets, w_gate_up, gu_rows_axis,

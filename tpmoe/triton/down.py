@@ -1,19 +1,42 @@
 """Grouped "rows times expert weight, scattered to pair rows" kernel: the forward down
 projection, and (with other operands) the backward dx.
 
-Forward:  out[p] = topk_weight[p] * (h[row] @ W_down[e]^T + b_down[e])   for row's pair p
-dx:       out[p] = d_preact[row] @ W_gate_up[e]                          (no bias, no weight)
-Rows come in padded sorted order; each pair p owns one output row [num_pairs, N], so the
-sum over the k slots afterwards is a plain deterministic reduction (`combine_pairs`), with
-no atomics. The pair rows are kept in fp32 (fp64 for float64): the sum over k is part of the
-accumulation, and rounding each row to bf16 before it measurably doubled the output error
-against a same-dtype PyTorch run in some cases; the price is 2 more bytes per element of this
-[T*K, H] buffer, written once and read once.
+Forward:  out[s, p] = topk_weight[p] * (h[row] @ W_down[e][:, I_s]^T (+ b_down[e] if s == 0))
+dx:       out[s, p] = d_preact[row][R_s] @ W_gate_up[e][R_s]          (no bias, no weight)
+Rows come in padded sorted order; each pair p owns one output row per split s, so the sum
+over splits and k slots afterwards is a plain deterministic reduction in a fixed order
+(`tpmoe.triton.combine`, one launch), with no atomics.
+
+Grid: one program per (row block, column block of N) tile on a 1-D axis in grouped order
+(`tpmoe.triton.grid.grouped_tile`, GROUP_M row blocks down one column stripe of W before the
+next), times SPLIT on the second axis. Row blocks of padding (block_expert = -1) exit at once.
+
+Split (SPLIT > 1, the decode configs): program s reduces only its slice of the Kdim axis (I_p
+for the forward, R for dx), a whole number of BLOCK_K steps, and writes the partial
+out[s]. At T = 1 on Qwen3-30B-A3B (8 row blocks, N = H = 2048) this multiplies the programs
+streaming W_down (the decode's only real traffic) by SPLIT; the partials are
+SPLIT * T*K * H fp32, a few hundred KB against the 25 MB of weights. A split whose slice is
+empty still writes its (zero, or bias-only) partial, so the buffer needs no zero fill.
+
+Tile: one [BLOCK_M, BLOCK_N] accumulator; 128 x 256 for the 128-row prefill config (two
+n = 256 wgmma per k-step, 8 warps), 64 x 128 mid-size, 16-row ones for decode (mma.sync).
+
+Pair rows dtype (`pair_dtype`): for fp16/bf16 inputs without a split, the input dtype, each
+row rounded once from the fp32 accumulator, which halves the traffic of the [T*K, H] buffer
+(at T = 16384, K = 8, H = 2048: 0.5 GB written and read instead of 1 GB, next to 1.2 GB of
+weights). That is the rounding the reference itself makes (tpmoe.reference rounds each
+expert's output rows to bf16 and sums them in fp32), so the bf16 accuracy bound (twice a
+same-dtype PyTorch run, tests/test_triton_fused.py) keeps its margin: over its cases x 3
+seeds the worst ratio stayed 1.41 of the bound's 2, as with fp32 rows (individual cases moved
+either way). With SPLIT > 1 (decode, where the buffer is small) the partials stay fp32: a
+pair split in S rounded pieces would add roundings the reference does not make. fp32 and
+fp64 inputs: fp32 / fp64 rows.
 """
 import torch
 import triton
 import triton.language as tl
 
+from .grid import grouped_tile, tile_grid_size
 from .interpret import as_dot_operand, dot_flags, require_runnable, round_to, zeros_accumulator
 from .tile_configs import KernelConfig
 
@@ -27,21 +50,23 @@ def grouped_scatter_kernel(
     routing_weight_ptr,  # [num_pairs] flat topk_weights (read only if SCALE_BY_WEIGHT)
     sorted_ids_ptr,      # [M] int32 pair ids in padded sorted order; sentinel num_pairs
     block_expert_ptr,    # [cdiv(M, BLOCK_M)] int32, -1 past the used rows
-    out_ptr,             # [num_pairs, N] out: one row per (token, k) pair
+    out_ptr,             # [SPLIT, num_pairs, N] out: one row per (token, k) pair per split
     # sizes
     num_pairs, N, Kdim,
+    num_row_blocks,      # len(block_expert)
+    k_per_split,         # Kdim columns each split reduces (a multiple of BLOCK_K)
     # strides
     stride_am, stride_ak,
     stride_we, stride_wn, stride_wk,
     stride_be, stride_bn,
-    stride_op, stride_on,
+    stride_os, stride_op, stride_on,
     # meta-parameters
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     HAS_BIAS: tl.constexpr, SCALE_BY_WEIGHT: tl.constexpr,
     INTERPRETED: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_FP64: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), num_row_blocks, tl.cdiv(N, BLOCK_N), GROUP_M)
+    split = tl.program_id(1)
     expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
     if expert < 0:  # padding blocks past num_padded
         return
@@ -51,13 +76,17 @@ def grouped_scatter_kernel(
     row_valid = pair < num_pairs
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_valid = offs_n < N
+    k_start = split * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, Kdim)
     offs_k = tl.arange(0, BLOCK_K)
 
-    a_ptrs = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am + offs_k[None, :] * stride_ak
-    w_ptrs = w_ptr + expert * stride_we + offs_n.to(tl.int64)[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    a_ptrs = (a_ptr + offs_m.to(tl.int64)[:, None] * stride_am
+              + (k_start + offs_k).to(tl.int64)[None, :] * stride_ak)
+    w_ptrs = (w_ptr + expert * stride_we + offs_n.to(tl.int64)[None, :] * stride_wn
+              + (k_start + offs_k).to(tl.int64)[:, None] * stride_wk)
     acc = zeros_accumulator(BLOCK_M, BLOCK_N, ACC_FP64)
-    for k0 in range(0, Kdim, BLOCK_K):
-        k_valid = offs_k < Kdim - k0
+    for k0 in range(k_start, k_end, BLOCK_K):
+        k_valid = offs_k < k_end - k0
         a_tile = tl.load(a_ptrs, mask=row_valid[:, None] & k_valid[None, :], other=0.0)
         w_tile = tl.load(w_ptrs, mask=k_valid[:, None] & col_valid[None, :], other=0.0)
         acc = tl.dot(as_dot_operand(a_tile, INTERPRETED), as_dot_operand(w_tile, INTERPRETED), acc,
@@ -65,49 +94,60 @@ def grouped_scatter_kernel(
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
 
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + expert * stride_be + offs_n * stride_bn, mask=col_valid, other=0.0)
-        acc += bias.to(acc.dtype)[None, :]
-    if SCALE_BY_WEIGHT:
+    if HAS_BIAS:  # once per pair: in the first split's partial only
+        if split == 0:
+            bias = tl.load(bias_ptr + expert * stride_be + offs_n * stride_bn, mask=col_valid, other=0.0)
+            acc += bias.to(acc.dtype)[None, :]
+    if SCALE_BY_WEIGHT:  # w * (sum of partials) = sum of (w * partial): each split scales its own
         routing_weight = tl.load(routing_weight_ptr + pair, mask=row_valid, other=0.0)
         acc = acc * routing_weight.to(acc.dtype)[:, None]
-    out_ptrs = out_ptr + pair.to(tl.int64)[:, None] * stride_op + offs_n[None, :] * stride_on
+    out_ptrs = (out_ptr + split.to(tl.int64) * stride_os + pair.to(tl.int64)[:, None] * stride_op
+                + offs_n[None, :] * stride_on)
     tl.store(out_ptrs, round_to(acc, out_ptr.dtype.element_ty, INTERPRETED),
              mask=row_valid[:, None] & col_valid[None, :])
 
 
+def pair_dtype(dtype: torch.dtype, split: int) -> torch.dtype:
+    """The dtype of the pair rows: the input's for fp16/bf16 without a split, else fp32 (fp64)."""
+    if dtype in (torch.float16, torch.bfloat16) and split == 1:
+        return dtype
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def split_depth(depth: int, block_k: int, split: int) -> int:
+    """Kdim columns per split: whole BLOCK_K steps, so every split but the last is full."""
+    steps = triton.cdiv(max(depth, 1), block_k)
+    return triton.cdiv(steps, split) * block_k
+
+
 def grouped_scatter(rows, weight, n_axis: int, k_axis: int, bias, routing_weights, sorted_ids_padded,
                     block_expert, *, num_pairs: int, config: KernelConfig) -> torch.Tensor:
-    """out [num_pairs, N] fp32: rows @ weight[e]^T (+ bias[e]) (* routing weight) per pair.
+    """out [SPLIT, num_pairs, N] partials in `pair_dtype`: rows @ weight[e]^T (+ bias[e])
+    (* routing weight) per pair, split s over its slice of Kdim; `combine.combine` sums them.
 
     weight is read in place: its axis n_axis is N (the output) and k_axis is Kdim (= rows.shape[1]).
+    rows may have any row stride (h comes with 16-byte aligned rows).
     """
     require_runnable(grouped_scatter_kernel, rows.device)
     num_rows, depth = rows.shape
     out_size = weight.shape[n_axis]
     assert weight.shape[k_axis] == depth, f"weight axis {k_axis} is {weight.shape[k_axis]}, rows have {depth}"
-    assert block_expert.shape[0] * config.BLOCK_M >= num_rows, "block_expert does not cover sorted_ids_padded"
-    out_dtype = torch.float64 if rows.dtype == torch.float64 else torch.float32
-    out = torch.empty(num_pairs, out_size, dtype=out_dtype, device=rows.device)
+    num_row_blocks = block_expert.shape[0]
+    assert num_row_blocks * config.BLOCK_M >= num_rows, "block_expert does not cover sorted_ids_padded"
+    out = torch.empty(config.SPLIT, num_pairs, out_size, dtype=pair_dtype(rows.dtype, config.SPLIT),
+                      device=rows.device)
     bias_arg = bias if bias is not None else out  # never read when HAS_BIAS is False
     weight_arg = routing_weights.reshape(-1) if routing_weights is not None else out
     assert routing_weights is None or weight_arg.is_contiguous()
-    grid = (block_expert.shape[0], triton.cdiv(out_size, config.BLOCK_N))
+    grid = (tile_grid_size(num_row_blocks, triton.cdiv(out_size, config.BLOCK_N)), config.SPLIT)
     grouped_scatter_kernel[grid](
         rows, weight, bias_arg, weight_arg, sorted_ids_padded, block_expert, out,
-        num_pairs, out_size, depth,
+        num_pairs, out_size, depth, num_row_blocks, split_depth(depth, config.BLOCK_K, config.SPLIT),
         rows.stride(0), rows.stride(1),
         weight.stride(0), weight.stride(n_axis), weight.stride(k_axis),
         bias_arg.stride(0), bias_arg.stride(-1),
-        out.stride(0), out.stride(1),
-        **config.meta(), HAS_BIAS=bias is not None, SCALE_BY_WEIGHT=routing_weights is not None,
+        out.stride(0), out.stride(1), out.stride(2),
+        **config.meta(), GROUP_M=config.GROUP_M, HAS_BIAS=bias is not None,
+        SCALE_BY_WEIGHT=routing_weights is not None,
         **dot_flags(rows.dtype), num_warps=config.num_warps, num_stages=config.num_stages)
     return out
-
-
-def combine_pairs(pair_rows: torch.Tensor, num_tokens: int, top_k: int, dtype: torch.dtype) -> torch.Tensor:
-    """[T*K, N] fp32 -> [T, N] in `dtype`: the sum over k in a fixed order (deterministic)."""
-    summed = pair_rows.view(num_tokens, top_k, -1).sum(dim=1)
-    # No .to() where it would return its input: torch 2.11's Dynamo routes the gradient of an
-    # autograd.Function output made by such an aliasing no-op to the wrong slot (zeros, fp32).
-    return summed if summed.dtype == dtype else summed.to(dtype)

@@ -34,7 +34,8 @@ def gate_up_columns(layout: str, gated: bool, intermediate_size: int):
 
 
 def paired_load(w_gate_up, rows_axis: int, gated: bool, col_step: int) -> bool:
-    """Whether a kernel loads gate and up as one [BLOCK_K, 2 BLOCK_N] tile and splits it.
+    """Whether backward_dh loads gate and up as one [BLOCK_K, 2 BLOCK_N] tile and splits it
+    (the forward gate_up always loads them as one B tile, for every layout: gate_up.py).
 
     Where gate and up columns alternate along the contiguous axis (gpt_oss storage), two
     stride-2 loads cannot be vectorised: on sm_90 bf16 they cost the gate_up kernel 254

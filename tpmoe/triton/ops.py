@@ -10,9 +10,11 @@ import torch
 
 from .backward_dh import backward_dh as _backward_dh
 from .backward_dw import backward_dw as _backward_dw
+from .combine import combine as _combine
 from .down import grouped_scatter as _grouped_scatter
+from .down import pair_dtype
 from .gate_up import gate_up as _gate_up
-from .layouts import gate_up_axes
+from .layouts import aligned_row_stride, gate_up_axes
 from .tile_configs import KernelConfig
 
 
@@ -29,7 +31,7 @@ def _config(values: List[int]) -> KernelConfig:
 def gate_up(hidden_states: torch.Tensor, w_gate_up: torch.Tensor, b_gate_up: Optional[torch.Tensor],
             sorted_ids_padded: torch.Tensor, block_expert: torch.Tensor, top_k: int, activation: str, layout: str,
             gated: bool, alpha: float, limit: float, config: List[int]) -> torch.Tensor:
-    """h [M, I] = act(gate) * up for the padded sorted rows."""
+    """h [M, I] = act(gate) * up for the padded sorted rows (rows 16-byte aligned)."""
     return _gate_up(hidden_states, w_gate_up, b_gate_up, sorted_ids_padded, block_expert, top_k=top_k,
                     activation=activation, layout=layout, gated=gated, alpha=alpha, limit=limit,
                     config=_config(config))
@@ -39,22 +41,34 @@ def gate_up(hidden_states: torch.Tensor, w_gate_up: torch.Tensor, b_gate_up: Opt
 def _(hidden_states, w_gate_up, b_gate_up, sorted_ids_padded, block_expert, top_k, activation, layout, gated,
       alpha, limit, config):
     intermediate_size = w_gate_up.shape[gate_up_axes(layout)[0]] // (2 if gated else 1)
-    return hidden_states.new_empty(sorted_ids_padded.shape[0], intermediate_size)
+    # The strides the real op gives (layouts.empty_aligned_rows), so compiled graphs agree.
+    stride = aligned_row_stride(intermediate_size, hidden_states.element_size())
+    return hidden_states.new_empty(sorted_ids_padded.shape[0], stride)[:, :intermediate_size]
 
 
 @torch.library.custom_op("tpmoe::triton_grouped_scatter", mutates_args=())
 def grouped_scatter(rows: torch.Tensor, weight: torch.Tensor, n_axis: int, k_axis: int, bias: Optional[torch.Tensor],
                     routing_weights: Optional[torch.Tensor], sorted_ids_padded: torch.Tensor,
                     block_expert: torch.Tensor, num_pairs: int, config: List[int]) -> torch.Tensor:
-    """[num_pairs, N] fp32 per-pair rows: rows @ weight[e]^T (+ bias[e]) (* routing weight)."""
+    """[SPLIT, num_pairs, N] per-pair partials (dtype: down.pair_dtype): rows @ weight[e]^T (+ bias[e]) (* routing weight)."""
     return _grouped_scatter(rows, weight, n_axis, k_axis, bias, routing_weights, sorted_ids_padded, block_expert,
                             num_pairs=num_pairs, config=_config(config))
 
 
 @grouped_scatter.register_fake
 def _(rows, weight, n_axis, k_axis, bias, routing_weights, sorted_ids_padded, block_expert, num_pairs, config):
-    out_dtype = torch.float64 if rows.dtype == torch.float64 else torch.float32
-    return rows.new_empty(num_pairs, weight.shape[n_axis], dtype=out_dtype)
+    return rows.new_empty(config[6], num_pairs, weight.shape[n_axis], dtype=pair_dtype(rows.dtype, config[6]))
+
+
+@torch.library.custom_op("tpmoe::triton_combine", mutates_args=())
+def combine(partials: torch.Tensor, num_tokens: int, top_k: int, dtype: torch.dtype) -> torch.Tensor:
+    """[T, N] in `dtype`: the partial pair rows [SPLIT, T*K, N] summed over splits and k, fixed order."""
+    return _combine(partials, num_tokens, top_k, dtype)
+
+
+@combine.register_fake
+def _(partials, num_tokens, top_k, dtype):
+    return partials.new_empty(num_tokens, partials.shape[-1], dtype=dtype)
 
 
 @torch.library.custom_op("tpmoe::triton_backward_dh", mutates_args=())

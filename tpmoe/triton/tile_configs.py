@@ -45,19 +45,25 @@ class KernelConfig:
 
 
 def _gate_up_table() -> Dict[int, List[KernelConfig]]:
-    # Two fp32 accumulators (gate and up) per program: a 64x128 tile of each at 4 warps
-    # takes 243 registers and 160 KB of shared memory at 4 stages (ptxas, sm_90, bf16),
-    # at the edge of both limits, so the column block stays at 64 (128 registers) and
-    # 128-row blocks get 8 warps. Not yet timed on a GPU: benchmarks/bench_kernels.py.
-    return {16: [KernelConfig(16, 64, 128, 4, 4), KernelConfig(16, 32, 128, 4, 4)],
-            64: [KernelConfig(64, 64, 64, 4, 4), KernelConfig(64, 32, 64, 4, 4)],
-            128: [KernelConfig(128, 64, 64, 8, 3)]}
+    # One [BLOCK_M, 2 BLOCK_N] accumulator (gate and up columns alternating, one tl.dot per
+    # k-step), so the wgmma is n = 2 BLOCK_N wide. Decode (16 rows): BLOCK_N 32 so that T = 1
+    # on Qwen3-30B-A3B (8 row blocks, I = 768) launches 192 programs, not 96, on 132 SMs; the
+    # weights are the whole traffic and more programs keep more loads in flight. Mid-size:
+    # 64 x 64 (n = 128 wgmma). Prefill (128 rows, buckets >= 1024): 128 x 128 at 8 warps, two
+    # n = 256 wgmma per k-step (registers and shared memory: tests/test_triton_aot.py).
+    # GROUP_M 8 where there are many row blocks per expert (grid.py). Not yet timed on a
+    # GPU: benchmarks/bench_kernels.py.
+    return {16: [KernelConfig(16, 32, 128, 4, 4), KernelConfig(16, 16, 128, 4, 4)],
+            64: [KernelConfig(64, 64, 64, 4, 4, GROUP_M=8), KernelConfig(64, 32, 64, 4, 4, GROUP_M=8)],
+            128: [KernelConfig(128, 128, 64, 8, 3, GROUP_M=8)]}
 
 
 def _down_table() -> Dict[int, List[KernelConfig]]:
-    return {16: [KernelConfig(16, 64, 128, 4, 4)],
-            64: [KernelConfig(64, 128, 64, 4, 4), KernelConfig(64, 32, 64, 4, 4)],
-            128: [KernelConfig(128, 128, 64, 8, 3)]}
+    # Decode: SPLIT 4 over the I axis (capped by the depth in `kernel_config`), each split a
+    # partial that the combine sums in a fixed order. Prefill: 128 x 256 at 8 warps.
+    return {16: [KernelConfig(16, 64, 128, 4, 4, SPLIT=4)],
+            64: [KernelConfig(64, 128, 64, 4, 4, GROUP_M=8), KernelConfig(64, 32, 64, 4, 4, GROUP_M=8)],
+            128: [KernelConfig(128, 256, 64, 8, 3, GROUP_M=8)]}
 
 
 def _backward_dh_table() -> Dict[int, List[KernelConfig]]:
@@ -115,13 +121,16 @@ def kernel_config(kernel: str, bucket: int, n: int, k: int, element_size: int = 
     fp64 take a shallower, less pipelined variant so that they neither spill nor overflow
     shared memory (`wide_dtype_config`).
     """
-    del k  # the tables do not depend on the reduction depth yet; kept in the key on purpose
     block_m = block_m_for(bucket)
     table = _table(kernel)
     configs = table.get(block_m) or table[min(table, key=lambda m: abs(m - block_m))]
     config = configs[1] if (n <= 32 and len(configs) > 1) else configs[0]
     if kernel != "backward_dw":
         config = replace(config, BLOCK_M=block_m)
+    if config.SPLIT > 1:
+        # Each split keeps at least two BLOCK_K steps of the depth k (a TP shard's I_p = 96
+        # gets no split): a shorter slice would cost more in partial traffic than it gains.
+        config = replace(config, SPLIT=max(1, min(config.SPLIT, k // (2 * config.BLOCK_K))))
     if element_size > 2:
         config = wide_dtype_config(kernel, config, element_size)
     override = env_config()
