@@ -12,7 +12,7 @@ from .backward_dh import backward_dh as _backward_dh
 from .backward_dw import backward_dw as _backward_dw
 from .down import grouped_scatter as _grouped_scatter
 from .gate_up import gate_up as _gate_up
-from .layouts import gate_up_axes
+from .layouts import empty_aligned_rows, gate_up_axes
 from .tile_configs import KernelConfig
 
 
@@ -74,7 +74,8 @@ def _(grad_output, hidden_states, w_gate_up, b_gate_up, w_down, b_down, topk_wei
       block_expert, top_k, activation, layout, gated, alpha, limit, config):
     gate_up_size = w_gate_up.shape[gate_up_axes(layout)[0]]
     partial_dtype = torch.float64 if hidden_states.dtype == torch.float64 else torch.float32
-    return (hidden_states.new_empty(sorted_ids_padded.shape[0], gate_up_size),
+    # d_preact's rows are padded to 16 bytes as the real launch pads them (the same strides).
+    return (empty_aligned_rows(sorted_ids_padded.shape[0], gate_up_size, hidden_states.dtype, hidden_states.device),
             hidden_states.new_empty(hidden_states.shape[0], top_k, dtype=partial_dtype))
 
 
