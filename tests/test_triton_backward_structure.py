@@ -100,15 +100,19 @@ def _dh_reference(problem, layout, gated, activation, with_bias, routing, num_pa
 
 
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no_bias"])
-@pytest.mark.parametrize("layout,gated,activation", [
-    ("concatenated", True, "silu"), ("interleaved", True, "gelu"), ("gpt_oss", True, "clamped_swiglu"),
-    ("concatenated", False, "gelu_tanh"), ("gpt_oss", False, "relu")])
-def test_backward_dh_grouped_grid(layout, gated, activation, with_bias, seed):
+@pytest.mark.parametrize("layout,gated,activation,one_dot", [
+    ("concatenated", True, "silu", True), ("interleaved", True, "gelu", True),
+    ("gpt_oss", True, "clamped_swiglu", True), ("concatenated", True, "silu", False),
+    ("gpt_oss", True, "silu_clamped", False), ("concatenated", False, "gelu_tanh", False),
+    ("gpt_oss", False, "relu", False)])
+def test_backward_dh_grouped_grid(layout, gated, activation, one_dot, with_bias, seed, monkeypatch):
     """GROUP_M = 4 over 16-row blocks whose count (9) is not a multiple of 4, 3 column blocks (I = 37):
     against float64, and bit for bit the GROUP_M = 1 result (a program's tile does not depend on
-    the order)."""
+    the order). Gate/up recomputed by one [BK, 2 BN] dot (what half precision runs; forced here
+    on fp32 so that the fp32 bound checks it) and by two."""
+    monkeypatch.setattr(backward_dh, "one_gate_up_dot", lambda gated, dtype: gated and one_dot)
     problem = make_problem(seed, num_tokens=29, hidden=41, inter=37, layout=layout, gated=gated)
-    if activation == "clamped_swiglu":
+    if activation in ("clamped_swiglu", "silu_clamped"):
         problem["x"] = problem["x"] * 8  # both sides of the clamps
     top_k, num_pairs = problem["topk_ids"].shape[1], problem["topk_ids"].numel()
     routing = align(problem["topk_ids"], problem["w_gate_up"].shape[0], 16)

@@ -7,7 +7,7 @@ gate_up GEMM again, but it shares this kernel's loop over H with the dh GEMM (th
 gathered token rows, the same trip count), so it adds MMA work and one more weight stream,
 not a pass over the activations.
 
-Gate and up are recomputed by ONE dot: the weight tile is [BLOCK_K, 2 BLOCK_N] with the gate
+Gate and up are recomputed by ONE dot (gated, half precision; `one_gate_up_dot`): the weight tile is [BLOCK_K, 2 BLOCK_N] with the gate
 and up rows of each intermediate column side by side (column c of the tile is column
 pid_n*BLOCK_N + c // 2, gate if c is even, up if odd), so the accumulator [BLOCK_M, 2 BLOCK_N]
 splits into gate and up in the epilogue (reshape to [.., BLOCK_N, 2] + split). One wider MMA
@@ -87,6 +87,7 @@ def backward_dh_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     COL_STEP: tl.constexpr, GATED: tl.constexpr, HAS_GATE_UP_BIAS: tl.constexpr, HAS_DOWN_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr, INTERPRETED: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_FP64: tl.constexpr,
+    ONE_GU_DOT: tl.constexpr,  # gated, half precision: gate and up recomputed by one [BK, 2 BN] dot
 ):
     pid_m, pid_n = grouped_program(tl.program_id(0), num_row_blocks, num_col_blocks, GROUP_M)
     expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
@@ -106,23 +107,26 @@ def backward_dh_kernel(
     x_ptrs = x_ptr + token[:, None] * stride_xt + offs_k[None, :] * stride_xh
     w_down_ptrs = (w_down_ptr + expert * stride_de + offs_k[:, None] * stride_dh
                    + wide_offset(offs_n, stride_di)[None, :])
-    # The recomputed pre-activation's weight tile: [BLOCK_K, GU_N] rows of w_gate_up.
-    if GATED:
-        GU_N: tl.constexpr = 2 * BLOCK_N
-        offs_gu = tl.arange(0, GU_N)
-        if COL_STEP == 2:  # interleaved / gpt_oss: gate j at 2j, up at 2j + 1, so tile column c is row 2*j0 + c
-            gu_rows = (pid_n * GU_N + offs_gu).to(tl.int64)
-        else:              # concatenated: gate j at j, up at j + up_offset (= I)
+    w_expert = w_gate_up_ptr + expert * stride_gue
+    if ONE_GU_DOT:
+        # The recomputed gate/up weight tile: [BLOCK_K, 2 BLOCK_N] rows of w_gate_up, tile column c
+        # holding intermediate column pid_n*BLOCK_N + c // 2, its gate row if c is even, up if odd.
+        offs_gu = tl.arange(0, 2 * BLOCK_N)
+        if COL_STEP == 2:  # interleaved / gpt_oss: gate j at row 2j, up at 2j + 1: tile column c is row 2*j0 + c
+            gu_rows = (pid_n * 2 * BLOCK_N + offs_gu).to(tl.int64)
+        else:              # concatenated: gate j at row j, up at j + up_offset (= I)
             gu_rows = (pid_n * BLOCK_N + offs_gu // 2).to(tl.int64) + (offs_gu % 2) * up_offset
         gu_valid = pid_n * BLOCK_N + offs_gu // 2 < intermediate_size
+        w_gu_ptrs = w_expert + gu_rows[None, :] * stride_gur + offs_k[:, None] * stride_guh
+        acc_gu = zeros_accumulator(BLOCK_M, 2 * BLOCK_N, ACC_FP64)  # x @ [W_gate | W_up]^T, pairs side by side
     else:
-        GU_N: tl.constexpr = BLOCK_N
-        gu_rows = gate_rows
-        gu_valid = col_valid
-    w_gu_ptrs = w_gate_up_ptr + expert * stride_gue + gu_rows[None, :] * stride_gur + offs_k[:, None] * stride_guh
+        w_gate_ptrs = w_expert + gate_rows[None, :] * stride_gur + offs_k[:, None] * stride_guh
+        acc_gate = zeros_accumulator(BLOCK_M, BLOCK_N, ACC_FP64)    # recomputed x @ W_gate^T
+        if GATED:
+            w_up_ptrs = w_gate_ptrs + up_offset * stride_gur
+            acc_up = zeros_accumulator(BLOCK_M, BLOCK_N, ACC_FP64)  # recomputed x @ W_up^T
     b_down_ptrs = b_down_ptr + expert * stride_dbe + offs_k * stride_dbh
     acc_dh = zeros_accumulator(BLOCK_M, BLOCK_N, ACC_FP64)  # dy[token] @ W_down[e][:, cols]
-    acc_gu = zeros_accumulator(BLOCK_M, GU_N, ACC_FP64)     # recomputed x @ [W_gate | W_up]^T, pairs side by side
     if HAS_DOWN_BIAS:
         bias_dot = tl.sum(acc_dh, axis=1)  # dy_t . b_down[e], zeros to start
     for k0 in range(0, hidden_size, BLOCK_K):
@@ -132,10 +136,23 @@ def backward_dh_kernel(
         w_down_tile = tl.load(w_down_ptrs, mask=k_valid[:, None] & col_valid[None, :], other=0.0)
         acc_dh = tl.dot(as_dot_operand(dy_tile, INTERPRETED), as_dot_operand(w_down_tile, INTERPRETED), acc_dh,
                         input_precision=DOT_PRECISION, out_dtype=acc_dh.dtype)
-        x_tile = tl.load(x_ptrs, mask=row_mask, other=0.0)
-        w_gu = tl.load(w_gu_ptrs, mask=k_valid[:, None] & gu_valid[None, :], other=0.0)
-        acc_gu = tl.dot(as_dot_operand(x_tile, INTERPRETED), as_dot_operand(w_gu, INTERPRETED), acc_gu,
-                        input_precision=DOT_PRECISION, out_dtype=acc_gu.dtype)
+        x_tile = as_dot_operand(tl.load(x_ptrs, mask=row_mask, other=0.0), INTERPRETED)
+        if ONE_GU_DOT:
+            w_gu = tl.load(w_gu_ptrs, mask=k_valid[:, None] & gu_valid[None, :], other=0.0)
+            acc_gu = tl.dot(x_tile, as_dot_operand(w_gu, INTERPRETED), acc_gu,
+                            input_precision=DOT_PRECISION, out_dtype=acc_gu.dtype)
+            w_gu_ptrs += BLOCK_K * stride_guh
+        else:
+            w_mask = k_valid[:, None] & col_valid[None, :]
+            w_gate = tl.load(w_gate_ptrs, mask=w_mask, other=0.0)
+            acc_gate = tl.dot(x_tile, as_dot_operand(w_gate, INTERPRETED), acc_gate,
+                              input_precision=DOT_PRECISION, out_dtype=acc_gate.dtype)
+            w_gate_ptrs += BLOCK_K * stride_guh
+            if GATED:
+                w_up = tl.load(w_up_ptrs, mask=w_mask, other=0.0)
+                acc_up = tl.dot(x_tile, as_dot_operand(w_up, INTERPRETED), acc_up,
+                                input_precision=DOT_PRECISION, out_dtype=acc_up.dtype)
+                w_up_ptrs += BLOCK_K * stride_guh
         if HAS_DOWN_BIAS:
             b_down = tl.load(b_down_ptrs, mask=k_valid, other=0.0).to(acc_dh.dtype)
             bias_dot += tl.sum(dy_tile.to(acc_dh.dtype) * b_down[None, :], axis=1)
@@ -143,7 +160,6 @@ def backward_dh_kernel(
         dy_ptrs += BLOCK_K * stride_dyh
         x_ptrs += BLOCK_K * stride_xh
         w_down_ptrs += BLOCK_K * stride_dh
-        w_gu_ptrs += BLOCK_K * stride_guh
 
     # d topk_weights partial: (dy @ W_down[e]) . h over this column block (+ the bias term once).
     h_ptrs = h_ptr + wide_offset(offs_m, stride_hm)[:, None] + offs_n[None, :] * stride_hi
@@ -157,10 +173,8 @@ def backward_dh_kernel(
 
     routing_weight = tl.load(routing_weight_ptr + pair, mask=row_valid, other=0.0).to(acc_dh.dtype)
     dh = acc_dh * routing_weight[:, None]  # zero on padding rows
-    if GATED:
+    if ONE_GU_DOT:
         acc_gate, acc_up = tl.split(tl.reshape(acc_gu, (BLOCK_M, BLOCK_N, 2)))
-    else:
-        acc_gate = acc_gu
     if HAS_GATE_UP_BIAS:
         b_expert = b_gate_up_ptr + expert * stride_gbe
         acc_gate += tl.load(b_expert + gate_rows * stride_gbr, mask=col_valid, other=0.0).to(acc_gate.dtype)[None, :]
@@ -176,6 +190,14 @@ def backward_dh_kernel(
         _, act_grad = unary_activation_and_grad(acc_gate, ACTIVATION)
         d_gate = dh * act_grad
     tl.store(d_preact_ptrs, round_to(d_gate, d_preact_ptr.dtype.element_ty, INTERPRETED), mask=col_valid[None, :])
+
+
+def one_gate_up_dot(gated: bool, dtype: torch.dtype) -> bool:
+    """Whether gate and up are recomputed by one dot (module docstring). Half precision only: the
+    fp32 / fp64 dots run on FMA units with the accumulator in registers, and splitting the
+    [BLOCK_M, 2 BLOCK_N] accumulator there spilled (ptxas, sm_90 fp32: 255 registers and 20
+    bytes of spills at 64x16x32), where two dots do not."""
+    return gated and dtype in (torch.float16, torch.bfloat16)
 
 
 def backward_dh(grad_output, hidden_states, w_gate_up, b_gate_up, w_down, b_down, topk_weights, h,
@@ -221,7 +243,8 @@ def backward_dh(grad_output, hidden_states, w_gate_up, b_gate_up, w_down, b_down
         d_weight_partial.stride(0), d_weight_partial.stride(1),
         **config.meta(), GROUP_M=config.GROUP_M, COL_STEP=col_step, GATED=gated,
         HAS_GATE_UP_BIAS=b_gate_up is not None, HAS_DOWN_BIAS=b_down is not None, ACTIVATION=activation,
-        **dot_flags(hidden_states.dtype), num_warps=config.num_warps, num_stages=config.num_stages)
+        **dot_flags(hidden_states.dtype), ONE_GU_DOT=one_gate_up_dot(gated, hidden_states.dtype),
+        num_warps=config.num_warps, num_stages=config.num_stages)
     # A fixed-order sum over the column blocks: deterministic, no atomics.
     d_topk_weights = d_weight_partial.sum(dim=0).view(num_tokens, top_k)
     return d_preact, d_topk_weights
