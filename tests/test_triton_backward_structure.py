@@ -394,6 +394,7 @@ def test_aot_sm90_backward_configs(tmp_path):
         assert row["shared"] <= 100 * 1024, row
         assert "m64n128k16" in row["wgmma"], row
     for row in rows:
-        if row["kernel"] == "backward_dw" and row["config"]["num_stages"] >= 5:
-            # The row loop is pipelined: its indirect loads' tiles get num_stages - 2 buffers.
+        if row["kernel"] == "backward_dw" and row["wgmma"]:
+            # The row loop is pipelined: its indirect loads' tiles get num_stages - 2 buffers (the
+            # narrow-N config, N <= 32, runs mma.sync with A through registers: 2 buffers for B).
             assert max(row["tile_buffers"], default=0) >= row["config"]["num_stages"] - 2, row
