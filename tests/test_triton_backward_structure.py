@@ -245,9 +245,13 @@ def test_split_choice(monkeypatch):
         assert 1 < config.SPLIT <= tile_configs.MAX_SPLIT, (launch, config)
         tiles = 4 * -(-512 // config.BLOCK_N) * -(-256 // config.BLOCK_K)
         assert tiles < tile_configs.NUM_SMS
-    # TPMOE_TRITON_CONFIG's SPLIT wins.
+    # TPMOE_TRITON_CONFIG's SPLIT wins; 0 is refused.
     monkeypatch.setenv(tile_configs.ENV_VAR, "SPLIT=3")
     assert tile_configs.launch_configs(4096, 8, 128, 2048, 768, 1536)["backward_dw_down"].SPLIT == 3
+    for text in ("SPLIT=0", "GROUP_M=0"):
+        monkeypatch.setenv(tile_configs.ENV_VAR, text)
+        with pytest.raises(ValueError, match=">= 1"):
+            tile_configs.env_config()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,9 +325,18 @@ def test_d_preact_rows_are_aligned_and_read_by_dx_and_dw(inter, dtype, seed):
                                            floor=floor)
 
 
-def test_uneven_shard_end_to_end(seed):
-    """The whole forward and backward at I_p = 77 (R = 154), fp32, against tpmoe.reference."""
-    case = (13, 24, 77, 4, 2, "concatenated", True, "silu", True, "random")
+@pytest.mark.parametrize("pinned", [None, "BLOCK_M=16,BLOCK_N=32,BLOCK_K=16,num_warps=4,num_stages=2,GROUP_M=2,SPLIT=3"],
+                         ids=["tables", "split3"])
+def test_uneven_shard_end_to_end(pinned, seed, monkeypatch):
+    """The whole forward and backward at I_p = 77 (R = 154), fp32, against tpmoe.reference: with
+    the tables' configs, and pinned to a grouped grid and SPLIT = 3 (one expert holding most
+    rows: the autograd path through the split and its sum)."""
+    if pinned:
+        monkeypatch.setenv(tile_configs.ENV_VAR, pinned)
+    else:
+        monkeypatch.delenv(tile_configs.ENV_VAR, raising=False)
+    case = ((41, 24, 77, 4, 2, "concatenated", True, "silu", True, "one_expert") if pinned else
+            (13, 24, 77, 4, 2, "concatenated", True, "silu", True, "random"))
     inputs, grad_out = case_inputs(case, seed)
     options = case_options(case)
     ref_out, ref_grads = run_with_grads(reference_experts, inputs, options, grad_out, torch.float64)

@@ -16,7 +16,9 @@ the interpreter tests), as comma-separated key=value pairs, e.g.
 Keys: BLOCK_M, BLOCK_N, BLOCK_K (powers of two >= 16), num_warps, num_stages, GROUP_M, SPLIT
 (>= 1); missing keys keep
 the table's value. For the weight-gradient kernel BLOCK_N and BLOCK_K are the tile of dW
-and BLOCK_M its reduction chunk over rows.
+and BLOCK_M its reduction chunk over rows. GROUP_M is the grouped grid order of backward_dh
+(the tables set it); SPLIT, backward_dw's split over the rows of each expert, is chosen per
+call by `backward_dw_split` (launch_configs) unless TPMOE_TRITON_CONFIG sets it.
 """
 import os
 from dataclasses import dataclass, replace
@@ -227,4 +229,7 @@ def env_config() -> Dict[str, int]:
     for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
         if key in values and (values[key] < 16 or values[key] & (values[key] - 1)):
             raise ValueError(f"{ENV_VAR}: {key} must be a power of two >= 16, got {values[key]}")
+    for key in ("GROUP_M", "SPLIT"):  # a grid of 0 programs per tile / a group of 0 row blocks
+        if key in values and values[key] < 1:
+            raise ValueError(f"{ENV_VAR}: {key} must be >= 1, got {values[key]}")
     return values
