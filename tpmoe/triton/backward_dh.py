@@ -7,17 +7,19 @@ gate_up GEMM again, but it shares this kernel's loop over H with the dh GEMM (th
 gathered token rows, the same trip count), so it adds MMA work and one more weight stream,
 not a pass over the activations.
 
-Gate and up are recomputed by ONE dot (gated, half precision; `one_gate_up_dot`): the weight tile is [BLOCK_K, 2 BLOCK_N] with the gate
-and up rows of each intermediate column side by side (column c of the tile is column
-pid_n*BLOCK_N + c // 2, gate if c is even, up if odd), so the accumulator [BLOCK_M, 2 BLOCK_N]
-splits into gate and up in the epilogue (reshape to [.., BLOCK_N, 2] + split). One wider MMA
-(wgmma m64n128 at BLOCK_N = 64 on sm_90) instead of two narrow ones, and for gpt_oss storage
-(gate/up rows alternating along the contiguous axis) one contiguous, vectorised load.
+Gate and up are recomputed by ONE dot (gated, half precision: `one_gate_up_dot`): the weight
+tile is [BLOCK_K, 2 BLOCK_N] with the gate and up rows of each intermediate column side by side
+(tile column c is intermediate column pid_n*BLOCK_N + c // 2, its gate row if c is even, up if
+odd), so the accumulator [BLOCK_M, 2 BLOCK_N] splits into gate and up in the epilogue (reshape
+to [.., BLOCK_N, 2] + split). One wider MMA (wgmma m64n128 at BLOCK_N = 64 on sm_90) instead of
+two narrow ones, and for gpt_oss storage (gate/up rows alternating along the contiguous axis)
+one contiguous, vectorised load. fp32 / fp64 keep two dots (their FMA dots spill otherwise).
 
 Grid: 1-D, cdiv(M, BLOCK_M) row blocks x cdiv(I_p, BLOCK_N) column blocks in grouped order
-(GROUP_M row blocks walk every column block before the next group starts, vLLM/Triton-tutorial
-style): the gathered dy/x rows of a group and the weight stripe of a column block are both
-re-read from L2 rather than HBM. Padding row blocks (block_expert = -1) exit at once.
+(`grouped_program`, vLLM / Triton-tutorial style: GROUP_M row blocks walk every column block
+before the next group starts), so that the gathered dy/x rows of a group and the weight stripe
+of a column block are re-read while still in L2 (not yet timed on a GPU). Padding row blocks
+(block_expert = -1) exit at once.
 
 Also here, with no extra GEMM: d topk_weights[t, k] = dy_t . o_{t,k} (o without the weight)
 = (dy_t @ W_down[e]) . h + dy_t . b_down[e]. Each column block writes its partial sum of

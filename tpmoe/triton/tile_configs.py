@@ -65,7 +65,7 @@ def _down_table() -> Dict[int, List[KernelConfig]]:
 def _backward_dh_table() -> Dict[int, List[KernelConfig]]:
     # Two accumulators: dh [BM, BN] and the recomputed gate/up [BM, 2 BN] (one dot). ptxas,
     # sm_90 bf16 (the AOT tool): BM = 64 at 4 warps makes one warpgroup own the whole tile, so
-    # the dots are wgmma m64n128 (gate/up) and m64n64 (dh), 180 registers; BLOCK_K 32 at 4
+    # the dots are wgmma m64n128 (gate/up) and m64n64 (dh), 182 registers; BLOCK_K 32 at 4
     # stages keeps shared memory at 76 KB (two CTAs per SM). The former 64x64x64 8-warp config
     # split N over two warpgroups (m64n32) at 112 KB (one CTA per SM). 128 rows: 8 warps (one
     # warpgroup per 64 rows), 76 KB, 186 registers (was 96 KB, m64n64, 206 registers).
@@ -79,8 +79,8 @@ def _backward_dw_table() -> Dict[int, List[KernelConfig]]:
     # Tile of dW [BLOCK_N, BLOCK_K], reduced over rows in chunks of BLOCK_M. The row loop's
     # loads are indirect (the pair ids of the step come first), so the pipeliner gives the
     # tiles num_stages - 2 buffers: 5 stages keep two steps in flight (ptxas, sm_90 bf16:
-    # 77 / 61 KB shared memory for dW_gate_up / dW_down at 64x128x64; the former 3 stages
-    # waited on each step's loads, 35 KB). SPLIT is set per call (backward_dw_split).
+    # 75 / 60 KB shared memory for dW_gate_up / dW_down at 64x128x64, no spills; the former
+    # 3 stages waited on each step's loads, 35 KB). SPLIT is set per call (backward_dw_split).
     return {16: [KernelConfig(32, 64, 64, 4, 5)],
             64: [KernelConfig(64, 128, 64, 8, 5), KernelConfig(64, 32, 64, 4, 5)],
             128: [KernelConfig(64, 128, 128, 8, 5)]}
@@ -168,9 +168,9 @@ def launch_configs(num_tokens: int, top_k: int, num_experts: int, hidden_size: i
 
 # Streaming multiprocessors of the GPUs the tables are for (H100 / H200 SXM).
 NUM_SMS = 132
-# Rows each split of backward_dw reduces at least: its fp32 partial tile (BLOCK_N x BLOCK_K x 4
-# bytes, written and read back once) stays a small fraction of the rows it reads
-# (rows x (BLOCK_N + BLOCK_K) x 2 bytes): a sixth or less at 512 rows.
+# Rows each split of backward_dw reduces at least, so that its fp32 partial tile (BLOCK_N x
+# BLOCK_K x 4 bytes, written and read back once: 64 KB at 128 x 64) stays a fraction of the
+# rows it reads (rows x (BLOCK_N + BLOCK_K) x 2 bytes: 192 KB for 512 rows). Not yet timed.
 MIN_ROWS_PER_SPLIT = 512
 MAX_SPLIT = 8
 
