@@ -70,6 +70,9 @@ class FusedExpertsFunction(torch.autograd.Function):
             dx_pairs = ops.grouped_scatter(d_preact, w_gate_up, gu_hidden_axis, gu_rows_axis, None, None,
                                            sorted_ids_padded, block_expert, num_pairs, configs["dx"])
             d_hidden = ops.combine(dx_pairs, num_tokens, top_k, hidden_states.dtype)
+        # d_preact's rows are 16-byte aligned (padded stride, backward_dh): both readers below
+        # take its strides. Each backward_dw is one launch, plus one fixed-order sum of its fp32
+        # partials when its config splits the rows (SPLIT > 1, tile_configs.backward_dw_split).
         if needs[1] or needs[4]:
             d_w_gate_up, d_b_gate_up = ops.backward_dw(
                 d_preact, hidden_states, None, sorted_ids_padded, padded_offsets, w_gate_up, gu_rows_axis,

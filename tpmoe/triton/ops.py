@@ -14,7 +14,7 @@ from .combine import combine as _combine
 from .down import grouped_scatter as _grouped_scatter
 from .down import pair_dtype
 from .gate_up import gate_up as _gate_up
-from .layouts import aligned_row_stride, gate_up_axes
+from .layouts import empty_aligned_rows, gate_up_axes
 from .tile_configs import KernelConfig
 
 
@@ -41,9 +41,9 @@ def gate_up(hidden_states: torch.Tensor, w_gate_up: torch.Tensor, b_gate_up: Opt
 def _(hidden_states, w_gate_up, b_gate_up, sorted_ids_padded, block_expert, top_k, activation, layout, gated,
       alpha, limit, config):
     intermediate_size = w_gate_up.shape[gate_up_axes(layout)[0]] // (2 if gated else 1)
-    # The strides the real op gives (layouts.empty_aligned_rows), so compiled graphs agree.
-    stride = aligned_row_stride(intermediate_size, hidden_states.element_size())
-    return hidden_states.new_empty(sorted_ids_padded.shape[0], stride)[:, :intermediate_size]
+    # The strides the real op gives (16-byte aligned rows), so compiled graphs agree.
+    return empty_aligned_rows(sorted_ids_padded.shape[0], intermediate_size, hidden_states.dtype,
+                              hidden_states.device)
 
 
 @torch.library.custom_op("tpmoe::triton_grouped_scatter", mutates_args=())
@@ -88,7 +88,8 @@ def _(grad_output, hidden_states, w_gate_up, b_gate_up, w_down, b_down, topk_wei
       block_expert, top_k, activation, layout, gated, alpha, limit, config):
     gate_up_size = w_gate_up.shape[gate_up_axes(layout)[0]]
     partial_dtype = torch.float64 if hidden_states.dtype == torch.float64 else torch.float32
-    return (hidden_states.new_empty(sorted_ids_padded.shape[0], gate_up_size),
+    # d_preact's rows are padded to 16 bytes as the real launch pads them (the same strides).
+    return (empty_aligned_rows(sorted_ids_padded.shape[0], gate_up_size, hidden_states.dtype, hidden_states.device),
             hidden_states.new_empty(hidden_states.shape[0], top_k, dtype=partial_dtype))
 
 

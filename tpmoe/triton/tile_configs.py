@@ -16,7 +16,9 @@ the interpreter tests), as comma-separated key=value pairs, e.g.
 Keys: BLOCK_M, BLOCK_N, BLOCK_K (powers of two >= 16), num_warps, num_stages, GROUP_M, SPLIT
 (>= 1); missing keys keep
 the table's value. For the weight-gradient kernel BLOCK_N and BLOCK_K are the tile of dW
-and BLOCK_M its reduction chunk over rows.
+and BLOCK_M its reduction chunk over rows. GROUP_M is the grouped grid order of backward_dh
+(the tables set it); SPLIT, backward_dw's split over the rows of each expert, is chosen per
+call by `backward_dw_split` (launch_configs) unless TPMOE_TRITON_CONFIG sets it.
 """
 import os
 from dataclasses import dataclass, replace
@@ -67,17 +69,27 @@ def _down_table() -> Dict[int, List[KernelConfig]]:
 
 
 def _backward_dh_table() -> Dict[int, List[KernelConfig]]:
-    # Three accumulators (dh, and the recomputed gate and up): keep tiles small per thread.
-    return {16: [KernelConfig(16, 64, 64, 4, 3)],
-            64: [KernelConfig(64, 64, 64, 8, 3), KernelConfig(64, 32, 64, 4, 3)],
-            128: [KernelConfig(128, 64, 64, 8, 2)]}
+    # Two accumulators: dh [BM, BN] and the recomputed gate/up [BM, 2 BN] (one dot). ptxas,
+    # sm_90 bf16 (the AOT tool): BM = 64 at 4 warps makes one warpgroup own the whole tile, so
+    # the dots are wgmma m64n128 (gate/up) and m64n64 (dh), 182 registers; BLOCK_K 32 at 4
+    # stages keeps shared memory at 76 KB (two CTAs per SM). The former 64x64x64 8-warp config
+    # split N over two warpgroups (m64n32) at 112 KB (one CTA per SM). 128 rows: 8 warps (one
+    # warpgroup per 64 rows), 76 KB, 186 registers (was 96 KB, m64n64, 206 registers).
+    # GROUP_M = 8: the grid's grouped order (backward_dh module docstring).
+    return {16: [KernelConfig(16, 64, 64, 4, 3, GROUP_M=8)],
+            64: [KernelConfig(64, 64, 32, 4, 4, GROUP_M=8), KernelConfig(64, 32, 64, 4, 3, GROUP_M=8)],
+            128: [KernelConfig(128, 64, 32, 8, 3, GROUP_M=8)]}
 
 
 def _backward_dw_table() -> Dict[int, List[KernelConfig]]:
-    # Tile of dW [BLOCK_N, BLOCK_K], reduced over rows in chunks of BLOCK_M.
-    return {16: [KernelConfig(32, 64, 64, 4, 3)],
-            64: [KernelConfig(64, 128, 64, 8, 3), KernelConfig(64, 32, 64, 4, 3)],
-            128: [KernelConfig(64, 128, 128, 8, 3)]}
+    # Tile of dW [BLOCK_N, BLOCK_K], reduced over rows in chunks of BLOCK_M. The row loop's
+    # loads are indirect (the pair ids of the step come first), so the pipeliner gives the
+    # tiles num_stages - 2 buffers: 5 stages keep two steps in flight (ptxas, sm_90 bf16:
+    # 75 / 60 KB shared memory for dW_gate_up / dW_down at 64x128x64, no spills; the former
+    # 3 stages waited on each step's loads, 35 KB). SPLIT is set per call (backward_dw_split).
+    return {16: [KernelConfig(32, 64, 64, 4, 5)],
+            64: [KernelConfig(64, 128, 64, 8, 5), KernelConfig(64, 32, 64, 4, 5)],
+            128: [KernelConfig(64, 128, 128, 8, 5)]}
 
 
 _TABLES = {"gate_up": _gate_up_table, "down": _down_table, "backward_dh": _backward_dh_table,
@@ -154,7 +166,38 @@ def launch_configs(num_tokens: int, top_k: int, num_experts: int, hidden_size: i
         "backward_dw_gate_up": ("backward_dw", gate_up_size, hidden_size),
         "backward_dw_down": ("backward_dw", hidden_size, intermediate_size),
     }
-    return {launch: kernel_config(kernel, bucket, n, k, element_size) for launch, (kernel, n, k) in shapes.items()}
+    configs = {launch: kernel_config(kernel, bucket, n, k, element_size) for launch, (kernel, n, k) in shapes.items()}
+    if "SPLIT" not in env_config():
+        for launch in ("backward_dw_gate_up", "backward_dw_down"):
+            _, n, k = shapes[launch]
+            split = backward_dw_split(num_tokens * top_k, num_experts, n, k, configs[launch])
+            configs[launch] = replace(configs[launch], SPLIT=split)
+    return configs
+
+
+# Streaming multiprocessors of the GPUs the tables are for (H100 / H200 SXM).
+NUM_SMS = 132
+# Rows each split of backward_dw reduces at least, so that its fp32 partial tile (BLOCK_N x
+# BLOCK_K x 4 bytes, written and read back once: 64 KB at 128 x 64) stays a fraction of the
+# rows it reads (rows x (BLOCK_N + BLOCK_K) x 2 bytes: 192 KB for 512 rows). Not yet timed.
+MIN_ROWS_PER_SPLIT = 512
+MAX_SPLIT = 8
+
+
+def backward_dw_split(num_pairs: int, num_experts: int, n: int, k: int, config: KernelConfig) -> int:
+    """SPLIT for backward_dw: how many programs share the row reduction of one dW tile.
+
+    One program per (expert, dW tile) walks the expert's whole segment, so few experts with many
+    rows each (or one hot expert) leave most SMs idle while a few walk long segments. Split only
+    when the grid underfills the GPU (fewer tiles than SMs) and each split still gets
+    MIN_ROWS_PER_SPLIT rows of an average expert; at most MAX_SPLIT. Large-E models (tiles >> SMs)
+    keep SPLIT = 1, which adds no launch.
+    """
+    tiles = num_experts * -(-n // config.BLOCK_N) * -(-k // config.BLOCK_K)
+    if tiles >= NUM_SMS:
+        return 1
+    rows_per_expert = -(-num_pairs // max(1, num_experts))
+    return max(1, min(MAX_SPLIT, -(-NUM_SMS // tiles), rows_per_expert // MIN_ROWS_PER_SPLIT))
 
 
 # fp32 accumulator tiles each program holds: gate and up; dh and the recomputed gate and up.
@@ -195,4 +238,7 @@ def env_config() -> Dict[str, int]:
     for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
         if key in values and (values[key] < 16 or values[key] & (values[key] - 1)):
             raise ValueError(f"{ENV_VAR}: {key} must be a power of two >= 16, got {values[key]}")
+    for key in ("GROUP_M", "SPLIT"):  # a grid of 0 programs per tile / a group of 0 row blocks
+        if key in values and values[key] < 1:
+            raise ValueError(f"{ENV_VAR}: {key} must be >= 1, got {values[key]}")
     return values
