@@ -303,11 +303,14 @@ def test_d_preact_rows_are_aligned_and_read_by_dx_and_dw(inter, dtype, seed):
     assert d_preact.stride(0) > rows_r, "these shapes must need the padding"
     rows, pairs, tokens, row_experts = row_index(routing, num_pairs, top_k)
     dx_pairs = down.grouped_scatter(d_preact, problem["w_gate_up"], 2, 1, None, None, routing.sorted_ids_padded,
-                                    routing.block_expert, num_pairs=num_pairs, config=config)
-    # fp32 pair rows: exact products of the operands, summed in fp32, whatever the input dtype.
+                                    routing.block_expert, num_pairs=num_pairs, config=config)[0]
+    # Pair rows: the operands' products summed in fp32, rounded once to the pair dtype
+    # (down.pair_dtype: bf16 rows for a bf16 run without a split).
     expected = torch.stack([d_preact[r].double() @ problem["w_gate_up"][e].double()
                             for r, e in zip(rows.tolist(), row_experts.tolist())])
-    assert_fp32_close(dx_pairs[pairs], expected, "dx pair rows")
+    assert dx_pairs.dtype == down.pair_dtype(dtype, 1)
+    assert_fp32_close(dx_pairs[pairs], expected.to(dx_pairs.dtype).double() if dtype != torch.float32 else expected,
+                      "dx pair rows")
     dw, db = backward_dw.backward_dw(d_preact, problem["x"], None, routing.sorted_ids_padded, routing.padded_offsets,
                                      problem["w_gate_up"], 1, 2, num_pairs=num_pairs, top_k=top_k, a_gathered=False,
                                      b_gathered=True, bias_grad=True, config=KernelConfig(16, 64, 16, 4, 2))
