@@ -230,7 +230,7 @@ def test_cli_bench_ep_smoke(tmp_path):
     import sys
 
     json_path = tmp_path / "bench.json"
-    command = [sys.executable, "-m", "tpmoe", "bench", "--preset", "qwen3-30b-a3b", "--scale", "1/64", "--ep", "2",
+    command = [sys.executable, "-m", "tpmoe", "bench", "--preset", "tiny", "--ep", "2",
                "--world-size", "2", "--tokens", "1,7", "--mode", "train", "--repeats", "1", "--warmup", "0",
                "--threads", "1", "--json", str(json_path)]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=240)
@@ -246,3 +246,100 @@ def test_cli_bench_ep_smoke(tmp_path):
             assert row["bytes_per_collective"]["all_to_all_single"] > 0, row
         if row["layout"] == "tp 2":
             assert set(row["bytes_per_collective"]) == {"all_reduce"}, row
+
+
+def _block_case(key, seed, mesh):
+    """One supported block (tests/hf_families.py builds it tiny, fp32) at EP 2: this EP rank's
+    rows of a global [3, 5, H] batch against transformers' block over all of it."""
+    import torch.distributed as dist
+
+    from hf_families import DECODER_LAYERS, HIDDEN, _layer_arguments, _output, expected_local_grads, make_family_block
+
+    import tpmoe.hf
+    from tpmoe.distributed import allreduce_gradients, allreduce_router_grads
+
+    ep_group = mesh.get_group("ep")
+    ep_rank, ep_size = dist.get_rank(ep_group), dist.get_world_size(ep_group)
+    generator = torch.Generator().manual_seed(seed + 1)
+    batch = sum(SEQUENCES_PER_EP_RANK)
+    x = torch.randn(batch, SEQUENCE_LENGTH, HIDDEN, generator=generator)
+    first = sum(SEQUENCES_PER_EP_RANK[:ep_rank])
+    mine = slice(first, first + SEQUENCES_PER_EP_RANK[ep_rank])
+    reference = make_family_block(key, seed)
+    swapped = copy.deepcopy(reference)
+    report = tpmoe.hf.apply(swapped, mesh)
+
+    def run(holder, inputs, dy=None):
+        leaf = inputs.clone().requires_grad_(True)
+        arguments = _layer_arguments(holder.mlp, tuple(inputs.shape[:2])) if key in DECODER_LAYERS else {}
+        y = _output(holder.mlp(leaf.clone(), **arguments))
+        dy = torch.randn(y.shape, generator=generator) if dy is None else dy
+        y.backward(dy)
+        return y.detach(), leaf.grad, dy
+
+    def rows_of(tensor):
+        # This rank's sequences of a block output, whatever its leading dims ([B, S, H], the flat
+        # [T, H] of Llama-4, Ernie-4.5-VL's flat [T * H]): the batch is the outermost.
+        return tensor.reshape(batch, -1)[mine].reshape((-1,) + tuple(tensor.shape[1:]))
+
+    y_ref, dx_ref, dy = run(reference, x)
+    grads_ref = {name: p.grad for name, p in reference.named_parameters() if p.grad is not None}
+    y, dx, _ = run(swapped, x[mine], rows_of(dy))
+    allreduce_router_grads(swapped)
+    allreduce_gradients(tpmoe.hf.data_parallel_parameters(swapped), ep_group, kind="EP")
+    errors = {"output": _error(y, rows_of(y_ref)), "input grad": _error(dx, dx_ref[mine])}
+    missing, vacuous = [], []
+    for name, grad in expected_local_grads(reference, grads_ref, swapped, 0, 1, ep_rank=ep_rank,
+                                           ep_size=ep_size).items():
+        got = swapped.get_parameter(name).grad
+        if grad is None or got is None:
+            if (grad is None) != (got is None):
+                missing.append(name)
+            continue
+        if grad.numel() and grad.abs().max() == 0:
+            vacuous.append(name)
+        errors[name] = _error(got, grad)
+    state = tpmoe.hf.gather_state_dict(swapped)
+    original = reference.state_dict()
+    bitwise = sorted(state) == sorted(original) and all(torch.equal(state[n], t) for n, t in original.items())
+    return dict(errors=errors, missing=missing, vacuous=vacuous, bitwise=bitwise,
+                modes=sorted({e.mode for e in report}), experts=[e.experts for e in report])
+
+
+def _block_ranks(rank, world_size, seed, keys):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("ep",))
+    results = {}
+    for key in keys:
+        try:
+            results[key] = _block_case(key, seed, mesh)
+        except Exception as error:  # reported per key: one family's failure must not hide the others'
+            import traceback
+            results[key] = dict(exception=f"{type(error).__name__}: {error}\n{traceback.format_exc()[-1500:]}")
+    return results
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_every_supported_block_expert_parallel(seed):
+    """Every supported block of the snapshot at EP 2 (fp32, 1e-5 relative): output, input grad,
+    every parameter gradient after the per-step sums, gather_state_dict bit for bit."""
+    from hf_families import supported_keys
+    from tolerances import FP32_RTOL
+
+    keys = supported_keys()
+    per_rank = run_distributed(_block_ranks, 2, seed, keys, timeout_s=600)
+    failures = []
+    for key in keys:
+        for rank, results in enumerate(per_rank):
+            result = results[key]
+            where = f"{key}, EP rank {rank} of 2"
+            if "exception" in result:
+                failures.append(f"{where}: {result['exception']}")
+                continue
+            bad = {name: error for name, error in result["errors"].items() if error > FP32_RTOL}
+            if bad or result["missing"] or result["vacuous"] or not result["bitwise"]:
+                failures.append(f"{where}: errors {bad}, missing {result['missing']}, vacuous {result['vacuous']}, "
+                                f"bitwise {result['bitwise']}")
+    assert not failures, f"{len(failures)} failures:\n" + "\n".join(failures)
