@@ -20,6 +20,8 @@ correction bias, shared experts, a dense first layer), Qwen2-MoE (shared expert 
 gate), GraniteMoeShared (experts mode: only its experts module is tpmoe's; its router and shared
 MLP run as transformers wrote them, data-parallel). Also: the CLI's `tpmoe bench --ep` smoke, and
 the refusals (a tp_plan-loaded model, a 2-D mesh with "ep" but no "tp", more EP ranks than experts).
+Slow: every supported block of the snapshot (tests/hf_families.py, fp32) at EP 2 and EP 2 x TP 2,
+one spawn per world size, against transformers' block over the global batch.
 """
 import copy
 import dataclasses
@@ -226,14 +228,18 @@ def test_hf_apply_expert_parallel_matches_one_process(world_size, seed):
 def test_cli_bench_ep_smoke(tmp_path):
     """`tpmoe bench --ep 2` on a tiny preset: EP 2, TP 2 and one process timed interleaved, the
     ratios printed, the bytes of each collective in the JSON."""
+    import os
     import subprocess
     import sys
 
+    # This checkout's tpmoe, whatever an installed one points at (as tests/test_cli.py runs it).
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
     json_path = tmp_path / "bench.json"
     command = [sys.executable, "-m", "tpmoe", "bench", "--preset", "tiny", "--ep", "2",
                "--world-size", "2", "--tokens", "1,7", "--mode", "train", "--repeats", "1", "--warmup", "0",
                "--threads", "1", "--json", str(json_path)]
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=240)
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=root, env=env)
     assert completed.returncode == 0, completed.stdout + completed.stderr
     assert "vs P=1" in completed.stdout and "ep 2" in completed.stdout, completed.stdout
     payload = json.loads(json_path.read_text())
@@ -260,6 +266,8 @@ def _block_case(key, seed, mesh):
 
     ep_group = mesh.get_group("ep")
     ep_rank, ep_size = dist.get_rank(ep_group), dist.get_world_size(ep_group)
+    tp_group = mesh.get_group("tp") if "tp" in mesh.mesh_dim_names else None
+    tp_rank, tp_size = (dist.get_rank(tp_group), dist.get_world_size(tp_group)) if tp_group else (0, 1)
     generator = torch.Generator().manual_seed(seed + 1)
     batch = sum(SEQUENCES_PER_EP_RANK)
     x = torch.randn(batch, SEQUENCE_LENGTH, HIDDEN, generator=generator)
@@ -289,7 +297,7 @@ def _block_case(key, seed, mesh):
     allreduce_gradients(tpmoe.hf.data_parallel_parameters(swapped), ep_group, kind="EP")
     errors = {"output": _error(y, rows_of(y_ref)), "input grad": _error(dx, dx_ref[mine])}
     missing, vacuous = [], []
-    for name, grad in expected_local_grads(reference, grads_ref, swapped, 0, 1, ep_rank=ep_rank,
+    for name, grad in expected_local_grads(reference, grads_ref, swapped, tp_rank, tp_size, ep_rank=ep_rank,
                                            ep_size=ep_size).items():
         got = swapped.get_parameter(name).grad
         if grad is None or got is None:
@@ -309,7 +317,8 @@ def _block_case(key, seed, mesh):
 def _block_ranks(rank, world_size, seed, keys):
     from torch.distributed.device_mesh import init_device_mesh
 
-    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("ep",))
+    shape, names = ((2,), ("ep",)) if world_size == 2 else ((2, 2), ("ep", "tp"))
+    mesh = init_device_mesh("cpu", shape, mesh_dim_names=names)
     results = {}
     for key in keys:
         try:
@@ -322,19 +331,20 @@ def _block_ranks(rank, world_size, seed, keys):
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_every_supported_block_expert_parallel(seed):
-    """Every supported block of the snapshot at EP 2 (fp32, 1e-5 relative): output, input grad,
-    every parameter gradient after the per-step sums, gather_state_dict bit for bit."""
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_every_supported_block_expert_parallel(world_size, seed):
+    """Every supported block of the snapshot at EP 2 and EP 2 x TP 2 (fp32, 1e-5 relative): output,
+    input grad, every parameter gradient after the per-step sums, gather_state_dict bit for bit."""
     from hf_families import supported_keys
     from tolerances import FP32_RTOL
 
     keys = supported_keys()
-    per_rank = run_distributed(_block_ranks, 2, seed, keys, timeout_s=600)
+    per_rank = run_distributed(_block_ranks, world_size, seed, keys, timeout_s=600)
     failures = []
     for key in keys:
         for rank, results in enumerate(per_rank):
             result = results[key]
-            where = f"{key}, EP rank {rank} of 2"
+            where = f"{key}, rank {rank} of {world_size}"
             if "exception" in result:
                 failures.append(f"{where}: {result['exception']}")
                 continue

@@ -21,7 +21,9 @@ global RNG, re-seeded the same way for the duration of its forward (Synchronized
   - step: a counter advanced once per forward of the root model by a pre-hook that `apply`
     registers (`StepCounter`), so a gradient-checkpointing recompute inside the same step redraws
     exactly the numbers of the first pass;
-  - layer: the block's index in the model.
+  - layer: the block's index in the model;
+  - under expert parallelism, the EP rank: its ranks hold different tokens (the model runs
+    data-parallel over EP), so each draws its own numbers; the TP ranks of one EP rank alike.
 Nothing is communicated, and the draws do not depend on the global RNG state of a rank.
 """
 import hashlib

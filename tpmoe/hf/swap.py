@@ -372,8 +372,8 @@ def _build(module, plan: Plan, config, weights, group, name, layer, backend, che
         tp_block, plan, weights, kept=kept,
         routed_scale=float(getattr(module, structure.routed_scale)) if structure.routed_scale else 1.0,
         jitter_noise=float(getattr(module, "jitter_noise", 0.0) or 0.0) if structure.jitter else 0.0,
-        jitter_seed=jitter_seed, jitter_stream=tp_block.ep_rank, records_router_logits=plan.router is not None and isinstance(router, logit_classes),
-        **common)
+        jitter_seed=jitter_seed, jitter_stream=tp_block.ep_rank,
+        records_router_logits=plan.router is not None and isinstance(router, logit_classes), **common)
     replacement.train(module.training)
     return replacement, source
 
