@@ -169,7 +169,25 @@ def _ranks(rank, world_size, seed):
     with CollectiveCounter() as counter:
         results = {family: _case(family, sizes[world_size], seed, mesh, counter) for family, sizes in FAMILIES.items()}
     results["refusals"] = _refusals(world_size, mesh, seed)
+    if world_size == 2:
+        results["process_group"] = _process_group_case(mesh, seed)
     return results
+
+
+def _process_group_case(mesh, seed):
+    """apply(model, ep_group=ProcessGroup) is the ("ep",) mesh's EP: the same report and logits."""
+    import torch.distributed as dist
+
+    import tpmoe.hf
+
+    model = _model("mixtral", seed, {})
+    by_mesh, by_group = copy.deepcopy(model), copy.deepcopy(model)
+    reports = [tpmoe.hf.apply(by_mesh, mesh), tpmoe.hf.apply(by_group, ep_group=dist.group.WORLD)]
+    input_ids = torch.randint(3, VOCAB, (1 + dist.get_rank(), SEQUENCE_LENGTH),
+                              generator=torch.Generator().manual_seed(seed + dist.get_rank()))
+    with torch.no_grad():
+        same = torch.equal(by_mesh(input_ids).logits, by_group(input_ids).logits)
+    return dict(same_logits=same, reports=[[(e.ep, e.experts) for e in report] for report in reports])
 
 
 @pytest.mark.distributed
@@ -214,6 +232,10 @@ def test_hf_apply_expert_parallel_matches_one_process(world_size, seed):
             if tp_size > 1:
                 assert sorted({r[family]["report"][0][5] for r in per_rank}) == [4, 5]  # I = 9 over TP 2
     for rank, results in enumerate(per_rank):
+        if world_size == 2:
+            case = results["process_group"]
+            assert case["same_logits"] and case["reports"][0] == case["reports"][1], case
+            assert case["reports"][0][0] == ((rank, 2), (4 * rank, 4)), case
         refusals = results["refusals"]
         kind, message = refusals["tp_plan"]
         assert kind == "ValueError" and "tp_plan" in message and "without tp_plan" in message, message
