@@ -37,7 +37,9 @@ def _route_fake(router_logits, top_k, scoring, renormalize, correction_bias, n_g
     return topk_weights, topk_ids
 
 
-def _align_fake(topk_ids, num_experts, block_m):
+def empty_align_outputs(topk_ids, num_experts, block_m):
+    """The seven AlignResult tensors, uninitialised, with the shapes every implementation gives: the
+    fake of the ops (torch.compile), and the outputs the Triton align writes whole."""
     pairs = topk_ids.numel()
     padded_rows = padded_rows_bound(pairs, num_experts, block_m)
     int32 = dict(dtype=torch.int32, device=topk_ids.device)
@@ -98,7 +100,7 @@ def _route_backward(ctx, grad_topk_weights, _grad_topk_ids):
 @on_load
 def _register_python_side() -> None:
     torch.library.register_fake("tpmoe::route", _route_fake)
-    torch.library.register_fake("tpmoe::align", _align_fake)
+    torch.library.register_fake("tpmoe::align", empty_align_outputs)
     torch.library.register_autograd("tpmoe::route", _route_backward, setup_context=_route_setup_context)
 
 
