@@ -2,11 +2,15 @@
 (token, expert) pairs by expert for the grouped GEMMs (`align`).
 
 Both check their arguments first (the messages name the argument, what was expected and
-what came), then run the native ops `torch.ops.tpmoe.route` / `torch.ops.tpmoe.align`
-(csrc/, CPU and CUDA), or, where tpmoe._C is not built, their plain-PyTorch twins
-(tpmoe.routing_torch; the decision is tpmoe._native.use_native_ops). This module registers
-for the native ops what torch needs around them: fake (meta) implementations, so
-`torch.compile` traces them, and the autograd formula of `route`.
+what came), then run:
+- `route`: the native op `torch.ops.tpmoe.route` (csrc/, C++ on CPU, CUDA on GPU), or, where
+  tpmoe._C is not built or has no kernel for the tensors' device (a build without nvcc), its
+  plain-PyTorch twin (tpmoe.routing_torch; the decision is tpmoe._native.use_native_ops);
+- `align`: on CUDA tensors the Triton kernels (`torch.ops.tpmoe.triton_align`,
+  tpmoe/triton/align.py), the one GPU align, with or without tpmoe._C; elsewhere the C++ CPU
+  op `torch.ops.tpmoe.align`, or its twin without tpmoe._C.
+This module registers for the native ops what torch needs around them: fake (meta)
+implementations, so `torch.compile` traces them, and the autograd formula of `route`.
 """
 import math
 from typing import Optional, Tuple
@@ -188,8 +192,8 @@ def _check_align_args(topk_ids, num_experts, block_m) -> None:
                          f"indices are int32), got {padded_rows} for T*K = {topk_ids.numel()}, E = {num_experts}, "
                          f"block_m = {block_m}")
     # The value check needs the data: done where it is free (CPU, eager). Under torch.compile
-    # the native op checks on CPU; on CUDA the kernel asserts, as a sync here would stall
-    # every MoE layer and break CUDA-graph capture.
+    # the native op checks on CPU; on CUDA the Triton kernel asserts (tpmoe/triton/align.py), as a
+    # sync here would stall every MoE layer and break CUDA-graph capture.
     if topk_ids.device.type == "cpu" and not torch.compiler.is_compiling() and topk_ids.numel() > 0:
         low, high = topk_ids.min().item(), topk_ids.max().item()
         if low < 0 or high >= num_experts:
@@ -229,13 +233,20 @@ def route(
     """
     _check_route_args(router_logits, top_k, scoring, renormalize, correction_bias, n_group, topk_group,
                       routed_scaling_factor)
-    ops = use_native_ops()
+    ops = use_native_ops(router_logits.device)
     if ops is None:
         return route_torch(router_logits, top_k, scoring=scoring, renormalize=renormalize,
                            correction_bias=correction_bias, n_group=n_group, topk_group=topk_group,
                            routed_scaling_factor=float(routed_scaling_factor))
     return ops.route(router_logits, top_k, scoring, renormalize, correction_bias, n_group, topk_group,
                      float(routed_scaling_factor))
+
+
+def uses_triton_align(device: torch.device) -> bool:
+    """Whether `align` runs the Triton kernels for tensors on `device`: on CUDA, always (the one
+    GPU align). The tests that count a GPU forward's launches on CPU, under the interpreter,
+    switch it on there."""
+    return device.type == "cuda"
 
 
 def align(topk_ids: torch.Tensor, num_experts: int, block_m: int = 1) -> AlignResult:
@@ -246,6 +257,9 @@ def align(topk_ids: torch.Tensor, num_experts: int, block_m: int = 1) -> AlignRe
     M = T*K + min(E, T*K) * (block_m - 1) depends on shapes only.
     """
     _check_align_args(topk_ids, num_experts, block_m)
+    if uses_triton_align(topk_ids.device):
+        from .triton import ops as triton_ops  # imports triton: only where it runs
+        return AlignResult(*triton_ops.align(topk_ids, num_experts, block_m))
     ops = use_native_ops()
     if ops is None:
         return align_torch(topk_ids, num_experts, block_m)
