@@ -48,11 +48,13 @@ SMALL_MAX_PAIRS = 4096
 CHUNK_PAIRS = 1024
 # Experts per step of the loops over experts (the histogram bins held at once).
 MAX_BLOCK_E = 1024
-# Entries of the [SUB, BLOCK_E] one-hot tile (SUB pairs at a time): 64 int32 per thread at 4 warps.
-ONE_HOT_ENTRIES = 8192
+# Entries of the [SUB, BLOCK_E] one-hot tile (SUB pairs at a time) and of the [BLOCK_E, BLOCK_PAD]
+# tile of padding rows: 16 per thread at 4 warps. Four times more spills registers on sm_90
+# (ptxas, tests/test_triton_align.py compiles every kernel and checks).
+TILE_ENTRIES = 2048
 # Rows (and row blocks) per step of the loops that write the tail and the block experts.
-BLOCK_ROWS = 1024
-# Chunks per step of the scan kernel's loops over the chunks.
+BLOCK_ROWS = 256
+# Chunks per step of the scan kernel's loops over the chunks (at most TILE_ENTRIES // BLOCK_E).
 BLOCK_CHUNKS = 16
 
 
@@ -170,14 +172,18 @@ def align_small_kernel(
     # sizes
     pairs, num_experts, block_m, padded_rows, num_blocks,
     # meta-parameters
-    BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr, SUB: tl.constexpr, BLOCK_PAD: tl.constexpr,
+    BLOCK_P: tl.constexpr,  # pairs per step of the histogram
+    BLOCK_E: tl.constexpr, SUB: tl.constexpr, BLOCK_PAD: tl.constexpr,
     BLOCK_R: tl.constexpr, SEARCH_STEPS: tl.constexpr,
 ):
-    expert, valid = _load_experts(ids_ptr, tl.arange(0, BLOCK_P), pairs, num_experts)
     carry = tl.full((), 0, tl.int64)
     carry_padded = tl.full((), 0, tl.int64)
     for e0 in range(0, num_experts, BLOCK_E):
-        counts = _histogram(expert, valid, e0, BLOCK_E)
+        counts = tl.zeros((BLOCK_E,), tl.int32)
+        # BLOCK_P ids at a time: all 4096 of a large decode batch at once would spill registers.
+        for first in range(0, pairs, BLOCK_P):
+            expert, valid = _load_experts(ids_ptr, first + tl.arange(0, BLOCK_P), pairs, num_experts)
+            counts += _histogram(expert, valid, e0, BLOCK_E)
         start, padded_start, carry, carry_padded = _write_offsets(
             counts, e0, carry, carry_padded, num_experts, block_m, pairs, tokens_per_expert_ptr,
             expert_offsets_ptr, padded_offsets_ptr, sorted_ids_padded_ptr, BLOCK_E, BLOCK_PAD)
@@ -297,31 +303,33 @@ def align_triton(topk_ids: torch.Tensor, num_experts: int, block_m: int, *, smal
     pairs = ids.numel()
     padded_rows, num_blocks = sorted_ids_padded.shape[0], block_expert.shape[0]
     block_e = min(MAX_BLOCK_E, triton.next_power_of_2(num_experts))
-    block_pad = min(64, triton.next_power_of_2(max(1, block_m - 1)))
-    sub = max(1, min(64, ONE_HOT_ENTRIES // block_e))
+    block_pad = min(max(1, TILE_ENTRIES // block_e), triton.next_power_of_2(max(1, block_m - 1)))
+    sub = max(1, min(64, TILE_ENTRIES // block_e))
     steps = _search_steps(num_experts)
     sizes = (pairs, num_experts, block_m, padded_rows, num_blocks)
-    # debug=True: the kernels that read the ids keep their device assert (compiled out otherwise).
+    # debug=True: the kernels that read the ids keep their device assert (compiled out otherwise);
+    # without sanitize_overflow=False it would also check every int32 add, none of which can overflow
+    # here (align refuses sizes past int32). num_stages=1: no loop here streams tiles worth pipelining.
     if align_launches(pairs, small_max_pairs) == 1:
-        block_p = triton.next_power_of_2(max(pairs, 1))
+        block_p = min(1024, triton.next_power_of_2(max(pairs, 1)))
         align_small_kernel[(1,)](
             ids, sorted_pair_ids, tokens_per_expert, expert_offsets, sorted_ids_padded, padded_offsets,
             block_expert, num_padded, *sizes,
             BLOCK_P=block_p, BLOCK_E=block_e, SUB=min(sub, block_p), BLOCK_PAD=block_pad,
-            BLOCK_R=min(BLOCK_ROWS, triton.next_power_of_2(max(padded_rows, 128))), SEARCH_STEPS=steps,
-            num_warps=8 if block_p >= 2048 else 4, debug=True)
+            BLOCK_R=min(BLOCK_ROWS, triton.next_power_of_2(max(padded_rows, 16))), SEARCH_STEPS=steps,
+            num_warps=4, num_stages=1, debug=True, sanitize_overflow=False)
         return outputs
 
     num_chunks = triton.cdiv(pairs, chunk_pairs)
     rows = torch.empty((num_chunks, num_experts), dtype=torch.int32, device=ids.device)
     align_count_kernel[(num_chunks,)](ids, rows, pairs, num_experts, CHUNK=chunk_pairs, BLOCK_E=block_e,
-                                      num_warps=4, debug=True)
+                                      num_warps=4, num_stages=1, debug=True, sanitize_overflow=False)
     align_scan_kernel[(1,)](rows, tokens_per_expert, expert_offsets, sorted_ids_padded, padded_offsets, num_padded,
                             pairs, num_experts, block_m, num_chunks, BLOCK_E=block_e, BLOCK_PAD=block_pad,
-                            BLOCK_C=BLOCK_CHUNKS, num_warps=4)
+                            BLOCK_C=max(1, min(BLOCK_CHUNKS, TILE_ENTRIES // block_e)), num_warps=4, num_stages=1)
     grid = max(num_chunks, triton.cdiv(padded_rows, BLOCK_ROWS))  # padded_rows >= num_blocks
     align_scatter_kernel[(grid,)](
         ids, rows, expert_offsets, padded_offsets, num_padded, sorted_pair_ids, sorted_ids_padded, block_expert,
         *sizes, num_chunks, CHUNK=chunk_pairs, BLOCK_E=block_e, SUB=min(sub, chunk_pairs), BLOCK_R=BLOCK_ROWS,
-        SEARCH_STEPS=steps, num_warps=4)
+        SEARCH_STEPS=steps, num_warps=4, num_stages=1)
     return outputs
