@@ -191,6 +191,10 @@ def _check_align_args(topk_ids, num_experts, block_m) -> None:
         raise ValueError(f"topk_ids: expected T*K + min(E, T*K) * (block_m - 1) <= 2**31 - 1 padded rows (row "
                          f"indices are int32), got {padded_rows} for T*K = {topk_ids.numel()}, E = {num_experts}, "
                          f"block_m = {block_m}")
+    _check_ids_on_host(topk_ids, num_experts)
+
+
+def _check_ids_on_host(topk_ids, num_experts) -> None:
     # The value check needs the data: done where it is free (CPU, eager). Under torch.compile
     # the native op checks on CPU; on CUDA the Triton kernel asserts (tpmoe/triton/align.py), as a
     # sync here would stall every MoE layer and break CUDA-graph capture.
