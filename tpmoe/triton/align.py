@@ -133,16 +133,19 @@ def _place_pairs(ids_ptr, begin, end, num_experts, e0, next_row, next_padded_row
 
 
 @triton.jit
-def _write_tail_and_blocks(padded_offsets_ptr, sorted_ids_padded_ptr, block_expert_ptr, num_padded, first,
-                           pairs, num_experts, block_m, padded_rows, num_blocks, BLOCK_R: tl.constexpr,
-                           SEARCH_STEPS: tl.constexpr):
-    """Rows [first, first + BLOCK_R): the sentinel where at or past num_padded; row blocks
-    [first, first + BLOCK_R): their expert (binary search over padded_offsets), -1 at or past
-    num_padded. padded_offsets must be visible to the calling program."""
+def _write_tail(sorted_ids_padded_ptr, num_padded, first, pairs, padded_rows, BLOCK_R: tl.constexpr):
+    """The sentinel in the rows [first, first + BLOCK_R) at or past num_padded."""
     idx = first + tl.arange(0, BLOCK_R)
     tail = (idx >= num_padded) & (idx < padded_rows)
     tl.store(sorted_ids_padded_ptr + idx, tl.full((BLOCK_R,), 0, tl.int32) + pairs, mask=tail)
 
+
+@triton.jit
+def _write_block_experts(padded_offsets_ptr, block_expert_ptr, num_padded, first, num_experts, block_m, num_blocks,
+                         BLOCK_R: tl.constexpr, SEARCH_STEPS: tl.constexpr):
+    """The expert of the row blocks [first, first + BLOCK_R) (a binary search over padded_offsets,
+    which must be visible to the calling program), -1 at or past num_padded."""
+    idx = first + tl.arange(0, BLOCK_R)
     in_blocks = idx < num_blocks
     row = idx.to(tl.int64) * block_m
     used = in_blocks & (row < num_padded)
@@ -193,10 +196,12 @@ def align_small_kernel(
     _write_totals(carry, carry_padded, num_experts, expert_offsets_ptr, padded_offsets_ptr, num_padded_ptr)
     # The block experts below read the padded offsets that other threads of this program stored.
     tl.debug_barrier()
-    # padded_rows >= num_blocks: one loop covers the rows and the row blocks.
-    for first in range(0, padded_rows, BLOCK_R):
-        _write_tail_and_blocks(padded_offsets_ptr, sorted_ids_padded_ptr, block_expert_ptr, carry_padded, first,
-                               pairs, num_experts, block_m, padded_rows, num_blocks, BLOCK_R, SEARCH_STEPS)
+    for first in range(0, num_blocks, BLOCK_R):
+        _write_block_experts(padded_offsets_ptr, block_expert_ptr, carry_padded, first, num_experts, block_m,
+                             num_blocks, BLOCK_R, SEARCH_STEPS)
+    # The rows past num_padded only (those before it hold pairs and padding, written above).
+    for first in range(carry_padded // BLOCK_R * BLOCK_R, padded_rows, BLOCK_R):
+        _write_tail(sorted_ids_padded_ptr, carry_padded, first, pairs, padded_rows, BLOCK_R)
 
 
 @triton.jit
@@ -267,9 +272,13 @@ def align_scatter_kernel(
                      - tl.load(expert_offsets_ptr + e, mask=in_e, other=0)).to(tl.int32)
             _place_pairs(ids_ptr, begin, end, num_experts, e0, next_row, next_row + shift, sorted_pair_ids_ptr,
                          sorted_ids_padded_ptr, SUB, BLOCK_E)
-    _write_tail_and_blocks(padded_offsets_ptr, sorted_ids_padded_ptr, block_expert_ptr, tl.load(num_padded_ptr),
-                           pid.to(tl.int64) * BLOCK_R, pairs, num_experts, block_m, padded_rows, num_blocks,
-                           BLOCK_R, SEARCH_STEPS)
+    # Program pid also takes the rows [pid * BLOCK_R, (pid + 1) * BLOCK_R) and the row blocks of the
+    # same numbers (the grid covers padded_rows >= num_blocks).
+    num_padded = tl.load(num_padded_ptr)
+    first = pid.to(tl.int64) * BLOCK_R
+    _write_tail(sorted_ids_padded_ptr, num_padded, first, pairs, padded_rows, BLOCK_R)
+    _write_block_experts(padded_offsets_ptr, block_expert_ptr, num_padded, first, num_experts, block_m, num_blocks,
+                         BLOCK_R, SEARCH_STEPS)
 
 
 def _search_steps(num_experts: int) -> int:
