@@ -29,7 +29,7 @@ pytestmark = [
 ]
 
 import tpmoe  # noqa: E402
-from launch_counting import LaunchCounter, run_as_on_a_gpu  # noqa: E402
+from launch_counting import HostSyncGuard, LaunchCounter, run_as_on_a_gpu  # noqa: E402
 
 DEVICE = "cpu" if interpreted else "cuda"
 FORWARD_BUDGET = 5
@@ -80,3 +80,13 @@ def test_decode_forward_within_the_launch_budget(monkeypatch, seed):
     assert len(counter.launches) <= FORWARD_BUDGET, (
         f"{len(counter.launches)} launches from the router logits to the output at T=1, budget "
         f"{FORWARD_BUDGET} (route, align, gate_up, down, combine):\n" + counter.breakdown())
+
+
+def test_decode_forward_reads_nothing_on_the_host(monkeypatch, seed):
+    """The same forward issues no host read of tensor data (each would sync the device per layer)."""
+    run_as_on_a_gpu(monkeypatch)
+    x, w_router, w_gate_up, w_down = _decode_inputs(seed)
+    router_logits = torch.nn.functional.linear(x, w_router)
+    with torch.no_grad(), HostSyncGuard():
+        topk_weights, topk_ids = _route(router_logits)
+        tpmoe.fused_experts(x, w_gate_up, w_down, topk_ids, topk_weights, backend="triton")
