@@ -258,7 +258,8 @@ def align(topk_ids: torch.Tensor, num_experts: int, block_m: int = 1) -> AlignRe
 
     Pair p = t * K + k. Within an expert, pairs keep their order (a stable sort). Each
     expert's rows are padded to a multiple of block_m in sorted_ids_padded, whose length
-    M = T*K + min(E, T*K) * (block_m - 1) depends on shapes only.
+    M = T*K + min(E, T*K) * (block_m - 1) depends on shapes only. CUDA tensors: the Triton
+    kernels (one launch up to 4096 pairs, three past it; no host sync); CPU: the C++ op.
     """
     _check_align_args(topk_ids, num_experts, block_m)
     if uses_triton_align(topk_ids.device):
