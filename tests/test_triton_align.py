@@ -27,6 +27,7 @@ from tpmoe.routing_torch import AlignResult, align_torch, route_torch  # noqa: E
 from tpmoe.triton import align as triton_align  # noqa: E402
 from launch_counting import HostSyncError, HostSyncGuard, LaunchCounter, run_as_on_a_gpu  # noqa: E402
 from routing_cases import SCORINGS, SCORING_IDS, assert_align_equal, route_kwargs  # noqa: E402
+from test_routing_ops import brute_force_align  # noqa: E402
 
 DEVICE = "cpu" if interpreted else "cuda"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,8 +54,11 @@ def _ids(num_tokens, top_k, num_experts, generator, dtype, spread="random"):
 
 
 def _expected(topk_ids, num_experts, block_m):
-    """The twin's result, after checking that the CPU op (where built) gives the same."""
+    """The twin's result, after checking that the CPU op (where built) gives the same, and, on
+    small inputs, the loop-by-loop construction of tests/test_routing_ops.py."""
     twin = align_torch(topk_ids, num_experts, block_m)
+    if topk_ids.numel() <= 64:
+        assert_align_equal(twin, brute_force_align(topk_ids, num_experts, block_m), "twin vs brute force")
     if native_available():
         assert_align_equal(AlignResult(*torch.ops.tpmoe.align(topk_ids, num_experts, block_m)), twin, "CPU op vs twin")
     return twin
