@@ -4,23 +4,24 @@ The outputs are the seven tensors of `tpmoe.routing_torch.AlignResult` (docs/con
 allocated with torch.empty by the one allocator of their shapes (`tpmoe.routing.empty_align_outputs`)
 and written whole by the kernels: no fill runs before them, so a call is its launches only.
 
-A stable counting sort, deterministic without atomics. The pairs of each expert take
-consecutive rows in increasing pair order: a pair's row is its expert's next free row, and
-the pairs are visited in order, SUB at a time. Within a group of SUB pairs, a [SUB, experts]
-one-hot matrix gives each pair its rank among the group's pairs of the same expert (an
-exclusive cumsum down the group) and its expert's next free row (a masked row sum); the
-group's counts then advance every expert's next free row.
+A stable counting sort, deterministic without atomics. Within a group of pairs (the whole input,
+or one chunk), each pair gets the key `bucket * BLOCK + lane` (bucket: its expert; E for an id out
+of range; E + 1 for a lane past the pairs) and the keys are sorted (`tl.sort`): sorted position i
+then holds the group's pairs by expert and, within an expert, in increasing pair order (the lane
+breaks the ties). A pair's row is its expert's first row for the group plus its rank within the
+expert in the group, i.e. plus i minus the position of the expert's first pair in the group.
 
-- small path (`pairs <= small_max_pairs`, decode): ONE program, one launch. A histogram of
-  all pairs and its prefix sums give every offset, then the pairs are placed as above; a
-  barrier makes the stored padded offsets visible to every thread of the program before the
-  binary searches that give each row block's expert;
-- large path: THREE launches. `align_count_kernel`, one program per chunk of CHUNK pairs:
-  each chunk's count per expert. `align_scan_kernel`, one program: the totals, every offset,
-  num_padded, the sentinel in each expert's padding rows, and each (chunk, expert)'s first
+- small path (`pairs <= small_max_pairs`, decode): ONE program, one launch. A histogram and its
+  prefix sums give every offset (stored); a barrier makes them visible to every thread of the
+  program; the whole input is sorted at once (row = sorted position), and each row block's expert
+  is found by a binary search over the padded offsets;
+- large path: THREE launches. `align_count_kernel`, one program per chunk of CHUNK pairs: the
+  chunk's count per expert and where each expert's pairs start in the chunk's sorted order.
+  `align_scan_kernel`, one program: the totals, every offset, num_padded, the sentinel in each
+  expert's padding rows, and per (chunk, expert) the shift from a sorted position to the output
   row. `align_scatter_kernel`, one program per chunk (and per slice of the rows and the row
-  blocks): the chunk's pairs placed as above from those first rows, the block experts, the
-  sentinel past num_padded.
+  blocks): the chunk sorted and its pairs written to their rows, the block experts, the sentinel
+  past num_padded.
 
 Every row of `sorted_ids_padded` is written once: a pair, an expert's padding (the sentinel
 T*K) or a row past `num_padded` (the sentinel), so the writes of different phases never meet;
@@ -41,16 +42,16 @@ from ..routing import empty_align_outputs
 from .interpret import require_runnable
 
 # Up to this many pairs (T*K) one program aligns everything in one launch. Decode batches
-# (T*K up to a few thousand) stay on it; its work, T*K * E one-hot entries in one program,
-# is what bounds it. Not yet timed on a GPU: a tunable, not a measured crossover.
+# (T*K up to a few thousand) stay on it; its sort of next_pow2(T*K) keys in one program is what
+# bounds it. Not yet timed on a GPU: a tunable, not a measured crossover.
 SMALL_MAX_PAIRS = 4096
 # Pairs per program of the large path's count and scatter kernels.
 CHUNK_PAIRS = 1024
 # Experts per step of the loops over experts (the histogram bins held at once).
 MAX_BLOCK_E = 1024
-# Entries of the [SUB, BLOCK_E] one-hot tile (SUB pairs at a time) and of the [BLOCK_E, BLOCK_PAD]
-# tile of padding rows: 16 per thread at 4 warps. Four times more spills registers on sm_90
-# (ptxas, tests/test_triton_align.py compiles every kernel and checks).
+# Entries of the [BLOCK_E, BLOCK_PAD] tile of padding rows and of the scan's [BLOCK_C, BLOCK_E]
+# tiles: 16 per thread at 4 warps, well within the registers (tests/test_triton_align.py compiles
+# every kernel for sm_90 and checks ptxas reports no spill).
 TILE_ENTRIES = 2048
 # Rows (and row blocks) per step of the loops that write the tail and the block experts.
 BLOCK_ROWS = 256
@@ -110,26 +111,18 @@ def _write_totals(carry, carry_padded, num_experts, expert_offsets_ptr, padded_o
 
 
 @triton.jit
-def _place_pairs(ids_ptr, begin, end, num_experts, e0, next_row, next_padded_row, sorted_pair_ids_ptr,
-                 sorted_ids_padded_ptr, SUB: tl.constexpr, BLOCK_E: tl.constexpr):
-    """Writes the pairs [begin, end) of the experts [e0, e0 + BLOCK_E) to their rows, in pair order.
-    next_row[e] / next_padded_row[e] (int32): the row in sorted_pair_ids / sorted_ids_padded of the
-    next pair of expert e0 + e."""
-    experts = e0 + tl.arange(0, BLOCK_E)
-    for first in range(begin, end, SUB):
-        pair = first + tl.arange(0, SUB)
-        expert, valid = _load_experts(ids_ptr, pair, end, num_experts)
-        one_hot = ((expert[:, None] == experts[None, :]) & valid[:, None]).to(tl.int32)
-        # The group's earlier pairs of the same expert: the pair's rank within its expert here.
-        rank = tl.sum((tl.cumsum(one_hot, 0) - one_hot) * one_hot, 1)
-        mine = valid & (expert >= e0) & (expert < e0 + BLOCK_E)
-        row = tl.sum(one_hot * next_row[None, :], 1) + rank
-        padded_row = tl.sum(one_hot * next_padded_row[None, :], 1) + rank
-        tl.store(sorted_pair_ids_ptr + row, pair.to(tl.int32), mask=mine)
-        tl.store(sorted_ids_padded_ptr + padded_row, pair.to(tl.int32), mask=mine)
-        placed = tl.sum(one_hot, 0)
-        next_row += placed
-        next_padded_row += placed
+def _sorted_keys(ids_ptr, begin, pairs, num_experts, BLOCK: tl.constexpr, WIDE_KEYS: tl.constexpr):
+    """The pairs [begin, begin + BLOCK) as sorted keys bucket * BLOCK + lane: bucket the expert (E for an
+    id out of range, E + 1 past the pairs), so sorted position i holds the pairs grouped by expert and,
+    within an expert, in increasing pair order (the lane breaks the ties)."""
+    lane = tl.arange(0, BLOCK)
+    expert, valid = _load_experts(ids_ptr, begin + lane, pairs, num_experts)
+    bucket = tl.where(valid, expert, tl.where(begin + lane < pairs, num_experts, num_experts + 1))
+    if WIDE_KEYS:
+        keys = bucket.to(tl.int64) * BLOCK + lane
+    else:
+        keys = bucket * BLOCK + lane
+    return tl.sort(keys)
 
 
 @triton.jit
@@ -175,27 +168,38 @@ def align_small_kernel(
     # sizes
     pairs, num_experts, block_m, padded_rows, num_blocks,
     # meta-parameters
-    BLOCK_P: tl.constexpr,  # pairs per step of the histogram
-    BLOCK_E: tl.constexpr, SUB: tl.constexpr, BLOCK_PAD: tl.constexpr,
-    BLOCK_R: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+    BLOCK_P: tl.constexpr,  # next_pow2(pairs): the keys sorted at once
+    BLOCK_H: tl.constexpr,  # pairs per step of the histogram
+    BLOCK_E: tl.constexpr, BLOCK_PAD: tl.constexpr, BLOCK_R: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+    WIDE_KEYS: tl.constexpr,
 ):
     carry = tl.full((), 0, tl.int64)
     carry_padded = tl.full((), 0, tl.int64)
     for e0 in range(0, num_experts, BLOCK_E):
         counts = tl.zeros((BLOCK_E,), tl.int32)
-        # BLOCK_P ids at a time: all 4096 of a large decode batch at once would spill registers.
-        for first in range(0, pairs, BLOCK_P):
-            expert, valid = _load_experts(ids_ptr, first + tl.arange(0, BLOCK_P), pairs, num_experts)
+        for first in range(0, pairs, BLOCK_H):
+            expert, valid = _load_experts(ids_ptr, first + tl.arange(0, BLOCK_H), pairs, num_experts)
             counts += _histogram(expert, valid, e0, BLOCK_E)
-        start, padded_start, carry, carry_padded = _write_offsets(
+        _, _, carry, carry_padded = _write_offsets(
             counts, e0, carry, carry_padded, num_experts, block_m, pairs, tokens_per_expert_ptr,
             expert_offsets_ptr, padded_offsets_ptr, sorted_ids_padded_ptr, BLOCK_E, BLOCK_PAD)
-        # Rows fit in int32: align refuses T*K >= 2**31 - 1 and M > 2**31 - 1.
-        _place_pairs(ids_ptr, 0, pairs, num_experts, e0, start.to(tl.int32), padded_start.to(tl.int32),
-                     sorted_pair_ids_ptr, sorted_ids_padded_ptr, SUB, BLOCK_E)
     _write_totals(carry, carry_padded, num_experts, expert_offsets_ptr, padded_offsets_ptr, num_padded_ptr)
-    # The block experts below read the padded offsets that other threads of this program stored.
+    # What follows reads the offsets that other threads of this program stored.
     tl.debug_barrier()
+
+    # Sorted position i is the pair's row in sorted_pair_ids; in sorted_ids_padded it moves by its
+    # expert's padded start minus its start.
+    keys = _sorted_keys(ids_ptr, 0, pairs, num_experts, BLOCK_P, WIDE_KEYS)
+    position = tl.arange(0, BLOCK_P)
+    sorted_expert = (keys // BLOCK_P).to(tl.int32)
+    sorted_pair = (keys % BLOCK_P).to(tl.int32)
+    placed = sorted_expert < num_experts
+    # Every position below T*K: those past expert_offsets[E] would hold out-of-range pairs (the assert).
+    tl.store(sorted_pair_ids_ptr + position, sorted_pair, mask=position < pairs)
+    start = tl.load(expert_offsets_ptr + sorted_expert, mask=placed, other=0)
+    padded_start = tl.load(padded_offsets_ptr + sorted_expert, mask=placed, other=0)
+    tl.store(sorted_ids_padded_ptr + padded_start + (position - start), sorted_pair, mask=placed)
+
     for first in range(0, num_blocks, BLOCK_R):
         _write_block_experts(padded_offsets_ptr, block_expert_ptr, carry_padded, first, num_experts, block_m,
                              num_blocks, BLOCK_R, SEARCH_STEPS)
@@ -206,21 +210,28 @@ def align_small_kernel(
 
 @triton.jit
 def align_count_kernel(
-    ids_ptr,      # [pairs] int32 or int64
-    counts_ptr,   # [num_chunks, E] int32 out: the pairs of each expert in the chunk
+    ids_ptr,          # [pairs] int32 or int64
+    counts_ptr,       # [num_chunks, E] int32 out: the pairs of each expert in the chunk
+    chunk_start_ptr,  # [num_chunks, E] int32 out: where each expert's pairs start in the chunk's sorted order
     pairs, num_experts,
     CHUNK: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     chunk = tl.program_id(0).to(tl.int64)
     expert, valid = _load_experts(ids_ptr, chunk * CHUNK + tl.arange(0, CHUNK), pairs, num_experts)
+    carry = tl.full((), 0, tl.int32)
     for e0 in range(0, num_experts, BLOCK_E):
         e = e0 + tl.arange(0, BLOCK_E)
-        tl.store(counts_ptr + chunk * num_experts + e, _histogram(expert, valid, e0, BLOCK_E), mask=e < num_experts)
+        counts = _histogram(expert, valid, e0, BLOCK_E)
+        tl.store(counts_ptr + chunk * num_experts + e, counts, mask=e < num_experts)
+        tl.store(chunk_start_ptr + chunk * num_experts + e, carry + tl.cumsum(counts, 0) - counts,
+                 mask=e < num_experts)
+        carry += tl.sum(counts, 0)
 
 
 @triton.jit
 def align_scan_kernel(
-    rows_ptr,   # [num_chunks, E] int32 in: the counts of align_count_kernel; out: each chunk's first row per expert
+    counts_ptr,   # [num_chunks, E] int32 (align_count_kernel)
+    shift_ptr,    # [num_chunks, E] int32 in: the chunk starts; out: output row minus sorted position in the chunk
     tokens_per_expert_ptr, expert_offsets_ptr, sorted_ids_padded_ptr, padded_offsets_ptr, num_padded_ptr,
     pairs, num_experts, block_m, num_chunks,
     BLOCK_E: tl.constexpr, BLOCK_PAD: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -235,43 +246,44 @@ def align_scan_kernel(
             c = c0 + tl.arange(0, BLOCK_C)
             where = c.to(tl.int64)[:, None] * num_experts + e[None, :]
             mask = (c < num_chunks)[:, None] & in_e[None, :]
-            totals += tl.sum(tl.load(rows_ptr + where, mask=mask, other=0), 0)
+            totals += tl.sum(tl.load(counts_ptr + where, mask=mask, other=0), 0)
         start, _, carry, carry_padded = _write_offsets(
             totals, e0, carry, carry_padded, num_experts, block_m, pairs, tokens_per_expert_ptr,
             expert_offsets_ptr, padded_offsets_ptr, sorted_ids_padded_ptr, BLOCK_E, BLOCK_PAD)
-        # Chunk c's pairs of expert e start at row start[e] + (pairs of e in the chunks before c).
+        # Chunk c's pairs of expert e take the rows from start[e] + (pairs of e in the chunks before c)
+        # on, in their sorted order: row = sorted position + (that first row - the chunk start).
         running = start.to(tl.int32)  # rows fit in int32: align refuses T*K >= 2**31 - 1
         for c0 in range(0, num_chunks, BLOCK_C):
             c = c0 + tl.arange(0, BLOCK_C)
             where = c.to(tl.int64)[:, None] * num_experts + e[None, :]
             mask = (c < num_chunks)[:, None] & in_e[None, :]
-            counts = tl.load(rows_ptr + where, mask=mask, other=0)
-            tl.store(rows_ptr + where, running[None, :] + tl.cumsum(counts, 0) - counts, mask=mask)
+            counts = tl.load(counts_ptr + where, mask=mask, other=0)
+            chunk_start = tl.load(shift_ptr + where, mask=mask, other=0)
+            first_row = running[None, :] + tl.cumsum(counts, 0) - counts
+            tl.store(shift_ptr + where, first_row - chunk_start, mask=mask)
             running += tl.sum(counts, 0)
     _write_totals(carry, carry_padded, num_experts, expert_offsets_ptr, padded_offsets_ptr, num_padded_ptr)
 
 
 @triton.jit
 def align_scatter_kernel(
-    ids_ptr, rows_ptr, expert_offsets_ptr, padded_offsets_ptr, num_padded_ptr,
+    ids_ptr, shift_ptr, expert_offsets_ptr, padded_offsets_ptr, num_padded_ptr,
     sorted_pair_ids_ptr, sorted_ids_padded_ptr, block_expert_ptr,
     pairs, num_experts, block_m, padded_rows, num_blocks, num_chunks,
-    CHUNK: tl.constexpr, BLOCK_E: tl.constexpr, SUB: tl.constexpr, BLOCK_R: tl.constexpr,
-    SEARCH_STEPS: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_R: tl.constexpr, SEARCH_STEPS: tl.constexpr, WIDE_KEYS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if pid < num_chunks:
         chunk = pid.to(tl.int64)
-        begin = chunk * CHUNK
-        end = tl.minimum(begin + CHUNK, pairs)
-        for e0 in range(0, num_experts, BLOCK_E):
-            e = e0 + tl.arange(0, BLOCK_E)
-            in_e = e < num_experts
-            next_row = tl.load(rows_ptr + chunk * num_experts + e, mask=in_e, other=0)
-            shift = (tl.load(padded_offsets_ptr + e, mask=in_e, other=0)
-                     - tl.load(expert_offsets_ptr + e, mask=in_e, other=0)).to(tl.int32)
-            _place_pairs(ids_ptr, begin, end, num_experts, e0, next_row, next_row + shift, sorted_pair_ids_ptr,
-                         sorted_ids_padded_ptr, SUB, BLOCK_E)
+        keys = _sorted_keys(ids_ptr, chunk * CHUNK, pairs, num_experts, CHUNK, WIDE_KEYS)
+        sorted_expert = (keys // CHUNK).to(tl.int32)
+        sorted_pair = (chunk * CHUNK + keys % CHUNK).to(tl.int32)
+        placed = sorted_expert < num_experts
+        row = tl.arange(0, CHUNK) + tl.load(shift_ptr + chunk * num_experts + sorted_expert, mask=placed, other=0)
+        tl.store(sorted_pair_ids_ptr + row, sorted_pair, mask=placed)
+        start = tl.load(expert_offsets_ptr + sorted_expert, mask=placed, other=0)
+        padded_start = tl.load(padded_offsets_ptr + sorted_expert, mask=placed, other=0)
+        tl.store(sorted_ids_padded_ptr + padded_start + (row - start), sorted_pair, mask=placed)
     # Program pid also takes the rows [pid * BLOCK_R, (pid + 1) * BLOCK_R) and the row blocks of the
     # same numbers (the grid covers padded_rows >= num_blocks).
     num_padded = tl.load(num_padded_ptr)
@@ -284,6 +296,11 @@ def align_scatter_kernel(
 def _search_steps(num_experts: int) -> int:
     """Steps of the binary search: halving [0, E) down to one expert takes ceil(log2(E))."""
     return max(1, math.ceil(math.log2(num_experts)))
+
+
+def _wide_keys(num_experts: int, block: int) -> bool:
+    """Whether the sort keys need int64: the largest is (E + 1) * BLOCK + BLOCK - 1."""
+    return (num_experts + 2) * block >= 2**31
 
 
 def align_launches(pairs: int, small_max_pairs: int = SMALL_MAX_PAIRS) -> int:
@@ -313,32 +330,32 @@ def align_triton(topk_ids: torch.Tensor, num_experts: int, block_m: int, *, smal
     padded_rows, num_blocks = sorted_ids_padded.shape[0], block_expert.shape[0]
     block_e = min(MAX_BLOCK_E, triton.next_power_of_2(num_experts))
     block_pad = min(max(1, TILE_ENTRIES // block_e), triton.next_power_of_2(max(1, block_m - 1)))
-    sub = max(1, min(64, TILE_ENTRIES // block_e))
     steps = _search_steps(num_experts)
     sizes = (pairs, num_experts, block_m, padded_rows, num_blocks)
     # debug=True: the kernels that read the ids keep their device assert (compiled out otherwise);
     # without sanitize_overflow=False it would also check every int32 add, none of which can overflow
     # here (align refuses sizes past int32). num_stages=1: no loop here streams tiles worth pipelining.
     if align_launches(pairs, small_max_pairs) == 1:
-        block_p = min(1024, triton.next_power_of_2(max(pairs, 1)))
+        block_p = triton.next_power_of_2(max(pairs, 1))
         align_small_kernel[(1,)](
             ids, sorted_pair_ids, tokens_per_expert, expert_offsets, sorted_ids_padded, padded_offsets,
             block_expert, num_padded, *sizes,
-            BLOCK_P=block_p, BLOCK_E=block_e, SUB=min(sub, block_p), BLOCK_PAD=block_pad,
+            BLOCK_P=block_p, BLOCK_H=min(1024, block_p), BLOCK_E=block_e, BLOCK_PAD=block_pad,
             BLOCK_R=min(BLOCK_ROWS, triton.next_power_of_2(max(padded_rows, 16))), SEARCH_STEPS=steps,
-            num_warps=4, num_stages=1, debug=True, sanitize_overflow=False)
+            WIDE_KEYS=_wide_keys(num_experts, block_p), num_warps=8 if block_p >= 2048 else 4, num_stages=1,
+            debug=True, sanitize_overflow=False)
         return outputs
 
     num_chunks = triton.cdiv(pairs, chunk_pairs)
-    rows = torch.empty((num_chunks, num_experts), dtype=torch.int32, device=ids.device)
-    align_count_kernel[(num_chunks,)](ids, rows, pairs, num_experts, CHUNK=chunk_pairs, BLOCK_E=block_e,
+    counts, shift = torch.empty((2, num_chunks, num_experts), dtype=torch.int32, device=ids.device).unbind(0)
+    align_count_kernel[(num_chunks,)](ids, counts, shift, pairs, num_experts, CHUNK=chunk_pairs, BLOCK_E=block_e,
                                       num_warps=4, num_stages=1, debug=True, sanitize_overflow=False)
-    align_scan_kernel[(1,)](rows, tokens_per_expert, expert_offsets, sorted_ids_padded, padded_offsets, num_padded,
+    align_scan_kernel[(1,)](counts, shift, tokens_per_expert, expert_offsets, sorted_ids_padded, padded_offsets, num_padded,
                             pairs, num_experts, block_m, num_chunks, BLOCK_E=block_e, BLOCK_PAD=block_pad,
                             BLOCK_C=max(1, min(BLOCK_CHUNKS, TILE_ENTRIES // block_e)), num_warps=4, num_stages=1)
     grid = max(num_chunks, triton.cdiv(padded_rows, BLOCK_ROWS))  # padded_rows >= num_blocks
     align_scatter_kernel[(grid,)](
-        ids, rows, expert_offsets, padded_offsets, num_padded, sorted_pair_ids, sorted_ids_padded, block_expert,
-        *sizes, num_chunks, CHUNK=chunk_pairs, BLOCK_E=block_e, SUB=min(sub, chunk_pairs), BLOCK_R=BLOCK_ROWS,
-        SEARCH_STEPS=steps, num_warps=4, num_stages=1)
+        ids, shift, expert_offsets, padded_offsets, num_padded, sorted_pair_ids, sorted_ids_padded, block_expert,
+        *sizes, num_chunks, CHUNK=chunk_pairs, BLOCK_R=BLOCK_ROWS, SEARCH_STEPS=steps,
+        WIDE_KEYS=_wide_keys(num_experts, chunk_pairs), num_warps=4, num_stages=1)
     return outputs
