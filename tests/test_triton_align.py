@@ -239,14 +239,14 @@ def test_every_triton_op_runs_under_the_guard(monkeypatch, seed):
     topk_ids = _ids(num_tokens, top_k, num_experts, generator, torch.int64)
     topk_weights = torch.rand(num_tokens, top_k, generator=generator, requires_grad=True)
     calls = []
-    for op in ("gate_up", "grouped_scatter", "backward_dh", "backward_dw", "align"):
+    for op in ("gate_up", "grouped_scatter", "combine", "backward_dh", "backward_dw", "align"):
         original = getattr(triton_ops, f"_{op}" if op != "align" else "_align_triton")
         monkeypatch.setattr(triton_ops, f"_{op}" if op != "align" else "_align_triton",
                             lambda *a, _op=op, _f=original, **k: calls.append((_op, len(guarded))) or _f(*a, **k))
     y = tpmoe.fused_experts(x.to(DEVICE), w_gate_up.to(DEVICE), w_down.to(DEVICE), topk_ids.to(DEVICE),
                             topk_weights.to(DEVICE), backend="triton")
     y.sum().backward()
-    assert {op for op, _ in calls} == {"gate_up", "grouped_scatter", "backward_dh", "backward_dw", "align"}
+    assert {op for op, _ in calls} == {"gate_up", "grouped_scatter", "combine", "backward_dh", "backward_dw", "align"}
     # Each launcher ran after its op's guard was entered (one guard per op call, none skipped).
     assert [count for _, count in calls] == list(range(1, len(calls) + 1)), calls
     assert all(device.type == DEVICE for device in guarded)
@@ -289,7 +289,7 @@ for name, shape, block_m, path in json.loads(sys.argv[1]):
                ["align_count_kernel", "align_scan_kernel", "align_scatter_kernel"])
     for kernel, (args, kwargs) in zip(kernels, calls):
         aot.KERNEL_MODULES[kernel] = (align, kernel)
-        launch = aot.Launch(kernel, name, "-", "int64", None, args, kwargs)
+        launch = aot.Launch(kernel, name, "-", "int64", intermediate=0, config=None, args=args, kwargs=kwargs)
         compiled = aot.compile_launch(launch, 90)
         rows.append(dict(kernel=kernel, case=name, shared=compiled.metadata.shared,
                          **aot.ptxas_usage(compiled.asm["ptx"])))
