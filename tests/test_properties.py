@@ -159,10 +159,12 @@ def block_configs(draw):
 
 def _rank_view(config, shards, rank, world_size, align):
     """What MoEBlock's methods read from `self`, for rank's shards (no process group needed)."""
-    return types.SimpleNamespace(
+    view = types.SimpleNamespace(
         config=config, backend="cpu", **shards,
         I_local=shard_sizes(config.intermediate_size, world_size, align)[rank],
         Is_local=shard_sizes(config.shared_intermediate_size, world_size, align)[rank])
+    view._shared_expert_rows = lambda x, shared_gate: MoEBlock._shared_expert_rows(view, x, shared_gate)
+    return view
 
 
 def _sharded_block_in_one_process(config, weights, x, world_size, align):
