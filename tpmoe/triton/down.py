@@ -54,8 +54,8 @@ def grouped_scatter_kernel(
     out_ptr,             # [SPLIT, num_pairs, N] out: one row per (token, k) pair per split
     # sizes
     num_pairs, N,
-    Kdim_a,              # A's columns masked by this bound: Kdim, or its padded width (zeros there)
-    Kdim_w,              # W's k entries masked by this bound: Kdim, or its padded width (finite there)
+    Kdim,                # the reduction depth
+    Kdim_a,              # loop and A mask bound: Kdim, or its padded width (rows hold zeros there)
     num_row_blocks,      # len(block_expert)
     k_per_split,         # Kdim columns each split reduces (a multiple of BLOCK_K)
     # strides
@@ -66,6 +66,7 @@ def grouped_scatter_kernel(
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     HAS_BIAS: tl.constexpr, SCALE_BY_WEIGHT: tl.constexpr,
+    W_MASK_EXACT: tl.constexpr,  # W's k entries masked by Kdim (else by Kdim_a, like A's)
     INTERPRETED: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_FP64: tl.constexpr,
 ):
     pid_m, pid_n = grouped_tile(tl.program_id(0), num_row_blocks, tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -80,11 +81,14 @@ def grouped_scatter_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_valid = offs_n < N
     k_start = split * k_per_split
-    # Two bounds, each a multiple of 16 where the launcher found padding in memory, so that a
-    # mask on a contiguous axis stays 16-byte uniform (launcher: `grouped_scatter`).
-    k_end_a = tl.minimum(k_start + k_per_split, Kdim_a)
-    k_end_w = tl.minimum(k_start + k_per_split, Kdim_w)
-    k_end = tl.maximum(k_end_a, k_end_w)
+    # Kdim_a: a multiple of 16 where the launcher found padding in memory, so that a mask on a
+    # contiguous axis stays 16-byte uniform (launcher: `grouped_scatter`). One bound for both
+    # operands unless W must keep the exact one (a second bound cost the fp32 config a spill).
+    k_end = tl.minimum(k_start + k_per_split, Kdim_a)
+    if W_MASK_EXACT:
+        k_end_w = tl.minimum(k_start + k_per_split, Kdim)
+    else:
+        k_end_w = k_end
     offs_k = tl.arange(0, BLOCK_K)
 
     a_ptrs = (a_ptr + offs_m.to(tl.int64)[:, None] * stride_am
@@ -93,7 +97,7 @@ def grouped_scatter_kernel(
               + (k_start + offs_k).to(tl.int64)[:, None] * stride_wk)
     acc = zeros_accumulator(BLOCK_M, BLOCK_N, ACC_FP64)
     for k0 in range(k_start, k_end, BLOCK_K):
-        a_tile = tl.load(a_ptrs, mask=row_valid[:, None] & (offs_k < k_end_a - k0)[None, :], other=0.0)
+        a_tile = tl.load(a_ptrs, mask=row_valid[:, None] & (offs_k < k_end - k0)[None, :], other=0.0)
         w_tile = tl.load(w_ptrs, mask=(offs_k < k_end_w - k0)[:, None] & col_valid[None, :], other=0.0)
         acc = tl.dot(as_dot_operand(a_tile, INTERPRETED), as_dot_operand(w_tile, INTERPRETED), acc,
                      input_precision=DOT_PRECISION, out_dtype=acc.dtype)
@@ -155,15 +159,19 @@ def grouped_scatter(rows, weight, n_axis: int, k_axis: int, bias, routing_weight
     weight_arg = routing_weights.reshape(-1) if routing_weights is not None else out
     assert routing_weights is None or weight_arg.is_contiguous()
     grid = (tile_grid_size(num_row_blocks, triton.cdiv(out_size, config.BLOCK_N)), config.SPLIT)
+    # Padded depth for rows whose padding is in memory (zeros: the docstring), and for the weight
+    # too where it has its own there; the weight's wide mask is only useful beside rows' one.
+    depth_a = readable_width(rows, 1, depth)
+    depth_w = readable_width(weight, k_axis, depth) if depth_a > depth else depth
     grouped_scatter_kernel[grid](
         rows, weight, bias_arg, weight_arg, sorted_ids_padded, block_expert, out,
-        num_pairs, out_size, readable_width(rows, 1, depth), readable_width(weight, k_axis, depth),
+        num_pairs, out_size, depth, depth_a,
         num_row_blocks, split_depth(depth, config.BLOCK_K, config.SPLIT),
         rows.stride(0), rows.stride(1),
         weight.stride(0), weight.stride(n_axis), weight.stride(k_axis),
         bias_arg.stride(0), bias_arg.stride(-1),
         out.stride(0), out.stride(1), out.stride(2),
         **config.meta(), GROUP_M=config.GROUP_M, HAS_BIAS=bias is not None,
-        SCALE_BY_WEIGHT=routing_weights is not None,
+        SCALE_BY_WEIGHT=routing_weights is not None, W_MASK_EXACT=depth_w != depth_a,
         **dot_flags(rows.dtype), num_warps=config.num_warps, num_stages=config.num_stages)
     return out
