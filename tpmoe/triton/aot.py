@@ -9,7 +9,9 @@ so the compiled code is the code a GPU run gets. The weights are stored as a CUD
 stores them (tpmoe.sharding.aligned_storage) and the h / d_preact buffers with aligned rows
 (tpmoe.triton.layouts.empty_aligned_rows). Every call site is recorded without biases (Qwen,
 Mixtral, DeepSeek) and with them (GPT-OSS): variant "forward" and "forward+bias", and so on.
-Must run WITHOUT TRITON_INTERPRET (the kernels must be JITFunctions).
+The elementwise launches are compiled too: the combine (bf16 pair rows and fp32 split
+partials: variants "pairs" and "split") and backward_dw's split sum ("split_sum", recorded
+from a SPLIT = 2 launch). Must run WITHOUT TRITON_INTERPRET (the kernels must be JITFunctions).
 
     python -m tpmoe.triton.aot [--cc 80 90] [--kernel gate_up ...] [--intermediate 768 154 77]
                                [--bias none|bias|both] [--shard i/n] [--json rows.json] [--markdown table.md]

@@ -16,8 +16,11 @@ same column order, splits the accumulator into gate and up (reshape to [BM, BN, 
 tl.split), applies the activation, and stores h, so the [S, 2 I_p] pre-activation never
 reaches memory. Not gated: the B tile is [BLOCK_K, BLOCK_N] of the I_p rows.
 
-h is allocated with 16-byte aligned rows (`layouts.empty_aligned_rows`): an uneven shard
-(I_p = 154, 77) keeps the down kernel's vectorised / asynchronous loads of h.
+h is allocated with 16-byte aligned rows (`layouts.empty_aligned_rows`) and this kernel stores
+zeros into their padding columns: an uneven shard (I_p = 154, 77) keeps the down kernel's
+16-byte asynchronous loads of h, which mask by the padded width (down.grouped_scatter). The
+gpt_oss weight tile (gate/up rows along the contiguous axis) masks by R's padded width likewise
+where the weight has that padding in memory (`layouts.readable_width`).
 """
 import torch
 import triton
