@@ -60,8 +60,9 @@ def _padded_weight(weight, axis):
     return aligned
 
 
-def _problem(seed, inter, layout):
-    problem = make_problem(seed, num_tokens=9, hidden=24, inter=inter, experts=3, skip_expert=False, layout=layout)
+def _problem(seed, inter, layout, gated=True):
+    problem = make_problem(seed, num_tokens=9, hidden=24, inter=inter, experts=3, skip_expert=False, layout=layout,
+                           gated=gated)
     top_k, num_pairs = problem["topk_ids"].shape[1], problem["topk_ids"].numel()
     routing = align(problem["topk_ids"], 3, CONFIG.BLOCK_M)
     return problem, top_k, num_pairs, routing
@@ -71,24 +72,26 @@ def _problem(seed, inter, layout):
 # activation overflows exp in the interpreter's numpy; those columns are then stored as zeros.
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
 @pytest.mark.parametrize("inter", [77, 154])
-@pytest.mark.parametrize("layout", ["concatenated", "gpt_oss"])
-def test_gate_up_writes_zero_padding_and_down_reads_it(layout, inter, seed, monkeypatch):
+@pytest.mark.parametrize("layout,gated,activation", [("concatenated", True, "silu"), ("gpt_oss", True, "silu"),
+                                                     ("gpt_oss", False, "gelu")])
+def test_gate_up_writes_zero_padding_and_down_reads_it(layout, gated, activation, inter, seed, monkeypatch):
     """h through gate_up into a NaN-filled buffer, then the down kernel on (padded h, aligned
-    W_down with PAD_VALUE padding) [wide masks] and (compact h, compact W_down) [exact masks]."""
-    problem, top_k, num_pairs, routing = _problem(seed, inter, layout)
+    W_down with PAD_VALUE padding) [wide masks] and (compact h, compact W_down) [exact masks].
+    Not gated on gpt_oss: the B tile's rows are the I_p columns, on the contiguous axis."""
+    problem, top_k, num_pairs, routing = _problem(seed, inter, layout, gated)
     monkeypatch.setattr(gate_up, "empty_aligned_rows", _nan_rows)
     rows_axis, _ = gate_up_axes(layout)
     hidden_axis, inter_axis = down_axes(layout)
     rows, pairs, tokens, experts = row_index(routing, num_pairs, top_k)
     preact = torch.stack([problem["x"][t].double() @ expert_matrices(problem, layout, e)[0].double().t()
                           + problem["b_gate_up"][e].double() for t, e in zip(tokens.tolist(), experts.tolist())])
-    h_expected = expert_activation(preact, activation="silu", layout=layout, gated=True, **OPTIONS)
+    h_expected = expert_activation(preact, activation=activation, layout=layout, gated=gated, **OPTIONS)
     outputs = {}
     for name, w_gate_up, w_down in (
             ("wide", _padded_weight(problem["w_gate_up"], rows_axis), _padded_weight(problem["w_down"], inter_axis)),
             ("exact", problem["w_gate_up"].contiguous(), problem["w_down"].contiguous())):
         h = gate_up.gate_up(problem["x"], w_gate_up, problem["b_gate_up"], routing.sorted_ids_padded,
-                            routing.block_expert, top_k=top_k, activation="silu", layout=layout, gated=True,
+                            routing.block_expert, top_k=top_k, activation=activation, layout=layout, gated=gated,
                             config=CONFIG, **OPTIONS)
         assert h.stride(0) == aligned_row_stride(inter, 4) > inter
         used = int(routing.num_padded)
