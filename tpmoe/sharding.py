@@ -30,7 +30,10 @@ Storage: on CUDA a block keeps its expert weights with every row of the innermos
 (`aligned_storage`, `align_sharded_storage`):
 an uneven shard, I_p = 154 of I = 768 over 5 ranks, makes a row of w_down 308 bytes and costs
 the GPU kernels their 16-byte async copies. The padding columns are zeros outside the tensor's
-logical shape: no math, state dict, gather or optimizer sees them. (state_dict() holds the
+logical shape: no math, state dict, gather or optimizer sees them (the Triton kernels may load
+them, to keep a mask 16-element uniform, but only ever multiply them by the zeros the kernels
+store into the padding of h / d_preact, or compute output columns they never store:
+tpmoe.triton.layouts.readable_width). (state_dict() holds the
 padded views, of the logical shape and values; torch.save writes their storage, zeros and all,
 at most 15 elements a row, and loads them back so; load_state_dict copies into the padded
 parameters; gather_full and the transformers adapter's gather_state_dict are compact;

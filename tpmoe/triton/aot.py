@@ -9,7 +9,9 @@ so the compiled code is the code a GPU run gets. The weights are stored as a CUD
 stores them (tpmoe.sharding.aligned_storage) and the h / d_preact buffers with aligned rows
 (tpmoe.triton.layouts.empty_aligned_rows). Every call site is recorded without biases (Qwen,
 Mixtral, DeepSeek) and with them (GPT-OSS): variant "forward" and "forward+bias", and so on.
-Must run WITHOUT TRITON_INTERPRET (the kernels must be JITFunctions).
+The elementwise launches are compiled too: the combine (bf16 pair rows and fp32 split
+partials: variants "pairs" and "split") and backward_dw's split sum ("split_sum", recorded
+from a SPLIT = 2 launch). Must run WITHOUT TRITON_INTERPRET (the kernels must be JITFunctions).
 
     python -m tpmoe.triton.aot [--cc 80 90] [--kernel gate_up ...] [--intermediate 768 154 77]
                                [--bias none|bias|both] [--shard i/n] [--json rows.json] [--markdown table.md]
@@ -36,7 +38,9 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 
-from . import backward_dh, backward_dw, down, gate_up, tile_configs
+from dataclasses import replace
+
+from . import backward_dh, backward_dw, combine, down, gate_up, tile_configs
 from .layouts import empty_aligned_rows
 from .._checks import dtype_name
 from ..routing_torch import align_torch
@@ -46,7 +50,11 @@ from ..sharding import aligned_storage
 SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 KERNEL_MODULES = {"gate_up": (gate_up, "gate_up_kernel"), "down": (down, "grouped_scatter_kernel"),
                   "backward_dh": (backward_dh, "backward_dh_kernel"),
-                  "backward_dw": (backward_dw, "backward_dw_kernel")}
+                  "backward_dw": (backward_dw, "backward_dw_kernel"),
+                  "combine": (combine, "combine_kernel"), "split_sum": (backward_dw, "split_sum_kernel")}
+# Elementwise launches: no tile table (one fixed block, recorded as KernelConfig(1, BLOCK, 1, warps,
+# 3)), no dot, no shared-memory pipeline (their loads are plain, 16-byte vectorised ones).
+ELEMENTWISE = ("combine", "split_sum")
 
 
 @dataclass
@@ -62,11 +70,18 @@ class Launch:
 
 
 class _Recorder:
-    def __init__(self, sink: list):
-        self.sink = sink
+    def __init__(self, sink: list, attr: str):
+        self.sink, self.attr = sink, attr
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.sink.append((args, kwargs))
+        return lambda *args, **kwargs: self.sink.append((self.attr, args, kwargs))
+
+
+def _launches_of(calls, name):
+    """(args, kwargs) of the recorded launches of kernel `name` (a launcher may run two kernels:
+    backward_dw with SPLIT > 1 also runs the split sum, compiled as "split_sum")."""
+    attr = KERNEL_MODULES[name][1]
+    return [(args, kwargs) for kernel_attr, args, kwargs in calls if kernel_attr == attr]
 
 
 @contextmanager
@@ -76,12 +91,12 @@ def _recording():
     saved = []
     for module, attr in KERNEL_MODULES.values():
         saved.append((module, attr, getattr(module, attr), module.require_runnable))
-        setattr(module, attr, _Recorder(calls))
+        setattr(module, attr, _Recorder(calls, attr))
         module.require_runnable = lambda kernel, device: None
     try:
         yield calls
-    finally:
-        for module, attr, kernel, check in saved:
+    finally:  # in reverse: a module holding two kernels saved the lifted check the second time
+        for module, attr, kernel, check in reversed(saved):
             setattr(module, attr, kernel)
             module.require_runnable = check
 
@@ -120,6 +135,11 @@ def representative_launches(kernel_names=None, *, layout="concatenated", gated=T
     options = dict(top_k=top_k, activation=activation, layout=layout, gated=gated, alpha=1.702, limit=7.0)
     launches = []
     for name in kernel_names:
+        if name in ELEMENTWISE:
+            launches += _elementwise_launches(name, x, w_gate_up, d_preact_rows=rows, layout=layout,
+                                              intermediate_size=intermediate_size, top_k=top_k, topk_ids=topk_ids,
+                                              num_experts=num_experts, rows_axis=rows_axis, hidden_axis=hidden_axis)
+            continue
         configs = tile_configs.all_configs(name)
         if dtype.itemsize > 2:
             configs = [tile_configs.wide_dtype_config(name, config, dtype.itemsize) for config in configs]
@@ -161,12 +181,42 @@ def representative_launches(kernel_names=None, *, layout="concatenated", gated=T
                                                 w_down, down_h_axis, down_i_axis, a_gathered=True,
                                                 b_gathered=False, bias_grad=biased, **common)
                         variants = ["dW_gate_up", "dW_down"]
+                calls = _launches_of(calls, name)
                 if len(calls) != len(variants):
                     raise RuntimeError(f"tpmoe.triton.aot: {name} launched {len(calls)} kernels for the call "
                                        f"sites {variants}; the recorder needs updating")
                 for variant, (args, kwargs) in zip(variants, calls):
                     launches.append(Launch(name, variant + suffix, layout, dtype_name(dtype), intermediate_size,
                                            config, args, kwargs))
+    return launches
+
+
+def _elementwise_launches(name, x, w_gate_up, *, d_preact_rows, layout, intermediate_size, top_k, topk_ids,
+                          num_experts, rows_axis, hidden_axis) -> List[Launch]:
+    """The combine (pair rows in the input dtype, and fp32 split partials: two pointer types) and
+    backward_dw's split sum (recorded from a SPLIT = 2 dW_gate_up launch), as they run."""
+    num_tokens, hidden_size = x.shape
+    num_pairs = num_tokens * top_k
+    launches = []
+    with _recording() as calls:
+        if name == "combine":
+            combine.combine(torch.empty(1, num_pairs, hidden_size, dtype=x.dtype), num_tokens, top_k, x.dtype)
+            combine.combine(torch.empty(4, num_pairs, hidden_size, dtype=torch.float32), num_tokens, top_k, x.dtype)
+            variants, config = ["pairs", "split"], tile_configs.KernelConfig(1, combine.BLOCK_N, 1, combine.NUM_WARPS, 3)
+        else:
+            dw_config = replace(main_config("backward_dw", x.element_size()), SPLIT=2)
+            meta = align_torch(topk_ids, num_experts, dw_config.BLOCK_M)
+            d_preact = empty_aligned_rows(meta.sorted_ids_padded.shape[0], d_preact_rows, x.dtype, "cpu")
+            backward_dw.backward_dw(d_preact, x, None, meta.sorted_ids_padded, meta.padded_offsets, w_gate_up,
+                                    rows_axis, hidden_axis, num_pairs=num_pairs, top_k=top_k, a_gathered=False,
+                                    b_gathered=True, bias_grad=True, config=dw_config)
+            variants = ["dW_gate_up+bias"]
+            config = tile_configs.KernelConfig(1, backward_dw.SPLIT_SUM_BLOCK, 1, 4, 3, SPLIT=2)
+    calls = _launches_of(calls, name)  # the dW launch itself is compiled as backward_dw
+    if len(calls) != len(variants):
+        raise RuntimeError(f"tpmoe.triton.aot: {name} launched {len(calls)} kernels for {variants}")
+    for variant, (args, kwargs) in zip(variants, calls):
+        launches.append(Launch(name, variant, layout, dtype_name(x.dtype), intermediate_size, config, args, kwargs))
     return launches
 
 
@@ -197,7 +247,8 @@ def compile_launch(launch: Launch, capability: int):
             signature[name] = kind
             if isinstance(spec, str) and spec:
                 attrs[(index,)] = backend.parse_attr(spec)
-    options = dict(num_warps=launch.kwargs["num_warps"], num_stages=launch.kwargs["num_stages"])
+    # num_stages: the launch's, else Triton's default (the elementwise launches leave it unset).
+    options = dict(num_warps=launch.kwargs["num_warps"], num_stages=launch.kwargs.get("num_stages", 3))
     return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options)
 
 

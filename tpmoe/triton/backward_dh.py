@@ -35,7 +35,7 @@ import triton.language as tl
 
 from .activations import gated_backward, unary_activation_and_grad
 from .interpret import as_dot_operand, dot_flags, require_runnable, round_to, zeros_accumulator
-from .layouts import down_axes, empty_aligned_rows, gate_up_axes, gate_up_columns
+from .layouts import down_axes, empty_aligned_rows, gate_up_axes, gate_up_columns, readable_width
 from .tile_configs import KernelConfig
 
 
@@ -74,6 +74,10 @@ def backward_dh_kernel(
     d_weight_partial_ptr,  # [cdiv(I, BLOCK_N), num_pairs] out: partial dy . o per column block
     # sizes
     num_pairs, top_k, hidden_size, intermediate_size, up_offset, alpha, limit,
+    w_down_cols_bound,     # W_down's columns loaded below this: I, or I padded (`layouts.readable_width`)
+    gu_rows_bound,         # ONE_GU_DOT, COL_STEP 2: w_gate_up rows loaded below this (R, or R padded)
+    d_preact_cols,         # R: the logical columns of d_preact
+    d_preact_width,        # R, or its padded width: the last column block stores zeros in between
     num_row_blocks, num_col_blocks,
     # strides
     stride_dyt, stride_dyh,
@@ -107,6 +111,10 @@ def backward_dh_kernel(
 
     dy_ptrs = dy_ptr + token[:, None] * stride_dyt + offs_k[None, :] * stride_dyh
     x_ptrs = x_ptr + token[:, None] * stride_xt + offs_k[None, :] * stride_xh
+    # W_down's columns are this tile's output columns (not reduced): masked by the padded width
+    # where W_down has it in memory (16-byte copies along a contiguous I axis), the extra columns
+    # of acc_dh are finite and never stored (col_valid below) nor summed (h_saved is 0 there).
+    w_down_valid = offs_n < w_down_cols_bound
     w_down_ptrs = (w_down_ptr + expert * stride_de + offs_k[:, None] * stride_dh
                    + wide_offset(offs_n, stride_di)[None, :])
     w_expert = w_gate_up_ptr + expert * stride_gue
@@ -118,7 +126,10 @@ def backward_dh_kernel(
             gu_rows = (pid_n * 2 * BLOCK_N + offs_gu).to(tl.int64)
         else:              # concatenated: gate j at row j, up at j + up_offset (= I)
             gu_rows = (pid_n * BLOCK_N + offs_gu // 2).to(tl.int64) + (offs_gu % 2) * up_offset
-        gu_valid = pid_n * BLOCK_N + offs_gu // 2 < intermediate_size
+        if COL_STEP == 2:  # along w's R axis (contiguous for gpt_oss): the padded bound, as W_down's
+            gu_valid = gu_rows < gu_rows_bound
+        else:
+            gu_valid = pid_n * BLOCK_N + offs_gu // 2 < intermediate_size
         w_gu_ptrs = w_expert + gu_rows[None, :] * stride_gur + offs_k[:, None] * stride_guh
         acc_gu = zeros_accumulator(BLOCK_M, 2 * BLOCK_N, ACC_FP64)  # x @ [W_gate | W_up]^T, pairs side by side
     else:
@@ -135,7 +146,7 @@ def backward_dh_kernel(
         k_valid = offs_k < hidden_size - k0
         row_mask = row_valid[:, None] & k_valid[None, :]
         dy_tile = tl.load(dy_ptrs, mask=row_mask, other=0.0)
-        w_down_tile = tl.load(w_down_ptrs, mask=k_valid[:, None] & col_valid[None, :], other=0.0)
+        w_down_tile = tl.load(w_down_ptrs, mask=k_valid[:, None] & w_down_valid[None, :], other=0.0)
         acc_dh = tl.dot(as_dot_operand(dy_tile, INTERPRETED), as_dot_operand(w_down_tile, INTERPRETED), acc_dh,
                         input_precision=DOT_PRECISION, out_dtype=acc_dh.dtype)
         x_tile = as_dot_operand(tl.load(x_ptrs, mask=row_mask, other=0.0), INTERPRETED)
@@ -192,6 +203,14 @@ def backward_dh_kernel(
         _, act_grad = unary_activation_and_grad(acc_gate, ACTIVATION)
         d_gate = dh * act_grad
     tl.store(d_preact_ptrs, round_to(d_gate, d_preact_ptr.dtype.element_ty, INTERPRETED), mask=col_valid[None, :])
+    # Zeros into d_preact's padding columns R .. d_preact_width (fewer than 16), which the dx and
+    # dW_gate_up launches read through their padded-width masks: the last column block writes
+    # them, whatever the layout puts in its own columns (concatenated: none of them).
+    if pid_n == num_col_blocks - 1:
+        pad_cols = d_preact_cols + tl.arange(0, 16)
+        pad_ptrs = d_preact_ptr + wide_offset(offs_m, stride_pm)[:, None] + pad_cols.to(tl.int64)[None, :] * stride_pr
+        tl.store(pad_ptrs, tl.zeros((BLOCK_M, 16), dtype=d_preact_ptr.dtype.element_ty),
+                 mask=(pad_cols < d_preact_width)[None, :])
 
 
 def one_gate_up_dot(gated: bool, dtype: torch.dtype) -> bool:
@@ -206,7 +225,7 @@ def backward_dh(grad_output, hidden_states, w_gate_up, b_gate_up, w_down, b_down
                 sorted_ids_padded, block_expert, *, top_k: int, activation: str, layout: str, gated: bool,
                 alpha: float, limit: float, config: KernelConfig):
     """(d_preact [M, R] packed like w_gate_up's rows, its row stride padded to 16 bytes
-    (layouts.empty_aligned_rows), d_topk_weights [T, K] in fp32 (fp64 for fp64))."""
+    (layouts.empty_aligned_rows) and zeros stored in that padding, d_topk_weights [T, K] in fp32 (fp64 for fp64))."""
     require_runnable(backward_dh_kernel, grad_output.device)
     num_tokens, hidden_size = hidden_states.shape
     num_pairs = num_tokens * top_k
@@ -233,6 +252,9 @@ def backward_dh(grad_output, hidden_states, w_gate_up, b_gate_up, w_down, b_down
         grad_output, hidden_states, w_gate_up, gate_up_bias, w_down, down_bias, routing_weights, h,
         sorted_ids_padded, block_expert, d_preact, d_weight_partial,
         num_pairs, top_k, hidden_size, intermediate_size, up_offset, alpha, limit,
+        readable_width(w_down, down_inter_axis, intermediate_size),
+        readable_width(w_gate_up, gu_rows_axis, gate_up_size), gate_up_size,
+        readable_width(d_preact, 1, gate_up_size),
         num_row_blocks, num_col_blocks,
         grad_output.stride(0), grad_output.stride(1),
         hidden_states.stride(0), hidden_states.stride(1),

@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from .interpret import as_dot_operand, dot_flags, require_runnable, round_to, zeros_accumulator
+from .layouts import readable_width
 from .tile_configs import KernelConfig
 
 
@@ -46,6 +47,8 @@ def backward_dw_kernel(
     db_ptr,              # out: split s, expert e, n at s*stride_dbs + e*stride_dbe + n*stride_dbn (if HAS_BIAS_GRAD)
     # sizes
     num_pairs, top_k, N, Kd,
+    N_a,                 # A's columns loaded below this: N, or N padded where A has it in memory
+    Kd_b,                # B's columns loaded below this: Kd, or Kd padded
     # strides
     stride_am, stride_an,
     stride_bm, stride_bk,
@@ -72,6 +75,11 @@ def backward_dw_kernel(
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     n_valid = offs_n < N
     k_valid = offs_k < Kd
+    # N and Kd are dW's output axes, not reduced: A and B load up to their padded widths where
+    # the launcher found them in memory (multiples of 16, so the masks on these contiguous axes
+    # keep 16-byte copies); the extra rows / columns of the tile are never stored.
+    n_load = offs_n < N_a
+    k_load = offs_k < Kd_b
 
     acc = zeros_accumulator(BLOCK_N, BLOCK_K, ACC_FP64)
     bias_acc = tl.sum(acc, axis=1)  # zeros [BLOCK_N]
@@ -83,7 +91,7 @@ def backward_dw_kernel(
         pair = tl.load(sorted_ids_ptr + offs_m, mask=offs_m < row_end, other=num_pairs)
         row_valid = pair < num_pairs
         token = (pair // top_k).to(tl.int64)
-        a_mask = row_valid[:, None] & n_valid[None, :]
+        a_mask = row_valid[:, None] & n_load[None, :]
         if A_GATHERED:
             a_tile = tl.load(a_ptr + token[:, None] * stride_am + offs_n[None, :] * stride_an, mask=a_mask,
                              other=0.0)
@@ -101,7 +109,7 @@ def backward_dw_kernel(
                 # "ieee": a sum is exact in fp32 (fp32 inputs with TF32 allowed would round A to TF32).
                 acc_db = tl.dot(tl.trans(as_dot_operand(a_tile, INTERPRETED)), ones, acc_db,
                                 input_precision="ieee", out_dtype=acc_db.dtype)
-        b_mask = row_valid[:, None] & k_valid[None, :]
+        b_mask = row_valid[:, None] & k_load[None, :]
         if B_GATHERED:
             b_tile = tl.load(b_ptr + token[:, None] * stride_bm + offs_k[None, :] * stride_bk, mask=b_mask,
                              other=0.0)
@@ -172,7 +180,7 @@ def backward_dw(a, b, routing_weights, sorted_ids_padded, padded_offsets, weight
     grid = (num_experts * split, triton.cdiv(out_size, config.BLOCK_N), triton.cdiv(depth, config.BLOCK_K))
     backward_dw_kernel[grid](
         a, b, weight_arg, sorted_ids_padded, padded_offsets, dw_out, db_out,
-        num_pairs, top_k, out_size, depth,
+        num_pairs, top_k, out_size, depth, readable_width(a, 1, out_size), readable_width(b, 1, depth),
         a.stride(0), a.stride(1),
         b.stride(0), b.stride(1),
         dw_out.stride(0), dw_out.stride(1), dw_out.stride(1 + n_axis), dw_out.stride(1 + k_axis),

@@ -38,6 +38,7 @@ import triton.language as tl
 
 from .grid import grouped_tile, tile_grid_size
 from .interpret import as_dot_operand, dot_flags, require_runnable, round_to, zeros_accumulator
+from .layouts import readable_width
 from .tile_configs import KernelConfig
 
 
@@ -52,7 +53,9 @@ def grouped_scatter_kernel(
     block_expert_ptr,    # [cdiv(M, BLOCK_M)] int32, -1 past the used rows
     out_ptr,             # [SPLIT, num_pairs, N] out: one row per (token, k) pair per split
     # sizes
-    num_pairs, N, Kdim,
+    num_pairs, N,
+    Kdim,                # the reduction depth
+    Kdim_a,              # loop and A mask bound: Kdim, or its padded width (rows hold zeros there)
     num_row_blocks,      # len(block_expert)
     k_per_split,         # Kdim columns each split reduces (a multiple of BLOCK_K)
     # strides
@@ -63,6 +66,7 @@ def grouped_scatter_kernel(
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     HAS_BIAS: tl.constexpr, SCALE_BY_WEIGHT: tl.constexpr,
+    W_MASK_EXACT: tl.constexpr,  # W's k entries masked by Kdim (else by Kdim_a, like A's)
     INTERPRETED: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_FP64: tl.constexpr,
 ):
     pid_m, pid_n = grouped_tile(tl.program_id(0), num_row_blocks, tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -77,7 +81,14 @@ def grouped_scatter_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_valid = offs_n < N
     k_start = split * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, Kdim)
+    # Kdim_a: a multiple of 16 where the launcher found padding in memory, so that a mask on a
+    # contiguous axis stays 16-byte uniform (launcher: `grouped_scatter`). One bound for both
+    # operands unless W must keep the exact one (a second bound cost the fp32 config a spill).
+    k_end = tl.minimum(k_start + k_per_split, Kdim_a)
+    if W_MASK_EXACT:
+        k_end_w = tl.minimum(k_start + k_per_split, Kdim)
+    else:
+        k_end_w = k_end
     offs_k = tl.arange(0, BLOCK_K)
 
     a_ptrs = (a_ptr + offs_m.to(tl.int64)[:, None] * stride_am
@@ -86,9 +97,8 @@ def grouped_scatter_kernel(
               + (k_start + offs_k).to(tl.int64)[:, None] * stride_wk)
     acc = zeros_accumulator(BLOCK_M, BLOCK_N, ACC_FP64)
     for k0 in range(k_start, k_end, BLOCK_K):
-        k_valid = offs_k < k_end - k0
-        a_tile = tl.load(a_ptrs, mask=row_valid[:, None] & k_valid[None, :], other=0.0)
-        w_tile = tl.load(w_ptrs, mask=k_valid[:, None] & col_valid[None, :], other=0.0)
+        a_tile = tl.load(a_ptrs, mask=row_valid[:, None] & (offs_k < k_end - k0)[None, :], other=0.0)
+        w_tile = tl.load(w_ptrs, mask=(offs_k < k_end_w - k0)[:, None] & col_valid[None, :], other=0.0)
         acc = tl.dot(as_dot_operand(a_tile, INTERPRETED), as_dot_operand(w_tile, INTERPRETED), acc,
                      input_precision=DOT_PRECISION, out_dtype=acc.dtype)
         a_ptrs += BLOCK_K * stride_ak
@@ -127,6 +137,15 @@ def grouped_scatter(rows, weight, n_axis: int, k_axis: int, bias, routing_weight
 
     weight is read in place: its axis n_axis is N (the output) and k_axis is Kdim (= rows.shape[1]).
     rows may have any row stride (h comes with 16-byte aligned rows).
+
+    Uneven Kdim (I_p = 154, 77; 2 I_p for dx): where rows' stride leaves the padding columns up
+    to `aligned_row_stride(Kdim)` in memory, they MUST hold zeros (gate_up writes them into h,
+    backward_dh into d_preact) and are read as such: the loads of rows are masked by the padded
+    width (a multiple of 16: 16-byte async copies kept). The weight's k entries are masked by
+    its padded width too where it has one in memory along a contiguous k axis (aligned_storage's
+    zeros, or a larger tensor's finite values: times the zeros of rows, nothing), else exactly.
+    Rows without such padding (a compact user tensor) get the exact mask, and then the weight's
+    padding meets zeros from the mask. Either way no padding value reaches the result.
     """
     require_runnable(grouped_scatter_kernel, rows.device)
     num_rows, depth = rows.shape
@@ -140,14 +159,19 @@ def grouped_scatter(rows, weight, n_axis: int, k_axis: int, bias, routing_weight
     weight_arg = routing_weights.reshape(-1) if routing_weights is not None else out
     assert routing_weights is None or weight_arg.is_contiguous()
     grid = (tile_grid_size(num_row_blocks, triton.cdiv(out_size, config.BLOCK_N)), config.SPLIT)
+    # Padded depth for rows whose padding is in memory (zeros: the docstring), and for the weight
+    # too where it has its own there; the weight's wide mask is only useful beside rows' one.
+    depth_a = readable_width(rows, 1, depth)
+    depth_w = readable_width(weight, k_axis, depth) if depth_a > depth else depth
     grouped_scatter_kernel[grid](
         rows, weight, bias_arg, weight_arg, sorted_ids_padded, block_expert, out,
-        num_pairs, out_size, depth, num_row_blocks, split_depth(depth, config.BLOCK_K, config.SPLIT),
+        num_pairs, out_size, depth, depth_a,
+        num_row_blocks, split_depth(depth, config.BLOCK_K, config.SPLIT),
         rows.stride(0), rows.stride(1),
         weight.stride(0), weight.stride(n_axis), weight.stride(k_axis),
         bias_arg.stride(0), bias_arg.stride(-1),
         out.stride(0), out.stride(1), out.stride(2),
         **config.meta(), GROUP_M=config.GROUP_M, HAS_BIAS=bias is not None,
-        SCALE_BY_WEIGHT=routing_weights is not None,
+        SCALE_BY_WEIGHT=routing_weights is not None, W_MASK_EXACT=depth_w != depth_a,
         **dot_flags(rows.dtype), num_warps=config.num_warps, num_stages=config.num_stages)
     return out

@@ -16,8 +16,11 @@ same column order, splits the accumulator into gate and up (reshape to [BM, BN, 
 tl.split), applies the activation, and stores h, so the [S, 2 I_p] pre-activation never
 reaches memory. Not gated: the B tile is [BLOCK_K, BLOCK_N] of the I_p rows.
 
-h is allocated with 16-byte aligned rows (`layouts.empty_aligned_rows`): an uneven shard
-(I_p = 154, 77) keeps the down kernel's vectorised / asynchronous loads of h.
+h is allocated with 16-byte aligned rows (`layouts.empty_aligned_rows`) and this kernel stores
+zeros into their padding columns: an uneven shard (I_p = 154, 77) keeps the down kernel's
+16-byte asynchronous loads of h, which mask by the padded width (down.grouped_scatter). The
+gpt_oss weight tile (gate/up rows along the contiguous axis) masks by R's padded width likewise
+where the weight has that padding in memory (`layouts.readable_width`).
 """
 import torch
 import triton
@@ -26,7 +29,7 @@ import triton.language as tl
 from .activations import gated_forward, unary_activation_and_grad
 from .grid import grouped_tile, tile_grid_size
 from .interpret import as_dot_operand, dot_flags, require_runnable, round_to, zeros_accumulator
-from .layouts import empty_aligned_rows, gate_up_axes, gate_up_columns
+from .layouts import empty_aligned_rows, gate_up_axes, gate_up_columns, readable_width
 from .tile_configs import KernelConfig
 
 
@@ -41,6 +44,8 @@ def gate_up_kernel(
     h_ptr,             # [M, I] out: the activation, rows in padded sorted order
     # sizes
     num_pairs, top_k, hidden_size, intermediate_size,
+    w_rows_bound,      # COL_STEP 2 or not gated: rows of w loaded below this (R, or R padded: `readable_width`)
+    h_width,           # columns of h stored: I, or its padded width (zeros stored there)
     num_row_blocks,    # len(block_expert)
     up_offset,         # row of up column j = j * COL_STEP + up_offset
     alpha, limit,      # clamped_swiglu parameters
@@ -79,6 +84,13 @@ def gate_up_kernel(
         offs_j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         w_rows = offs_j
     w_col_valid = offs_j < intermediate_size
+    if COL_STEP == 2 or not GATED:
+        # The tile's rows run along R: masked by R's padded width where w has that padding in
+        # memory, a multiple of 16 (16-byte copies on the contiguous R axis of gpt_oss). Columns
+        # j >= I then hold finite padding products, and h is forced to zero there below.
+        w_load_valid = w_rows < w_rows_bound
+    else:
+        w_load_valid = w_col_valid  # concatenated: R is not the contiguous axis, the exact mask costs nothing
     w_rows = w_rows.to(tl.int64)
 
     x_ptrs = x_ptr + token[:, None] * stride_xt + offs_k[None, :] * stride_xh
@@ -87,7 +99,7 @@ def gate_up_kernel(
     for k0 in range(0, hidden_size, BLOCK_K):
         k_valid = offs_k < hidden_size - k0
         x_tile = tl.load(x_ptrs, mask=row_valid[:, None] & k_valid[None, :], other=0.0)
-        w_tile = tl.load(w_ptrs, mask=k_valid[:, None] & w_col_valid[None, :], other=0.0)
+        w_tile = tl.load(w_ptrs, mask=k_valid[:, None] & w_load_valid[None, :], other=0.0)
         acc = tl.dot(as_dot_operand(x_tile, INTERPRETED), as_dot_operand(w_tile, INTERPRETED), acc,
                      input_precision=DOT_PRECISION, out_dtype=acc.dtype)
         x_ptrs += BLOCK_K * stride_xh
@@ -102,18 +114,20 @@ def gate_up_kernel(
     else:
         h, _ = unary_activation_and_grad(acc, ACTIVATION)
     # Padding rows are stored as zeros: the weight-gradient kernels multiply them by zero and
-    # must not meet garbage (NaN * 0 is NaN).
-    h = tl.where(row_valid[:, None], h, 0.0)
+    # must not meet garbage (NaN * 0 is NaN). So are the padding columns I .. h_width: the down
+    # kernel reduces over them (masked by the padded width) and needs exact zeros there.
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    h = tl.where(row_valid[:, None] & (offs_n < intermediate_size)[None, :], h, 0.0)
     h_ptrs = h_ptr + offs_m.to(tl.int64)[:, None] * stride_hm + offs_n[None, :] * stride_hi
-    tl.store(h_ptrs, round_to(h, h_ptr.dtype.element_ty, INTERPRETED), mask=(offs_n < intermediate_size)[None, :])
+    tl.store(h_ptrs, round_to(h, h_ptr.dtype.element_ty, INTERPRETED), mask=(offs_n < h_width)[None, :])
 
 
 def gate_up(hidden_states, w_gate_up, b_gate_up, sorted_ids_padded, block_expert, *, top_k: int,
             activation: str, layout: str, gated: bool, alpha: float, limit: float,
             config: KernelConfig) -> torch.Tensor:
     """h [M, I] (M = len(sorted_ids_padded)) in padded sorted order, rows 16-byte aligned
-    (row stride `layouts.aligned_row_stride(I)`); padding rows are zero."""
+    (row stride `layouts.aligned_row_stride(I)`); padding rows are zero, and so are the padding
+    columns I .. aligned_row_stride(I) of every row (in memory, past the view)."""
     require_runnable(gate_up_kernel, hidden_states.device)
     num_tokens, hidden_size = hidden_states.shape
     rows_axis, hidden_axis = gate_up_axes(layout)
@@ -127,7 +141,9 @@ def gate_up(hidden_states, w_gate_up, b_gate_up, sorted_ids_padded, block_expert
     grid = (tile_grid_size(num_row_blocks, triton.cdiv(intermediate_size, config.BLOCK_N)),)
     gate_up_kernel[grid](
         hidden_states, w_gate_up, bias, sorted_ids_padded, block_expert, h,
-        num_tokens * top_k, top_k, hidden_size, intermediate_size, num_row_blocks, up_offset, alpha, limit,
+        num_tokens * top_k, top_k, hidden_size, intermediate_size,
+        readable_width(w_gate_up, rows_axis, w_gate_up.shape[rows_axis]), readable_width(h, 1, intermediate_size),
+        num_row_blocks, up_offset, alpha, limit,
         hidden_states.stride(0), hidden_states.stride(1),
         w_gate_up.stride(0), w_gate_up.stride(rows_axis), w_gate_up.stride(hidden_axis),
         bias.stride(0), bias.stride(1),
