@@ -281,15 +281,13 @@ for name, shape, block_m, path in json.loads(sys.argv[1]):
     saved = {}
     for kernel in ("align_small_kernel", "align_count_kernel", "align_scan_kernel", "align_scatter_kernel"):
         saved[kernel] = getattr(align, kernel)
-        setattr(align, kernel, aot._Recorder(calls))
+        setattr(align, kernel, aot._Recorder(calls, kernel))
     align.require_runnable = lambda kernel, device: None
     ids = torch.randint(0, num_experts, (num_tokens, top_k))
     align.align_triton(ids, num_experts, block_m, **path)
     for kernel, value in saved.items():
         setattr(align, kernel, value)
-    kernels = (["align_small_kernel"] if len(calls) == 1 else
-               ["align_count_kernel", "align_scan_kernel", "align_scatter_kernel"])
-    for kernel, (args, kwargs) in zip(kernels, calls):
+    for kernel, args, kwargs in calls:  # the recorder keeps each launch's kernel name
         aot.KERNEL_MODULES[kernel] = (align, kernel)
         launch = aot.Launch(kernel, name, "-", "int64", intermediate=0, config=None, args=args, kwargs=kwargs)
         compiled = aot.compile_launch(launch, 90)
