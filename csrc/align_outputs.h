@@ -1,5 +1,5 @@
-// The seven outputs of tpmoe::align, allocated once for the CPU and the CUDA op alike. Sizes
-// come from shapes alone (the Python fake computes the same), so both devices agree.
+// The seven outputs of tpmoe::align on CPU (align_cpu.cpp). Sizes come from shapes alone, as
+// in the Python fake (tpmoe.routing.empty_align_outputs), which the Triton align on CUDA uses.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -14,7 +14,7 @@ namespace tpmoe {
 
 struct AlignBuffers {
   at::Tensor sorted_pair_ids;    // [T*K] int32
-  at::Tensor tokens_per_expert;  // [E] int64 (zeroed: the CUDA kernel accumulates into it)
+  at::Tensor tokens_per_expert;  // [E] int64
   at::Tensor expert_offsets;     // [E+1] int64
   at::Tensor sorted_ids_padded;  // [bound] int32, the sentinel T*K marks padding
   at::Tensor padded_offsets;     // [E+1] int64

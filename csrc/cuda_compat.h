@@ -1,4 +1,4 @@
-// c10/cuda includes of the CUDA op glue (route_cuda_op.cpp, align_cuda_op.cpp). Only the
+// c10/cuda includes of the CUDA op glue (route_cuda_op.cpp). Only the
 // c10/cuda stream, guard and error check are used, not ATen/cuda/CUDAContext.h, which pulls
 // in cuBLAS/cuSPARSE headers the ops do not need; the lighter set also compiles against the
 // headers a CPU-only torch ships (tests/test_cuda_compile.py checks it on such a machine).

@@ -1,6 +1,6 @@
-// The launchers of the CUDA kernels (route_cuda.cu, align_cuda.cu), in plain types. The
-// kernel files include no ATen/torch headers, which keeps nvcc fast; the op glue
-// (route_cuda_op.cpp, align_cuda_op.cpp) checks, allocates and picks the stream.
+// The launcher of the CUDA route kernel (route_cuda.cu), in plain types. The kernel file
+// includes no ATen/torch headers, which keeps nvcc fast; the op glue (route_cuda_op.cpp)
+// checks, allocates and picks the stream. (align on CUDA is Triton: tpmoe/triton/align.py.)
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -28,23 +28,5 @@ cudaError_t launch_route(
     // scoring
     Scoring scoring, bool renormalize, int n_group, int topk_group, double routed_scaling_factor,
     cudaStream_t stream);
-
-// Pair ids are int64 when ids_are_int64, int32 otherwise. Outputs are preset by the caller:
-// tile_counts zero, sorted_ids_padded the sentinel, block_expert -1. Needs pairs > 0.
-cudaError_t launch_align(
-    // pointers
-    const void* topk_ids,            // [pairs] int32 or int64
-    int32_t* tile_counts,            // [align_num_tiles(pairs), E] zero, scratch
-    int64_t* tokens_per_expert,      // [E]
-    int64_t* expert_offsets,         // [E+1]
-    int64_t* padded_offsets,         // [E+1]
-    int64_t* num_padded,             // [1]
-    int32_t* sorted_pair_ids,        // [pairs]
-    int32_t* sorted_ids_padded,      // [M]
-    int32_t* block_expert,           // [num_blocks]
-    // sizes
-    bool ids_are_int64, int64_t pairs, int num_experts, int64_t block_m, int64_t num_blocks, cudaStream_t stream);
-
-int64_t align_num_tiles(int64_t pairs);
 
 }  // namespace tpmoe

@@ -1,6 +1,7 @@
 // The one binding file of tpmoe._C: the schemas of the routing ops. Their implementations
-// register themselves per device: route_cpu.cpp, align_cpu.cpp (CPU); route_cuda_op.cpp,
-// align_cuda_op.cpp (CUDA, launching the kernels of route_cuda.cu, align_cuda.cu).
+// register themselves per device: route_cpu.cpp, align_cpu.cpp (CPU); route_cuda_op.cpp
+// (CUDA, launching the kernel of route_cuda.cu). align has no CUDA kernel here: on CUDA
+// tensors tpmoe.routing.align runs the Triton kernels of tpmoe/triton/align.py.
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
 

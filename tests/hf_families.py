@@ -144,9 +144,11 @@ def run_block(holder, seed: int, tokens=(2, 5), key: str = ""):
     return y.detach(), x.grad, grads
 
 
-def expected_local_grads(reference_holder, reference_grads, swapped_holder, rank: int, world_size: int):
+def expected_local_grads(reference_holder, reference_grads, swapped_holder, rank: int, world_size: int, *,
+                         ep_rank: int = 0, ep_size: int = 1):
     """{name: expected grad} for every trained parameter of the swapped holder, under its own names:
-    kept HF parameters by name, tpmoe weights as this rank's slice of the HF gradients."""
+    kept HF parameters by name, tpmoe weights as this rank's slice of the HF gradients (its TP
+    columns of, under expert parallelism, its EP rank's experts)."""
     from tpmoe.hf.module import TpmoeHFBlock, TpmoeHFExperts
     from tpmoe.sharding import shard_weight
 
@@ -168,7 +170,8 @@ def expected_local_grads(reference_holder, reference_grads, swapped_holder, rank
             expected[name] = None
             continue
         whole = replacement.hf_weights.to_tpmoe(tp_name, parts)
-        expected[name] = shard_weight(replacement.block.config, tp_name, whole, rank, world_size)
+        expected[name] = shard_weight(replacement.block.config, tp_name, whole, rank, world_size, ep_rank=ep_rank,
+                                      ep_size=ep_size)
     return expected
 
 

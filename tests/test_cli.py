@@ -191,6 +191,11 @@ BAD_ARGUMENTS = {
                         "--world-size: expected a multiple of --ep 3 (EP x TP ranks), got 4"),
     "ep above the experts": (["verify", "--ep", "9", "--world-size", "9"], "--ep: expected at most 8"),
     "ep with sp": (["verify", "--ep", "2", "--mode", "sp"], "--mode: expected tp with --ep"),
+    "bench ep not dividing": (["bench", "--ep", "2", "--world-size", "3"],
+                              "--world-size: expected a multiple of --ep 2 (EP x TP ranks), got 3"),
+    "bench ep above the experts": (["bench", "--ep", "9", "--world-size", "9"], "--ep: expected at most 8"),
+    "bench ep with impl": (["bench", "--ep", "2", "--impl", "tpmoe"], "--impl: not used with --ep"),
+    "bench ep with plot": (["bench", "--ep", "2", "--plot", "x.png"], "--plot: not available with --ep"),
 }
 
 

@@ -1,8 +1,8 @@
 """What only a CUDA GPU can check, beside the suite's CUDA-capable tests (test_triton_*.py):
 
-- the CUDA routing kernels (csrc/*.cu) against the CPU ops and the PyTorch twins
-  (tpmoe.routing_torch), for every scoring: ids and all `align` metadata bitwise, weights
-  within one rounding (routing_cases.py);
+- the CUDA route kernel (csrc/route_cuda.cu) and the Triton align (tpmoe/triton/align.py, the
+  one GPU align) against the CPU ops and the PyTorch twins (tpmoe.routing_torch), for every
+  scoring: ids and all `align` metadata bitwise, weights within one rounding (routing_cases.py);
 - tpmoe.MoEBlock on CUDA, forward and backward, against tpmoe.reference in float64 at the
   token counts that pick each row-block size of the Triton tables (BLOCK_M 16, 64, 128), so
   that every compiled tile configuration of the forward and backward runs: fp32 within 1e-5
@@ -18,7 +18,7 @@ import torch
 from tpmoe import MoEBlock, MoEConfig
 from tpmoe.reference import reference_moe_block, reference_route, reference_router_logits
 from tpmoe.routing import align, route
-from tpmoe.routing_torch import align_torch, route_torch
+from tpmoe.routing_torch import AlignResult, align_torch, route_torch
 from routing_cases import (LOGIT_DTYPES, SCORING_IDS, SCORINGS, SHAPES, align_cases, applicable,
                            assert_align_equal, assert_weights_match, masked_and_nan_logits, route_kwargs)
 from tolerances import FP32_RTOL, assert_fp32_close, assert_within_twice_same_dtype, max_rel_error
@@ -58,7 +58,7 @@ def assert_cuda_route_matches(logits, top_k, **kwargs):
 
 
 # ---------------------------------------------------------------------------------------
-# The CUDA routing kernels
+# The CUDA route kernel and the Triton align on CUDA
 # ---------------------------------------------------------------------------------------
 
 
@@ -95,7 +95,9 @@ def test_cuda_route_masked_and_nan_logits(seed):
 
 @pytest.mark.parametrize("block_m", [1, 16, 64, 128])
 @pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64], ids=str)
-def test_cuda_align_matches_cpu_op_and_twin(block_m, id_dtype):
+def test_triton_align_on_cuda_matches_cpu_op_and_twin(block_m, id_dtype):
+    """align of CUDA ids runs the Triton kernels: its small (one launch) path up to
+    SMALL_MAX_PAIRS pairs, its large (three launches) path past it (the model cases)."""
     generator = torch.Generator().manual_seed(3)
     model_cases = [("qwen3_t16384", torch.stack([torch.randperm(128, generator=generator)[:8]
                                                  for _ in range(16384)]).to(id_dtype), 128),
@@ -103,6 +105,8 @@ def test_cuda_align_matches_cpu_op_and_twin(block_m, id_dtype):
     for name, topk_ids, num_experts in align_cases(id_dtype) + model_cases:
         result = align(topk_ids.cuda(), num_experts, block_m)
         assert all(tensor.is_cuda for tensor in result), name
+        assert_align_equal(result, AlignResult(*torch.ops.tpmoe.triton_align(topk_ids.cuda(), num_experts, block_m)),
+                           name)
         assert_align_equal(result, align(topk_ids, num_experts, block_m), name)
         assert_align_equal(result, align_torch(topk_ids, num_experts, block_m), name)
 

@@ -9,6 +9,7 @@ import torch
 
 import tpmoe
 import tpmoe._native
+import tpmoe.routing
 from tpmoe._native import NativeFallbackWarning, native_available, use_native_ops
 from tpmoe.reference import reference_moe_block
 from tpmoe.routing_torch import align_torch, route_torch
@@ -84,3 +85,32 @@ def test_the_switch_is_read_at_each_call(monkeypatch):
     assert not use_native_ops()
     monkeypatch.delenv("TPMOE_SKIP_NATIVE")
     assert use_native_ops()
+
+
+@pytest.mark.skipif(not native_available(), reason="tpmoe._C is not built")
+def test_cuda_tensors_route_through_the_twin_without_cuda_kernels(monkeypatch, seed):
+    """A build without nvcc has CPU kernels only: route of CUDA tensors runs route_torch, after one
+    warning that names the missing CUDA kernels, and CPU tensors keep the native op, with no warning
+    of their own. (Fake CUDA tensors: no GPU needed; the twin is replaced by a recorder, as a CPU
+    torch cannot sort fake CUDA tensors.)"""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    if torch._C._dispatch_has_kernel_for_dispatch_key("tpmoe::route", "CUDA"):
+        # This build has them: the decision is what a build without them would see.
+        monkeypatch.setattr(torch._C, "_dispatch_has_kernel_for_dispatch_key", lambda name, key: key != "CUDA")
+    monkeypatch.setattr(tpmoe._native, "_fallback_warned", False)
+    twin_calls = []
+    monkeypatch.setattr(tpmoe.routing, "route_torch",
+                        lambda *args, **kwargs: twin_calls.append(args[0].device) or "the twin's result")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert use_native_ops(torch.device("cpu")) is not None
+        with FakeTensorMode():
+            logits = torch.randn(3, 8, device="cuda")
+            for _ in range(2):
+                assert tpmoe.route(logits, 2, scoring="softmax", renormalize=True) == "the twin's result"
+        assert use_native_ops(torch.device("cuda")) is None
+    assert [device.type for device in twin_calls] == ["cuda", "cuda"]
+    fallbacks = [warning for warning in caught if issubclass(warning.category, NativeFallbackWarning)]
+    assert len(fallbacks) == 1, [str(warning.message) for warning in caught]
+    assert "no CUDA kernels" in str(fallbacks[0].message)

@@ -11,7 +11,9 @@ align, experts_cpu_*) and the Triton launches (triton_*, tpmoe.triton.ops). For 
   without the extension, or with TPMOE_SKIP_NATIVE=1 in the environment (the variable that
   also makes setup.py build no extension), the callers run the plain-PyTorch twins
   (tpmoe.routing_torch, tpmoe.cpu.experts_torch), correct and slower, after one
-  NativeFallbackWarning per process. torch.compile reads the decision when it traces.
+  NativeFallbackWarning per process; `use_native_ops(device)` also answers for an accelerator
+  (a build without nvcc has no CUDA kernels: CUDA tensors then route through the twin).
+  torch.compile reads the decision when it traces.
 
 `import tpmoe` never needs the extension; it loads it where it is built, so that a first
 call traced by torch.compile finds the ops and their fakes in place.
@@ -95,19 +97,39 @@ def native_available() -> bool:
     return True
 
 
-def use_native_ops():
-    """The backend decision: `torch.ops.tpmoe` where the ops of tpmoe._C run (the caller uses
-    it, with no second lookup); otherwise None, after warning once per process, and the caller
-    runs its plain-PyTorch twin."""
+def _runs_on(ops, device) -> bool:
+    """Whether the ops of tpmoe._C run on `device`: always on CPU (and meta, through their fakes);
+    on an accelerator only where the build registered kernels for it (a CUDA build compiled with
+    nvcc registers `route` for CUDA; a build without nvcc has CPU kernels only)."""
+    import torch
+
+    if device is None or device.type in ("cpu", "meta"):
+        return True
+    return torch._C._dispatch_has_kernel_for_dispatch_key(ops.route._qualified_op_name, device.type.upper())
+
+
+def use_native_ops(device=None):
+    """The backend decision: `torch.ops.tpmoe` where the ops of tpmoe._C run on `device` (None: on
+    CPU; the caller uses it, with no second lookup); otherwise None, after warning once per process,
+    and the caller runs its plain-PyTorch twin. On CUDA only `route` is native (align is the Triton
+    kernel there, tpmoe.routing), so a build without CUDA kernels routes CUDA tensors through the twin."""
     global _fallback_warned
     try:
-        return native_ops()
+        ops = native_ops()
     except NativeExtensionMissing as missing:
-        if not _fallback_warned:
-            _fallback_warned = True
-            warnings.warn(f"tpmoe: {missing}. Routing and the CPU experts run their plain-PyTorch versions "
-                          "instead: correct, and slower.", NativeFallbackWarning, stacklevel=3)
-        return None
+        reason = f"{missing}. Routing and the CPU experts run their plain-PyTorch versions instead"
+        ops = None
+    else:
+        if _runs_on(ops, device):
+            return ops
+        reason = (f"tpmoe._C has no {device.type.upper()} kernels (built without nvcc, or from a CPU torch). "
+                  f"Routing of {device.type} tensors runs its plain-PyTorch version instead; rebuild with nvcc "
+                  f"and a CUDA torch (`pip install --no-build-isolation -e .`) for the native kernel")
+        ops = None
+    if not _fallback_warned:
+        _fallback_warned = True
+        warnings.warn(f"tpmoe: {reason}: correct, and slower.", NativeFallbackWarning, stacklevel=3)
+    return ops
 
 
 if not _skipped():

@@ -2,11 +2,15 @@
 (token, expert) pairs by expert for the grouped GEMMs (`align`).
 
 Both check their arguments first (the messages name the argument, what was expected and
-what came), then run the native ops `torch.ops.tpmoe.route` / `torch.ops.tpmoe.align`
-(csrc/, CPU and CUDA), or, where tpmoe._C is not built, their plain-PyTorch twins
-(tpmoe.routing_torch; the decision is tpmoe._native.use_native_ops). This module registers
-for the native ops what torch needs around them: fake (meta) implementations, so
-`torch.compile` traces them, and the autograd formula of `route`.
+what came), then run:
+- `route`: the native op `torch.ops.tpmoe.route` (csrc/, C++ on CPU, CUDA on GPU), or, where
+  tpmoe._C is not built or has no kernel for the tensors' device (a build without nvcc), its
+  plain-PyTorch twin (tpmoe.routing_torch; the decision is tpmoe._native.use_native_ops);
+- `align`: on CUDA tensors the Triton kernels (`torch.ops.tpmoe.triton_align`,
+  tpmoe/triton/align.py), the one GPU align, with or without tpmoe._C; elsewhere the C++ CPU
+  op `torch.ops.tpmoe.align`, or its twin without tpmoe._C.
+This module registers for the native ops what torch needs around them: fake (meta)
+implementations, so `torch.compile` traces them, and the autograd formula of `route`.
 """
 import math
 from typing import Optional, Tuple
@@ -37,7 +41,9 @@ def _route_fake(router_logits, top_k, scoring, renormalize, correction_bias, n_g
     return topk_weights, topk_ids
 
 
-def _align_fake(topk_ids, num_experts, block_m):
+def empty_align_outputs(topk_ids, num_experts, block_m):
+    """The seven AlignResult tensors, uninitialised, with the shapes every implementation gives: the
+    fake of the ops (torch.compile), and the outputs the Triton align writes whole."""
     pairs = topk_ids.numel()
     padded_rows = padded_rows_bound(pairs, num_experts, block_m)
     int32 = dict(dtype=torch.int32, device=topk_ids.device)
@@ -98,7 +104,7 @@ def _route_backward(ctx, grad_topk_weights, _grad_topk_ids):
 @on_load
 def _register_python_side() -> None:
     torch.library.register_fake("tpmoe::route", _route_fake)
-    torch.library.register_fake("tpmoe::align", _align_fake)
+    torch.library.register_fake("tpmoe::align", empty_align_outputs)
     torch.library.register_autograd("tpmoe::route", _route_backward, setup_context=_route_setup_context)
 
 
@@ -185,9 +191,13 @@ def _check_align_args(topk_ids, num_experts, block_m) -> None:
         raise ValueError(f"topk_ids: expected T*K + min(E, T*K) * (block_m - 1) <= 2**31 - 1 padded rows (row "
                          f"indices are int32), got {padded_rows} for T*K = {topk_ids.numel()}, E = {num_experts}, "
                          f"block_m = {block_m}")
+    _check_ids_on_host(topk_ids, num_experts)
+
+
+def _check_ids_on_host(topk_ids, num_experts) -> None:
     # The value check needs the data: done where it is free (CPU, eager). Under torch.compile
-    # the native op checks on CPU; on CUDA the kernel asserts, as a sync here would stall
-    # every MoE layer and break CUDA-graph capture.
+    # the native op checks on CPU; on CUDA the Triton kernel asserts (tpmoe/triton/align.py), as a
+    # sync here would stall every MoE layer and break CUDA-graph capture.
     if topk_ids.device.type == "cpu" and not torch.compiler.is_compiling() and topk_ids.numel() > 0:
         low, high = topk_ids.min().item(), topk_ids.max().item()
         if low < 0 or high >= num_experts:
@@ -227,7 +237,7 @@ def route(
     """
     _check_route_args(router_logits, top_k, scoring, renormalize, correction_bias, n_group, topk_group,
                       routed_scaling_factor)
-    ops = use_native_ops()
+    ops = use_native_ops(router_logits.device)
     if ops is None:
         return route_torch(router_logits, top_k, scoring=scoring, renormalize=renormalize,
                            correction_bias=correction_bias, n_group=n_group, topk_group=topk_group,
@@ -236,14 +246,25 @@ def route(
                      float(routed_scaling_factor))
 
 
+def uses_triton_align(device: torch.device) -> bool:
+    """Whether `align` runs the Triton kernels for tensors on `device`: on CUDA, always (the one
+    GPU align). The tests that count a GPU forward's launches on CPU, under the interpreter,
+    switch it on there."""
+    return device.type == "cuda"
+
+
 def align(topk_ids: torch.Tensor, num_experts: int, block_m: int = 1) -> AlignResult:
     """Groups the T*K (token, expert) pairs by expert; see `AlignResult` for the outputs.
 
     Pair p = t * K + k. Within an expert, pairs keep their order (a stable sort). Each
     expert's rows are padded to a multiple of block_m in sorted_ids_padded, whose length
-    M = T*K + min(E, T*K) * (block_m - 1) depends on shapes only.
+    M = T*K + min(E, T*K) * (block_m - 1) depends on shapes only. CUDA tensors: the Triton
+    kernels (one launch up to 4096 pairs, three past it; no host sync); CPU: the C++ op.
     """
     _check_align_args(topk_ids, num_experts, block_m)
+    if uses_triton_align(topk_ids.device):
+        from .triton import ops as triton_ops  # imports triton: only where it runs
+        return AlignResult(*triton_ops.align(topk_ids, num_experts, block_m))
     ops = use_native_ops()
     if ops is None:
         return align_torch(topk_ids, num_experts, block_m)

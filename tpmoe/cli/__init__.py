@@ -2,14 +2,15 @@
 
   tpmoe verify [--preset NAME] [--world-size P] [--mode tp|sp] [--ep E] [--scale F|auto] [--tokens T]
   tpmoe bench  [--preset NAME] [--tokens 1,32,512] [--world-size P] [--impl LIST] [--mode fwd|train]
-               [--json FILE] [--plot FILE] [--scale F] [--repeats N]
+               [--json FILE] [--plot FILE] [--scale F] [--repeats N] [--ep E]
   tpmoe --list-presets
 
 verify: the block of a preset sharded over P ranks against the float64 one-process reference,
 forward and backward, collectives counted; exits non-zero on any failure (--ep E: expert
 parallelism, E EP ranks x P / E TP ranks). bench: tpmoe at
 world sizes 1..P against transformers' experts implementations, a dense GEMM of the same FLOPs
-(ceiling) and a read of the weights touched (floor). Ranks are spawned on this machine (gloo on
+(ceiling) and a read of the weights touched (floor); with --ep E: one process, TP P and EP E x
+TP P/E on the same P ranks, interleaved, with the bytes of every collective. Ranks are spawned on this machine (gloo on
 CPU, NCCL on GPUs), or are the processes of a `torchrun` launch. On CUDA tensors the experts
 run on tpmoe's Triton kernels, on CPU on its C++ path.
 
@@ -184,6 +185,9 @@ def build_parser():
     bench.add_argument("--dtype", default="bfloat16", choices=list(_dtypes()), help="bfloat16, float16 or float32")
     bench.add_argument("--threads", type=positive_int, default=None,
                        help="CPU threads per rank (default: the cores shared out)")
+    bench.add_argument("--ep", type=positive_int, default=1,
+                       help="expert-parallel ranks E (default 1: none): times one process, TP P and EP E x TP P/E "
+                            "on --world-size P ranks, with the bytes of each collective")
     return parser
 
 
@@ -271,11 +275,19 @@ def _bench(args) -> int:
     preset = get_preset(args.preset)
     config = scaled_config(preset.config, args.scale)
     gpus = torch.cuda.device_count() if torch.cuda.is_available() and args.device != "cpu" else 0
-    world_size, device_type = _world_size(args, config, default=gpus or 1)
+    if args.ep > 1:
+        if args.impl is not None:
+            raise UsageError("--impl: not used with --ep (it times tpmoe in three layouts: one process, TP and EP), "
+                             f"got {','.join(args.impl)}")
+        if args.plot is not None:
+            raise UsageError("--plot: not available with --ep (its rows are layouts, not world sizes)")
+        world_size, device_type = _world_size(args, config, default=max(2, args.ep), ep_size=args.ep)
+    else:
+        world_size, device_type = _world_size(args, config, default=gpus or 1)
     plan = BenchPlan(preset=preset.name, family=preset.family, config=config, scale=args.scale,
                      world_size=world_size, tokens=tuple(args.tokens), impls=args.impl or IMPLS, mode=args.mode,
                      dtype=_dtypes()[args.dtype], repeats=args.repeats, warmup=args.warmup, threads=args.threads,
-                     device_type=device_type)
+                     device_type=device_type, ep_size=args.ep)
     return run_bench(plan, json_path=args.json, plot_path=args.plot, timeout_s=args.timeout, out=sys.stdout)
 
 

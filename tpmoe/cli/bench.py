@@ -51,6 +51,7 @@ class BenchPlan:
     seed: int = 0
     threads: Optional[int] = None  # CPU threads per rank; None: the cores shared out over the ranks
     device_type: str = "cpu"       # "cuda": one GPU per rank, NCCL, Triton kernels
+    ep_size: int = 1               # > 1: `--ep E`, the layouts one process / TP P / EP E x TP P/E (tpmoe.cli.bench_ep)
 
 
 # --------------------------------------------------------------------------- sizes
@@ -97,19 +98,20 @@ def check_fits(plan: BenchPlan) -> None:
 # --------------------------------------------------------------------------- weights and inputs
 
 def make_shards(config: MoEConfig, rank: int, world_size: int, dtype: torch.dtype, device: torch.device,
-                seed: int) -> Dict[str, torch.Tensor]:
+                seed: int, *, ep_rank: int = 0, ep_size: int = 1) -> Dict[str, torch.Tensor]:
     """This rank's shard dict, drawn in place in `dtype` (no float64 copy of a full model): the
     replicated weights from `seed` (the same on every rank and world size, so the routing is
-    too), the sharded ones per rank (their values do not change the work)."""
+    too), the sharded ones per rank (their values do not change the work). ep_rank / ep_size:
+    the shard of TP rank `rank` on that EP rank (tpmoe.sharding.shard_shapes)."""
     from ..sharding import SHARDED_NAMES, shard_shapes
 
     replicated = torch.Generator().manual_seed(seed)
-    sharded = torch.Generator(device=device).manual_seed(seed + 1 + rank)
+    sharded = torch.Generator(device=device).manual_seed(seed + 1 + ep_rank * world_size + rank)
     fan_in = {"router_weight": config.hidden_size, "shared_gate": config.hidden_size,
               "w_gate_up": config.hidden_size, "shared_gate_up": config.hidden_size,
               "w_down": config.intermediate_size, "shared_down": max(1, config.shared_intermediate_size)}
     shards = {}
-    for name, shape in shard_shapes(config, rank, world_size).items():
+    for name, shape in shard_shapes(config, rank, world_size, ep_rank=ep_rank, ep_size=ep_size).items():
         std = 1 / math.sqrt(fan_in.get(name, 16))
         if name in SHARDED_NAMES:
             tensor = torch.empty(shape, dtype=dtype, device=device)
@@ -312,6 +314,9 @@ def run_bench(plan: BenchPlan, *, json_path: Optional[str], plot_path: Optional[
     from .report import format_table, write_json
 
     check_fits(plan)
+    if plan.ep_size > 1:
+        from .bench_ep import run_bench_ep
+        return run_bench_ep(plan, json_path=json_path, timeout_s=timeout_s, out=out)
     if plot_path is not None:
         from .plot import check_plotting
         check_plotting()  # before the long part: a missing matplotlib is said up front

@@ -2,6 +2,7 @@
 
     report = tpmoe.hf.apply(model)                 # one process
     report = tpmoe.hf.apply(model, group)          # tensor parallel: ProcessGroup or DeviceMesh
+    report = tpmoe.hf.apply(model, mesh)           # expert parallel: a mesh with an "ep" (and "tp") dim
     state_dict = tpmoe.hf.gather_state_dict(model) # HF names, full tensors, on every rank
     model.save_pretrained(path, state_dict=state_dict)   # loads into the original class
     tpmoe.hf.register_experts_implementation()     # then experts_implementation="tpmoe"
@@ -25,7 +26,8 @@ snapshot tpmoe/hf/families_snapshot.json.
 from .experts_interface import EXPERTS_IMPLEMENTATION, register_experts_implementation, tpmoe_experts_forward
 from .judge import UnsupportedFamilyError
 from .state_dict import gather_state_dict
-from .swap import ApplyReport, ReplacedBlock, apply
+from .swap import ApplyReport, ReplacedBlock, apply, data_parallel_parameters
 
-__all__ = ["ApplyReport", "ReplacedBlock", "UnsupportedFamilyError", "apply", "gather_state_dict",
+__all__ = ["ApplyReport", "ReplacedBlock", "UnsupportedFamilyError", "apply", "data_parallel_parameters",
+           "gather_state_dict",
            "register_experts_implementation", "tpmoe_experts_forward", "EXPERTS_IMPLEMENTATION"]

@@ -21,7 +21,9 @@ global RNG, re-seeded the same way for the duration of its forward (Synchronized
   - step: a counter advanced once per forward of the root model by a pre-hook that `apply`
     registers (`StepCounter`), so a gradient-checkpointing recompute inside the same step redraws
     exactly the numbers of the first pass;
-  - layer: the block's index in the model.
+  - layer: the block's index in the model;
+  - under expert parallelism, the EP rank: its ranks hold different tokens (the model runs
+    data-parallel over EP), so each draws its own numbers; the TP ranks of one EP rank alike.
 Nothing is communicated, and the draws do not depend on the global RNG state of a rank.
 """
 import hashlib
@@ -34,9 +36,12 @@ from ..block import MoEBlock
 from .weight_map import WeightMap
 
 
-def jitter_generator_seed(jitter_seed: int, step: int, layer: int) -> int:
-    """A 63-bit seed that is a pure function of (jitter_seed, step, layer): the same on every rank."""
-    digest = hashlib.blake2b(f"{jitter_seed}:{step}:{layer}".encode(), digest_size=8).digest()
+def jitter_generator_seed(jitter_seed: int, step: int, layer: int, stream: int = 0) -> int:
+    """A 63-bit seed that is a pure function of (jitter_seed, step, layer): the same on every rank.
+    stream: the EP rank under expert parallelism (its ranks hold different tokens, so each draws
+    its own numbers, as data-parallel replicas do); 0 leaves the seed as without EP."""
+    key = f"{jitter_seed}:{step}:{layer}" + (f":{stream}" if stream else "")
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2 ** 63 - 1)
 
 
@@ -84,7 +89,7 @@ class TpmoeHFBlock(_HFWeights, nn.Module):
 
     def __init__(self, block: MoEBlock, plan, weights: WeightMap, *, family: str, hf_class_name: str,
                  layer_index: int, kept: Dict[str, object], routed_scale: float = 1.0, jitter_noise: float = 0.0,
-                 jitter_seed: int = 0, records_router_logits: bool = False):
+                 jitter_seed: int = 0, jitter_stream: int = 0, records_router_logits: bool = False):
         nn.Module.__init__(self)
         self._init_hf_weights(block, weights, family, hf_class_name, layer_index)
         self.structure = plan.block
@@ -99,12 +104,14 @@ class TpmoeHFBlock(_HFWeights, nn.Module):
         self.routed_scale = float(routed_scale)
         self.jitter_noise = float(jitter_noise)
         self.jitter_seed = int(jitter_seed)
+        self.jitter_stream = int(jitter_stream)
         self.jitter_step = 0
         self.records_router_logits = records_router_logits
 
     def _jitter(self, hidden_states: torch.Tensor) -> torch.Tensor:
         generator = torch.Generator(device=hidden_states.device)
-        generator.manual_seed(jitter_generator_seed(self.jitter_seed, self.jitter_step, self.layer_index))
+        generator.manual_seed(jitter_generator_seed(self.jitter_seed, self.jitter_step, self.layer_index,
+                                                    self.jitter_stream))
         noise = torch.empty(hidden_states.shape, dtype=hidden_states.dtype, device=hidden_states.device)
         noise.uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise, generator=generator)
         return hidden_states * noise
@@ -192,9 +199,10 @@ class SynchronizedRandomness:
     forward draws from the global RNG seeded from (jitter_seed, step, layer), the same on every
     rank; the rank's own RNG state is put back afterwards."""
 
-    def __init__(self, jitter_seed: int, layer_index: int):
+    def __init__(self, jitter_seed: int, layer_index: int, stream: int = 0):
         self.jitter_seed = jitter_seed
         self.layer_index = layer_index
+        self.stream = stream
         self.jitter_step = 0
         self._saved: List[Optional[tuple]] = []
 
@@ -204,7 +212,7 @@ class SynchronizedRandomness:
             return
         cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
         self._saved.append((torch.get_rng_state(), torch.cuda.get_rng_state() if cuda else None))
-        seed = jitter_generator_seed(self.jitter_seed, self.jitter_step, self.layer_index)
+        seed = jitter_generator_seed(self.jitter_seed, self.jitter_step, self.layer_index, self.stream)
         torch.default_generator.manual_seed(seed)
         if cuda:
             torch.cuda.manual_seed(seed)  # the current device's generator only

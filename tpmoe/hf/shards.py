@@ -81,9 +81,12 @@ def check_whole_shapes(module, weights, config, block_name: str = "") -> None:
                              f"{config.num_experts}, H {config.hidden_size}, I {config.intermediate_size})")
 
 
-def collect_shards(module, weights, config, group, block_name: str = "") -> Tuple[Dict[str, torch.Tensor], str]:
+def collect_shards(module, weights, config, group, block_name: str = "", *, ep_group=None
+                   ) -> Tuple[Dict[str, torch.Tensor], str]:
     """This rank's shard dict (tpmoe names) from the HF module's tensors, and where it came from.
 
+    ep_group: the EP group (expert parallelism; plain tensors only, apply refuses DTensors then):
+    the routed experts are cut to this EP rank's range before the TP columns.
     weights: the block's tpmoe.hf.weight_map.WeightMap. A TP plan may leave any mix: DTensor
     shards, plain whole tensors (a plan without an entry for, say, the shared expert) and
     DTensors with Replicate placements. Each weight is decided on its own, from global shapes
@@ -97,10 +100,11 @@ def collect_shards(module, weights, config, group, block_name: str = "") -> Tupl
     from ..sharding import SHARDED_NAMES, shard_weight
 
     rank, world_size = group_rank(group), group_size(group)
+    ep = dict(ep_rank=group_rank(ep_group), ep_size=group_size(ep_group))
     shards, kinds = {}, set()
     for name, parts in weights.hf_tensors(module).items():
         try:
-            if name in SHARDED_NAMES and weights.plain(name) and all(
+            if ep["ep_size"] == 1 and name in SHARDED_NAMES and weights.plain(name) and all(
                     is_dtensor(p) and _local_shard_matches(name, p, config, world_size) for p in parts):
                 locals_ = [p.to_local().detach() for p in parts]
                 shards[name] = torch.cat(locals_) if len(locals_) > 1 else locals_[0]
@@ -108,12 +112,13 @@ def collect_shards(module, weights, config, group, block_name: str = "") -> Tupl
             else:
                 full = [_full_part(p) for p in parts]
                 whole = weights.to_tpmoe(name, full)
-                shards[name] = shard_weight(config, name, whole, rank, world_size)
+                shards[name] = shard_weight(config, name, whole, rank, world_size, **ep)
                 if any(is_dtensor(p) and not all(pl.is_replicate() for pl in p.placements) for p in parts):
                     kinds.add("gathered")
         except Exception as error:  # re-raised naming the weight and its placement
-            raise _not_taken(weights, name, parts, block_name, f"rank {rank} of {world_size}: "
-                                                               f"{type(error).__name__}: {error}") from error
+            where = f"rank {rank} of {world_size}" + (f", EP rank {ep['ep_rank']} of {ep['ep_size']}"
+                                                      if ep["ep_size"] > 1 else "")
+            raise _not_taken(weights, name, parts, block_name, f"{where}: {type(error).__name__}: {error}") from error
     if "gathered" in kinds:
         return shards, "resharded"
     return shards, "local shards" if "local" in kinds else "full"

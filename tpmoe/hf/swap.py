@@ -37,7 +37,9 @@ class ReplacedBlock:
     where the weights came from ("full": whole HF tensors sliced here; "local shards":
     transformers' own TP shards taken as they are; "resharded": gathered and re-cut); replicated:
     the parts of the block that run whole on every rank (experts mode: the block's shared expert);
-    note: why a block of a known structure runs in experts mode (its shared expert's activation...)."""
+    note: why a block of a known structure runs in experts mode (its shared expert's activation...).
+    ep: (this rank's EP rank, EP world size), (0, 1) without expert parallelism; experts: the
+    routed experts this rank keeps, (first, count) (tpmoe.sharding.expert_range: all E without EP)."""
 
     name: str
     layer: int
@@ -55,19 +57,44 @@ class ReplacedBlock:
     source: str
     replicated: Tuple[str, ...] = ()
     note: str = ""
+    ep: Tuple[int, int] = (0, 1)
+    experts: Tuple[int, int] = (0, 0)
 
 
 class ApplyReport(list):
     """The ReplacedBlock of every swapped block, in model order (a list), printable as a table."""
 
     def __str__(self):
+        ep = any(b.ep[1] > 1 for b in self)
         lines = [f"{'layer':>5}  {'family':<16} {'mode':<7} {'E':>4} {'K':>2} {'I':>6} {'I_local':>7}  {'rank/P':<7} "
-                 f"{'source':<13} name"]
+                 + (f"{'ep/P_ep':<8} {'experts':<11} " if ep else "") + f"{'source':<13} name"]
         for b in self:
+            experts = f"[{b.experts[0]}, {b.experts[0] + b.experts[1]})"
             lines.append(f"{b.layer:>5}  {b.family:<16} {b.mode:<7} {b.num_experts:>4} {b.top_k:>2} "
-                         f"{b.intermediate_size:>6} {b.I_local:>7}  {b.shards[0]}/{b.shards[1]:<5} {b.source:<13} "
-                         f"{b.name}")
+                         f"{b.intermediate_size:>6} {b.I_local:>7}  {b.shards[0]}/{b.shards[1]:<5} "
+                         + (f"{b.ep[0]}/{b.ep[1]:<6} {experts:<11} " if ep else "") + f"{b.source:<13} {b.name}")
         return "\n".join(lines)
+
+
+def _resolve_groups(group, tp_mesh_dim, ep_mesh_dim, ep_group):
+    """(TP group or None, EP group or None). A DeviceMesh with a dimension named "ep" is expert
+    parallel over it (and tensor parallel over its "tp" dimension, if any) unless ep_mesh_dim
+    says otherwise; anything else is resolve_groups' (tpmoe.distributed)."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    from ..distributed import resolve_groups
+
+    if isinstance(group, DeviceMesh) and ep_mesh_dim is None and ep_group is None \
+            and "ep" in (group.mesh_dim_names or ()):
+        ep_mesh_dim = "ep"
+        if tp_mesh_dim is None and "tp" in group.mesh_dim_names:
+            tp_mesh_dim = "tp"
+        elif tp_mesh_dim is None and group.ndim > 1:
+            raise ValueError(f"group: a {group.ndim}-D DeviceMesh with an 'ep' dimension needs tp_mesh_dim (or a "
+                             f"dimension named 'tp') for its other dimension, got dims {group.mesh_dim_names}")
+    if ep_mesh_dim is None and ep_group is None:
+        return _resolve_group(group, tp_mesh_dim), None
+    return resolve_groups(group, tp_mesh_dim, ep_group, ep_mesh_dim)
 
 
 def _resolve_group(group, tp_mesh_dim):
@@ -141,13 +168,24 @@ def _block_group(resolved, module, name):
     return hf_group
 
 
-def apply(model: nn.Module, group=None, *, tp_mesh_dim=None, backend: str = "auto", jitter_seed: int = 0,
-          check_replicated: bool = False) -> ApplyReport:
+def apply(model: nn.Module, group=None, *, tp_mesh_dim=None, ep_mesh_dim=None, ep_group=None, backend: str = "auto",
+          jitter_seed: int = 0, check_replicated: bool = False) -> ApplyReport:
     """Replaces every MoE block of `model` (in place) by tpmoe and returns what it replaced.
 
     group: None (one process; or, for a model that transformers' TP loaded, its TP mesh), a
     ProcessGroup, or a DeviceMesh (1-D, or N-D with tp_mesh_dim / a dimension named "tp").
     Every rank of the group must call apply on the same model. backend: tpmoe.fused_experts'.
+    Expert parallelism: a DeviceMesh with a dimension named "ep" (or ep_mesh_dim naming one;
+    its "tp" dimension, if any, is the TP group), or ep_group= a ProcessGroup (group then the TP
+    group or None). Each rank keeps the routed experts of its EP rank (tpmoe.sharding.
+    expert_range), each expert's columns sliced over the TP group; the shared expert stays whole
+    over EP. The model then runs data-parallel over the EP dimension: each EP rank feeds it ITS
+    OWN tokens (any count; the ranks of a TP group the same ones), the blocks exchange them. Per
+    step, after backward: tpmoe.distributed.allreduce_router_grads(model) sums the blocks'
+    replicated gradients over the EP group; every other parameter of the model (attention,
+    embeddings, norms, a family's own router, a shared expert kept in experts mode) is
+    data-parallel, summed over the EP group as DDP would (tpmoe.hf.data_parallel_parameters
+    lists them). Not for a model loaded with transformers' tp_plan (ValueError).
     jitter_seed: the seed of the random draws inside blocks under TP (module.py); the same int on
     every rank. Raises UnsupportedFamilyError (naming family, class and reason) before changing
     anything if any MoE block is of an unsupported family, ValueError if the model has none.
@@ -168,8 +206,10 @@ def apply(model: nn.Module, group=None, *, tp_mesh_dim=None, backend: str = "aut
     if not isinstance(check_replicated, bool):
         raise TypeError(f"check_replicated: expected a bool, got {type(check_replicated).__name__} "
                         f"{check_replicated!r}")
-    resolved = _resolve_group(group, tp_mesh_dim)
-    if resolved is None:
+    resolved, resolved_ep = _resolve_groups(group, tp_mesh_dim, ep_mesh_dim, ep_group)
+    if resolved_ep is not None:
+        _refuse_tp_plan_with_ep(model)
+    if resolved is None and resolved_ep is None:
         # A model loaded with transformers' TP (tp_plan="auto") sits on a TP mesh even where its
         # plan leaves a block whole (GPT-OSS's experts in 5.24): those blocks are sharded over it too.
         resolved = _model_tp_group(model)
@@ -182,6 +222,8 @@ def apply(model: nn.Module, group=None, *, tp_mesh_dim=None, backend: str = "aut
     logit_classes = _router_logit_classes(model)
     # Every block's config and shapes first: a refusal (an activation, a shape) changes nothing.
     judged = [_config(module, plan, name) for name, module, plan in blocks]
+    if resolved_ep is not None:
+        _check_ep_size(blocks, judged, resolved_ep)
 
     report, drawing = ApplyReport(), []
     modules = dict(model.named_modules())
@@ -189,7 +231,7 @@ def apply(model: nn.Module, group=None, *, tp_mesh_dim=None, backend: str = "aut
         block_group = _block_group(resolved, module, name)
         layer = _layer_index(name, ordinal)
         replacement, source = _build(module, plan, config, weights, block_group, name, layer, backend,
-                                     check_replicated, jitter_seed, logit_classes)
+                                     check_replicated, jitter_seed, logit_classes, resolved_ep)
         if plan.mode == "block":
             parent_name, _, child_name = name.rpartition(".")
             setattr(modules[parent_name] if parent_name else model, child_name, replacement)
@@ -200,7 +242,8 @@ def apply(model: nn.Module, group=None, *, tp_mesh_dim=None, backend: str = "aut
             module.experts = replacement
             replicated = _replicated_parts(module)
             if communicates(block_group):
-                sync = SynchronizedRandomness(jitter_seed, layer)
+                # EP x TP: the TP ranks of an EP rank draw alike; EP ranks (other tokens) draw their own.
+                sync = SynchronizedRandomness(jitter_seed, layer, stream=replacement.block.ep_rank)
                 module.register_forward_pre_hook(sync.before)
                 module.register_forward_hook(sync.after)
                 drawing.append(sync)
@@ -212,7 +255,8 @@ def apply(model: nn.Module, group=None, *, tp_mesh_dim=None, backend: str = "aut
             hf_class=type(module).__name__, num_experts=config.num_experts, top_k=config.top_k,
             intermediate_size=config.intermediate_size, shards=(tp_block.tp_rank, tp_block.tp_size),
             I_local=tp_block.I_local, Is_local=tp_block.Is_local, source=source, replicated=replicated,
-            note=plan.note))
+            note=plan.note, ep=(tp_block.ep_rank, tp_block.ep_size),
+            experts=(tp_block.expert_first, tp_block.num_local_experts)))
     if drawing:
         model.register_forward_pre_hook(StepCounter(drawing))
     return report
@@ -248,18 +292,62 @@ def _replicated_parts(module: nn.Module) -> Tuple[str, ...]:
                  if ("shared" in child or "mlp" in child) and any(True for _ in sub.parameters()))
 
 
+def _check_ep_size(blocks, judged, ep_group) -> None:
+    """Every block has at least one routed expert per EP rank (checked on every rank alike, before
+    any block is swapped)."""
+    from ..distributed import group_size
+
+    ep_size = group_size(ep_group)
+    for (name, module, _), (config, _) in zip(blocks, judged):
+        if config.num_experts < ep_size:
+            raise ValueError(f"group: an EP dimension of {ep_size} ranks, but {name} ({type(module).__name__}) has "
+                             f"{config.num_experts} routed experts; expected at most {config.num_experts} EP ranks "
+                             f"(each owns at least one whole expert): use a smaller EP dimension")
+
+
+def data_parallel_parameters(model: nn.Module) -> List[nn.Parameter]:
+    """The trained parameters of a swapped model outside tpmoe's blocks: attention, embeddings,
+    norms, dense MLPs, a family's own router or post-norm kept beside a block, the parts of a block
+    kept in experts mode. Under expert parallelism each EP rank runs them on its own tokens, so
+    their gradients are partial sums to add over the EP group once per step (as DDP does; e.g.
+    tpmoe.distributed.allreduce_gradients(data_parallel_parameters(model), ep_group)). The blocks'
+    own replicated parameters are tpmoe.distributed.allreduce_router_grads'; their experts are
+    owned by one EP rank each and must not be summed."""
+    from .module import TpmoeHFBlock, TpmoeHFExperts
+
+    inside = {id(p) for m in model.modules() if isinstance(m, (TpmoeHFBlock, TpmoeHFExperts))
+              for p in m.block.parameters()}
+    return [p for p in model.parameters() if p.requires_grad and id(p) not in inside]
+
+
+def _refuse_tp_plan_with_ep(model: nn.Module) -> None:
+    """Expert parallelism needs each EP rank to run the model on its own tokens, but a model that
+    transformers' tp_plan loaded runs its attention and dense layers tensor-parallel, on the SAME
+    tokens over its mesh; tpmoe cannot make that a data-parallel dimension, so it refuses."""
+    from .shards import is_dtensor
+
+    tp_size = getattr(model, "_tp_size", None)
+    if (tp_size and tp_size > 1) or any(is_dtensor(t) for t in list(model.parameters()) + list(model.buffers())):
+        raise ValueError(
+            f"group: expert parallelism over {type(model).__name__}, which transformers' tp_plan loaded (DTensor "
+            f"weights on its TP mesh); expected a model loaded whole (from_pretrained without tp_plan): pass that "
+            f"model with an ('ep',) or ('ep', 'tp') DeviceMesh and tpmoe slices its experts itself, or keep the "
+            f"tp_plan model and call tpmoe.hf.apply(model) without an EP dimension (tensor parallel over its mesh)")
+
+
 def _build(module, plan: Plan, config, weights, group, name, layer, backend, check_replicated, jitter_seed,
-           logit_classes):
+           logit_classes, ep_group=None):
     """(the replacement module, its weights' source) for one judged block."""
     from ..block import MoEBlock
     from .code import family_of
     from .module import TpmoeHFBlock, TpmoeHFExperts
 
     owner = plan.replaced(module)
-    shards, source = collect_shards(owner, weights, config, group, _owner_name(name, plan))
+    shards, source = collect_shards(owner, weights, config, group, _owner_name(name, plan), ep_group=ep_group)
     hf_tensors = weights.hf_tensors(owner)
     trainable = {tp_name: parts[0].requires_grad for tp_name, parts in hf_tensors.items()}
-    tp_block = MoEBlock.from_shards(config, shards, group=group, backend=backend, check_replicated=check_replicated)
+    tp_block = MoEBlock.from_shards(config, shards, group=group, ep_group=ep_group, backend=backend,
+                                    check_replicated=check_replicated)
     for tp_name, parameter in tp_block.named_parameters(recurse=False):
         parameter.requires_grad_(trainable.get(tp_name, True))
     common = dict(family=family_of(type(module)), hf_class_name=type(module).__name__, layer_index=layer)
@@ -284,8 +372,8 @@ def _build(module, plan: Plan, config, weights, group, name, layer, backend, che
         tp_block, plan, weights, kept=kept,
         routed_scale=float(getattr(module, structure.routed_scale)) if structure.routed_scale else 1.0,
         jitter_noise=float(getattr(module, "jitter_noise", 0.0) or 0.0) if structure.jitter else 0.0,
-        jitter_seed=jitter_seed, records_router_logits=plan.router is not None and isinstance(router, logit_classes),
-        **common)
+        jitter_seed=jitter_seed, jitter_stream=tp_block.ep_rank,
+        records_router_logits=plan.router is not None and isinstance(router, logit_classes), **common)
     replacement.train(module.training)
     return replacement, source
 

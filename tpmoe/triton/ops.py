@@ -3,11 +3,19 @@ torch.compile can trace through them and CUDA graphs can capture them. They are
 `torch.ops.tpmoe.triton_*`, in the namespace of the C++ ops (tpmoe._native).
 
 `config` is a KernelConfig as a list [BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, GROUP_M, SPLIT].
+
+Every op runs its launches under `on_tensor_device`: Triton launches on the current CUDA
+device, not on that of the tensors, so with tensors on cuda:1 and cuda:0 current a launch
+would run on the wrong GPU. The guard is here, once, around every op.
 """
+import contextlib
+import functools
 from typing import List, Optional, Tuple
 
 import torch
 
+from ..routing import empty_align_outputs
+from .align import align_triton as _align_triton
 from .backward_dh import backward_dh as _backward_dh
 from .backward_dw import backward_dw as _backward_dw
 from .combine import combine as _combine
@@ -27,7 +35,32 @@ def _config(values: List[int]) -> KernelConfig:
     return KernelConfig(*values)
 
 
+def launch_device(args) -> Optional[torch.device]:
+    """The device of the first tensor among args: where the op's launches must run."""
+    for arg in args:
+        if isinstance(arg, torch.Tensor):
+            return arg.device
+    return None
+
+
+def device_guard(device: Optional[torch.device]):
+    """torch.cuda.device(device) for a CUDA device, nothing for any other (CPU under the interpreter)."""
+    if device is not None and device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def on_tensor_device(launcher):
+    """Runs `launcher` with its tensors' CUDA device current (see the module docstring)."""
+    @functools.wraps(launcher)
+    def guarded(*args, **kwargs):
+        with device_guard(launch_device(list(args) + list(kwargs.values()))):
+            return launcher(*args, **kwargs)
+    return guarded
+
+
 @torch.library.custom_op("tpmoe::triton_gate_up", mutates_args=())
+@on_tensor_device
 def gate_up(hidden_states: torch.Tensor, w_gate_up: torch.Tensor, b_gate_up: Optional[torch.Tensor],
             sorted_ids_padded: torch.Tensor, block_expert: torch.Tensor, top_k: int, activation: str, layout: str,
             gated: bool, alpha: float, limit: float, config: List[int]) -> torch.Tensor:
@@ -47,6 +80,7 @@ def _(hidden_states, w_gate_up, b_gate_up, sorted_ids_padded, block_expert, top_
 
 
 @torch.library.custom_op("tpmoe::triton_grouped_scatter", mutates_args=())
+@on_tensor_device
 def grouped_scatter(rows: torch.Tensor, weight: torch.Tensor, n_axis: int, k_axis: int, bias: Optional[torch.Tensor],
                     routing_weights: Optional[torch.Tensor], sorted_ids_padded: torch.Tensor,
                     block_expert: torch.Tensor, num_pairs: int, config: List[int]) -> torch.Tensor:
@@ -61,6 +95,7 @@ def _(rows, weight, n_axis, k_axis, bias, routing_weights, sorted_ids_padded, bl
 
 
 @torch.library.custom_op("tpmoe::triton_combine", mutates_args=())
+@on_tensor_device
 def combine(partials: torch.Tensor, num_tokens: int, top_k: int, dtype: torch.dtype) -> torch.Tensor:
     """[T, N] in `dtype`: the partial pair rows [SPLIT, T*K, N] summed over splits and k, fixed order."""
     return _combine(partials, num_tokens, top_k, dtype)
@@ -72,6 +107,7 @@ def _(partials, num_tokens, top_k, dtype):
 
 
 @torch.library.custom_op("tpmoe::triton_backward_dh", mutates_args=())
+@on_tensor_device
 def backward_dh(grad_output: torch.Tensor, hidden_states: torch.Tensor, w_gate_up: torch.Tensor,
                 b_gate_up: Optional[torch.Tensor], w_down: torch.Tensor, b_down: Optional[torch.Tensor],
                 topk_weights: torch.Tensor, h: torch.Tensor, sorted_ids_padded: torch.Tensor,
@@ -94,6 +130,7 @@ def _(grad_output, hidden_states, w_gate_up, b_gate_up, w_down, b_down, topk_wei
 
 
 @torch.library.custom_op("tpmoe::triton_backward_dw", mutates_args=())
+@on_tensor_device
 def backward_dw(a: torch.Tensor, b: torch.Tensor, routing_weights: Optional[torch.Tensor],
                 sorted_ids_padded: torch.Tensor, padded_offsets: torch.Tensor, weight_like: torch.Tensor,
                 n_axis: int, k_axis: int, num_pairs: int, top_k: int, a_gathered: bool, b_gathered: bool,
@@ -110,3 +147,14 @@ def _(a, b, routing_weights, sorted_ids_padded, padded_offsets, weight_like, n_a
       a_gathered, b_gathered, bias_grad, config):
     db = weight_like.new_empty(weight_like.shape[0], a.shape[1]) if bias_grad else weight_like.new_empty(0)
     return weight_like.new_empty(weight_like.shape), db
+
+
+@torch.library.custom_op("tpmoe::triton_align", mutates_args=())
+@on_tensor_device
+def align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Tuple[
+        torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The seven AlignResult tensors (tpmoe.routing.align checks the arguments first)."""
+    return _align_triton(topk_ids, num_experts, block_m)
+
+
+align.register_fake(empty_align_outputs)
