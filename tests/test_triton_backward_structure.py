@@ -230,6 +230,57 @@ def test_backward_dw_split_without_bias_and_fp64(seed):
         assert_fp32_close(dw[expert], expected, f"dW[{expert}]")
 
 
+@pytest.mark.parametrize("layout", ["concatenated", "gpt_oss"])
+@pytest.mark.parametrize("split", [1, 2])
+def test_backward_dw_grouped_order(layout, split, seed):
+    """The expert-major 1-D grid with the dW tiles in grouped order: 3 x 3 (dW_gate_up, R = 42,
+    H = 37) and 3 x 2 (dW_down) tiles of 16, GROUP_M 2 and 4 (neither divides 3), SPLIT 1 and 2,
+    an expert with no tokens: bit for bit the GROUP_M = 1 result (the order only permutes the
+    programs) and against float64."""
+    problem = make_problem(seed, num_tokens=29, hidden=37, inter=21, layout=layout)  # skips an expert
+    experts = problem["w_gate_up"].shape[0]
+    top_k, num_pairs = problem["topk_ids"].shape[1], problem["topk_ids"].numel()
+    routing = align(problem["topk_ids"], experts, 16)
+    rows, pairs, tokens, row_experts = row_index(routing, num_pairs, top_k)
+    assert any((row_experts == e).sum() == 0 for e in range(experts)), "the problem has an empty expert"
+    num_rows = routing.sorted_ids_padded.shape[0]
+    rows_axis, gu_hidden_axis = gate_up_axes(layout)
+    hidden_axis, inter_axis = down_axes(layout)
+    generator = torch.Generator().manual_seed(seed + 5)
+    d_preact = torch.zeros(num_rows, problem["w_gate_up"].shape[rows_axis], device=DEVICE)
+    d_preact[rows] = torch.randn(len(rows), d_preact.shape[1], generator=generator).to(DEVICE)
+    h = torch.zeros(num_rows, problem["w_down"].shape[inter_axis], device=DEVICE)
+    h[rows] = torch.randn(len(rows), h.shape[1], generator=generator).to(DEVICE)
+    flat_weights = problem["topk_weights"].reshape(-1).double()
+
+    def run(group_m):
+        common = dict(num_pairs=num_pairs, top_k=top_k, config=KernelConfig(16, 16, 16, 4, 2, GROUP_M=group_m,
+                                                                             SPLIT=split))
+        return (*backward_dw.backward_dw(d_preact, problem["x"], None, routing.sorted_ids_padded,
+                                         routing.padded_offsets, problem["w_gate_up"], rows_axis, gu_hidden_axis,
+                                         a_gathered=False, b_gathered=True, bias_grad=True, **common),
+                *backward_dw.backward_dw(problem["dy"], h, problem["topk_weights"], routing.sorted_ids_padded,
+                                         routing.padded_offsets, problem["w_down"], hidden_axis, inter_axis,
+                                         a_gathered=True, b_gathered=False, bias_grad=True, **common))
+
+    baseline = run(1)
+    for group_m in (2, 4):
+        for name, first, second in zip(("dW_gate_up", "db_gate_up", "dW_down", "db_down"), baseline, run(group_m)):
+            assert torch.equal(first, second), f"{name}: GROUP_M={group_m} differs from GROUP_M=1"
+    dw_gate_up, db_gate_up, dw_down, db_down = baseline
+    for expert in range(experts):
+        mine = row_experts == expert
+        r, t, p = rows[mine], tokens[mine], pairs[mine]
+        got_gate_up, got_down = dw_gate_up[expert], dw_down[expert]
+        if layout == "gpt_oss":
+            got_gate_up, got_down = got_gate_up.t(), got_down.t()
+        dy_weighted = problem["dy"][t].double() * flat_weights[p, None]
+        assert_fp32_close(got_gate_up, d_preact[r].double().t() @ problem["x"][t].double(), f"dW_gate_up[{expert}]")
+        assert_fp32_close(got_down, dy_weighted.t() @ h[r].double(), f"dW_down[{expert}]")
+        assert_fp32_close(db_gate_up[expert], d_preact[r].double().sum(0), f"db_gate_up[{expert}]")
+        assert_fp32_close(db_down[expert], dy_weighted.sum(0), f"db_down[{expert}]")
+
+
 def test_split_choice(monkeypatch):
     """SPLIT > 1 only where few experts with many rows leave the grid short of the GPU's SMs."""
     monkeypatch.delenv(tile_configs.ENV_VAR, raising=False)

@@ -4,7 +4,17 @@
   dW_down[e]    = (w * dy[tokens of e])^T @ h[rows of e]           (A gathered and weighted, B sorted)
   db[e]         = sum over rows of A                               (b_gate_up, b_down)
 
-Grid: (E * SPLIT, N tiles, Kd tiles). Program (e * SPLIT + s, n, k) reduces the tile (n, k)
+Grid: 1-D, E * SPLIT slots x (N tiles x Kd tiles), the slot slowest: program pid is slot
+pid // tiles (slot = e * SPLIT + s) and dW tile (n, k) = `grid.grouped_tile`(pid % tiles) over
+the n tiles in groups of GROUP_M (each group walks every k tile with its GROUP_M n tiles
+fastest; GROUP_M = 1: k fastest). So the programs in flight belong to one expert (and
+chunk): its A rows (a stripe of BLOCK_N columns per n tile) and B rows (BLOCK_K columns per k
+tile) are read from DRAM about once and then hit L2 while the expert's tiles run. (The former
+3-D grid ran the expert fastest: each wave touched every expert, and at T = 16384 A was re-read
+once per k tile, B once per n tile.) The order only permutes the programs; each program's
+reduction is unchanged, so the result is bit for bit the same whatever GROUP_M.
+
+Program (slot, n, k) reduces the tile (n, k)
 of dW[e] over chunk s of expert e's padded segment [padded_offsets[e], padded_offsets[e+1]):
 the segment cut into SPLIT contiguous chunks of whole BLOCK_M-row steps (the last ones
 shorter or empty), walked in BLOCK_M-row steps in order. SPLIT = 1 (the usual case): the
@@ -30,6 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .grid import grouped_tile, tile_grid_size
 from .interpret import as_dot_operand, dot_flags, require_runnable, round_to, zeros_accumulator
 from .layouts import readable_width
 from .tile_configs import KernelConfig
@@ -55,15 +66,20 @@ def backward_dw_kernel(
     stride_os, stride_oe, stride_on, stride_ok,
     stride_dbs, stride_dbe, stride_dbn,
     # meta-parameters
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
-    A_GATHERED: tl.constexpr, B_GATHERED: tl.constexpr, HAS_BIAS_GRAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SPLIT: tl.constexpr, A_GATHERED: tl.constexpr, B_GATHERED: tl.constexpr, HAS_BIAS_GRAD: tl.constexpr,
     INTERPRETED: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_FP64: tl.constexpr,
 ):
+    # The slot (expert, chunk) slowest, so that consecutive programs share its rows of A and B;
+    # within it the dW tiles in grouped order (module docstring).
     pid = tl.program_id(0)
-    expert = (pid // SPLIT).to(tl.int64)
-    split = pid % SPLIT
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
+    num_n_tiles = tl.cdiv(N, BLOCK_N)
+    num_k_tiles = tl.cdiv(Kd, BLOCK_K)
+    tiles = num_n_tiles * num_k_tiles
+    slot = pid // tiles
+    pid_n, pid_k = grouped_tile(pid % tiles, num_n_tiles, num_k_tiles, GROUP_M)
+    expert = (slot // SPLIT).to(tl.int64)
+    split = slot % SPLIT
     # Row positions fit in int32 (M < 2^31 rows); an int32 loop lets the compiler pipeline it.
     row_start = tl.load(padded_offsets_ptr + expert).to(tl.int32)
     row_end = tl.load(padded_offsets_ptr + expert + 1).to(tl.int32)
@@ -177,7 +193,9 @@ def backward_dw(a, b, routing_weights, sorted_ids_padded, padded_offsets, weight
         db_out = db.unsqueeze(0) if bias_grad else dw_out  # never written when HAS_BIAS_GRAD is False
     weight_arg = routing_weights.reshape(-1) if a_gathered else dw
     assert weight_arg.is_contiguous() or not a_gathered
-    grid = (num_experts * split, triton.cdiv(out_size, config.BLOCK_N), triton.cdiv(depth, config.BLOCK_K))
+    # 1-D: slot-major, the tiles of one slot consecutive (the kernel decodes pid in this order).
+    grid = (num_experts * split * tile_grid_size(triton.cdiv(out_size, config.BLOCK_N),
+                                                 triton.cdiv(depth, config.BLOCK_K)),)
     backward_dw_kernel[grid](
         a, b, weight_arg, sorted_ids_padded, padded_offsets, dw_out, db_out,
         num_pairs, top_k, out_size, depth, readable_width(a, 1, out_size), readable_width(b, 1, depth),
@@ -185,7 +203,7 @@ def backward_dw(a, b, routing_weights, sorted_ids_padded, padded_offsets, weight
         b.stride(0), b.stride(1),
         dw_out.stride(0), dw_out.stride(1), dw_out.stride(1 + n_axis), dw_out.stride(1 + k_axis),
         db_out.stride(0), db_out.stride(1), db_out.stride(2),
-        **config.meta(), SPLIT=split, A_GATHERED=a_gathered, B_GATHERED=b_gathered, HAS_BIAS_GRAD=bias_grad,
+        **config.meta(), GROUP_M=config.GROUP_M, SPLIT=split, A_GATHERED=a_gathered, B_GATHERED=b_gathered, HAS_BIAS_GRAD=bias_grad,
         **dot_flags(a.dtype), num_warps=config.num_warps, num_stages=config.num_stages)
     if split > 1:
         numel = partial.shape[1]

@@ -16,8 +16,8 @@ the interpreter tests), as comma-separated key=value pairs, e.g.
 Keys: BLOCK_M, BLOCK_N, BLOCK_K (powers of two >= 16), num_warps, num_stages, GROUP_M, SPLIT
 (>= 1); missing keys keep
 the table's value. For the weight-gradient kernel BLOCK_N and BLOCK_K are the tile of dW
-and BLOCK_M its reduction chunk over rows. GROUP_M is the grouped grid order of backward_dh
-(the tables set it); SPLIT, backward_dw's split over the rows of each expert, is chosen per
+and BLOCK_M its reduction chunk over rows. GROUP_M is the grouped grid order of the GEMMs and
+backward_dw (the tables set it); SPLIT, backward_dw's split over the rows of each expert, is chosen per
 call by `backward_dw_split` (launch_configs) unless TPMOE_TRITON_CONFIG sets it.
 """
 import os
@@ -87,9 +87,13 @@ def _backward_dw_table() -> Dict[int, List[KernelConfig]]:
     # tiles num_stages - 2 buffers: 5 stages keep two steps in flight (ptxas, sm_90 bf16:
     # 75 / 60 KB shared memory for dW_gate_up / dW_down at 64x128x64, no spills; the former
     # 3 stages waited on each step's loads, 35 KB). SPLIT is set per call (backward_dw_split).
+    # GROUP_M: n tiles per group of the expert-major grid (backward_dw docstring). The bytes
+    # model (traffic.py, Mixtral-8x7B T = 16384, backward dW) at GROUP_M 1 / 8 / 16 / 32:
+    # 21026 / 9318 / 9698 / 8145 MB; 32 covers dW_down's 32 n tiles (its A, 34 MB an expert,
+    # stays in L2 while B streams once). Qwen3-30B-A3B: an expert's rows fit L2 at any GROUP_M.
     return {16: [KernelConfig(32, 64, 64, 4, 5)],
-            64: [KernelConfig(64, 128, 64, 8, 5), KernelConfig(64, 32, 64, 4, 5)],
-            128: [KernelConfig(64, 128, 128, 8, 5)]}
+            64: [KernelConfig(64, 128, 64, 8, 5, GROUP_M=32), KernelConfig(64, 32, 64, 4, 5, GROUP_M=32)],
+            128: [KernelConfig(64, 128, 128, 8, 5, GROUP_M=32)]}
 
 
 _TABLES = {"gate_up": _gate_up_table, "down": _down_table, "backward_dh": _backward_dh_table,

@@ -6,8 +6,8 @@
 Shapes come from tpmoe/presets.py (rank 0's shard of I over --tp ranks), tile configs from
 tile_configs.launch_configs (what tpmoe.triton.autograd launches). Per launch it prints A bytes
 read, B bytes read and C bytes written, twice: "row-fastest (old)", the configured tiles with
-GROUP_M = 1 and SPLIT = 1 (the 2-D grid whose program_id(0), the row block, varies fastest),
-and "as configured" (the config's GROUP_M and SPLIT; --group-m overrides GROUP_M of the
+GROUP_M = 1 and SPLIT = 1 (the 2-D grid whose program_id(0), the row block, varies fastest;
+for the weight gradients the former 3-D grid, expert fastest), and "as configured" (the config's GROUP_M and SPLIT; --group-m overrides GROUP_M of the
 row-block kernels, to ask what a swizzle would give). Then the totals against the ideal (every
 operand byte read once, every output written once) and, at decode, the weight-read floor.
 
@@ -31,6 +31,10 @@ The model, stated so that its numbers can be checked:
     weight stays cached between its groups.
   - Gathered rows (x, dy read at each pair's token) count once per pair: K experts reading the
     same token's row may in fact hit L2; the ideal counts each token once.
+  - backward_dw as launched: expert (and split chunk) slowest, its dW tiles in grouped order
+    over the n tiles (backward_dw's docstring), so an expert's A and B rows are read about once
+    while its tiles run; the old expert-fastest grid re-read A once per k tile and B once per n
+    tile once all experts' stripes no longer fit L2. A split chunk's panels are its own rows.
   - SPLIT > 1 (split-K of the decode down, split over rows of dW): SPLIT fp32 partials written
     and read back by the fixed-order sum, then the result written once.
   - Routed experts only (no router, no shared expert); combine is the sum over k of the fp32
@@ -136,6 +140,15 @@ class _L2:
         return Traffic(a_read=self.missed.get("A", 0.0), b_read=self.missed.get("B", 0.0))
 
 
+def grouped_order(num_pid_m: int, num_pid_n: int, group_m: int) -> Iterable[tuple]:
+    """(pid_m, pid_n) of pid = 0, 1, ... as `grid.grouped_tile` decodes it (group_m 1: pid_n fastest)."""
+    in_group = group_m * num_pid_n
+    for pid in range(num_pid_m * num_pid_n):
+        first_m = (pid // in_group) * group_m
+        size_m = min(num_pid_m - first_m, group_m)
+        yield first_m + (pid % in_group) % size_m, (pid % in_group) // size_m
+
+
 def program_order(num_pid_m: int, num_pid_n: int, group_m: int) -> Iterable[tuple]:
     """(pid_m, pid_n) in launch order: row block fastest (group_m 1), else Triton's grouped order."""
     if group_m <= 1:
@@ -143,11 +156,7 @@ def program_order(num_pid_m: int, num_pid_n: int, group_m: int) -> Iterable[tupl
             for pid_m in range(num_pid_m):
                 yield pid_m, pid_n
         return
-    in_group = group_m * num_pid_n
-    for pid in range(num_pid_m * num_pid_n):
-        first_m = (pid // in_group) * group_m
-        size_m = min(num_pid_m - first_m, group_m)
-        yield first_m + (pid % in_group) % size_m, (pid % in_group) // size_m
+    yield from grouped_order(num_pid_m, num_pid_n, group_m)
 
 
 def _row_block_gemm(problem: Problem, config, depth: int, width: int, a_bytes_per_row: int, b_columns_per_block,
@@ -175,22 +184,45 @@ def padded_rows(problem: Problem, block_m: int) -> int:
     return sum(math.ceil(rows / block_m) * block_m for rows in problem.expert_rows())
 
 
+def _split_rows(rows: int, block_m: int, split: int) -> List[int]:
+    """Valid rows of each of the SPLIT chunks of an expert's padded segment (backward_dw: chunks
+    of whole BLOCK_M steps, valid rows first, padding last)."""
+    steps = math.ceil(rows / block_m)
+    chunk = math.ceil(steps / split) * block_m
+    return [max(0, min(rows, (s + 1) * chunk) - s * chunk) for s in range(split)]
+
+
 def _weight_grad(problem: Problem, config, n_size: int, k_size: int, a_row_bytes: int, b_row_bytes: int,
-                 l2: "Machine") -> Traffic:
-    """backward_dw: grid (expert, dW row block, dW column block), expert fastest; program (e, n, k)
-    reads e's rows of A's column block n and of B's column block k; writes every expert's dW."""
+                 l2: "Machine", expert_fastest: bool = False) -> Traffic:
+    """backward_dw: program (slot, n, k) reads its chunk of expert e's rows of A's column block n
+    and of B's column block k; writes every expert's dW (fp32 partials too where SPLIT > 1).
+    Order as the kernel launches it: slot (e * SPLIT + s) slowest, its (n, k) tiles in
+    `grid.grouped_tile` order (GROUP_M n tiles per group; GROUP_M = 1: k fastest).
+    expert_fastest: the former 3-D grid (expert, n tile, k tile) with the expert fastest, the
+    "row-fastest (old)" baseline (SPLIT 1 only, which is what the baseline configs have)."""
     rows = problem.expert_rows() + [0] * (problem.num_experts - len(problem.expert_rows()))
     num_n, num_k = math.ceil(n_size / config.BLOCK_N), math.ceil(k_size / config.BLOCK_K)
     cache = _L2(l2.l2_bytes, l2.wave)
-    for pid_k in range(num_k):
-        for pid_n in range(num_n):
-            for expert in range(problem.num_experts):
-                # An expert without rows: its program skips the loop and stores zeros (it still
-                # takes a slot of the wave).
-                a_cols = _columns(n_size, config.BLOCK_N, pid_n)
-                b_cols = _columns(k_size, config.BLOCK_K, pid_k)
-                cache.program(("A", (expert, pid_n), rows[expert] * a_cols * a_row_bytes),
-                              ("B", (expert, pid_k), rows[expert] * b_cols * b_row_bytes))
+
+    def program(expert, split, chunk_rows, pid_n, pid_k):
+        # An expert without rows (or an empty chunk): its program skips the loop and stores
+        # zeros (it still takes a slot of the wave).
+        a_cols = _columns(n_size, config.BLOCK_N, pid_n)
+        b_cols = _columns(k_size, config.BLOCK_K, pid_k)
+        cache.program(("A", (expert, split, pid_n), chunk_rows * a_cols * a_row_bytes),
+                      ("B", (expert, split, pid_k), chunk_rows * b_cols * b_row_bytes))
+
+    if expert_fastest:
+        assert config.SPLIT == 1
+        for pid_k in range(num_k):
+            for pid_n in range(num_n):
+                for expert in range(problem.num_experts):
+                    program(expert, 0, rows[expert], pid_n, pid_k)
+    else:
+        for expert in range(problem.num_experts):
+            for split, chunk_rows in enumerate(_split_rows(rows[expert], config.BLOCK_M, config.SPLIT)):
+                for pid_n, pid_k in grouped_order(num_n, num_k, config.GROUP_M):
+                    program(expert, split, chunk_rows, pid_n, pid_k)
     traffic = cache.traffic()
     result = problem.num_experts * n_size * k_size
     if config.SPLIT > 1:
@@ -201,8 +233,9 @@ def _weight_grad(problem: Problem, config, n_size: int, k_size: int, a_row_bytes
 
 
 def launch_traffic(problem: Problem, configs: Dict[str, tile_configs.KernelConfig],
-                   l2: Machine) -> Dict[str, Traffic]:
-    """Traffic of every launch of one forward and backward (keys LAUNCHES)."""
+                   l2: Machine, dw_expert_fastest: bool = False) -> Dict[str, Traffic]:
+    """Traffic of every launch of one forward and backward (keys LAUNCHES). dw_expert_fastest:
+    the weight gradients in the former expert-fastest order (the baseline), not their own."""
     es, pes = problem.element_size, problem.pair_element_size
     H, I, R = problem.hidden_size, problem.intermediate, problem.gate_up_rows
     pairs = problem.num_tokens * problem.top_k
@@ -234,8 +267,8 @@ def launch_traffic(problem: Problem, configs: Dict[str, tile_configs.KernelConfi
     out["backward_dh"] = traffic
 
     # dW_gate_up = d_preact^T x (A sorted rows of R, B gathered x); dW_down = (w dy)^T h.
-    out["dW_gate_up"] = _weight_grad(problem, configs["backward_dw_gate_up"], R, H, es, es, l2)
-    out["dW_down"] = _weight_grad(problem, configs["backward_dw_down"], H, I, es, es, l2)
+    out["dW_gate_up"] = _weight_grad(problem, configs["backward_dw_gate_up"], R, H, es, es, l2, dw_expert_fastest)
+    out["dW_down"] = _weight_grad(problem, configs["backward_dw_down"], H, I, es, es, l2, dw_expert_fastest)
     return out
 
 
@@ -289,7 +322,10 @@ def report(problem: Problem, machine: Machine = Machine(), group_m: Optional[int
         configured = {name: replace(config, GROUP_M=group_m) if name in ROW_BLOCK_KERNELS else config
                       for name, config in configured.items()}
     old = {name: replace(config, GROUP_M=1, SPLIT=1) for name, config in configured.items()}
-    before, now = launch_traffic(problem, old, machine), launch_traffic(problem, configured, machine)
+    # The baseline keeps dW's former grid (expert fastest): with GROUP_M = 1 the kernel's own
+    # order is already expert-major, which is not what the old launch did.
+    before = launch_traffic(problem, old, machine, dw_expert_fastest=True)
+    now = launch_traffic(problem, configured, machine)
     ideal = ideal_traffic(problem)
     config_of = {"combine": "down", "dx_combine": "dx", "dW_gate_up": "backward_dw_gate_up",
                  "dW_down": "backward_dw_down"}
