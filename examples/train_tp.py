@@ -43,6 +43,9 @@ def main():
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--sequence-parallel", action="store_true")
     args = parser.parse_args()
+    if "RANK" not in os.environ:
+        parser.error("start it with torchrun, which sets RANK and WORLD_SIZE for each process: "
+                     "torchrun --nproc-per-node 2 examples/train_tp.py")
 
     use_cuda = torch.cuda.is_available()
     if use_cuda:

@@ -64,6 +64,9 @@ FAMILY_SIZES: Dict[str, dict] = {
     "granitemoehybrid": dict(mamba_n_heads=4, mamba_d_head=12),
     "gemma4": dict(enable_moe_block=True, hidden_size_per_layer_input=0, _block=dict(layer_idx=0)),
     "diffusion_gemma": dict(_block=dict(layer_idx=0)),
+    # Kolibri checks its attention: NVFP4 key/value rounding needs head_dim a multiple of 16, the
+    # indexer at most the query heads of one key head.
+    "kolibri1_1": dict(head_dim=16, index_num_heads=2),
 }
 
 
@@ -111,7 +114,12 @@ def make_family_block(key: str, seed: int) -> torch.nn.Module:
     block_class = block_class_of(key)
     torch.manual_seed(seed)
     holder = torch.nn.Module()
-    holder.mlp = block_class(tiny_config(block_class, key), **_family_sizes(key).get("_block", {}))
+    block_kwargs = dict(_family_sizes(key).get("_block", {}))
+    # Blocks that take their layer index (bailing_hybrid from transformers 5.25) get layer 0 unless a
+    # family's sizes name another.
+    if "layer_idx" in inspect.signature(block_class.__init__).parameters:
+        block_kwargs.setdefault("layer_idx", 0)
+    holder.mlp = block_class(tiny_config(block_class, key), **block_kwargs)
     return randomize_(holder.float(), seed).eval()
 
 

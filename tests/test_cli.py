@@ -231,6 +231,16 @@ def test_world_size_above_the_intermediate_size():
         check_world_size(3, config, "cpu")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available: --backend triton runs there")
+def test_triton_backend_without_cuda_is_a_usage_error(capsys, monkeypatch):
+    from tpmoe.cli import main
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert main(["verify", "--preset", "tiny", "--backend", "triton"]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tpmoe: error: --backend: triton runs on CUDA tensors"), captured.err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available: --device cuda is valid here")
 def test_device_cuda_without_cuda(capsys):
     from tpmoe.cli import main

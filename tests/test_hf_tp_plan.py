@@ -2,12 +2,14 @@
 
 A tiny Qwen3-MoE checkpoint is saved in the test; each rank then loads it three ways:
   1. one process, no TP (the reference: logits and every loss gradient);
-  2. `from_pretrained(path, tp_plan="auto")`: transformers shards attention (DTensor), and the
-     experts with its "packed_colwise"/"rowwise"/"moe_tp_experts" plan;
+  2. `from_pretrained(path, distributed_config=DistributedConfig(tp_plan="auto"))`: transformers
+     shards attention (DTensor); up to 5.24 its plan shards the routed experts too
+     ("packed_colwise"/"rowwise"/"moe_tp_experts"), from 5.25 it leaves them whole;
   3. the same as 2, then `tpmoe.hf.apply(model, model._device_mesh)` takes over the MoE blocks
-     from the local DTensor shards (no reload; the report says "local shards"; at world size 3,
-     where transformers' chunks differ from tpmoe's, "resharded"), attention stays as
-     transformers sharded it.
+     (no reload): from the local DTensor shards where the plan sharded the experts (the report
+     says "local shards"; at world size 3, where transformers' chunks differ from tpmoe's,
+     "resharded"), else from the whole tensors ("full"); attention stays as transformers
+     sharded it.
 2 and 3 must give the reference logits and gradients (fp32, 1e-5 relative; DTensor gradients
 compared after full_tensor(), tpmoe's expert gradients against the matching slice). Collectives
 are counted per MoE block (tests/hf_models.PerBlockCollectives): tpmoe's must be 1 forward and
@@ -16,7 +18,7 @@ input gradient and one for the routing weights' gradient) and must be seen at al
 counter is shown not to be blind to them.
 
 Notes from running transformers 5.23 on CPU/gloo:
-  - `tp_plan="auto"` derives the TP size from the WORLD_SIZE environment variable (torchrun
+  - the "auto" plan derives the TP size from the WORLD_SIZE environment variable (torchrun
     sets it); the spawned ranks here set WORLD_SIZE/RANK/LOCAL_RANK as torchrun would.
   - the default experts implementation "grouped_mm" fails on CPU when a shard's row is not a
     multiple of 16 bytes ("RuntimeError: strides should be multiple of 16 bytes" from
@@ -51,7 +53,8 @@ def _load(path, tp, dtype=torch.float32):
     from transformers import AutoConfig
 
     from hf_families import causal_lm_class
-    kwargs = dict(tp_plan="auto") if tp else {}
+    from transformers import DistributedConfig
+    kwargs = dict(distributed_config=DistributedConfig(tp_plan="auto")) if tp else {}
     model_class = causal_lm_class(AutoConfig.from_pretrained(path))
     return model_class.from_pretrained(path, dtype=dtype, experts_implementation="eager", **kwargs).eval()
 
@@ -67,7 +70,7 @@ def _run(model, input_ids, counter, block_names):
 
 
 def _ranks(rank, world_size, path, seed):
-    # What torchrun would have set: transformers derives the TP size of tp_plan="auto" from it.
+    # What torchrun would have set: transformers derives the TP size of the "auto" plan from it.
     os.environ.update(WORLD_SIZE=str(world_size), RANK=str(rank), LOCAL_RANK=str(rank))
     from dist_utils import CollectiveCounter
     from hf_models import hf_to_tpmoe_weights
@@ -130,12 +133,18 @@ def _ranks(rank, world_size, path, seed):
 ])
 def test_take_over_from_transformers_tp_plan(world_size, overrides, source, I_local, tmp_path, seed):
     from hf_models import make_hf_causal_lm
-    make_hf_causal_lm(FAMILY, seed, **overrides).save_pretrained(tmp_path)
+    model = make_hf_causal_lm(FAMILY, seed, **overrides)
+    experts_in_plan = plan_shards_routed_experts(model.config)
+    if not experts_in_plan:
+        source = "full"  # the installed release's plan leaves the experts whole: tpmoe cuts them
+    model.save_pretrained(tmp_path)
     per_rank = run_distributed(_ranks, world_size, str(tmp_path), seed, timeout_s=120)
     for rank, results in enumerate(per_rank):
         hf, ours = results["transformers"], results["tpmoe"]
-        # transformers really sharded the model (else the comparison says nothing about TP).
-        assert "_StridedShard" in hf["placements"]["model.layers.0.mlp.experts.gate_up_proj"], hf["placements"]
+        # transformers really sharded the model (else the comparison says nothing about TP), the
+        # experts exactly where its plan says.
+        experts_placement = hf["placements"]["model.layers.0.mlp.experts.gate_up_proj"]
+        assert ("_StridedShard" in experts_placement) == experts_in_plan, (experts_placement, experts_in_plan)
         assert "Shard(dim=0)" in hf["placements"]["model.layers.0.self_attn.q_proj.weight"], hf["placements"]
         for side in (hf, ours):
             for name, error in side["errors"].items():
@@ -147,19 +156,28 @@ def test_take_over_from_transformers_tp_plan(world_size, overrides, source, I_lo
         for name in ours["forward"]:
             assert ours["forward"][name] == [1] and ours["backward"][name] == [1], \
                 f"tpmoe {name}: forward {ours['forward'][name]}, backward {ours['backward'][name]} collectives"
-            # transformers' own block communicates too (5.23: [1] and [2]); the counter sees it.
-            assert hf["forward"][name][0] >= 1 and hf["backward"][name][0] >= 1, (hf["forward"], hf["backward"])
+            # transformers' own block communicates too where its plan shards the experts (5.23: [1] and
+            # [2]), and not at all where it leaves them whole (5.25); tpmoe's [1] shows the counter sees.
+            communicates = hf["forward"][name][0] >= 1 and hf["backward"][name][0] >= 1
+            assert communicates == experts_in_plan, (hf["forward"], hf["backward"], experts_in_plan)
         print(f"rank {rank}: collectives per MoE block forward/backward: transformers "
               f"{hf['forward']}/{hf['backward']}, tpmoe {ours['forward']}/{ours['backward']}")
 
 
 # Every supported family with a shared expert whose tiny CausalLM builds on CPU (tests/hf_families.py),
-# plus GPT-OSS, whose 5.24 plan leaves the experts whole (tpmoe then shards them over the mesh).
+# plus GPT-OSS, whose plan leaves the experts whole (tpmoe then shards them over the mesh; from 5.25 most
+# families' plans do the same).
 SHARED_EXPERT_FAMILIES = ("afmoe", "aria", "axk1", "axk2", "cohere2_moe", "deepseek_v2", "deepseek_v3", "deepseek_v32",
                           "dots1", "ernie4_5_moe", "exaone_moe", "flint", "glm4_moe", "glm4_moe_lite", "glm_moe_dsa",
                           "hunyuan_v1_moe", "hy_v3", "kolibri1", "laguna", "lara_mini", "minimax_m3_vl", "mistral4",
                           "llama4", "nemotron_h", "qwen2_moe", "qwen3_5_moe", "qwen3_next", "qwen4_exp", "solar_open")
 PLAN_FAMILIES = SHARED_EXPERT_FAMILIES + ("gpt_oss",)
+
+
+def plan_shards_routed_experts(config) -> bool:
+    """Whether the installed transformers' TP plan for this config shards the routed experts
+    (Qwen3-MoE's up to 5.24, Llama-4's in 5.25; the shared experts' MLPs do not count)."""
+    return any(".experts." in key and "shared" not in key for key in (config.base_model_tp_plan or {}))
 
 
 def _heads_for(world_size, config):
@@ -191,6 +209,7 @@ def _take_over(rank, world_size, root, seed, families):
             model = _load(path, tp=True, dtype=torch.float64)
             placements = {name: str(getattr(p, "placements", "plain")) for name, p in model.named_parameters()}
             report = tpmoe.hf.apply(model)
+            experts_in_plan = plan_shards_routed_experts(model.config.get_text_config())
             blocks = {entry.name: model.get_submodule(entry.name) for entry in report}
             per_block = PerBlockCollectives(counter, blocks)
             model.zero_grad(set_to_none=True)
@@ -211,7 +230,8 @@ def _take_over(rank, world_size, root, seed, families):
                 errors=errors, forward=per_block.forward, backward=per_block.backward, placements=placements,
                 report=[(e.name, e.mode, e.shards, e.I_local, e.intermediate_size, e.source) for e in report],
                 bitwise=sorted(state_dict) == sorted(original) and all(torch.equal(state_dict[n], t)
-                                                                        for n, t in original.items()))
+                                                                        for n, t in original.items()),
+                experts_in_plan=experts_in_plan)
     return results
 
 
@@ -219,7 +239,7 @@ def _take_over(rank, world_size, root, seed, families):
 @pytest.mark.slow
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_take_over_every_shared_expert_family_from_tp_plan(world_size, tmp_path, seed):
-    """from_pretrained(tp_plan="auto") then apply(model): whatever mix the plan left (DTensor routed
+    """from_pretrained with the "auto" TP plan, then apply(model): whatever mix the plan left (DTensor routed
     experts, plain shared experts, sharded shared experts, nothing sharded at all for GPT-OSS), the
     model computes the one-process logits and every gradient, each MoE block with ONE collective
     forward and ONE backward, and gather_state_dict gives the one-process state dict bit for bit.
@@ -248,13 +268,16 @@ def test_take_over_every_shared_expert_family_from_tp_plan(world_size, tmp_path,
                 assert result["forward"][name] == [1] and result["backward"][name] == [1], \
                     f"{where}: {name} forward {result['forward'][name]}, backward {result['backward'][name]}"
             assert result["bitwise"], f"{where}: gather_state_dict differs from the one-process state dict"
-        if family != "gpt_oss":
-            experts = [n for n, p in per_rank[0][family]["placements"].items()
-                       if n.endswith(("experts.gate_up_proj", "experts.up_proj"))]
-            assert experts and "Shard" in per_rank[0][family]["placements"][experts[0]], \
-                f"{family}: transformers did not shard the experts (the test would say nothing about TP)"
-        else:
-            assert all(p == "plain" for n, p in per_rank[0][family]["placements"].items() if ".experts." in n)
+        # The routed experts are sharded by transformers exactly where the installed plan says
+        # (then tpmoe takes its shards), else whole (then tpmoe cuts them).
+        placements = per_rank[0][family]["placements"]
+        experts = [n for n in placements if n.endswith(("experts.gate_up_proj", "experts.up_proj"))]
+        assert experts, f"{family}: no routed experts among {sorted(placements)[:5]}..."
+        assert ("Shard" in placements[experts[0]]) == per_rank[0][family]["experts_in_plan"], \
+            (family, placements[experts[0]], per_rank[0][family]["experts_in_plan"])
+    # At least one family's experts come as transformers' shards (the "local shards" path is exercised).
+    assert any(per_rank[0][family]["experts_in_plan"] for family in PLAN_FAMILIES), \
+        "no family's TP plan shards its routed experts: nothing here takes over transformers' expert shards"
 
 
 def _misshapen(rank, world_size, seed):

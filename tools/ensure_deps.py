@@ -10,10 +10,12 @@ import sys
 
 CORE = {"torch": "2.13.0", "triton": "3.9.0", "numpy": None, "ninja": None, "pybind11": None,
         "setuptools": None, "wheel": None}
-# transformers: the newest release the registry serves WITH its dependencies (5.25.0 needs
-# kernels>=0.19.1, which it does not serve); tests/test_hf_families.py asserts it is the one installed.
-TEST = {"pytest": None, "hypothesis": None, "transformers": "5.24.0", "accelerate": "1.16.0"}
-DEMO = {"tqdm": None, "matplotlib": None}
+# transformers: the newest release of the tested range (tpmoe/hf/version.py); kernels comes with
+# it from 5.25. tests/test_hf_families.py asserts the pinned release is the one installed.
+HF = {"transformers": "5.25.0", "accelerate": "1.16.0"}
+TEST = {"pytest": None, "hypothesis": None, **HF}
+# The demo times transformers' own experts beside tpmoe's: it needs the same pinned release.
+DEMO = {"tqdm": None, "matplotlib": None, **HF}
 
 
 def missing(requirements):

@@ -17,6 +17,7 @@ run on tpmoe's Triton kernels, on CPU on its C++ path.
 Usage errors print one line on stderr and exit with status 2.
 """
 import argparse
+import os
 import sys
 
 EXIT_USAGE = 2
@@ -256,6 +257,9 @@ def _verify(args) -> int:
     scale_factor = auto_scale(preset.config) if args.scale is None else args.scale
     config = scaled_config(preset.config, scale_factor)
     world_size, device_type = _world_size(args, config, default=max(2, args.ep), ep_size=args.ep)
+    if args.backend == "triton" and device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise UsageError(f"--backend: triton runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1), this run is "
+                         f"on {device_type}: use --backend auto or cpu, or set TRITON_INTERPRET=1 (slow)")
     if args.ep > 1 and args.mode == "sp":
         raise UsageError("--mode: expected tp with --ep (expert parallelism holds each rank's own tokens already), "
                          "got sp")

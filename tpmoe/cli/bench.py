@@ -27,6 +27,7 @@ import torch
 
 from .._checks import dtype_name
 from ..config import MoEConfig
+from .report import first_line
 from .timing import time_calls_interleaved
 from .workload import block_forward_flops, dense_step, weight_read_step
 
@@ -183,8 +184,16 @@ def bench_rank(context, plan: BenchPlan) -> List[Dict]:
 
 
 def _hf_modules(plan, block, context):
-    from .hf_blocks import HFUnavailable, make_hf_block
+    """The HF comparison modules that can be built; each that cannot (any cause: transformers
+    missing or of another release, a family it cannot express) is one note line, and the table
+    keeps every other row."""
+    from .hf_blocks import HFUnavailable, make_hf_block, untested_transformers
     modules = {}
+    if not any(impl in plan.impls for impl in HF_IMPLS):
+        return modules
+    untested = untested_transformers()
+    if untested:
+        context.send(("note", untested))
     weights = block.local_shards()  # views of the block's parameters: no copy
     for impl, implementation in HF_IMPLS.items():
         if impl not in plan.impls:
@@ -194,6 +203,8 @@ def _hf_modules(plan, block, context):
                                           trainable=plan.mode == "train")
         except HFUnavailable as error:
             context.send(("note", f"{impl}: skipped ({error})"))
+        except Exception as error:  # noqa: BLE001 - a comparison row must never end the run
+            context.send(("note", f"{impl}: skipped ({type(error).__name__}: {first_line(error)})"))
     return modules
 
 
@@ -212,7 +223,7 @@ def _bench_tokens(plan, block, hf_modules, world_size, group, num_tokens, contex
         try:  # one untimed run first: an HF implementation this build cannot run (e.g. no grouped_mm kernel)
             step()
         except Exception as error:
-            notes[impl] = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
+            notes[impl] = f"{type(error).__name__}: {first_line(error)}"
             context.send(("note", f"{impl} at T={num_tokens}: failed ({notes[impl]})"))
             continue
         steps[impl] = step

@@ -19,6 +19,17 @@ class HFUnavailable(RuntimeError):
     """transformers is missing, or cannot express this block: the reason, for the bench's notes."""
 
 
+def untested_transformers():
+    """None, or the one line saying the installed transformers is outside tpmoe.hf's tested range
+    (None too where it is missing: make_hf_block then says so)."""
+    try:
+        import transformers
+    except ImportError:
+        return None
+    from ..hf.version import untested_message
+    return untested_message(transformers.__version__)
+
+
 def _set_tensor(module: torch.nn.Module, dotted_name: str, value: torch.Tensor, trainable: bool) -> None:
     owner_name, _, name = dotted_name.rpartition(".")
     owner = module.get_submodule(owner_name)

@@ -43,3 +43,9 @@ def write_json(path: str, payload) -> None:
     with open(path, "w") as handle:
         json.dump(payload, handle, indent=1,
                   default=lambda value: asdict(value) if is_dataclass(value) else str(value))
+
+
+def first_line(error: BaseException, width: int = 120) -> str:
+    """The first line of an error's message, cut to `width`: a note a table run prints and goes on."""
+    lines = str(error).splitlines()
+    return (lines[0] if lines else "")[:width]

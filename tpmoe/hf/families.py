@@ -13,6 +13,7 @@ against transformers' own.
 """
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Dict
 
@@ -20,15 +21,31 @@ SNAPSHOT_PATH = Path(__file__).with_name("families_snapshot.json")
 COMMAND = "python -m tpmoe.hf.families --write"
 
 
-def current_snapshot() -> Dict[str, object]:
-    """The judgement of the installed transformers, in the snapshot's form."""
+def current_snapshot(progress=None) -> Dict[str, object]:
+    """The judgement of the installed transformers, in the snapshot's form (progress: as for
+    judge.scan_installed_families)."""
     import transformers
 
     from .judge import scan_installed_families
 
-    supported, rejected = scan_installed_families()
+    supported, rejected = scan_installed_families(progress)
     return {"transformers": transformers.__version__, "command": COMMAND,
             "supported": dict(sorted(supported.items())), "rejected": dict(sorted(rejected.items()))}
+
+
+def _progress_on(stream):
+    """The scan imports ~400 modeling files (half a minute or more): one line per tenth on a log,
+    one line rewritten in place on a terminal."""
+    interactive = stream.isatty()
+
+    def progress(done: int, total: int, family: str) -> None:
+        if interactive:
+            print(f"\rjudging transformers.models: {done + 1}/{total} {family:<40}", end="", file=stream, flush=True)
+            if done + 1 == total:
+                print(file=stream)
+        elif done % max(1, total // 10) == 0:
+            print(f"judging transformers.models: {done + 1}/{total} ({family})", file=stream, flush=True)
+    return progress
 
 
 def load_snapshot() -> Dict[str, object]:
@@ -39,7 +56,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tpmoe.hf.families", description=__doc__.splitlines()[0])
     parser.add_argument("--write", action="store_true", help=f"rewrite {SNAPSHOT_PATH.name} from the scan")
     args = parser.parse_args(argv)
-    snapshot = current_snapshot()
+    snapshot = current_snapshot(_progress_on(sys.stderr))
     print(f"transformers {snapshot['transformers']}: {len(snapshot['supported'])} MoE blocks supported, "
           f"{len(snapshot['rejected'])} refused")
     for title in ("supported", "rejected"):

@@ -13,7 +13,7 @@ Anything else raises UnsupportedFamilyError naming the family, the class and the
 import functools
 import inspect
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -65,8 +65,12 @@ def _installed_code(family: str, class_name: str, method: str = "forward") -> Op
 
 @functools.lru_cache(maxsize=None)
 def _codes(kind: str) -> Dict[str, object]:
-    """normalised code -> registry entry, for one kind of piece."""
-    table = {}
+    """normalised code -> registry entry, for one kind of piece.
+
+    Where two entries' installed code is the same, the first (registry order: the general piece
+    before its variants) wins: a family that a release rewrote into the standard code (LongCat's
+    experts in transformers 5.25) is then the standard piece, not its old variant's layout."""
+    table = _FirstEntryWins()
     if kind == "experts":
         for impl in R.EXPERTS:
             table[_installed_code(impl.family, impl.class_name)] = impl
@@ -92,7 +96,13 @@ def _codes(kind: str) -> Dict[str, object]:
             for family, class_name in gate.activation_modules:
                 table[_installed_code(family, class_name)] = (family, class_name)
     table.pop(None, None)
-    return table
+    return dict(table)
+
+
+class _FirstEntryWins(dict):
+    def __setitem__(self, key, value):
+        if key not in self:
+            super().__setitem__(key, value)
 
 
 # --------------------------------------------------------------------------- experts
@@ -152,6 +162,9 @@ def _decorator_flags_of_class(experts_class: type) -> Dict[str, bool]:
 
 
 def _experts_impl(experts_class: type, flags: Dict[str, bool]) -> R.ExpertsImpl:
+    refused = R.REFUSED_EXPERTS.get(f"{family_of(experts_class)}.{experts_class.__name__}")
+    if refused is not None:
+        raise R.Unsupported(f"experts {experts_class.__name__}: {refused}")
     impl = _codes("experts").get(forward_code(experts_class))
     if impl is None:
         raise R.Unsupported(f"experts {experts_class.__name__}: its loop matches no verified experts implementation "
@@ -348,19 +361,24 @@ def judge_class(cls: type) -> Optional[Tuple[bool, str]]:
     return True, f"block {block.name}, " + (f"native {router.name} router" if router else "its own router")
 
 
-def scan_installed_families() -> Tuple[Dict[str, str], Dict[str, str]]:
+def scan_installed_families(progress: Optional[Callable[[int, int, str], None]] = None
+                            ) -> Tuple[Dict[str, str], Dict[str, str]]:
     """Imports every transformers.models.*.modeling_* module and judges each MoE block class in it.
 
     Returns ({"family.Class": how it runs}, {"family.Class": why not}). Slow (imports ~400
-    modules): for the snapshot, not for `apply`, which judges the instances it meets."""
+    modules): for the snapshot, not for `apply`, which judges the instances it meets.
+    progress(done, total, family) is called before each family is imported."""
     import importlib
     import pkgutil
 
     import transformers.models as models
 
     supported, rejected = {}, {}
-    for info in pkgutil.iter_modules(models.__path__):
+    families = list(pkgutil.iter_modules(models.__path__))
+    for done, info in enumerate(families):
         family = info.name
+        if progress is not None:
+            progress(done, len(families), family)
         try:
             module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
         except ImportError:

@@ -365,3 +365,11 @@ NOT_EXPERT_BLOCKS: Dict[str, str] = {
         "capacity-limited top-2 routing with random second-expert sampling: tokens past capacity are dropped; "
         "tpmoe computes every routed token (dropless)",
 }
+
+# Experts modules whose loop tpmoe knows and does not run, with the reason a user reads.
+REFUSED_EXPERTS: Dict[str, str] = {
+    "ergo.ErgoExperts":
+        "each route's output goes through its expert's own RMSNorm (ErgoExpertNorm, one weight per expert) "
+        "before the weighted sum; tpmoe's post-expert norm is one module shared by every expert (Muse-Spark's). "
+        "Run this family with transformers' own experts",
+}

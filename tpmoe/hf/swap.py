@@ -1,6 +1,5 @@
 """`tpmoe.hf.apply`: find every MoE block of a transformers model and swap it (or its experts) for tpmoe."""
 import re
-import warnings
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
@@ -8,23 +7,18 @@ from torch import nn
 
 from .judge import Plan, is_moe_block, plan_for
 from .shards import collect_shards, dtensor_group
-
-# The transformers releases the adapter is tested with (tools/ensure_deps.py pins the newest
-# one the registry serves with its dependencies; pyproject's `hf` extra claims the same).
-TESTED_TRANSFORMERS = "5.24."
+from .version import TESTED_SPEC, warn_if_untested
 
 
 def require_transformers():
-    """tpmoe.hf imports without transformers; the calls that need it say so here."""
+    """tpmoe.hf imports without transformers; the calls that need it say so here, and warn once
+    for a release outside the tested range (tpmoe/hf/version.py)."""
     try:
         import transformers
     except ImportError as error:
-        raise ImportError("tpmoe.hf needs Hugging Face transformers: pip install -e .[hf] "
-                          "(transformers 5.24, accelerate)") from error
-    if not transformers.__version__.startswith(TESTED_TRANSFORMERS):
-        warnings.warn(f"tpmoe.hf is tested with transformers {TESTED_TRANSFORMERS}*, this is "
-                      f"{transformers.__version__}: blocks are still judged by their code, so a changed family is "
-                      f"refused rather than run wrongly, but the refusals may differ", stacklevel=3)
+        raise ImportError(f"tpmoe.hf needs Hugging Face transformers: pip install -e .[hf] "
+                          f"({TESTED_SPEC}, accelerate)") from error
+    warn_if_untested(transformers.__version__)
 
 
 @dataclass(frozen=True)
@@ -210,7 +204,7 @@ def apply(model: nn.Module, group=None, *, tp_mesh_dim=None, ep_mesh_dim=None, e
     if resolved_ep is not None:
         _refuse_tp_plan_with_ep(model)
     if resolved is None and resolved_ep is None:
-        # A model loaded with transformers' TP (tp_plan="auto") sits on a TP mesh even where its
+        # A model loaded with transformers' TP (the "auto" plan of its DistributedConfig) sits on a TP mesh even where its
         # plan leaves a block whole (GPT-OSS's experts in 5.24): those blocks are sharded over it too.
         resolved = _model_tp_group(model)
     blocks = _find_blocks(model)
