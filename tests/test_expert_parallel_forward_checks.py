@@ -6,6 +6,7 @@ what it does with out-of-range external ids.
   tests/launch_counting.HostSyncCounter (every .item()/int()/tolist(), every op whose output shape
   depends on the data, bincount and nonzero included), with the id checks that run on CPU tensors
   only switched off as on a GPU (run_as_on_a_gpu). tests/test_gpu.py checks the same on CUDA.
+- The mesh rule: from_full on a mesh whose one dimension is named "ep" is EP without ep_mesh_dim.
 - Out-of-range external topk_ids: the rank holding them raises the ValueError TP mode raises,
   naming topk_ids and the range, before any collective (counted: none); the other rank, whose ids
   are good, then fails in the first collective, naming it (CollectiveError), instead of waiting.
@@ -44,7 +45,8 @@ def _ranks(rank, world_size):
     generator = torch.Generator().manual_seed(rank)
     x = torch.randn(5 + rank, CONFIG.hidden_size, generator=generator)
 
-    block = MoEBlock.from_full(CONFIG, random_moe_weights(CONFIG), mesh, ep_mesh_dim="ep")
+    weights = random_moe_weights(CONFIG, generator=torch.Generator().manual_seed(0))  # the same on every rank
+    block = MoEBlock.from_full(CONFIG, weights, mesh, ep_mesh_dim="ep")
     block(x)  # first call: whatever is set up once (lazy imports, caches) is not counted
     with pytest_in_rank.MonkeyPatch.context() as monkeypatch, torch.no_grad():
         run_as_on_a_gpu(monkeypatch)
@@ -52,8 +54,13 @@ def _ranks(rank, world_size):
             block(x)
     results["host_reads"] = syncs.reads
 
-    external = MoEBlock.from_full(EXTERNAL, random_moe_weights(EXTERNAL), mesh, ep_mesh_dim="ep")
-    tensor_parallel = MoEBlock.from_full(EXTERNAL, random_moe_weights(EXTERNAL), dist.group.WORLD)
+    # The mesh rule: a 1-D mesh named "ep" is expert parallel without ep_mesh_dim (it ran TP before).
+    by_name = MoEBlock.from_full(CONFIG, weights, mesh)
+    results["ep_by_name"] = (by_name.expert_parallel, by_name.ep_size, by_name.tp_size,
+                             torch.equal(by_name(x), block(x)))
+
+    external = MoEBlock.from_full(EXTERNAL, random_moe_weights(EXTERNAL, generator=torch.Generator().manual_seed(1)), mesh, ep_mesh_dim="ep")
+    tensor_parallel = MoEBlock.from_full(EXTERNAL, random_moe_weights(EXTERNAL, generator=torch.Generator().manual_seed(1)), dist.group.WORLD)
     # Every rank's ids out of range (a negative id, then one past the end): ValueError everywhere,
     # no collective, in both modes.
     for mode, run in (("ep", external), ("tp", tensor_parallel)):
@@ -90,6 +97,7 @@ def test_expert_parallel_forward_host_reads_and_out_of_range_ids():
                 assert results[f"{mode}_all_bad_{bad_id}_collectives"] == {}, \
                     f"rank {rank}, {mode}: a collective ran before the range check"
             assert results[f"{mode}_expert_outputs_bad"] == ("ValueError", OUT_OF_RANGE + "6"), (rank, mode)
+        assert results["ep_by_name"] == (True, 2, 1, True), results["ep_by_name"]
         assert results["good_after"] == (5 + rank, CONFIG.hidden_size)
     assert per_rank[1]["one_rank_bad"] == ("ValueError", OUT_OF_RANGE + "6"), per_rank[1]["one_rank_bad"]
     assert per_rank[1]["one_rank_bad_collectives"] == {}, per_rank[1]["one_rank_bad_collectives"]

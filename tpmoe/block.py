@@ -113,12 +113,16 @@ def _check_routing(routing, num_tokens: int, num_experts: int, device):
 class MoEBlock(nn.Module):
     """An MoE expert block, optionally tensor-parallel over `group`.
 
-    config: full (unsharded) sizes. group: None (one process), a ProcessGroup or a DeviceMesh
-    (its TP dimension: `tp_mesh_dim` for an N-D mesh). sequence_parallel: inputs and outputs
-    hold this rank's tokens only (see forward).
-    Expert parallelism: `ep_mesh_dim` names the EP dimension of a DeviceMesh `group` (then
-    `tp_mesh_dim`, if given, its TP dimension; None: no TP), or `ep_group` is the EP ProcessGroup
-    (then `group`, if given, the TP group). Inputs and outputs hold this rank's tokens (any count
+    config: full (unsharded) sizes. group: None (one process), a ProcessGroup or a DeviceMesh.
+    A DeviceMesh is read by one rule (tpmoe.distributed.groups.mesh_dims_by_name, as
+    tpmoe.hf.apply reads it): a dimension named "ep" is the EP group, one named "tp" the TP group,
+    any other is left alone (data parallel: each of its ranks runs its own tokens, and summing the
+    gradients over it is the caller's job, docs/design.md); `tp_mesh_dim` / `ep_mesh_dim` (a name
+    or an index) give those roles to other dimensions, and a 1-D mesh named neither is the TP
+    group. sequence_parallel: inputs and outputs hold this rank's tokens only (see forward).
+    Expert parallelism: an EP dimension of a DeviceMesh `group` (then its TP dimension, if any, the
+    TP group; none: the experts whole on each EP rank), or `ep_group` the EP ProcessGroup (then
+    `group`, if given, the TP group). Inputs and outputs hold this rank's tokens (any count
     per rank); EP rank e keeps the experts of tpmoe.sharding.expert_range(E, e, P_ep), each one's
     columns split over the TP group as in TP mode. Once per step call
     tpmoe.distributed.allreduce_router_grads(model) (the replicated parameters' EP sum).
