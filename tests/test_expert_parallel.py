@@ -99,7 +99,7 @@ def _all_cases(rank, world_size, base_seed):
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    from dist_utils import CollectiveCounter
+    from dist_utils import CollectiveCounter, new_group
     from tpmoe import MoEConfig, random_moe_weights
     from tpmoe.block import MoEBlock
     from tpmoe.distributed import allreduce_router_grads
@@ -178,8 +178,8 @@ def _all_cases(rank, world_size, base_seed):
         first, count = expert_range(config.num_experts, ep_rank, ep_size)
         seeded = MoEBlock(config, mesh, seed=base_seed, **mesh_args).gather_full()
         # Plain ProcessGroups: every rank creates every group, in the same order.
-        tp_groups = [dist.new_group(list(range(e * tp_size, (e + 1) * tp_size))) for e in range(ep_size)]
-        ep_groups = [dist.new_group(list(range(t, world_size, tp_size))) for t in range(tp_size)]
+        tp_groups = [new_group(list(range(e * tp_size, (e + 1) * tp_size))) for e in range(ep_size)]
+        ep_groups = [new_group(list(range(t, world_size, tp_size))) for t in range(tp_size)]
         plain = MoEBlock.from_full(config, weights, group=tp_groups[ep_rank] if tp_size > 1 else None,
                                    ep_group=ep_groups[tp_rank])
         # expert_outputs (each pair's output, for blocks that transform it before weighting), float64,
