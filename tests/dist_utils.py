@@ -28,6 +28,18 @@ from tpmoe.distributed.groups import run_on_free_port
 PROCESS_GROUP_TIMEOUT_S = 60
 
 
+def new_group(ranks):
+    """dist.new_group(ranks) with the tests' short timeout: torch's default for a new group is 30
+    minutes whatever the world group's (a DeviceMesh's groups do inherit the world's), so a rank
+    left waiting in one would hold the test that long."""
+    return dist.new_group(ranks, timeout=datetime.timedelta(seconds=PROCESS_GROUP_TIMEOUT_S))
+
+
+def group_timeout_s(group) -> float:
+    """The timeout of `group`'s CPU backend, in seconds (for tests asserting it is short)."""
+    return group._get_backend(torch.device("cpu")).options._timeout.total_seconds()
+
+
 def _worker(fn, rank, world_size, port, timeout_s, results, args):
     try:
         # Two cores are shared by every rank (and other jobs): one thread each avoids oversubscription.

@@ -13,7 +13,7 @@ The ATen ops inside a tpmoe Triton custom op (`tpmoe::triton_*`) are seen too (t
 re-dispatched with the mode active), while what the interpreter itself does to run a kernel on
 CPU (copies in and out of its buffers) is not: on a GPU a launch is that launch only.
 
-`HostSyncGuard` fails on every host read of tensor data: the ops that copy a value to the host
+`HostSyncGuard` fails on every host read of tensor data (`HostSyncCounter` lists them instead): the ops that copy a value to the host
 (`aten._local_scalar_dense`, behind .item(), int(), float(), bool()), the ops whose output shape
 depends on the data (torch's `dynamic_output_shape` / `data_dependent_output` tags: nonzero,
 masked_select, unique, boolean indexing, ...), and `Tensor.tolist` / `Tensor.numpy`, which read
@@ -146,39 +146,81 @@ _DATA_DEPENDENT_TAGS = tuple(getattr(torch.Tag, tag) for tag in ("dynamic_output
 _HOST_READS = {"_local_scalar_dense", "item", "equal", "is_nonzero"}
 
 
+def _integer_indexing(name: str, args) -> bool:
+    """x[index] with integer index tensors: tagged dynamic_output_shape for the boolean-mask case
+    only (the mask's count of True sets the shape); with integer indices the shape is theirs."""
+    if name != "index" or len(args) < 2:
+        return False
+    indices = [index for index in args[1] if index is not None]
+    return all(not index.dtype.is_floating_point and index.dtype not in (torch.bool, torch.uint8)
+               for index in indices)
+
+
 class _SyncMode(TorchDispatchMode):
+    def __init__(self, on_read):
+        super().__init__()
+        self.on_read = on_read
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if not _inside_launch():
             name = func._schema.name.split("::")[-1]
-            if name in _HOST_READS or any(tag in func.tags for tag in _DATA_DEPENDENT_TAGS):
-                raise HostSyncError(f"{func} reads tensor data on the host (a device sync on CUDA)")
+            if name in _HOST_READS or (any(tag in func.tags for tag in _DATA_DEPENDENT_TAGS)
+                                       and not _integer_indexing(name, args)):
+                self.on_read(f"{func} reads tensor data on the host (a device sync on CUDA)")
             if _is_tpmoe_triton_op(func):
                 return _redispatch_below(self, func, args, kwargs)
         return func(*args, **kwargs)
 
 
 @contextlib.contextmanager
-def HostSyncGuard():
-    """Raises HostSyncError at the first host read of tensor data in the block (see the module docstring)."""
+def _watching_host_reads(on_read):
+    """on_read(description) at every host read of tensor data inside (see the module docstring)."""
     saved = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy")}
 
-    def refusing(name):
+    def watched(name):
         def read(self, *args, **kwargs):
-            if _inside_launch():
-                return saved[name](self, *args, **kwargs)
-            raise HostSyncError(f"Tensor.{name} reads tensor data on the host (a device sync on CUDA)")
+            if not _inside_launch():
+                on_read(f"Tensor.{name} reads tensor data on the host (a device sync on CUDA)")
+            return saved[name](self, *args, **kwargs)
         return read
 
     with _hooked_launches(lambda name: None):
         for name in saved:
-            setattr(torch.Tensor, name, refusing(name))
+            setattr(torch.Tensor, name, watched(name))
         try:
-            with _SyncMode():
+            with _SyncMode(on_read):
                 yield
         finally:
             for name, original in saved.items():
                 setattr(torch.Tensor, name, original)
+
+
+@contextlib.contextmanager
+def HostSyncGuard():
+    """Raises HostSyncError at the first host read of tensor data in the block (see the module docstring)."""
+    def refuse(description):
+        raise HostSyncError(description)
+
+    with _watching_host_reads(refuse):
+        yield
+
+
+class HostSyncCounter:
+    """with HostSyncCounter() as counter: ...; counter.reads lists every host read of tensor data
+    inside, in order (what HostSyncGuard refuses), for code allowed a known number of them."""
+
+    def __init__(self):
+        self.reads = []
+        self._context = None
+
+    def __enter__(self):
+        self._context = _watching_host_reads(self.reads.append)
+        self._context.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._context.__exit__(*exc)
 
 
 def run_as_on_a_gpu(monkeypatch):

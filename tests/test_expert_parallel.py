@@ -99,7 +99,7 @@ def _all_cases(rank, world_size, base_seed):
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    from dist_utils import CollectiveCounter
+    from dist_utils import CollectiveCounter, new_group
     from tpmoe import MoEConfig, random_moe_weights
     from tpmoe.block import MoEBlock
     from tpmoe.distributed import allreduce_router_grads
@@ -178,8 +178,8 @@ def _all_cases(rank, world_size, base_seed):
         first, count = expert_range(config.num_experts, ep_rank, ep_size)
         seeded = MoEBlock(config, mesh, seed=base_seed, **mesh_args).gather_full()
         # Plain ProcessGroups: every rank creates every group, in the same order.
-        tp_groups = [dist.new_group(list(range(e * tp_size, (e + 1) * tp_size))) for e in range(ep_size)]
-        ep_groups = [dist.new_group(list(range(t, world_size, tp_size))) for t in range(tp_size)]
+        tp_groups = [new_group(list(range(e * tp_size, (e + 1) * tp_size))) for e in range(ep_size)]
+        ep_groups = [new_group(list(range(t, world_size, tp_size))) for t in range(tp_size)]
         plain = MoEBlock.from_full(config, weights, group=tp_groups[ep_rank] if tp_size > 1 else None,
                                    ep_group=ep_groups[tp_rank])
         # expert_outputs (each pair's output, for blocks that transform it before weighting), float64,
@@ -313,3 +313,76 @@ def test_expert_ranges_and_shards_round_trip(layout, gated):
         check_shards(config, wrong, 0, 1, ep_rank=1, ep_size=2)
     with pytest.raises(ValueError, match=r"ep_size: expected at most num_experts = 7 EP ranks"):
         expert_ranges(7, 8)
+
+
+# ("dp", "ep", "tp") at world 8: two data-parallel replicas of an EP 2 x TP 2 block. Tokens per
+# (dp, ep) index: uneven, so that a wrong sum over dp or ep would show.
+DP_EP_TP_TOKENS = [[3, 2], [1, 4]]
+DP_EP_TP_CONFIG = dict(hidden_size=6, intermediate_size=4, num_experts=4, top_k=2, renormalize=True,
+                       shared_intermediate_size=2, shared_expert_gate=True, router_bias=True, expert_bias=True)
+
+
+def _dp_ep_tp_rank(rank, world_size, base_seed):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from tpmoe import MoEConfig, random_moe_weights
+    from tpmoe.block import MoEBlock
+    from tpmoe.distributed import allreduce_router_grads
+    from tpmoe.sharding import shard_moe_weights
+
+    mesh = init_device_mesh("cpu", (2, 2, 2), mesh_dim_names=("dp", "ep", "tp"))
+    dp_rank, ep_rank, tp_rank = rank // 4, rank // 2 % 2, rank % 2  # the mesh's row-major layout
+    config = MoEConfig(**DP_EP_TP_CONFIG)
+    generator = torch.Generator().manual_seed(base_seed)  # the same draws on every rank
+    weights64 = random_moe_weights(config, dtype=torch.float64, generator=generator)
+    counts = [count for replica in DP_EP_TP_TOKENS for count in replica]  # (dp, ep) order: the global batch
+    x64 = torch.randn(sum(counts), config.hidden_size, dtype=torch.float64, generator=generator)
+    dy64 = torch.randn(sum(counts), config.hidden_size, dtype=torch.float64, generator=generator)
+    y_ref, dx_ref, (grads_ref,) = _reference(config, [weights64], x64, dy64)
+    index = 2 * dp_rank + ep_rank
+    rows = slice(sum(counts[:index]), sum(counts[:index + 1]))
+
+    # No mesh keywords: the dimension names say the roles (mesh_dims_by_name); "dp" is left alone.
+    block = MoEBlock.from_full(config, weights64, mesh)
+    explicit = MoEBlock.from_full(config, weights64, mesh, ep_mesh_dim="ep", tp_mesh_dim="tp")
+    x = x64[rows].clone().requires_grad_(True)
+    y = block(x)
+    y.backward(dy64[rows])
+    allreduce_router_grads([block])  # tpmoe's sum: the replicated parameters over "ep"
+    # The user's (DDP's, FSDP's) sum: every parameter's gradient over "dp", as for any replica.
+    for name, grad in block.local_grads().items():
+        if grad is not None:
+            dist.all_reduce(grad, group=mesh.get_group("dp"))
+    expected = shard_moe_weights(config, grads_ref, tp_rank, 2, ep_rank=ep_rank, ep_size=2)
+    errors = {"y": _error(y, y_ref[rows], y_ref.abs().max().item()),
+              "dx": _error(x.grad, dx_ref[rows], dx_ref.abs().max().item())}
+    vacuous = []
+    for name, grad in block.local_grads().items():
+        scale = grads_ref[name].abs().max().item()
+        if scale == 0:
+            vacuous.append(name)
+        errors[f"{name}.grad"] = _error(grad if grad is not None else torch.zeros_like(getattr(block, name)),
+                                        expected[name], scale or 1.0)
+    roles = (block.ep_size, block.ep_rank, block.tp_size, block.tp_rank)
+    return dict(errors=errors, vacuous=vacuous, roles=roles, where=(dp_rank, ep_rank, tp_rank),
+                explicit_equal=torch.equal(explicit(x64[rows]), block(x64[rows])))
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_dp_ep_tp_mesh_matches_reference(seed):
+    """A ("dp", "ep", "tp") mesh at world 8, float64: each of the two dp replicas runs EP 2 x TP 2
+    on its own tokens; after allreduce_router_grads (over "ep") and the user's all-reduce over
+    "dp", the output, the input gradient and every parameter gradient match the one-process
+    reference over the global batch (both replicas' tokens). The names alone set the roles."""
+    per_rank = run_distributed(_dp_ep_tp_rank, 8, seed)
+    for rank, result in enumerate(per_rank):
+        dp_rank, ep_rank, tp_rank = result["where"]
+        where = f"rank {rank} (dp {dp_rank}, ep {ep_rank}, tp {tp_rank}) of ('dp', 'ep', 'tp') (2, 2, 2)"
+        assert result["roles"] == (2, ep_rank, 2, tp_rank), (where, result["roles"])
+        assert result["explicit_equal"], f"{where}: the named mesh differs from ep_mesh_dim/tp_mesh_dim"
+        assert not result["vacuous"] or result["vacuous"] == ["correction_bias"], (where, result["vacuous"])
+        assert len(result["errors"]) > 10, (where, result["errors"])
+        for name, error in result["errors"].items():
+            assert error <= FP64_RTOL, f"{where}: {name} max relative error {error:.3e} > {FP64_RTOL:.0e}"

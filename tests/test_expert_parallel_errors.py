@@ -11,7 +11,8 @@ errors left nothing half-done.
 import pytest
 import torch
 
-from dist_utils import ALL_GATHER, error_of, run_distributed
+from dist_utils import (ALL_GATHER, PROCESS_GROUP_TIMEOUT_S, error_of, group_timeout_s, new_group,
+                        run_distributed)
 from tpmoe import MoEConfig, random_moe_weights
 
 CONFIG = MoEConfig(hidden_size=8, intermediate_size=6, num_experts=7, top_k=2, shared_intermediate_size=3)
@@ -45,13 +46,15 @@ def _distributed_errors(rank, world_size):
         lambda: MoEBlock(CONFIG, mesh_ep_tp, ep_mesh_dim="ep", tp_mesh_dim="tp", sequence_parallel=True))
 
     # Plain groups. Every rank creates every group, in the same order (torch.distributed's rule).
-    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    pairs = [new_group([0, 1]), new_group([2, 3])]
     results["overlapping_groups"] = error_of(
         lambda: MoEBlock.from_full(CONFIG, weights, group=pairs[rank // 2], ep_group=dist.group.WORLD))
     # TP groups {0, 1}, {2}, {3} under EP groups {0, 2}, {1, 3}: ranks 2 and 3 think their TP group
     # has one rank, rank 0 and 1 that theirs has two; only the EP groups' gathers can tell.
-    singles = {2: dist.new_group([2]), 3: dist.new_group([3])}
-    ep_groups = [dist.new_group([0, 2]), dist.new_group([1, 3])]
+    singles = {2: new_group([2]), 3: new_group([3])}
+    ep_groups = [new_group([0, 2]), new_group([1, 3])]
+    mine = [group for group in pairs + ep_groups + list(singles.values()) if isinstance(group, dist.ProcessGroup)]
+    results["group_timeouts"] = sorted({group_timeout_s(group) for group in mine})
     tp_group = pairs[0] if rank < 2 else singles[rank]
     results["mismatched_tp_sizes"] = error_of(
         lambda: MoEBlock.from_full(CONFIG, weights, group=tp_group, ep_group=ep_groups[rank % 2]))
@@ -96,6 +99,7 @@ def test_expert_parallel_errors_on_every_rank():
         assert got[0] == kind and all(fragment in got[1] for fragment in fragments), (case, got)
 
     for rank, results in enumerate(per_rank):
+        assert results["group_timeouts"] == [PROCESS_GROUP_TIMEOUT_S], results["group_timeouts"]
         expect(results, "mesh_without_ep", "ValueError", "ep_mesh_dim: expected the name of a dimension of the "
                "DeviceMesh (its dimensions: ('dp', 'tp')), got 'ep'")
         expect(results, "mesh_without_tp", "ValueError", "tp_mesh_dim: expected the name of a dimension",

@@ -152,8 +152,14 @@ def _refusals(world_size, mesh, seed):
     model._tp_size = 2  # what transformers' tp_plan loading leaves on a model (with DTensor weights)
     errors["tp_plan"] = error_of(lambda: tpmoe.hf.apply(copy.deepcopy(model), mesh))
     if world_size == 4:
-        other = init_device_mesh("cpu", (2, 2), mesh_dim_names=("ep", "dp"))
-        errors["no_tp_dim"] = error_of(lambda: tpmoe.hf.apply(_model("qwen3_moe", seed, {}), other))
+        # The mesh rule (tpmoe.distributed.groups.mesh_dims_by_name): "ep" is EP, another name is left
+        # alone (data parallel), so ("ep", "dp") is EP 2 with the experts whole; a 2-D mesh naming
+        # neither "ep" nor "tp" says nothing and is refused.
+        ep_dp = init_device_mesh("cpu", (2, 2), mesh_dim_names=("ep", "dp"))
+        errors["ep_dp_report"] = [(entry.shards, entry.ep)
+                                  for entry in tpmoe.hf.apply(_model("qwen3_moe", seed, {}), ep_dp)]
+        unnamed_roles = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "model"))
+        errors["no_role_dim"] = error_of(lambda: tpmoe.hf.apply(_model("qwen3_moe", seed, {}), unnamed_roles))
         wide = init_device_mesh("cpu", (4,), mesh_dim_names=("ep",))
         errors["ep_gt_experts"] = error_of(lambda: tpmoe.hf.apply(_model("qwen3_moe", seed, dict(num_experts=3)),
                                                                   wide))
@@ -240,8 +246,10 @@ def test_hf_apply_expert_parallel_matches_one_process(world_size, seed):
         kind, message = refusals["tp_plan"]
         assert kind == "ValueError" and "tp_plan" in message and "without tp_plan" in message, message
         if world_size == 4:
-            kind, message = refusals["no_tp_dim"]
-            assert kind == "ValueError" and "tp_mesh_dim" in message and "('ep', 'dp')" in message, message
+            assert refusals["ep_dp_report"] and all(entry == ((0, 1), (rank // 2, 2))
+                                                    for entry in refusals["ep_dp_report"]), refusals["ep_dp_report"]
+            kind, message = refusals["no_role_dim"]
+            assert kind == "ValueError" and "tp_mesh_dim" in message and "('dp', 'model')" in message, message
             kind, message = refusals["ep_gt_experts"]
             assert kind == "ValueError" and "4 ranks" in message and "3 routed experts" in message, message
 
@@ -249,7 +257,7 @@ def test_hf_apply_expert_parallel_matches_one_process(world_size, seed):
 @pytest.mark.distributed
 def test_cli_bench_ep_smoke(tmp_path):
     """`tpmoe bench --ep 2` on a tiny preset: EP 2, TP 2 and one process timed interleaved, the
-    ratios printed, the bytes of each collective in the JSON."""
+    ratios printed, the bytes of each collective in the JSON, equal to the formula."""
     import os
     import subprocess
     import sys
@@ -274,6 +282,9 @@ def test_cli_bench_ep_smoke(tmp_path):
             assert row["bytes_per_collective"]["all_to_all_single"] > 0, row
         if row["layout"] == "tp 2":
             assert set(row["bytes_per_collective"]) == {"all_reduce"}, row
+        # benchmarks/RESULTS.md's claim: every measured figure equals the formula (bench_ep.formula_bytes),
+        # collective by collective, at T = 1 and at T = 7.
+        assert row["bytes_per_collective"] == row["formula_bytes_per_collective"], row
 
 
 def _block_case(key, seed, mesh):

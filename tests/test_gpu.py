@@ -283,3 +283,40 @@ def test_nccl_all_reduce_at_world_size_one(tmp_path):
         assert torch.equal(values.cpu(), torch.arange(5.0))
     finally:
         dist.destroy_process_group()
+
+
+def test_expert_parallel_forward_syncs_the_host_once(tmp_path, seed):
+    """docs/design.md: ONE host sync per expert-parallel block forward, the copy of the per-expert
+    counts to the host (all_to_all_single takes host split sizes). Counted by torch's sync debug
+    mode at EP 1 over NCCL, where the counting, the copy and the local ids run as at any EP size
+    (only the all-to-alls of a group of one are skipped); the output equals the one-process block's.
+    tests/test_expert_parallel_forward_checks.py counts the same at EP 2 on CPU."""
+    import warnings
+
+    import torch.distributed as dist
+    if not dist.is_nccl_available():
+        pytest.fail("this CUDA build of torch has no NCCL")
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("nccl", store=store, rank=0, world_size=1, device_id=torch.device("cuda", 0))
+    try:
+        config = MoEConfig(**BLOCK_CASES["deepseek"])
+        block = MoEBlock(config, ep_group=dist.group.WORLD, seed=seed % 2**31, device="cuda")
+        one_process = MoEBlock(config, seed=seed % 2**31, device="cuda")
+        x = torch.randn(48, config.hidden_size, device="cuda")
+        with torch.no_grad():
+            block(x)  # warm-up: kernel compiles and allocator pools are set up once, not per forward
+            torch.cuda.synchronize()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    y = block(x)
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+            expected = one_process(x)
+        syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+        assert len(syncs) == 1, f"expected ONE synchronizing CUDA call per EP forward, got {len(syncs)}: {syncs}"
+        assert block.expert_parallel and block.ep_size == 1
+        assert_fp32_close(y, expected)
+    finally:
+        dist.destroy_process_group()

@@ -107,7 +107,12 @@ def _distributed_errors(rank, world_size):
     mesh_2d = init_device_mesh("cpu", (1, 3), mesh_dim_names=("dp", "tp"))
     results["mesh_2d_equal"] = torch.equal(
         MoEBlock.from_full(CONFIG, weights, group=mesh_2d, tp_mesh_dim="tp")(x), reference)
-    results["mesh_2d_without_dim"] = error_of(lambda: MoEBlock.from_full(CONFIG, weights, group=mesh_2d))
+    # The mesh rule (tpmoe.distributed.groups.mesh_dims_by_name): a dimension named "tp" is the TP
+    # group without tp_mesh_dim; a 2-D mesh naming neither "tp" nor "ep" needs the keyword.
+    results["mesh_2d_by_name_equal"] = torch.equal(MoEBlock.from_full(CONFIG, weights, group=mesh_2d)(x), reference)
+    mesh_2d_unnamed_roles = init_device_mesh("cpu", (1, 3), mesh_dim_names=("dp", "model"))
+    results["mesh_2d_without_dim"] = error_of(lambda: MoEBlock.from_full(CONFIG, weights,
+                                                                         group=mesh_2d_unnamed_roles))
     return results
 
 
@@ -139,7 +144,7 @@ def test_errors_in_spawned_ranks():
         assert results["sp_check_counts"] == {ALL_GATHER: 2, REDUCE_SCATTER: 1}, results["sp_check_counts"]
         kind, message = results["sp_weight_differs"]
         assert kind == "ValueError" and "shared_gate on rank 2 of the TP group differs from rank 0" in message, message
-        assert results["mesh_1d_equal"] and results["mesh_2d_equal"]
+        assert results["mesh_1d_equal"] and results["mesh_2d_equal"] and results["mesh_2d_by_name_equal"]
         kind, message = results["mesh_2d_without_dim"]
         assert kind == "ValueError" and "tp_mesh_dim: the DeviceMesh has 2 dimensions" in message, message
 

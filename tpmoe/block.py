@@ -31,7 +31,7 @@ from torch import nn
 from . import distributed as tp
 from .distributed import expert_parallel as ep
 from .config import MoEConfig
-from ._checks import FLOAT_DTYPES, check_choice, dtype_name
+from ._checks import FLOAT_DTYPES, check_choice, check_ids_in_range, dtype_name
 from .fused import BACKENDS, fused_experts
 from .routing import route
 from .distributed.replicated import check_expert_parallel_agree, check_shards_agree, gather_full
@@ -83,8 +83,10 @@ def _check_shard_dtypes(shards: Dict[str, torch.Tensor], dtype: Optional[torch.d
     return expected
 
 
-def _check_routing(routing, num_tokens: int, device):
-    """(router_logits, topk_weights, topk_ids) given to forward, checked against the tokens."""
+def _check_routing(routing, num_tokens: int, num_experts: int, device):
+    """(router_logits, topk_weights, topk_ids) given to forward, checked against the tokens and,
+    before any collective of any mode, the ids against the experts (check_ids_in_range: an id out
+    of range would otherwise fail where it lands, in EP mode inside the exchange on every rank)."""
     if not isinstance(routing, (tuple, list)) or len(routing) != 3:
         raise TypeError(f"routing: expected (router_logits or None, topk_weights, topk_ids), got "
                         f"{type(routing).__name__}{'' if not isinstance(routing, (tuple, list)) else f' of {len(routing)}'}")
@@ -104,18 +106,23 @@ def _check_routing(routing, num_tokens: int, device):
         raise TypeError(f"routing: expected floating-point topk_weights, got {dtype_name(weights.dtype)}")
     if ids.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"routing: expected int32 or int64 topk_ids, got {dtype_name(ids.dtype)}")
+    check_ids_in_range(ids, num_experts)
     return logits, weights, ids.long()
 
 
 class MoEBlock(nn.Module):
     """An MoE expert block, optionally tensor-parallel over `group`.
 
-    config: full (unsharded) sizes. group: None (one process), a ProcessGroup or a DeviceMesh
-    (its TP dimension: `tp_mesh_dim` for an N-D mesh). sequence_parallel: inputs and outputs
-    hold this rank's tokens only (see forward).
-    Expert parallelism: `ep_mesh_dim` names the EP dimension of a DeviceMesh `group` (then
-    `tp_mesh_dim`, if given, its TP dimension; None: no TP), or `ep_group` is the EP ProcessGroup
-    (then `group`, if given, the TP group). Inputs and outputs hold this rank's tokens (any count
+    config: full (unsharded) sizes. group: None (one process), a ProcessGroup or a DeviceMesh.
+    A DeviceMesh is read by one rule (tpmoe.distributed.groups.mesh_dims_by_name, as
+    tpmoe.hf.apply reads it): a dimension named "ep" is the EP group, one named "tp" the TP group,
+    any other is left alone (data parallel: each of its ranks runs its own tokens, and summing the
+    gradients over it is the caller's job, docs/design.md); `tp_mesh_dim` / `ep_mesh_dim` (a name
+    or an index) give those roles to other dimensions, and a 1-D mesh named neither is the TP
+    group. sequence_parallel: inputs and outputs hold this rank's tokens only (see forward).
+    Expert parallelism: an EP dimension of a DeviceMesh `group` (then its TP dimension, if any, the
+    TP group; none: the experts whole on each EP rank), or `ep_group` the EP ProcessGroup (then
+    `group`, if given, the TP group). Inputs and outputs hold this rank's tokens (any count
     per rank); EP rank e keeps the experts of tpmoe.sharding.expert_range(E, e, P_ep), each one's
     columns split over the TP group as in TP mode. Once per step call
     tpmoe.distributed.allreduce_router_grads(model) (the replicated parameters' EP sum).
@@ -312,7 +319,7 @@ class MoEBlock(nn.Module):
         if routing is None:
             router_logits, topk_weights, topk_ids = self.route(x)
         else:
-            router_logits, topk_weights, topk_ids = _check_routing(routing, x.shape[0], x.device)
+            router_logits, topk_weights, topk_ids = _check_routing(routing, x.shape[0], config.num_experts, x.device)
         shared_gate = torch.sigmoid(F.linear(x, self.shared_gate)) if hasattr(self, "shared_gate") else None
 
         if self.expert_parallel:
@@ -374,6 +381,7 @@ class MoEBlock(nn.Module):
             raise ValueError("expert_outputs: a block with a shared expert or weights on the input has no per-expert "
                              "outputs of its own")
         num_tokens, top_k = topk_ids.shape
+        check_ids_in_range(topk_ids, config.num_experts)  # before any collective, as in forward
         if self.expert_parallel:
             outputs = self._expert_parallel_pairs(hidden_states, None, topk_ids, None)[0]
             if hasattr(self, "b_down"):

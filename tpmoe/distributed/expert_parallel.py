@@ -62,7 +62,9 @@ def exchange_counts(topk_ids: torch.Tensor, num_experts: int, ep_group) -> Excha
     first, local_count = ranges[ep_rank]
     ids = topk_ids.reshape(-1)
     order = torch.argsort(ids, stable=True)
-    counts = torch.bincount(ids, minlength=num_experts)
+    # Counted into E slots by index_add_, not torch.bincount: bincount's CUDA kernel reads the ids'
+    # min and max on the host first (two syncs), even with minlength; index_add_ reads nothing.
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=ids.device).index_add_(0, ids, torch.ones_like(ids))
     if communicates(ep_group):
         received = counts.new_empty(ep_size * local_count)
         with naming_collective_failures("MoEBlock (expert-parallel) forward all-to-all of the per-expert token "
@@ -77,9 +79,12 @@ def exchange_counts(topk_ids: torch.Tensor, num_experts: int, ep_group) -> Excha
     sent, received_host = host[:num_experts], host[num_experts:]
     send_splits = [sum(sent[start:start + count]) for start, count in ranges]
     recv_splits = [sum(received_host[s * local_count:(s + 1) * local_count]) for s in range(ep_size)]
-    local_ids = torch.repeat_interleave(
-        torch.arange(local_count, device=ids.device).repeat(ep_size),
-        torch.tensor(received_host, dtype=torch.int64, device=ids.device), output_size=sum(recv_splits))
+    # Received row j lies in segment (source rank, local expert) = divmod(segment, n_e), the first
+    # whose running count exceeds j: found on the device from `received`, with the row count
+    # known on the host, so neither a copy back nor a data-dependent shape (another sync).
+    segment_ends = torch.cumsum(received, 0)
+    rows = torch.arange(sum(recv_splits), device=ids.device)
+    local_ids = torch.searchsorted(segment_ends, rows, right=True) % local_count
     return ExchangePlan(order, send_splits, recv_splits, local_ids)
 
 

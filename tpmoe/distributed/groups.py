@@ -90,7 +90,8 @@ def resolve_tp_group(group, mesh_dim: Optional[Union[str, int]] = None):
     if isinstance(group, DeviceMesh):
         if mesh_dim is None and group.ndim != 1:
             raise ValueError(f"tp_mesh_dim: the DeviceMesh has {group.ndim} dimensions "
-                             f"{group.mesh_dim_names}; expected the name or index of its TP dimension, got None")
+                             f"{group.mesh_dim_names}; expected the name or index of its TP dimension (or a "
+                             f"dimension named 'tp' or 'ep'), got None")
         return group.get_group(mesh_dim) if mesh_dim is not None else group.get_group()
     if isinstance(group, dist.ProcessGroup):
         if mesh_dim is not None:
@@ -113,18 +114,38 @@ def _mesh_dim(mesh, dim, argument: str):
     return names.index(dim)
 
 
+EP_DIM_NAME, TP_DIM_NAME = "ep", "tp"
+
+
+def mesh_dims_by_name(mesh, tp_mesh_dim=None, ep_mesh_dim=None):
+    """(tp_mesh_dim, ep_mesh_dim) of a DeviceMesh: THE rule by which MoEBlock and tpmoe.hf.apply
+    read a mesh. A keyword given wins for its role; a role not given goes to the dimension of that
+    name: "ep" is expert parallel, "tp" tensor parallel. Every other dimension is left alone: it is
+    data parallel (each of its ranks runs its own tokens; see docs/design.md for who sums which
+    gradient over it). A 1-D mesh named neither is its own TP group (resolve_tp_group)."""
+    names = tuple(mesh.mesh_dim_names or ())
+    if ep_mesh_dim is None and EP_DIM_NAME in names and tp_mesh_dim != EP_DIM_NAME:
+        ep_mesh_dim = EP_DIM_NAME
+    if tp_mesh_dim is None and TP_DIM_NAME in names and ep_mesh_dim != TP_DIM_NAME:
+        tp_mesh_dim = TP_DIM_NAME
+    return tp_mesh_dim, ep_mesh_dim
+
+
 def resolve_groups(group, tp_mesh_dim=None, ep_group=None, ep_mesh_dim=None):
     """(TP group or None, EP group or None) from a block's arguments.
 
-    Without EP (ep_group and ep_mesh_dim None) this is resolve_tp_group. With a DeviceMesh and
-    `ep_mesh_dim`: that dimension is the EP group and `tp_mesh_dim` (None: no TP, the experts
-    whole on their EP rank) the TP group. With ProcessGroups: `ep_group` and `group` (None: no
-    TP). Raises naming the argument when a named dimension is missing or both name one.
+    A DeviceMesh `group` is read by mesh_dims_by_name: its "ep" dimension is the EP group and its
+    "tp" dimension the TP group unless `ep_mesh_dim` / `tp_mesh_dim` name others; other dimensions
+    are left alone (data parallel). Without EP this is resolve_tp_group. With EP, no TP dimension
+    means the experts stay whole on their EP rank. With ProcessGroups: `ep_group` and `group`
+    (None: no TP). Raises naming the argument when a named dimension is missing or both name one.
     """
-    if ep_group is None and ep_mesh_dim is None:
-        return resolve_tp_group(group, tp_mesh_dim), None
     from torch.distributed.device_mesh import DeviceMesh
 
+    if isinstance(group, DeviceMesh) and ep_group is None:
+        tp_mesh_dim, ep_mesh_dim = mesh_dims_by_name(group, tp_mesh_dim, ep_mesh_dim)
+    if ep_group is None and ep_mesh_dim is None:
+        return resolve_tp_group(group, tp_mesh_dim), None
     if ep_mesh_dim is not None:
         if ep_group is not None:
             raise ValueError("ep_group: expected None with ep_mesh_dim (the EP group is the mesh's dimension), got a "

@@ -70,48 +70,16 @@ class ApplyReport(list):
         return "\n".join(lines)
 
 
-def _resolve_groups(group, tp_mesh_dim, ep_mesh_dim, ep_group):
-    """(TP group or None, EP group or None). A DeviceMesh with a dimension named "ep" is expert
-    parallel over it (and tensor parallel over its "tp" dimension, if any) unless ep_mesh_dim
-    says otherwise; anything else is resolve_groups' (tpmoe.distributed)."""
-    from torch.distributed.device_mesh import DeviceMesh
-
-    from ..distributed import resolve_groups
-
-    if isinstance(group, DeviceMesh) and ep_mesh_dim is None and ep_group is None \
-            and "ep" in (group.mesh_dim_names or ()):
-        ep_mesh_dim = "ep"
-        if tp_mesh_dim is None and "tp" in group.mesh_dim_names:
-            tp_mesh_dim = "tp"
-        elif tp_mesh_dim is None and group.ndim > 1:
-            raise ValueError(f"group: a {group.ndim}-D DeviceMesh with an 'ep' dimension needs tp_mesh_dim (or a "
-                             f"dimension named 'tp') for its other dimension, got dims {group.mesh_dim_names}")
-    if ep_mesh_dim is None and ep_group is None:
-        return _resolve_group(group, tp_mesh_dim), None
-    return resolve_groups(group, tp_mesh_dim, ep_group, ep_mesh_dim)
-
-
-def _resolve_group(group, tp_mesh_dim):
-    from torch.distributed.device_mesh import DeviceMesh
-
-    from ..distributed import resolve_tp_group
-
-    if isinstance(group, DeviceMesh) and group.ndim > 1 and tp_mesh_dim is None:
-        names = group.mesh_dim_names or ()
-        if "tp" not in names:
-            raise ValueError(f"group: an N-D DeviceMesh needs tp_mesh_dim (or a dimension named 'tp'), "
-                             f"got dims {names}")
-        tp_mesh_dim = "tp"
-    return resolve_tp_group(group, tp_mesh_dim)
-
-
 def _model_tp_group(model: nn.Module):
     """The TP group of a model that transformers' own tensor parallelism loaded, or None."""
     tp_size = getattr(model, "_tp_size", None)
     mesh = getattr(model, "_device_mesh", None)
     if not tp_size or tp_size < 2 or mesh is None:
         return None
-    return _resolve_group(mesh, None)
+    from ..distributed import resolve_tp_group
+    from ..distributed.groups import mesh_dims_by_name
+
+    return resolve_tp_group(mesh, mesh_dims_by_name(mesh)[0])
 
 
 def _find_blocks(model: nn.Module) -> List[Tuple[str, nn.Module, Plan]]:
@@ -167,11 +135,14 @@ def apply(model: nn.Module, group=None, *, tp_mesh_dim=None, ep_mesh_dim=None, e
     """Replaces every MoE block of `model` (in place) by tpmoe and returns what it replaced.
 
     group: None (one process; or, for a model that transformers' TP loaded, its TP mesh), a
-    ProcessGroup, or a DeviceMesh (1-D, or N-D with tp_mesh_dim / a dimension named "tp").
-    Every rank of the group must call apply on the same model. backend: tpmoe.fused_experts'.
-    Expert parallelism: a DeviceMesh with a dimension named "ep" (or ep_mesh_dim naming one;
-    its "tp" dimension, if any, is the TP group), or ep_group= a ProcessGroup (group then the TP
-    group or None). Each rank keeps the routed experts of its EP rank (tpmoe.sharding.
+    ProcessGroup, or a DeviceMesh, read as MoEBlock reads one (tpmoe.distributed.groups.
+    mesh_dims_by_name): a dimension named "ep" is expert parallel, one named "tp" tensor parallel,
+    any other is left alone (data parallel: its ranks feed their own tokens, and its gradient sum is
+    the caller's, as for the rest of the model); tp_mesh_dim / ep_mesh_dim name other dimensions
+    for those roles; a 1-D mesh named neither is the TP group. Every rank of the group must call
+    apply on the same model. backend: tpmoe.fused_experts'.
+    Expert parallelism: by the mesh's "ep" dimension (or ep_mesh_dim), or ep_group= a
+    ProcessGroup (group then the TP group or None). Each rank keeps the routed experts of its EP rank (tpmoe.sharding.
     expert_range), each expert's columns sliced over the TP group; the shared expert stays whole
     over EP. The model then runs data-parallel over the EP dimension: each EP rank feeds it ITS
     OWN tokens (any count; the ranks of a TP group the same ones), the blocks exchange them. Per
@@ -185,7 +156,7 @@ def apply(model: nn.Module, group=None, *, tp_mesh_dim=None, ep_mesh_dim=None, e
     anything if any MoE block is of an unsupported family, ValueError if the model has none.
     """
     from .._checks import check_choice
-    from ..distributed import communicates
+    from ..distributed import communicates, resolve_groups
     from ..fused import BACKENDS
     from .module import StepCounter, SynchronizedRandomness, TpmoeHFBlock, TpmoeHFExperts
 
@@ -200,7 +171,7 @@ def apply(model: nn.Module, group=None, *, tp_mesh_dim=None, ep_mesh_dim=None, e
     if not isinstance(check_replicated, bool):
         raise TypeError(f"check_replicated: expected a bool, got {type(check_replicated).__name__} "
                         f"{check_replicated!r}")
-    resolved, resolved_ep = _resolve_groups(group, tp_mesh_dim, ep_mesh_dim, ep_group)
+    resolved, resolved_ep = resolve_groups(group, tp_mesh_dim, ep_group, ep_mesh_dim)
     if resolved_ep is not None:
         _refuse_tp_plan_with_ep(model)
     if resolved is None and resolved_ep is None:

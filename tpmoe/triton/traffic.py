@@ -35,10 +35,12 @@ The model, stated so that its numbers can be checked:
     over the n tiles (backward_dw's docstring), so an expert's A and B rows are read about once
     while its tiles run; the old expert-fastest grid re-read A once per k tile and B once per n
     tile once all experts' stripes no longer fit L2. A split chunk's panels are its own rows.
-  - SPLIT > 1 (split-K of the decode down, split over rows of dW): SPLIT fp32 partials written
-    and read back by the fixed-order sum, then the result written once.
-  - Routed experts only (no router, no shared expert); combine is the sum over k of the fp32
-    pair rows (read) into [T, H] (written).
+  - The pair rows of down and dx ([SPLIT, T*K, H]) in tpmoe.triton.down.pair_dtype: the input's
+    dtype (bf16 for bf16) without a split; with SPLIT > 1 (split-K of the decode down, split
+    over rows of dW) SPLIT fp32 partials written and read back by the fixed-order sum, then the
+    result written once. backward_dh's d weight partials are fp32.
+  - Routed experts only (no router, no shared expert); combine is the sum over k of the pair
+    rows (read) into [T, H] (written).
 """
 import math
 from collections import OrderedDict
@@ -67,8 +69,14 @@ class Problem:
     element_size: int = 2
 
     @property
-    def pair_element_size(self) -> int:  # the down kernel's [T*K, N] pair rows are fp32 (fp64 for fp64)
+    def partial_element_size(self) -> int:  # fp32 partials (fp64 for fp64): split sums, backward_dh's d weights
         return 8 if self.element_size == 8 else 4
+
+    def pair_element_size(self, split: int) -> int:
+        """Bytes per element of the [SPLIT, T*K, N] pair rows of the down and dx launches, as
+        tpmoe.triton.down.pair_dtype allocates them: the input's dtype without a split (bf16 rows
+        for bf16), fp32 (fp64) partials with one."""
+        return self.element_size if split == 1 else self.partial_element_size
 
     @property
     def gate_up_rows(self) -> int:
@@ -236,7 +244,7 @@ def launch_traffic(problem: Problem, configs: Dict[str, tile_configs.KernelConfi
                    l2: Machine, dw_expert_fastest: bool = False) -> Dict[str, Traffic]:
     """Traffic of every launch of one forward and backward (keys LAUNCHES). dw_expert_fastest:
     the weight gradients in the former expert-fastest order (the baseline), not their own."""
-    es, pes = problem.element_size, problem.pair_element_size
+    es = problem.element_size
     H, I, R = problem.hidden_size, problem.intermediate, problem.gate_up_rows
     pairs = problem.num_tokens * problem.top_k
     halves = 2 if problem.gated else 1
@@ -252,9 +260,10 @@ def launch_traffic(problem: Problem, configs: Dict[str, tile_configs.KernelConfi
         config = configs[launch]
         traffic = _row_block_gemm(problem, config, depth, H, a_rows * es,
                                   lambda n, c=config: _columns(H, c.BLOCK_N, n), l2)
-        traffic.c_written = config.SPLIT * pairs * H * pes
+        pair_rows_bytes = config.SPLIT * pairs * H * problem.pair_element_size(config.SPLIT)
+        traffic.c_written = pair_rows_bytes
         out[launch] = traffic
-        combine = Traffic(a_read=config.SPLIT * pairs * H * pes, c_written=problem.num_tokens * H * es)
+        combine = Traffic(a_read=pair_rows_bytes, c_written=problem.num_tokens * H * es)
         out["combine" if launch == "down" else "dx_combine"] = combine
 
     config = configs["backward_dh"]
@@ -263,7 +272,8 @@ def launch_traffic(problem: Problem, configs: Dict[str, tile_configs.KernelConfi
                               lambda n: (1 + halves) * _columns(I, config.BLOCK_N, n), l2)
     traffic.a_read += pairs * I * es  # the saved h, read once
     num_col_blocks = math.ceil(I / config.BLOCK_N)
-    traffic.c_written = padded_rows(problem, config.BLOCK_M) * R * es + num_col_blocks * pairs * pes
+    traffic.c_written = (padded_rows(problem, config.BLOCK_M) * R * es
+                         + num_col_blocks * pairs * problem.partial_element_size)
     out["backward_dh"] = traffic
 
     # dW_gate_up = d_preact^T x (A sorted rows of R, B gathered x); dW_down = (w dy)^T h.
@@ -274,7 +284,7 @@ def launch_traffic(problem: Problem, configs: Dict[str, tile_configs.KernelConfi
 
 def ideal_traffic(problem: Problem) -> Dict[str, float]:
     """Every operand byte read once and every output written once (distinct tokens, touched weights)."""
-    es, pes = problem.element_size, problem.pair_element_size
+    es, pes = problem.element_size, problem.pair_element_size(1)  # written once: no split
     H, I, R, T = problem.hidden_size, problem.intermediate, problem.gate_up_rows, problem.num_tokens
     pairs, touched, E = T * problem.top_k, len(problem.expert_rows()), problem.num_experts
     return {
