@@ -39,6 +39,8 @@ namespace {
 // K = 2048 that is 64 weight columns, enough for the float32 GEMM to run near its peak).
 constexpr int64_t kLhsPanelBytes = 1 << 20;
 constexpr int64_t kRhsTileBytes = 512 << 10;
+// Up to this many rows the products run in few_rows_dot rather than an ATen float32 GEMM.
+constexpr int64_t kFewRows = 4;
 
 bool cpu_has_native_bf16_dot() {
   // cpuinfo through ATen (x86: avx512_bf16 / amx_bf16; Arm: bf16), and the compiler's own
@@ -50,6 +52,46 @@ bool cpu_has_native_bf16_dot() {
     if (found != capabilities.end() && found->second.isBool() && found->second.toBool()) native = true;
   }
   return native;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define TPMOE_WIDEN_CLONES __attribute__((target_clones("arch=haswell", "default")))
+#else
+#define TPMOE_WIDEN_CLONES
+#endif
+
+// sums[r, c] = lhs[r, :] . rhs[:, c] for a few rows (decode, and experts with a handful of
+// tokens): a float32 GEMM call per tile costs several microseconds of dispatch, as much as
+// the tile's products at one row, so these run here, on the tiles in L2, 8 lanes at a time.
+TPMOE_WIDEN_CLONES void few_rows_dot(int64_t rows, int64_t cols, int64_t K, const float* lhs, int64_t ld_lhs,
+                                     bool lhs_transposed, const float* rhs, int64_t ld_rhs, bool rhs_transposed,
+                                     float* sums) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* out = sums + r * cols;
+    if (rhs_transposed && !lhs_transposed) {
+      // Both along K (x @ W^T weights): one reduction per output.
+      const float* a = lhs + r * ld_lhs;
+      for (int64_t c = 0; c < cols; ++c) {
+        const float* b = rhs + c * ld_rhs;
+        float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t k = 0; k < K; ++k) sum += a[k] * b[k];
+        out[c] = sum;
+      }
+    } else {
+      for (int64_t c = 0; c < cols; ++c) out[c] = 0.f;
+      for (int64_t k = 0; k < K; ++k) {
+        const float a = lhs_transposed ? lhs[k * ld_lhs + r] : lhs[r * ld_lhs + k];
+        if (rhs_transposed) {
+          for (int64_t c = 0; c < cols; ++c) out[c] += a * rhs[c * ld_rhs + k];
+        } else {
+          const float* b = rhs + k * ld_rhs;
+#pragma omp simd
+          for (int64_t c = 0; c < cols; ++c) out[c] += a * b[c];
+        }
+      }
+    }
+  }
 }
 
 template <typename out_t>
@@ -111,8 +153,13 @@ void widened_mm_out(at::Tensor& out, const at::Tensor& lhs, const at::Tensor& rh
       for (int64_t tile = begin; tile < end; ++tile) {
         const int64_t n0 = tile * tile_cols, cols = std::min(tile_cols, N - n0);
         const Fp32Tile rhs_tile = widen_tile(rhs, 0, K, n0, cols, rhs_buffer.data());
-        at::Tensor sums = at::from_blob(sums_buffer.data(), {rows, cols}, at::TensorOptions().dtype(at::kFloat));
-        at::mm_out(sums, as_matrix(lhs_panel, rows, K), as_matrix(rhs_tile, K, cols));
+        if (rows <= kFewRows) {
+          few_rows_dot(rows, cols, K, lhs_panel.data, lhs_panel.ld, lhs_panel.transposed, rhs_tile.data, rhs_tile.ld,
+                       rhs_tile.transposed, sums_buffer.data());
+        } else {
+          at::Tensor sums = at::from_blob(sums_buffer.data(), {rows, cols}, at::TensorOptions().dtype(at::kFloat));
+          at::mm_out(sums, as_matrix(lhs_panel, rows, K), as_matrix(rhs_tile, K, cols));
+        }
         const int64_t offset = m0 * out.stride(0) + n0 * out.stride(1);
         if (out.scalar_type() == at::kBFloat16) {
           store_rounded(sums_buffer.data(), rows, cols, out.data_ptr<c10::BFloat16>() + offset, out.stride(0),
