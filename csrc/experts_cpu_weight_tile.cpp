@@ -18,7 +18,7 @@ namespace {
 // build has 4-lane SSE2 only, and on the AVX2-only CPUs this path is for the conversion would
 // then take a noticeable share of a decode step's weight read.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define TPMOE_WIDEN_CLONES __attribute__((target_clones("arch=haswell", "default")))
+#define TPMOE_WIDEN_CLONES __attribute__((target_clones("avx2", "default")))
 #else
 #define TPMOE_WIDEN_CLONES
 #endif

@@ -41,6 +41,7 @@ constexpr int64_t kLhsPanelBytes = 1 << 20;
 constexpr int64_t kRhsTileBytes = 512 << 10;
 // Up to this many rows the products run in few_rows_dot rather than an ATen float32 GEMM.
 constexpr int64_t kFewRows = 4;
+constexpr int64_t kFewRowsTileBytes = 32 << 10;
 
 bool cpu_has_native_bf16_dot() {
   // cpuinfo through ATen (x86: avx512_bf16 / amx_bf16; Arm: bf16), and the compiler's own
@@ -55,7 +56,7 @@ bool cpu_has_native_bf16_dot() {
 }
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define TPMOE_WIDEN_CLONES __attribute__((target_clones("arch=haswell", "default")))
+#define TPMOE_WIDEN_CLONES __attribute__((target_clones("avx2", "default")))
 #else
 #define TPMOE_WIDEN_CLONES
 #endif
@@ -66,19 +67,43 @@ bool cpu_has_native_bf16_dot() {
 TPMOE_WIDEN_CLONES void few_rows_dot(int64_t rows, int64_t cols, int64_t K, const float* lhs, int64_t ld_lhs,
                                      bool lhs_transposed, const float* rhs, int64_t ld_rhs, bool rhs_transposed,
                                      float* sums) {
-  for (int64_t r = 0; r < rows; ++r) {
-    float* out = sums + r * cols;
-    if (rhs_transposed && !lhs_transposed) {
-      // Both along K (x @ W^T weights): one reduction per output.
-      const float* a = lhs + r * ld_lhs;
-      for (int64_t c = 0; c < cols; ++c) {
-        const float* b = rhs + c * ld_rhs;
+  if (rhs_transposed && !lhs_transposed) {
+    // Both along K (x @ W^T weights): one reduction per output, every row against a weight
+    // column while it is in L1.
+    // Four columns a pass: four independent sums (one would wait on the add latency every
+    // 8 products) and each row value loaded once for the four.
+    int64_t c = 0;
+    for (; c + 4 <= cols; c += 4) {
+      const float *b0 = rhs + c * ld_rhs, *b1 = b0 + ld_rhs, *b2 = b1 + ld_rhs, *b3 = b2 + ld_rhs;
+      for (int64_t r = 0; r < rows; ++r) {
+        const float* a = lhs + r * ld_lhs;
+        float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+        for (int64_t k = 0; k < K; ++k) {
+          s0 += a[k] * b0[k];
+          s1 += a[k] * b1[k];
+          s2 += a[k] * b2[k];
+          s3 += a[k] * b3[k];
+        }
+        float* out = sums + r * cols + c;
+        out[0] = s0, out[1] = s1, out[2] = s2, out[3] = s3;
+      }
+    }
+    for (; c < cols; ++c) {
+      const float* b = rhs + c * ld_rhs;
+      for (int64_t r = 0; r < rows; ++r) {
+        const float* a = lhs + r * ld_lhs;
         float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
         for (int64_t k = 0; k < K; ++k) sum += a[k] * b[k];
-        out[c] = sum;
+        sums[r * cols + c] = sum;
       }
-    } else {
+    }
+    return;
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    float* out = sums + r * cols;
+    {
       for (int64_t c = 0; c < cols; ++c) out[c] = 0.f;
       for (int64_t k = 0; k < K; ++k) {
         const float a = lhs_transposed ? lhs[k * ld_lhs + r] : lhs[r * ld_lhs + k];
@@ -136,7 +161,10 @@ void widened_mm_out(at::Tensor& out, const at::Tensor& lhs, const at::Tensor& rh
     return;
   }
   const int64_t panel_rows = std::clamp<int64_t>(kLhsPanelBytes / (4 * K), 1, M);
-  const int64_t tile_cols = std::min(N, std::max<int64_t>(16, kRhsTileBytes / (4 * K) / 16 * 16));
+  // Few rows: tiles that stay in L1 between their widening and their one use (a 512 KiB tile
+  // went out to L2 and back, and decode ran 2.6x its weight-read floor instead of ~1x).
+  const int64_t tile_cols = M <= kFewRows ? std::min(N, std::max<int64_t>(1, kFewRowsTileBytes / (4 * K)))
+                                          : std::min(N, std::max<int64_t>(16, kRhsTileBytes / (4 * K) / 16 * 16));
   const int64_t tiles = (N + tile_cols - 1) / tile_cols;
   // One buffer set per thread, kept: a call allocates nothing once the shapes have been seen.
   thread_local std::vector<float> lhs_buffer;
