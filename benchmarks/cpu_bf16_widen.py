@@ -23,7 +23,8 @@ from common import make_expert_weights  # noqa: E402
 
 from tpmoe.cli.report import format_table, write_json  # noqa: E402
 from tpmoe.cli.timing import time_calls_interleaved  # noqa: E402
-from tpmoe.cli.workload import dense_step, random_routing, routed_expert_flops, touched_bytes, weight_read_step  # noqa: E402
+from tpmoe.cli.workload import (dense_step, random_routing, routed_expert_flops, touched_bytes,  # noqa: E402
+                                weight_read_step)
 from tpmoe.cpu import bf16_gemm_path  # noqa: E402
 from tpmoe.fused import fused_experts  # noqa: E402
 from tpmoe.presets import get_preset  # noqa: E402
@@ -78,7 +79,8 @@ def measure(config, num_tokens, mode, weights, weights32, args, generator):
 
     def experts(tensors, x_in):
         if mode == "fwd":
-            return lambda: fused_experts(x_in, tensors["w_gate_up"], tensors["w_down"], ids, topk_weights, backend="cpu")
+            return lambda: fused_experts(x_in, tensors["w_gate_up"], tensors["w_down"], ids, topk_weights,
+                                         backend="cpu")
         leaves = [x_in.detach().requires_grad_(True), tensors["w_gate_up"].detach().requires_grad_(True),
                   tensors["w_down"].detach().requires_grad_(True)]
 
