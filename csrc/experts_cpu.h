@@ -52,6 +52,7 @@ struct ExpertsProblem {
   GatedParams act{Activation::kSilu, 1.702, 7.0};
   bool use_expert_threads = true;  // "experts" (true) or "gemm" (false)
   int64_t bf16_kernel_max_rows = 0;  // experts with at most this many rows use the bf16 GEMM
+  bool widen_bf16 = false;           // bf16 GEMMs widen their tiles to float32 (experts_cpu_widen.cpp)
   int64_t num_slices = 1;          // column slices per expert ("experts": one per thread)
 };
 
@@ -109,7 +110,24 @@ bool bf16_kernel_available();
 bool try_bf16_kernel_gemm(const at::Tensor& lhs, const at::Tensor& rhs, at::Tensor& out, int64_t max_rows,
                           const at::Tensor* following_rhs = nullptr);
 
-// out = lhs @ rhs for one expert: the bf16 kernel in "experts" mode where it applies, else
+// Which bf16 GEMM the experts run (csrc/experts_cpu_widen.cpp): the native one (the kernel
+// above or ATen's) or the widened one (float32 GEMMs on tiles widened from bf16), from
+// TPMOE_CPU_BF16_GEMM = native | widen | auto (RuntimeError naming it on any other value);
+// auto, the default: native where the CPU has a bf16 dot product (checked once a process).
+enum class Bf16GemmPath { kNative, kWiden };
+bool native_bf16_dot_available();
+Bf16GemmPath bf16_gemm_path();
+std::string bf16_gemm_path_name();  // "native" or "widen"
+
+// out = lhs @ rhs (bf16 or fp16 out, any strides) as float32 GEMMs on tiles widened by
+// widen_tile, sums kept in float32 and rounded once on the store.
+void widened_mm_out(at::Tensor& out, const at::Tensor& lhs, const at::Tensor& rhs);
+
+// out = lhs @ rhs without the few-row bf16 kernel: the widened GEMM for bf16 where
+// problem.widen_bf16, else ATen (the backward's GEMMs, and expert_mm's fallback).
+void gemm_out(const ExpertsProblem& problem, at::Tensor& out, const at::Tensor& lhs, const at::Tensor& rhs);
+
+// out = lhs @ rhs for one expert: the widened GEMM where problem.widen_bf16, else the bf16 kernel in "experts" mode where it applies, else
 // ATen (oneDNN/MKL; single-threaded inside the "experts" workers, all threads in "gemm").
 // following_rhs: the right operand of the GEMM that comes next on this thread, if known.
 void expert_mm(const ExpertsProblem& problem, at::Tensor& out, const at::Tensor& lhs, const at::Tensor& rhs,

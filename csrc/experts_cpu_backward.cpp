@@ -129,7 +129,7 @@ void phase_hidden_columns(const ExpertsProblem& problem, const RowMaps& maps, Ba
     const int64_t r0 = maps.offsets[e], rows = maps.offsets[e + 1] - r0;
     // G[rows, j0:j1] = dy_sorted[rows] @ (down_rhs [I, H])[j0:j1]^T
     at::Tensor g_out = buf.grad_h.narrow(0, r0, rows).narrow(1, j0, j1 - j0);
-    at::mm_out(g_out, buf.dy_sorted.narrow(0, r0, rows), down_rhs(problem, buf.w_down, e).narrow(0, j0, j1 - j0).t());
+    gemm_out(problem, g_out, buf.dy_sorted.narrow(0, r0, rows), down_rhs(problem, buf.w_down, e).narrow(0, j0, j1 - j0).t());
     for_row_range(problem, rows, [&](int64_t begin, int64_t end) {
       activation_backward(problem, maps, buf, e, slice, r0 + begin, r0 + end, j0, j1);
     });
@@ -173,9 +173,9 @@ void phase_output_columns(const ExpertsProblem& problem, const RowMaps& maps, Ba
       if (!has_inter) {
         out.zero_();
       } else if (transposed) {
-        at::mm_out(out, h_weighted.t(), dy_rows);  // [I, width]
+        gemm_out(problem, out, h_weighted.t(), dy_rows);  // [I, width]
       } else {
-        at::mm_out(out, dy_rows.t(), h_weighted);  // [width, I]
+        gemm_out(problem, out, dy_rows.t(), h_weighted);  // [width, I]
       }
     }
     if (needs.dw_gate_up) {
@@ -184,9 +184,9 @@ void phase_output_columns(const ExpertsProblem& problem, const RowMaps& maps, Ba
       if (!has_inter) {
         out.zero_();
       } else if (transposed) {
-        at::mm_out(out, x_rows.t(), grad_gate_up);  // [width, R]
+        gemm_out(problem, out, x_rows.t(), grad_gate_up);  // [width, R]
       } else {
-        at::mm_out(out, grad_gate_up.t(), x_rows);  // [R, width]
+        gemm_out(problem, out, grad_gate_up.t(), x_rows);  // [R, width]
       }
     }
     if (needs.dx) {
@@ -194,7 +194,7 @@ void phase_output_columns(const ExpertsProblem& problem, const RowMaps& maps, Ba
       if (!has_inter) {
         out.zero_();
       } else {
-        at::mm_out(out, grad_gate_up, gate_up_rhs(problem, buf.w_gate_up, e).narrow(0, c0, width).t());
+        gemm_out(problem, out, grad_gate_up, gate_up_rhs(problem, buf.w_gate_up, e).narrow(0, c0, width).t());
       }
     }
     if (needs.db_down) {

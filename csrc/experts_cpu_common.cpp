@@ -175,6 +175,7 @@ ExpertsProblem make_problem(const char* op, const at::Tensor& hidden_states, con
   const char* bf16_kernel_rows_env = std::getenv("TPMOE_CPU_BF16_KERNEL_MAX_ROWS");
   problem.bf16_kernel_max_rows =
       bf16_kernel_rows_env == nullptr ? kDefaultBf16KernelMaxRows : std::atoll(bf16_kernel_rows_env);
+  problem.widen_bf16 = dtype == at::kBFloat16 && bf16_gemm_path() == Bf16GemmPath::kWiden;
   problem.num_slices = problem.use_expert_threads ? std::max<int64_t>(1, threads) : 1;
   // "auto": a call this small costs less than waking the other threads.
   if (mode == "auto" && problem.rows * H * (problem.gate_up_cols + I) < kMinMultiplyAddsForThreads) {
@@ -239,13 +240,21 @@ at::Tensor down_rhs(const ExpertsProblem& problem, const at::Tensor& w_down, int
   return problem.layout == Layout::kGptOss ? weight : weight.t();
 }
 
-void expert_mm(const ExpertsProblem& problem, at::Tensor& out, const at::Tensor& lhs, const at::Tensor& rhs,
-               const at::Tensor* following_rhs) {
-  if (problem.use_expert_threads &&
-      try_bf16_kernel_gemm(lhs, rhs, out, problem.bf16_kernel_max_rows, following_rhs)) {
+void gemm_out(const ExpertsProblem& problem, at::Tensor& out, const at::Tensor& lhs, const at::Tensor& rhs) {
+  if (problem.widen_bf16 && lhs.scalar_type() == at::kBFloat16) {
+    widened_mm_out(out, lhs, rhs);
     return;
   }
   at::mm_out(out, lhs, rhs);
+}
+
+void expert_mm(const ExpertsProblem& problem, at::Tensor& out, const at::Tensor& lhs, const at::Tensor& rhs,
+               const at::Tensor* following_rhs) {
+  if (!problem.widen_bf16 && problem.use_expert_threads &&
+      try_bf16_kernel_gemm(lhs, rhs, out, problem.bf16_kernel_max_rows, following_rhs)) {
+    return;
+  }
+  gemm_out(problem, out, lhs, rhs);
 }
 
 std::vector<std::pair<int64_t, int64_t>> gate_up_column_ranges(const ExpertsProblem& problem, int64_t j0,

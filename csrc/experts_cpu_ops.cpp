@@ -34,6 +34,8 @@ TPMOE_LIBRARY_FRAGMENT(TPMOE_EXPERTS_CPU_NAMESPACE, m) {
       "Tensor db_gate_up, Tensor db_down)");
   // Frees the forward's kept scratch buffer (csrc/experts_cpu_workspace.cpp); returns its bytes.
   m.def("experts_cpu_release_workspace() -> int", &tpmoe::cpu::release_workspace);
+  // The bf16 GEMM in use: "native" or "widen" (csrc/experts_cpu_widen.cpp; TPMOE_CPU_BF16_GEMM).
+  m.def("experts_cpu_bf16_gemm_path() -> str", &tpmoe::cpu::bf16_gemm_path_name);
 }
 
 TPMOE_LIBRARY_IMPL(TPMOE_EXPERTS_CPU_NAMESPACE, CPU, m) {

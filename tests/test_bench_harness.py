@@ -7,7 +7,7 @@ import torch
 from tpmoe import MoEConfig
 from tpmoe.cli.report import format_table
 from tpmoe.cli.timing import peak_memory_bytes, time_call, time_calls_interleaved
-from tpmoe.cli.workload import dense_step, random_routing, routed_expert_flops, touched_bytes, weight_read_step
+from tpmoe.cli.workload import ceiling_dtype, dense_step, random_routing, routed_expert_flops, touched_bytes, weight_read_step
 
 
 def test_peak_memory_counts_nested_allocations_once():
@@ -66,3 +66,18 @@ def test_routing_and_yardsticks():
     assert flops == 2 * 9 * 2 * 16 * 3 * 8
     product = dense_step(config, 9, flops, "fwd", torch.float32, "cpu")()
     assert 2 * product.shape[0] * 16 * product.shape[1] == flops  # the same FLOPs: [T*K, H] x [H, 3I]
+
+
+def test_dense_ceiling_is_the_faster_of_the_half_dtype_and_float32():
+    # Where bf16 is emulated (AVX2-only CPUs) the float32 GEMM is the ceiling an implementation
+    # can reach by widening; float32 data never changes dtype.
+    config = MoEConfig(hidden_size=16, intermediate_size=8, num_experts=6, top_k=2)
+    assert ceiling_dtype(torch.float32) == torch.float32
+    chosen = ceiling_dtype(torch.bfloat16)
+    assert chosen in (torch.bfloat16, torch.float32)
+    flops = routed_expert_flops(config, 9)
+    for mode in ("fwd", "train"):
+        step = dense_step(config, 9, flops, mode, torch.bfloat16, "cpu")
+        assert step.dtype == chosen
+    product = dense_step(config, 9, flops, "fwd", torch.bfloat16, "cpu")()
+    assert product.dtype == chosen and 2 * product.shape[0] * 16 * product.shape[1] == flops

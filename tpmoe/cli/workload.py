@@ -3,11 +3,14 @@ against; shared by `tpmoe bench` and the scripts in benchmarks/.
 
   FLOPs          of the routed experts (and of a whole block: router and shared expert too)
   routing        tpmoe.route's twin on random logits, for the scripts that time the experts alone
-  dense          one GEMM [T*K, H] x [H, N] with the same FLOPs: the compute ceiling
+  dense          one GEMM [T*K, H] x [H, N] with the same FLOPs: the compute ceiling (in float32
+                 where that is faster than the data's bf16/fp16, as on CPUs that emulate them)
   weight read    one pass over as many experts' weights as the routing touches: the
                  bandwidth floor
 """
+import functools
 import math
+import time
 from typing import Optional, Sequence
 
 import torch
@@ -45,22 +48,55 @@ def random_routing(config: MoEConfig, num_tokens: int, *, generator: Optional[to
     return topk_ids, topk_weights
 
 
+@functools.cache
+def ceiling_dtype(dtype: torch.dtype, device_type: str = "cpu") -> torch.dtype:
+    """The dtype whose GEMM is the compute ceiling for `dtype` data: `dtype` itself, or float32
+    where that is faster (a CPU without a bf16/fp16 dot product emulates them: 0.8 GFLOP/s
+    against 164 for float32 on an AVX2-only AMD EPYC, issue 36; an implementation there may
+    widen to float32, so float32's rate is what it can reach). Decided once per process from
+    the better of 3 timed calls of a probe GEMM of each dtype (256 x 512 x 512: ~0.3 s where
+    emulated, about a millisecond otherwise)."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        return dtype
+
+    def best_seconds(probe_dtype):
+        a = torch.randn(256, 512, device=device_type).to(probe_dtype)
+        b = torch.randn(512, 512, device=device_type).to(probe_dtype)
+        times = []
+        for _ in range(4):  # the first call warms up (allocations, library dispatch)
+            if device_type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            a @ b
+            if device_type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        return min(times[1:])
+
+    return dtype if best_seconds(dtype) <= best_seconds(torch.float32) else torch.float32
+
+
 def dense_step(config: MoEConfig, num_tokens: int, forward_flops: int, mode: str, dtype: torch.dtype, device):
     """One GEMM [T*K, H] x [H, N] with N chosen for `forward_flops`: the compute ceiling at this T
-    (mode "train": forward and backward, 3x the FLOPs)."""
+    (mode "train": forward and backward, 3x the FLOPs), in `dtype` or in float32 where that is
+    the faster GEMM on this device (ceiling_dtype); the step's `dtype` attribute says which."""
     rows = num_tokens * config.top_k
     columns = max(1, math.ceil(forward_flops / (2 * rows * config.hidden_size)))
+    dtype = ceiling_dtype(dtype, torch.device(device if device is not None else "cpu").type)
     a = torch.randn(rows, config.hidden_size, dtype=dtype, device=device)
     b = torch.randn(config.hidden_size, columns, dtype=dtype, device=device)
     if mode == "fwd":
-        return lambda: a @ b
-    a.requires_grad_(True)
-    b.requires_grad_(True)
-    grad = torch.randn(rows, columns, dtype=dtype, device=device)
+        def step():
+            return a @ b
+    else:
+        a.requires_grad_(True)
+        b.requires_grad_(True)
+        grad = torch.randn(rows, columns, dtype=dtype, device=device)
 
-    def step():
-        a.grad = b.grad = None
-        (a @ b).backward(grad)
+        def step():
+            a.grad = b.grad = None
+            (a @ b).backward(grad)
+    step.dtype = dtype
     return step
 
 

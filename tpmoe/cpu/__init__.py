@@ -8,10 +8,11 @@
 - experts_torch.py: `grouped_experts_torch`, the plain-PyTorch twin that runs where it is not
   (tpmoe.fused decides which; tpmoe._native.use_native_ops).
 
-The native forward keeps its scratch buffer between calls; `release_workspace()` frees it.
+`bf16_gemm_path()` says which bf16 GEMM the native ops run ("native" or "widen", forced by
+TPMOE_CPU_BF16_GEMM). The native forward keeps its scratch buffer between calls; `release_workspace()` frees it.
 """
 from .autograd import ExpertsCpuFunction, fused_experts_cpu
 from .experts_torch import grouped_experts_torch
-from .ops import cpu_ops, release_workspace
+from .ops import bf16_gemm_path, cpu_ops, release_workspace
 
-__all__ = ["ExpertsCpuFunction", "cpu_ops", "fused_experts_cpu", "grouped_experts_torch", "release_workspace"]
+__all__ = ["ExpertsCpuFunction", "bf16_gemm_path", "cpu_ops", "fused_experts_cpu", "grouped_experts_torch", "release_workspace"]

@@ -1,5 +1,5 @@
-"""torch.ops.tpmoe.experts_cpu_forward / experts_cpu_backward / experts_cpu_release_workspace:
-the ops and their fakes.
+"""torch.ops.tpmoe.experts_cpu_forward / experts_cpu_backward / experts_cpu_release_workspace /
+experts_cpu_bf16_gemm_path: the ops and their fakes.
 
 Layers: C++ kernels (csrc/experts_cpu_forward.cpp, experts_cpu_backward.cpp) -> the ops
 (csrc/experts_cpu_ops.cpp, loaded with tpmoe._C by tpmoe._native.native_ops) -> their fakes
@@ -60,6 +60,23 @@ def release_workspace() -> int:
     except NativeExtensionMissing:
         return 0
     return int(ops.experts_cpu_release_workspace())
+
+
+BF16_GEMM_ENV = "TPMOE_CPU_BF16_GEMM"
+BF16_GEMM_CHOICES = ("native", "widen", "auto")
+
+
+def bf16_gemm_path() -> str:
+    """The bf16 GEMM the native CPU expert ops run now: "native" (ATen's, or the AVX512-BF16
+    kernel of csrc/experts_cpu_gemm.cpp) or "widen" (float32 GEMMs on tiles widened from bf16,
+    csrc/experts_cpu_widen.cpp). TPMOE_CPU_BF16_GEMM = native | widen | auto forces it; auto
+    (or unset) picks native where the CPU has a bf16 dot product. The ops read the variable at
+    every call, so this answer holds while it is unchanged. ValueError on any other value;
+    NativeExtensionMissing where tpmoe._C is not built."""
+    value = os.environ.get(BF16_GEMM_ENV, "auto")
+    if value not in BF16_GEMM_CHOICES:
+        raise ValueError(f"{BF16_GEMM_ENV}: expected one of {', '.join(BF16_GEMM_CHOICES)} (or unset), got {value!r}")
+    return str(cpu_ops().experts_cpu_bf16_gemm_path())
 
 
 def _register_fakes(namespace: str) -> None:

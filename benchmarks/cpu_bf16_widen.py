@@ -1,0 +1,157 @@
+"""The CPU experts' two bf16 GEMMs side by side, in one run (issue 36): the native one and the
+widened one (float32 GEMMs on tiles widened from bf16, csrc/experts_cpu_widen.cpp), forced by
+TPMOE_CPU_BF16_GEMM per call (the ops read it at every call), against the fp32-weights path,
+a float32 and a bf16 dense GEMM of equal FLOPs, and the bf16 read floor.
+
+Qwen3-30B-A3B's expert shape (H = 2048, I = 768, E = 128, top-8; tpmoe.presets), bf16:
+forward at each --tokens, forward + backward at --train-tokens. Median, fastest and slowest
+of --repeats interleaved rounds (tpmoe.cli.timing); rates and ratios from the fastest runs.
+
+  python benchmarks/cpu_bf16_widen.py                      # T = 1, 32, 512; train at 512
+  python benchmarks/cpu_bf16_widen.py --tokens 1 32 --train-tokens --repeats 3 --json out.json
+"""
+import argparse
+import datetime
+import os
+import subprocess
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import make_expert_weights  # noqa: E402
+
+from tpmoe.cli.report import format_table, write_json  # noqa: E402
+from tpmoe.cli.timing import time_calls_interleaved  # noqa: E402
+from tpmoe.cli.workload import (dense_step, random_routing, routed_expert_flops, touched_bytes,  # noqa: E402
+                                weight_read_step)
+from tpmoe.cpu import bf16_gemm_path  # noqa: E402
+from tpmoe.fused import fused_experts  # noqa: E402
+from tpmoe.presets import get_preset  # noqa: E402
+
+ENV = "TPMOE_CPU_BF16_GEMM"
+
+
+def cpu_description():
+    """lscpu's model name and whether the CPU reports avx512_bf16 / amx_bf16."""
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown CPU (no lscpu)"
+    model = next((line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name")), "?")
+    flags = next((line.split(":", 1)[1].split() for line in lscpu.splitlines() if line.startswith("Flags")), [])
+    return (f"{model}; avx512_bf16: {'yes' if 'avx512_bf16' in flags else 'no'}, "
+            f"amx_bf16: {'yes' if 'amx_bf16' in flags else 'no'}, avx2: {'yes' if 'avx2' in flags else 'no'}")
+
+
+def on_path(path, call):
+    """call() with the native CPU ops forced onto `path`'s bf16 GEMM."""
+    def run():
+        os.environ[ENV] = path
+        return call()
+    return run
+
+
+def dense(config, num_tokens, flops, mode, dtype):
+    """The dense GEMM of equal FLOPs in exactly `dtype` (workload.dense_step would pick the
+    faster of bf16 and float32: here both are shown)."""
+    step = dense_step(config, num_tokens, flops, mode, torch.float32, None)
+    if dtype == torch.float32:
+        return step
+    rows, columns = num_tokens * config.top_k, max(1, -(-flops // (2 * num_tokens * config.top_k * config.hidden_size)))
+    a = torch.randn(rows, config.hidden_size, dtype=dtype, requires_grad=mode != "fwd")
+    b = torch.randn(config.hidden_size, columns, dtype=dtype, requires_grad=mode != "fwd")
+    grad = torch.randn(rows, columns, dtype=dtype)
+    if mode == "fwd":
+        return lambda: a @ b
+
+    def train():
+        a.grad = b.grad = None
+        (a @ b).backward(grad)
+    return train
+
+
+def measure(config, num_tokens, mode, weights, weights32, args, generator):
+    ids, topk_weights = random_routing(config, num_tokens, generator=generator)
+    x = torch.randn(num_tokens, config.hidden_size, generator=generator).bfloat16()
+    flops = routed_expert_flops(config, num_tokens) * (1 if mode == "fwd" else 3)
+    grad_out = torch.randn(num_tokens, config.hidden_size, generator=generator).bfloat16()
+
+    def experts(tensors, x_in):
+        if mode == "fwd":
+            return lambda: fused_experts(x_in, tensors["w_gate_up"], tensors["w_down"], ids, topk_weights,
+                                         backend="cpu")
+        leaves = [x_in.detach().requires_grad_(True), tensors["w_gate_up"].detach().requires_grad_(True),
+                  tensors["w_down"].detach().requires_grad_(True)]
+
+        def step():
+            for leaf in leaves:
+                leaf.grad = None
+            fused_experts(*leaves, ids, topk_weights, backend="cpu").backward(grad_out.to(x_in.dtype))
+        return step
+
+    calls = {"native": on_path("native", experts(weights, x)), "widen": on_path("widen", experts(weights, x)),
+             "fp32_weights": experts(weights32, x.float()),
+             "dense_fp32": dense(config, num_tokens, flops, mode, torch.float32),
+             "dense_bf16": dense(config, num_tokens, flops, mode, torch.bfloat16)}
+    if mode == "fwd":
+        calls["floor_bf16"] = weight_read_step(ids, [weights["w_gate_up"], weights["w_down"]], "fwd")
+    grad_mode = torch.no_grad() if mode == "fwd" else torch.enable_grad()
+    with grad_mode:
+        results = time_calls_interleaved(calls, warmup=args.warmup, repeats=args.repeats)
+    os.environ.pop(ENV, None)
+    best = {name: result.min_s for name, result in results.items()}
+    weight_bytes = touched_bytes(ids, weights["w_gate_up"], weights["w_down"])
+    rows = []
+    for name, result in results.items():
+        row = dict(T=num_tokens, pass_=mode, impl=name, ms=result.median_s * 1e3, ms_min=result.min_s * 1e3,
+                   ms_max=max(result.samples_s) * 1e3,
+                   gflops=flops / best[name] / 1e9 if not name.startswith("floor") else None)
+        if name in ("native", "widen", "fp32_weights"):
+            row["of_dense_fp32"] = best["dense_fp32"] / best[name]
+            row["x_floor"] = best[name] / best["floor_bf16"] if "floor_bf16" in best else None
+            row["widen_vs_native"] = best["native"] / best["widen"] if name == "widen" else None
+        if name == "floor_bf16":
+            row["gbs"] = weight_bytes / best[name] / 1e9
+        rows.append(row)
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, nargs="*", default=[1, 32, 512])
+    parser.add_argument("--train-tokens", type=int, nargs="*", default=[512])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = get_preset("qwen3-30b-a3b").config
+    generator = torch.Generator().manual_seed(0)
+    weights = make_expert_weights(config, torch.bfloat16, generator=generator)
+    # The fp32-weights path: the same values widened once, up front (the thing the widened
+    # GEMM avoids holding).
+    weights32 = {name: tensor.float() for name, tensor in weights.items()}
+    os.environ.pop(ENV, None)
+    header = [f"# {datetime.date.today()}  {cpu_description()}",
+              f"# torch {torch.__version__}, {torch.get_num_threads()} threads, auto picks: {bf16_gemm_path()}",
+              f"# {' '.join([os.path.basename(sys.executable)] + sys.argv)}"]
+    print("\n".join(header), flush=True)
+    rows = []
+    for mode, token_counts in (("fwd", args.tokens), ("train", args.train_tokens)):
+        for num_tokens in token_counts:
+            rows += measure(config, num_tokens, mode, weights, weights32, args, generator)
+            print(f"# done T = {num_tokens} {mode}", file=sys.stderr, flush=True)
+    columns = ["T", "pass_", "impl", "ms", "ms_min", "ms_max", "gflops", "gbs", "of_dense_fp32", "x_floor",
+               "widen_vs_native"]
+    formats = {"ms": ".2f", "ms_min": ".2f", "ms_max": ".2f", "gflops": ".1f", "gbs": ".1f", "of_dense_fp32": ".2f",
+               "x_floor": ".2f", "widen_vs_native": ".2f"}
+    print(format_table(rows, columns, formats, headers={"pass_": "pass"}, markdown=True))
+    if args.json:
+        write_json(args.json, dict(header=header, rows=rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+// Widening one tile of a GEMM operand to float32 (csrc/experts_cpu_weight_tile.cpp): the one
+// place where the expert weights are converted on their way into a GEMM. The widened bf16
+// GEMM (experts_cpu_widen.cpp) loads every weight tile through it, and its activation tiles
+// too; a stored format that is not a plain float type (fp8 with scales, MXFP4 blocks) is
+// dequantized here, a tile at a time, and the GEMM around it stays as it is.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+
+namespace tpmoe {
+namespace cpu {
+
+// A float32 tile of `rows` x `cols` in a caller's buffer. Stored in the order its source is
+// contiguous (so the load reads whole cache lines): row-major with leading dimension ld, or,
+// where `transposed`, its transpose (cols x rows, row-major, leading dimension ld).
+struct Fp32Tile {
+  const float* data = nullptr;
+  int64_t ld = 0;
+  bool transposed = false;
+};
+
+// Widens operand[r0 : r0 + rows, c0 : c0 + cols] of a 2-D view (bf16, fp16 or float32, any
+// strides) into buffer (at least rows * cols floats). Exact: every such value is a float32.
+Fp32Tile widen_tile(const at::Tensor& operand, int64_t r0, int64_t rows, int64_t c0, int64_t cols, float* buffer);
+
+}  // namespace cpu
+}  // namespace tpmoe

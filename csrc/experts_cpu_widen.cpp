@@ -1,0 +1,207 @@
+// The widened bf16 GEMM of the experts and the choice of when it runs.
+//
+// Why: on a CPU without a bf16 dot product (AVX2 only: AMD Zen 2/3, many cloud instances and
+// laptops) ATen's bf16 GEMM is emulated element by element: 0.81 GFLOP/s against 164 for
+// float32 on such a machine (AMD EPYC family 25, 512 x 2048 x 1536, issue 36). So there the
+// expert GEMMs widen their operands to float32 a tile at a time (widen_tile, the one place
+// weights are converted), run ATen's float32 GEMM on the tiles, keep the sums in float32 and
+// round once on the store: the products and sums are those of a float32 GEMM of the bf16
+// values, so the result is within the bf16 rule of the native GEMM's. No fp32 copy of a whole
+// expert is ever made: at most a panel of input rows and a tile of weight columns.
+//
+// Where the CPU has a bf16 dot product (avx512_bf16, amx_bf16, Arm bf16) the native path runs
+// as before. TPMOE_CPU_BF16_GEMM = native | widen | auto (default) forces either; it is read
+// at every call (like the other TPMOE_CPU_* knobs: a getenv is ~100 ns), the CPU check once.
+#include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/cpu/Utils.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "experts_cpu.h"
+#include "experts_cpu_weight_tile.h"
+
+namespace tpmoe {
+namespace cpu {
+namespace {
+
+// The float32 panel of input rows widened once and reused by every weight tile (1 MiB: rows
+// x K of the decode and small-prefill GEMMs, e.g. 128 rows at K = 2048), and one weight tile
+// (512 KiB: half a Zen 2/3 L2, so the tile and the GEMM's own packing of it stay in L2; at
+// K = 2048 that is 64 weight columns, enough for the float32 GEMM to run near its peak).
+constexpr int64_t kLhsPanelBytes = 1 << 20;
+constexpr int64_t kRhsTileBytes = 512 << 10;
+// Up to this many rows the products run in few_rows_dot rather than an ATen float32 GEMM.
+constexpr int64_t kFewRows = 4;
+constexpr int64_t kFewRowsTileBytes = 32 << 10;
+
+bool cpu_has_native_bf16_dot() {
+  // cpuinfo through ATen (x86: avx512_bf16 / amx_bf16; Arm: bf16), and the compiler's own
+  // check that the hand-written kernel uses.
+  bool native = bf16_kernel_available();
+  const auto capabilities = at::cpu::get_cpu_capabilities();
+  for (const char* key : {"avx512_bf16", "amx_bf16", "bf16"}) {
+    const auto found = capabilities.find(key);
+    if (found != capabilities.end() && found->second.isBool() && found->second.toBool()) native = true;
+  }
+  return native;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define TPMOE_WIDEN_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define TPMOE_WIDEN_CLONES
+#endif
+
+// sums[r, c] = lhs[r, :] . rhs[:, c] for a few rows (decode, and experts with a handful of
+// tokens): a float32 GEMM call per tile costs several microseconds of dispatch, as much as
+// the tile's products at one row, so these run here, on the tiles in L2, 8 lanes at a time.
+TPMOE_WIDEN_CLONES void few_rows_dot(int64_t rows, int64_t cols, int64_t K, const float* lhs, int64_t ld_lhs,
+                                     bool lhs_transposed, const float* rhs, int64_t ld_rhs, bool rhs_transposed,
+                                     float* sums) {
+  if (rhs_transposed && !lhs_transposed) {
+    // Both along K (x @ W^T weights): one reduction per output, every row against a weight
+    // column while it is in L1.
+    // Four columns a pass: four independent sums (one would wait on the add latency every
+    // 8 products) and each row value loaded once for the four.
+    int64_t c = 0;
+    for (; c + 4 <= cols; c += 4) {
+      const float *b0 = rhs + c * ld_rhs, *b1 = b0 + ld_rhs, *b2 = b1 + ld_rhs, *b3 = b2 + ld_rhs;
+      for (int64_t r = 0; r < rows; ++r) {
+        const float* a = lhs + r * ld_lhs;
+        float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+        for (int64_t k = 0; k < K; ++k) {
+          s0 += a[k] * b0[k];
+          s1 += a[k] * b1[k];
+          s2 += a[k] * b2[k];
+          s3 += a[k] * b3[k];
+        }
+        float* out = sums + r * cols + c;
+        out[0] = s0, out[1] = s1, out[2] = s2, out[3] = s3;
+      }
+    }
+    for (; c < cols; ++c) {
+      const float* b = rhs + c * ld_rhs;
+      for (int64_t r = 0; r < rows; ++r) {
+        const float* a = lhs + r * ld_lhs;
+        float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t k = 0; k < K; ++k) sum += a[k] * b[k];
+        sums[r * cols + c] = sum;
+      }
+    }
+    return;
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    float* out = sums + r * cols;
+    {
+      for (int64_t c = 0; c < cols; ++c) out[c] = 0.f;
+      for (int64_t k = 0; k < K; ++k) {
+        const float a = lhs_transposed ? lhs[k * ld_lhs + r] : lhs[r * ld_lhs + k];
+        if (rhs_transposed) {
+          for (int64_t c = 0; c < cols; ++c) out[c] += a * rhs[c * ld_rhs + k];
+        } else {
+          const float* b = rhs + k * ld_rhs;
+#pragma omp simd
+          for (int64_t c = 0; c < cols; ++c) out[c] += a * b[c];
+        }
+      }
+    }
+  }
+}
+
+template <typename out_t>
+void store_rounded(const float* sums, int64_t rows, int64_t cols, out_t* out, int64_t stride_r, int64_t stride_c) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) out[r * stride_r + c * stride_c] = static_cast<out_t>(sums[r * cols + c]);
+  }
+}
+
+// A float32 tile as the [rows, cols] operand of at::mm, without a copy.
+at::Tensor as_matrix(const Fp32Tile& tile, int64_t rows, int64_t cols) {
+  const auto options = at::TensorOptions().dtype(at::kFloat);
+  float* data = const_cast<float*>(tile.data);
+  if (tile.transposed) return at::from_blob(data, {rows, cols}, {1, std::max<int64_t>(tile.ld, 1)}, options);
+  return at::from_blob(data, {rows, cols}, {std::max<int64_t>(tile.ld, 1), 1}, options);
+}
+
+}  // namespace
+
+bool native_bf16_dot_available() {
+  static const bool available = cpu_has_native_bf16_dot();
+  return available;
+}
+
+Bf16GemmPath bf16_gemm_path() {
+  const char* env = std::getenv("TPMOE_CPU_BF16_GEMM");
+  const std::string value = env == nullptr ? "" : env;
+  if (value == "native") return Bf16GemmPath::kNative;
+  if (value == "widen") return Bf16GemmPath::kWiden;
+  TORCH_CHECK(value.empty() || value == "auto",
+              "tpmoe: TPMOE_CPU_BF16_GEMM: expected 'native', 'widen' or 'auto' (or unset), got '", value, "'");
+  return native_bf16_dot_available() ? Bf16GemmPath::kNative : Bf16GemmPath::kWiden;
+}
+
+std::string bf16_gemm_path_name() { return bf16_gemm_path() == Bf16GemmPath::kWiden ? "widen" : "native"; }
+
+void widened_mm_out(at::Tensor& out, const at::Tensor& lhs, const at::Tensor& rhs) {
+  const int64_t M = lhs.size(0), K = lhs.size(1), N = rhs.size(1);
+  if (M == 0 || N == 0) return;
+  if (K == 0) {
+    out.zero_();
+    return;
+  }
+  const int64_t panel_rows = std::clamp<int64_t>(kLhsPanelBytes / (4 * K), 1, M);
+  // Few rows: tiles that stay in L1 between their widening and their one use (a 512 KiB tile
+  // went out to L2 and back, and decode ran 2.6x its weight-read floor instead of ~1x).
+  const int64_t tile_cols = M <= kFewRows ? std::min(N, std::max<int64_t>(1, kFewRowsTileBytes / (4 * K)))
+                                          : std::min(N, std::max<int64_t>(16, kRhsTileBytes / (4 * K) / 16 * 16));
+  const int64_t tiles = (N + tile_cols - 1) / tile_cols;
+  // One buffer set per thread, kept: a call allocates nothing once the shapes have been seen.
+  thread_local std::vector<float> lhs_buffer;
+  lhs_buffer.resize(panel_rows * K);
+  for (int64_t m0 = 0; m0 < M; m0 += panel_rows) {
+    const int64_t rows = std::min(panel_rows, M - m0);
+    const Fp32Tile lhs_panel = widen_tile(lhs, m0, rows, 0, K, lhs_buffer.data());
+    // Weight tiles over threads in "gemm" mode; inside an "experts" worker this runs in order.
+    at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;  // workers start from default dispatch state
+      thread_local std::vector<float> rhs_buffer, sums_buffer;
+      rhs_buffer.resize(K * tile_cols);
+      sums_buffer.resize(rows * tile_cols);
+      for (int64_t tile = begin; tile < end; ++tile) {
+        const int64_t n0 = tile * tile_cols, cols = std::min(tile_cols, N - n0);
+        const Fp32Tile rhs_tile = widen_tile(rhs, 0, K, n0, cols, rhs_buffer.data());
+        if (rows <= kFewRows) {
+          few_rows_dot(rows, cols, K, lhs_panel.data, lhs_panel.ld, lhs_panel.transposed, rhs_tile.data, rhs_tile.ld,
+                       rhs_tile.transposed, sums_buffer.data());
+        } else {
+          at::Tensor sums = at::from_blob(sums_buffer.data(), {rows, cols}, at::TensorOptions().dtype(at::kFloat));
+          at::mm_out(sums, as_matrix(lhs_panel, rows, K), as_matrix(rhs_tile, K, cols));
+        }
+        const int64_t offset = m0 * out.stride(0) + n0 * out.stride(1);
+        if (out.scalar_type() == at::kBFloat16) {
+          store_rounded(sums_buffer.data(), rows, cols, out.data_ptr<c10::BFloat16>() + offset, out.stride(0),
+                        out.stride(1));
+        } else {
+          TORCH_CHECK(out.scalar_type() == at::kHalf, "tpmoe: widened_mm_out: expected a bf16 or fp16 output, got ",
+                      out.scalar_type());
+          store_rounded(sums_buffer.data(), rows, cols, out.data_ptr<c10::Half>() + offset, out.stride(0),
+                        out.stride(1));
+        }
+      }
+    });
+  }
+}
+
+}  // namespace cpu
+}  // namespace tpmoe
