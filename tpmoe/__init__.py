@@ -14,8 +14,16 @@ from .weights import check_moe_weights, expected_shapes, random_moe_weights
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name):
+    # tpmoe.parallelize imports torch.distributed.tensor.parallel: loaded on first use, not with tpmoe.
+    if name == "parallelize":
+        from .parallel_styles import parallelize
+        return parallelize
+    raise AttributeError(f"module 'tpmoe' has no attribute {name!r}")
+
 __all__ = [
     "AlignResult", "CollectiveError", "MoEBlock", "MoEConfig", "align", "allreduce_router_grads", "check_moe_weights",
-    "expected_shapes", "fused_experts", "random_moe_weights", "reference_experts", "reference_moe_block",
+    "expected_shapes", "fused_experts", "parallelize", "random_moe_weights", "reference_experts", "reference_moe_block",
     "reference_route", "route", "shard_moe_weights", "shard_sizes",
 ]

@@ -150,7 +150,24 @@ class MoEBlock(nn.Module):
         if dtype is not None and (not isinstance(dtype, torch.dtype) or dtype not in FLOAT_DTYPES):
             raise TypeError(f"dtype: expected None or one of {tuple(str(d) for d in FLOAT_DTYPES)}, got {dtype!r}")
         self.config = config
-        self.group, self.ep_group = tp.resolve_groups(group, tp_mesh_dim, ep_group, ep_mesh_dim)
+        self.check_replicated = check_replicated
+        self.backend = backend
+        tp_group, ep_group = tp.resolve_groups(group, tp_mesh_dim, ep_group, ep_mesh_dim)
+        full = None
+        if _shards is None:
+            generator = torch.Generator().manual_seed(seed)
+            full = random_moe_weights(config, dtype=dtype or torch.get_default_dtype(), device=device or "cpu",
+                                      generator=generator)
+        self._place(tp_group, ep_group, sequence_parallel=sequence_parallel, shard_unit=shard_unit, shards=_shards,
+                    full=full, dtype=dtype, device=device)
+
+    def _place(self, tp_group, ep_group, *, sequence_parallel: bool, shard_unit: int, shards=None, full=None,
+               dtype=None, device=None, requires_grad: Optional[Dict[str, bool]] = None) -> None:
+        """Sets the block's groups and mode and registers its weights: this rank's `shards`, or its
+        slice of the `full` weights (the same on every rank). The one place a block becomes what it
+        is, at construction and when a ParallelStyle (tpmoe.distributed.styles) parallelizes it."""
+        config = self.config
+        self.group, self.ep_group = tp_group, ep_group
         self.tp_size, self.tp_rank = tp.group_size(self.group), tp.group_rank(self.group)
         self.expert_parallel = self.ep_group is not None
         self.ep_size, self.ep_rank = tp.group_size(self.ep_group), tp.group_rank(self.ep_group)
@@ -158,9 +175,7 @@ class MoEBlock(nn.Module):
             raise ValueError("sequence_parallel: expected False with expert parallelism (its inputs already hold "
                              "this rank's tokens), got True")
         self.sequence_parallel = sequence_parallel
-        self.check_replicated = check_replicated
         self.shard_unit = shard_unit
-        self.backend = backend
         self.I_local = shard_sizes(config.intermediate_size, self.tp_size, shard_unit)[self.tp_rank]
         self.Is_local = shard_sizes(config.shared_intermediate_size, self.tp_size, shard_unit)[self.tp_rank]
         # A rank that rejects its shards (or its groups, or an EP group larger than E) still joins
@@ -171,18 +186,15 @@ class MoEBlock(nn.Module):
         try:
             self.expert_first, self.num_local_experts = expert_range(config.num_experts, self.ep_rank, self.ep_size)
             tp.check_groups_disjoint(self.group, self.ep_group)
-            if _shards is None:
-                generator = torch.Generator().manual_seed(seed)
-                full = random_moe_weights(config, dtype=dtype or torch.get_default_dtype(), device=device or "cpu",
-                                          generator=generator)
-                _shards = shard_moe_weights(config, full, self.tp_rank, self.tp_size, shard_unit, ep_rank=self.ep_rank,
-                                            ep_size=self.ep_size)
-            check_shards(config, _shards, self.tp_rank, self.tp_size, shard_unit, ep_rank=self.ep_rank,
+            if shards is None:
+                shards = shard_moe_weights(config, full, self.tp_rank, self.tp_size, shard_unit, ep_rank=self.ep_rank,
+                                           ep_size=self.ep_size)
+            check_shards(config, shards, self.tp_rank, self.tp_size, shard_unit, ep_rank=self.ep_rank,
                          ep_size=self.ep_size)
-            weights_dtype = _check_shard_dtypes(_shards, dtype)
+            weights_dtype = _check_shard_dtypes(shards, dtype)
         except (TypeError, ValueError) as error:
             local_error, weights_dtype = error, None
-        agreed_shapes = {name: tuple(t.shape) for name, t in _shards.items()} if local_error is None else {}
+        agreed_shapes = {name: tuple(t.shape) for name, t in shards.items()} if local_error is None else {}
         if self.expert_parallel:
             check_expert_parallel_agree(config, agreed_shapes, weights_dtype, self.group, self.ep_group, shard_unit,
                                         local_ok=local_error is None)
@@ -191,13 +203,36 @@ class MoEBlock(nn.Module):
                                local_ok=local_error is None)
         if local_error is not None:
             raise local_error
-        for name, tensor in _shards.items():
+        for name, tensor in shards.items():
             value = tensor.detach().to(dtype=dtype or tensor.dtype, device=device or tensor.device).clone()
             if name == "correction_bias":
                 self.register_buffer(name, value)
             else:
-                setattr(self, name, nn.Parameter(value))
+                trained = True if requires_grad is None else requires_grad.get(name, True)
+                setattr(self, name, nn.Parameter(value, requires_grad=trained))
         align_sharded_storage(self)
+
+    def check_one_process(self, what: str) -> None:
+        """Raises ValueError naming `what` unless this block is a one-process block (no groups)."""
+        if self.tp_size > 1 or self.ep_size > 1 or self.group is not None or self.ep_group is not None:
+            raise ValueError(f"{what}: expected a one-process MoEBlock, got one already parallel "
+                             f"(tp {self.tp_rank}/{self.tp_size}, ep {self.ep_rank}/{self.ep_size})")
+
+    def parallelize_(self, tp_group=None, *, ep_group=None, sequence_parallel: bool = False,
+                     shard_unit: int = 1) -> "MoEBlock":
+        """In place: this one-process block keeps this rank's slice of its weights over `tp_group`
+        (and its experts over `ep_group`), as MoEBlock.from_full would have built it; returns self.
+        Every rank must hold the same weights (tpmoe.distributed.styles broadcasts them first). The
+        parameters are new tensors: build optimizers afterwards, as with torch's parallelize_module."""
+        self.check_one_process("parallelize_")
+        if not isinstance(sequence_parallel, bool):
+            raise TypeError(f"sequence_parallel: expected a bool, got {type(sequence_parallel).__name__} "
+                            f"{sequence_parallel!r}")
+        full = dict(self.local_shards())
+        requires_grad = {name: tensor.requires_grad for name, tensor in self._weight_items()}
+        self._place(tp_group, ep_group, sequence_parallel=sequence_parallel, shard_unit=shard_unit, full=full,
+                    requires_grad=requires_grad)
+        return self
 
     def _apply(self, fn, recurse=True):
         # .to() / .cuda() / .half() copy parameters compactly: the expert weights get their
