@@ -270,6 +270,8 @@ def test_cli_bench_ep_smoke(tmp_path):
     assert layouts == {(layout, t) for layout in ("one process", "tp 2", "ep 2") for t in (1, 7)}, layouts
     for row in rows:
         assert row["median_ms"] > 0 and row["ratio_vs_one_process"] > 0, row
+        assert row["min_ms"] <= row["median_ms"] <= row["max_ms"] and row["samples"] == 1, row
+        assert row["flags"] == [], row  # one sample: no spread to call wide, no yardstick to beat
         if row["layout"] == "ep 2":
             assert row["bytes_per_collective"]["all_to_all_single"] > 0, row
         if row["layout"] == "tp 2":
