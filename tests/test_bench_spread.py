@@ -60,4 +60,7 @@ def test_advice_is_one_line_naming_the_remedies():
     rows = [dict(impl="tpmoe", flags=["wide"]), dict(impl="dense", flags=[]), dict(impl="floor", flags=[])]
     advice = stability_advice(rows)
     assert "\n" not in advice and advice.startswith("unstable: 1 of 3 rows flagged")
-    assert "--threads" in advice and "--repeats" in advice and "quiet machine" in advice
+    assert "--threads 1" in advice and "--repeats" in advice and "quiet machine" in advice
+    # Already one thread per rank: the advice does not repeat it.
+    one_thread = stability_advice([dict(row, threads=1) for row in rows])
+    assert "--threads" not in one_thread and "--repeats" in one_thread

@@ -29,7 +29,8 @@ import torch
 
 from .._checks import dtype_name
 from ..config import MoEConfig
-from .spread import LEGEND, flag_cell, load_text, row_flags, spread_fields, stability_advice
+from .machine import load_text, machine_text
+from .spread import LEGEND, flag_cell, row_flags, spread_fields, stability_advice
 from .timing import time_calls_interleaved
 from .workload import block_forward_flops, dense_step, weight_read_step
 
@@ -307,8 +308,7 @@ TABLE_HEADERS = dict(world_size="P", tokens="T", min_ms="min ms", median_ms="med
 
 def describe(plan: BenchPlan) -> str:
     c = plan.config
-    device = f"cuda ({torch.cuda.get_device_name(0)})" if plan.device_type == "cuda" else \
-        f"cpu ({os.cpu_count()} cores)"
+    device = f"{plan.device_type} ({machine_text(plan.device_type)})"
     return (f"tpmoe bench: preset {plan.preset} (scale {plan.scale:g}: H={c.hidden_size} I={c.intermediate_size} "
             f"E={c.num_experts} K={c.top_k} shared={c.shared_intermediate_size}), mode {plan.mode}, "
             f"{dtype_name(plan.dtype)}, {device}, world sizes 1..{plan.world_size}, "
@@ -357,7 +357,8 @@ def run_bench(plan: BenchPlan, *, json_path: Optional[str], plot_path: Optional[
     if plot_path is not None:
         from .plot import plot_rows
         os.makedirs(os.path.dirname(os.path.abspath(plot_path)), exist_ok=True)
-        plot_rows(rows, plot_path, title=header.split(";")[0])
+        plot_rows(rows, plot_path, subtitle=f"{machine_text(plan.device_type)}; {load_text()} at the end"
+                  if plan.device_type == "cpu" else machine_text(plan.device_type))
         print(f"plot: {os.path.abspath(plot_path)}", file=out)
     advice = stability_advice(rows)
     if advice is not None:

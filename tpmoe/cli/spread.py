@@ -14,9 +14,9 @@ MIN_NOISE (timer and clock jitter of a quiet machine). A contender beating a yar
 in the same interleaved rounds (tpmoe.cli.timing) means the samples are not comparable (threads
 fighting another job, a CPU frequency change), not that the block beat the hardware.
 """
-import os
 from typing import Dict, List, Optional
 
+from .machine import load_text
 from .timing import Timing
 
 WIDE_IQR = 0.10
@@ -64,24 +64,18 @@ def flag_cell(row: Dict) -> str:
     return ", ".join(FLAG_TEXT[flag] for flag in row.get("flags", ()))
 
 
-def load_text() -> str:
-    """'load 3.1 on 2 cores' (the 1-minute load average), '' where the OS does not say."""
-    try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return ""
-    return f"load {load:.1f} on {os.cpu_count()} cores"
-
-
 def stability_advice(rows: List[Dict]) -> Optional[str]:
     """One line when any row is flagged, else None."""
     flagged = [row for row in rows if row.get("flags")]
     if not flagged:
         return None
     load = load_text()
+    # Threads that wait at a barrier for a core another job holds are the usual cause (issue 30:
+    # 21 ms with the default threads against 0.63 ms with --threads 1, on a busy machine).
+    threads = "" if all(row.get("threads") == 1 for row in rows) else \
+        "--threads 1 (or fewer threads than idle cores), "
     return (f"unstable: {len(flagged)} of {len(rows)} rows flagged; for a stable figure rerun with "
-            f"--threads 1 (or fewer threads than idle cores), --repeats 20, on a quiet machine"
-            + (f" ({load} at the end of this run)" if load else ""))
+            f"{threads}--repeats 20, on a quiet machine" + (f" ({load} at the end of this run)" if load else ""))
 
 
 LEGEND = (f"flags: wide = IQR > {WIDE_IQR:.0%} of the median or max > {WIDE_MAX_OVER_MIN:g}x min; "
