@@ -38,3 +38,18 @@ def test_plot_from_rows_is_a_small_png(tmp_path):
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     assert 5_000 < len(data) < 100_000, len(data)  # a few tens of KB: fit to commit
+
+
+def test_ep_plot_from_rows(tmp_path):
+    from tpmoe.cli.plot import plot_ep_rows
+    rows = [dict(preset="tiny", scale=1.0, mode="fwd", dtype="bfloat16", device="cpu", threads=1, layout=layout,
+                 world_size=world_size, tokens=tokens, min_ms=ms * 0.9, median_ms=ms * 1.0, max_ms=ms * 1.2,
+                 flags=["wide"] if tokens == 8 else [], bytes_per_collective=moved(tokens))
+            for tokens in (1, 8, 64)
+            for layout, world_size, ms, moved in (
+                ("one process", 1, tokens * 1.0, lambda t: {}),
+                ("tp 2", 2, tokens * 0.7, lambda t: {"all_reduce": 2 * t * 64}),
+                ("ep 2", 2, tokens * 0.6, lambda t: {"all_to_all_single": 8 * t * 64 + 128}))]
+    path = tmp_path / "ep.png"
+    plot_ep_rows(rows, str(path), subtitle="a CPU")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and 5_000 < path.stat().st_size < 100_000

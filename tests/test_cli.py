@@ -201,7 +201,6 @@ BAD_ARGUMENTS = {
                               "--world-size: expected a multiple of --ep 2 (EP x TP ranks), got 3"),
     "bench ep above the experts": (["bench", "--ep", "9", "--world-size", "9"], "--ep: expected at most 8"),
     "bench ep with impl": (["bench", "--ep", "2", "--impl", "tpmoe"], "--impl: not used with --ep"),
-    "bench ep with plot": (["bench", "--ep", "2", "--plot", "x.png"], "--plot: not available with --ep"),
 }
 
 

@@ -25,6 +25,7 @@ one spawn per world size, against transformers' block over the global batch.
 """
 import copy
 import dataclasses
+import importlib.util
 import json
 
 import pytest
@@ -261,6 +262,9 @@ def test_cli_bench_ep_smoke(tmp_path):
     command = [sys.executable, "-m", "tpmoe", "bench", "--preset", "tiny", "--ep", "2",
                "--world-size", "2", "--tokens", "1,7", "--mode", "train", "--repeats", "1", "--warmup", "0",
                "--threads", "1", "--json", str(json_path)]
+    plot_path = tmp_path / "ep.png"
+    if importlib.util.find_spec("matplotlib") is not None:
+        command += ["--plot", str(plot_path)]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=root, env=env)
     assert completed.returncode == 0, completed.stdout + completed.stderr
     assert "vs P=1" in completed.stdout and "ep 2" in completed.stdout, completed.stdout
@@ -276,6 +280,8 @@ def test_cli_bench_ep_smoke(tmp_path):
             assert row["bytes_per_collective"]["all_to_all_single"] > 0, row
         if row["layout"] == "tp 2":
             assert set(row["bytes_per_collective"]) == {"all_reduce"}, row
+    if "--plot" in command:
+        assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"plot: {plot_path}" in completed.stdout
 
 
 def _block_case(key, seed, mesh):

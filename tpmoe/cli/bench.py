@@ -325,12 +325,12 @@ def run_bench(plan: BenchPlan, *, json_path: Optional[str], plot_path: Optional[
     from .report import format_table, write_json
 
     check_fits(plan)
-    if plan.ep_size > 1:
-        from .bench_ep import run_bench_ep
-        return run_bench_ep(plan, json_path=json_path, timeout_s=timeout_s, out=out)
     if plot_path is not None:
         from .plot import check_plotting
         check_plotting()  # before the long part: a missing matplotlib is said up front
+    if plan.ep_size > 1:
+        from .bench_ep import run_bench_ep
+        return run_bench_ep(plan, json_path=json_path, plot_path=plot_path, timeout_s=timeout_s, out=out)
     main = is_main_process()
     measured = 3 + sum(1 for impl in HF_IMPLS if impl in plan.impls)  # tpmoe, dense, floor (+ HF at P=1)
     total = len(plan.tokens) * (3 * plan.world_size + measured - 3)

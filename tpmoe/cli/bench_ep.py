@@ -183,7 +183,7 @@ def bench_ep_rank(context, plan) -> List[Dict]:
     return rows if rank == 0 else []
 
 
-def run_bench_ep(plan, *, json_path: Optional[str], timeout_s: int, out) -> int:
+def run_bench_ep(plan, *, json_path: Optional[str], plot_path: Optional[str] = None, timeout_s: int, out) -> int:
     from .bench import describe
     from .launch import is_main_process, run_ranks
     from .report import format_table, write_json
@@ -210,6 +210,14 @@ def run_bench_ep(plan, *, json_path: Optional[str], timeout_s: int, out) -> int:
     if json_path is not None:
         write_json(json_path, dict(header=header, rows=rows))
         print(f"JSON: {os.path.abspath(json_path)}", file=out)
+    if plot_path is not None:
+        from .machine import load_text, machine_text
+        from .plot import plot_ep_rows
+        os.makedirs(os.path.dirname(os.path.abspath(plot_path)), exist_ok=True)
+        machine = machine_text(plan.device_type)
+        plot_ep_rows(rows, plot_path, subtitle=f"{machine}; {load_text()} at the end" if plan.device_type == "cpu"
+                     else machine)
+        print(f"plot: {os.path.abspath(plot_path)}", file=out)
     advice = stability_advice(rows)
     if advice is not None:
         print(advice, file=out)
