@@ -4,7 +4,9 @@
     python benchmarks/plot_bench.py bench.json benchmarks/plots/cpu_block.png --subtitle "Xeon, 2 cores"
 """
 import argparse
+import datetime
 import json
+import re
 
 from tpmoe.cli.plot import plot_ep_rows, plot_rows
 
@@ -16,9 +18,13 @@ def main() -> None:
     parser.add_argument("--subtitle", default="", help="a second title line, e.g. the machine and its load")
     args = parser.parse_args()
     with open(args.json_path) as handle:
-        rows = json.load(handle)["rows"]
+        payload = json.load(handle)
+    rows = payload["rows"]
+    # The title's date is the run's (the bench's header ends with it), not the replot's.
+    stamp = re.search(r"(\d{4}-\d{2}-\d{2} \d{2}:\d{2}) UTC", payload.get("header", ""))
+    when = datetime.datetime.strptime(stamp.group(1), "%Y-%m-%d %H:%M") if stamp else None
     plot = plot_ep_rows if "layout" in rows[0] else plot_rows  # --ep rows are layouts, not implementations
-    plot(rows, args.png_path, subtitle=args.subtitle)
+    plot(rows, args.png_path, subtitle=args.subtitle, when=when)
     print(args.png_path)
 
 

@@ -77,7 +77,7 @@ def plot_title(rows: List[Dict], when: Optional[datetime.datetime] = None) -> st
     thread_text = ("threads per rank " + ", ".join(f"P={p}: {threads[p]}" for p in world_sizes)
                    if any(threads.values()) else "")
     parts = [f"tpmoe bench: {_values(rows, 'preset')} (scale {_values(rows, 'scale')})", _values(rows, "mode"),
-             _values(rows, "dtype"), f"world size {world_sizes[0]}..{world_sizes[-1]}", thread_text,
+             _values(rows, "dtype"), "world size " + (f"{world_sizes[0]}..{world_sizes[-1]}" if len(world_sizes) > 1 else f"{world_sizes[0]}"), thread_text,
              _values(rows, "device"), f"{when:%Y-%m-%d %H:%M} UTC"]
     return ", ".join(part for part in parts if part)
 
@@ -92,9 +92,10 @@ def _series(rows: List[Dict]) -> Dict:
     return series
 
 
-def plot_rows(rows: List[Dict], path: str, title: str = "", subtitle: str = "") -> None:
-    """rows: `tpmoe bench`'s JSON rows. title: default plot_title(rows); subtitle: a second line
-    (e.g. the machine)."""
+def plot_rows(rows: List[Dict], path: str, title: str = "", subtitle: str = "",
+              when: Optional[datetime.datetime] = None) -> None:
+    """rows: `tpmoe bench`'s JSON rows. title: default plot_title(rows, when) (when: the run's
+    time, default now); subtitle: a second line (e.g. the machine)."""
     plt, figure, axes = _start_figure()
     time_axis, throughput_axis = axes
     time_axis.set_ylabel("ms per step (median; band: min..max)")
@@ -127,7 +128,7 @@ def plot_rows(rows: List[Dict], path: str, title: str = "", subtitle: str = "") 
 
     _shade_beyond_limit(rows, time_axis, throughput_axis)
     # Contenders first, then the flag ring, then the reference lines.
-    _finish_figure(plt, figure, axes, rows, path, (title or plot_title(rows)) + (f"\n{subtitle}" if subtitle else ""),
+    _finish_figure(plt, figure, axes, rows, path, (title or plot_title(rows, when)) + (f"\n{subtitle}" if subtitle else ""),
                    order=lambda label: (label.startswith(("dense", "read", "faster")), label.startswith("flagged")))
 
 
@@ -162,7 +163,7 @@ def _shade_beyond_limit(rows, time_axis, throughput_axis) -> None:
         axis.set_ylim(*ylim)
 
 
-def plot_ep_rows(rows: List[Dict], path: str, subtitle: str = "") -> None:
+def plot_ep_rows(rows: List[Dict], path: str, subtitle: str = "", when: Optional[datetime.datetime] = None) -> None:
     """`tpmoe bench --ep`'s rows: per layout, ms per step (median, band min..max) and the bytes
     handed to the collectives per step, summed over the ranks (measured)."""
     plt, figure, (time_axis, bytes_axis) = _start_figure()
@@ -188,7 +189,7 @@ def plot_ep_rows(rows: List[Dict], path: str, subtitle: str = "") -> None:
                 bytes_axis.plot(*zip(*moved), color=color, marker=marker, markersize=4, linewidth=1.5,
                                 linestyle="-" if name == "all_to_all_single" else "--",
                                 label=f"{layout}: {name}")
-    title = plot_title([dict(row, impl=row["layout"]) for row in rows]).replace("world size", "ranks")
+    title = plot_title([dict(row, impl=row["layout"]) for row in rows], when).replace("world size", "ranks")
     handles, labels = bytes_axis.get_legend_handles_labels()
     for handle, label in zip(handles, labels):  # the bytes' labels join the time axis' in one legend
         time_axis.plot([], [], color=handle.get_color(), marker=handle.get_marker(),
