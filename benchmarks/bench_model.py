@@ -19,6 +19,7 @@ float32 exactly; in bf16 a router near-tie may differ, which is reported, not fa
 """
 import argparse
 import copy
+import datetime
 import inspect
 import json
 import os
@@ -178,17 +179,19 @@ def main(argv=None, out=sys.stdout) -> List[Dict]:
         torch.set_num_threads(args.threads)
     rows = bench(args)
     first = rows[0]
-    print(f"bench_model: Qwen3-MoE from a config (H={first['hidden']} I={first['moe_intermediate']} "
+    header = (f"bench_model: Qwen3-MoE from a config (H={first['hidden']} I={first['moe_intermediate']} "
           f"E={first['experts']} K={first['top_k']}, {args.layers} layers, vocab {args.vocab}), {args.dtype}, "
           f"prefill T={args.prompt}, decode N={args.new}, median of {args.repeats} interleaved rounds, "
-          f"{torch.get_num_threads()} threads; {machine_text('cpu')}; {load_text()}", file=out)
+          f"{torch.get_num_threads()} threads; {machine_text('cpu')}; {load_text()}; "
+          f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
+    print(header, file=out)
     print(format_table([dict(row, flag=flag_cell(row)) for row in rows], COLUMNS, FORMATS, HEADERS), file=out)
     print("vs eager: eager's median / this one (above 1: faster); MoE share: time inside the MoE blocks / the "
           "whole generate; same tokens: greedy tokens equal to eager's", file=out)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as handle:
-            json.dump(dict(argv=sys.argv if argv is None else argv, rows=rows), handle, indent=1)
+            json.dump(dict(header=header, argv=sys.argv if argv is None else argv, rows=rows), handle, indent=1)
     return rows
 
 

@@ -53,3 +53,23 @@ def test_ep_plot_from_rows(tmp_path):
     path = tmp_path / "ep.png"
     plot_ep_rows(rows, str(path), subtitle="a CPU")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and 5_000 < path.stat().st_size < 100_000
+
+
+def test_committed_results_redraw(tmp_path, capsys):
+    """Every JSON behind a plot of benchmarks/RESULTS.md redraws with benchmarks/plot_bench.py
+    (bench, --ep, whole-model and AOT rows) into a PNG small enough to commit."""
+    import glob
+    import os
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.join(root, "benchmarks"))
+    import plot_bench
+
+    sources = sorted(glob.glob(os.path.join(root, "benchmarks", "plots", "*.json")))
+    assert len(sources) >= 4, sources
+    for source in sources:
+        png = tmp_path / (os.path.basename(source)[:-5] + ".png")
+        plot_bench.main([source, str(png), "--date", "2026-12-07 16:00"])
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and 5_000 < png.stat().st_size < 100_000, source
+        assert os.path.exists(source[:-5] + ".png"), source  # the committed PNG RESULTS.md links

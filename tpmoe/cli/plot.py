@@ -65,7 +65,7 @@ def _finish_figure(plt, figure, axes, rows, path, title, order=lambda label: 0) 
     figure.tight_layout()
     figure.savefig(path, dpi=90, bbox_inches="tight")  # tight: the legend outside the axes is kept
     plt.close(figure)
-    _shrink_png(path)
+    shrink_png(path)
 
 
 def plot_title(rows: List[Dict], when: Optional[datetime.datetime] = None) -> str:
@@ -132,7 +132,7 @@ def plot_rows(rows: List[Dict], path: str, title: str = "", subtitle: str = "",
                    order=lambda label: (label.startswith(("dense", "read", "faster")), label.startswith("flagged")))
 
 
-def _shrink_png(path: str) -> None:
+def shrink_png(path: str) -> None:
     """Re-saves the PNG with a 256-colour palette (a third of the bytes; the plots in
     benchmarks/plots are committed). Pillow comes with matplotlib."""
     from PIL import Image
