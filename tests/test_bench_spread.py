@@ -4,7 +4,7 @@ line says how to get a stable figure only when something is flagged."""
 import statistics
 
 from tpmoe.cli.spread import SPREAD_FIELDS, flag_cell, row_flags, spread_fields, stability_advice
-from tpmoe.cli.timing import Timing
+from tpmoe.cli.timing import Timing, time_calls_interleaved
 
 
 def timing(*samples_ms):
@@ -64,3 +64,31 @@ def test_advice_is_one_line_naming_the_remedies():
     # Already one thread per rank: the advice does not repeat it.
     one_thread = stability_advice([dict(row, threads=1) for row in rows])
     assert "--threads" not in one_thread and "--repeats" in one_thread
+
+
+def test_yardsticks_are_timed_in_the_contenders_rounds(monkeypatch):
+    """bench_rank hands tpmoe, the dense ceiling and the read floor to ONE interleaved timing
+    call per token count (so they sample the same moments of the machine), and every row's
+    flags compare it with the yardsticks of that same call."""
+    import torch
+
+    import tpmoe.cli.bench as bench
+    from tpmoe.cli.launch import RankContext
+    from tpmoe.presets import get_preset
+
+    calls = []
+
+    def recording(steps, **options):
+        calls.append(list(steps))
+        return time_calls_interleaved(steps, **options)
+    monkeypatch.setattr(bench, "time_calls_interleaved", recording)
+    preset = get_preset("tiny")
+    plan = bench.BenchPlan(preset=preset.name, family=preset.family, config=preset.config, scale=1.0, world_size=1,
+                           tokens=(1, 4), impls=("tpmoe", "dense", "floor"), mode="fwd", dtype=torch.float32,
+                           repeats=2, warmup=0, threads=torch.get_num_threads())
+    context = RankContext(0, 1, None, torch.device("cpu"), None, "in-process", lambda message: None)
+    rows = bench.bench_rank(context, plan)
+    assert calls == [["tpmoe", "dense", "floor"]] * 2
+    assert {(row["impl"], row["tokens"]) for row in rows} == {(i, t) for i in ("tpmoe", "dense", "floor") for t in (1, 4)}
+    for row in rows:
+        assert row["samples"] == 2 and row["min_ms"] <= row["median_ms"] <= row["max_ms"]
