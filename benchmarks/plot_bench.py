@@ -74,7 +74,7 @@ def plot_model_rows(rows, path: str, subtitle: str = "", when=None) -> None:
         axis.grid(True, axis="y", alpha=0.3)
     first = rows[0]
     stamp = f", {when:%Y-%m-%d %H:%M} UTC" if when else ""
-    figure.suptitle(f"bench_model: Qwen3-MoE from a config (H={first['hidden']} I={first['moe_intermediate']} "
+    figure.suptitle(f"bench_model: {first.get('family', 'qwen3_moe')} from a config (H={first['hidden']} I={first['moe_intermediate']} "
                     f"E={first['experts']} K={first['top_k']}, {first['layers']} layers), {first['dtype']}, "
                     f"{first['threads']} thread(s){stamp};\nlabels: speedup vs eager; whiskers: slowest..fastest round"
                     + (f"\n{subtitle}" if subtitle else ""), fontsize=9)

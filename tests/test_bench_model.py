@@ -1,6 +1,6 @@
-"""benchmarks/bench_model.py at a tiny size: every variant prefills and decodes, the figures are
-positive and consistent (tokens/s from the median, eager's speedup 1), and in float32 tpmoe
-and grouped_mm decode exactly eager's greedy tokens (the same model behind each)."""
+"""benchmarks/bench_model.py at a tiny size, per family: every variant prefills and decodes, the
+figures are positive and consistent (tokens/s from the median, eager's speedup 1), and in
+float32 tpmoe and grouped_mm decode exactly eager's greedy tokens (the same model behind each)."""
 import importlib.util
 import io
 import os
@@ -13,14 +13,18 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("transformers") is None
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
 
-def test_whole_model_bench_tiny(tmp_path):
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "gpt_oss"])
+def test_whole_model_bench_tiny(tmp_path, family):
     import json
 
     import bench_model
 
     json_path = tmp_path / "model.json"
     out = io.StringIO()
-    rows = bench_model.main(["--scale", "0.03125", "--layers", "1", "--vocab", "256", "--prompt", "5", "--new", "3",
+    # Scales that keep every family tiny (Mixtral's I = 14336 is 19x Qwen3's).
+    scale = {"qwen3_moe": "0.03125", "mixtral": "0.004", "gpt_oss": "0.0223"}[family]
+    rows = bench_model.main(["--family", family, "--scale", scale, "--layers", "1", "--vocab", "256",
+                             "--prompt", "5", "--new", "3",
                              "--repeats", "2", "--dtype", "float32", "--json", str(json_path)], out=out)
     assert {(row["variant"], row["phase"]) for row in rows} == {
         (variant, phase) for variant in bench_model.VARIANTS for phase in ("prefill", "decode")}
