@@ -8,8 +8,8 @@ tpmoe applied (`tpmoe.hf.apply`) against the same model with transformers' "eage
 Sizes: --family picks the MoE shapes of Qwen3-30B-A3B (qwen3_moe), Mixtral-8x7B (mixtral) or
 GPT-OSS-20B (gpt_oss), scaled by --scale (default 1/4; Qwen3: H = 512, I = 192, E = 128,
 K = 8), --layers decoder layers (default 4), a 4096-token vocabulary (the real 151,936 would
-make the LM head dominate a 4-layer model). One process: transformers' own TP
-(`tp_plan="auto"`) at world 2 is not run here.
+make the LM head dominate a 4-layer model). One process; at TP world size 2 against
+transformers' own TP (`tp_plan="auto"`): benchmarks/bench_model_tp.py.
 
 Timing: one round runs every variant once (prefill, then N decode steps on its cache), the order
 reversed every other round, as tpmoe.cli.timing does for the block bench; the median of the
@@ -71,8 +71,9 @@ def model_config(family: str, scale: float, layers: int, vocab: int = 4096):
             transformers.GptOssForCausalLM)
 
 
-def build_models(config, model_class, dtype: torch.dtype, seed: int) -> Dict[str, torch.nn.Module]:
-    """{variant: model}, every one with the same weights."""
+def build_models(config, model_class, dtype: torch.dtype, seed: int,
+                 variants=VARIANTS) -> Dict[str, torch.nn.Module]:
+    """{variant: model} for each of `variants`, every one with the same weights."""
     import tpmoe.hf
 
     torch.manual_seed(seed)
@@ -82,7 +83,7 @@ def build_models(config, model_class, dtype: torch.dtype, seed: int) -> Dict[str
             if name.endswith(("mlp.gate.weight", "mlp.router.weight")):
                 parameter.normal_(0.0, config.hidden_size ** -0.5)
     models = {}
-    for variant in VARIANTS:
+    for variant in variants:
         model = copy.deepcopy(base)
         if variant == "tpmoe":
             tpmoe.hf.apply(model)

@@ -56,6 +56,8 @@ def plot_model_rows(rows, path: str, subtitle: str = "", when=None) -> None:
 
     phases = ("prefill", "decode")
     variants = list(dict.fromkeys(row["variant"] for row in rows))
+    # bench_model.py's rows compare with eager, bench_model_tp.py's with transformers' TP.
+    speedup = next(key for key in rows[0] if key.startswith("speedup_vs_"))
     figure, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     for axis, phase in zip(axes, phases):
         points = {row["variant"]: row for row in rows if row["phase"] == phase}
@@ -66,7 +68,7 @@ def plot_model_rows(rows, path: str, subtitle: str = "", when=None) -> None:
         colors = [plt.get_cmap("tab10")(index) for index in range(len(variants))]
         axis.bar(variants, rates, yerr=[low, high], capsize=4, color=colors, alpha=0.85)
         for index, variant in enumerate(variants):
-            axis.annotate(f"{points[variant]['speedup_vs_eager']:.2f}x", (index, rates[index]), ha="center",
+            axis.annotate(f"{points[variant][speedup]:.2f}x", (index, rates[index]), ha="center",
                           va="bottom", fontsize=8, xytext=(10, 2), textcoords="offset points")
         tokens = points[variants[0]]["tokens"]
         axis.set_title(f"{phase}: {'T' if phase == 'prefill' else 'N'} = {tokens} tokens", fontsize=9)
@@ -74,9 +76,12 @@ def plot_model_rows(rows, path: str, subtitle: str = "", when=None) -> None:
         axis.grid(True, axis="y", alpha=0.3)
     first = rows[0]
     stamp = f", {when:%Y-%m-%d %H:%M} UTC" if when else ""
-    figure.suptitle(f"bench_model: {first.get('family', 'qwen3_moe')} from a config (H={first['hidden']} I={first['moe_intermediate']} "
-                    f"E={first['experts']} K={first['top_k']}, {first['layers']} layers), {first['dtype']}, "
-                    f"{first['threads']} thread(s){stamp};\nlabels: speedup vs eager; whiskers: slowest..fastest round"
+    sizes = (f"H={first['hidden']} I={first['moe_intermediate']} E={first['experts']} K={first['top_k']}, "
+             if "experts" in first else f"H={first['hidden']}, ")
+    world = f", TP {first['world_size']}" if "world_size" in first else ""
+    figure.suptitle(f"{first.get('family', 'qwen3_moe')} from a config ({sizes}{first['layers']} layers){world}, "
+                    f"{first['dtype']}, {first['threads']} thread(s) per rank{stamp};\n"
+                    f"labels: {speedup.replace('_', ' ')}; whiskers: slowest..fastest round"
                     + (f"\n{subtitle}" if subtitle else ""), fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=90, bbox_inches="tight")

@@ -39,3 +39,20 @@ def test_whole_model_bench_tiny(tmp_path, family):
     payload = json.loads(json_path.read_text())
     assert payload["rows"] == json.loads(json.dumps(rows)) and payload["header"].endswith(" UTC")
     assert "tok/s" in out.getvalue() and "vs eager" in out.getvalue()
+
+
+@pytest.mark.distributed
+def test_whole_model_bench_tp2_tiny(tmp_path):
+    """benchmarks/bench_model_tp.py at a tiny size: transformers' tp_plan="auto" model and the
+    same model taken over by tpmoe.hf.apply both prefill and decode on 2 gloo ranks, and in float32
+    decode the same greedy tokens."""
+    import bench_model_tp
+
+    rows = bench_model_tp.main(["--scale", "0.0625", "--layers", "1", "--vocab", "256", "--prompt", "5", "--new", "3",
+                                "--repeats", "2", "--dtype", "float32", "--json", str(tmp_path / "tp.json")],
+                               out=io.StringIO())
+    assert {(row["variant"], row["phase"]) for row in rows} == {
+        (variant, phase) for variant in bench_model_tp.VARIANTS for phase in ("prefill", "decode")}
+    for row in rows:
+        assert row["world_size"] == 2 and 0 < row["min_ms"] <= row["median_ms"] <= row["max_ms"], row
+        assert row["same_tokens_as_hf_tp"], row
