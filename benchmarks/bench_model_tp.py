@@ -7,9 +7,9 @@ saved once to a temporary folder and loaded by each rank.
     python benchmarks/bench_model_tp.py --family qwen3_moe --prompt 128 --new 32 --threads 1 --repeats 5
 
 Ranks: spawned with gloo on CPU (tpmoe.cli.launch.run_ranks), each with --threads threads.
-Timing as bench_model.py (interleaved rounds, prefill then N greedy decode steps), the ranks
-lined up before every sample and a sample being the SLOWEST rank's time (the ranks wait for each
-other at the next all-reduce anyway).
+Timing and MoE share as bench_model.py (interleaved rounds, prefill then N greedy decode steps;
+the share is rank 0's), the ranks lined up before every sample and a sample being the SLOWEST
+rank's time (the ranks wait for each other at the next all-reduce anyway).
 """
 import datetime
 import os
@@ -57,6 +57,8 @@ def rank_worker(context, payload) -> List[Dict]:
             dist.barrier(group=context.group)
             prefill_s, decode_s, _ = bench_model.generate(models[variant], prompt, args.new)
             samples[variant].append((prefill_s, decode_s))
+    # Every rank runs the hooked generate (its collectives need all of them); rank 0's share is reported.
+    shares = {variant: bench_model.moe_share(models[variant], prompt, args.new) for variant in VARIANTS}
     slowest = torch.tensor([samples[variant] for variant in VARIANTS], dtype=torch.float64)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=context.group)
     if context.rank != 0:
@@ -71,7 +73,7 @@ def rank_worker(context, payload) -> List[Dict]:
             rows.append(dict(variant=variant, phase=phase, tokens=tokens, world_size=context.world_size,
                              **bench_model.spread_fields(timing), flags=bench_model.row_flags(timing),
                              tokens_per_s=tokens / timing.median_s,
-                             speedup_vs_hf_tp=reference.median_s / timing.median_s,
+                             speedup_vs_hf_tp=reference.median_s / timing.median_s, moe_share=shares[variant],
                              same_tokens_as_hf_tp=bool(torch.equal(decoded[variant], decoded[VARIANTS[0]])),
                              family=args.family, hidden=models[variant].config.hidden_size, layers=args.layers,
                              dtype=args.dtype, threads=torch.get_num_threads()))
@@ -79,7 +81,7 @@ def rank_worker(context, payload) -> List[Dict]:
 
 
 COLUMNS = ["phase", "tokens", "variant", "min_ms", "median_ms", "max_ms", "tokens_per_s", "speedup_vs_hf_tp",
-           "same_tokens_as_hf_tp", "flag"]
+           "moe_share", "same_tokens_as_hf_tp", "flag"]
 HEADERS = dict(bench_model.HEADERS, speedup_vs_hf_tp="vs hf tp", same_tokens_as_hf_tp="same tokens")
 
 
