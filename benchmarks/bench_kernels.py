@@ -25,7 +25,7 @@ dry). `make gpu-check` runs both (tools/gpu_check.py).
   python benchmarks/bench_kernels.py --backward                 # the three presets, T in 1..8192
   python benchmarks/bench_kernels.py --preset qwen3-30b-a3b --tokens 1 512 --json out.json
   python benchmarks/bench_kernels.py --dry --backward --json dry.json   # no GPU needed
-  python benchmarks/bench_kernels.py --results-md benchmarks/RESULTS.md   # append the dated table
+  python benchmarks/bench_kernels.py --results-md benchmarks/NOTEBOOK.md  # append the dated table
 """
 import argparse
 import datetime

@@ -25,6 +25,7 @@ one spawn per world size, against transformers' block over the global batch.
 """
 import copy
 import dataclasses
+import importlib.util
 import json
 
 import pytest
@@ -269,6 +270,9 @@ def test_cli_bench_ep_smoke(tmp_path):
     command = [sys.executable, "-m", "tpmoe", "bench", "--preset", "tiny", "--ep", "2",
                "--world-size", "2", "--tokens", "1,7", "--mode", "train", "--repeats", "1", "--warmup", "0",
                "--threads", "1", "--json", str(json_path)]
+    plot_path = tmp_path / "ep.png"
+    if importlib.util.find_spec("matplotlib") is not None:
+        command += ["--plot", str(plot_path)]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=root, env=env)
     assert completed.returncode == 0, completed.stdout + completed.stderr
     assert "vs P=1" in completed.stdout and "ep 2" in completed.stdout, completed.stdout
@@ -278,6 +282,8 @@ def test_cli_bench_ep_smoke(tmp_path):
     assert layouts == {(layout, t) for layout in ("one process", "tp 2", "ep 2") for t in (1, 7)}, layouts
     for row in rows:
         assert row["median_ms"] > 0 and row["ratio_vs_one_process"] > 0, row
+        assert row["min_ms"] <= row["median_ms"] <= row["max_ms"] and row["samples"] == 1, row
+        assert row["flags"] == [], row  # one sample: no spread to call wide, no yardstick to beat
         if row["layout"] == "ep 2":
             assert row["bytes_per_collective"]["all_to_all_single"] > 0, row
         if row["layout"] == "tp 2":
@@ -285,6 +291,8 @@ def test_cli_bench_ep_smoke(tmp_path):
         # benchmarks/RESULTS.md's claim: every measured figure equals the formula (bench_ep.formula_bytes),
         # collective by collective, at T = 1 and at T = 7.
         assert row["bytes_per_collective"] == row["formula_bytes_per_collective"], row
+    if "--plot" in command:
+        assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"plot: {plot_path}" in completed.stdout
 
 
 def _block_case(key, seed, mesh):

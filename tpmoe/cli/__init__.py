@@ -283,8 +283,6 @@ def _bench(args) -> int:
         if args.impl is not None:
             raise UsageError("--impl: not used with --ep (it times tpmoe in three layouts: one process, TP and EP), "
                              f"got {','.join(args.impl)}")
-        if args.plot is not None:
-            raise UsageError("--plot: not available with --ep (its rows are layouts, not world sizes)")
         world_size, device_type = _world_size(args, config, default=max(2, args.ep), ep_size=args.ep)
     else:
         world_size, device_type = _world_size(args, config, default=gpus or 1)

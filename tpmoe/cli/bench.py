@@ -11,7 +11,9 @@ Implementations (--impl), all on the same weights and the same tokens:
                  (plus the shared expert): the bandwidth floor; in train mode two reads and one write
 (tpmoe.cli.workload). mode fwd: forward under torch.no_grad; train: forward + backward (weights
 and input get grads). The implementations are timed interleaved, one run each per round, a run's
-time being its slowest rank's (tpmoe.cli.timing); the median of the rounds is reported.
+time being its slowest rank's (tpmoe.cli.timing), the yardsticks in the same rounds as the
+contenders; the median of the rounds is reported, with min, max and quartiles, and flags for a
+row whose spread is wide or that beats a yardstick (tpmoe.cli.spread).
 fraction_of_limit = max(dense, floor) / median at the same world size and tokens: 1.0 would be
 as fast as the better of the two yardsticks allows. gflops: the whole block's FLOPs per second.
 World sizes run largest first, so that a rank whose part is over leaves and waits for nobody.
@@ -27,13 +29,16 @@ import torch
 
 from .._checks import dtype_name
 from ..config import MoEConfig
+from .machine import load_text, machine_text
 from .report import first_line
+from .spread import LEGEND, flag_cell, row_flags, spread_fields, stability_advice
 from .timing import time_calls_interleaved
 from .workload import block_forward_flops, dense_step, weight_read_step
 
 IMPLS = ("tpmoe", "hf_eager", "hf_grouped_mm", "dense", "floor")
 HF_IMPLS = {"hf_eager": "eager", "hf_grouped_mm": "grouped_mm"}
-ROW_FIELDS = ("preset", "impl", "world_size", "tokens", "mode", "median_ms", "gflops", "fraction_of_limit")
+ROW_FIELDS = ("preset", "impl", "world_size", "tokens", "mode", "median_ms", "gflops", "fraction_of_limit",
+              "min_ms", "max_ms", "q1_ms", "q3_ms", "samples", "flags")
 
 
 @dataclass(frozen=True)
@@ -233,6 +238,7 @@ def _bench_tokens(plan, block, hf_modules, world_size, group, num_tokens, contex
         mode, [getattr(block, name) for name in ("shared_gate_up", "shared_down") if hasattr(block, name)])
 
     # HF modules exist at world size 1 only, so every rank of the group times the same steps.
+    # The yardsticks are among the steps: they sample the same moments of the machine as the contenders.
     timings = time_calls_interleaved(steps, warmup=plan.warmup, repeats=plan.repeats, device=device, group=group)
     medians = {impl: timing.median_ms for impl, timing in timings.items()}
     label = f"T={num_tokens} P={world_size}"
@@ -258,8 +264,12 @@ def _bench_tokens(plan, block, hf_modules, world_size, group, num_tokens, contex
         if impl not in plan.impls or impl not in medians:
             continue
         ms = medians[impl]
+        yardstick = impl in ("dense", "floor")
         row = dict(preset=plan.preset, impl=impl, world_size=world_size, tokens=num_tokens, mode=mode,
-                   median_ms=ms, gflops=total_flops / (ms * 1e-3) / 1e9,
+                   **spread_fields(timings[impl]),
+                   flags=row_flags(timings[impl], None if yardstick else timings["dense"],
+                                   None if yardstick else timings["floor"]),
+                   gflops=total_flops / (ms * 1e-3) / 1e9,
                    fraction_of_limit=None if impl in ("dense", "floor") else limit_ms / ms,
                    limit_ms=limit_ms, dtype=dtype_name(plan.dtype), device=device.type,
                    threads=torch.get_num_threads() if device.type == "cpu" else None, scale=plan.scale)
@@ -299,23 +309,24 @@ class _Progress:
             self.bar.close()
 
 
-TABLE_COLUMNS = ["world_size", "tokens", "impl", "median_ms", "gflops", "fraction_of_limit",
-                 "median_row_diff_vs_tpmoe"]
-TABLE_FORMATS = dict(median_ms=".3f", gflops=".2f", fraction_of_limit=".2f", median_row_diff_vs_tpmoe=".1e")
-TABLE_HEADERS = dict(world_size="P", tokens="T", median_ms="ms", fraction_of_limit="of limit",
-                     median_row_diff_vs_tpmoe="diff vs tpmoe")
+TABLE_COLUMNS = ["world_size", "tokens", "impl", "min_ms", "median_ms", "max_ms", "gflops", "fraction_of_limit",
+                 "median_row_diff_vs_tpmoe", "flag"]
+TABLE_FORMATS = dict(min_ms=".3f", median_ms=".3f", max_ms=".3f", gflops=".2f", fraction_of_limit=".2f",
+                     median_row_diff_vs_tpmoe=".1e")
+TABLE_HEADERS = dict(world_size="P", tokens="T", min_ms="min ms", median_ms="median ms", max_ms="max ms",
+                     fraction_of_limit="of limit", median_row_diff_vs_tpmoe="diff vs tpmoe")
 
 
 def describe(plan: BenchPlan) -> str:
     c = plan.config
-    device = f"cuda ({torch.cuda.get_device_name(0)})" if plan.device_type == "cuda" else \
-        f"cpu ({os.cpu_count()} cores)"
+    device = f"{plan.device_type} ({machine_text(plan.device_type)})"
     return (f"tpmoe bench: preset {plan.preset} (scale {plan.scale:g}: H={c.hidden_size} I={c.intermediate_size} "
             f"E={c.num_experts} K={c.top_k} shared={c.shared_intermediate_size}), mode {plan.mode}, "
             f"{dtype_name(plan.dtype)}, {device}, world sizes 1..{plan.world_size}, "
-            f"median of {plan.repeats}"
+            f"median of {plan.repeats} interleaved rounds"
             + (f", {plan.threads} thread{'s' if plan.threads != 1 else ''} per rank"
                if plan.threads and plan.device_type == "cpu" else "")
+            + (f"; {load_text()} at the start" if plan.device_type == "cpu" and load_text() else "")
             + f"; torch {torch.__version__}; "
             f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
 
@@ -325,12 +336,12 @@ def run_bench(plan: BenchPlan, *, json_path: Optional[str], plot_path: Optional[
     from .report import format_table, write_json
 
     check_fits(plan)
-    if plan.ep_size > 1:
-        from .bench_ep import run_bench_ep
-        return run_bench_ep(plan, json_path=json_path, timeout_s=timeout_s, out=out)
     if plot_path is not None:
         from .plot import check_plotting
         check_plotting()  # before the long part: a missing matplotlib is said up front
+    if plan.ep_size > 1:
+        from .bench_ep import run_bench_ep
+        return run_bench_ep(plan, json_path=json_path, plot_path=plot_path, timeout_s=timeout_s, out=out)
     main = is_main_process()
     measured = 3 + sum(1 for impl in HF_IMPLS if impl in plan.impls)  # tpmoe, dense, floor (+ HF at P=1)
     total = len(plan.tokens) * (3 * plan.world_size + measured - 3)
@@ -346,18 +357,23 @@ def run_bench(plan: BenchPlan, *, json_path: Optional[str], plot_path: Optional[
     rows = sorted(per_rank[0], key=lambda row: (row["tokens"], row["world_size"], IMPLS.index(row["impl"])))
     header = describe(plan)
     print(header, file=out)
-    print(format_table(rows, TABLE_COLUMNS, TABLE_FORMATS, TABLE_HEADERS), file=out)
+    table_rows = [dict(row, flag=flag_cell(row)) for row in rows]
+    print(format_table(table_rows, TABLE_COLUMNS, TABLE_FORMATS, TABLE_HEADERS), file=out)
     print("of limit: max(dense ceiling, weight-read floor) / median (1.0 = at the yardstick); "
-          "gflops: the whole block's FLOPs per second;\ndiff vs tpmoe: median over tokens of |theirs - ours| / |ours|",
-          file=out)
+          "gflops: the whole block's FLOPs per second;\ndiff vs tpmoe: median over tokens of |theirs - ours| / |ours|; "
+          + LEGEND, file=out)
     if json_path is not None:
         write_json(json_path, dict(header=header, fields=list(ROW_FIELDS), rows=rows))
         print(f"JSON: {os.path.abspath(json_path)}", file=out)
     if plot_path is not None:
         from .plot import plot_rows
         os.makedirs(os.path.dirname(os.path.abspath(plot_path)), exist_ok=True)
-        plot_rows(rows, plot_path, title=header.split(";")[0])
+        plot_rows(rows, plot_path, subtitle=f"{machine_text(plan.device_type)}; {load_text()} at the end"
+                  if plan.device_type == "cpu" else machine_text(plan.device_type))
         print(f"plot: {os.path.abspath(plot_path)}", file=out)
+    advice = stability_advice(rows)
+    if advice is not None:
+        print(advice, file=out)
     out.flush()
     return 0
 

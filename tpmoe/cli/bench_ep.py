@@ -11,7 +11,8 @@ interleaved on the same P ranks, with the bytes of every collective counted.
 The same global batch of T tokens in every layout, and the same routing (the replicated weights
 come from one seed; tpmoe.cli.bench.make_shards). One round times each layout once (the order
 reversed every other round), a sample being its slowest rank's time (tpmoe.cli.timing); the
-median is reported, and its ratio to the one-process and TP medians.
+median is reported with min, max and quartiles, a row with a wide spread flagged
+(tpmoe.cli.spread), and its ratio to the one-process and TP medians.
 
 Bytes: one more step of each layout runs under tpmoe.distributed.counting.CollectiveCounter,
 which records the bytes of the tensor each rank hands to each collective (all_to_all_single:
@@ -32,14 +33,15 @@ from typing import Dict, List, Optional
 import torch
 
 from .._checks import dtype_name
+from .spread import WIDE_IQR, WIDE_MAX_OVER_MIN, flag_cell, row_flags, spread_fields, stability_advice
 from .timing import time_calls_interleaved
 
 NAMES = ("all_to_all_single", "all_reduce")
-TABLE_COLUMNS = ["tokens", "layout", "median_ms", "ratio_vs_one_process", "ratio_vs_tp", "all_to_all_bytes",
-                 "all_to_all_formula", "all_reduce_bytes", "all_reduce_formula"]
-TABLE_FORMATS = dict(median_ms=".3f", ratio_vs_one_process=".2f", ratio_vs_tp=".2f", all_to_all_bytes=",",
+TABLE_COLUMNS = ["tokens", "layout", "min_ms", "median_ms", "max_ms", "ratio_vs_one_process", "ratio_vs_tp",
+                 "all_to_all_bytes", "all_to_all_formula", "all_reduce_bytes", "all_reduce_formula", "flag"]
+TABLE_FORMATS = dict(min_ms=".3f", median_ms=".3f", max_ms=".3f", ratio_vs_one_process=".2f", ratio_vs_tp=".2f", all_to_all_bytes=",",
                      all_to_all_formula=",", all_reduce_bytes=",", all_reduce_formula=",")
-TABLE_HEADERS = dict(tokens="T", median_ms="ms", ratio_vs_one_process="vs P=1", ratio_vs_tp="vs tp",
+TABLE_HEADERS = dict(tokens="T", min_ms="min ms", median_ms="median ms", max_ms="max ms", ratio_vs_one_process="vs P=1", ratio_vs_tp="vs tp",
                      all_to_all_bytes="all_to_all B", all_to_all_formula="(formula)", all_reduce_bytes="all_reduce B",
                      all_reduce_formula="(formula)")
 
@@ -168,7 +170,8 @@ def bench_ep_rank(context, plan) -> List[Dict]:
                 preset=plan.preset, layout=names[layout], world_size=1 if layout == "one" else world_size,
                 ep_size=ep_size if layout == "ep" else 1,
                 tp_size=tp_size if layout == "ep" else (world_size if layout == "tp" else 1), tokens=num_tokens,
-                mode=mode, median_ms=medians[layout], ratio_vs_one_process=medians[layout] / medians["one"],
+                mode=mode, **spread_fields(timings[layout]), flags=row_flags(timings[layout]),
+                ratio_vs_one_process=medians[layout] / medians["one"],
                 ratio_vs_tp=medians[layout] / medians["tp"], bytes_per_collective=measured,
                 formula_bytes_per_collective=formula[layout], calls_per_rank=counted[layout]["calls"],
                 all_to_all_bytes=measured.get("all_to_all_single"),
@@ -180,7 +183,7 @@ def bench_ep_rank(context, plan) -> List[Dict]:
     return rows if rank == 0 else []
 
 
-def run_bench_ep(plan, *, json_path: Optional[str], timeout_s: int, out) -> int:
+def run_bench_ep(plan, *, json_path: Optional[str], plot_path: Optional[str] = None, timeout_s: int, out) -> int:
     from .bench import describe
     from .launch import is_main_process, run_ranks
     from .report import format_table, write_json
@@ -198,13 +201,25 @@ def run_bench_ep(plan, *, json_path: Optional[str], timeout_s: int, out) -> int:
     header = describe(plan).replace(f"world sizes 1..{plan.world_size}",
                                     f"layouts {', '.join(names.values())} on {plan.world_size} ranks")
     print(header, file=out)
-    print(format_table(rows, TABLE_COLUMNS, TABLE_FORMATS, TABLE_HEADERS), file=out)
+    print(format_table([dict(row, flag=flag_cell(row)) for row in rows], TABLE_COLUMNS, TABLE_FORMATS,
+                       TABLE_HEADERS), file=out)
     print("vs P=1 / vs tp: median / the one-process / the TP median (below 1: faster); bytes: the tensors handed "
           "to each collective per step,\nsummed over the ranks (all_to_all: the counts, dispatch and combine; "
-          "all_reduce: TP's reduction, and in train the per-step EP sum); (formula): the same from the sizes",
-          file=out)
+          "all_reduce: TP's reduction, and in train the per-step EP sum); (formula): the same from the sizes;\n"
+          f"flag wide: IQR > {WIDE_IQR:.0%} of the median or max > {WIDE_MAX_OVER_MIN:g}x min", file=out)
     if json_path is not None:
         write_json(json_path, dict(header=header, rows=rows))
         print(f"JSON: {os.path.abspath(json_path)}", file=out)
+    if plot_path is not None:
+        from .machine import load_text, machine_text
+        from .plot import plot_ep_rows
+        os.makedirs(os.path.dirname(os.path.abspath(plot_path)), exist_ok=True)
+        machine = machine_text(plan.device_type)
+        plot_ep_rows(rows, plot_path, subtitle=f"{machine}; {load_text()} at the end" if plan.device_type == "cpu"
+                     else machine)
+        print(f"plot: {os.path.abspath(plot_path)}", file=out)
+    advice = stability_advice(rows)
+    if advice is not None:
+        print(advice, file=out)
     out.flush()
     return 0

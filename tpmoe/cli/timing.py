@@ -10,7 +10,7 @@ anyway), and the ranks start every sample together.
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -26,6 +26,19 @@ class Timing:
     @property
     def median_ms(self) -> float:
         return self.median_s * 1e3
+
+    @property
+    def max_s(self) -> float:
+        return max(self.samples_s) if self.samples_s else self.median_s
+
+    @property
+    def quartiles_s(self) -> Tuple[float, float]:
+        """(first, third) quartile of the samples ("inclusive": defined from 2 samples on; one
+        sample gives (it, it))."""
+        if len(self.samples_s) < 2:
+            return self.median_s, self.median_s
+        first, _, third = statistics.quantiles(self.samples_s, n=4, method="inclusive")
+        return first, third
 
 
 def synchronize(device: Optional[torch.device]) -> None:
