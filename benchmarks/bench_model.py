@@ -9,7 +9,7 @@ Sizes: --family picks the MoE shapes of Qwen3-30B-A3B (qwen3_moe), Mixtral-8x7B 
 GPT-OSS-20B (gpt_oss), scaled by --scale (default 1/4; Qwen3: H = 512, I = 192, E = 128,
 K = 8), --layers decoder layers (default 4), a 4096-token vocabulary (the real 151,936 would
 make the LM head dominate a 4-layer model). One process; at TP world size 2 against
-transformers' own TP (`tp_plan="auto"`): benchmarks/bench_model_tp.py.
+transformers' own TP (its "auto" plan): benchmarks/bench_model_tp.py.
 
 Timing: one round runs every variant once (prefill, then N decode steps on its cache), the order
 reversed every other round, as tpmoe.cli.timing does for the block bench; the median of the

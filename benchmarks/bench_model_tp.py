@@ -1,5 +1,6 @@
 """Whole-model tokens per second at tensor-parallel world size 2: transformers' own TP
-(`from_pretrained(path, tp_plan="auto")`, its "grouped_mm" experts) against the same loaded model
+(`from_pretrained(path, distributed_config=DistributedConfig(tp_plan="auto"))`, its "grouped_mm"
+experts; from transformers 5.25 its plan leaves most families' routed experts whole on every rank) against the same loaded model
 after `tpmoe.hf.apply(model)` takes over its MoE blocks (attention stays as transformers
 sharded it). The model is bench_model.py's (a family's MoE shapes scaled, random weights),
 saved once to a temporary folder and loaded by each rank.
@@ -27,9 +28,10 @@ VARIANTS = ("hf_tp_grouped_mm", "tpmoe_tp")
 
 def _load(path: str, dtype: torch.dtype, variant: str):
     import tpmoe.hf
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, DistributedConfig
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, tp_plan="auto",
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
+                                                 distributed_config=DistributedConfig(tp_plan="auto"),
                                                  experts_implementation="grouped_mm").eval()
     if variant == "tpmoe_tp":
         tpmoe.hf.apply(model)  # no group: the TP mesh transformers loaded the model on
@@ -40,7 +42,7 @@ def rank_worker(context, payload) -> List[Dict]:
     import torch.distributed as dist
 
     path, args = payload
-    # What torchrun would have set: transformers derives tp_plan="auto"'s TP size from it.
+    # What torchrun would have set: transformers derives the "auto" plan's TP size from it.
     os.environ.update(WORLD_SIZE=str(context.world_size), RANK=str(context.rank), LOCAL_RANK=str(context.rank))
     torch.set_num_threads(args.threads or 1)
     dtype = getattr(torch, args.dtype)
