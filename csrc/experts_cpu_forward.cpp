@@ -32,6 +32,8 @@ namespace cpu {
 namespace {
 
 constexpr const char* kOp = "tpmoe::experts_cpu_forward";
+// Elements of padding after each row of rows_sorted and h (see experts_cpu_forward): also at
+// least the 31 that ATen's bf16 GEMM may read past a row, zeroed there.
 constexpr int64_t kRowPad = 32;
 
 template <typename scalar_t>
@@ -241,8 +243,20 @@ std::tuple<at::Tensor, at::Tensor> experts_cpu_forward(
   const int64_t rows_bytes = aligned(S * (H + kRowPad) * element), h_bytes = aligned(S * (I + kRowPad) * element);
   const int64_t gate_up_bytes = save_gate_up ? 0 : aligned(S * R * element);
   at::Tensor workspace = take_workspace(rows_bytes + h_bytes + gate_up_bytes);
-  at::Tensor rows_sorted = workspace_view(workspace, 0, S, H + kRowPad, dtype).narrow(1, 0, H);
-  at::Tensor h = workspace_view(workspace, rows_bytes, S, I + kRowPad, dtype).narrow(1, 0, I);
+  const at::Tensor rows_padded = workspace_view(workspace, 0, S, H + kRowPad, dtype);
+  const at::Tensor h_padded = workspace_view(workspace, rows_bytes, S, I + kRowPad, dtype);
+  // The padding is zeroed, every call: ATen's bf16 GEMM (oneDNN with AMX, torch 2.13 on the
+  // development Xeon) reads each row of its left operand past the K columns, up to K rounded
+  // up to a multiple of 32 but never past the row stride (K = 2100: 12 more elements, K = 37:
+  // 27 more), and multiplies them by the zeros it pads the weight with. Zeros there give 0;
+  // but the padding is uninitialised workspace or what an earlier call left in it, and a NaN
+  // or Inf bit pattern made whole output rows NaN, depending on what the process had allocated
+  // before (tests/test_cpu_uninitialized.py). kRowPad = 32 covers the whole overread. S * 32
+  // elements a buffer: negligible beside the GEMMs.
+  rows_padded.narrow(1, H, kRowPad).zero_();
+  h_padded.narrow(1, I, kRowPad).zero_();
+  at::Tensor rows_sorted = rows_padded.narrow(1, 0, H);
+  at::Tensor h = h_padded.narrow(1, 0, I);
   at::Tensor gate_up = save_gate_up ? at::empty({S, R}, options)
                                     : workspace_view(workspace, rows_bytes + h_bytes, S, R, dtype);
   if (S > 0) {

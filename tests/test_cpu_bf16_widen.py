@@ -64,14 +64,6 @@ def test_bf16_output_and_every_gradient_on_both_gemms(case, threading, path, for
     out, grads = run_with_grads(lambda *a, **k: fused_experts_cpu(*a, threading=threading, **k), bf16_inputs,
                                 options, grad_out)
     assert out.dtype == torch.bfloat16
-    if path == "native" and (out.isnan().any() or any(grad.isnan().any() for grad in grads.values())):
-        # Seen on this development machine (Intel Xeon with AVX512-BF16 and AMX) on main as it
-        # was: the native path's output or dW_d sometimes holds NaNs on finite inputs, with
-        # ATen's bf16 GEMM alone too (TPMOE_CPU_BF16_KERNEL_MAX_ROWS=0), depending on what was
-        # allocated before: whole rows of the saved gate_up come back NaN (the test below
-        # catches it too). Reported with the widened GEMM's change; the widened path never
-        # showed it in these runs.
-        pytest.xfail("known: intermittent NaN from the native bf16 GEMM path (pre-existing)")
     assert_within_twice_same_dtype(out, torch_out, ref_out, "output")
     assert set(grads) == set(ref_grads)
     for name, grad in ref_grads.items():
@@ -107,9 +99,6 @@ def test_gate_up_is_the_exact_sum_rounded_once(threading, path, forced_path, see
     expected = torch.einsum("sh,srh->sr", x[pairs // top_k].double(), w_gate_up[expert_of_row].double())
     assert expected.abs().max() > 256  # sums that bf16 must round
     expected = expected.bfloat16()
-    if path == "native" and gate_up.isnan().any():
-        pytest.xfail(f"known: intermittent NaN from the native bf16 GEMM path (pre-existing): "
-                     f"{gate_up.isnan().sum().item()} NaN of {gate_up.numel()}")
     wrong = (gate_up != expected).nonzero()
     assert wrong.shape[0] == 0, (f"{wrong.shape[0]} of {gate_up.numel()} differ ({gate_up.isnan().sum().item()} NaN), "
                                  f"first at {wrong[0].tolist()}: {gate_up[tuple(wrong[0])].item()} != "
