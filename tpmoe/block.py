@@ -483,12 +483,31 @@ class MoEBlock(nn.Module):
                              alpha=config.swiglu_alpha, limit=config.swiglu_limit, backend=self.backend)
 
     def _expert_parallel_pairs(self, x, topk_weights, topk_ids, shared_gate):
-        """EP: ([T, K, H] per-pair expert outputs, shared expert [T, H] or None), complete."""
-        return ep.expert_parallel_outputs(
-            x, topk_ids, num_experts=self.config.num_experts, ep_group=self.ep_group, tp_group=self.group,
-            local_experts=self._local_expert_rows,
-            shared_expert=self._shared_expert_rows if self.config.shared_intermediate_size else None,
-            shared_gate=shared_gate, input_weights=topk_weights if self.config.weights_on_input else None)
+        """EP: ([T, K, H] per-pair expert outputs, shared expert [T, H] or None), complete.
+
+        dispatch (tpmoe.distributed.expert_parallel) -> [TP > 1: f] this rank's experts on the
+        received rows (+ the shared expert on the local tokens) [g: ONE all-reduce] -> combine.
+        With TP the shared expert's local tokens ride with the received rows through f and g: one
+        all-reduce each way carries both partials."""
+        config = self.config
+        dispatched = ep.dispatch_rows(x, topk_ids, num_experts=config.num_experts, ep_group=self.ep_group,
+                                      input_weights=topk_weights if config.weights_on_input else None)
+        num_received = dispatched.rows.shape[0]
+        has_shared = bool(config.shared_intermediate_size)
+        joined = has_shared and tp.communicates(self.group)
+        region_in = torch.cat([dispatched.rows, x]) if joined else dispatched.rows
+        region_in, _, gate = tp.copy_to_tensor_parallel_region(region_in, None, shared_gate if joined else None,
+                                                               self.group)
+        partial = self._local_expert_rows(region_in[:num_received], dispatched.plan.local_ids)
+        if joined:
+            partial = torch.cat([partial, self._shared_expert_rows(region_in[num_received:], gate)])
+        reduced = tp.reduce_from_tensor_parallel_region(partial, self.group)
+        shared = None
+        if joined:
+            shared = reduced[num_received:]
+        elif has_shared:
+            shared = self._shared_expert_rows(x, shared_gate)
+        return ep.combine_rows(reduced[:num_received], dispatched, self.ep_group), shared
 
     def _expert_parallel_output(self, x, topk_weights, topk_ids, shared_gate):
         """EP: the block's output on this rank's tokens, but for the routed down bias."""

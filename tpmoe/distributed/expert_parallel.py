@@ -19,6 +19,10 @@ Forward, dropless (every (token, k) pair is computed; no capacity):
   ONE all_to_all_single back (combine) -> o [T, K, H], the unweighted output of each pair
   y = sum_k topk_weights[t, k] * o[t, k]   on the source rank, a dense sum over k in a fixed order
 
+Here: the exchange (exchange_counts, dispatch_rows, combine_rows), tensors and groups in and out;
+the experts between dispatch and combine, and the TP region around them, are the block's
+(tpmoe.block.MoEBlock._expert_parallel_pairs): communication never calls back into the block.
+
 Backward mirrors it (autograd through the same Functions): the combine's backward is the
 dispatch of d o = topk_weights * dy, the TP f's backward ONE all-reduce of [d rows | d shared
 input | d shared gate], the dispatch's backward the combine of d rows; dx sums its K pairs in
@@ -36,14 +40,13 @@ on their owner. The router, shared gate, routed down bias and shared expert see 
 rank's tokens: tpmoe.distributed.allreduce_router_grads sums them over the EP group once per
 step for all blocks.
 """
-from typing import Callable, List, NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
 
 from ..sharding import expert_ranges
 from .groups import communicates, group_rank, group_size, naming_collective_failures
-from .tensor_parallel import copy_to_tensor_parallel_region, reduce_from_tensor_parallel_region
 
 
 class ExchangePlan(NamedTuple):
@@ -119,24 +122,20 @@ def _exchange(rows, send_splits, recv_splits, group, what, what_backward):
     return AllToAllRows.apply(group, rows, send_splits, recv_splits, what, what_backward)
 
 
-LocalExperts = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-SharedExpert = Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+class Dispatched(NamedTuple):
+    """What dispatch_rows received: this rank's experts' rows and how to send their outputs back."""
+    rows: torch.Tensor           # [N, H] the received rows, by source rank, then by local expert
+    plan: ExchangePlan           # the split sizes and dispatch order (plan.local_ids: each row's expert)
+    num_tokens: int              # T and K of this rank's tokens, for combine_rows
+    top_k: int
 
 
-def expert_parallel_outputs(hidden_states: torch.Tensor, topk_ids: torch.Tensor, *, num_experts: int, ep_group,
-                            tp_group, local_experts: LocalExperts, shared_expert: Optional[SharedExpert] = None,
-                            shared_gate: Optional[torch.Tensor] = None,
-                            input_weights: Optional[torch.Tensor] = None
-                            ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """This rank's tokens [T, H] and their ids [T, K] -> (o [T, K, H], shared [T, H] or None).
-
-    o[t, k] is the (unweighted) output of expert topk_ids[t, k] on token t, complete (summed over
-    the TP group); the caller weights and sums it over k. local_experts(rows [N, H], local ids [N])
-    is this rank's partial (its TP columns) of its experts on the received rows;
-    shared_expert(x [T, H], shared_gate) the partial of the shared expert on the local tokens, which
-    joins the same TP all-reduce. input_weights [T, K] (weights_on_input): each pair's row is
-    scaled before the dispatch. See the module docstring for the collectives.
-    """
+def dispatch_rows(hidden_states: torch.Tensor, topk_ids: torch.Tensor, *, num_experts: int, ep_group,
+                  input_weights: Optional[torch.Tensor] = None) -> Dispatched:
+    """This rank's tokens [T, H] and their ids [T, K] -> the rows of this rank's experts, from every
+    EP rank. Forward: ONE all_to_all_single of the counts (exchange_counts, with the one host sync)
+    and ONE of the rows; backward: ONE all_to_all_single of d rows (a combine). input_weights [T, K]
+    (weights_on_input): each pair's row is scaled before it leaves."""
     num_tokens, top_k = topk_ids.shape
     hidden = hidden_states.shape[-1]
     plan = exchange_counts(topk_ids, num_experts, ep_group)
@@ -148,25 +147,18 @@ def expert_parallel_outputs(hidden_states: torch.Tensor, topk_ids: torch.Tensor,
     received = _exchange(rows, plan.send_splits, plan.recv_splits, ep_group,
                          "MoEBlock (expert-parallel) forward all-to-all of the token rows (dispatch)",
                          "MoEBlock (expert-parallel) backward all-to-all of d rows (the dispatch's backward)")
-    num_received = received.shape[0]
-    # With TP, the shared expert's local tokens ride with the received rows through f and g:
-    # one all-reduce each way carries both partials.
-    joined = shared_expert is not None and communicates(tp_group)
-    region_in = torch.cat([received, hidden_states]) if joined else received
-    region_in, _, gate = copy_to_tensor_parallel_region(region_in, None, shared_gate if joined else None, tp_group)
-    partial = local_experts(region_in[:num_received], plan.local_ids)
-    if joined:
-        partial = torch.cat([partial, shared_expert(region_in[num_received:], gate)])
-    reduced = reduce_from_tensor_parallel_region(partial, tp_group)
-    shared = None
-    if joined:
-        shared = reduced[num_received:]
-    elif shared_expert is not None:
-        shared = shared_expert(hidden_states, shared_gate)
-    combined = _exchange(reduced[:num_received], plan.recv_splits, plan.send_splits, ep_group,
+    return Dispatched(received, plan, num_tokens, top_k)
+
+
+def combine_rows(outputs: torch.Tensor, dispatched: Dispatched, ep_group) -> torch.Tensor:
+    """The complete outputs [N, H] of the received rows -> o [T, K, H] on the tokens' own rank, in
+    pair order (unweighted: the caller weights and sums over k). Forward ONE all_to_all_single,
+    backward ONE (a dispatch of d o)."""
+    plan = dispatched.plan
+    combined = _exchange(outputs, plan.recv_splits, plan.send_splits, ep_group,
                          "MoEBlock (expert-parallel) forward all-to-all of the expert outputs (combine)",
                          "MoEBlock (expert-parallel) backward all-to-all of d outputs (the combine's backward)")
     # Back from expert order to pair order: a permutation, exact both ways.
     inverse = torch.empty_like(plan.order)
     inverse[plan.order] = torch.arange(plan.order.numel(), device=plan.order.device)
-    return combined[inverse].view(num_tokens, top_k, hidden), shared
+    return combined[inverse].view(dispatched.num_tokens, dispatched.top_k, outputs.shape[-1])
