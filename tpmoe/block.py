@@ -35,8 +35,8 @@ from ._checks import FLOAT_DTYPES, check_choice, check_ids_in_range, dtype_name
 from .fused import BACKENDS, fused_experts
 from .routing import route
 from .distributed.replicated import check_expert_parallel_agree, check_shards_agree, gather_full
-from .sharding import (REPLICATED_NAMES, SHARDED_NAMES, align_sharded_storage, check_shards, expert_range,
-                       expert_ranges, shard_moe_weights, shard_sizes)
+from .sharding import (EXPERT_SHARDED_NAMES, REPLICATED_NAMES, SHARDED_NAMES, align_sharded_storage, check_shards,
+                       expert_range, expert_ranges, shard_moe_weights, shard_sizes)
 from .weights import check_moe_weights, random_moe_weights
 
 # Trained replicated parameters: their gradients are complete on every rank in TP mode and
@@ -285,6 +285,24 @@ class MoEBlock(nn.Module):
         if not self.expert_parallel or not tp.communicates(self.ep_group):
             return []
         return [getattr(self, name) for name in _TRAINED_REPLICATED + _EP_REPLICATED_SHARDS if hasattr(self, name)]
+
+    def parameter_shardings(self):
+        """(parameter, the process groups its slices are spread over) for each parameter: the
+        routed experts' weights over the TP group (their columns) and the EP group (whole
+        experts), the shared expert's over the TP group; replicated parameters over none. What
+        tpmoe.distributed.clip_grad_norm_ needs to form the one-process gradient norm."""
+        tp_group = self.group if tp.communicates(self.group) else None
+        ep_group = self.ep_group if tp.communicates(self.ep_group) else None
+        for name, tensor in self._weight_items():
+            if not isinstance(tensor, nn.Parameter):
+                continue
+            if name in EXPERT_SHARDED_NAMES:
+                groups = (tp_group, ep_group)
+            elif name in SHARDED_NAMES:
+                groups = (tp_group,)
+            else:
+                groups = ()
+            yield tensor, tuple(group for group in groups if group is not None)
 
     def _weight_items(self):
         for name in REPLICATED_NAMES + SHARDED_NAMES:

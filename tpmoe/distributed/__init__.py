@@ -12,6 +12,7 @@ Every collective is issued as `torch.distributed.<name>(...)`, looked up at call
 all-gather is `all_gather_single`, `all_gather_into_tensor` before torch 2.13; the reduce-scatter
 `reduce_scatter_single`, `reduce_scatter_tensor` before).
 """
+from .clipping import clip_grad_norm_
 from .expert_parallel import AllToAllRows, Dispatched, ExchangePlan, combine_rows, dispatch_rows, exchange_counts
 from .groups import (CollectiveError, check_groups_disjoint, communicates, destroy_process_group_collected,
                      group_rank, group_size, naming_collective_failures, resolve_groups, resolve_tp_group)
@@ -24,7 +25,7 @@ from .tensor_parallel import (CopyToTensorParallelRegion, ReduceFromTensorParall
                               copy_to_tensor_parallel_region, reduce_from_tensor_parallel_region)
 
 __all__ = [
-    "AllToAllRows", "Dispatched", "ExchangePlan", "check_expert_parallel_agree", "check_groups_disjoint",
+    "AllToAllRows", "Dispatched", "clip_grad_norm_", "ExchangePlan", "check_expert_parallel_agree", "check_groups_disjoint",
     "combine_rows", "dispatch_rows", "exchange_counts", "resolve_groups",
     "CollectiveError", "CopyToTensorParallelRegion", "GatherFromSequenceParallelRegion",
     "ReduceFromTensorParallelRegion",
