@@ -34,6 +34,11 @@ class Model(torch.nn.Module):
         return x
 
 
+def _full(tensor):
+    from torch.distributed.tensor import DTensor
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
 def _one_process(config, linear, weights, x, dy, norm_type):
     """Plain autograd, float64: the gradients, their norm and the clipped gradients."""
     from tpmoe.reference import reference_moe_block
@@ -53,13 +58,13 @@ def _one_process(config, linear, weights, x, dy, norm_type):
         [{n: w.grad * scale for n, w in block.items() if w.grad is not None} for block in leaves]
 
 
-def _rank(rank, world_size, seed, shape, names, sequence_parallel):
+def _rank(rank, world_size, seed, shape, names, sequence_parallel, fsdp=False):
     from torch.distributed.device_mesh import init_device_mesh
     mesh = init_device_mesh("cpu", shape, mesh_dim_names=names)
-    return {norm_type: _clip_once(mesh, seed, names, sequence_parallel, norm_type) for norm_type in NORM_TYPES}
+    return {norm_type: _clip_once(mesh, seed, names, sequence_parallel, norm_type, fsdp) for norm_type in NORM_TYPES}
 
 
-def _clip_once(mesh, seed, names, sequence_parallel, norm_type):
+def _clip_once(mesh, seed, names, sequence_parallel, norm_type, fsdp):
     import torch.distributed as dist
 
     import tpmoe
@@ -88,11 +93,16 @@ def _clip_once(mesh, seed, names, sequence_parallel, norm_type):
     norm_ref, linear_ref, blocks_ref = _one_process(config, linear, weights, x, dy, norm_type)
 
     results = {}
-    for which in ("tpmoe", "torch"):
+    for which in ("tpmoe",) if fsdp else ("tpmoe", "torch"):
         model = Model(torch.nn.Linear(config.hidden_size, config.hidden_size, dtype=torch.float64),
                       [MoEBlock.from_full(config, w) for w in weights])
         model.linear.load_state_dict(linear.state_dict())
         tpmoe.parallelize(model, mesh, sequence_parallel=sequence_parallel)
+        if fsdp:  # FSDP2 over "dp": it sums the gradients over "dp" (divide factor 1: a sum, as the reference)
+            from torch.distributed.fsdp import fully_shard
+            for block in model.blocks:
+                fully_shard(block, mesh=mesh["dp"]).set_gradient_divide_factor(1.0)
+            fully_shard(model, mesh=mesh["dp"]).set_gradient_divide_factor(1.0)
         model(x[rows]).backward(dy[rows])
         tpmoe.allreduce_router_grads(model)
         # The caller's data-parallel sums: the linear layer saw this rank's rows only, so its
@@ -102,7 +112,7 @@ def _clip_once(mesh, seed, names, sequence_parallel, norm_type):
         token_group = (None if len(token_dims) == len(names) else mesh.get_group(token_dims[0])) \
             if token_dims else False
         for name, p in model.named_parameters():
-            if p.grad is None:
+            if p.grad is None or fsdp:
                 continue
             if name.startswith("linear.") and token_group is not False:
                 dist.all_reduce(p.grad, group=token_group)
@@ -112,12 +122,13 @@ def _clip_once(mesh, seed, names, sequence_parallel, norm_type):
             norm = clip_grad_norm_(model, MAX_NORM, norm_type).item()
         else:
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM, norm_type).item()
-        errors = {"linear." + n: abs(p.grad - linear_ref[n]).max().item() / linear_ref[n].abs().max().item()
+        errors = {"linear." + n: abs(_full(p.grad) - linear_ref[n]).max().item() / linear_ref[n].abs().max().item()
                   for n, p in model.linear.named_parameters()}
         for number, (block, reference) in enumerate(zip(model.blocks, blocks_ref)):
             expected = shard_moe_weights(config, reference, block.tp_rank, block.tp_size, ep_rank=block.ep_rank,
                                          ep_size=block.ep_size)
             for name, grad in block.local_grads().items():
+                grad = _full(grad)
                 scale = reference[name].abs().max().item() or 1.0
                 errors[f"block {number} {name}"] = (grad - expected[name]).abs().max().item() / scale \
                     if expected[name].numel() else 0.0
@@ -132,6 +143,20 @@ CASES = {
     "dp x ep": (4, (2, 2), ("dp", "ep"), False),
     "dp x tp": (4, (2, 2), ("dp", "tp"), False),
 }
+
+
+@pytest.mark.distributed
+def test_clip_grad_norm_under_fsdp2_over_dp_and_tp(seed):
+    """FSDP2 over "dp" of a ("dp", "tp") mesh: its DTensor gradients count by their full norm,
+    the blocks' TP slices summed over "tp": the one-process norm and clip on every rank."""
+    per_rank = run_distributed(_rank, 4, seed, (2, 2), ("dp", "tp"), False, True, timeout_s=60)
+    for norm_type in NORM_TYPES:
+        for rank, by_norm in enumerate(per_rank):
+            norm_ref, results = by_norm[norm_type]
+            norm, errors = results["tpmoe"]
+            assert abs(norm - norm_ref) <= FP64_RTOL * norm_ref, (norm_type, rank, norm, norm_ref)
+            for name, error in errors.items():
+                assert error <= FP64_RTOL, f"FSDP2, {norm_type}-norm, rank {rank}: {name} after clipping: {error:.2e}"
 
 
 @pytest.mark.distributed

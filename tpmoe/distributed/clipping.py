@@ -23,16 +23,30 @@ import torch.distributed as dist
 from torch import nn
 
 
-def _sum_of_powers(grad: torch.Tensor, norm_type: float) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor
-
-    if isinstance(grad, DTensor):
-        # The full norm of a DTensor gradient (torch's TP styles), the same on every rank of its mesh.
-        norm = torch.linalg.vector_norm(grad, norm_type).full_tensor()
-    else:
-        norm = torch.linalg.vector_norm(grad, norm_type)
-    norm = norm.double()
+def _local_power(tensor: torch.Tensor, norm_type: float) -> torch.Tensor:
+    """sum |t|^p (or max |t| for inf) of a plain tensor, 0 for an empty one (an empty shard)."""
+    if tensor.numel() == 0:
+        return torch.zeros((), dtype=torch.float64, device=tensor.device)
+    norm = torch.linalg.vector_norm(tensor, norm_type).double()
     return norm if math.isinf(norm_type) else norm ** norm_type
+
+
+def _sum_of_powers(grad: torch.Tensor, norm_type: float) -> torch.Tensor:
+    """sum |g|^p (max |g| for inf) over the whole gradient: a DTensor's (FSDP2's, torch's TP
+    styles') local part reduced over the mesh dimensions it is sharded on, a plain tensor's own."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(grad, DTensor):
+        return _local_power(grad, norm_type)
+    part = _local_power(grad.to_local(), norm_type)
+    for dim, placement in enumerate(grad.placements):
+        if isinstance(placement, Shard):
+            dist.all_reduce(part, op=dist.ReduceOp.MAX if math.isinf(norm_type) else dist.ReduceOp.SUM,
+                            group=grad.device_mesh.get_group(dim))
+        elif not placement.is_replicate():
+            raise ValueError(f"clip_grad_norm_: a gradient DTensor placed {grad.placements}: expected Shard or "
+                             f"Replicate (reduce a Partial gradient first)")
+    return part
 
 
 def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0,
