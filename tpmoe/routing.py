@@ -19,7 +19,8 @@ import torch
 
 from ._native import on_load, use_native_ops
 from .config import SCORINGS
-from .routing_torch import AlignResult, align_torch, padded_rows_bound, route_torch, weight_dtype_for
+from .routing_torch import (AlignResult, align_torch, empty_align_outputs, padded_rows_bound, route_torch,
+                            weight_dtype_for)
 
 __all__ = ["AlignResult", "align", "route"]
 
@@ -39,24 +40,6 @@ def _route_fake(router_logits, top_k, scoring, renormalize, correction_bias, n_g
     topk_weights = router_logits.new_empty((num_tokens, top_k), dtype=weight_dtype_for(router_logits.dtype))
     topk_ids = router_logits.new_empty((num_tokens, top_k), dtype=torch.int64)
     return topk_weights, topk_ids
-
-
-def empty_align_outputs(topk_ids, num_experts, block_m):
-    """The seven AlignResult tensors, uninitialised, with the shapes every implementation gives: the
-    fake of the ops (torch.compile), and the outputs the Triton align writes whole."""
-    pairs = topk_ids.numel()
-    padded_rows = padded_rows_bound(pairs, num_experts, block_m)
-    int32 = dict(dtype=torch.int32, device=topk_ids.device)
-    int64 = dict(dtype=torch.int64, device=topk_ids.device)
-    return (
-        torch.empty((pairs,), **int32),
-        torch.empty((num_experts,), **int64),
-        torch.empty((num_experts + 1,), **int64),
-        torch.empty((padded_rows,), **int32),
-        torch.empty((num_experts + 1,), **int64),
-        torch.empty(((padded_rows + block_m - 1) // block_m,), **int32),
-        torch.empty((1,), **int64),
-    )
 
 
 def _route_setup_context(ctx, inputs, output):

@@ -41,6 +41,26 @@ def padded_rows_bound(pairs, num_experts: int, block_m: int):
     return pairs + fewer * (block_m - 1)
 
 
+def empty_align_outputs(topk_ids, num_experts, block_m):
+    """The seven AlignResult tensors, uninitialised, with the shapes every implementation gives: the
+    fake of the ops (torch.compile), and the outputs the Triton align writes whole. It lives here,
+    beside AlignResult, and not in tpmoe.routing: the Triton align and its op allocate with it, and
+    tpmoe.routing calls down into them, so importing it from there would be an import circle."""
+    pairs = topk_ids.numel()
+    padded_rows = padded_rows_bound(pairs, num_experts, block_m)
+    int32 = dict(dtype=torch.int32, device=topk_ids.device)
+    int64 = dict(dtype=torch.int64, device=topk_ids.device)
+    return (
+        torch.empty((pairs,), **int32),
+        torch.empty((num_experts,), **int64),
+        torch.empty((num_experts + 1,), **int64),
+        torch.empty((padded_rows,), **int32),
+        torch.empty((num_experts + 1,), **int64),
+        torch.empty(((padded_rows + block_m - 1) // block_m,), **int32),
+        torch.empty((1,), **int64),
+    )
+
+
 def _descending_order(scores: torch.Tensor) -> torch.Tensor:
     return torch.sort(scores, dim=-1, descending=True, stable=True).indices
 

@@ -95,7 +95,7 @@ def check_fits(plan: BenchPlan) -> None:
     scale = plan.scale
     while needed * (scale / plan.scale) ** 2 > 0.7 * free and scale > 1e-3:
         scale /= 2
-    from . import UsageError
+    from .errors import UsageError
     raise UsageError(f"--scale: the {plan.preset} block needs {needed / 2**30:.1f} GiB at scale {plan.scale:g} "
                      f"({dtype_name(plan.dtype)}, {plan.mode}) but {free / 2**30:.1f} GiB are free; "
                      f"try --scale {scale:g}")
@@ -331,17 +331,21 @@ def describe(plan: BenchPlan) -> str:
             f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
 
 
+def check_before_running(plan: BenchPlan, plot_path: Optional[str]) -> None:
+    """What can be said before the long part (one line, UsageError): the block does not fit, or a
+    plot was asked for and matplotlib is missing. Both benches (this one and tpmoe.cli.bench_ep)
+    call it first."""
+    check_fits(plan)
+    if plot_path is not None:
+        from .plot import check_plotting
+        check_plotting()
+
+
 def run_bench(plan: BenchPlan, *, json_path: Optional[str], plot_path: Optional[str], timeout_s: int, out) -> int:
     from .launch import is_main_process, run_ranks
     from .report import format_table, write_json
 
-    check_fits(plan)
-    if plot_path is not None:
-        from .plot import check_plotting
-        check_plotting()  # before the long part: a missing matplotlib is said up front
-    if plan.ep_size > 1:
-        from .bench_ep import run_bench_ep
-        return run_bench_ep(plan, json_path=json_path, plot_path=plot_path, timeout_s=timeout_s, out=out)
+    check_before_running(plan, plot_path)
     main = is_main_process()
     measured = 3 + sum(1 for impl in HF_IMPLS if impl in plan.impls)  # tpmoe, dense, floor (+ HF at P=1)
     total = len(plan.tokens) * (3 * plan.world_size + measured - 3)

@@ -184,9 +184,11 @@ def bench_ep_rank(context, plan) -> List[Dict]:
 
 
 def run_bench_ep(plan, *, json_path: Optional[str], plot_path: Optional[str] = None, timeout_s: int, out) -> int:
-    from .bench import describe
+    from .bench import check_before_running, describe
     from .launch import is_main_process, run_ranks
     from .report import format_table, write_json
+
+    check_before_running(plan, plot_path)
 
     def progress(message):
         kind, text = message

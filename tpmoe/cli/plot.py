@@ -10,7 +10,7 @@ contender point gets a red ring. Colour: the implementation; line style: the wor
 import datetime
 from typing import Dict, List, Optional
 
-from . import UsageError
+from .errors import UsageError
 
 YARDSTICKS = {"dense": "dense ceiling", "floor": "read floor"}
 LINE_STYLES = ["-", "--", ":", "-."]

@@ -7,13 +7,14 @@
                   own router module kept), shared expert sharded in the same all-reduce;
   mode "experts": any other block whose experts loop is in EXPERTS: only its experts module
                   is replaced; the block's own forward runs around it, replicated.
-`judge_class(cls)` decides the same from the classes alone, for `python -m tpmoe.hf.families`.
+`judge_class(cls)` reads the same decision (`_decide`) from the classes alone, for
+`python -m tpmoe.hf.families`.
 Anything else raises UnsupportedFamilyError naming the family, the class and the reason.
 """
 import functools
 import inspect
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
@@ -296,29 +297,129 @@ _WEIGHTED_INPUTS = ("its experts take inputs already scaled by the routing weigh
                     "a verified block structure that applies the weights to the input can drive")
 
 
+# --------------------------------------------------------------------------- the decision, once
+
+
+class _WeightedInputs(R.Unsupported):
+    """The refusal of experts that take weighted inputs; note: why the block's own structure
+    could not drive them (empty when it matched no verified one)."""
+
+    def __init__(self, note: str):
+        super().__init__(f"{_WEIGHTED_INPUTS}; {note}" if note else _WEIGHTED_INPUTS)
+
+
+class _Verdict(NamedTuple):
+    """What `_decide` found: mode "block" or "experts", and what the view read on the way."""
+
+    mode: str
+    experts: object  # the view's reading of the experts: an ExpertsPlan (instance), an ExpertsImpl (class)
+    block: Optional[R.BlockImpl] = None
+    router: Optional[R.RouterImpl] = None
+    shared: Optional[SharedPlan] = None
+    note: str = ""
+
+
+def _decide(view) -> _Verdict:
+    """How a block runs, or R.Unsupported with the reason: the one decision behind plan_for
+    (an instance) and judge_class (a class). The view answers what only it can see: an instance
+    its configured modules, a class the classes its __init__ assigns."""
+    if view.key in R.NOT_EXPERT_BLOCKS:
+        raise R.Unsupported(R.NOT_EXPERT_BLOCKS[view.key])
+    experts = view.experts()
+    impl = view.experts_impl(experts)
+    block = _codes("blocks").get(view.forward_code())
+    if impl.post_norm is not None:
+        block = None  # the per-expert norm runs where the experts module runs: experts mode
+    note = ""
+    if block is not None and view.has_router(block.router):
+        shared, note = view.shared(block, experts)
+        if not note:
+            return _Verdict("block", experts, block=block, router=view.router(block.router), shared=shared)
+    if impl.weighted_inputs:
+        raise _WeightedInputs(note)
+    return _Verdict("experts", experts, note=note)
+
+
+class _InstanceView:
+    """A block instance, as `tpmoe.hf.apply` meets it: its modules and their configuration."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self.key = f"{family_of(type(module))}.{type(module).__name__}"
+
+    def forward_code(self):
+        return forward_code(self.module)
+
+    def experts(self) -> ExpertsPlan:
+        module = self.module
+        return experts_plan(module.experts if _own_experts_block(module) is None else module)
+
+    @staticmethod
+    def experts_impl(experts: ExpertsPlan) -> R.ExpertsImpl:
+        return experts.impl
+
+    def has_router(self, attribute: str) -> bool:
+        return isinstance(getattr(self.module, attribute, None), nn.Module)
+
+    def shared(self, block: R.BlockImpl, experts: ExpertsPlan) -> Tuple[Optional[SharedPlan], str]:
+        return _block_fallback(self.module, block, experts)
+
+    def router(self, attribute: str) -> Optional[R.RouterImpl]:
+        return _codes("routers").get(forward_code(getattr(self.module, attribute)))
+
+
+class _ClassView:
+    """A block class, as the scan meets it: the classes its __init__ assigns. What only an
+    instance shows (the configured activation, a limit of None, which of gate and router holds
+    the router) it cannot check, and takes as the instance would pass it."""
+
+    def __init__(self, cls: type):
+        self.cls = cls
+        self.key = f"{family_of(cls)}.{cls.__name__}"
+
+    def forward_code(self):
+        return forward_code(self.cls)
+
+    def experts(self) -> R.ExpertsImpl:
+        experts_class = assigned_class(self.cls, "experts")
+        if experts_class is None:
+            raise R.Unsupported("experts built by a helper or a conditional, not by a class tpmoe can read")
+        impl = _experts_impl(experts_class, _decorator_flags_of_class(experts_class))
+        if impl.gate == "apply_gate":
+            gate = _gate_impl(experts_class)
+            if gate.split != ("concatenated" if impl.concatenated else "interleaved"):
+                raise R.Unsupported(f"experts {experts_class.__name__}: _apply_gate splits {gate.split} columns")
+        return impl
+
+    @staticmethod
+    def experts_impl(experts: R.ExpertsImpl) -> R.ExpertsImpl:
+        return experts
+
+    @staticmethod
+    def has_router(attribute: str) -> bool:
+        return True  # judge_class has seen the class assign a gate or a router
+
+    def shared(self, block: R.BlockImpl, experts: R.ExpertsImpl) -> Tuple[None, str]:
+        if block.shared is None:
+            return None, ""
+        shared_class = assigned_class(self.cls, block.shared)
+        if shared_class is None or forward_code(shared_class) not in _codes("shared"):
+            return None, f"its {block.shared} matches no verified shared-expert MLP"
+        return None, ""
+
+    def router(self, attribute: str) -> Optional[R.RouterImpl]:
+        router_class = assigned_class(self.cls, attribute)
+        return _codes("routers").get(forward_code(router_class)) if router_class is not None else None
+
+
 def plan_for(module: nn.Module, name: str = "") -> Plan:
     """The Plan for an MoE block instance; raises UnsupportedFamilyError naming family, class and reason."""
-    key = f"{family_of(type(module))}.{type(module).__name__}"
-    if key in R.NOT_EXPERT_BLOCKS:
-        raise unsupported(module, name, R.NOT_EXPERT_BLOCKS[key])
     try:
-        experts = experts_plan(module.experts if _own_experts_block(module) is None else module)
+        verdict = _decide(_InstanceView(module))
     except R.Unsupported as error:
         raise unsupported(module, name, str(error)) from None
-    impl = _codes("blocks").get(forward_code(module))
-    if experts.impl.post_norm is not None:
-        impl = None  # the per-expert norm runs where the experts module runs: experts mode
-    if impl is None or not isinstance(getattr(module, impl.router, None), nn.Module):
-        if experts.impl.weighted_inputs:
-            raise unsupported(module, name, _WEIGHTED_INPUTS)
-        return Plan("experts", experts)
-    shared, note = _block_fallback(module, impl, experts)
-    if note:
-        if experts.impl.weighted_inputs:
-            raise unsupported(module, name, f"{_WEIGHTED_INPUTS}; {note}")
-        return Plan("experts", experts, note=note)
-    router = _codes("routers").get(forward_code(getattr(module, impl.router)))
-    return Plan("block", experts, block=impl, router=router, shared=shared)
+    return Plan(verdict.mode, verdict.experts, block=verdict.block, router=verdict.router, shared=verdict.shared,
+                note=verdict.note)
 
 
 # --------------------------------------------------------------------------- classes (the scan)
@@ -327,38 +428,25 @@ def plan_for(module: nn.Module, name: str = "") -> Plan:
 def judge_class(cls: type) -> Optional[Tuple[bool, str]]:
     """(supported, description or reason) for an MoE block class, or None if cls is no MoE block.
 
-    The class-level twin of plan_for, for `python -m tpmoe.hf.families`: an MoE block is a class
-    whose __init__ assigns self.experts and self.gate or self.router. What only an instance
-    shows (the configured activation, a limit of None) is left to plan_for."""
+    The class-level reading of plan_for's decision (`_decide` over a `_ClassView`), for
+    `python -m tpmoe.hf.families`: an MoE block is a class whose __init__ assigns self.experts and
+    self.gate or self.router. What only an instance shows (the configured activation, a limit of
+    None) is left to plan_for."""
     own = _own_experts_block(cls)
     if own is not None:
         return True, f"block {own.name}, its own router"
     if not assigns(cls, "experts") or not (assigns(cls, "gate") or assigns(cls, "router")):
         return None
-    key = f"{family_of(cls)}.{cls.__name__}"
-    if key in R.NOT_EXPERT_BLOCKS:
-        return False, R.NOT_EXPERT_BLOCKS[key]
-    experts_class = assigned_class(cls, "experts")
-    if experts_class is None:
-        return False, "experts built by a helper or a conditional, not by a class tpmoe can read"
     try:
-        impl = _experts_impl(experts_class, _decorator_flags_of_class(experts_class))
-        if impl.gate == "apply_gate":
-            gate = _gate_impl(experts_class)
-            if gate.split != ("concatenated" if impl.concatenated else "interleaved"):
-                raise R.Unsupported(f"experts {experts_class.__name__}: _apply_gate splits {gate.split} columns")
+        verdict = _decide(_ClassView(cls))
+    except _WeightedInputs:
+        return False, _WEIGHTED_INPUTS  # the scan's reasons are one line each: no note on the shared expert
     except R.Unsupported as error:
         return False, str(error)
-    block = _codes("blocks").get(forward_code(cls)) if impl.post_norm is None else None
-    if block is not None and block.shared is not None:
-        shared_class = assigned_class(cls, block.shared)
-        if shared_class is None or forward_code(shared_class) not in _codes("shared"):
-            block = None
-    if block is None:
-        return (False, _WEIGHTED_INPUTS) if impl.weighted_inputs else (True, "experts")
-    router_class = assigned_class(cls, block.router)
-    router = _codes("routers").get(forward_code(router_class)) if router_class is not None else None
-    return True, f"block {block.name}, " + (f"native {router.name} router" if router else "its own router")
+    if verdict.mode == "experts":
+        return True, "experts"
+    router = verdict.router
+    return True, f"block {verdict.block.name}, " + (f"native {router.name} router" if router else "its own router")
 
 
 def scan_installed_families(progress: Optional[Callable[[int, int, str], None]] = None

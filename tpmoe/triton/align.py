@@ -1,8 +1,9 @@
 """`align` on the GPU: the T*K (token, expert) pairs grouped by expert, as Triton kernels.
 
 The outputs are the seven tensors of `tpmoe.routing_torch.AlignResult` (docs/contracts.md),
-allocated with torch.empty by the one allocator of their shapes (`tpmoe.routing.empty_align_outputs`)
-and written whole by the kernels: no fill runs before them, so a call is its launches only.
+allocated with torch.empty by the one allocator of their shapes
+(`tpmoe.routing_torch.empty_align_outputs`) and written whole by the kernels: no fill runs before
+them, so a call is its launches only.
 
 A stable counting sort, deterministic without atomics. Within a group of pairs (the whole input,
 or one chunk), each pair gets the key `bucket * BLOCK + lane` (bucket: its expert; E for an id out
@@ -38,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..routing import empty_align_outputs
+from ..routing_torch import empty_align_outputs
 from .interpret import require_runnable
 
 # Up to this many pairs (T*K) one program aligns everything in one launch. Decode batches

@@ -14,7 +14,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from ..routing import empty_align_outputs
+from ..routing_torch import empty_align_outputs
 from .align import align_triton as _align_triton
 from .backward_dh import backward_dh as _backward_dh
 from .backward_dw import backward_dw as _backward_dw
