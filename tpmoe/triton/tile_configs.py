@@ -55,7 +55,10 @@ def _gate_up_table() -> Dict[int, List[KernelConfig]]:
     # 64 x 64 (n = 128 wgmma). Prefill (128 rows, buckets >= 1024): 128 x 128 at 8 warps, two
     # n = 256 wgmma per k-step (registers and shared memory: tests/test_triton_aot.py).
     # GROUP_M 8 where there are many row blocks per expert (grid.py). Not yet timed on a
-    # GPU: benchmarks/bench_kernels.py.
+    # GPU: benchmarks/bench_kernels.py. No split over H at decode: the traffic model (T = 1)
+    # gives 50.56 MB against the 50.33 MB weight floor, and a split only adds fp32 partials
+    # (S = 2: +0.2 MB, +3.2 MB with padding rows) and a launch (the activation needs the sums);
+    # 192 programs at 80 KB shared memory fit two per SM, so they are all resident at once.
     return {16: [KernelConfig(16, 32, 128, 4, 4), KernelConfig(16, 16, 128, 4, 4)],
             64: [KernelConfig(64, 64, 64, 4, 4, GROUP_M=8), KernelConfig(64, 32, 64, 4, 4, GROUP_M=8)],
             128: [KernelConfig(128, 128, 64, 8, 3, GROUP_M=8)]}
