@@ -10,7 +10,11 @@
 - the block under torch.compile(fullgraph=True) and CUDA-graph capture, equal to eager;
 - NCCL at world size 1 (tensor parallelism over NCCL needs two GPUs).
 
-Every test needs a GPU and skips elsewhere, saying so; `make gpu-check` runs them.
+Every test needs a GPU and skips elsewhere, saying so; `make gpu-check` runs them. A build of
+tpmoe._C without nvcc has no CUDA route kernel: CUDA tensors are then routed by the plain-PyTorch
+route (tpmoe.routing_torch, through tpmoe._native.use_native_ops), and every test runs on that
+path (the block against the reference, torch.compile, CUDA-graph capture, NCCL) except those of
+the CUDA route kernel itself, which skip saying why.
 """
 import pytest
 import torch
@@ -29,13 +33,13 @@ def _cuda_kernels_built() -> bool:
     return native_available() and torch._C._dispatch_has_kernel_for_dispatch_key("tpmoe::route", "CUDA")
 
 
-pytestmark = [
-    pytest.mark.skipif(not torch.cuda.is_available(),
-                       reason="needs a CUDA GPU (torch.cuda.is_available() is False)"),
-    pytest.mark.skipif(torch.cuda.is_available() and not _cuda_kernels_built(),
-                       reason="tpmoe._C has no CUDA kernels: rebuild with a CUDA torch and nvcc "
-                              "(TORCH_CUDA_ARCH_LIST=9.0 pip install --no-build-isolation -e .)"),
-]
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+# Only for the tests of the CUDA route kernel; the others run on the plain-PyTorch route there.
+needs_cuda_kernels = pytest.mark.skipif(
+    torch.cuda.is_available() and not _cuda_kernels_built(),
+    reason="tests the CUDA route kernel, and tpmoe._C has none (built without nvcc): rebuild with a CUDA "
+           "torch and nvcc (TORCH_CUDA_ARCH_LIST=9.0 pip install --no-build-isolation -e .)")
 
 # Routing shapes of real models (T, E, K): Qwen3-30B-A3B, DeepSeek-V3, GPT-OSS-20B, Mixtral,
 # and many experts (the route kernel keeps a token's scores in shared memory).
@@ -62,6 +66,7 @@ def assert_cuda_route_matches(logits, top_k, **kwargs):
 # ---------------------------------------------------------------------------------------
 
 
+@needs_cuda_kernels
 @pytest.mark.parametrize("dtype", LOGIT_DTYPES, ids=str)
 @pytest.mark.parametrize("case", SCORINGS, ids=SCORING_IDS)
 def test_cuda_route_matches_cpu_op_and_twin(case, dtype, seed):
@@ -72,6 +77,7 @@ def test_cuda_route_matches_cpu_op_and_twin(case, dtype, seed):
         assert_cuda_route_matches(logits, top_k, **route_kwargs(case, num_experts))
 
 
+@needs_cuda_kernels
 @pytest.mark.parametrize("case", SCORINGS, ids=SCORING_IDS)
 def test_cuda_route_ties_go_to_the_lower_expert(case, seed):
     num_experts, top_k = 16, 4
@@ -84,6 +90,7 @@ def test_cuda_route_ties_go_to_the_lower_expert(case, seed):
         assert_cuda_route_matches(logits.to(dtype), top_k, **kwargs)
 
 
+@needs_cuda_kernels
 def test_cuda_route_masked_and_nan_logits(seed):
     logits, rows = masked_and_nan_logits()
     for scoring in ("softmax", "topk_softmax"):
@@ -111,11 +118,30 @@ def test_triton_align_on_cuda_matches_cpu_op_and_twin(block_m, id_dtype):
         assert_align_equal(result, align_torch(topk_ids, num_experts, block_m), name)
 
 
+def test_cuda_routing_runs_the_path_the_build_has():
+    """route() of CUDA logits: the CUDA kernel where tpmoe._C has one, otherwise the plain-PyTorch
+    twin (after one warning); either way on the device, with the twin's ids. The tests below then
+    run on that path."""
+    import warnings
+
+    from tpmoe import _native
+    logits = torch.randn(40, 16, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback's one warning, if this process has not given it yet
+        native = _native.use_native_ops(torch.device("cuda"))
+        weights, ids = route(logits.cuda(), 4)
+    assert (native is not None) == _cuda_kernels_built()
+    assert weights.is_cuda and ids.is_cuda
+    expected_weights, expected_ids = route_torch(logits, 4)
+    assert torch.equal(ids.cpu(), expected_ids)
+    assert_weights_match(weights, expected_weights)
+
+
 # ---------------------------------------------------------------------------------------
 # The block on CUDA against the float64 reference
 # ---------------------------------------------------------------------------------------
 
-# K/E = 1/4 in every case: T = 8, 512, 4096 give 2, 128, 1024 rows per expert, which select
+# K/E = 1/4 in every case: T = 8, 128, 4096 give 2, 32, 1024 rows per expert, which select
 # BLOCK_M = 16, 64, 128 (tpmoe.triton.tile_configs) and so each table's tile configurations.
 BLOCK_CASES = {
     "qwen": dict(hidden_size=256, intermediate_size=192, num_experts=8, top_k=2, renormalize=True),
@@ -126,7 +152,7 @@ BLOCK_CASES = {
                      renormalize=True, n_group=4, topk_group=2, routed_scaling_factor=2.5, correction_bias=True,
                      layout="interleaved", shared_intermediate_size=64),
 }
-BLOCK_M_FOR_TOKENS = {8: 16, 512: 64, 4096: 128}
+BLOCK_M_FOR_TOKENS = {8: 16, 128: 64, 4096: 128}
 # A token whose experts change when its float64 logits move by this much (relative to their
 # largest magnitude) is too near a tie: fp32 logits (1e-7 relative) could route it elsewhere
 # than the reference, which would make the comparison meaningless. Such tokens are redrawn.

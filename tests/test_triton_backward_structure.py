@@ -296,6 +296,17 @@ def test_split_choice(monkeypatch):
         assert 1 < config.SPLIT <= tile_configs.MAX_SPLIT, (launch, config)
         tiles = 4 * -(-512 // config.BLOCK_N) * -(-256 // config.BLOCK_K)
         assert tiles < tile_configs.NUM_SMS
+    # Chosen from the largest expert, not the average: E 8, dW tiles 8 x 2 x 2 = 32 < 132 SMs.
+    # 4096 pairs spread evenly (512 rows each) give one 512-row split; the same pairs with one
+    # hot expert of 2048 rows split it in four.
+    even = tile_configs.launch_configs(2048, 2, 8, 256, 128, 256, largest_expert_rows=512)
+    hot = tile_configs.launch_configs(2048, 2, 8, 256, 128, 256, largest_expert_rows=2048)
+    for launch in ("backward_dw_gate_up", "backward_dw_down"):
+        assert even[launch].SPLIT == 1, (launch, even[launch])
+        assert hot[launch].SPLIT == 2048 // tile_configs.MIN_ROWS_PER_SPLIT, (launch, hot[launch])
+    # Unknown on the host (CUDA): the bound, T rows (every token on one expert).
+    bound = tile_configs.launch_configs(2048, 2, 8, 256, 128, 256)
+    assert all(bound[launch] == hot[launch] for launch in ("backward_dw_gate_up", "backward_dw_down"))
     # TPMOE_TRITON_CONFIG's SPLIT wins; 0 is refused.
     monkeypatch.setenv(tile_configs.ENV_VAR, "SPLIT=3")
     assert tile_configs.launch_configs(4096, 8, 128, 2048, 768, 1536)["backward_dw_down"].SPLIT == 3
@@ -303,6 +314,16 @@ def test_split_choice(monkeypatch):
         monkeypatch.setenv(tile_configs.ENV_VAR, text)
         with pytest.raises(ValueError, match=">= 1"):
             tile_configs.env_config()
+
+
+def test_largest_expert_rows_read_only_from_host_memory():
+    """The forward reads the most loaded expert's rows for the split only where the counts are in
+    host memory; device counts (a meta tensor stands in for CUDA here) give None, the bound, and
+    no .item() that would sync the GPU."""
+    from tpmoe.triton.autograd import _largest_expert_rows_on_host
+    counts = torch.tensor([3, 0, 4096, 5])
+    assert _largest_expert_rows_on_host(counts) == 4096
+    assert _largest_expert_rows_on_host(counts.to("meta")) is None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -265,11 +265,32 @@ def test_configs_are_keyed_on_tokens_and_width(monkeypatch):
     assert tile_configs.token_bucket(1, 8, 128) == 1
     assert tile_configs.block_m_for(tile_configs.token_bucket(1, 8, 128)) == 16
     assert tile_configs.block_m_for(tile_configs.token_bucket(16384, 8, 128)) == 128
-    assert tile_configs.kernel_config("gate_up", 64, 16, 2048).BLOCK_N == 32   # narrow I_p shard
-    assert tile_configs.kernel_config("gate_up", 64, 768, 2048).BLOCK_N == 64
+    assert tile_configs.kernel_config("gate_up", 32, 16, 2048).BLOCK_N == 32   # narrow I_p shard
+    assert tile_configs.kernel_config("gate_up", 32, 768, 2048).BLOCK_N == 64
     for kernel in tile_configs.KERNELS:
         for bucket in (1, 64, 4096):
             assert tile_configs.kernel_config(kernel, bucket, 768, 2048) in tile_configs.all_configs(kernel)
+
+
+@pytest.mark.parametrize("num_experts, top_k, tokens_by_block_m", [
+    # Qwen3-30B-A3B: where vLLM's tuned H200 table (E 128, N 768) crosses over, in tokens.
+    (128, 8, {256: 16, 512: 64, 1024: 128, 8192: 128}),
+    # Mixtral-8x7B: the same rows per expert at 16x fewer tokens.
+    (8, 2, {64: 16, 128: 64, 256: 128}),
+])
+def test_block_m_follows_rows_per_expert(monkeypatch, num_experts, top_k, tokens_by_block_m):
+    """BLOCK_M from the average rows per expert (16 up to 16, 64 up to 32, 128 from 64), not from
+    the token count: the former rule kept Qwen3-30B-A3B on 64-row tiles up to T = 8192."""
+    monkeypatch.delenv(tile_configs.ENV_VAR, raising=False)
+    for num_tokens, block_m in tokens_by_block_m.items():
+        bucket = tile_configs.token_bucket(num_tokens, top_k, num_experts)
+        assert tile_configs.block_m_for(bucket) == block_m, (num_tokens, bucket)
+        configs = tile_configs.launch_configs(num_tokens, top_k, num_experts, 2048, 768, 1536)
+        for launch in ("gate_up", "down", "backward_dh", "dx"):  # one alignment for the call
+            assert configs[launch].BLOCK_M == block_m, (num_tokens, launch)
+    # Qwen3 at T = 1024: the wide prefill tile (one [128, 256] gate/up accumulator).
+    gate_up = tile_configs.launch_configs(1024, 8, 128, 2048, 768, 1536)["gate_up"]
+    assert (gate_up.BLOCK_M, 2 * gate_up.BLOCK_N, gate_up.BLOCK_K) == (128, 256, 64)
 
 
 def test_cpu_tensors_without_the_interpreter_raise_clearly():

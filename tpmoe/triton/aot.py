@@ -102,8 +102,9 @@ def _recording():
 
 
 def main_config(kernel_name: str, element_size: int = 2) -> tile_configs.KernelConfig:
-    """The config a mid-size call (64 rows per expert, wide N) gets."""
-    return tile_configs.kernel_config(kernel_name, 64, 1024, 1024, element_size)
+    """The config a mid-size call (32 rows per expert: 64-row tiles, wide N) gets; the 128-row
+    prefill configs (from 64 rows per expert) are compiled with every config (not --main-only)."""
+    return tile_configs.kernel_config(kernel_name, 32, 1024, 1024, element_size)
 
 
 BIAS_CHOICES = {"none": (False,), "bias": (True,), "both": (False, True)}

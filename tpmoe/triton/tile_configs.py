@@ -8,7 +8,8 @@ sm_80 and sm_90 by tests/test_triton_aot.py (shared memory within the limit, no 
 main ones).
 
 Token-count bucket: rows per expert on average, T*K/E, rounded up to a power of two; it picks
-BLOCK_M (16 for decode-like calls, 64, then 128 for large prefill/training batches).
+BLOCK_M (`block_m_for`: 16 up to 16 rows per expert, 64 up to 32, 128 from 64), whatever T,
+E and K make those rows.
 
 TPMOE_TRITON_CONFIG selects one fixed config for every kernel (for determinism studies, CI and
 the interpreter tests), as comma-separated key=value pairs, e.g.
@@ -22,7 +23,7 @@ call by `backward_dw_split` (launch_configs) unless TPMOE_TRITON_CONFIG sets it.
 """
 import os
 from dataclasses import dataclass, replace
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 ENV_VAR = "TPMOE_TRITON_CONFIG"
 KERNELS = ("gate_up", "down", "backward_dh", "backward_dw")
@@ -54,7 +55,10 @@ def _gate_up_table() -> Dict[int, List[KernelConfig]]:
     # 64 x 64 (n = 128 wgmma). Prefill (128 rows, buckets >= 1024): 128 x 128 at 8 warps, two
     # n = 256 wgmma per k-step (registers and shared memory: tests/test_triton_aot.py).
     # GROUP_M 8 where there are many row blocks per expert (grid.py). Not yet timed on a
-    # GPU: benchmarks/bench_kernels.py.
+    # GPU: benchmarks/bench_kernels.py. No split over H at decode: the traffic model (T = 1)
+    # gives 50.56 MB against the 50.33 MB weight floor, and a split only adds fp32 partials
+    # (S = 2: +0.2 MB, +3.2 MB with padding rows) and a launch (the activation needs the sums);
+    # 192 programs at 80 KB shared memory fit two per SM, so they are all resident at once.
     return {16: [KernelConfig(16, 32, 128, 4, 4), KernelConfig(16, 16, 128, 4, 4)],
             64: [KernelConfig(64, 64, 64, 4, 4, GROUP_M=8), KernelConfig(64, 32, 64, 4, 4, GROUP_M=8)],
             128: [KernelConfig(128, 128, 64, 8, 3, GROUP_M=8)]}
@@ -118,13 +122,21 @@ def token_bucket(num_tokens: int, top_k: int, num_experts: int) -> int:
 
 
 def block_m_for(bucket: int) -> int:
-    """The routing alignment for a token bucket (shared by all kernels of one call)."""
+    """The routing alignment for a token bucket (shared by all kernels of one call).
+
+    By rows per expert, the quantity a row block covers: a tile about twice the average, so that
+    an expert above the average (routing is uneven) still fits one row block. This is where
+    measured tables cross over: vLLM's tuned H200 table for E = 128, N = 768 (Qwen3-30B-A3B,
+    K = 8) takes 64-row tiles from M = 512 tokens (32 rows per expert) and 128 x 256 x 64
+    from M = 1024 (64 rows per expert). The former rule (128 only above 512 rows per expert)
+    kept that shape on 64 x 64 gate_up tiles up to T = 8192. No 32-row table: 16 up to 16 rows.
+    """
     override = env_config()
     if "BLOCK_M" in override:
         return override["BLOCK_M"]
     if bucket <= 16:
         return 16
-    if bucket <= 512:
+    if bucket <= 32:
         return 64
     return 128
 
@@ -156,11 +168,17 @@ def kernel_config(kernel: str, bucket: int, n: int, k: int, element_size: int = 
 
 
 def launch_configs(num_tokens: int, top_k: int, num_experts: int, hidden_size: int, intermediate_size: int,
-                   gate_up_size: int, element_size: int = 2) -> Dict[str, KernelConfig]:
+                   gate_up_size: int, element_size: int = 2,
+                   largest_expert_rows: Optional[int] = None) -> Dict[str, KernelConfig]:
     """The config of every launch of one forward and backward, by launch: what
     tpmoe.triton.autograd runs and what the benchmarks report. gate_up_size is the R axis of
     w_gate_up (2 I_p gated, I_p not). Each launch's (n, k) is its GEMM's output width and
-    reduction depth; for the weight gradients, the two dims of dW."""
+    reduction depth; for the weight gradients, the two dims of dW.
+
+    largest_expert_rows: the rows (pairs) of the most loaded expert, where the caller has it on
+    the host; None takes its bound, num_tokens (`route` gives each token K distinct experts, so
+    one expert gets at most T rows: the bound is reached when every token picks one hot expert).
+    Only backward_dw's SPLIT reads it (`backward_dw_split`)."""
     bucket = token_bucket(num_tokens, top_k, num_experts)
     shapes = {
         "gate_up": ("gate_up", intermediate_size, hidden_size),
@@ -174,7 +192,8 @@ def launch_configs(num_tokens: int, top_k: int, num_experts: int, hidden_size: i
     if "SPLIT" not in env_config():
         for launch in ("backward_dw_gate_up", "backward_dw_down"):
             _, n, k = shapes[launch]
-            split = backward_dw_split(num_tokens * top_k, num_experts, n, k, configs[launch])
+            largest = num_tokens if largest_expert_rows is None else largest_expert_rows
+            split = backward_dw_split(largest, num_experts, n, k, configs[launch])
             configs[launch] = replace(configs[launch], SPLIT=split)
     return configs
 
@@ -188,20 +207,22 @@ MIN_ROWS_PER_SPLIT = 512
 MAX_SPLIT = 8
 
 
-def backward_dw_split(num_pairs: int, num_experts: int, n: int, k: int, config: KernelConfig) -> int:
+def backward_dw_split(largest_expert_rows: int, num_experts: int, n: int, k: int, config: KernelConfig) -> int:
     """SPLIT for backward_dw: how many programs share the row reduction of one dW tile.
 
     One program per (expert, dW tile) walks the expert's whole segment, so few experts with many
     rows each (or one hot expert) leave most SMs idle while a few walk long segments. Split only
-    when the grid underfills the GPU (fewer tiles than SMs) and each split still gets
-    MIN_ROWS_PER_SPLIT rows of an average expert; at most MAX_SPLIT. Large-E models (tiles >> SMs)
-    keep SPLIT = 1, which adds no launch.
+    when the grid underfills the GPU (fewer tiles than SMs) and each split of the LARGEST
+    expert still gets MIN_ROWS_PER_SPLIT rows; at most MAX_SPLIT. Every expert's segment is cut
+    into SPLIT chunks (backward_dw), so the longest program walks largest / SPLIT rows: the
+    largest expert, not the average, is the launch's critical path (an average of 512 rows
+    never split a hot expert of 4096 among 8 cold ones). Large-E models (tiles >> SMs) keep
+    SPLIT = 1, which adds no launch.
     """
     tiles = num_experts * -(-n // config.BLOCK_N) * -(-k // config.BLOCK_K)
     if tiles >= NUM_SMS:
         return 1
-    rows_per_expert = -(-num_pairs // max(1, num_experts))
-    return max(1, min(MAX_SPLIT, -(-NUM_SMS // tiles), rows_per_expert // MIN_ROWS_PER_SPLIT))
+    return max(1, min(MAX_SPLIT, -(-NUM_SMS // tiles), largest_expert_rows // MIN_ROWS_PER_SPLIT))
 
 
 # fp32 accumulator tiles each program holds: gate and up; dh and the recomputed gate and up.
