@@ -13,6 +13,7 @@ process took first is retried on a new one, as the CLI launcher does
 """
 import contextlib
 import datetime
+import pickle
 import queue as queue_module
 import traceback
 
@@ -47,7 +48,10 @@ def _worker(fn, rank, world_size, port, timeout_s, results, args):
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=timeout_s))
         try:
-            results.put((rank, "ok", fn(rank, world_size, *args)))
+            # Pickled here, by value: a tensor put on a multiprocessing queue as it is travels as a
+            # shared-memory handle that the parent opens after this process may have exited
+            # (FileNotFoundError in the parent, seen on a loaded machine).
+            results.put((rank, "ok", pickle.dumps(fn(rank, world_size, *args))))
         finally:
             destroy_process_group_collected()
     except BaseException:  # reported to the parent, which fails the test with it
@@ -73,7 +77,7 @@ def _run_distributed_once(fn, world_size: int, args, timeout_s: int, port: int):
         for _ in range(world_size):
             rank, status, value = results.get(timeout=deadline_s)
             if status == "ok":
-                collected[rank] = value
+                collected[rank] = pickle.loads(value)
             else:
                 errors.append(f"--- rank {rank} of {world_size} ---\n{value}")
     except queue_module.Empty:

@@ -229,6 +229,17 @@ def supported_keys() -> list:
     return sorted(load_snapshot()["supported"])
 
 
+def installed(key: str) -> bool:
+    """Whether the installed transformers has this block class. The snapshot is the pinned
+    release's (tests/test_hf_families.py checks that it is the installed one's judgement, so under
+    the pin every key is installed); an older release of the tested range lacks the newer families."""
+    try:
+        block_class_of(key)
+    except (ImportError, AttributeError):
+        return False
+    return True
+
+
 # ---------------------------------------------------------------- tiny whole models
 
 # Per family: the config fields a whole tiny CausalLM needs beyond COMMON_SIZES / FAMILY_SIZES
