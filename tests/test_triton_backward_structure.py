@@ -316,16 +316,6 @@ def test_split_choice(monkeypatch):
             tile_configs.env_config()
 
 
-def test_largest_expert_rows_read_only_from_host_memory():
-    """The forward reads the most loaded expert's rows for the split only where the counts are in
-    host memory; device counts (a meta tensor stands in for CUDA here) give None, the bound, and
-    no .item() that would sync the GPU."""
-    from tpmoe.triton.autograd import _largest_expert_rows_on_host
-    counts = torch.tensor([3, 0, 4096, 5])
-    assert _largest_expert_rows_on_host(counts) == 4096
-    assert _largest_expert_rows_on_host(counts.to("meta")) is None
-
-
 # ---------------------------------------------------------------------------------------------
 # int64 offsets
 

@@ -34,7 +34,7 @@ class FusedExpertsFunction(torch.autograd.Function):
         # As plain int lists: what the custom ops take, and constants to torch.compile on ctx.
         configs = {launch: ops.config_list(config) for launch, config in launch_configs(
             num_tokens, top_k, num_experts, hidden_size, intermediate_size, w_gate_up.shape[gate_up_axes(layout)[0]],
-            hidden_states.element_size(), _largest_expert_rows_on_host(routing.tokens_per_expert)).items()}
+            hidden_states.element_size()).items()}
 
         h = ops.gate_up(hidden_states, w_gate_up, b_gate_up, routing.sorted_ids_padded, routing.block_expert, top_k,
                         activation, layout, gated, alpha, limit, configs["gate_up"])
@@ -87,17 +87,6 @@ class FusedExpertsFunction(torch.autograd.Function):
         return (d_hidden, d_w_gate_up if needs[1] else None, d_w_down if needs[2] else None, d_topk_weights,
                 d_b_gate_up if needs[4] else None, d_b_down if needs[5] else None,
                 None, None, None, None, None, None)
-
-
-def _largest_expert_rows_on_host(tokens_per_expert: torch.Tensor) -> Optional[int]:
-    """The most loaded expert's rows where reading them costs no device sync: counts in host
-    memory (CPU tensors, the interpreter), outside torch.compile's tracing (a data-dependent int
-    there would break the graph). On CUDA None: the counts stay on the device and backward_dw's
-    split is chosen from their bound, T (tile_configs.launch_configs), not from a .item() that
-    would stall every MoE layer's forward on the GPU."""
-    if tokens_per_expert.device.type != "cpu" or torch.compiler.is_compiling() or tokens_per_expert.numel() == 0:
-        return None
-    return int(tokens_per_expert.max())
 
 
 def fused_experts_triton(hidden_states: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
