@@ -175,6 +175,8 @@ class MoEBlock(nn.Module):
             raise ValueError("sequence_parallel: expected False with expert parallelism (its inputs already hold "
                              "this rank's tokens), got True")
         self.sequence_parallel = sequence_parallel
+        # The forward of this mode, chosen here once (forward does not branch on the mode).
+        self.mode = "ep" if self.expert_parallel else "sp" if sequence_parallel else "tp"
         self.shard_unit = shard_unit
         self.I_local = shard_sizes(config.intermediate_size, self.tp_size, shard_unit)[self.tp_rank]
         self.Is_local = shard_sizes(config.shared_intermediate_size, self.tp_size, shard_unit)[self.tp_rank]
@@ -222,7 +224,7 @@ class MoEBlock(nn.Module):
                      shard_unit: int = 1) -> "MoEBlock":
         """In place: this one-process block keeps this rank's slice of its weights over `tp_group`
         (and its experts over `ep_group`), as MoEBlock.from_full would have built it; returns self.
-        Every rank must hold the same weights (tpmoe.distributed.styles broadcasts them first). The
+        Every rank must hold the same weights (tpmoe.parallel_styles broadcasts them first). The
         parameters are new tensors: build optimizers afterwards, as with torch's parallelize_module."""
         self.check_one_process("parallelize_")
         if not isinstance(sequence_parallel, bool):
@@ -375,29 +377,7 @@ class MoEBlock(nn.Module):
             router_logits, topk_weights, topk_ids = _check_routing(routing, x.shape[0], config.num_experts, x.device)
         shared_gate = torch.sigmoid(F.linear(x, self.shared_gate)) if hasattr(self, "shared_gate") else None
 
-        if self.expert_parallel:
-            if self.check_replicated:
-                tp.check_replicated({"hidden_states": x, "topk_ids": topk_ids, "topk_weights": topk_weights},
-                                    self.group, what="MoEBlock(check_replicated=True)")
-                replicated = {name: getattr(self, name) for name in REPLICATED_NAMES if hasattr(self, name)}
-                tp.check_replicated(replicated, self.ep_group, what="MoEBlock(check_replicated=True)", kind="EP")
-            y = self._expert_parallel_output(x, topk_weights, topk_ids, shared_gate)
-        elif self.sequence_parallel:
-            if self.check_replicated:
-                replicated = {name: getattr(self, name) for name in REPLICATED_NAMES if hasattr(self, name)}
-                tp.check_replicated(replicated, self.group, what="MoEBlock(check_replicated=True)",
-                                    local_tokens=x.shape[0], tokens_per_rank=tokens_per_rank)
-            x_all, weights_all, ids_all, gate_all = tp.gather_from_sequence_parallel_region(
-                x, topk_weights, topk_ids, shared_gate, self.group, tokens_per_rank)
-            partial = self._partial_output(x_all, weights_all, ids_all, gate_all)
-            y = tp.reduce_scatter_to_sequence_parallel_region(partial, self.group, tokens_per_rank)
-        else:
-            if self.check_replicated:
-                tp.check_replicated({"hidden_states": x, "topk_ids": topk_ids, "topk_weights": topk_weights},
-                                    self.group, what="MoEBlock(check_replicated=True)")
-            x_tp, weights_tp, gate_tp = tp.copy_to_tensor_parallel_region(x, topk_weights, shared_gate, self.group)
-            partial = self._partial_output(x_tp, weights_tp, topk_ids, gate_tp)
-            y = tp.reduce_from_tensor_parallel_region(partial, self.group)
+        y = _MODE_OUTPUTS[self.mode](self, x, topk_weights, topk_ids, shared_gate, tokens_per_rank)
 
         if hasattr(self, "b_down"):
             y = y + self._routed_down_bias(topk_weights, topk_ids).to(y.dtype)
@@ -405,6 +385,37 @@ class MoEBlock(nn.Module):
         if return_routing:
             return y, (router_logits, topk_weights, topk_ids)
         return y
+
+    # ------------------------------------------------------------------ the modes (chosen in _place)
+
+    def _tensor_parallel_output(self, x, topk_weights, topk_ids, shared_gate, tokens_per_rank):
+        """TP (and one process): f, this rank's columns, g (ONE all-reduce each way)."""
+        if self.check_replicated:
+            tp.check_replicated({"hidden_states": x, "topk_ids": topk_ids, "topk_weights": topk_weights},
+                                self.group, what="MoEBlock(check_replicated=True)")
+        x_tp, weights_tp, gate_tp = tp.copy_to_tensor_parallel_region(x, topk_weights, shared_gate, self.group)
+        partial = self._partial_output(x_tp, weights_tp, topk_ids, gate_tp)
+        return tp.reduce_from_tensor_parallel_region(partial, self.group)
+
+    def _sequence_parallel_output(self, x, topk_weights, topk_ids, shared_gate, tokens_per_rank):
+        """SP: all-gather the routed local tokens, this rank's columns, reduce-scatter."""
+        if self.check_replicated:
+            replicated = {name: getattr(self, name) for name in REPLICATED_NAMES if hasattr(self, name)}
+            tp.check_replicated(replicated, self.group, what="MoEBlock(check_replicated=True)",
+                                local_tokens=x.shape[0], tokens_per_rank=tokens_per_rank)
+        x_all, weights_all, ids_all, gate_all = tp.gather_from_sequence_parallel_region(
+            x, topk_weights, topk_ids, shared_gate, self.group, tokens_per_rank)
+        partial = self._partial_output(x_all, weights_all, ids_all, gate_all)
+        return tp.reduce_scatter_to_sequence_parallel_region(partial, self.group, tokens_per_rank)
+
+    def _expert_parallel_mode_output(self, x, topk_weights, topk_ids, shared_gate, tokens_per_rank):
+        """EP (x TP): the token exchange (tpmoe.distributed.expert_parallel)."""
+        if self.check_replicated:
+            tp.check_replicated({"hidden_states": x, "topk_ids": topk_ids, "topk_weights": topk_weights},
+                                self.group, what="MoEBlock(check_replicated=True)")
+            replicated = {name: getattr(self, name) for name in REPLICATED_NAMES if hasattr(self, name)}
+            tp.check_replicated(replicated, self.ep_group, what="MoEBlock(check_replicated=True)", kind="EP")
+        return self._expert_parallel_output(x, topk_weights, topk_ids, shared_gate)
 
     def route(self, x: torch.Tensor):
         """x [T, H] -> (router_logits [T, E], topk_weights [T, K], topk_ids [T, K]).
@@ -544,3 +555,9 @@ class MoEBlock(nn.Module):
         combine = topk_weights.new_zeros(topk_weights.shape[0], self.config.num_experts)
         combine = combine.scatter_add(1, topk_ids, topk_weights)
         return combine @ self.b_down.to(combine.dtype)
+
+
+# mode (MoEBlock.mode) -> its forward after routing: [T, H] tokens and routing -> y, but for the
+# routed down bias (added after, in every mode).
+_MODE_OUTPUTS = {"tp": MoEBlock._tensor_parallel_output, "sp": MoEBlock._sequence_parallel_output,
+                 "ep": MoEBlock._expert_parallel_mode_output}
