@@ -72,4 +72,4 @@ def test_committed_results_redraw(tmp_path, capsys):
         png = tmp_path / (os.path.basename(source)[:-5] + ".png")
         plot_bench.main([source, str(png), "--date", "2026-12-07 16:00"])
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and 5_000 < png.stat().st_size < 100_000, source
-        assert os.path.exists(source[:-5] + ".png"), source  # the committed PNG RESULTS.md links
+        assert os.path.exists(source[:-5] + ".png"), source  # the committed PNG benchmarks/RESULTS.md links

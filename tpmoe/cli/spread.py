@@ -7,7 +7,7 @@ A row carries min / median / max and the quartiles of its samples (ms). Flags:
                  half of a row's samples is wider than that, its median can move by as much
                  between two runs. 2x: one sample twice the fastest means the machine was taken
                  away for a while (on this project's shared 2-core VM under load, T = 1 samples
-                 spanned 9.6 to 34 ms with 2 threads against 0.78 to 1.1 ms with 1: RESULTS.md).
+                 spanned 9.6 to 34 ms with 2 threads against 0.78 to 1.1 ms with 1: benchmarks/RESULTS.md).
   beats ceiling  faster than the dense GEMM of the same FLOPs by more than the noise
   beats floor    faster than one read of the weights it must read, by more than the noise
 The noise of a ratio of two medians: the sum of the two rows' relative IQRs, at least
