@@ -299,14 +299,14 @@ def test_split_choice(monkeypatch):
     # Chosen from the largest expert, not the average: E 8, dW tiles 8 x 2 x 2 = 32 < 132 SMs.
     # 4096 pairs spread evenly (512 rows each) give one 512-row split; the same pairs with one
     # hot expert of 2048 rows split it in four.
-    even = tile_configs.launch_configs(2048, 2, 8, 256, 128, 256, largest_expert_rows=512)
-    hot = tile_configs.launch_configs(2048, 2, 8, 256, 128, 256, largest_expert_rows=2048)
-    for launch in ("backward_dw_gate_up", "backward_dw_down"):
-        assert even[launch].SPLIT == 1, (launch, even[launch])
-        assert hot[launch].SPLIT == 2048 // tile_configs.MIN_ROWS_PER_SPLIT, (launch, hot[launch])
-    # Unknown on the host (CUDA): the bound, T rows (every token on one expert).
     bound = tile_configs.launch_configs(2048, 2, 8, 256, 128, 256)
-    assert all(bound[launch] == hot[launch] for launch in ("backward_dw_gate_up", "backward_dw_down"))
+    for launch, (n, k) in {"backward_dw_gate_up": (256, 256), "backward_dw_down": (256, 128)}.items():
+        even = tile_configs.backward_dw_split(512, 8, n, k, bound[launch])
+        hot = tile_configs.backward_dw_split(2048, 8, n, k, bound[launch])
+        assert even == 1, (launch, even)
+        assert hot == 2048 // tile_configs.MIN_ROWS_PER_SPLIT, (launch, hot)
+        # The launch takes the bound, T rows (every token on one expert): the hot case.
+        assert bound[launch].SPLIT == hot, (launch, bound[launch])
     # TPMOE_TRITON_CONFIG's SPLIT wins; 0 is refused.
     monkeypatch.setenv(tile_configs.ENV_VAR, "SPLIT=3")
     assert tile_configs.launch_configs(4096, 8, 128, 2048, 768, 1536)["backward_dw_down"].SPLIT == 3

@@ -216,7 +216,7 @@ class MoEBlock(nn.Module):
 
     def check_one_process(self, what: str) -> None:
         """Raises ValueError naming `what` unless this block is a one-process block (no groups)."""
-        if self.tp_size > 1 or self.ep_size > 1 or self.group is not None or self.ep_group is not None:
+        if self.group is not None or self.ep_group is not None:
             raise ValueError(f"{what}: expected a one-process MoEBlock, got one already parallel "
                              f"(tp {self.tp_rank}/{self.tp_size}, ep {self.ep_rank}/{self.ep_size})")
 

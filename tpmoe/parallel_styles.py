@@ -56,11 +56,11 @@ def _broadcast_weights(block: MoEBlock, groups: List[dist.ProcessGroup], src: Op
         for group in groups:
             if dist.get_world_size(group) == 1:
                 continue
-            for _, tensor in block._weight_items():
-                buffer = tensor.detach() if tensor.is_contiguous() else tensor.detach().contiguous()
+            for tensor in block.local_shards().values():  # detached, sharing the parameters' storage
+                buffer = tensor if tensor.is_contiguous() else tensor.contiguous()
                 dist.broadcast(buffer, group=group, group_src=src)
                 if buffer.data_ptr() != tensor.data_ptr():
-                    tensor.detach().copy_(buffer)
+                    tensor.copy_(buffer)
 
 
 class MoETensorParallel(ParallelStyle):

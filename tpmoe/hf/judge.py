@@ -71,39 +71,36 @@ def _codes(kind: str) -> Dict[str, object]:
     Where two entries' installed code is the same, the first (registry order: the general piece
     before its variants) wins: a family that a release rewrote into the standard code (LongCat's
     experts in transformers 5.25) is then the standard piece, not its old variant's layout."""
-    table = _FirstEntryWins()
+    pairs = []  # (code, entry) in registry order
     if kind == "experts":
         for impl in R.EXPERTS:
-            table[_installed_code(impl.family, impl.class_name)] = impl
+            pairs.append((_installed_code(impl.family, impl.class_name), impl))
     elif kind == "gates":
         for impl in R.GATES:
             if (impl.family, impl.class_name) == R.DEFAULT_GATE:
                 from transformers.integrations import moe
                 default_gate = getattr(moe, "_default_apply_gate", None)
-                table[None if default_gate is None else normalized_code(default_gate)] = impl
+                pairs.append((None if default_gate is None else normalized_code(default_gate), impl))
             else:
-                table[_installed_code(impl.family, impl.class_name, "_apply_gate")] = impl
+                pairs.append((_installed_code(impl.family, impl.class_name, "_apply_gate"), impl))
     elif kind == "shared":
         for impl in R.SHARED:
-            table[_installed_code(impl.family, impl.class_name)] = impl
+            pairs.append((_installed_code(impl.family, impl.class_name), impl))
     elif kind == "routers":
         for impl in R.ROUTERS:
-            table[_installed_code(impl.family, impl.class_name)] = impl
+            pairs.append((_installed_code(impl.family, impl.class_name), impl))
     elif kind == "blocks":
         for impl in R.BLOCKS:
-            table[_installed_code(impl.family, impl.class_name)] = impl
+            pairs.append((_installed_code(impl.family, impl.class_name), impl))
     elif kind == "activation_modules":
         for gate in R.GATES:
             for family, class_name in gate.activation_modules:
-                table[_installed_code(family, class_name)] = (family, class_name)
-    table.pop(None, None)
-    return dict(table)
-
-
-class _FirstEntryWins(dict):
-    def __setitem__(self, key, value):
-        if key not in self:
-            super().__setitem__(key, value)
+                pairs.append((_installed_code(family, class_name), (family, class_name)))
+    table = {}
+    for code, entry in pairs:
+        if code is not None:  # a reference the installed release lacks matches nothing
+            table.setdefault(code, entry)
+    return table
 
 
 # --------------------------------------------------------------------------- experts

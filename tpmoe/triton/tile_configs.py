@@ -168,17 +168,16 @@ def kernel_config(kernel: str, bucket: int, n: int, k: int, element_size: int = 
 
 
 def launch_configs(num_tokens: int, top_k: int, num_experts: int, hidden_size: int, intermediate_size: int,
-                   gate_up_size: int, element_size: int = 2,
-                   largest_expert_rows: Optional[int] = None) -> Dict[str, KernelConfig]:
+                   gate_up_size: int, element_size: int = 2) -> Dict[str, KernelConfig]:
     """The config of every launch of one forward and backward, by launch: what
     tpmoe.triton.autograd runs and what the benchmarks report. gate_up_size is the R axis of
     w_gate_up (2 I_p gated, I_p not). Each launch's (n, k) is its GEMM's output width and
     reduction depth; for the weight gradients, the two dims of dW.
 
-    largest_expert_rows: the rows (pairs) of the most loaded expert, where the caller has it on
-    the host; None takes its bound, num_tokens (`route` gives each token K distinct experts, so
-    one expert gets at most T rows: the bound is reached when every token picks one hot expert).
-    Only backward_dw's SPLIT reads it (`backward_dw_split`)."""
+    backward_dw's SPLIT (`backward_dw_split`) is chosen for the most loaded expert's rows, taken
+    at their bound, num_tokens (`route` gives each token K distinct experts, so one expert gets at
+    most T rows: reached when every token picks one hot expert): the real count lives on the
+    device, and reading it would sync the GPU in every MoE layer's forward."""
     bucket = token_bucket(num_tokens, top_k, num_experts)
     shapes = {
         "gate_up": ("gate_up", intermediate_size, hidden_size),
@@ -192,8 +191,7 @@ def launch_configs(num_tokens: int, top_k: int, num_experts: int, hidden_size: i
     if "SPLIT" not in env_config():
         for launch in ("backward_dw_gate_up", "backward_dw_down"):
             _, n, k = shapes[launch]
-            largest = num_tokens if largest_expert_rows is None else largest_expert_rows
-            split = backward_dw_split(largest, num_experts, n, k, configs[launch])
+            split = backward_dw_split(num_tokens, num_experts, n, k, configs[launch])
             configs[launch] = replace(configs[launch], SPLIT=split)
     return configs
 
