@@ -1,4 +1,5 @@
-"""Ahead-of-time compilation of every Triton kernel with every config for sm_80 and sm_90, on CPU.
+"""Ahead-of-time compilation of every Triton kernel with every config for sm_80 and sm_90 (each
+target's own tables: tile_configs), on CPU.
 
 No GPU is needed: `triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))` (see
 tpmoe/triton/aot.py, which specialises the arguments exactly as a launch would). This catches
@@ -6,7 +7,7 @@ what the interpreter forgives (dot shapes, layouts, shared memory over the limit
 the bf16 GEMMs use wgmma on sm_90, and reads registers and spills from Triton's bundled
 ptxas-blackwell, for the bias-free and the biased call sites, at I_p = 768 and at the uneven
 shards 154 and 77 (I = 768 over 5 and 10 ranks), where the aligned weight storage and buffers
-must keep the async copies. The compiles run in separate processes, in parallel, because the
+must keep the async copies; nothing may spill on either target. The compiles run in separate processes, in parallel, because the
 kernels must be decorated without TRITON_INTERPRET (which this test session sets for the
 others). Also here: the bytes-moved model (`python -m tpmoe.triton.aot --model`) and its invariants.
 """
@@ -70,8 +71,10 @@ def aot_rows():
         # Every config of every call site, bias-free and biased, on sm_90 (wgmma, registers,
         # spills), in two halves.
         ["--cc", "90", "--shard", "0/2"], ["--cc", "90", "--shard", "1/2"],
-        # Every config of every kernel on sm_80 (one call site each: the kernel code is the same).
-        ["--cc", "80", "--one-variant"],
+        # Every config of sm_80's tables, every call site bias-free and biased, at I_p = 768 and
+        # the uneven shards (where the masks keep the most registers live), in two halves.
+        ["--cc", "80", "--intermediate", "768", *map(str, UNEVEN), "--shard", "0/2"],
+        ["--cc", "80", "--intermediate", "768", *map(str, UNEVEN), "--shard", "1/2"],
         # Main configs on sm_90 for the transposed weight layout (both bias variants: GPT-OSS is
         # biased) and the non-gated variant (other strides and branches), and fp32 inputs (exact
         # dots on FMA units: other register needs).
@@ -99,8 +102,8 @@ def test_every_kernel_and_config_compiles_for_sm80_and_sm90(aot_rows):
     compiled = {(row["kernel"], row["cc"], row["BLOCK_M"], row["BLOCK_N"], row["BLOCK_K"], row["num_warps"],
                  row["num_stages"]) for row in aot_rows}
     for kernel in tile_configs.KERNELS:
-        for config in tile_configs.all_configs(kernel):
-            for capability in (80, 90):
+        for capability in (80, 90):
+            for config in tile_configs.all_configs(kernel, capability):  # each target's own tables
                 key = (kernel, capability, config.BLOCK_M, config.BLOCK_N, config.BLOCK_K, config.num_warps,
                        config.num_stages)
                 assert key in compiled, f"not compiled: {key}"
@@ -117,8 +120,8 @@ def test_every_launch_is_compiled(aot_rows):
     compiled = {(row["kernel"], row["variant"], row["cc"]) for row in aot_rows}
     for kernel, variant in (("combine", "pairs"), ("combine", "split"), ("split_sum", "dW_gate_up+bias")):
         assert (kernel, variant, 90) in compiled, (kernel, variant)
-    # sm_80 compiles one call site per kernel and config (--one-variant).
-    assert {"combine", "split_sum"} <= {row["kernel"] for row in aot_rows if row["cc"] == 80}
+    for kernel, variant in (("combine", "pairs"), ("combine", "split"), ("split_sum", "dW_gate_up+bias")):
+        assert (kernel, variant, 80) in compiled, (kernel, variant)
 
 
 def test_sm90_bf16_gemms_use_wgmma(aot_rows):
@@ -144,6 +147,27 @@ def test_no_register_spills_on_sm90(aot_rows):
     assert not spilling, f"configs that spill: {spilling}"
 
 
+def test_no_register_spills_on_sm80(aot_rows):
+    """sm_80 (no wgmma: the fp32 accumulators of mma.sync sit in registers) takes its own configs
+    where sm_90's spill there (tile_configs); every config of its tables compiles without a spill,
+    at every call site, bias-free and biased, at I_p = 768 and the uneven shards."""
+    from tpmoe.triton import tile_configs
+    rows = [row for row in aot_rows if row["cc"] == 80]
+    assert rows and all("registers" in row for row in rows)
+    assert {row["intermediate"] for row in rows} == {768, *UNEVEN}
+    variants = {(row["kernel"], row["variant"]) for row in rows}
+    for kernel, variant in (("backward_dh", "dh"), ("backward_dh", "dh+bias"), ("backward_dw", "dW_down+bias"),
+                            ("gate_up", "forward+bias"), ("down", "dx")):
+        assert (kernel, variant) in variants, (kernel, variant)
+    prefill_dh = tile_configs.kernel_config("backward_dh", 1024, 768, 2048, capability=80)
+    assert any(row["kernel"] == "backward_dh" and row["BLOCK_M"] == 128 and row["BLOCK_N"] == prefill_dh.BLOCK_N
+               for row in rows)
+    spilling = [(row["kernel"], row["variant"], row["intermediate"],
+                 f"{row['BLOCK_M']}x{row['BLOCK_N']}x{row['BLOCK_K']} w{row['num_warps']} s{row['num_stages']}",
+                 row["spill_stores"], row["spill_loads"]) for row in rows if row["spill_stores"] or row["spill_loads"]]
+    assert not spilling, f"configs that spill on sm_80: {spilling}"
+
+
 def test_bias_free_and_biased_call_sites_compile(aot_rows):
     """Both variants of every call site (dx has no bias), every config on sm_90, both layouts."""
     from tpmoe.triton import tile_configs
@@ -153,7 +177,7 @@ def test_bias_free_and_biased_call_sites_compile(aot_rows):
                  row["num_warps"], row["num_stages"]) for row in aot_rows if row["cc"] == 90
                 and row["dtype"] == "bfloat16"}
     for kernel, call_sites in expected.items():
-        for config in tile_configs.all_configs(kernel):
+        for config in tile_configs.all_configs(kernel, 90):
             for call_site in call_sites:
                 for variant in (call_site,) if call_site == "dx" else (call_site, call_site + "+bias"):
                     key = (kernel, variant, "concatenated", config.BLOCK_M, config.BLOCK_N, config.BLOCK_K,
@@ -164,14 +188,14 @@ def test_bias_free_and_biased_call_sites_compile(aot_rows):
 
 
 def test_uneven_shards_keep_async_copies_and_do_not_spill(aot_rows):
-    """At I_p = 154 and 77 (aligned weight rows and h / d_preact buffers) every sm_90 launch
+    """At I_p = 154 and 77 (aligned weight rows and h / d_preact buffers) every sm_90 and sm_80 launch
     compiles without spills and with as many 16-byte async copies (cp.async or TMA) as at I_p = 768."""
     def key(row):
-        return (row["kernel"], row["variant"], row["layout"], row["BLOCK_M"], row["BLOCK_N"], row["BLOCK_K"],
-                row["num_warps"], row["num_stages"])
+        return (row["kernel"], row["variant"], row["layout"], row["cc"], row["BLOCK_M"], row["BLOCK_N"],
+                row["BLOCK_K"], row["num_warps"], row["num_stages"])
 
-    full = {key(row): row for row in aot_rows if row["cc"] == 90 and row["dtype"] == "bfloat16"
-            and row["intermediate"] == 768}
+    # Against the same target's I_p = 768 row (sm_80's too: its job compiles every I_p).
+    full = {key(row): row for row in aot_rows if row["dtype"] == "bfloat16" and row["intermediate"] == 768}
     uneven = [row for row in aot_rows if row["intermediate"] in UNEVEN and row["kernel"] not in ELEMENTWISE]
     assert {row["intermediate"] for row in uneven} == set(UNEVEN)
     assert {row["layout"] for row in uneven} == {"concatenated", "gpt_oss"}

@@ -434,7 +434,8 @@ for layout in ("concatenated", "gpt_oss"):
 # SPLIT = 2: the table's configs carry SPLIT = 1, the split variant is compiled here.
 split_configs = [replace(config, SPLIT=2) for config in tile_configs.all_configs("backward_dw")]
 original = tile_configs.all_configs
-tile_configs.all_configs = lambda name: split_configs if name == "backward_dw" else original(name)
+tile_configs.all_configs = lambda name, capability=None: (split_configs if name == "backward_dw"
+                                                          else original(name, capability))
 for launch in aot.representative_launches(["backward_dw"]):
     record(launch, aot.compile_launch(launch, 90))
 # The split sum that a SPLIT > 1 launch adds (the aot recorder checks that it is launched).

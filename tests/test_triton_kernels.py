@@ -7,6 +7,7 @@ of a block.
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -87,15 +88,31 @@ def preactivation(problem, layout, rows_tokens, rows_experts):
     ("concatenated", False, "gelu_tanh"), ("gpt_oss", False, "relu"), ("concatenated", True, "clamped_silu"),
     ("interleaved", True, "silu_clamped"), ("gpt_oss", True, "softcapped_swiglu"), ("interleaved", False, "relu2")])
 def test_gate_up_kernel(layout, gated, activation, seed):
+    check_gate_up(layout, gated, activation, seed, SMALL)
+
+
+def sm80_only_configs(kernel):
+    """The configs the sm_80 tables hold in place of sm_90's (tile_configs: where those spill on
+    sm_80). The interpreter ignores num_warps and num_stages, so these run the new tile shapes."""
+    sm90 = tile_configs.all_configs(kernel, 90)
+    return [config for config in tile_configs.all_configs(kernel, 80) if config not in sm90]
+
+
+@pytest.mark.parametrize("config", sm80_only_configs("gate_up"), ids=str)
+def test_gate_up_kernel_at_sm80_tiles(config, seed):
+    check_gate_up("interleaved", True, "silu", seed, config)
+
+
+def check_gate_up(layout, gated, activation, seed, config):
     problem = make_problem(seed, layout=layout, gated=gated)
     if activation in GATED_ONLY_ACTIVATIONS:
         problem["x"] = problem["x"] * 8  # reach both sides of the clamps, the softcaps' saturation
     top_k = problem["topk_ids"].shape[1]
     num_pairs = problem["topk_ids"].numel()
-    routing = align(problem["topk_ids"], problem["w_gate_up"].shape[0], SMALL.BLOCK_M)
+    routing = align(problem["topk_ids"], problem["w_gate_up"].shape[0], config.BLOCK_M)
     h = gate_up.gate_up(problem["x"], problem["w_gate_up"], problem["b_gate_up"], routing.sorted_ids_padded,
                         routing.block_expert, top_k=top_k, activation=activation, layout=layout, gated=gated,
-                        alpha=1.702, limit=7.0, config=SMALL)
+                        alpha=1.702, limit=7.0, config=config)
     rows, _, tokens, experts = row_index(routing, num_pairs, top_k)
     expected = expert_activation(preactivation(problem, layout, tokens, experts), activation=activation,
                                  layout=layout, gated=gated, alpha=1.702, limit=7.0)
@@ -107,10 +124,19 @@ def test_gate_up_kernel(layout, gated, activation, seed):
 
 @pytest.mark.parametrize("layout", ["concatenated", "gpt_oss"])
 def test_grouped_scatter_kernel_down_and_dx(layout, seed):
+    check_grouped_scatter(layout, seed, SMALL)
+
+
+@pytest.mark.parametrize("config", sm80_only_configs("down"), ids=str)
+def test_grouped_scatter_kernel_at_sm80_tiles(config, seed):
+    check_grouped_scatter("concatenated", seed, config)
+
+
+def check_grouped_scatter(layout, seed, config):
     problem = make_problem(seed, layout=layout)
     top_k, num_pairs = problem["topk_ids"].shape[1], problem["topk_ids"].numel()
     experts = problem["w_gate_up"].shape[0]
-    routing = align(problem["topk_ids"], experts, SMALL.BLOCK_M)
+    routing = align(problem["topk_ids"], experts, config.BLOCK_M)
     rows, pairs, _, row_experts = row_index(routing, num_pairs, top_k)
     num_rows = routing.sorted_ids_padded.shape[0]
     generator = torch.Generator().manual_seed(seed + 1)
@@ -118,7 +144,7 @@ def test_grouped_scatter_kernel_down_and_dx(layout, seed):
     hidden_axis, inter_axis = down_axes(layout)
     out = down.grouped_scatter(h, problem["w_down"], hidden_axis, inter_axis, problem["b_down"],
                                problem["topk_weights"], routing.sorted_ids_padded, routing.block_expert,
-                               num_pairs=num_pairs, config=SMALL)[0]  # [SPLIT = 1, num_pairs, N]
+                               num_pairs=num_pairs, config=config)[0]  # [SPLIT = 1, num_pairs, N]
     flat_weights = problem["topk_weights"].reshape(-1).double()
     expected = torch.stack([
         flat_weights[p] * (h[r].double() @ expert_matrices(problem, layout, e)[1].double().t()
@@ -134,7 +160,7 @@ def test_grouped_scatter_kernel_down_and_dx(layout, seed):
     rows_axis, gu_hidden_axis = gate_up_axes(layout)
     dx_pairs = down.grouped_scatter(d_preact, problem["w_gate_up"], gu_hidden_axis, rows_axis, None, None,
                                     routing.sorted_ids_padded, routing.block_expert, num_pairs=num_pairs,
-                                    config=SMALL)[0]
+                                    config=config)[0]
     expected = torch.stack([d_preact[r].double() @ expert_matrices(problem, layout, e)[0].double()
                             for r, e in zip(rows.tolist(), row_experts.tolist())])
     assert_fp32_close(dx_pairs[pairs], expected, "dx pair rows")
@@ -145,18 +171,28 @@ def test_grouped_scatter_kernel_down_and_dx(layout, seed):
     ("concatenated", False, "gelu"), ("interleaved", False, "relu"), ("interleaved", True, "clamped_silu"),
     ("gpt_oss", True, "silu_clamped"), ("concatenated", True, "softcapped_swiglu"), ("gpt_oss", False, "relu2")])
 def test_backward_dh_kernel(layout, gated, activation, seed):
+    check_backward_dh(layout, gated, activation, seed, SMALL)
+
+
+@pytest.mark.parametrize("config", sm80_only_configs("backward_dh"), ids=str)
+def test_backward_dh_kernel_at_sm80_tiles(config, seed):
+    check_backward_dh("gpt_oss", True, "clamped_swiglu", seed, config)
+
+
+def check_backward_dh(layout, gated, activation, seed, config):
     problem = make_problem(seed, layout=layout, gated=gated)
     if activation in GATED_ONLY_ACTIVATIONS:
         problem["x"] = problem["x"] * 8
     top_k, num_pairs = problem["topk_ids"].shape[1], problem["topk_ids"].numel()
-    routing = align(problem["topk_ids"], problem["w_gate_up"].shape[0], SMALL.BLOCK_M)
+    routing = align(problem["topk_ids"], problem["w_gate_up"].shape[0], config.BLOCK_M)
     options = dict(top_k=top_k, activation=activation, layout=layout, gated=gated, alpha=1.702, limit=7.0)
+    # h from the small config, aligned as this call's rows (the gate_up kernel is tested above).
     h = gate_up.gate_up(problem["x"], problem["w_gate_up"], problem["b_gate_up"], routing.sorted_ids_padded,
-                        routing.block_expert, config=SMALL, **options)
+                        routing.block_expert, config=replace(SMALL, BLOCK_M=config.BLOCK_M), **options)
     d_preact, d_topk_weights = backward_dh.backward_dh(
         problem["dy"], problem["x"], problem["w_gate_up"], problem["b_gate_up"], problem["w_down"],
         problem["b_down"], problem["topk_weights"], h, routing.sorted_ids_padded, routing.block_expert,
-        config=SMALL, **options)
+        config=config, **options)
 
     rows, pairs, tokens, experts = row_index(routing, num_pairs, top_k)
     preact = preactivation(problem, layout, tokens, experts).requires_grad_(True)
@@ -291,6 +327,47 @@ def test_block_m_follows_rows_per_expert(monkeypatch, num_experts, top_k, tokens
     # Qwen3 at T = 1024: the wide prefill tile (one [128, 256] gate/up accumulator).
     gate_up = tile_configs.launch_configs(1024, 8, 128, 2048, 768, 1536)["gate_up"]
     assert (gate_up.BLOCK_M, 2 * gate_up.BLOCK_N, gate_up.BLOCK_K) == (128, 256, 64)
+
+
+def test_sm80_tables_differ_from_sm90_only_where_sm90_spills_on_sm80(monkeypatch):
+    """launch_configs by compute capability: sm_80 (and any capability below 9.0) takes its own
+    config exactly for the launches whose sm_90 config spills on sm_80 (ptxas, the AOT test);
+    sm_90 and above, and None (the benchmarks' default), keep the sm_90 tables; BLOCK_M, the
+    routing alignment, never depends on the device."""
+    monkeypatch.delenv(tile_configs.ENV_VAR, raising=False)
+    sm80 = {  # (BLOCK_M, launch) -> the sm_80 config; every other launch is sm_90's
+        (64, "backward_dh"): KernelConfig(64, 64, 32, 8, 4, GROUP_M=8),
+        (128, "gate_up"): KernelConfig(128, 64, 64, 8, 3, GROUP_M=8),
+        (128, "down"): KernelConfig(128, 128, 64, 8, 3, GROUP_M=8),
+        (128, "dx"): KernelConfig(128, 128, 64, 8, 3, GROUP_M=8),
+        (128, "backward_dh"): KernelConfig(128, 32, 64, 8, 3, GROUP_M=8),
+        (128, "backward_dw_gate_up"): KernelConfig(64, 128, 64, 8, 5, GROUP_M=32),
+        (128, "backward_dw_down"): KernelConfig(64, 128, 64, 8, 5, GROUP_M=32),
+    }
+    # Qwen3-30B-A3B (E 128, K 8, H 2048) at decode, 64-row and 128-row tiles; I_p 768 and a
+    # narrow shard (I_p 32, where backward_dh takes its narrow-N entry).
+    for num_tokens in (1, 512, 16384):
+        for inter in (768, 32):
+            args = (num_tokens, 8, 128, 2048, inter, 2 * inter)
+            default, hopper = tile_configs.launch_configs(*args), tile_configs.launch_configs(*args, capability=90)
+            assert default == hopper == tile_configs.launch_configs(*args, capability=100)
+            for capability in (80, 86, 89):
+                ampere = tile_configs.launch_configs(*args, capability=capability)
+                block_m = hopper["gate_up"].BLOCK_M
+                for launch, config in ampere.items():
+                    expected = hopper[launch]
+                    if launch == "backward_dh" and block_m == 64 and inter <= 32:
+                        expected = KernelConfig(64, 32, 32, 4, 3, GROUP_M=8)
+                    elif (block_m, launch) in sm80:
+                        # SPLIT is chosen per call from the tile count (backward_dw_split).
+                        expected = replace(sm80[block_m, launch], SPLIT=config.SPLIT)
+                    assert config == expected, (num_tokens, inter, capability, launch)
+                    assert config.BLOCK_M == hopper[launch].BLOCK_M or launch.startswith("backward_dw")
+    for kernel in tile_configs.KERNELS:
+        assert set(tile_configs.all_configs(kernel)) == set(tile_configs.all_configs(kernel, 90))
+    for bad in (0, -80, 8.0, "80", True):
+        with pytest.raises(ValueError, match="capability"):
+            tile_configs.launch_configs(16, 8, 128, 2048, 768, 1536, capability=bad)
 
 
 def test_cpu_tensors_without_the_interpreter_raise_clearly():

@@ -15,7 +15,8 @@ from a SPLIT = 2 launch). Must run WITHOUT TRITON_INTERPRET (the kernels must be
 
     python -m tpmoe.triton.aot [--cc 80 90] [--kernel gate_up ...] [--intermediate 768 154 77]
                                [--bias none|bias|both] [--shard i/n] [--json rows.json] [--markdown table.md]
-prints, per kernel, call site, intermediate size I_p, config and target: shared memory, registers
+prints, per kernel, call site, intermediate size I_p, config (from the target's own tables:
+tile_configs, where sm_80 replaces the configs that spill there) and target: shared memory, registers
 and spill bytes (ptxas-blackwell -v --gpu-name sm_80 / sm_90a), the wgmma shapes, the async
 copies (cp.async, TMA cp.async.bulk), mma.sync and plain global loads in the PTX.
 I_p = 154 and 77 are a rank's columns of I = 768 over 5 and 10 ranks (rows of 308 and 154 bytes).
@@ -101,10 +102,11 @@ def _recording():
             module.require_runnable = check
 
 
-def main_config(kernel_name: str, element_size: int = 2) -> tile_configs.KernelConfig:
-    """The config a mid-size call (32 rows per expert: 64-row tiles, wide N) gets; the 128-row
-    prefill configs (from 64 rows per expert) are compiled with every config (not --main-only)."""
-    return tile_configs.kernel_config(kernel_name, 32, 1024, 1024, element_size)
+def main_config(kernel_name: str, element_size: int = 2, capability: Optional[int] = None) -> tile_configs.KernelConfig:
+    """The config a mid-size call (32 rows per expert: 64-row tiles, wide N) gets on a device of
+    `capability` (None: sm_90); the 128-row prefill configs (from 64 rows per expert) are
+    compiled with every config (not --main-only)."""
+    return tile_configs.kernel_config(kernel_name, 32, 1024, 1024, element_size, capability)
 
 
 BIAS_CHOICES = {"none": (False,), "bias": (True,), "both": (False, True)}
@@ -112,9 +114,11 @@ BIAS_CHOICES = {"none": (False,), "bias": (True,), "both": (False, True)}
 
 def representative_launches(kernel_names=None, *, layout="concatenated", gated=True, activation="silu",
                             dtype=torch.bfloat16, hidden_size=2048, intermediate_size=768, num_experts=4,
-                            num_tokens=256, top_k=2, main_only=False, biases=(False, True)) -> List[Launch]:
-    """Every config (or only the main one) of every kernel, and each call site's variant (bias-free
-    and, with True in `biases`, biased), on one representative problem of `intermediate_size` columns."""
+                            num_tokens=256, top_k=2, main_only=False, biases=(False, True),
+                            capability=None) -> List[Launch]:
+    """Every config (or only the main one) of every kernel in the tables of a device of
+    `capability` (None: sm_90), and each call site's variant (bias-free and, with True in
+    `biases`, biased), on one representative problem of `intermediate_size` columns."""
     kernel_names = kernel_names or list(KERNEL_MODULES)
     generator = torch.Generator().manual_seed(0)
     rows = (2 if gated else 1) * intermediate_size
@@ -139,13 +143,14 @@ def representative_launches(kernel_names=None, *, layout="concatenated", gated=T
         if name in ELEMENTWISE:
             launches += _elementwise_launches(name, x, w_gate_up, d_preact_rows=rows, layout=layout,
                                               intermediate_size=intermediate_size, top_k=top_k, topk_ids=topk_ids,
-                                              num_experts=num_experts, rows_axis=rows_axis, hidden_axis=hidden_axis)
+                                              num_experts=num_experts, rows_axis=rows_axis, hidden_axis=hidden_axis,
+                                              capability=capability)
             continue
-        configs = tile_configs.all_configs(name)
+        configs = tile_configs.all_configs(name, capability)
         if dtype.itemsize > 2:
             configs = [tile_configs.wide_dtype_config(name, config, dtype.itemsize) for config in configs]
         if main_only:
-            configs = [main_config(name, dtype.itemsize)]
+            configs = [main_config(name, dtype.itemsize, capability)]
         for config in configs:
             meta = align_torch(topk_ids, num_experts, config.BLOCK_M)
             num_rows = meta.sorted_ids_padded.shape[0]
@@ -193,7 +198,7 @@ def representative_launches(kernel_names=None, *, layout="concatenated", gated=T
 
 
 def _elementwise_launches(name, x, w_gate_up, *, d_preact_rows, layout, intermediate_size, top_k, topk_ids,
-                          num_experts, rows_axis, hidden_axis) -> List[Launch]:
+                          num_experts, rows_axis, hidden_axis, capability=None) -> List[Launch]:
     """The combine (pair rows in the input dtype, and fp32 split partials: two pointer types) and
     backward_dw's split sum (recorded from a SPLIT = 2 dW_gate_up launch), as they run."""
     num_tokens, hidden_size = x.shape
@@ -205,7 +210,7 @@ def _elementwise_launches(name, x, w_gate_up, *, d_preact_rows, layout, intermed
             combine.combine(torch.empty(4, num_pairs, hidden_size, dtype=torch.float32), num_tokens, top_k, x.dtype)
             variants, config = ["pairs", "split"], tile_configs.KernelConfig(1, combine.BLOCK_N, 1, combine.NUM_WARPS, 3)
         else:
-            dw_config = replace(main_config("backward_dw", x.element_size()), SPLIT=2)
+            dw_config = replace(main_config("backward_dw", x.element_size(), capability), SPLIT=2)
             meta = align_torch(topk_ids, num_experts, dw_config.BLOCK_M)
             d_preact = empty_aligned_rows(meta.sorted_ids_padded.shape[0], d_preact_rows, x.dtype, "cpu")
             backward_dw.backward_dw(d_preact, x, None, meta.sorted_ids_padded, meta.padded_offsets, w_gate_up,
@@ -384,18 +389,20 @@ def main(argv=None):
     shard, num_shards = (int(part) for part in args.shard.split("/"))
     rows = []
     print(TABLE_HEADER)
-    launches = []
+    # Each target compiles its own tables (tile_configs: sm_80 replaces the configs that spill there).
+    jobs = []
     for intermediate in args.intermediate:
-        launches += representative_launches(args.kernel, layout=args.layout, gated=not args.not_gated,
-                                            activation=args.activation, main_only=args.main_only,
-                                            dtype=getattr(torch, args.dtype), intermediate_size=intermediate,
-                                            biases=BIAS_CHOICES[args.bias])
-    if args.one_variant:
-        first_of_each = {}
-        for launch in launches:
-            first_of_each.setdefault((launch.kernel_name, launch.config, launch.intermediate), launch)
-        launches = list(first_of_each.values())
-    jobs = [(launch, capability) for launch in launches for capability in args.cc]
+        for capability in args.cc:
+            launches = representative_launches(args.kernel, layout=args.layout, gated=not args.not_gated,
+                                               activation=args.activation, main_only=args.main_only,
+                                               dtype=getattr(torch, args.dtype), intermediate_size=intermediate,
+                                               biases=BIAS_CHOICES[args.bias], capability=capability)
+            if args.one_variant:
+                first_of_each = {}
+                for launch in launches:
+                    first_of_each.setdefault((launch.kernel_name, launch.config), launch)
+                launches = list(first_of_each.values())
+            jobs += [(launch, capability) for launch in launches]
     for launch, capability in jobs[shard::num_shards]:
         compiled = compile_launch(launch, capability)
         usage = ptxas_usage(compiled.asm["ptx"], PTXAS_GPU_NAME[capability])

@@ -3,13 +3,19 @@
 The configs are chosen from fixed tables rather than by `triton.autotune`'s timing runs:
 BLOCK_M fixes the routing alignment (`tpmoe.routing.align(..., block_m)`) that every kernel of
 one forward and backward shares, so it must be known before the first launch, and a fixed
-choice keeps runs reproducible. Every config in `all_configs()` is compiled ahead of time for
-sm_80 and sm_90 by tests/test_triton_aot.py (shared memory within the limit, no spills in the
-main ones).
+choice keeps runs reproducible. Every config of each target's tables (`all_configs(kernel,
+capability)`) is compiled ahead of time for its target, sm_80 and sm_90, by
+tests/test_triton_aot.py (shared memory within the limit, no spills).
 
 Token-count bucket: rows per expert on average, T*K/E, rounded up to a power of two; it picks
 BLOCK_M (`block_m_for`: 16 up to 16 rows per expert, 64 up to 32, 128 from 64), whatever T,
 E and K make those rows.
+
+Per architecture: the tables are the sm_90 (H100 / H200) ones; a device below compute capability
+9.0 (A100: sm_80) takes `_SM80_TABLES`' entries in their place, for the launches where the sm_90
+config spills registers on sm_80 (`kernel_config(..., capability=...)`; tpmoe.triton.autograd
+passes the device's). BLOCK_M is the same on both, so the routing alignment does not depend on
+the device.
 
 TPMOE_TRITON_CONFIG selects one fixed config for every kernel (for determinism studies, CI and
 the interpreter tests), as comma-separated key=value pairs, e.g.
@@ -104,16 +110,60 @@ _TABLES = {"gate_up": _gate_up_table, "down": _down_table, "backward_dh": _backw
            "backward_dw": _backward_dw_table}
 
 
-def _table(kernel: str) -> Dict[int, List[KernelConfig]]:
+def _sm80_tables() -> Dict[str, Dict[int, List[KernelConfig]]]:
+    # sm_80 has no wgmma: a tl.dot runs as mma.sync with its fp32 accumulator in registers (on
+    # sm_90 the warpgroup's accumulator is fed by operands from shared memory), so the sm_90
+    # configs below hit 255 registers and spill on sm_80 (ptxas -v, `python -m tpmoe.triton.aot
+    # --cc 80 --intermediate 768 154 77`, bf16; the uneven shards' masks keep more values live).
+    # Each entry replaces the sm_90 one at its BLOCK_M with the nearest config that compiles
+    # without spills on sm_80, bias-free and biased, at I_p = 768, 154 and 77:
+    # - gate_up 128 rows: BLOCK_N 128 -> 64 (the [128, 2 BN] accumulator was 128 fp32 a thread at
+    #   8 warps; 64 B spilled). 200-214 registers.
+    # - down 128 rows: BLOCK_N 256 -> 128 (32 B spilled). 196-206 registers.
+    # - backward_dh holds three accumulators (dh [BM, BN] and gate/up [BM, 2 BN]): 96 fp32 a thread
+    #   at 128x64 over 8 warps and at 64x64 over 4 (16-240 B spilled). 128 rows: BLOCK_N 32 and
+    #   BLOCK_K 64 (182-190 registers; BLOCK_K 64 halves the k-steps BLOCK_N 32 would add per
+    #   byte of x and dy loaded; 88 KB shared memory). 64 rows: 8 warps instead of 4, the same
+    #   tile (128-174 registers). Narrow N: 64x32x32 at 4 warps, 128-182 registers (64x32x64
+    #   spilled 32 B at I_p = 154 at 4 warps, 8 B at 768 at 8 warps).
+    # - backward_dw 128 rows: the dW tile 128 x 128 -> 128 x 64, the 64-row entry (dW_down with
+    #   the bias gradient spilled 24 B at I_p = 154 / 77 at any num_stages from 3 to 5; a
+    #   32-row reduction chunk stayed under the limit at 239 registers, too close). 128-182 registers.
+    # GROUP_M and num_stages are kept otherwise. sm_80 timing: not measured (no GPU lent yet).
+    return {"gate_up": {128: [KernelConfig(128, 64, 64, 8, 3, GROUP_M=8)]},
+            "down": {128: [KernelConfig(128, 128, 64, 8, 3, GROUP_M=8)]},
+            "backward_dh": {64: [KernelConfig(64, 64, 32, 8, 4, GROUP_M=8), KernelConfig(64, 32, 32, 4, 3, GROUP_M=8)],
+                            128: [KernelConfig(128, 32, 64, 8, 3, GROUP_M=8)]},
+            "backward_dw": {128: [KernelConfig(64, 128, 64, 8, 5, GROUP_M=32)]}}
+
+
+def table_capability(capability: Optional[int]) -> int:
+    """The table set a device of this compute capability (10 * major + minor, e.g. 80 for an
+    A100) takes: 80 below 9.0 (no wgmma; checked on sm_80 only), 90 from it. None: the sm_90
+    tables (what the benchmarks and the traffic model assume)."""
+    if capability is None:
+        return 90
+    if isinstance(capability, bool) or not isinstance(capability, int) or capability <= 0:
+        raise ValueError(f"capability: expected None or a CUDA compute capability as a positive int "
+                         f"10 * major + minor (80 for sm_80), got {capability!r}")
+    return 80 if capability < 90 else 90
+
+
+def _table(kernel: str, capability: Optional[int] = None) -> Dict[int, List[KernelConfig]]:
     """BLOCK_M -> configs; the first fits wide N, the second (if any) narrow N (N <= 32)."""
     if kernel not in _TABLES:
         raise ValueError(f"kernel: expected one of {KERNELS}, got {kernel!r}")
-    return _TABLES[kernel]()
+    table = _TABLES[kernel]()
+    if table_capability(capability) == 80:
+        table.update(_sm80_tables().get(kernel, {}))
+    return table
 
 
-def all_configs(kernel: str) -> List[KernelConfig]:
-    """Every config the tables can return for `kernel` (what the AOT test compiles)."""
-    return [config for configs in _table(kernel).values() for config in configs]
+def all_configs(kernel: str, capability: Optional[int] = None) -> List[KernelConfig]:
+    """Every config the tables can return for `kernel` on a device of `capability` (None: sm_90),
+    what the AOT test compiles for that target. Each once: sm_80's backward_dw takes one config
+    for two BLOCK_M entries."""
+    return list(dict.fromkeys(config for configs in _table(kernel, capability).values() for config in configs))
 
 
 def token_bucket(num_tokens: int, top_k: int, num_experts: int) -> int:
@@ -141,8 +191,10 @@ def block_m_for(bucket: int) -> int:
     return 128
 
 
-def kernel_config(kernel: str, bucket: int, n: int, k: int, element_size: int = 2) -> KernelConfig:
-    """The config of `kernel` for a token bucket, output width n and reduction depth k.
+def kernel_config(kernel: str, bucket: int, n: int, k: int, element_size: int = 2,
+                  capability: Optional[int] = None) -> KernelConfig:
+    """The config of `kernel` for a token bucket, output width n and reduction depth k, on a
+    device of compute `capability` (10 * major + minor; None: the sm_90 tables).
 
     (For backward_dw, n and k are the two dims of the weight gradient tile.) The tables are
     tuned for bf16/fp16; fp32 (exact "ieee" dots run on FMA units, operands in registers) and
@@ -150,7 +202,7 @@ def kernel_config(kernel: str, bucket: int, n: int, k: int, element_size: int = 
     shared memory (`wide_dtype_config`).
     """
     block_m = block_m_for(bucket)
-    table = _table(kernel)
+    table = _table(kernel, capability)
     configs = table.get(block_m) or table[min(table, key=lambda m: abs(m - block_m))]
     config = configs[1] if (n <= 32 and len(configs) > 1) else configs[0]
     if kernel != "backward_dw":
@@ -168,10 +220,12 @@ def kernel_config(kernel: str, bucket: int, n: int, k: int, element_size: int = 
 
 
 def launch_configs(num_tokens: int, top_k: int, num_experts: int, hidden_size: int, intermediate_size: int,
-                   gate_up_size: int, element_size: int = 2) -> Dict[str, KernelConfig]:
+                   gate_up_size: int, element_size: int = 2,
+                   capability: Optional[int] = None) -> Dict[str, KernelConfig]:
     """The config of every launch of one forward and backward, by launch: what
     tpmoe.triton.autograd runs and what the benchmarks report. gate_up_size is the R axis of
-    w_gate_up (2 I_p gated, I_p not). Each launch's (n, k) is its GEMM's output width and
+    w_gate_up (2 I_p gated, I_p not); capability the device's (10 * major + minor; None: the
+    sm_90 tables, which the benchmarks report). Each launch's (n, k) is its GEMM's output width and
     reduction depth; for the weight gradients, the two dims of dW.
 
     backward_dw's SPLIT (`backward_dw_split`) is chosen for the most loaded expert's rows, taken
@@ -187,7 +241,7 @@ def launch_configs(num_tokens: int, top_k: int, num_experts: int, hidden_size: i
         "backward_dw_gate_up": ("backward_dw", gate_up_size, hidden_size),
         "backward_dw_down": ("backward_dw", hidden_size, intermediate_size),
     }
-    configs = {launch: kernel_config(kernel, bucket, n, k, element_size) for launch, (kernel, n, k) in shapes.items()}
+    configs = {launch: kernel_config(kernel, bucket, n, k, element_size, capability) for launch, (kernel, n, k) in shapes.items()}
     if "SPLIT" not in env_config():
         for launch in ("backward_dw_gate_up", "backward_dw_down"):
             _, n, k = shapes[launch]
