@@ -177,11 +177,13 @@ def max_rel_error(actual, reference):
     return ((actual.float() - reference).abs().max() / reference.abs().max().clamp_min(1e-30)).item()
 
 
-def describe_configs(shape, num_tokens):
+def describe_configs(shape, num_tokens, device):
+    """The configs the timed launches ran with: the device's tables (sm_80 has its own, tile_configs)."""
+    from tpmoe.triton.autograd import device_capability
     from tpmoe.triton.tile_configs import block_m_for, launch_configs, token_bucket
     c = shape["config"]
     configs = launch_configs(num_tokens, c.top_k, c.num_experts, c.hidden_size, c.intermediate_size, c.gate_up_rows,
-                             torch.empty(0, dtype=DTYPE).element_size())
+                             torch.empty(0, dtype=DTYPE).element_size(), device_capability(device))
     bucket = token_bucket(num_tokens, c.top_k, c.num_experts)
     row = dict(preset=shape["name"], T=num_tokens, BLOCK_M=block_m_for(bucket))
     row.update({launch: f"{k.BLOCK_M}x{k.BLOCK_N}x{k.BLOCK_K} w{k.num_warps} s{k.num_stages}"
@@ -284,7 +286,7 @@ def run(args) -> int:
             rows, notes = bench_tokens(shape, weights, num_tokens, args, context)
             payload["rows"] += rows
             payload["notes"] += notes
-            payload["configs"].append(describe_configs(shape, num_tokens))
+            payload["configs"].append(describe_configs(shape, num_tokens, device))
             payload["disagreements"] += [f"{row['impl']} {row['pass_']} at {name} T={num_tokens}: max relative error "
                                          f"{row['max_rel_err']:.2e} against grouped_mm > {bound:.2e}"
                                          for row in rows if (row["max_rel_err"] or 0) > bound]

@@ -34,7 +34,7 @@ class FusedExpertsFunction(torch.autograd.Function):
         # As plain int lists: what the custom ops take, and constants to torch.compile on ctx.
         configs = {launch: ops.config_list(config) for launch, config in launch_configs(
             num_tokens, top_k, num_experts, hidden_size, intermediate_size, w_gate_up.shape[gate_up_axes(layout)[0]],
-            hidden_states.element_size(), _capability(hidden_states.device)).items()}
+            hidden_states.element_size(), device_capability(hidden_states.device)).items()}
 
         h = ops.gate_up(hidden_states, w_gate_up, b_gate_up, routing.sorted_ids_padded, routing.block_expert, top_k,
                         activation, layout, gated, alpha, limit, configs["gate_up"])
@@ -110,7 +110,7 @@ def fused_experts_triton(hidden_states: torch.Tensor, w_gate_up: torch.Tensor, w
                                       activation, layout, gated, float(alpha), float(limit))
 
 
-def _capability(device: torch.device):
+def device_capability(device: torch.device) -> Optional[int]:
     """The device's compute capability as 10 * major + minor, which picks the tile tables (sm_80
     has its own where the sm_90 configs spill: tile_configs); None on CPU (the interpreter), which
     takes the sm_90 tables. get_device_properties is a cached host query (no sync), and
