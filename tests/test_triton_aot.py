@@ -7,9 +7,9 @@ what the interpreter forgives (dot shapes, layouts, shared memory over the limit
 the bf16 GEMMs use wgmma on sm_90, and reads registers and spills from Triton's bundled
 ptxas-blackwell, for the bias-free and the biased call sites, at I_p = 768 and at the uneven
 shards 154 and 77 (I = 768 over 5 and 10 ranks), where the aligned weight storage and buffers
-must keep the async copies; nothing may spill on either target. The compiles run in separate processes, in parallel, because the
-kernels must be decorated without TRITON_INTERPRET (which this test session sets for the
-others). Also here: the bytes-moved model (`python -m tpmoe.triton.aot --model`) and its invariants.
+must keep the async copies; nothing may spill on either target. The compiles run in separate
+processes, in parallel, because the kernels must be decorated without TRITON_INTERPRET (which
+this test session sets for the others). Also here: the bytes-moved model (`python -m tpmoe.triton.aot --model`) and its invariants.
 """
 import json
 import os

@@ -102,7 +102,8 @@ def _recording():
             module.require_runnable = check
 
 
-def main_config(kernel_name: str, element_size: int = 2, capability: Optional[int] = None) -> tile_configs.KernelConfig:
+def main_config(kernel_name: str, element_size: int = 2,
+                capability: Optional[int] = None) -> tile_configs.KernelConfig:
     """The config a mid-size call (32 rows per expert: 64-row tiles, wide N) gets on a device of
     `capability` (None: sm_90); the 128-row prefill configs (from 64 rows per expert) are
     compiled with every config (not --main-only)."""

@@ -12,7 +12,7 @@ BLOCK_M (`block_m_for`: 16 up to 16 rows per expert, 64 up to 32, 128 from 64), 
 E and K make those rows.
 
 Per architecture: the tables are the sm_90 (H100 / H200) ones; a device below compute capability
-9.0 (A100: sm_80) takes `_SM80_TABLES`' entries in their place, for the launches where the sm_90
+9.0 (A100: sm_80) takes `_sm80_tables()`' entries in their place, for the launches where the sm_90
 config spills registers on sm_80 (`kernel_config(..., capability=...)`; tpmoe.triton.autograd
 passes the device's). BLOCK_M is the same on both, so the routing alignment does not depend on
 the device.
@@ -111,8 +111,8 @@ _TABLES = {"gate_up": _gate_up_table, "down": _down_table, "backward_dh": _backw
 
 
 def _sm80_tables() -> Dict[str, Dict[int, List[KernelConfig]]]:
-    # sm_80 has no wgmma: a tl.dot runs as mma.sync with its fp32 accumulator in registers (on
-    # sm_90 the warpgroup's accumulator is fed by operands from shared memory), so the sm_90
+    # sm_80 has no wgmma: a tl.dot runs as mma.sync, whose A and B fragments sit in registers
+    # beside the fp32 accumulator (wgmma reads them from shared memory), so the sm_90
     # configs below hit 255 registers and spill on sm_80 (ptxas -v, `python -m tpmoe.triton.aot
     # --cc 80 --intermediate 768 154 77`, bf16; the uneven shards' masks keep more values live).
     # Each entry replaces the sm_90 one at its BLOCK_M with the nearest config that compiles
@@ -241,7 +241,8 @@ def launch_configs(num_tokens: int, top_k: int, num_experts: int, hidden_size: i
         "backward_dw_gate_up": ("backward_dw", gate_up_size, hidden_size),
         "backward_dw_down": ("backward_dw", hidden_size, intermediate_size),
     }
-    configs = {launch: kernel_config(kernel, bucket, n, k, element_size, capability) for launch, (kernel, n, k) in shapes.items()}
+    configs = {launch: kernel_config(kernel, bucket, n, k, element_size, capability)
+               for launch, (kernel, n, k) in shapes.items()}
     if "SPLIT" not in env_config():
         for launch in ("backward_dw_gate_up", "backward_dw_down"):
             _, n, k = shapes[launch]
