@@ -156,9 +156,11 @@ def expected_local_grads(reference_holder, reference_grads, swapped_holder, rank
                          ep_rank: int = 0, ep_size: int = 1):
     """{name: expected grad} for every trained parameter of the swapped holder, under its own names:
     kept HF parameters by name, tpmoe weights as this rank's slice of the HF gradients (its TP
-    columns of, under expert parallelism, its EP rank's experts)."""
+    columns of, under expert parallelism, its EP rank's experts) in the block's stacked layout,
+    to compare with local_grad of the parameter's gradient."""
     from tpmoe.hf.module import TpmoeHFBlock, TpmoeHFExperts
     from tpmoe.sharding import shard_weight
+    from tpmoe.stacked import to_stacked
 
     expected = {}
     replacements = {name: m for name, m in swapped_holder.named_modules()
@@ -178,9 +180,17 @@ def expected_local_grads(reference_holder, reference_grads, swapped_holder, rank
             expected[name] = None
             continue
         whole = replacement.hf_weights.to_tpmoe(tp_name, parts)
-        expected[name] = shard_weight(replacement.block.config, tp_name, whole, rank, world_size, ep_rank=ep_rank,
-                                      ep_size=ep_size)
+        config = replacement.block.config
+        expected[name] = to_stacked(config, tp_name, shard_weight(config, tp_name, whole, rank, world_size,
+                                                                  ep_rank=ep_rank, ep_size=ep_size))
     return expected
+
+
+def local_grad(grad):
+    """A gradient as this rank holds it: a DTensor's local tensor (a parallel tpmoe block's
+    parameters are DTensors), a plain tensor as it is."""
+    from torch.distributed.tensor import DTensor
+    return grad.to_local() if isinstance(grad, DTensor) else grad
 
 
 def compare(key: str, seed: int, group=None, rank: int = 0, world_size: int = 1, counter=None) -> dict:
@@ -202,6 +212,7 @@ def compare(key: str, seed: int, group=None, rank: int = 0, world_size: int = 1,
     missing, vacuous = [], []
     for name, expected in expected_local_grads(reference, grads_ref, swapped, rank, world_size).items():
         got = grads.get(name)
+        got = None if got is None else local_grad(got)
         if expected is None or got is None:
             if (expected is None) != (got is None):
                 missing.append(name)

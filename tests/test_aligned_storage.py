@@ -16,6 +16,7 @@ import tpmoe
 import tpmoe.sharding as sharding
 from dist_utils import run_distributed
 from tpmoe.sharding import ALIGNED_NAMES, aligned_storage
+from tpmoe.stacked import to_stacked
 
 # Uneven shards with unaligned rows: 38 columns over 3 ranks are 13, 13, 12, the shared expert's 10
 # over 3 are 4, 3, 3 (rows of w_down and shared_down padded to 16 elements; H = 32 is aligned).
@@ -79,26 +80,28 @@ def test_block_state_dict_save_load_and_from_shards_see_no_padding(pad_on_cpu, s
     config = replace(CONFIG, intermediate_size=13, shared_intermediate_size=3)
     shards = tpmoe.random_moe_weights(config, generator=torch.Generator().manual_seed(seed))
     block = tpmoe.MoEBlock.from_shards(config, shards)
+    # The parameters and the state dict hold the stacked layout (gate and up on their own axis).
+    stacked = {name: to_stacked(config, name, tensor) for name, tensor in shards.items()}
     padded = [name for name in ALIGNED_NAMES if not getattr(block, name).is_contiguous()]
     assert padded == ["w_down", "shared_down"], padded  # the weights whose rows were unaligned
     for name in ALIGNED_NAMES:
         assert _row_aligned(getattr(block, name)), name
     # state_dict and torch.save: the logical shapes and values.
     state = block.state_dict()
-    assert {name: tuple(t.shape) for name, t in state.items()} == {name: tuple(t.shape) for name, t in shards.items()}
-    for name, tensor in shards.items():
+    assert {name: tuple(t.shape) for name, t in state.items()} == {name: tuple(t.shape) for name, t in stacked.items()}
+    for name, tensor in stacked.items():
         assert torch.equal(state[name], tensor), name
     buffer = io.BytesIO()
     torch.save(state, buffer)
     buffer.seek(0)
     loaded = torch.load(buffer)
-    for name, tensor in shards.items():
+    for name, tensor in stacked.items():
         assert tuple(loaded[name].shape) == tuple(tensor.shape) and torch.equal(loaded[name], tensor), name
     # load_state_dict into another padded block: values copied, storage still padded and aligned.
     other = tpmoe.MoEBlock(config, seed=seed + 1)
     assert not torch.equal(other.w_down, block.w_down)
     other.load_state_dict(loaded)
-    for name, tensor in shards.items():
+    for name, tensor in stacked.items():
         assert torch.equal(getattr(other, name), tensor), name
     for name in ALIGNED_NAMES:
         assert _row_aligned(getattr(other, name)), name
@@ -106,7 +109,7 @@ def test_block_state_dict_save_load_and_from_shards_see_no_padding(pad_on_cpu, s
     sharding.ALIGNED_DEVICE_TYPES = ()
     compact = tpmoe.MoEBlock(config, seed=seed + 1)
     compact.load_state_dict(block.state_dict())
-    for name, tensor in shards.items():
+    for name, tensor in stacked.items():
         assert torch.equal(getattr(compact, name), tensor), name
     # from_shards of the block's own shards, and gather_full, give the same weights, compact.
     sharding.ALIGNED_DEVICE_TYPES = ("cpu",)
@@ -155,12 +158,12 @@ def _padded_vs_compact(rank, world_size, seed):
     for device_types in ((), ("cpu",)):
         sharding.ALIGNED_DEVICE_TYPES = device_types
         block = tpmoe.MoEBlock.from_full(CONFIG, full, group=group)
-        padded = not block.w_down.is_contiguous()
+        padded = not block.local_shards()["w_down"].is_contiguous()  # the DTensor's local tensor
         assert padded == bool(device_types) or block.I_local % 16 == 0
         inputs = x.clone().requires_grad_(True)
         y = block(inputs)
         y.backward(dy)
-        results.append((y.detach(), inputs.grad, {name: p.grad for name, p in block.named_parameters()}))
+        results.append((y.detach(), inputs.grad, block.local_grads()))
         if device_types:
             gathered = block.gather_full()  # one all-gather (every rank joins) of the padded shards
             assert all(torch.equal(tensor, full[name]) for name, tensor in gathered.items())

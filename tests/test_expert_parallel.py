@@ -155,7 +155,7 @@ def _all_cases(rank, world_size, base_seed):
                         if scale == 0:
                             result["vacuous"].append(f"block{index}.{name}")
                         if grad is None:
-                            grad = torch.zeros_like(getattr(block, name))
+                            grad = torch.zeros_like(block.local_shards()[name])
                         result["errors"][f"block{index}.{name}.grad"] = _error(grad, expected[name], scale or 1.0)
                         if name in ("router_weight", "router_bias", "shared_gate", "b_down", "shared_gate_up",
                                     "shared_down"):
@@ -209,7 +209,7 @@ def _all_cases(rank, world_size, base_seed):
         results["expert_outputs_errors"] = {
             "outputs": _error(outputs, ref[own], ref.abs().max().item()),
             "dx": _error(x_own.grad, x_ref.grad[own], x_ref.grad.abs().max().item()),
-            "w_down.grad": _error(block64.w_down.grad, expected_w_down, leaves["w_down"].grad.abs().max().item())}
+            "w_down.grad": _error(block64.local_grads()["w_down"], expected_w_down, leaves["w_down"].grad.abs().max().item())}
         results["construction"] = {
             "gather_full_bitwise": sorted(gathered) == sorted(weights) and all(
                 torch.equal(gathered[name], weights[name]) for name in weights),
@@ -282,8 +282,8 @@ def test_expert_parallel_block_matches_reference(world_size, seed):
 
 @pytest.mark.parametrize("layout,gated", [("concatenated", True), ("gpt_oss", True), ("interleaved", False)])
 def test_expert_ranges_and_shards_round_trip(layout, gated):
-    """The index maths alone (tpmoe.sharding): contiguous expert ranges differing by at most one
-    (the first E % P_ep ranks one more), shard shapes as cut, and assemble_full the bitwise inverse
+    """The index maths alone (tpmoe.sharding): contiguous expert ranges of torch.chunk's sizes
+    (DTensor's rule: ceil(E / P_ep) each, the last ranks fewer or none), shard shapes as cut, and assemble_full the bitwise inverse
     of shard_moe_weights for every (EP, TP) with E = 7 (uneven at EP 2, 3, 4), I = 5 (uneven TP)."""
     from tpmoe import MoEConfig, random_moe_weights
     from tpmoe.sharding import assemble_full, check_shards, expert_ranges, shard_moe_weights, shard_shapes
@@ -294,7 +294,8 @@ def test_expert_ranges_and_shards_round_trip(layout, gated):
     for ep_size in range(1, 8):
         ranges = expert_ranges(7, ep_size)
         assert [first for first, _ in ranges] == [sum(c for _, c in ranges[:e]) for e in range(ep_size)]
-        assert [count for _, count in ranges] == [7 // ep_size + (e < 7 % ep_size) for e in range(ep_size)]
+        chunks = [chunk.numel() for chunk in torch.arange(7).chunk(ep_size)]
+        assert [count for _, count in ranges] == chunks + [0] * (ep_size - len(chunks))
         for tp_size in (1, 2, 3):
             shards = [shard_moe_weights(config, weights, p, tp_size, ep_rank=e, ep_size=ep_size)
                       for e in range(ep_size) for p in range(tp_size)]
@@ -362,7 +363,7 @@ def _dp_ep_tp_rank(rank, world_size, base_seed):
         scale = grads_ref[name].abs().max().item()
         if scale == 0:
             vacuous.append(name)
-        errors[f"{name}.grad"] = _error(grad if grad is not None else torch.zeros_like(getattr(block, name)),
+        errors[f"{name}.grad"] = _error(grad if grad is not None else torch.zeros_like(block.local_shards()[name]),
                                         expected[name], scale or 1.0)
     roles = (block.ep_size, block.ep_rank, block.tp_size, block.tp_rank)
     return dict(errors=errors, vacuous=vacuous, roles=roles, where=(dp_rank, ep_rank, tp_rank),

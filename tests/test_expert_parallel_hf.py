@@ -75,7 +75,7 @@ def _weighted_sum_backward(model, input_ids, weights):
 def _case(family, overrides, seed, mesh, counter):
     import torch.distributed as dist
 
-    from hf_families import expected_local_grads
+    from hf_families import expected_local_grads, local_grad
     from hf_models import PerBlockCollectives, hf_router_float32_casts_disabled
 
     import tpmoe.hf
@@ -123,6 +123,7 @@ def _case(family, overrides, seed, mesh, counter):
     expected = expected_local_grads(hf_model, grads_ref, swapped, tp_rank, tp_size, ep_rank=ep_rank, ep_size=ep_size)
     for name, grad in expected.items():
         got = swapped.get_parameter(name).grad
+        got = None if got is None else local_grad(got)
         if grad is None or got is None:
             if (grad is None) != (got is None):
                 result["missing"].append(name)
@@ -300,7 +301,8 @@ def _block_case(key, seed, mesh):
     rows of a global [3, 5, H] batch against transformers' block over all of it."""
     import torch.distributed as dist
 
-    from hf_families import DECODER_LAYERS, HIDDEN, _layer_arguments, _output, expected_local_grads, make_family_block
+    from hf_families import (DECODER_LAYERS, HIDDEN, _layer_arguments, _output, expected_local_grads, local_grad,
+                             make_family_block)
 
     import tpmoe.hf
     from tpmoe.distributed import allreduce_gradients, allreduce_router_grads
@@ -341,6 +343,7 @@ def _block_case(key, seed, mesh):
     for name, grad in expected_local_grads(reference, grads_ref, swapped, tp_rank, tp_size, ep_rank=ep_rank,
                                            ep_size=ep_size).items():
         got = swapped.get_parameter(name).grad
+        got = None if got is None else local_grad(got)
         if grad is None or got is None:
             if (grad is None) != (got is None):
                 missing.append(name)

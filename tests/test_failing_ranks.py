@@ -181,7 +181,7 @@ def _mismatched_shards(rank, world_size):
     config = wider if rank == 1 else CONFIG
     weights_for_config = random_moe_weights(config, generator=torch.Generator().manual_seed(0))
     results["config_differs"] = error_of(lambda: MoEBlock.from_full(config, weights_for_config, group=group))
-    # Rank 1 cut its shards with another shard_unit: same config, other shard sizes.
+    # Rank 1 cut its shards with another shard_unit: same config, other shard sizes (refused there).
     shard_unit = 2 if rank == 1 else 1
     shards = shard_moe_weights(CONFIG, weights, rank, world_size, shard_unit)
     results["shard_unit_differs"] = error_of(lambda: MoEBlock.from_shards(CONFIG, shards, group=group,
@@ -207,9 +207,12 @@ def test_mismatched_shards_across_ranks_fail_at_construction_on_every_rank():
         kind, message = results["config_differs"]
         assert kind == "ValueError" and "rank 1 of the TP group was built with config.intermediate_size=8 but " \
             "rank 0 with 6" in message and f"seen from rank {rank}" in message, message
+        # A parallel block takes shard_unit 1 only (DTensor's rule): rank 1 raises its own error,
+        # rank 0 learns of it in the agreement all-gather.
         kind, message = results["shard_unit_differs"]
-        assert kind == "ValueError" and "rank 1 of the TP group uses shard_unit=2 but rank 0 shard_unit=1" in message, \
-            message
+        expected = ("shard_unit: expected 1 for a parallel block" if rank == 1
+                    else "rank 1 of the TP group rejected its shards")
+        assert kind == "ValueError" and expected in message, message
         kind, message = results["dtype_differs"]
         assert kind == "ValueError" and "rank 1 of the TP group holds float64 weights but rank 0 float32" in message, \
             message

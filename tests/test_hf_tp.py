@@ -146,7 +146,7 @@ def test_hf_apply_tensor_parallel_matches_one_process(world_size, families, seed
             assert result["gather_counts"] == {"all_gather_single": len(result["report"])} or \
                 result["gather_counts"] == {"all_gather_into_tensor": len(result["report"])}, result["gather_counts"]
         if world_size == 3 and family == "qwen2_moe":
-            assert sorted(r[family]["report"][0][2] for r in per_rank) == [3, 3, 4]   # I = 10
+            assert sorted(r[family]["report"][0][2] for r in per_rank) == [2, 4, 4]   # I = 10: torch.chunk sizes
             assert sorted(r[family]["report"][0][3] for r in per_rank) == [4, 5, 5]   # Is = 14
         if "jitter" in per_rank[0][family]:
             digests = [results[family]["jitter"]["digests"] for results in per_rank]

@@ -163,7 +163,9 @@ def _rank_view(config, shards, rank, world_size, align):
         config=config, backend="cpu", **shards,
         I_local=shard_sizes(config.intermediate_size, world_size, align)[rank],
         Is_local=shard_sizes(config.shared_intermediate_size, world_size, align)[rank])
+    view._weight = lambda name: shards[name]
     view._shared_expert_rows = lambda x, shared_gate: MoEBlock._shared_expert_rows(view, x, shared_gate)
+    view._routed_experts = lambda x, ids, weights: MoEBlock._routed_experts(view, x, ids, weights)
     return view
 
 

@@ -112,16 +112,18 @@ def _compare_grads(blocks, reference_grads, rank, world_size, result):
     from tpmoe.sharding import shard_moe_weights
     for index, (block, full_grads) in enumerate(zip(blocks, reference_grads)):
         expected = shard_moe_weights(block.config, full_grads, rank, world_size)
-        for name, grad in block.local_grads().items():
+        shards = block.local_shards()
+        grads = block.local_grads()
+        for name, grad in grads.items():
             if grad is None:  # only an empty shard (a parameter of size 0) may be left without one
-                assert getattr(block, name).numel() == 0, f"block {index}: {name} got no gradient"
-                grad = torch.zeros_like(getattr(block, name))
+                assert shards[name].numel() == 0, f"block {index}: {name} got no gradient"
+                grad = torch.zeros_like(shards[name])
             result["errors"][f"block{index}.{name}.grad"] = _error(grad, expected[name])
             scale = expected[name].abs().max().item() if expected[name].numel() else None
             result["scales"][f"block{index}.{name}.grad"] = scale
         for name in ("router_weight", "router_bias", "shared_gate", "b_down"):
             if hasattr(block, name):
-                result["replicated_digest"].append((index, name, digest_of(getattr(block, name).grad)))
+                result["replicated_digest"].append((index, name, digest_of(grads[name])))
 
 
 def _all_cases(rank, world_size, base_seed):

@@ -42,21 +42,27 @@ def _shared_partial(config, weights, x):
 
 @pytest.mark.parametrize("shard_unit", [1, 2, 3, 8])
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4, 5])
-def test_shard_sizes_balanced_within_one_unit(world_size, shard_unit):
+def test_shard_sizes_are_torch_chunk_sizes(world_size, shard_unit):
+    """DTensor's rule for an uneven Shard: torch.chunk of the units (a partial last unit stays with
+    its unit), missing chunks empty; contiguous ranges in rank order."""
     for total in range(0, 41):
         sizes = shard_sizes(total, world_size, shard_unit)
-        assert len(sizes) == world_size and sum(sizes) == total and min(sizes) >= 0, (total, sizes)
-        assert max(sizes) - min(sizes) <= shard_unit, (total, world_size, shard_unit, sizes)
+        unit_of_column = torch.arange(total) // shard_unit
+        chunks = torch.arange(-(-total // shard_unit)).chunk(world_size)
+        expected = [int(torch.isin(unit_of_column, chunk).sum()) for chunk in chunks]
+        assert sizes == expected + [0] * (world_size - len(expected)), (total, world_size, shard_unit, sizes)
         starts = [shard_range(total, rank, world_size, shard_unit) for rank in range(world_size)]
         assert [stop - start for start, stop in starts] == sizes
         assert all(starts[r][1] == starts[r + 1][0] for r in range(world_size - 1)) and starts[0][0] == 0
 
 
-def test_shard_sizes_whole_units_first():
-    assert shard_sizes(10, 3) == [4, 3, 3]
+def test_shard_sizes_examples():
+    assert shard_sizes(77, 2) == [39, 38]
+    assert shard_sizes(10, 3) == [4, 4, 2]
+    assert shard_sizes(10, 4) == [3, 3, 3, 1]
     assert shard_sizes(2, 4) == [1, 1, 0, 0]  # fewer columns than ranks: empty shards at the end
-    assert shard_sizes(130, 2, shard_unit=64) == [66, 64]  # equal unit counts: the 2 leftover columns go to rank 0
-    assert shard_sizes(200, 2, shard_unit=64) == [128, 72]  # rank 1 holds one unit less: the leftover joins it
+    assert shard_sizes(130, 2, shard_unit=64) == [128, 2]  # 3 units: 2 and the partial third
+    assert shard_sizes(200, 2, shard_unit=64) == [128, 72]
     assert shard_sizes(192, 2, shard_unit=64) == [128, 64]
 
 

@@ -3,7 +3,9 @@ sharded over a tensor-parallel (TP) group with one collective forward and one ba
 its experts split over an expert-parallel (EP) group (optionally each expert's columns over a TP
 group too: EP x TP).
 
-Parameters and where they live (names as in tpmoe.weights; tpmoe.sharding says how they slice):
+Parameters and where they live (names as in tpmoe.weights; tpmoe.sharding says how they slice;
+stored in tpmoe.stacked's layout, gate and up halves on an axis of their own, and, in a parallel
+block, as DTensors of the full weights' shapes on its mesh: tpmoe.distributed.dtensor_parameters):
   router_weight, router_bias, shared_gate, b_down    replicated: whole and identical on every rank
   correction_bias                                     replicated buffer (DeepSeek-V3; not trained)
   w_gate_up, b_gate_up, w_down                        this rank's I_local columns of every expert
@@ -27,6 +29,7 @@ from typing import Dict, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 
 from . import distributed as tp
 from .distributed import expert_parallel as ep
@@ -34,9 +37,12 @@ from .config import MoEConfig
 from ._checks import FLOAT_DTYPES, check_choice, check_ids_in_range, dtype_name
 from .fused import BACKENDS, fused_experts
 from .routing import route
+from .distributed.dtensor_parameters import as_dtensor, block_local, block_submesh, local_tensor, mesh_of_groups
+from .distributed.groups import mesh_dims_by_name
 from .distributed.replicated import check_expert_parallel_agree, check_shards_agree, gather_full
-from .sharding import (EXPERT_SHARDED_NAMES, REPLICATED_NAMES, SHARDED_NAMES, align_sharded_storage, check_shards,
-                       expert_range, expert_ranges, shard_moe_weights, shard_sizes)
+from .sharding import (REPLICATED_NAMES, SHARDED_NAMES, align_sharded_storage, check_shards, expert_range,
+                       expert_ranges, shard_moe_weights, shard_sizes)
+from .stacked import to_format, to_stacked
 from .weights import check_moe_weights, random_moe_weights
 
 # Trained replicated parameters: their gradients are complete on every rank in TP mode and
@@ -63,6 +69,12 @@ class _ZeroPartialOutput(torch.autograd.Function):
         (hidden_shape, hidden_dtype, device), (weights_shape, weights_dtype, _) = ctx.hidden_like, ctx.weights_like
         return (torch.zeros(hidden_shape, dtype=hidden_dtype, device=device),
                 torch.zeros(weights_shape, dtype=weights_dtype, device=device))
+
+
+def _block_mesh(mesh: DeviceMesh, tp_mesh_dim, ep_mesh_dim):
+    """(the dimensions of a user's mesh that a block runs on, their roles), read by the rule
+    resolve_groups reads it by (mesh_dims_by_name)."""
+    return block_submesh(mesh, *mesh_dims_by_name(mesh, tp_mesh_dim, ep_mesh_dim))
 
 
 def _check_shard_dtypes(shards: Dict[str, torch.Tensor], dtype: Optional[torch.dtype]) -> torch.dtype:
@@ -153,19 +165,23 @@ class MoEBlock(nn.Module):
         self.check_replicated = check_replicated
         self.backend = backend
         tp_group, ep_group = tp.resolve_groups(group, tp_mesh_dim, ep_group, ep_mesh_dim)
+        mesh = _block_mesh(group, tp_mesh_dim, ep_mesh_dim) if isinstance(group, DeviceMesh) else None
         full = None
         if _shards is None:
             generator = torch.Generator().manual_seed(seed)
             full = random_moe_weights(config, dtype=dtype or torch.get_default_dtype(), device=device or "cpu",
                                       generator=generator)
         self._place(tp_group, ep_group, sequence_parallel=sequence_parallel, shard_unit=shard_unit, shards=_shards,
-                    full=full, dtype=dtype, device=device)
+                    full=full, dtype=dtype, device=device, mesh=mesh)
 
     def _place(self, tp_group, ep_group, *, sequence_parallel: bool, shard_unit: int, shards=None, full=None,
-               dtype=None, device=None, requires_grad: Optional[Dict[str, bool]] = None) -> None:
+               dtype=None, device=None, requires_grad: Optional[Dict[str, bool]] = None, mesh=None) -> None:
         """Sets the block's groups and mode and registers its weights: this rank's `shards`, or its
         slice of the `full` weights (the same on every rank). The one place a block becomes what it
-        is, at construction and when a ParallelStyle (tpmoe.distributed.styles) parallelizes it."""
+        is, at construction and when a ParallelStyle (tpmoe.parallel_styles) parallelizes it.
+        mesh: (the DeviceMesh of the groups, the role "ep" / "tp" of each of its dimensions); the
+        parameters become DTensors on it. None builds one from the groups
+        (tpmoe.distributed.dtensor_parameters)."""
         config = self.config
         self.group, self.ep_group = tp_group, ep_group
         self.tp_size, self.tp_rank = tp.group_size(self.group), tp.group_rank(self.group)
@@ -186,6 +202,9 @@ class MoEBlock(nn.Module):
         # group's timeout.
         local_error = None
         try:
+            if shard_unit != 1 and (tp_group is not None or ep_group is not None):
+                raise ValueError(f"shard_unit: expected 1 for a parallel block (its parameters are DTensors, cut by "
+                                 f"torch.chunk's rule over columns), got {shard_unit}")
             self.expert_first, self.num_local_experts = expert_range(config.num_experts, self.ep_rank, self.ep_size)
             tp.check_groups_disjoint(self.group, self.ep_group)
             if shards is None:
@@ -205,13 +224,20 @@ class MoEBlock(nn.Module):
                                local_ok=local_error is None)
         if local_error is not None:
             raise local_error
+        if mesh is None:
+            mesh = mesh_of_groups(self.group, self.ep_group)
+        mesh, roles = mesh if mesh is not None else (None, None)
+        self.mesh = mesh
         for name, tensor in shards.items():
             value = tensor.detach().to(dtype=dtype or tensor.dtype, device=device or tensor.device).clone()
             if name == "correction_bias":
-                self.register_buffer(name, value)
-            else:
-                trained = True if requires_grad is None else requires_grad.get(name, True)
-                setattr(self, name, nn.Parameter(value, requires_grad=trained))
+                self.register_buffer(name, value)  # not trained: a plain tensor, the same on every rank
+                continue
+            value = to_stacked(config, name, value)
+            if mesh is not None:
+                value = as_dtensor(config, name, value, mesh, roles)
+            trained = True if requires_grad is None else requires_grad.get(name, True)
+            setattr(self, name, nn.Parameter(value, requires_grad=trained))
         align_sharded_storage(self)
 
     def check_one_process(self, what: str) -> None:
@@ -221,19 +247,21 @@ class MoEBlock(nn.Module):
                              f"(tp {self.tp_rank}/{self.tp_size}, ep {self.ep_rank}/{self.ep_size})")
 
     def parallelize_(self, tp_group=None, *, ep_group=None, sequence_parallel: bool = False,
-                     shard_unit: int = 1) -> "MoEBlock":
+                     mesh=None) -> "MoEBlock":
         """In place: this one-process block keeps this rank's slice of its weights over `tp_group`
         (and its experts over `ep_group`), as MoEBlock.from_full would have built it; returns self.
         Every rank must hold the same weights (tpmoe.parallel_styles broadcasts them first). The
-        parameters are new tensors: build optimizers afterwards, as with torch's parallelize_module."""
+        parameters are new tensors, DTensors on `mesh` ((the DeviceMesh of the groups, the role
+        "ep" / "tp" of each dimension); None: one built from the groups): build optimizers
+        afterwards, as with torch's parallelize_module."""
         self.check_one_process("parallelize_")
         if not isinstance(sequence_parallel, bool):
             raise TypeError(f"sequence_parallel: expected a bool, got {type(sequence_parallel).__name__} "
                             f"{sequence_parallel!r}")
         full = dict(self.local_shards())
         requires_grad = {name: tensor.requires_grad for name, tensor in self._weight_items()}
-        self._place(tp_group, ep_group, sequence_parallel=sequence_parallel, shard_unit=shard_unit, full=full,
-                    requires_grad=requires_grad)
+        self._place(tp_group, ep_group, sequence_parallel=sequence_parallel, shard_unit=1, full=full,
+                    requires_grad=requires_grad, mesh=mesh)
         return self
 
     def _apply(self, fn, recurse=True):
@@ -263,12 +291,19 @@ class MoEBlock(nn.Module):
         return cls(config, group, _shards=shards, **kwargs)
 
     def local_shards(self) -> Dict[str, torch.Tensor]:
-        """This rank's weights (detached), named as in tpmoe.weights."""
-        return {name: tensor.detach() for name, tensor in self._weight_items()}
+        """This rank's weights (detached views of the parameters; under FSDP2 gathered over its
+        dimension), named and shaped as in tpmoe.weights."""
+        return {name: to_format(self.config, name, block_local(tensor, self.mesh)) for name, tensor in self._weight_items()}
 
     def local_grads(self) -> Dict[str, Optional[torch.Tensor]]:
-        """The .grad of each trained weight of this rank (None where there is none)."""
-        return {name: tensor.grad for name, tensor in self._weight_items() if isinstance(tensor, nn.Parameter)}
+        """The .grad of each trained weight of this rank (None where there is none), as in tpmoe.weights."""
+        return {name: None if tensor.grad is None else to_format(self.config, name, block_local(tensor.grad, self.mesh))
+                for name, tensor in self._weight_items() if isinstance(tensor, nn.Parameter)}
+
+    def _weight(self, name: str) -> torch.Tensor:
+        """This rank's weight `name` as tpmoe.weights shapes it, a differentiable view of the parameter's
+        local tensor (DTensor.to_local: no copy, no collective): what the kernels take."""
+        return to_format(self.config, name, local_tensor(getattr(self, name)))
 
     def gather_full(self) -> Dict[str, torch.Tensor]:
         """The full weights on every rank, bitwise equal to what from_full sliced: ONE all-gather
@@ -287,24 +322,6 @@ class MoEBlock(nn.Module):
         if not self.expert_parallel or not tp.communicates(self.ep_group):
             return []
         return [getattr(self, name) for name in _TRAINED_REPLICATED + _EP_REPLICATED_SHARDS if hasattr(self, name)]
-
-    def parameter_shardings(self):
-        """(parameter, the process groups its slices are spread over) for each parameter: the
-        routed experts' weights over the TP group (their columns) and the EP group (whole
-        experts), the shared expert's over the TP group; replicated parameters over none. What
-        tpmoe.distributed.clip_grad_norm_ needs to form the one-process gradient norm."""
-        tp_group = self.group if tp.communicates(self.group) else None
-        ep_group = self.ep_group if tp.communicates(self.ep_group) else None
-        for name, tensor in self._weight_items():
-            if not isinstance(tensor, nn.Parameter):
-                continue
-            if name in EXPERT_SHARDED_NAMES:
-                groups = (tp_group, ep_group)
-            elif name in SHARDED_NAMES:
-                groups = (tp_group,)
-            else:
-                groups = ()
-            yield tensor, tuple(group for group in groups if group is not None)
 
     def _weight_items(self):
         for name in REPLICATED_NAMES + SHARDED_NAMES:
@@ -375,13 +392,17 @@ class MoEBlock(nn.Module):
             router_logits, topk_weights, topk_ids = self.route(x)
         else:
             router_logits, topk_weights, topk_ids = _check_routing(routing, x.shape[0], config.num_experts, x.device)
-        shared_gate = torch.sigmoid(F.linear(x, self.shared_gate)) if hasattr(self, "shared_gate") else None
+        shared_gate = torch.sigmoid(F.linear(x, self._weight("shared_gate"))) if hasattr(self, "shared_gate") else None
 
         y = _MODE_OUTPUTS[self.mode](self, x, topk_weights, topk_ids, shared_gate, tokens_per_rank)
 
         if hasattr(self, "b_down"):
             y = y + self._routed_down_bias(topk_weights, topk_ids).to(y.dtype)
         y = y.reshape(*leading_shape, config.hidden_size)
+        if y._is_view():
+            # A view as output lets an in-place op by the caller (x += block(x)) bypass the hooks
+            # FSDP2 puts on it; a copy of [T, H] is small beside the block.
+            y = y.clone()
         if return_routing:
             return y, (router_logits, topk_weights, topk_ids)
         return y
@@ -400,7 +421,7 @@ class MoEBlock(nn.Module):
     def _sequence_parallel_output(self, x, topk_weights, topk_ids, shared_gate, tokens_per_rank):
         """SP: all-gather the routed local tokens, this rank's columns, reduce-scatter."""
         if self.check_replicated:
-            replicated = {name: getattr(self, name) for name in REPLICATED_NAMES if hasattr(self, name)}
+            replicated = {name: local_tensor(getattr(self, name)) for name in REPLICATED_NAMES if hasattr(self, name)}
             tp.check_replicated(replicated, self.group, what="MoEBlock(check_replicated=True)",
                                 local_tokens=x.shape[0], tokens_per_rank=tokens_per_rank)
         x_all, weights_all, ids_all, gate_all = tp.gather_from_sequence_parallel_region(
@@ -413,7 +434,7 @@ class MoEBlock(nn.Module):
         if self.check_replicated:
             tp.check_replicated({"hidden_states": x, "topk_ids": topk_ids, "topk_weights": topk_weights},
                                 self.group, what="MoEBlock(check_replicated=True)")
-            replicated = {name: getattr(self, name) for name in REPLICATED_NAMES if hasattr(self, name)}
+            replicated = {name: local_tensor(getattr(self, name)) for name in REPLICATED_NAMES if hasattr(self, name)}
             tp.check_replicated(replicated, self.ep_group, what="MoEBlock(check_replicated=True)", kind="EP")
         return self._expert_parallel_output(x, topk_weights, topk_ids, shared_gate)
 
@@ -426,8 +447,8 @@ class MoEBlock(nn.Module):
             raise ValueError("routing: this block has no router of its own (config.external_router); pass "
                              "routing=(router_logits, topk_weights, topk_ids) to forward")
         router_dtype = config.router_dtype or x.dtype
-        bias = self.router_bias.to(router_dtype) if hasattr(self, "router_bias") else None
-        logits = F.linear(x.to(router_dtype), self.router_weight.to(router_dtype), bias)
+        bias = self._weight("router_bias").to(router_dtype) if hasattr(self, "router_bias") else None
+        logits = F.linear(x.to(router_dtype), self._weight("router_weight").to(router_dtype), bias)
         topk_weights, topk_ids = route(logits, config.top_k, scoring=config.scoring, renormalize=config.renormalize,
                                        correction_bias=getattr(self, "correction_bias", None), n_group=config.n_group,
                                        topk_group=config.topk_group, routed_scaling_factor=config.routed_scaling_factor)
@@ -449,39 +470,32 @@ class MoEBlock(nn.Module):
         if self.expert_parallel:
             outputs = self._expert_parallel_pairs(hidden_states, None, topk_ids, None)[0]
             if hasattr(self, "b_down"):
-                outputs = outputs + self.b_down[topk_ids].to(outputs.dtype)
+                outputs = outputs + self._weight("b_down")[topk_ids].to(outputs.dtype)
             return outputs
         x, _, _ = tp.copy_to_tensor_parallel_region(hidden_states, None, None, self.group)
         x_pairs = x[:, None, :].expand(num_tokens, top_k, x.shape[-1]).reshape(num_tokens * top_k, -1)
         ids_pairs = topk_ids.reshape(-1, 1)
         ones = x_pairs.new_ones(num_tokens * top_k, 1)
         if self.I_local > 0:
-            partial = fused_experts(x_pairs, self.w_gate_up, self.w_down, ids_pairs, ones, layout=config.layout,
-                                    b_gate_up=getattr(self, "b_gate_up", None), activation=config.activation,
-                                    gated=config.gated, alpha=config.swiglu_alpha, limit=config.swiglu_limit,
-                                    backend=self.backend)
+            partial = self._routed_experts(x_pairs, ids_pairs, ones)
         else:
             partial = _ZeroPartialOutput.apply(x_pairs, ones)
         outputs = tp.reduce_from_tensor_parallel_region(partial, self.group)
         if hasattr(self, "b_down"):
-            outputs = outputs + self.b_down[ids_pairs[:, 0]].to(outputs.dtype)
+            outputs = outputs + self._weight("b_down")[ids_pairs[:, 0]].to(outputs.dtype)
         return outputs.view(num_tokens, top_k, -1)
 
     def _partial_output(self, x, topk_weights, topk_ids, shared_gate):
         """This rank's share of the routed experts + shared expert (sums to the block over ranks)."""
         config = self.config
-        options = dict(activation=config.activation, gated=config.gated, alpha=config.swiglu_alpha,
-                       limit=config.swiglu_limit, backend=self.backend)
         if self.I_local > 0 and config.weights_on_input:
             # Each (token, k) pair is its own row, scaled before the experts, summed over k after.
             num_tokens, top_k = topk_ids.shape
             x_pairs = (x[:, None, :] * topk_weights[:, :, None].to(x.dtype)).reshape(num_tokens * top_k, -1)
             ones = x_pairs.new_ones(num_tokens * top_k, 1)
-            partial = fused_experts(x_pairs, self.w_gate_up, self.w_down, topk_ids.reshape(-1, 1), ones,
-                                    layout=config.layout, **options).view(num_tokens, top_k, -1).sum(dim=1)
+            partial = self._routed_experts(x_pairs, topk_ids.reshape(-1, 1), ones).view(num_tokens, top_k, -1).sum(dim=1)
         elif self.I_local > 0:
-            partial = fused_experts(x, self.w_gate_up, self.w_down, topk_ids, topk_weights, layout=config.layout,
-                                    b_gate_up=getattr(self, "b_gate_up", None), **options)
+            partial = self._routed_experts(x, topk_ids, topk_weights)
         else:
             partial = _ZeroPartialOutput.apply(x, topk_weights)
         if self.Is_local > 0:
@@ -491,11 +505,16 @@ class MoEBlock(nn.Module):
     def _local_expert_rows(self, rows, local_ids):
         """EP: this rank's partial (its TP columns) of its own experts on the received rows, unweighted."""
         ones = rows.new_ones(rows.shape[0], 1)
-        if self.I_local == 0:
+        if self.I_local == 0 or self.num_local_experts == 0:  # an empty shard, or an EP rank without experts
             return _ZeroPartialOutput.apply(rows, ones)
+        return self._routed_experts(rows, local_ids[:, None], ones)
+
+    def _routed_experts(self, x, topk_ids, topk_weights):
+        """tpmoe.fused_experts over this rank's routed experts (its columns of them)."""
         config = self.config
-        return fused_experts(rows, self.w_gate_up, self.w_down, local_ids[:, None], ones, layout=config.layout,
-                             b_gate_up=getattr(self, "b_gate_up", None), activation=config.activation,
+        b_gate_up = self._weight("b_gate_up") if hasattr(self, "b_gate_up") else None
+        return fused_experts(x, self._weight("w_gate_up"), self._weight("w_down"), topk_ids, topk_weights,
+                             layout=config.layout, b_gate_up=b_gate_up, activation=config.activation,
                              gated=config.gated, alpha=config.swiglu_alpha, limit=config.swiglu_limit,
                              backend=self.backend)
 
@@ -507,8 +526,8 @@ class MoEBlock(nn.Module):
         config = self.config
         shared_ids = torch.zeros(x.shape[0], 1, dtype=torch.int64, device=x.device)
         weight = shared_gate if shared_gate is not None else x.new_ones(x.shape[0], 1)
-        return fused_experts(x, self.shared_gate_up[None], self.shared_down[None], shared_ids, weight,
-                             layout="concatenated", activation=config.activation, gated=config.gated,
+        return fused_experts(x, self._weight("shared_gate_up")[None], self._weight("shared_down")[None], shared_ids,
+                             weight, layout="concatenated", activation=config.activation, gated=config.gated,
                              alpha=config.swiglu_alpha, limit=config.swiglu_limit, backend=self.backend)
 
     def _expert_parallel_pairs(self, x, topk_weights, topk_ids, shared_gate):
@@ -554,7 +573,7 @@ class MoEBlock(nn.Module):
         gradients are matmuls and gathers, deterministic, so ranks computing it agree bitwise."""
         combine = topk_weights.new_zeros(topk_weights.shape[0], self.config.num_experts)
         combine = combine.scatter_add(1, topk_ids, topk_weights)
-        return combine @ self.b_down.to(combine.dtype)
+        return combine @ self._weight("b_down").to(combine.dtype)
 
 
 # mode (MoEBlock.mode) -> its forward after routing: [T, H] tokens and routing -> y, but for the

@@ -65,35 +65,34 @@ def _broadcast_weights(block: MoEBlock, groups: List[dist.ProcessGroup], src: Op
 
 class MoETensorParallel(ParallelStyle):
     """Tensor parallelism of a MoEBlock over a 1-D mesh: each rank keeps its slice of every
-    expert's (and the shared expert's) intermediate columns, any size (shards differ by at most one
-    `shard_unit`); router replicated. Input and output replicated on the mesh's ranks. Forward ONE
+    expert's (and the shared expert's) intermediate columns, any size (DTensor's torch.chunk
+    sizes); router replicated. The parameters become DTensors on the mesh. Input and output replicated on the mesh's ranks. Forward ONE
     all-reduce, backward ONE. sequence_parallel=True: input and output hold this rank's tokens
     (forward one all-gather and one reduce-scatter, backward the same; then
     tpmoe.allreduce_router_grads once per step)."""
 
-    def __init__(self, *, sequence_parallel: bool = False, shard_unit: int = 1):
+    def __init__(self, *, sequence_parallel: bool = False):
         super().__init__()
         self.sequence_parallel = sequence_parallel
-        self.shard_unit = shard_unit
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         name = type(self).__name__
         block = _the_block(module, name)
         group = _check_mesh(device_mesh, name, 1).get_group()
         _broadcast_weights(block, [group], self.src_data_rank)
-        return block.parallelize_(group, sequence_parallel=self.sequence_parallel, shard_unit=self.shard_unit)
+        return block.parallelize_(group, sequence_parallel=self.sequence_parallel, mesh=(device_mesh, (TP_DIM_NAME,)))
 
 
 class MoESequenceParallel(MoETensorParallel):
     """MoETensorParallel with token-sharded input and output (sequence parallelism)."""
 
-    def __init__(self, *, shard_unit: int = 1):
-        super().__init__(sequence_parallel=True, shard_unit=shard_unit)
+    def __init__(self):
+        super().__init__(sequence_parallel=True)
 
 
 class MoEExpertParallel(ParallelStyle):
     """Expert parallelism of a MoEBlock over a 1-D mesh: each rank owns whole experts (contiguous
-    ranges differing by at most one; E need not divide by the mesh size) and routes its own tokens
+    ranges of torch.chunk's sizes; E need not divide by the mesh size) and routes its own tokens
     (any count per rank). Forward: one all-to-all of the counts, one of the rows and one back;
     backward the two row all-to-alls; tpmoe.allreduce_router_grads once per step."""
 
@@ -102,7 +101,7 @@ class MoEExpertParallel(ParallelStyle):
         block = _the_block(module, name)
         ep_group = _check_mesh(device_mesh, name, 1).get_group()
         _broadcast_weights(block, [ep_group], self.src_data_rank)
-        return block.parallelize_(None, ep_group=ep_group)
+        return block.parallelize_(None, ep_group=ep_group, mesh=(device_mesh, (EP_DIM_NAME,)))
 
 
 class MoEExpertTensorParallel(ParallelStyle):
@@ -110,9 +109,9 @@ class MoEExpertTensorParallel(ParallelStyle):
     each expert's columns over `tp_dim` as in MoETensorParallel (the ranks of one TP group hold the
     same tokens). Forward adds ONE all-reduce in the TP group to the EP exchange; backward too."""
 
-    def __init__(self, *, ep_dim: str = EP_DIM_NAME, tp_dim: str = TP_DIM_NAME, shard_unit: int = 1):
+    def __init__(self, *, ep_dim: str = EP_DIM_NAME, tp_dim: str = TP_DIM_NAME):
         super().__init__()
-        self.ep_dim, self.tp_dim, self.shard_unit = ep_dim, tp_dim, shard_unit
+        self.ep_dim, self.tp_dim = ep_dim, tp_dim
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         name = type(self).__name__
@@ -124,7 +123,8 @@ class MoEExpertTensorParallel(ParallelStyle):
                 raise ValueError(f"{name}: {role} {dim!r} is not a dimension of the mesh {names}")
         ep_group, tp_group = mesh.get_group(self.ep_dim), mesh.get_group(self.tp_dim)
         _broadcast_weights(block, [ep_group, tp_group], self.src_data_rank)
-        return block.parallelize_(tp_group, ep_group=ep_group, shard_unit=self.shard_unit)
+        roles = tuple(EP_DIM_NAME if dim == self.ep_dim else TP_DIM_NAME for dim in names)
+        return block.parallelize_(tp_group, ep_group=ep_group, mesh=(mesh, roles))
 
 
 def _dims(mesh: DeviceMesh, tp: Optional[str], ep: Optional[str]) -> Tuple[Optional[str], Optional[str]]:

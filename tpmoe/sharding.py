@@ -18,12 +18,16 @@ shared expert's intermediate axis. Per weight (names as in tpmoe.weights; R = 2I
 So each rank's shard is itself a valid block of the same layout with I_p columns, and a
 naive split of the 2I axis (which would hand rank 0 only gate columns) never happens.
 
-Shard sizes: the axis is cut into units of `shard_unit` columns (1 on CPU; a GPU kernel may want
-its block width) and the units dealt out as evenly as possible, lower ranks first; the
-columns left over after the last whole unit go to the first rank holding one unit less.
-Sizes therefore differ by at most one unit. When the axis has fewer units than ranks, the
-last ranks get an EMPTY shard (I_p = 0): they contribute zero to the partial sums and still
-join every collective, so nothing hangs (tests/test_tp_block.py runs it).
+Shard sizes follow torch.chunk's rule, DTensor's for an uneven Shard (so a block's DTensor
+parameters, FSDP2 and distributed checkpoints agree with these functions): every rank holds
+ceil(I / P) columns in rank order and the last ranks what is left, possibly nothing (I = 77 over
+2: 39 + 38; I = 10 over 4: 3, 3, 3, 1; I = 5 over 4: 2, 2, 1, 0). Until 2026-12-07 the sizes
+were balanced (differing by at most one: 3, 3, 2, 2): per-rank state dicts saved before then
+hold those sizes and load only through the full weights (gather_full, from_full). A rank with an EMPTY shard (I_p = 0)
+contributes zero to the partial sums and still joins every collective, so nothing hangs
+(tests/test_tp_block.py runs it). `shard_unit` (columns per unit, 1 by default) applies the same
+rule to units: index maths for kernels that want whole tiles; a MoEBlock takes only 1, the unit
+DTensor's rule knows.
 
 Storage: on CUDA a block keeps its expert weights with every row of the innermost
 (contiguous) axis starting on a 16-byte boundary, its stride a multiple of 16 elements
@@ -42,9 +46,9 @@ load_state_dict(assign=True) installs the given, compact tensors until the next 
 Expert parallelism (EP, optionally combined with TP: rank (e, p) of an EP group of size
 P_ep and a TP group of size P): EP rank e owns the contiguous experts [first_e, first_e + n_e)
 of the routed per-expert weights (w_gate_up, b_gate_up, w_down; axis 0), and within them the
-TP column slice above. The ranges come from the same dealing as the columns (shard_sizes with
-a unit of one expert): they differ by at most one expert, the first E % P_ep ranks holding one
-more, and no range is empty (P_ep <= E). The shared expert is replicated over EP (TP-sliced
+TP column slice above. The ranges come from the same rule as the columns (shard_sizes with a
+unit of one expert): ceil(E / P_ep) experts each, the last ranks fewer and possibly none
+(E = 6 over 4: 2, 2, 2, 0; such a rank receives no rows and still joins every exchange). The shared expert is replicated over EP (TP-sliced
 only); b_down, the router and the shared gate stay replicated. The default ep_rank=0,
 ep_size=1 is plain TP: every function below then slices exactly as without EP.
 
@@ -80,18 +84,17 @@ def _check_shard_unit(shard_unit):
 
 
 def shard_sizes(total: int, world_size: int, shard_unit: int = 1) -> List[int]:
-    """Columns of an axis of `total` per rank: balanced in units of `shard_unit`, summing to total."""
+    """Columns of an axis of `total` per rank, summing to total: torch.chunk's rule (DTensor's for
+    an uneven Shard, hence FSDP2's and distributed checkpoints') over units of `shard_unit`
+    columns: every rank ceil(units / P) units in rank order, the last ranks what is left, possibly
+    nothing; a last partial unit (total not a multiple of shard_unit) stays with its unit."""
     _check_rank(0, world_size)
     _check_shard_unit(shard_unit)
     if not isinstance(total, int) or total < 0:
         raise ValueError(f"total: expected a non-negative int, got {total!r}")
-    units, leftover = divmod(total, shard_unit)
-    base, extra = divmod(units, world_size)
-    sizes = [(base + (1 if rank < extra else 0)) * shard_unit for rank in range(world_size)]
-    # Rank `extra` is the first with the smaller unit count (rank 0 when all counts are equal),
-    # so adding fewer than `shard_unit` columns there keeps every pair within one unit.
-    sizes[extra] += leftover
-    return sizes
+    units = -(-total // shard_unit)
+    per_rank = -(-units // world_size) * shard_unit
+    return [min((rank + 1) * per_rank, total) - min(rank * per_rank, total) for rank in range(world_size)]
 
 
 def shard_range(total: int, rank: int, world_size: int, shard_unit: int = 1) -> Tuple[int, int]:
@@ -106,15 +109,15 @@ def _check_ep(num_experts: int, ep_rank, ep_size):
     if not isinstance(ep_size, int) or ep_size < 1:
         raise ValueError(f"ep_size: expected a positive int (ranks of the EP group), got {ep_size!r}")
     if ep_size > num_experts:
-        raise ValueError(f"ep_size: expected at most num_experts = {num_experts} EP ranks (each owns at least one "
-                         f"whole expert), got an EP group of {ep_size}")
+        raise ValueError(f"ep_size: expected at most num_experts = {num_experts} EP ranks (an expert is never "
+                         f"split over EP ranks), got an EP group of {ep_size}")
     if not isinstance(ep_rank, int) or not 0 <= ep_rank < ep_size:
         raise ValueError(f"ep_rank: expected an int in [0, {ep_size}) (EP size {ep_size}), got {ep_rank!r}")
 
 
 def expert_ranges(num_experts: int, ep_size: int) -> List[Tuple[int, int]]:
     """(first expert, count) of every EP rank: contiguous ranges covering [0, E) in rank order,
-    counts differing by at most one (the first E % ep_size ranks hold one more)."""
+    torch.chunk's counts (shard_sizes): ceil(E / ep_size) each, the last ranks fewer or none."""
     _check_ep(num_experts, 0, ep_size)
     counts = shard_sizes(num_experts, ep_size)
     return [(sum(counts[:rank]), counts[rank]) for rank in range(ep_size)]
@@ -336,13 +339,28 @@ def aligned_storage(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def align_sharded_storage(module: torch.nn.Module) -> None:
-    """Re-stores the ALIGNED_NAMES parameters of a block that sit on an ALIGNED_DEVICE_TYPES
-    device with `aligned_storage` (in place: the Parameter objects stay, optimizers keep them)."""
+    """Re-stores the ALIGNED_NAMES parameters of a block (stacked, tpmoe.stacked; DTensors in a
+    parallel block) that sit on an ALIGNED_DEVICE_TYPES device with `aligned_storage` applied to
+    their format view, whose innermost rows the kernels read (in place: the Parameter objects
+    stay, optimizers keep them)."""
+    from torch.distributed.tensor import DTensor
+
+    from .stacked import to_format, to_stacked
+
     with torch.no_grad():
         for name in ALIGNED_NAMES:
             parameter = getattr(module, name, None)
-            if isinstance(parameter, torch.Tensor) and parameter.device.type in ALIGNED_DEVICE_TYPES:
-                data = parameter.data
-                aligned = aligned_storage(data)
-                if aligned is not data:
-                    parameter.data = aligned
+            if not isinstance(parameter, torch.Tensor) or parameter.device.type not in ALIGNED_DEVICE_TYPES:
+                continue
+            # A DTensor parameter's own local tensor (to_local() returns an alias, and assigning
+            # .data to a DTensor leaves its local tensor as it was): re-stored in place with set_.
+            stacked = parameter._local_tensor if isinstance(parameter, DTensor) else parameter.data
+            compact = to_format(module.config, name, stacked)
+            aligned = aligned_storage(compact)
+            if aligned is compact:
+                continue
+            aligned = to_stacked(module.config, name, aligned)
+            if isinstance(parameter, DTensor):
+                stacked.set_(aligned.untyped_storage(), aligned.storage_offset(), aligned.shape, aligned.stride())
+            else:
+                parameter.data = aligned

@@ -233,9 +233,10 @@ def _bench_tokens(plan, block, hf_modules, world_size, group, num_tokens, contex
             continue
         steps[impl] = step
     steps["dense"] = dense_step(config, num_tokens, rank_fwd_flops, mode, plan.dtype, device)
+    shards = block.local_shards()  # this rank's tensors (its parameters' local views)
     steps["floor"] = weight_read_step(
-        topk_ids, [getattr(block, name) for name in ("w_gate_up", "b_gate_up", "w_down") if hasattr(block, name)],
-        mode, [getattr(block, name) for name in ("shared_gate_up", "shared_down") if hasattr(block, name)])
+        topk_ids, [shards[name] for name in ("w_gate_up", "b_gate_up", "w_down") if name in shards],
+        mode, [shards[name] for name in ("shared_gate_up", "shared_down") if name in shards])
 
     # HF modules exist at world size 1 only, so every rank of the group times the same steps.
     # The yardsticks are among the steps: they sample the same moments of the machine as the contenders.

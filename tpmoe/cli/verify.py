@@ -182,10 +182,10 @@ def verify_rank(context, plan: VerifyPlan) -> Dict:
     expected_shards = shard_moe_weights(config, grads_ref, **shard_of)
     same_dtype_shards = same_dtype and shard_moe_weights(config, same_dtype[2], **shard_of)
     replicated_digests = []
+    shards = block.local_shards()
     for name, grad in block.local_grads().items():
-        parameter = getattr(block, name)
         if grad is None:  # only an empty shard (I_local = 0) is left without one
-            grad = torch.zeros_like(parameter) if parameter.numel() == 0 else None
+            grad = torch.zeros_like(shards[name]) if shards[name].numel() == 0 else None
         checks.append((f"{name} grad", grad, expected_shards[name], grads_ref[name],
                        same_dtype_shards and same_dtype_shards[name]))
         if name in ("router_weight", "router_bias", "shared_gate", "b_down") and grad is not None:

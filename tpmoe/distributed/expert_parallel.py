@@ -87,7 +87,7 @@ def exchange_counts(topk_ids: torch.Tensor, num_experts: int, ep_group) -> Excha
     # known on the host, so neither a copy back nor a data-dependent shape (another sync).
     segment_ends = torch.cumsum(received, 0)
     rows = torch.arange(sum(recv_splits), device=ids.device)
-    local_ids = torch.searchsorted(segment_ends, rows, right=True) % local_count
+    local_ids = torch.searchsorted(segment_ends, rows, right=True) % max(local_count, 1)  # none: no rows
     return ExchangePlan(order, send_splits, recv_splits, local_ids)
 
 

@@ -10,6 +10,7 @@ from .._checks import FLOAT_DTYPES, dtype_name
 from ..config import ACTIVATIONS, LAYOUTS, SCORINGS, MoEConfig
 from ..sharding import (EXPERT_SHARDED_NAMES, REPLICATED_NAMES, SHARDED_NAMES, assemble_full, check_shards,
                         shard_shapes)
+from .dtensor_parameters import local_tensor
 from .groups import (all_gather_single, collective_device, communicates, group_rank, group_size,
                      naming_collective_failures)
 
@@ -34,8 +35,8 @@ def _all_gather_named(local: Dict[str, torch.Tensor], group, what: str, kind: st
 def _bit_checksum(tensor: torch.Tensor) -> torch.Tensor:
     """Two int64 sums of the tensor's bit patterns (plain and position-weighted): exact and
     independent of summation order, so equal tensors give equal checksums on any device, and a
-    changed or moved element changes them."""
-    flat = tensor.detach().contiguous().reshape(-1)
+    changed or moved element changes them. A DTensor's local tensor: what this rank holds."""
+    flat = local_tensor(tensor.detach()).contiguous().reshape(-1)
     bits = flat.view(_INT_VIEW[flat.element_size()]).to(torch.int64)
     weights = torch.arange(flat.numel(), device=flat.device, dtype=torch.int64) % 8191 + 1
     return torch.stack([bits.sum(), (bits * weights).sum(), torch.tensor(flat.numel(), device=flat.device)])
@@ -231,7 +232,8 @@ def allreduce_gradients(parameters: Sequence[torch.Tensor], group, what: str = "
     """Sums the .grad of `parameters` over `group` in ONE all-reduce (flattened; promoted dtype).
     Parameters without a gradient are skipped (the same on every rank, by construction of the
     callers). Returns how many gradients were summed."""
-    grads = [p.grad for p in parameters if p.grad is not None]
+    # A parallel block's gradients are DTensors: their local tensors are summed, in place.
+    grads = [local_tensor(p.grad) for p in parameters if p.grad is not None]
     if not grads or not communicates(group):
         return len(grads)
     dtype = grads[0].dtype
