@@ -29,6 +29,11 @@
 #include "experts_cpu.h"
 #include "experts_cpu_weight_tile.h"
 
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define TPMOE_WIDEN_X86_KERNELS 1
+#include <immintrin.h>
+#endif
+
 namespace tpmoe {
 namespace cpu {
 namespace {
@@ -120,9 +125,10 @@ TPMOE_WIDEN_CLONES void few_rows_dot(int64_t rows, int64_t cols, int64_t K, cons
 }
 
 template <typename out_t>
-void store_rounded(const float* sums, int64_t rows, int64_t cols, out_t* out, int64_t stride_r, int64_t stride_c) {
+void store_rounded(const float* sums, int64_t ld_sums, int64_t rows, int64_t cols, out_t* out, int64_t stride_r,
+                   int64_t stride_c) {
   for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t c = 0; c < cols; ++c) out[r * stride_r + c * stride_c] = static_cast<out_t>(sums[r * cols + c]);
+    for (int64_t c = 0; c < cols; ++c) out[r * stride_r + c * stride_c] = static_cast<out_t>(sums[r * ld_sums + c]);
   }
 }
 
@@ -132,6 +138,202 @@ at::Tensor as_matrix(const Fp32Tile& tile, int64_t rows, int64_t cols) {
   float* data = const_cast<float*>(tile.data);
   if (tile.transposed) return at::from_blob(data, {rows, cols}, {1, std::max<int64_t>(tile.ld, 1)}, options);
   return at::from_blob(data, {rows, cols}, {std::max<int64_t>(tile.ld, 1), 1}, options);
+}
+
+
+#ifdef TPMOE_WIDEN_X86_KERNELS
+// The kernels of experts_cpu_widen_kernels.h for AVX2 + FMA (the CPUs this path is for: 16
+// registers, so 3 x 4 dot tiles and 6 x 16 outer tiles) and for AVX-512 (32 registers: 6 x 4
+// and 8 x 48), picked at run time (widen_kernels below).
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+using V = __m256;
+constexpr int kLanes = 8, kDotRows = 3, kOuterRows = 6, kOuterVectors = 2;
+inline V zero() { return _mm256_setzero_ps(); }
+inline V load(const float* p) { return _mm256_loadu_ps(p); }
+inline void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+inline V broadcast(const float* p) { return _mm256_broadcast_ss(p); }
+inline V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+inline __m128 sum4(V a, V b, V c, V d) {
+  const V abcd = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));  // a b c d per 128-bit half
+  return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+}
+#include "experts_cpu_widen_kernels.h"
+}  // namespace avx2
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx2,fma")
+namespace avx512 {
+using V = __m512;
+constexpr int kLanes = 16, kDotRows = 6, kOuterRows = 8, kOuterVectors = 3;
+inline V zero() { return _mm512_setzero_ps(); }
+inline V load(const float* p) { return _mm512_loadu_ps(p); }
+inline void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+inline V broadcast(const float* p) { return _mm512_set1_ps(*p); }
+inline V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+inline __m256 halves(V a) {
+  return _mm256_add_ps(_mm512_castps512_ps256(a), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
+}
+inline __m128 sum4(V a, V b, V c, V d) { return avx2::sum4(halves(a), halves(b), halves(c), halves(d)); }
+#include "experts_cpu_widen_kernels.h"
+}  // namespace avx512
+#pragma GCC pop_options
+#endif  // TPMOE_WIDEN_X86_KERNELS
+
+// One ISA's kernels and their shapes. Both kernels need their operands padded: the dot kernel
+// k to kPadK and columns to 4, the outer kernel columns to outer_width.
+struct WidenKernels {
+  const char* name;
+  int64_t outer_width;
+  void (*dot)(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t);
+  void (*outer)(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float*, float*, int64_t);
+};
+constexpr int64_t kPadK = 16;  // a multiple of every ISA's lanes
+
+#ifdef TPMOE_WIDEN_X86_KERNELS
+const WidenKernels kAvx2Kernels{"avx2", avx2::kOuterWidth, avx2::dot_gemm, avx2::outer_gemm};
+const WidenKernels kAvx512Kernels{"avx512", avx512::kOuterWidth, avx512::dot_gemm, avx512::outer_gemm};
+
+bool cpu_supports(const char* isa) {
+  __builtin_cpu_init();
+  if (std::string(isa) == "avx512") return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx2") &&
+                                           __builtin_cpu_supports("fma");
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+#endif
+
+// The kernels the widened GEMM runs, or null for ATen's float32 GEMM on the tiles (the
+// portable path: non-x86 builds, CPUs without AVX2, and any operand layout the kernels do
+// not take). TPMOE_CPU_WIDEN_KERNEL = avx512 | avx2 | aten | auto (default: the widest the
+// CPU has) forces one, so the tests run every kernel on a machine that has them; read at
+// every call like TPMOE_CPU_BF16_GEMM.
+const WidenKernels* widen_kernels() {
+  const char* env = std::getenv("TPMOE_CPU_WIDEN_KERNEL");
+  const std::string value = env == nullptr ? "" : env;
+  TORCH_CHECK(value.empty() || value == "auto" || value == "avx512" || value == "avx2" || value == "aten",
+              "tpmoe: TPMOE_CPU_WIDEN_KERNEL: expected 'avx512', 'avx2', 'aten' or 'auto' (or unset), got '", value,
+              "'");
+  if (value == "aten") return nullptr;
+#ifdef TPMOE_WIDEN_X86_KERNELS
+  static const bool has_avx512 = cpu_supports("avx512"), has_avx2 = cpu_supports("avx2");
+  if (value == "avx512" || value == "avx2") {
+    TORCH_CHECK(value == "avx512" ? has_avx512 : has_avx2, "tpmoe: TPMOE_CPU_WIDEN_KERNEL='", value,
+                "': this CPU does not support it");
+    return value == "avx512" ? &kAvx512Kernels : &kAvx2Kernels;
+  }
+  if (has_avx512) return &kAvx512Kernels;
+  if (has_avx2) return &kAvx2Kernels;
+  return nullptr;
+#else
+  TORCH_CHECK(value.empty() || value == "auto", "tpmoe: TPMOE_CPU_WIDEN_KERNEL='", value,
+              "': this build has no x86 kernels");
+  return nullptr;
+#endif
+}
+
+int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1) / multiple * multiple; }
+
+// Threads a GEMM's tiles can spread over: one inside an "experts" worker (nested regions run
+// in order), all of them in "gemm" mode.
+int64_t tile_threads() { return at::in_parallel_region() ? 1 : std::max<int64_t>(1, at::get_num_threads()); }
+
+// Rounds float32 sums (ld_sums apart) into out, bf16 or fp16.
+void store_sums(at::Tensor& out, int64_t m0, int64_t n0, const float* sums, int64_t ld_sums, int64_t rows,
+                int64_t cols) {
+  const int64_t offset = m0 * out.stride(0) + n0 * out.stride(1);
+  if (out.scalar_type() == at::kBFloat16) {
+    store_rounded(sums, ld_sums, rows, cols, out.data_ptr<c10::BFloat16>() + offset, out.stride(0), out.stride(1));
+  } else {
+    TORCH_CHECK(out.scalar_type() == at::kHalf, "tpmoe: widened_mm_out: expected a bf16 or fp16 output, got ",
+                out.scalar_type());
+    store_rounded(sums, ld_sums, rows, cols, out.data_ptr<c10::Half>() + offset, out.stride(0), out.stride(1));
+  }
+}
+
+// out = lhs @ rhs with rhs's columns contiguous in k (x @ W^T weights): every weight column
+// widened once into a zero-padded row of a tile and dotted with every row of the lhs panel
+// (widened once a call per panel), so the conversion is paid once per weight element, not
+// once per row.
+void widened_dot_mm(const WidenKernels& kernels, at::Tensor& out, const at::Tensor& lhs, const at::Tensor& rhs) {
+  const int64_t M = lhs.size(0), K = lhs.size(1), N = rhs.size(1);
+  const int64_t Kp = round_up(K, kPadK);
+  const at::Tensor weight = rhs.t();  // [N, K], rows contiguous
+  const int64_t panel_rows = std::clamp<int64_t>(kLhsPanelBytes / (4 * Kp), 1, M);
+  int64_t tile_cols = M <= kFewRows ? kFewRowsTileBytes / (4 * Kp) : kRhsTileBytes / (4 * Kp);
+  tile_cols = std::clamp<int64_t>(tile_cols / 4 * 4, 4, round_up(N, 4));
+  tile_cols = std::min(tile_cols, round_up((N + tile_threads() - 1) / tile_threads(), 4));
+  const int64_t tiles = (N + tile_cols - 1) / tile_cols;
+  thread_local std::vector<float> lhs_buffer;
+  lhs_buffer.resize(panel_rows * Kp);
+  for (int64_t m0 = 0; m0 < M; m0 += panel_rows) {
+    const int64_t rows = std::min(panel_rows, M - m0);
+    for (int64_t r = 0; r < rows; ++r) {
+      float* row = lhs_buffer.data() + r * Kp;
+      widen_tile(lhs, m0 + r, 1, 0, K, row);  // one row: contiguous in the buffer whatever lhs's strides
+      std::fill(row + K, row + Kp, 0.f);
+    }
+    // The panel by pointer: inside the workers `lhs_buffer` would name each worker's own.
+    const float* const panel = lhs_buffer.data();
+    at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+      thread_local std::vector<float> rhs_buffer, sums_buffer;
+      rhs_buffer.resize(tile_cols * Kp);
+      sums_buffer.resize(rows * tile_cols);
+      for (int64_t tile = begin; tile < end; ++tile) {
+        const int64_t n0 = tile * tile_cols, cols = std::min(tile_cols, N - n0), padded = round_up(cols, 4);
+        for (int64_t c = 0; c < cols; ++c) {
+          float* column = rhs_buffer.data() + c * Kp;
+          widen_tile(weight, n0 + c, 1, 0, K, column);
+          std::fill(column + K, column + Kp, 0.f);
+        }
+        std::fill(rhs_buffer.data() + cols * Kp, rhs_buffer.data() + padded * Kp, 0.f);
+        kernels.dot(rows, padded, Kp, panel, Kp, rhs_buffer.data(), Kp, sums_buffer.data(), padded);
+        store_sums(out, m0, n0, sums_buffer.data(), padded, rows, cols);
+      }
+    });
+  }
+}
+
+// out = lhs @ rhs with rhs's rows contiguous in n (the gpt_oss weights, and the backward's
+// right operands): the tile widened into strips of outer_width columns, each [K, width]
+// contiguous, multiplied by every row of the lhs panel (either layout).
+void widened_outer_mm(const WidenKernels& kernels, at::Tensor& out, const at::Tensor& lhs, const at::Tensor& rhs) {
+  const int64_t M = lhs.size(0), K = lhs.size(1), N = rhs.size(1), width = kernels.outer_width;
+  const int64_t panel_rows = std::clamp<int64_t>(kLhsPanelBytes / (4 * K), 1, M);
+  int64_t tile_cols = std::clamp<int64_t>(kRhsTileBytes / (4 * K) / width * width, width, round_up(N, width));
+  tile_cols = std::min(tile_cols, round_up((N + tile_threads() - 1) / tile_threads(), width));
+  const int64_t tiles = (N + tile_cols - 1) / tile_cols;
+  thread_local std::vector<float> lhs_buffer;
+  lhs_buffer.resize(panel_rows * K);
+  for (int64_t m0 = 0; m0 < M; m0 += panel_rows) {
+    const int64_t rows = std::min(panel_rows, M - m0);
+    const Fp32Tile panel = widen_tile(lhs, m0, rows, 0, K, lhs_buffer.data());
+    const int64_t a_row = panel.transposed ? 1 : panel.ld, a_k = panel.transposed ? panel.ld : 1;
+    at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+      thread_local std::vector<float> rhs_buffer, sums_buffer;
+      rhs_buffer.resize(K * tile_cols);
+      sums_buffer.resize(rows * tile_cols);
+      for (int64_t tile = begin; tile < end; ++tile) {
+        const int64_t n0 = tile * tile_cols, cols = std::min(tile_cols, N - n0), strips = (cols + width - 1) / width;
+        for (int64_t strip = 0; strip < strips; ++strip) {
+          const int64_t c0 = n0 + strip * width, strip_cols = std::min(width, N - c0);
+          float* packed = rhs_buffer.data() + strip * K * width;
+          if (strip_cols == width) {
+            widen_tile(rhs, 0, K, c0, width, packed);  // rows contiguous: [K, width], leading dimension width
+          } else {
+            for (int64_t k = 0; k < K; ++k) {
+              widen_tile(rhs, k, 1, c0, strip_cols, packed + k * width);
+              std::fill(packed + k * width + strip_cols, packed + (k + 1) * width, 0.f);
+            }
+          }
+        }
+        kernels.outer(rows, strips, K, panel.data, a_row, a_k, rhs_buffer.data(), sums_buffer.data(),
+                      strips * width);
+        store_sums(out, m0, n0, sums_buffer.data(), strips * width, rows, cols);
+      }
+    });
+  }
 }
 
 }  // namespace
@@ -160,6 +362,11 @@ void widened_mm_out(at::Tensor& out, const at::Tensor& lhs, const at::Tensor& rh
     out.zero_();
     return;
   }
+  if (const WidenKernels* kernels = widen_kernels()) {
+    if (rhs.stride(1) == 1) return widened_outer_mm(*kernels, out, lhs, rhs);
+    if (rhs.stride(0) == 1) return widened_dot_mm(*kernels, out, lhs, rhs);
+  }
+  // ATen's float32 GEMM on the widened tiles: the portable path, and any other operand layout.
   const int64_t panel_rows = std::clamp<int64_t>(kLhsPanelBytes / (4 * K), 1, M);
   // Few rows: tiles that stay in L1 between their widening and their one use (a 512 KiB tile
   // went out to L2 and back, and decode ran 2.6x its weight-read floor instead of ~1x).
@@ -190,12 +397,12 @@ void widened_mm_out(at::Tensor& out, const at::Tensor& lhs, const at::Tensor& rh
         }
         const int64_t offset = m0 * out.stride(0) + n0 * out.stride(1);
         if (out.scalar_type() == at::kBFloat16) {
-          store_rounded(sums_buffer.data(), rows, cols, out.data_ptr<c10::BFloat16>() + offset, out.stride(0),
+          store_rounded(sums_buffer.data(), cols, rows, cols, out.data_ptr<c10::BFloat16>() + offset, out.stride(0),
                         out.stride(1));
         } else {
           TORCH_CHECK(out.scalar_type() == at::kHalf, "tpmoe: widened_mm_out: expected a bf16 or fp16 output, got ",
                       out.scalar_type());
-          store_rounded(sums_buffer.data(), rows, cols, out.data_ptr<c10::Half>() + offset, out.stride(0),
+          store_rounded(sums_buffer.data(), cols, rows, cols, out.data_ptr<c10::Half>() + offset, out.stride(0),
                         out.stride(1));
         }
       }

@@ -1,0 +1,130 @@
+// The float32 micro-kernels of the widened bf16 GEMM (csrc/experts_cpu_widen.cpp), written
+// once and compiled once per vector ISA: experts_cpu_widen.cpp includes this file inside a
+// namespace and a `#pragma GCC target` region after defining, for that ISA, the vector type
+// V, kLanes, zero / load / store / broadcast / fma, sum4 (the four horizontal sums of four
+// vectors as one __m128), and the tile shapes kDotRows and kOuterRows x kOuterVectors.
+//
+// Why hand-written rather than ATen's float32 GEMM on the widened tiles: an expert has ~32
+// rows at the Qwen3 prefill shape, and a [32, 2048] x [2048, 64] call costs oneDNN/MKL a copy
+// of the tile into its own packed layout plus a dispatch per tile; the widened tile here is
+// already laid out for these kernels (zero-padded, so no tails), so the only conversion
+// is the widening itself, amortized over all of the expert's rows. No include guard and no
+// #include: it is meant to be included more than once, after <immintrin.h>.
+
+// Rows x 4 columns of dot products along k (the x @ W^T weights, whose rows are contiguous
+// in k): sums[r, c] (+)= a[r, k0:k0+Kc] . b[c, k0:k0+Kc]. Kc a multiple of kLanes.
+template <int kRows>
+inline void dot_tile(int64_t Kc, const float* a, int64_t lda, const float* b, int64_t ldb, float* sums,
+                     int64_t ld_sums, bool accumulate) {
+  V acc[kRows][4];
+#pragma GCC unroll 8
+  for (int r = 0; r < kRows; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) acc[r][c] = zero();
+  for (int64_t k = 0; k < Kc; k += kLanes) {
+    V b_vec[4];
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) b_vec[c] = load(b + c * ldb + k);
+#pragma GCC unroll 8
+    for (int r = 0; r < kRows; ++r) {
+      const V a_vec = load(a + r * lda + k);
+#pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c) acc[r][c] = fma(a_vec, b_vec[c], acc[r][c]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < kRows; ++r) {
+    __m128 total = sum4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
+    float* out = sums + r * ld_sums;
+    if (accumulate) total = _mm_add_ps(total, _mm_loadu_ps(out));
+    _mm_storeu_ps(out, total);
+  }
+}
+
+// The row count known at compile time: kRows down to 1 (an expert's last rows).
+template <int kRows>
+inline void dot_tile_rows(int rows, int64_t Kc, const float* a, int64_t lda, const float* b, int64_t ldb,
+                          float* sums, int64_t ld_sums, bool accumulate) {
+  if (rows == kRows) {
+    dot_tile<kRows>(Kc, a, lda, b, ldb, sums, ld_sums, accumulate);
+  } else if constexpr (kRows > 1) {
+    dot_tile_rows<kRows - 1>(rows, Kc, a, lda, b, ldb, sums, ld_sums, accumulate);
+  }
+}
+
+// sums[rows, cols] = a[rows, Kp] b[cols, Kp]^T: a and b row-major, Kp and cols multiples of
+// kLanes and 4, zero-padded. k is cut into chunks (the partial sums added in chunk order,
+// fixed, so a call is reproducible) so that a group of kDotRows rows of a stays in L1 while
+// every group of 4 weight columns streams past it from L2: at K = 2048 a whole row group is
+// 48 KiB, as much as an L1, and re-reading it from L2 for every column group cost more
+// L2 bandwidth than the FMAs leave.
+constexpr int64_t kDotChunk = 1024;
+
+void dot_gemm(int64_t rows, int64_t cols, int64_t Kp, const float* a, int64_t lda, const float* b, int64_t ldb,
+              float* sums, int64_t ld_sums) {
+  for (int64_t k0 = 0; k0 < Kp; k0 += kDotChunk) {
+    const int64_t Kc = std::min(kDotChunk, Kp - k0);
+    for (int64_t m0 = 0; m0 < rows; m0 += kDotRows) {
+      const int group = int(std::min<int64_t>(kDotRows, rows - m0));
+      for (int64_t c0 = 0; c0 < cols; c0 += 4) {
+        dot_tile_rows<kDotRows>(group, Kc, a + m0 * lda + k0, lda, b + c0 * ldb + k0, ldb, sums + m0 * ld_sums + c0,
+                                ld_sums, k0 > 0);
+      }
+    }
+  }
+}
+
+// Rows x kOuterWidth columns as outer products (weights stored [K, N], rows contiguous in
+// n: the gpt_oss layout and every backward GEMM): sums[r, :] = sum_k a(r, k) b[k, :], a(r, k)
+// at a[r * a_row + k * a_k] (either layout of the widened panel), b one packed strip
+// [K, kOuterWidth].
+constexpr int kOuterWidth = kOuterVectors * kLanes;
+
+template <int kRows>
+inline void outer_tile(int64_t K, const float* a, int64_t a_row, int64_t a_k, const float* b, float* sums,
+                       int64_t ld_sums) {
+  V acc[kRows][kOuterVectors];
+#pragma GCC unroll 16
+  for (int r = 0; r < kRows; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < kOuterVectors; ++v) acc[r][v] = zero();
+  for (int64_t k = 0; k < K; ++k) {
+    V b_vec[kOuterVectors];
+#pragma GCC unroll 4
+    for (int v = 0; v < kOuterVectors; ++v) b_vec[v] = load(b + k * kOuterWidth + v * kLanes);
+    const float* a_k_column = a + k * a_k;
+#pragma GCC unroll 16
+    for (int r = 0; r < kRows; ++r) {
+      const V a_vec = broadcast(a_k_column + r * a_row);
+#pragma GCC unroll 4
+      for (int v = 0; v < kOuterVectors; ++v) acc[r][v] = fma(a_vec, b_vec[v], acc[r][v]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < kRows; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < kOuterVectors; ++v) store(sums + r * ld_sums + v * kLanes, acc[r][v]);
+}
+
+template <int kRows>
+inline void outer_tile_rows(int rows, int64_t K, const float* a, int64_t a_row, int64_t a_k, const float* b,
+                            float* sums, int64_t ld_sums) {
+  if (rows == kRows) {
+    outer_tile<kRows>(K, a, a_row, a_k, b, sums, ld_sums);
+  } else if constexpr (kRows > 1) {
+    outer_tile_rows<kRows - 1>(rows, K, a, a_row, a_k, b, sums, ld_sums);
+  }
+}
+
+// sums[rows, strips * kOuterWidth] over strips packed one after another ([K, kOuterWidth]
+// each, zero-padded past the last column).
+void outer_gemm(int64_t rows, int64_t strips, int64_t K, const float* a, int64_t a_row, int64_t a_k, const float* b,
+                float* sums, int64_t ld_sums) {
+  for (int64_t m0 = 0; m0 < rows; m0 += kOuterRows) {
+    const int group = int(std::min<int64_t>(kOuterRows, rows - m0));
+    for (int64_t strip = 0; strip < strips; ++strip) {
+      outer_tile_rows<kOuterRows>(group, K, a + m0 * a_row, a_row, a_k, b + strip * K * kOuterWidth,
+                                  sums + m0 * ld_sums + strip * kOuterWidth, ld_sums);
+    }
+  }
+}
