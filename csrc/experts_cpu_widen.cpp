@@ -141,6 +141,13 @@ at::Tensor as_matrix(const Fp32Tile& tile, int64_t rows, int64_t cols) {
 }
 
 
+// Lines the dot kernel asks into L2 as it runs: [next, end), lines_per_step at every k step.
+struct Prefetch {
+  const char* next = nullptr;
+  const char* end = nullptr;
+  int64_t lines_per_step = 0;
+};
+
 #ifdef TPMOE_WIDEN_X86_KERNELS
 // The kernels of experts_cpu_widen_kernels.h for AVX2 + FMA (the CPUs this path is for: 16
 // registers, so 3 x 4 dot tiles and 6 x 16 outer tiles) and for AVX-512 (32 registers: 6 x 4
@@ -187,7 +194,8 @@ inline __m128 sum4(V a, V b, V c, V d) { return avx2::sum4(halves(a), halves(b),
 struct WidenKernels {
   const char* name;
   int64_t outer_width;
-  void (*dot)(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t);
+  void (*dot)(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t, const char*,
+              const char*);
   void (*outer)(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float*, float*, int64_t);
 };
 constexpr int64_t kPadK = 16;  // a multiple of every ISA's lanes
@@ -256,10 +264,25 @@ void store_sums(at::Tensor& out, int64_t m0, int64_t n0, const float* sums, int6
 // widened once into a zero-padded row of a tile and dotted with every row of the lhs panel
 // (widened once a call per panel), so the conversion is paid once per weight element, not
 // once per row.
-void widened_dot_mm(const WidenKernels& kernels, at::Tensor& out, const at::Tensor& lhs, const at::Tensor& rhs) {
+// The bytes of rows [r0, r1) of a row-contiguous [N, K] weight (and the gaps between them).
+std::pair<const char*, const char*> weight_rows_bytes(const at::Tensor& weight, int64_t r0, int64_t r1) {
+  if (r1 <= r0) return {nullptr, nullptr};
+  const char* base = static_cast<const char*>(weight.const_data_ptr());
+  const int64_t item = weight.element_size();
+  return {base + r0 * weight.stride(0) * item, base + ((r1 - 1) * weight.stride(0) + weight.size(1)) * item};
+}
+
+void widened_dot_mm(const WidenKernels& kernels, at::Tensor& out, const at::Tensor& lhs, const at::Tensor& rhs,
+                    const at::Tensor* following_rhs) {
   const int64_t M = lhs.size(0), K = lhs.size(1), N = rhs.size(1);
   const int64_t Kp = round_up(K, kPadK);
   const at::Tensor weight = rhs.t();  // [N, K], rows contiguous
+  // The next GEMM's weight as the same [N', K] rows, where it has that layout and this K.
+  at::Tensor following;
+  if (following_rhs != nullptr && following_rhs->dim() == 2 && following_rhs->size(0) == K &&
+      following_rhs->stride(0) == 1) {
+    following = following_rhs->t();
+  }
   const int64_t panel_rows = std::clamp<int64_t>(kLhsPanelBytes / (4 * Kp), 1, M);
   int64_t tile_cols = M <= kFewRows ? kFewRowsTileBytes / (4 * Kp) : kRhsTileBytes / (4 * Kp);
   tile_cols = std::clamp<int64_t>(tile_cols / 4 * 4, 4, round_up(N, 4));
@@ -288,7 +311,18 @@ void widened_dot_mm(const WidenKernels& kernels, at::Tensor& out, const at::Tens
           std::fill(column + K, column + Kp, 0.f);
         }
         std::fill(rhs_buffer.data() + cols * Kp, rhs_buffer.data() + padded * Kp, 0.f);
-        kernels.dot(rows, padded, Kp, panel, Kp, rhs_buffer.data(), Kp, sums_buffer.data(), padded);
+        // What this thread widens next: its next tile, else the first tile of the next panel's
+        // pass, else of the caller's next GEMM.
+        std::pair<const char*, const char*> next{nullptr, nullptr};
+        if (tile + 1 < end) {
+          next = weight_rows_bytes(weight, n0 + cols, std::min(N, n0 + cols + tile_cols));
+        } else if (m0 + rows < M) {
+          next = weight_rows_bytes(weight, begin * tile_cols, std::min(N, (begin + 1) * tile_cols));
+        } else if (following.defined()) {
+          next = weight_rows_bytes(following, 0, std::min(following.size(0), tile_cols));
+        }
+        kernels.dot(rows, padded, Kp, panel, Kp, rhs_buffer.data(), Kp, sums_buffer.data(), padded, next.first,
+                    next.second);
         store_sums(out, m0, n0, sums_buffer.data(), padded, rows, cols);
       }
     });
@@ -355,7 +389,7 @@ Bf16GemmPath bf16_gemm_path() {
 
 std::string bf16_gemm_path_name() { return bf16_gemm_path() == Bf16GemmPath::kWiden ? "widen" : "native"; }
 
-void widened_mm_out(at::Tensor& out, const at::Tensor& lhs, const at::Tensor& rhs) {
+void widened_mm_out(at::Tensor& out, const at::Tensor& lhs, const at::Tensor& rhs, const at::Tensor* following_rhs) {
   const int64_t M = lhs.size(0), K = lhs.size(1), N = rhs.size(1);
   if (M == 0 || N == 0) return;
   if (K == 0) {
@@ -364,7 +398,7 @@ void widened_mm_out(at::Tensor& out, const at::Tensor& lhs, const at::Tensor& rh
   }
   if (const WidenKernels* kernels = widen_kernels()) {
     if (rhs.stride(1) == 1) return widened_outer_mm(*kernels, out, lhs, rhs);
-    if (rhs.stride(0) == 1) return widened_dot_mm(*kernels, out, lhs, rhs);
+    if (rhs.stride(0) == 1) return widened_dot_mm(*kernels, out, lhs, rhs, following_rhs);
   }
   // ATen's float32 GEMM on the widened tiles: the portable path, and any other operand layout.
   const int64_t panel_rows = std::clamp<int64_t>(kLhsPanelBytes / (4 * K), 1, M);
