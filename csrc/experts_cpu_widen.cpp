@@ -47,6 +47,8 @@ constexpr int64_t kRhsTileBytes = 512 << 10;
 // Up to this many rows the products run in few_rows_dot rather than an ATen float32 GEMM.
 constexpr int64_t kFewRows = 4;
 constexpr int64_t kFewRowsTileBytes = 32 << 10;
+// The dot path asks this much of the weight ahead into L2 (at least the next tile).
+constexpr int64_t kFetchAheadBytes = 128 << 10;
 
 bool cpu_has_native_bf16_dot() {
   // cpuinfo through ATen (x86: avx512_bf16 / amx_bf16; Arm: bf16), and the compiler's own
@@ -288,6 +290,11 @@ void widened_dot_mm(const WidenKernels& kernels, at::Tensor& out, const at::Tens
   tile_cols = std::clamp<int64_t>(tile_cols / 4 * 4, 4, round_up(N, 4));
   tile_cols = std::min(tile_cols, round_up((N + tile_threads() - 1) / tile_threads(), 4));
   const int64_t tiles = (N + tile_cols - 1) / tile_cols;
+  // How far ahead the weight is fetched, in tiles: with few rows a tile (16 KiB of bf16 at
+  // K = 2048) is done long before memory delivers the next one, so the stream must be asked
+  // for well ahead to keep enough lines in flight (one tile ahead, decode ran at ~3x the
+  // native path's time); with many rows one tile of compute covers the next tile's read.
+  const int64_t ahead = std::max<int64_t>(1, kFetchAheadBytes / (tile_cols * K * rhs.element_size()));
   thread_local std::vector<float> lhs_buffer;
   lhs_buffer.resize(panel_rows * Kp);
   for (int64_t m0 = 0; m0 < M; m0 += panel_rows) {
@@ -311,15 +318,19 @@ void widened_dot_mm(const WidenKernels& kernels, at::Tensor& out, const at::Tens
           std::fill(column + K, column + Kp, 0.f);
         }
         std::fill(rhs_buffer.data() + cols * Kp, rhs_buffer.data() + padded * Kp, 0.f);
-        // What this thread widens next: its next tile, else the first tile of the next panel's
-        // pass, else of the caller's next GEMM.
+        // The tile this thread widens `ahead` tiles from now: in its own range, else in the next
+        // panel's pass over the same range, else in the caller's next GEMM (same K, so the same
+        // tile width); the tiles before it were asked for by the tiles before this one.
         std::pair<const char*, const char*> next{nullptr, nullptr};
-        if (tile + 1 < end) {
-          next = weight_rows_bytes(weight, n0 + cols, std::min(N, n0 + cols + tile_cols));
+        const int64_t later = tile + ahead - end;  // its index past this thread's range
+        if (later < 0) {
+          next = weight_rows_bytes(weight, (tile + ahead) * tile_cols, std::min(N, (tile + ahead + 1) * tile_cols));
         } else if (m0 + rows < M) {
-          next = weight_rows_bytes(weight, begin * tile_cols, std::min(N, (begin + 1) * tile_cols));
+          if (begin + later < end) {
+            next = weight_rows_bytes(weight, (begin + later) * tile_cols, std::min(N, (begin + later + 1) * tile_cols));
+          }
         } else if (following.defined()) {
-          next = weight_rows_bytes(following, 0, std::min(following.size(0), tile_cols));
+          next = weight_rows_bytes(following, later * tile_cols, std::min(following.size(0), (later + 1) * tile_cols));
         }
         kernels.dot(rows, padded, Kp, panel, Kp, rhs_buffer.data(), Kp, sums_buffer.data(), padded, next.first,
                     next.second);
