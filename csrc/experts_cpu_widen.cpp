@@ -47,6 +47,10 @@ constexpr int64_t kRhsTileBytes = 512 << 10;
 // Up to this many rows the products run in few_rows_dot rather than an ATen float32 GEMM.
 constexpr int64_t kFewRows = 4;
 constexpr int64_t kFewRowsTileBytes = 32 << 10;
+// The outer path's k chunk, its panel rows and the bytes of a tile's sums.
+constexpr int64_t kOuterChunk = 256;
+constexpr int64_t kOuterPanelRows = 256;
+constexpr int64_t kOuterSumsBytes = 256 << 10;
 // The dot path asks this much of the weight ahead into L2 (at least the next tile).
 constexpr int64_t kFetchAheadBytes = 128 << 10;
 
@@ -164,6 +168,17 @@ inline V load(const float* p) { return _mm256_loadu_ps(p); }
 inline void store(float* p, V v) { _mm256_storeu_ps(p, v); }
 inline V broadcast(const float* p) { return _mm256_broadcast_ss(p); }
 inline V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+inline V add(V a, V b) { return _mm256_add_ps(a, b); }
+inline void store_bf16_bits(uint16_t* out, V values) {
+  const __m256i bits = _mm256_castps_si256(values);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(values, values, _CMP_UNORD_Q));
+  rounded = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0), nan);
+  // Packing works within 128-bit halves: [0-3, 0-3 | 4-7, 4-7] -> 0-7 in the low half.
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(rounded, rounded), 0x08);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm256_castsi256_si128(packed));
+}
 inline __m128 sum4(V a, V b, V c, V d) {
   const V abcd = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));  // a b c d per 128-bit half
   return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
@@ -182,6 +197,14 @@ inline V load(const float* p) { return _mm512_loadu_ps(p); }
 inline void store(float* p, V v) { _mm512_storeu_ps(p, v); }
 inline V broadcast(const float* p) { return _mm512_set1_ps(*p); }
 inline V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+inline V add(V a, V b) { return _mm512_add_ps(a, b); }
+inline void store_bf16_bits(uint16_t* out, V values) {
+  const __m512i bits = _mm512_castps_si512(values);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(values, values, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtepi32_epi16(rounded));
+}
 inline __m256 halves(V a) {
   return _mm256_add_ps(_mm512_castps512_ps256(a), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
 }
@@ -198,13 +221,15 @@ struct WidenKernels {
   int64_t outer_width;
   void (*dot)(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t, const char*,
               const char*);
-  void (*outer)(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float*, float*, int64_t);
+  void (*outer)(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float*, float*, int64_t, bool);
+  void (*store_bf16)(const float*, int64_t, int64_t, int64_t, uint16_t*, int64_t);
 };
 constexpr int64_t kPadK = 16;  // a multiple of every ISA's lanes
 
 #ifdef TPMOE_WIDEN_X86_KERNELS
-const WidenKernels kAvx2Kernels{"avx2", avx2::kOuterWidth, avx2::dot_gemm, avx2::outer_gemm};
-const WidenKernels kAvx512Kernels{"avx512", avx512::kOuterWidth, avx512::dot_gemm, avx512::outer_gemm};
+const WidenKernels kAvx2Kernels{"avx2", avx2::kOuterWidth, avx2::dot_gemm, avx2::outer_gemm, avx2::store_bf16_rows};
+const WidenKernels kAvx512Kernels{"avx512", avx512::kOuterWidth, avx512::dot_gemm, avx512::outer_gemm,
+                                  avx512::store_bf16_rows};
 
 bool cpu_supports(const char* isa) {
   __builtin_cpu_init();
@@ -250,10 +275,13 @@ int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1
 int64_t tile_threads() { return at::in_parallel_region() ? 1 : std::max<int64_t>(1, at::get_num_threads()); }
 
 // Rounds float32 sums (ld_sums apart) into out, bf16 or fp16.
-void store_sums(at::Tensor& out, int64_t m0, int64_t n0, const float* sums, int64_t ld_sums, int64_t rows,
-                int64_t cols) {
+void store_sums(const WidenKernels& kernels, at::Tensor& out, int64_t m0, int64_t n0, const float* sums,
+                int64_t ld_sums, int64_t rows, int64_t cols) {
   const int64_t offset = m0 * out.stride(0) + n0 * out.stride(1);
-  if (out.scalar_type() == at::kBFloat16) {
+  if (out.scalar_type() == at::kBFloat16 && out.stride(1) == 1) {
+    kernels.store_bf16(sums, ld_sums, rows, cols, reinterpret_cast<uint16_t*>(out.data_ptr<c10::BFloat16>()) + offset,
+                       out.stride(0));
+  } else if (out.scalar_type() == at::kBFloat16) {
     store_rounded(sums, ld_sums, rows, cols, out.data_ptr<c10::BFloat16>() + offset, out.stride(0), out.stride(1));
   } else {
     TORCH_CHECK(out.scalar_type() == at::kHalf, "tpmoe: widened_mm_out: expected a bf16 or fp16 output, got ",
@@ -334,7 +362,7 @@ void widened_dot_mm(const WidenKernels& kernels, at::Tensor& out, const at::Tens
         }
         kernels.dot(rows, padded, Kp, panel, Kp, rhs_buffer.data(), Kp, sums_buffer.data(), padded, next.first,
                     next.second);
-        store_sums(out, m0, n0, sums_buffer.data(), padded, rows, cols);
+        store_sums(kernels, out, m0, n0, sums_buffer.data(), padded, rows, cols);
       }
     });
   }
@@ -345,8 +373,15 @@ void widened_dot_mm(const WidenKernels& kernels, at::Tensor& out, const at::Tens
 // contiguous, multiplied by every row of the lhs panel (either layout).
 void widened_outer_mm(const WidenKernels& kernels, at::Tensor& out, const at::Tensor& lhs, const at::Tensor& rhs) {
   const int64_t M = lhs.size(0), K = lhs.size(1), N = rhs.size(1), width = kernels.outer_width;
-  const int64_t panel_rows = std::clamp<int64_t>(kLhsPanelBytes / (4 * K), 1, M);
-  int64_t tile_cols = std::clamp<int64_t>(kRhsTileBytes / (4 * K) / width * width, width, round_up(N, width));
+  // k in chunks of kOuterChunk (the sums of later chunks added to the earlier ones, in
+  // order): a tile is then chunk x tile_cols, so its rows are long runs of the weight's
+  // rows (at K = 2048 a whole-k tile would be 64 columns: 128 bytes of every 1.5 KiB row).
+  const int64_t chunk = std::min(K, kOuterChunk);
+  // The sums of a panel's tile stay in L2 (the weight gradients have ~32-deep k and a
+  // panel of every row of the [I, T] or [R, T] activations).
+  const int64_t panel_rows = std::clamp<int64_t>(kLhsPanelBytes / (4 * K), 1, std::min(M, kOuterPanelRows));
+  int64_t tile_cols = std::min(kRhsTileBytes / (4 * chunk), kOuterSumsBytes / (4 * panel_rows));
+  tile_cols = std::clamp<int64_t>(tile_cols / width * width, width, round_up(N, width));
   tile_cols = std::min(tile_cols, round_up((N + tile_threads() - 1) / tile_threads(), width));
   const int64_t tiles = (N + tile_cols - 1) / tile_cols;
   thread_local std::vector<float> lhs_buffer;
@@ -357,25 +392,28 @@ void widened_outer_mm(const WidenKernels& kernels, at::Tensor& out, const at::Te
     const int64_t a_row = panel.transposed ? 1 : panel.ld, a_k = panel.transposed ? panel.ld : 1;
     at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
       thread_local std::vector<float> rhs_buffer, sums_buffer;
-      rhs_buffer.resize(K * tile_cols);
+      rhs_buffer.resize(chunk * tile_cols);
       sums_buffer.resize(rows * tile_cols);
       for (int64_t tile = begin; tile < end; ++tile) {
         const int64_t n0 = tile * tile_cols, cols = std::min(tile_cols, N - n0), strips = (cols + width - 1) / width;
-        for (int64_t strip = 0; strip < strips; ++strip) {
-          const int64_t c0 = n0 + strip * width, strip_cols = std::min(width, N - c0);
-          float* packed = rhs_buffer.data() + strip * K * width;
-          if (strip_cols == width) {
-            widen_tile(rhs, 0, K, c0, width, packed);  // rows contiguous: [K, width], leading dimension width
-          } else {
-            for (int64_t k = 0; k < K; ++k) {
-              widen_tile(rhs, k, 1, c0, strip_cols, packed + k * width);
-              std::fill(packed + k * width + strip_cols, packed + (k + 1) * width, 0.f);
+        for (int64_t k0 = 0; k0 < K; k0 += chunk) {
+          const int64_t depth = std::min(chunk, K - k0);
+          for (int64_t strip = 0; strip < strips; ++strip) {
+            const int64_t c0 = n0 + strip * width, strip_cols = std::min(width, N - c0);
+            float* packed = rhs_buffer.data() + strip * depth * width;
+            if (strip_cols == width) {
+              widen_tile(rhs, k0, depth, c0, width, packed);  // rows contiguous: [depth, width], leading dimension width
+            } else {
+              for (int64_t k = 0; k < depth; ++k) {
+                widen_tile(rhs, k0 + k, 1, c0, strip_cols, packed + k * width);
+                std::fill(packed + k * width + strip_cols, packed + (k + 1) * width, 0.f);
+              }
             }
           }
+          kernels.outer(rows, strips, depth, panel.data + k0 * a_k, a_row, a_k, rhs_buffer.data(), sums_buffer.data(),
+                        strips * width, k0 > 0);
         }
-        kernels.outer(rows, strips, K, panel.data, a_row, a_k, rhs_buffer.data(), sums_buffer.data(),
-                      strips * width);
-        store_sums(out, m0, n0, sums_buffer.data(), strips * width, rows, cols);
+        store_sums(kernels, out, m0, n0, sums_buffer.data(), strips * width, rows, cols);
       }
     });
   }

@@ -101,7 +101,7 @@ constexpr int kOuterWidth = kOuterVectors * kLanes;
 
 template <int kRows>
 inline void outer_tile(int64_t K, const float* a, int64_t a_row, int64_t a_k, const float* b, float* sums,
-                       int64_t ld_sums) {
+                       int64_t ld_sums, bool accumulate) {
   V acc[kRows][kOuterVectors];
 #pragma GCC unroll 16
   for (int r = 0; r < kRows; ++r)
@@ -122,28 +122,45 @@ inline void outer_tile(int64_t K, const float* a, int64_t a_row, int64_t a_k, co
 #pragma GCC unroll 16
   for (int r = 0; r < kRows; ++r)
 #pragma GCC unroll 4
-    for (int v = 0; v < kOuterVectors; ++v) store(sums + r * ld_sums + v * kLanes, acc[r][v]);
+    for (int v = 0; v < kOuterVectors; ++v) {
+      float* out = sums + r * ld_sums + v * kLanes;
+      store(out, accumulate ? add(acc[r][v], load(out)) : acc[r][v]);
+    }
 }
 
 template <int kRows>
 inline void outer_tile_rows(int rows, int64_t K, const float* a, int64_t a_row, int64_t a_k, const float* b,
-                            float* sums, int64_t ld_sums) {
+                            float* sums, int64_t ld_sums, bool accumulate) {
   if (rows == kRows) {
-    outer_tile<kRows>(K, a, a_row, a_k, b, sums, ld_sums);
+    outer_tile<kRows>(K, a, a_row, a_k, b, sums, ld_sums, accumulate);
   } else if constexpr (kRows > 1) {
-    outer_tile_rows<kRows - 1>(rows, K, a, a_row, a_k, b, sums, ld_sums);
+    outer_tile_rows<kRows - 1>(rows, K, a, a_row, a_k, b, sums, ld_sums, accumulate);
   }
 }
 
-// sums[rows, strips * kOuterWidth] over strips packed one after another ([K, kOuterWidth]
-// each, zero-padded past the last column).
+// sums[rows, strips * kOuterWidth] (+)= over strips packed one after another ([K, kOuterWidth]
+// each, zero-padded past the last column); accumulate: add to the sums there (the caller's
+// earlier chunks of k).
 void outer_gemm(int64_t rows, int64_t strips, int64_t K, const float* a, int64_t a_row, int64_t a_k, const float* b,
-                float* sums, int64_t ld_sums) {
+                float* sums, int64_t ld_sums, bool accumulate) {
   for (int64_t m0 = 0; m0 < rows; m0 += kOuterRows) {
     const int group = int(std::min<int64_t>(kOuterRows, rows - m0));
     for (int64_t strip = 0; strip < strips; ++strip) {
       outer_tile_rows<kOuterRows>(group, K, a + m0 * a_row, a_row, a_k, b + strip * K * kOuterWidth,
-                                  sums + m0 * ld_sums + strip * kOuterWidth, ld_sums);
+                                  sums + m0 * ld_sums + strip * kOuterWidth, ld_sums, accumulate);
     }
+  }
+}
+
+// Float32 sums rounded to bf16 bits (round to nearest even, NaN to 0x7FC0: c10::BFloat16's
+// conversion), rows ld apart: the scalar conversion was 9% of a training step, whose weight
+// gradients are as many elements as the weights, each from only ~32 products.
+void store_bf16_rows(const float* sums, int64_t ld_sums, int64_t rows, int64_t cols, uint16_t* out, int64_t ld_out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* in = sums + r * ld_sums;
+    uint16_t* row = out + r * ld_out;
+    int64_t c = 0;
+    for (; c + kLanes <= cols; c += kLanes) store_bf16_bits(row + c, load(in + c));
+    for (; c < cols; ++c) row[c] = c10::BFloat16(in[c]).x;
   }
 }
