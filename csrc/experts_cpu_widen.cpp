@@ -4,10 +4,20 @@
 // laptops) ATen's bf16 GEMM is emulated element by element: 0.81 GFLOP/s against 164 for
 // float32 on such a machine (AMD EPYC family 25, 512 x 2048 x 1536, issue 36). So there the
 // expert GEMMs widen their operands to float32 a tile at a time (widen_tile, the one place
-// weights are converted), run ATen's float32 GEMM on the tiles, keep the sums in float32 and
-// round once on the store: the products and sums are those of a float32 GEMM of the bf16
-// values, so the result is within the bf16 rule of the native GEMM's. No fp32 copy of a whole
-// expert is ever made: at most a panel of input rows and a tile of weight columns.
+// weights are converted), multiply the tiles in float32, keep the sums in float32 and round
+// once on the store: the products and sums are those of a float32 GEMM of the bf16 values,
+// so the result is within the bf16 rule of the native GEMM's. No fp32 copy of a whole expert
+// is ever made: at most a panel of input rows and a tile of weight columns.
+//
+// The products run in hand-written float32 kernels (experts_cpu_widen_kernels.h, AVX2 and
+// AVX-512 builds of one source, picked by the CPU): a weight tile is widened once into the
+// kernel's own zero-padded layout and multiplied by every row of the panel, so the widening
+// is paid once per weight element and nothing packs it again; weights stored x @ W^T (rows
+// contiguous in k) take dot products along k with the next tile fetched ahead into L2 while
+// a tile computes; weights stored x @ W, and every backward GEMM, take outer products over
+// 256-deep k chunks. ATen's float32 GEMM on the tiles (the first version of this path) stays
+// as the portable one: non-x86 builds, CPUs without AVX2, other operand layouts.
+// TPMOE_CPU_WIDEN_KERNEL = avx512 | avx2 | aten | auto forces a kernel (tests, benchmarks).
 //
 // Where the CPU has a bf16 dot product (avx512_bf16, amx_bf16, Arm bf16) the native path runs
 // as before. TPMOE_CPU_BF16_GEMM = native | widen | auto (default) forces either; it is read
@@ -40,11 +50,12 @@ namespace {
 
 // The float32 panel of input rows widened once and reused by every weight tile (1 MiB: rows
 // x K of the decode and small-prefill GEMMs, e.g. 128 rows at K = 2048), and one weight tile
-// (512 KiB: half a Zen 2/3 L2, so the tile and the GEMM's own packing of it stay in L2; at
-// K = 2048 that is 64 weight columns, enough for the float32 GEMM to run near its peak).
+// (512 KiB, so the tile, the panel and the next tile's bf16 stay in a 1-2 MiB L2; at
+// K = 2048 that is 64 weight columns, 16 column groups of the dot kernel per row group).
 constexpr int64_t kLhsPanelBytes = 1 << 20;
 constexpr int64_t kRhsTileBytes = 512 << 10;
-// Up to this many rows the products run in few_rows_dot rather than an ATen float32 GEMM.
+// Up to this many rows: tiles that fit L1 between their widening and their one use, and in
+// the ATen path few_rows_dot rather than an ATen float32 GEMM.
 constexpr int64_t kFewRows = 4;
 constexpr int64_t kFewRowsTileBytes = 32 << 10;
 // The outer path's k chunk, its panel rows and the bytes of a tile's sums.
