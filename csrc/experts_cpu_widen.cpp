@@ -163,6 +163,10 @@ struct Prefetch {
   const char* next = nullptr;
   const char* end = nullptr;
   int64_t lines_per_step = 0;
+  // The few-row kernel's second stretch, asked for once the first is done: the first rows of
+  // the caller's next weight.
+  const char* then_next = nullptr;
+  const char* then_end = nullptr;
 };
 
 #ifdef TPMOE_WIDEN_X86_KERNELS
@@ -180,6 +184,9 @@ inline void store(float* p, V v) { _mm256_storeu_ps(p, v); }
 inline V broadcast(const float* p) { return _mm256_broadcast_ss(p); }
 inline V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
 inline V add(V a, V b) { return _mm256_add_ps(a, b); }
+inline V load_bf16(const uint16_t* p) {  // 8 bf16 -> float32: the bits are the upper halves
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
 inline void store_bf16_bits(uint16_t* out, V values) {
   const __m256i bits = _mm256_castps_si256(values);
   const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
@@ -209,6 +216,9 @@ inline void store(float* p, V v) { _mm512_storeu_ps(p, v); }
 inline V broadcast(const float* p) { return _mm512_set1_ps(*p); }
 inline V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
 inline V add(V a, V b) { return _mm512_add_ps(a, b); }
+inline V load_bf16(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
 inline void store_bf16_bits(uint16_t* out, V values) {
   const __m512i bits = _mm512_castps_si512(values);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
@@ -234,13 +244,16 @@ struct WidenKernels {
               const char*);
   void (*outer)(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float*, float*, int64_t, bool);
   void (*store_bf16)(const float*, int64_t, int64_t, int64_t, uint16_t*, int64_t);
+  void (*dot_bf16)(int64_t, int64_t, int64_t, const float*, int64_t, const uint16_t*, int64_t, float*, int64_t,
+                   Prefetch);
 };
 constexpr int64_t kPadK = 16;  // a multiple of every ISA's lanes
 
 #ifdef TPMOE_WIDEN_X86_KERNELS
-const WidenKernels kAvx2Kernels{"avx2", avx2::kOuterWidth, avx2::dot_gemm, avx2::outer_gemm, avx2::store_bf16_rows};
+const WidenKernels kAvx2Kernels{"avx2", avx2::kOuterWidth, avx2::dot_gemm, avx2::outer_gemm, avx2::store_bf16_rows,
+                                avx2::dot_gemm_bf16};
 const WidenKernels kAvx512Kernels{"avx512", avx512::kOuterWidth, avx512::dot_gemm, avx512::outer_gemm,
-                                  avx512::store_bf16_rows};
+                                  avx512::store_bf16_rows, avx512::dot_gemm_bf16};
 
 bool cpu_supports(const char* isa) {
   __builtin_cpu_init();
@@ -313,6 +326,47 @@ std::pair<const char*, const char*> weight_rows_bytes(const at::Tensor& weight, 
   return {base + r0 * weight.stride(0) * item, base + ((r1 - 1) * weight.stride(0) + weight.size(1)) * item};
 }
 
+// out = lhs @ weight^T for at most kFewRows rows and a bf16 weight [N, K] with rows contiguous:
+// the weight widened in the kernel's loads (dot_gemm_bf16), in tiles whose float32 sums fit
+// L1, the stream fetched kFetchAheadBytes ahead, on into the following weight's first rows.
+void few_rows_bf16_mm(const WidenKernels& kernels, at::Tensor& out, const at::Tensor& lhs, const at::Tensor& weight,
+                      const at::Tensor& following) {
+  const int64_t M = lhs.size(0), K = lhs.size(1), N = weight.size(0);
+  const int64_t Kp = round_up(K, kPadK);
+  constexpr int64_t kTileCols = 256;
+  const int64_t tile_cols = std::min(round_up((N + tile_threads() - 1) / tile_threads(), 4), kTileCols);
+  const int64_t tiles = (N + tile_cols - 1) / tile_cols;
+  thread_local std::vector<float> lhs_buffer;
+  lhs_buffer.resize(M * Kp);
+  for (int64_t r = 0; r < M; ++r) {
+    float* row = lhs_buffer.data() + r * Kp;
+    widen_tile(lhs, r, 1, 0, K, row);
+    std::fill(row + K, row + Kp, 0.f);
+  }
+  const float* const panel = lhs_buffer.data();
+  const uint16_t* const bits = reinterpret_cast<const uint16_t*>(weight.const_data_ptr<c10::BFloat16>());
+  const int64_t ldb = weight.stride(0);
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    thread_local std::vector<float> sums_buffer;
+    sums_buffer.resize(M * tile_cols);
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t n0 = tile * tile_cols, cols = std::min(tile_cols, N - n0);
+      // The stream ahead of this tile: the rest of this thread's tiles, and past its last tile
+      // the following weight's first kFetchAheadBytes.
+      const auto current = weight_rows_bytes(weight, n0, n0 + cols);
+      const auto rest = weight_rows_bytes(weight, n0, std::min(N, end * tile_cols));
+      std::pair<const char*, const char*> then{nullptr, nullptr};
+      if (tile + 1 == end && following.defined() && following.scalar_type() == at::kBFloat16) {
+        then = weight_rows_bytes(following, 0, following.size(0));
+        then.second = std::min(then.second, then.first + kFetchAheadBytes);
+      }
+      kernels.dot_bf16(M, cols, K, panel, Kp, bits + n0 * ldb, ldb, sums_buffer.data(), tile_cols,
+                       {current.first + kFetchAheadBytes, rest.second, 0, then.first, then.second});
+      store_sums(kernels, out, 0, n0, sums_buffer.data(), tile_cols, M, cols);
+    }
+  });
+}
+
 void widened_dot_mm(const WidenKernels& kernels, at::Tensor& out, const at::Tensor& lhs, const at::Tensor& rhs,
                     const at::Tensor* following_rhs) {
   const int64_t M = lhs.size(0), K = lhs.size(1), N = rhs.size(1);
@@ -323,6 +377,9 @@ void widened_dot_mm(const WidenKernels& kernels, at::Tensor& out, const at::Tens
   if (following_rhs != nullptr && following_rhs->dim() == 2 && following_rhs->size(0) == K &&
       following_rhs->stride(0) == 1) {
     following = following_rhs->t();
+  }
+  if (M <= kFewRows && weight.scalar_type() == at::kBFloat16 && weight.stride(1) == 1) {
+    return few_rows_bf16_mm(kernels, out, lhs, weight, following);
   }
   const int64_t panel_rows = std::clamp<int64_t>(kLhsPanelBytes / (4 * Kp), 1, M);
   int64_t tile_cols = M <= kFewRows ? kFewRowsTileBytes / (4 * Kp) : kRhsTileBytes / (4 * Kp);

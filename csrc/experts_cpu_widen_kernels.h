@@ -164,3 +164,89 @@ void store_bf16_rows(const float* sums, int64_t ld_sums, int64_t rows, int64_t c
     for (; c < cols; ++c) row[c] = c10::BFloat16(in[c]).x;
   }
 }
+
+// Few rows (decode; experts with a handful of tokens): the weight is read once and used by
+// at most 4 rows, so the time is the weight's stream from memory. Here its bf16 rows are
+// widened in the loads themselves (no float32 tile written and read back) and the stream is
+// asked into L2 `ahead` bytes in front of the loads: sums[r, c] = a[r, :K] . b[c, :K] for
+// kRows x kCols, b's rows bf16 bits ldb apart, a's float32 rows zero-padded to kLanes.
+template <int kRows, int kCols>
+inline void dot_tile_bf16(int64_t K, const float* a, int64_t lda, const uint16_t* b, int64_t ldb, float* sums,
+                          int64_t ld_sums, Prefetch& prefetch) {
+  V acc[kRows][kCols];
+#pragma GCC unroll 4
+  for (int r = 0; r < kRows; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < kCols; ++c) acc[r][c] = zero();
+  const int64_t whole = K / kLanes * kLanes;
+  const char* prefetch_next = prefetch.next;
+  const char* prefetch_end = prefetch.end;
+  for (int64_t k = 0; k < whole; k += kLanes) {
+    if (prefetch_next >= prefetch_end && prefetch.then_next != nullptr) {
+      // On to the second stretch, once.
+      prefetch_next = prefetch.then_next, prefetch_end = prefetch.then_end;
+      prefetch.then_next = nullptr;
+    }
+    if (prefetch_next < prefetch_end) {
+      for (int64_t i = 0; i < prefetch.lines_per_step; ++i, prefetch_next += 64) _mm_prefetch(prefetch_next, _MM_HINT_T1);
+    }
+    V b_vec[kCols];
+#pragma GCC unroll 4
+    for (int c = 0; c < kCols; ++c) b_vec[c] = load_bf16(b + c * ldb + k);
+#pragma GCC unroll 4
+    for (int r = 0; r < kRows; ++r) {
+      const V a_vec = load(a + r * lda + k);
+#pragma GCC unroll 4
+      for (int c = 0; c < kCols; ++c) acc[r][c] = fma(a_vec, b_vec[c], acc[r][c]);
+    }
+  }
+  prefetch.next = prefetch_next, prefetch.end = prefetch_end;
+  // The k % kLanes tail one product at a time, after the vector sums (a fixed order).
+#pragma GCC unroll 4
+  for (int r = 0; r < kRows; ++r) {
+    alignas(16) float total[4];
+    _mm_store_ps(total, sum4(acc[r][0], kCols > 1 ? acc[r][kCols > 1 ? 1 : 0] : zero(),
+                             kCols > 2 ? acc[r][kCols > 2 ? 2 : 0] : zero(), kCols > 3 ? acc[r][kCols > 3 ? 3 : 0] : zero()));
+    for (int c = 0; c < kCols; ++c) {
+      float sum = total[c];
+      for (int64_t k = whole; k < K; ++k) {
+        uint32_t bits = uint32_t(b[c * ldb + k]) << 16;
+        float value;
+        __builtin_memcpy(&value, &bits, 4);
+        sum += a[r * lda + k] * value;
+      }
+      sums[r * ld_sums + c] = sum;
+    }
+  }
+}
+
+template <int kRows>
+inline void dot_group_bf16(int cols, int64_t K, const float* a, int64_t lda, const uint16_t* b, int64_t ldb,
+                           float* sums, int64_t ld_sums, Prefetch& prefetch) {
+  switch (cols) {
+    case 4: dot_tile_bf16<kRows, 4>(K, a, lda, b, ldb, sums, ld_sums, prefetch); break;
+    case 3: dot_tile_bf16<kRows, 3>(K, a, lda, b, ldb, sums, ld_sums, prefetch); break;
+    case 2: dot_tile_bf16<kRows, 2>(K, a, lda, b, ldb, sums, ld_sums, prefetch); break;
+    default: dot_tile_bf16<kRows, 1>(K, a, lda, b, ldb, sums, ld_sums, prefetch); break;
+  }
+}
+
+// sums[rows, cols] = a[rows, K] b[cols, K]^T for rows <= 4, b bf16 bits. prefetch: the
+// stream to ask for (next, end, then its second stretch), starting ahead of b.
+void dot_gemm_bf16(int64_t rows, int64_t cols, int64_t K, const float* a, int64_t lda, const uint16_t* b, int64_t ldb,
+                   float* sums, int64_t ld_sums, Prefetch prefetch) {
+  // As many lines a k step as the step reads (4 weight rows of kLanes bf16), so the prefetch
+  // keeps its distance ahead of the loads.
+  prefetch.lines_per_step = std::max<int64_t>(1, 4 * kLanes * 2 / 64);
+  for (int64_t c0 = 0; c0 < cols; c0 += 4) {
+    const int group = int(std::min<int64_t>(4, cols - c0));
+    const uint16_t* b_group = b + c0 * ldb;
+    float* out = sums + c0;
+    switch (rows) {
+      case 1: dot_group_bf16<1>(group, K, a, lda, b_group, ldb, out, ld_sums, prefetch); break;
+      case 2: dot_group_bf16<2>(group, K, a, lda, b_group, ldb, out, ld_sums, prefetch); break;
+      case 3: dot_group_bf16<3>(group, K, a, lda, b_group, ldb, out, ld_sums, prefetch); break;
+      default: dot_group_bf16<4>(group, K, a, lda, b_group, ldb, out, ld_sums, prefetch); break;
+    }
+  }
+}
