@@ -184,6 +184,12 @@ inline void store(float* p, V v) { _mm256_storeu_ps(p, v); }
 inline V broadcast(const float* p) { return _mm256_broadcast_ss(p); }
 inline V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
 inline V add(V a, V b) { return _mm256_add_ps(a, b); }
+inline V widen_low(const uint16_t* p) {  // of 16 bf16: k 0-3, 8-11 as float32 (bits to the upper halves)
+  return _mm256_castsi256_ps(_mm256_unpacklo_epi16(_mm256_setzero_si256(), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+}
+inline V widen_high(const uint16_t* p) {  // k 4-7, 12-15
+  return _mm256_castsi256_ps(_mm256_unpackhi_epi16(_mm256_setzero_si256(), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+}
 inline V load_bf16(const uint16_t* p) {  // 8 bf16 -> float32: the bits are the upper halves
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
 }
@@ -206,7 +212,7 @@ inline __m128 sum4(V a, V b, V c, V d) {
 #pragma GCC pop_options
 
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx2,fma")
+#pragma GCC target("avx512f,avx512bw,avx2,fma")
 namespace avx512 {
 using V = __m512;
 constexpr int kLanes = 16, kDotRows = 6, kOuterRows = 8, kOuterVectors = 3;
@@ -216,6 +222,12 @@ inline void store(float* p, V v) { _mm512_storeu_ps(p, v); }
 inline V broadcast(const float* p) { return _mm512_set1_ps(*p); }
 inline V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
 inline V add(V a, V b) { return _mm512_add_ps(a, b); }
+inline V widen_low(const uint16_t* p) {  // of 32 bf16: k 0-3, 8-11, 16-19, 24-27 as float32
+  return _mm512_castsi512_ps(_mm512_unpacklo_epi16(_mm512_setzero_si512(), _mm512_loadu_si512(p)));
+}
+inline V widen_high(const uint16_t* p) {  // k 4-7, 12-15, 20-23, 28-31
+  return _mm512_castsi512_ps(_mm512_unpackhi_epi16(_mm512_setzero_si512(), _mm512_loadu_si512(p)));
+}
 inline V load_bf16(const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
 }
@@ -246,19 +258,27 @@ struct WidenKernels {
   void (*store_bf16)(const float*, int64_t, int64_t, int64_t, uint16_t*, int64_t);
   void (*dot_bf16)(int64_t, int64_t, int64_t, const float*, int64_t, const uint16_t*, int64_t, float*, int64_t,
                    Prefetch);
+  void (*widen_permuted)(const uint16_t*, int64_t, float*);
+  void (*dot_packed)(int64_t, int64_t, int64_t, const float*, int64_t, const uint16_t*, int64_t, float*, int64_t,
+                     const char*, const char*);
 };
+// k multiple of this for dot_packed (2 kLanes of every ISA).
+constexpr int64_t kPackedK = 32;
 constexpr int64_t kPadK = 16;  // a multiple of every ISA's lanes
 
 #ifdef TPMOE_WIDEN_X86_KERNELS
 const WidenKernels kAvx2Kernels{"avx2", avx2::kOuterWidth, avx2::dot_gemm, avx2::outer_gemm, avx2::store_bf16_rows,
-                                avx2::dot_gemm_bf16};
+                                avx2::dot_gemm_bf16, avx2::widen_permuted, avx2::dot_gemm_packed};
 const WidenKernels kAvx512Kernels{"avx512", avx512::kOuterWidth, avx512::dot_gemm, avx512::outer_gemm,
-                                  avx512::store_bf16_rows, avx512::dot_gemm_bf16};
+                                  avx512::store_bf16_rows, avx512::dot_gemm_bf16, avx512::widen_permuted,
+                                  avx512::dot_gemm_packed};
 
 bool cpu_supports(const char* isa) {
   __builtin_cpu_init();
-  if (std::string(isa) == "avx512") return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx2") &&
-                                           __builtin_cpu_supports("fma");
+  if (std::string(isa) == "avx512") {
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx2") &&
+           __builtin_cpu_supports("fma");
+  }
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 }
 #endif
@@ -367,6 +387,52 @@ void few_rows_bf16_mm(const WidenKernels& kernels, at::Tensor& out, const at::Te
   });
 }
 
+// out = lhs @ weight^T, both bf16 with rows contiguous, K a multiple of kPackedK: the weight
+// widened in the kernel's loads (dot_gemm_packed), the rows once a call in the same order,
+// the next tile (or the following weight's first) fetched into L2 while a tile computes.
+void packed_bf16_mm(const WidenKernels& kernels, at::Tensor& out, const at::Tensor& lhs, const at::Tensor& weight,
+                    const at::Tensor& following) {
+  const int64_t M = lhs.size(0), K = lhs.size(1), N = weight.size(0);
+  const int64_t panel_rows = std::clamp<int64_t>(kLhsPanelBytes / (4 * K), 1, M);
+  // bf16 tiles of kRhsTileBytes / 2: the same columns as the widened float32 tiles had.
+  int64_t tile_cols = std::clamp<int64_t>(kRhsTileBytes / (4 * K) / 4 * 4, 4, round_up(N, 4));
+  tile_cols = std::min(tile_cols, round_up((N + tile_threads() - 1) / tile_threads(), 4));
+  const int64_t tiles = (N + tile_cols - 1) / tile_cols;
+  const uint16_t* const bits = reinterpret_cast<const uint16_t*>(weight.const_data_ptr<c10::BFloat16>());
+  const int64_t ldb = weight.stride(0);
+  thread_local std::vector<float> lhs_buffer;
+  lhs_buffer.resize(panel_rows * K);
+  for (int64_t m0 = 0; m0 < M; m0 += panel_rows) {
+    const int64_t rows = std::min(panel_rows, M - m0);
+    const uint16_t* lhs_bits = reinterpret_cast<const uint16_t*>(lhs.const_data_ptr<c10::BFloat16>());
+    for (int64_t r = 0; r < rows; ++r) {
+      kernels.widen_permuted(lhs_bits + (m0 + r) * lhs.stride(0), K, lhs_buffer.data() + r * K);
+    }
+    const float* const panel = lhs_buffer.data();
+    at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+      thread_local std::vector<float> sums_buffer;
+      const int64_t ld_sums = tile_cols + 4;  // 4 scratch columns for dot_packed's last group
+      sums_buffer.resize(rows * ld_sums);
+      for (int64_t tile = begin; tile < end; ++tile) {
+        const int64_t n0 = tile * tile_cols, cols = std::min(tile_cols, N - n0);
+        // The last tile may be narrower than 4: it then ends on the weight's last 4 columns.
+        const int64_t first = std::min(n0, N - 4), width = n0 + cols - first;
+        std::pair<const char*, const char*> next{nullptr, nullptr};
+        if (tile + 1 < end) {
+          next = weight_rows_bytes(weight, n0 + cols, std::min(N, n0 + cols + tile_cols));
+        } else if (m0 + rows < M) {
+          next = weight_rows_bytes(weight, begin * tile_cols, std::min(N, (begin + 1) * tile_cols));
+        } else if (following.defined()) {
+          next = weight_rows_bytes(following, 0, std::min(following.size(0), tile_cols));
+        }
+        kernels.dot_packed(rows, width, K, panel, K, bits + first * ldb, ldb, sums_buffer.data(), ld_sums, next.first,
+                           next.second);
+        store_sums(kernels, out, m0, n0, sums_buffer.data() + (n0 - first), ld_sums, rows, cols);
+      }
+    });
+  }
+}
+
 void widened_dot_mm(const WidenKernels& kernels, at::Tensor& out, const at::Tensor& lhs, const at::Tensor& rhs,
                     const at::Tensor* following_rhs) {
   const int64_t M = lhs.size(0), K = lhs.size(1), N = rhs.size(1);
@@ -380,6 +446,10 @@ void widened_dot_mm(const WidenKernels& kernels, at::Tensor& out, const at::Tens
   }
   if (M <= kFewRows && weight.scalar_type() == at::kBFloat16 && weight.stride(1) == 1) {
     return few_rows_bf16_mm(kernels, out, lhs, weight, following);
+  }
+  if (K % kPackedK == 0 && N >= 4 && weight.scalar_type() == at::kBFloat16 && weight.stride(1) == 1 &&
+      lhs.scalar_type() == at::kBFloat16 && lhs.stride(1) == 1) {
+    return packed_bf16_mm(kernels, out, lhs, weight, following);
   }
   const int64_t panel_rows = std::clamp<int64_t>(kLhsPanelBytes / (4 * Kp), 1, M);
   int64_t tile_cols = M <= kFewRows ? kFewRowsTileBytes / (4 * Kp) : kRhsTileBytes / (4 * Kp);

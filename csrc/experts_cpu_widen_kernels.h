@@ -250,3 +250,103 @@ void dot_gemm_bf16(int64_t rows, int64_t cols, int64_t K, const float* a, int64_
     }
   }
 }
+
+// Many rows, bf16 weights and k a multiple of 2 kLanes: the weight's bf16 rows widened in
+// the loads by one interleave with zeros a vector (unpack: its low and high halves give
+// k = 0-3, 8-11, .. and 4-7, 12-15, .. of each 2 kLanes block as float32), so no float32
+// tile is written and read back; the rows of a were widened in the same order
+// (widen_permuted), so each product pairs the same k and the sums are the same dot
+// products in a different, fixed order. Per 2 kLanes: 4 loads + 8 unpacks for 48 FMAs
+// where the widened tile cost a 4-byte store and reload for every weight element.
+void widen_permuted(const uint16_t* in, int64_t K, float* out) {
+  for (int64_t k = 0; k < K; k += 2 * kLanes) {
+    store(out + k, widen_low(in + k));
+    store(out + k + kLanes, widen_high(in + k));
+  }
+}
+
+template <int kRows>
+inline void dot_tile_packed(int64_t Kc, const float* a, int64_t lda, const uint16_t* b, int64_t ldb, float* sums,
+                            int64_t ld_sums, bool accumulate, Prefetch& prefetch) {
+  V acc[kRows][4];
+#pragma GCC unroll 8
+  for (int r = 0; r < kRows; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) acc[r][c] = zero();
+  const char* prefetch_next = prefetch.next;
+  const char* const prefetch_end = prefetch.end;
+  const int64_t prefetch_lines = prefetch.lines_per_step;
+  for (int64_t k = 0; k < Kc; k += 2 * kLanes) {
+    if (prefetch_next < prefetch_end) {
+      for (int64_t i = 0; i < prefetch_lines; ++i, prefetch_next += 64) _mm_prefetch(prefetch_next, _MM_HINT_T1);
+    }
+    V b_vec[4];
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) b_vec[c] = widen_low(b + c * ldb + k);
+#pragma GCC unroll 8
+    for (int r = 0; r < kRows; ++r) {
+      const V a_vec = load(a + r * lda + k);
+#pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c) acc[r][c] = fma(a_vec, b_vec[c], acc[r][c]);
+    }
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) b_vec[c] = widen_high(b + c * ldb + k);
+#pragma GCC unroll 8
+    for (int r = 0; r < kRows; ++r) {
+      const V a_vec = load(a + r * lda + k + kLanes);
+#pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c) acc[r][c] = fma(a_vec, b_vec[c], acc[r][c]);
+    }
+  }
+  prefetch.next = prefetch_next;
+#pragma GCC unroll 8
+  for (int r = 0; r < kRows; ++r) {
+    __m128 total = sum4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
+    float* out = sums + r * ld_sums;
+    if (accumulate) total = _mm_add_ps(total, _mm_loadu_ps(out));
+    _mm_storeu_ps(out, total);
+  }
+}
+
+template <int kRows>
+inline void dot_tile_packed_rows(int rows, int64_t Kc, const float* a, int64_t lda, const uint16_t* b, int64_t ldb,
+                                 float* sums, int64_t ld_sums, bool accumulate, Prefetch& prefetch) {
+  if (rows == kRows) {
+    dot_tile_packed<kRows>(Kc, a, lda, b, ldb, sums, ld_sums, accumulate, prefetch);
+  } else if constexpr (kRows > 1) {
+    dot_tile_packed_rows<kRows - 1>(rows, Kc, a, lda, b, ldb, sums, ld_sums, accumulate, prefetch);
+  }
+}
+
+// sums[rows, cols] = a[rows, K] b[cols, K]^T, a widened by widen_permuted, b bf16 bits, K a
+// multiple of 2 kLanes; k in chunks as in dot_gemm. cols >= 4: a last partial group of 4 is
+// the weight's last 4 columns, summed into the 4 scratch columns at ld_sums - 4 (past cols:
+// in place, its overlap with the group before would be added twice from the second chunk)
+// and its new columns copied over at the end.
+void dot_gemm_packed(int64_t rows, int64_t cols, int64_t K, const float* a, int64_t lda, const uint16_t* b,
+                     int64_t ldb, float* sums, int64_t ld_sums, const char* prefetch_begin, const char* prefetch_end) {
+  Prefetch prefetch;
+  const int64_t groups = (cols + 3) / 4;
+  const int64_t steps = (rows + kDotRows - 1) / kDotRows * groups * (K / (2 * kLanes));
+  if (prefetch_begin != nullptr && prefetch_end > prefetch_begin && steps > 0) {
+    const int64_t lines = (prefetch_end - prefetch_begin + 63) / 64;
+    prefetch = {prefetch_begin, prefetch_end, (lines + steps - 1) / steps};
+  }
+  for (int64_t k0 = 0; k0 < K; k0 += kDotChunk) {
+    const int64_t Kc = std::min(kDotChunk, K - k0);
+    for (int64_t m0 = 0; m0 < rows; m0 += kDotRows) {
+      const int group = int(std::min<int64_t>(kDotRows, rows - m0));
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t c0 = std::min(4 * g, cols - 4), out = 4 * g == c0 ? c0 : ld_sums - 4;
+        dot_tile_packed_rows<kDotRows>(group, Kc, a + m0 * lda + k0, lda, b + c0 * ldb + k0, ldb,
+                                       sums + m0 * ld_sums + out, ld_sums, k0 > 0, prefetch);
+      }
+    }
+  }
+  if (cols % 4 != 0) {
+    for (int64_t r = 0; r < rows; ++r) {
+      float* row = sums + r * ld_sums;
+      for (int64_t c = cols / 4 * 4; c < cols; ++c) row[c] = row[ld_sums - 4 + c - (cols - 4)];
+    }
+  }
+}

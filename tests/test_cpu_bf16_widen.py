@@ -43,6 +43,10 @@ CASES = [
     # gradients (transposed activations on the left) take the widened GEMM's few-row branch.
     (11, 7, 5, 3, 2, "gpt_oss", True, "silu", True, "random"),
     (11, 7, 5, 3, 2, "concatenated", True, "silu", True, "random"),
+    # k a multiple of 32 with many rows an expert: the widened GEMM's packed kernel (bf16
+    # weights widened in its loads); 17-column slices end on an overlapping group of 4.
+    (64, 64, 34, 4, 2, "concatenated", True, "silu", False, "random"),
+    (64, 96, 32, 3, 2, "interleaved", True, "gelu_tanh", True, "random"),
 ]
 
 
@@ -101,15 +105,18 @@ def test_bf16_output_and_every_gradient_on_both_gemms(case, threading, gemm, for
 @pytest.mark.parametrize("gemm", GEMMS, ids=gemm_id)
 @pytest.mark.parametrize("threading", ("experts", "gemm"))
 @pytest.mark.parametrize("layout", ("concatenated", "gpt_oss"))
-def test_gate_up_is_the_exact_sum_rounded_once(layout, threading, gemm, forced_path, seed):
+@pytest.mark.parametrize("hidden", (2100, 2048))
+def test_gate_up_is_the_exact_sum_rounded_once(hidden, layout, threading, gemm, forced_path, seed):
     # Small-integer inputs make every product and partial sum exact in float32 (|sum| <= 4 x
     # 2100 < 2^24), so the saved gate_up GEMM output must equal the float64 product rounded
     # once to bf16, bit for bit, across tile, panel and thread-slice edges; sums above 256 do
     # not fit bf16's 8 bits, so a second rounding (or a bf16 accumulator) would show. The two
     # layouts take the widened GEMM's two kernels (x @ W^T: dot products along k, padded k
-    # 2100 -> 2112; x @ W: outer products over 256-deep k chunks, 2100 = 8 x 256 + 52).
+    # 2100 -> 2112; x @ W: outer products over 256-deep k chunks, 2100 = 8 x 256 + 52);
+    # H = 2048, a multiple of 32, takes the packed dot kernel (the bf16 weight widened in its
+    # loads, k summed in a permuted order).
     generator = torch.Generator().manual_seed(seed)
-    tokens, hidden, inter, experts, top_k = 150, 2100, 37, 3, 2
+    tokens, inter, experts, top_k = 150, 37, 3, 2
     topk_ids, topk_weights = make_routing(tokens, experts, top_k, mode="one_expert", generator=generator)
     routing = align(topk_ids, experts)
     x = torch.randint(-4, 5, (tokens, hidden), generator=generator).bfloat16()
