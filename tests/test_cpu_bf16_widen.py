@@ -29,10 +29,11 @@ GEMMS = [("native", "auto")] + [("widen", kernel) for kernel in WIDEN_KERNELS]
 # (T, H, I_p, E, K, layout, gated, activation, bias, routing mode). One token (top-8, as in
 # decode); prime T, H
 # and I_p (an uneven TP shard of I); an expert without tokens; every token on one expert;
-# each layout. H = 2100: the widened GEMM cuts the x @ W_gu^T weight into 48-column tiles
-# (the last a partial one) and the 300 rows of the one-expert case into 124-row panels
-# (tile and panel sizes in experts_cpu_widen.cpp), and in the backward dW_d's H = 2100 rows
-# into panels too.
+# each layout. H = 2100: the widened GEMM cuts the x @ W_gu^T weight into partial-ended
+# tiles (60 columns with its kernels, 48 with ATen's) and the 300 rows of the one-expert case
+# into 124-row panels (tile and panel sizes in experts_cpu_widen.cpp), its backward's
+# K = 2100 GEMMs into 256-deep k chunks (the last 52 deep), and dW_d's H = 2100 rows into
+# panels too.
 CASES = [
     (1, 40, 24, 8, 8, "concatenated", True, "silu", True, "random"),
     (37, 29, 13, 5, 2, "interleaved", True, "gelu_tanh", False, "skip_last"),
