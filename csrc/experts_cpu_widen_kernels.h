@@ -1,8 +1,10 @@
 // The float32 micro-kernels of the widened bf16 GEMM (csrc/experts_cpu_widen.cpp), written
 // once and compiled once per vector ISA: experts_cpu_widen.cpp includes this file inside a
 // namespace and a `#pragma GCC target` region after defining, for that ISA, the vector type
-// V, kLanes, zero / load / store / broadcast / fma, sum4 (the four horizontal sums of four
-// vectors as one __m128), and the tile shapes kDotRows and kOuterRows x kOuterVectors.
+// V, kLanes, zero / load / store / broadcast / fma / add, sum4 (the four horizontal sums of
+// four vectors as one __m128), load_bf16 / widen_low / widen_high (bf16 bits to float32 in
+// the load), store_bf16_bits, and the tile shapes kDotRows and kOuterRows x kOuterVectors
+// (and, outside, the Prefetch struct).
 //
 // Why hand-written rather than ATen's float32 GEMM on the widened tiles: an expert has ~32
 // rows at the Qwen3 prefill shape, and a [32, 2048] x [2048, 64] call costs oneDNN/MKL a copy
@@ -256,8 +258,8 @@ void dot_gemm_bf16(int64_t rows, int64_t cols, int64_t K, const float* a, int64_
 // k = 0-3, 8-11, .. and 4-7, 12-15, .. of each 2 kLanes block as float32), so no float32
 // tile is written and read back; the rows of a were widened in the same order
 // (widen_permuted), so each product pairs the same k and the sums are the same dot
-// products in a different, fixed order. Per 2 kLanes: 4 loads + 8 unpacks for 48 FMAs
-// where the widened tile cost a 4-byte store and reload for every weight element.
+// products in a different, fixed order. Per 2 kLanes (AVX-512): 4 loads + 8 unpacks for 48
+// FMAs, where the widened tile cost a 4-byte store and reload for every weight element.
 void widen_permuted(const uint16_t* in, int64_t K, float* out) {
   for (int64_t k = 0; k < K; k += 2 * kLanes) {
     store(out + k, widen_low(in + k));
