@@ -1,7 +1,12 @@
 """The CPU experts' two bf16 GEMMs side by side, in one run (issue 36): the native one and the
 widened one (float32 GEMMs on tiles widened from bf16, csrc/experts_cpu_widen.cpp), forced by
 TPMOE_CPU_BF16_GEMM per call (the ops read it at every call), against the fp32-weights path,
-a float32 and a bf16 dense GEMM of equal FLOPs, and the bf16 read floor.
+a float32 and a bf16 dense GEMM of equal FLOPs, and the bf16 read floor. The widened GEMM runs
+with each float32 kernel the CPU has (TPMOE_CPU_WIDEN_KERNEL, also read at every call):
+`widen` the one `auto` picks, `widen_avx2` the AVX2 kernel (what an AVX2-only CPU runs; on a
+CPU with AVX-512 its FMAs are half as wide as the dense GEMM's), `widen_aten` ATen's float32
+GEMM on the widened tiles (the portable path, and the widened GEMM as it was before its
+kernels: a before/after in one run).
 
 Qwen3-30B-A3B's expert shape (H = 2048, I = 768, E = 128, top-8; tpmoe.presets), bf16:
 forward at each --tokens, forward + backward at --train-tokens. Median, fastest and slowest
@@ -30,6 +35,7 @@ from tpmoe.fused import fused_experts  # noqa: E402
 from tpmoe.presets import get_preset  # noqa: E402
 
 ENV = "TPMOE_CPU_BF16_GEMM"
+KERNEL_ENV = "TPMOE_CPU_WIDEN_KERNEL"
 
 
 def cpu_description():
@@ -44,12 +50,31 @@ def cpu_description():
             f"amx_bf16: {'yes' if 'amx_bf16' in flags else 'no'}, avx2: {'yes' if 'avx2' in flags else 'no'}")
 
 
-def on_path(path, call):
-    """call() with the native CPU ops forced onto `path`'s bf16 GEMM."""
+def on_path(path, call, kernel="auto"):
+    """call() with the native CPU ops forced onto `path`'s bf16 GEMM (and the widened GEMM's
+    float32 kernel onto `kernel`)."""
     def run():
         os.environ[ENV] = path
+        os.environ[KERNEL_ENV] = kernel
         return call()
     return run
+
+
+def widen_kernels_available():
+    """The widened GEMM's kernels this CPU and build have (the op refuses one they lack)."""
+    available = []
+    x = torch.ones(1, 16, dtype=torch.bfloat16)
+    w_gate_up, w_down = torch.ones(1, 32, 16, dtype=torch.bfloat16), torch.ones(1, 16, 16, dtype=torch.bfloat16)
+    for kernel in ("avx2", "aten"):
+        try:
+            on_path("widen", lambda: fused_experts(x, w_gate_up, w_down, torch.zeros(1, 1, dtype=torch.int64),
+                                                   torch.ones(1, 1), backend="cpu"), kernel)()
+            available.append(kernel)
+        except RuntimeError:
+            pass
+    os.environ.pop(ENV, None)
+    os.environ.pop(KERNEL_ENV, None)
+    return available
 
 
 def dense(config, num_tokens, flops, mode, dtype):
@@ -90,16 +115,19 @@ def measure(config, num_tokens, mode, weights, weights32, args, generator):
             fused_experts(*leaves, ids, topk_weights, backend="cpu").backward(grad_out.to(x_in.dtype))
         return step
 
-    calls = {"native": on_path("native", experts(weights, x)), "widen": on_path("widen", experts(weights, x)),
-             "fp32_weights": experts(weights32, x.float()),
+    calls = {"native": on_path("native", experts(weights, x)), "widen": on_path("widen", experts(weights, x))}
+    for kernel in args.widen_kernels:
+        calls[f"widen_{kernel}"] = on_path("widen", experts(weights, x), kernel)
+    calls.update({"fp32_weights": experts(weights32, x.float()),
              "dense_fp32": dense(config, num_tokens, flops, mode, torch.float32),
-             "dense_bf16": dense(config, num_tokens, flops, mode, torch.bfloat16)}
+             "dense_bf16": dense(config, num_tokens, flops, mode, torch.bfloat16)})
     if mode == "fwd":
         calls["floor_bf16"] = weight_read_step(ids, [weights["w_gate_up"], weights["w_down"]], "fwd")
     grad_mode = torch.no_grad() if mode == "fwd" else torch.enable_grad()
     with grad_mode:
         results = time_calls_interleaved(calls, warmup=args.warmup, repeats=args.repeats)
     os.environ.pop(ENV, None)
+    os.environ.pop(KERNEL_ENV, None)
     best = {name: result.min_s for name, result in results.items()}
     weight_bytes = touched_bytes(ids, weights["w_gate_up"], weights["w_down"])
     rows = []
@@ -107,10 +135,10 @@ def measure(config, num_tokens, mode, weights, weights32, args, generator):
         row = dict(T=num_tokens, pass_=mode, impl=name, ms=result.median_s * 1e3, ms_min=result.min_s * 1e3,
                    ms_max=max(result.samples_s) * 1e3,
                    gflops=flops / best[name] / 1e9 if not name.startswith("floor") else None)
-        if name in ("native", "widen", "fp32_weights"):
+        if name in ("native", "fp32_weights") or name.startswith("widen"):
             row["of_dense_fp32"] = best["dense_fp32"] / best[name]
             row["x_floor"] = best[name] / best["floor_bf16"] if "floor_bf16" in best else None
-            row["widen_vs_native"] = best["native"] / best["widen"] if name == "widen" else None
+            row["widen_vs_native"] = best["native"] / best[name] if name.startswith("widen") else None
         if name == "floor_bf16":
             row["gbs"] = weight_bytes / best[name] / 1e9
         rows.append(row)
@@ -126,6 +154,7 @@ def main():
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    args.widen_kernels = widen_kernels_available()
     if args.threads:
         torch.set_num_threads(args.threads)
     config = get_preset("qwen3-30b-a3b").config

@@ -120,8 +120,10 @@ Bf16GemmPath bf16_gemm_path();
 std::string bf16_gemm_path_name();  // "native" or "widen"
 
 // out = lhs @ rhs (bf16 or fp16 out, any strides) as float32 GEMMs on tiles widened by
-// widen_tile, sums kept in float32 and rounded once on the store.
-void widened_mm_out(at::Tensor& out, const at::Tensor& lhs, const at::Tensor& rhs);
+// widen_tile, sums kept in float32 and rounded once on the store. following_rhs (may be
+// null): the right operand of the caller's next GEMM, whose first tile it fetches ahead.
+void widened_mm_out(at::Tensor& out, const at::Tensor& lhs, const at::Tensor& rhs,
+                    const at::Tensor* following_rhs = nullptr);
 
 // out = lhs @ rhs without the few-row bf16 kernel: the widened GEMM for bf16 where
 // problem.widen_bf16, else ATen (the backward's GEMMs, and expert_mm's fallback).

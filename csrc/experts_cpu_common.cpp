@@ -254,6 +254,10 @@ void expert_mm(const ExpertsProblem& problem, at::Tensor& out, const at::Tensor&
       try_bf16_kernel_gemm(lhs, rhs, out, problem.bf16_kernel_max_rows, following_rhs)) {
     return;
   }
+  if (problem.widen_bf16 && lhs.scalar_type() == at::kBFloat16) {
+    widened_mm_out(out, lhs, rhs, following_rhs);  // it fetches the following weight's first tile ahead
+    return;
+  }
   gemm_out(problem, out, lhs, rhs);
 }
 

@@ -1,8 +1,11 @@
 // Widening one tile of a GEMM operand to float32 (csrc/experts_cpu_weight_tile.cpp): the one
-// place where the expert weights are converted on their way into a GEMM. The widened bf16
-// GEMM (experts_cpu_widen.cpp) loads every weight tile through it, and its activation tiles
-// too; a stored format that is not a plain float type (fp8 with scales, MXFP4 blocks) is
-// dequantized here, a tile at a time, and the GEMM around it stays as it is.
+// place where the expert weights are converted on their way into a GEMM, for every stored
+// format but one. The widened bf16 GEMM (experts_cpu_widen.cpp) loads its weight and
+// activation tiles through it, except that its hand-written kernels widen bf16 weights with
+// rows contiguous in k inside their own loads (a shift or an unpack a vector: bf16 is the
+// upper half of a float32, and a tile written out and read back cost as much as the
+// products at few rows); a stored format that is not a plain float type (fp8 with scales,
+// MXFP4 blocks) is dequantized here, a tile at a time, and the GEMM around it stays as it is.
 #pragma once
 
 #include <ATen/core/Tensor.h>
