@@ -208,6 +208,7 @@ def _take_over(rank, world_size, root, seed, families):
                          if p.grad is not None}
             model = _load(path, tp=True, dtype=torch.float64)
             placements = {name: str(getattr(p, "placements", "plain")) for name, p in model.named_parameters()}
+            hf_local_storage = {p.to_local().data_ptr() for p in model.parameters() if hasattr(p, "to_local")}
             report = tpmoe.hf.apply(model)
             experts_in_plan = plan_shards_routed_experts(model.config.get_text_config())
             blocks = {entry.name: model.get_submodule(entry.name) for entry in report}
@@ -233,6 +234,10 @@ def _take_over(rank, world_size, root, seed, families):
                 report=[(e.name, e.mode, e.shards, e.I_local, e.intermediate_size, e.source) for e in report],
                 bitwise=sorted(state_dict) == sorted(original) and all(torch.equal(state_dict[n], t)
                                                                         for n, t in original.items()),
+                # Per block taken from transformers' shards: whether a parameter kept their storage.
+                uncopied=[any(p.to_local().data_ptr() in hf_local_storage for p in
+                              model.get_submodule(e.name).block.parameters()) for e in report
+                          if e.source == "local shards"],
                 experts_in_plan=experts_in_plan)
     return results
 
@@ -270,6 +275,8 @@ def test_take_over_every_shared_expert_family_from_tp_plan(world_size, tmp_path,
                 assert result["forward"][name] == [1] and result["backward"][name] == [1], \
                     f"{where}: {name} forward {result['forward'][name]}, backward {result['backward'][name]}"
             assert result["bitwise"], f"{where}: gather_state_dict differs from the one-process state dict"
+            # transformers' local shards are handed over, not copied (a one-part weight at least).
+            assert all(result["uncopied"]), f"{where}: the expert shards were copied {result['uncopied']}"
         # The routed experts are sharded by transformers exactly where the installed plan says
         # (then tpmoe takes its shards), else whole (then tpmoe cuts them).
         placements = per_rank[0][family]["placements"]

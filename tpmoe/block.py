@@ -151,7 +151,7 @@ class MoEBlock(nn.Module):
     def __init__(self, config: MoEConfig, group=None, *, sequence_parallel: bool = False,
                  check_replicated: bool = False, shard_unit: int = 1, backend: str = "auto", tp_mesh_dim=None,
                  ep_mesh_dim=None, ep_group=None, seed: int = 0, dtype: Optional[torch.dtype] = None, device=None,
-                 _shards=None):
+                 _shards=None, _uncopied=frozenset()):
         super().__init__()
         if not isinstance(config, MoEConfig):
             raise TypeError(f"config: expected a tpmoe.MoEConfig, got {type(config).__name__}")
@@ -172,16 +172,19 @@ class MoEBlock(nn.Module):
             full = random_moe_weights(config, dtype=dtype or torch.get_default_dtype(), device=device or "cpu",
                                       generator=generator)
         self._place(tp_group, ep_group, sequence_parallel=sequence_parallel, shard_unit=shard_unit, shards=_shards,
-                    full=full, dtype=dtype, device=device, mesh=mesh)
+                    full=full, dtype=dtype, device=device, mesh=mesh, uncopied=_uncopied)
 
     def _place(self, tp_group, ep_group, *, sequence_parallel: bool, shard_unit: int, shards=None, full=None,
-               dtype=None, device=None, requires_grad: Optional[Dict[str, bool]] = None, mesh=None) -> None:
+               dtype=None, device=None, requires_grad: Optional[Dict[str, bool]] = None, mesh=None,
+               uncopied=frozenset()) -> None:
         """Sets the block's groups and mode and registers its weights: this rank's `shards`, or its
         slice of the `full` weights (the same on every rank). The one place a block becomes what it
         is, at construction and when a ParallelStyle (tpmoe.parallel_styles) parallelizes it.
         mesh: (the DeviceMesh of the groups, the role "ep" / "tp" of each of its dimensions); the
         parameters become DTensors on it. None builds one from the groups
-        (tpmoe.distributed.dtensor_parameters)."""
+        (tpmoe.distributed.dtensor_parameters). uncopied: names of `shards` whose tensors become the
+        parameters' storage as they are where dtype and device already match (no copy); the caller
+        gives them up."""
         config = self.config
         self.group, self.ep_group = tp_group, ep_group
         self.tp_size, self.tp_rank = tp.group_size(self.group), tp.group_rank(self.group)
@@ -229,7 +232,9 @@ class MoEBlock(nn.Module):
         mesh, roles = mesh if mesh is not None else (None, None)
         self.mesh = mesh
         for name, tensor in shards.items():
-            value = tensor.detach().to(dtype=dtype or tensor.dtype, device=device or tensor.device).clone()
+            value = tensor.detach().to(dtype=dtype or tensor.dtype, device=device or tensor.device)
+            if value.data_ptr() == tensor.data_ptr() and name not in uncopied:
+                value = value.clone()  # still the caller's tensor: the block keeps its own
             if name == "correction_bias":
                 self.register_buffer(name, value)  # not trained: a plain tensor, the same on every rank
                 continue
@@ -398,11 +403,11 @@ class MoEBlock(nn.Module):
 
         if hasattr(self, "b_down"):
             y = y + self._routed_down_bias(topk_weights, topk_ids).to(y.dtype)
-        y = y.reshape(*leading_shape, config.hidden_size)
-        if y._is_view():
-            # A view as output lets an in-place op by the caller (x += block(x)) bypass the hooks
-            # FSDP2 puts on it; a copy of [T, H] is small beside the block.
-            y = y.clone()
+        if len(leading_shape) != 1:
+            # A copy, not a view of the [T, H] result: an in-place op by the caller on a view
+            # (x += block(x)) would bypass the hooks FSDP2 puts on the output; [T, H] is small
+            # beside the block. (Every mode's [T, H] result is a fresh tensor already.)
+            y = y.reshape(*leading_shape, config.hidden_size).clone()
         if return_routing:
             return y, (router_logits, topk_weights, topk_ids)
         return y

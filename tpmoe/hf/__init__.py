@@ -15,8 +15,10 @@ for blocks of any other structure, only its experts module for a `TpmoeHFExperts
 TP. The replacement holds the block's own weights: the full ones in one process; with a group,
 this rank's slice (tpmoe.sharding). A model loaded with transformers' own tensor parallelism
 (`from_pretrained(..., distributed_config=DistributedConfig(tp_plan="auto"))`) may hold any mix
-of DTensor shards, Replicate DTensors and plain whole tensors: each weight is taken as its local shard where transformers' slicing is
-tpmoe's, made whole and re-cut otherwise (tpmoe/hf/shards.py), and blocks the plan left whole are
+of DTensor shards, Replicate DTensors and plain whole tensors: each weight is taken as its local
+shard where transformers' slicing is tpmoe's (a one-tensor weight without a copy: the local
+shard becomes the block's parameter's local tensor), made whole and re-cut otherwise
+(tpmoe/hf/shards.py), and blocks the plan left whole are
 sharded over the model's TP mesh too. Nothing is re-read from disk; attention, embeddings and
 dense MLPs stay exactly as transformers sharded them.
 

@@ -73,8 +73,9 @@ def check_whole_shapes(module, weights, config, block_name: str = "") -> None:
 
 
 def collect_shards(module, weights, config, group, block_name: str = "", *, ep_group=None
-                   ) -> Tuple[Dict[str, torch.Tensor], str]:
-    """This rank's shard dict (tpmoe names) from the HF module's tensors, and where it came from.
+                   ) -> Tuple[Dict[str, torch.Tensor], str, frozenset]:
+    """This rank's shard dict (tpmoe names) from the HF module's tensors, where it came from, and
+    the names whose tensor IS transformers' local shard (a view: the block may keep it uncopied).
 
     ep_group: the EP group (expert parallelism; plain tensors only, apply refuses DTensors then):
     the routed experts are cut to this EP rank's range before the TP columns.
@@ -92,7 +93,7 @@ def collect_shards(module, weights, config, group, block_name: str = "", *, ep_g
 
     rank, world_size = group_rank(group), group_size(group)
     ep = dict(ep_rank=group_rank(ep_group), ep_size=group_size(ep_group))
-    shards, kinds = {}, set()
+    shards, kinds, views = {}, set(), set()
     for name, parts in weights.hf_tensors(module).items():
         try:
             if ep["ep_size"] == 1 and name in SHARDED_NAMES and weights.plain(name) and all(
@@ -100,6 +101,8 @@ def collect_shards(module, weights, config, group, block_name: str = "", *, ep_g
                 locals_ = [p.to_local().detach() for p in parts]
                 shards[name] = torch.cat(locals_) if len(locals_) > 1 else locals_[0]
                 kinds.add("local")
+                if len(locals_) == 1:
+                    views.add(name)
             else:
                 full = [_full_part(p) for p in parts]
                 whole = weights.to_tpmoe(name, full)
@@ -110,9 +113,8 @@ def collect_shards(module, weights, config, group, block_name: str = "", *, ep_g
             where = f"rank {rank} of {world_size}" + (f", EP rank {ep['ep_rank']} of {ep['ep_size']}"
                                                       if ep["ep_size"] > 1 else "")
             raise _not_taken(weights, name, parts, block_name, f"{where}: {type(error).__name__}: {error}") from error
-    if "gathered" in kinds:
-        return shards, "resharded"
-    return shards, "local shards" if "local" in kinds else "full"
+    source = "resharded" if "gathered" in kinds else "local shards" if "local" in kinds else "full"
+    return shards, source, frozenset(views)
 
 
 def dtensor_group(module):

@@ -308,11 +308,13 @@ def _build(module, plan: Plan, config, weights, group, name, layer, backend, che
     from .module import TpmoeHFBlock, TpmoeHFExperts
 
     owner = plan.replaced(module)
-    shards, source = collect_shards(owner, weights, config, group, _owner_name(name, plan), ep_group=ep_group)
+    shards, source, views = collect_shards(owner, weights, config, group, _owner_name(name, plan), ep_group=ep_group)
     hf_tensors = weights.hf_tensors(owner)
     trainable = {tp_name: parts[0].requires_grad for tp_name, parts in hf_tensors.items()}
+    # transformers' local shards become the block's parameters' local tensors without a copy (the
+    # HF parameters they belong to leave the model with the module replaced).
     tp_block = MoEBlock.from_shards(config, shards, group=group, ep_group=ep_group, backend=backend,
-                                    check_replicated=check_replicated)
+                                    check_replicated=check_replicated, _uncopied=views)
     for tp_name, parameter in tp_block.named_parameters(recurse=False):
         parameter.requires_grad_(trainable.get(tp_name, True))
     common = dict(family=family_of(type(module)), hf_class_name=type(module).__name__, layer_index=layer)
