@@ -1,6 +1,6 @@
 """One MoEBlock timed in two checkouts of tpmoe, interleaved: what a change costs, as a ratio.
 
-    python benchmarks/bench_checkouts.py --base /path/to/old/checkout --head . --rounds 5
+    PYTHONPATH=. python benchmarks/bench_checkouts.py --base /path/to/old/checkout --head . --rounds 5
 
 Each round starts one worker process per checkout (PYTHONPATH set to it; which goes first
 alternates between rounds, so that both sample the same moments of the machine), and each worker

@@ -6,6 +6,7 @@ A model (a linear layer and two MoEBlocks: uneven sizes, I = 5, E = 5, a gated s
 checkpoints, each layout loading the previous one's and saving its own:
   dp2 x tp2 (FSDP2 over "dp") -> tp3 -> tp1 -> one process (no process group)
   ep2 x tp2 -> ep3 -> one process
+  tp2 -> ep2 -> one process, at even sizes (I = 6, E = 4)
 Every layout's full state (DTensor.full_tensor, torch's state-dict helpers) must equal the first
 layout's bit for bit, and the one-process model's plain tensors too. Loading a checkpoint of
 another config fails naming the key.
@@ -89,15 +90,15 @@ def _load(model, optimizer, directory):
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
-def _first(rank, world_size, shape, names, seed, directory):
-    model, optimizer = _layout(shape, names, seed=seed)
+def _first(rank, world_size, shape, names, seed, directory, overrides=None):
+    model, optimizer = _layout(shape, names, overrides, seed=seed)
     _train_step(model, optimizer, seed)
     _save(model, optimizer, directory)
     return _full_state(model, optimizer)
 
 
-def _next(rank, world_size, shape, names, seed, source, target):
-    model, optimizer = _layout(shape, names, seed=seed + 100)  # other weights: the load must replace them
+def _next(rank, world_size, shape, names, seed, source, target, overrides=None):
+    model, optimizer = _layout(shape, names, overrides, seed=seed + 100)  # other weights: the load must replace them
     _load(model, optimizer, source)
     full = _full_state(model, optimizer)
     if target is not None:
@@ -105,9 +106,9 @@ def _next(rank, world_size, shape, names, seed, source, target):
     return full
 
 
-def _one_process(seed, source):
+def _one_process(seed, source, overrides=None):
     """The chain's end: a plain model, no process group; its plain parameters and AdamW state."""
-    model, optimizer = _layout(None, None, seed=seed + 200)
+    model, optimizer = _layout(None, None, overrides, seed=seed + 200)
     _load(model, optimizer, source)
     full = _full_state(model, optimizer)
     parameters = {f"model.{name}": p.detach().clone() for name, p in model.named_parameters()}
@@ -123,7 +124,11 @@ def _assert_bitwise(expected, actual, where):
 CHAINS = {
     "dp2xtp2 (FSDP2) -> tp3 -> tp1 -> one process": [((2, 2), ("dp", "tp")), ((3,), ("tp",)), ((1,), ("tp",))],
     "ep2xtp2 -> ep3 -> one process": [((2, 2), ("ep", "tp")), ((3,), ("ep",))],
+    # Even sizes, where plain per-rank slices under the full names once loaded without an error
+    # and silently wrong.
+    "even sizes: tp2 -> ep2 -> one process": [((2,), ("tp",)), ((2,), ("ep",))],
 }
+EVEN = {"intermediate_size": 6, "num_experts": 4, "shared_intermediate_size": 4}
 
 
 @pytest.mark.distributed
@@ -131,10 +136,11 @@ CHAINS = {
 @pytest.mark.parametrize("chain", list(CHAINS))
 def test_checkpoint_round_trips_across_layouts(chain, seed, tmp_path):
     layouts = CHAINS[chain]
+    overrides = EVEN if chain.startswith("even") else None
     directories = [str(tmp_path / f"step{index}") for index in range(len(layouts))]
     shape, names = layouts[0]
     world = lambda shape: int(torch.tensor(shape).prod())  # noqa: E731
-    saved = run_distributed(_first, world(shape), shape, names, seed, directories[0], timeout_s=60)
+    saved = run_distributed(_first, world(shape), shape, names, seed, directories[0], overrides, timeout_s=60)
     reference = saved[0]
     for rank, full in enumerate(saved):
         _assert_bitwise(reference, full, f"{names} rank {rank} (ranks agree)")
@@ -142,9 +148,9 @@ def test_checkpoint_round_trips_across_layouts(chain, seed, tmp_path):
     for index, (shape, names) in enumerate(layouts[1:], start=1):
         target = directories[index]
         for rank, full in enumerate(run_distributed(_next, world(shape), shape, names, seed, directories[index - 1],
-                                                    target, timeout_s=60)):
+                                                    target, overrides, timeout_s=60)):
             _assert_bitwise(reference, full, f"{names} rank {rank}")
-    full, parameters = _one_process(seed, directories[-1])
+    full, parameters = _one_process(seed, directories[-1], overrides)
     _assert_bitwise(reference, full, "one process")
     for key, tensor in parameters.items():
         assert torch.equal(tensor, reference[key]), f"one process: parameter {key} differs"
