@@ -117,7 +117,9 @@ def build_model(args, device):
     config = Qwen3MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=args.layers,
                             num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
                             moe_intermediate_size=args.moe_intermediate_size, num_experts=args.experts,
-                            num_experts_per_tok=2, norm_topk_prob=True, tie_word_embeddings=False, use_cache=False)
+                            num_experts_per_tok=2, norm_topk_prob=True, tie_word_embeddings=False, use_cache=False,
+                            # SDPA keeps float64 in float64 (the eager attention's softmax rounds to float32).
+                            attn_implementation="sdpa")
     # The same seed on every rank: every rank builds the same model (tpmoe.parallelize also
     # broadcasts the blocks' weights from the mesh's first rank).
     torch.manual_seed(args.seed)
@@ -178,11 +180,12 @@ def local_rows(args, mesh, ids):
     return torch.tensor_split(ids, count)[index]
 
 
-def train_step(model, optimizer, mesh, args, step: int):
-    """One step; returns (the global mean loss, the one-process gradient norm before clipping)."""
+def compute_gradients(model, mesh, args, step: int) -> float:
+    """Forward and backward of the step's batch, then the sums over ranks that make every
+    gradient the one-process model's (its slice of it); returns the global mean loss."""
     import tpmoe
     import tpmoe.hf
-    from tpmoe.distributed import allreduce_gradients, clip_grad_norm_
+    from tpmoe.distributed import allreduce_gradients
 
     device = next(model.parameters()).device
     vocab_size = model.config.vocab_size
@@ -191,23 +194,33 @@ def train_step(model, optimizer, mesh, args, step: int):
     logits = model(input_ids=ids).logits
     # Summed over this rank's tokens, divided by the GLOBAL count: the sums over ranks below
     # then give the global mean loss's gradient, whatever the rows per rank.
-    loss_sum = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, vocab_size).float(),
-                                                 ids[:, 1:].reshape(-1), reduction="sum")
-    (loss_sum / global_tokens).backward()
+    # At least float32 (bf16 logits under --bf16), float64 kept as it is.
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    loss_sum = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, vocab_size), ids[:, 1:].reshape(-1),
+                                                 reduction="sum")
+    (loss_sum / global_tokens).backward()  # FSDP2 sums over "dp" inside
     if mesh is not None:
         tpmoe.allreduce_router_grads(model)  # the blocks' replicated parameters over "ep" (nothing under TP)
         if "ep" in args.names:  # attention, embeddings, norms: this EP rank's tokens only
             allreduce_gradients(tpmoe.hf.data_parallel_parameters(model), mesh.get_group("ep"), kind="EP")
-    norm = clip_grad_norm_(model, args.max_norm)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
     reported = loss_sum.detach().double()
     if mesh is not None:
         # For printing: every token's loss once (one rank of each TP group contributes).
         if "tp" in args.names and mesh["tp"].get_local_rank() != 0:
             reported = torch.zeros_like(reported)
         dist.all_reduce(reported)
-    return reported.item() / global_tokens, norm.item()
+    return reported.item() / global_tokens
+
+
+def train_step(model, optimizer, mesh, args, step: int):
+    """One step; returns (the global mean loss, the one-process gradient norm before clipping)."""
+    from tpmoe.distributed import clip_grad_norm_
+
+    loss = compute_gradients(model, mesh, args, step)
+    norm = clip_grad_norm_(model, args.max_norm)  # the one-process norm, whatever the layout
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, norm.item()
 
 
 def state(model, optimizer, step: int):
@@ -260,10 +273,9 @@ def _progress(args, first: int, show: bool):
     return tqdm(total=args.steps, initial=first, desc="train", unit="step", dynamic_ncols=True)
 
 
-def train(args, log=print):
-    """Builds the mesh and the model, loads --resume, trains to --steps, saves every --save-every.
-    The process group is the caller's (None for --mesh none). Returns (model, optimizer,
-    {step: (loss, grad norm)})."""
+def setup(args):
+    """(model, AdamW, mesh or None) at this run's layout, on the caller's process group (none
+    needed for --mesh none)."""
     from torch.distributed.device_mesh import init_device_mesh
 
     use_cuda = torch.cuda.is_available()
@@ -274,12 +286,21 @@ def train(args, log=print):
     model = parallelize(build_model(args, device), mesh, args)
     # After parallelize and fully_shard: the optimizer must see the final (DTensor) parameters.
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    return model, optimizer, mesh
+
+
+def train(args, log=print):
+    """Sets up, loads --resume, trains to --steps, saves every --save-every. Returns (model,
+    optimizer, {step: (loss, grad norm)})."""
+    model, optimizer, mesh = setup(args)
+    shape = tuple(mesh.shape) if mesh is not None else ()
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
     first = 0
     if args.resume:
         path = checkpoint_path(args.resume)
         first = load(model, optimizer, path)
-        log(f"resumed from {path} at step {first} (mesh {args.mesh} {shape})")
-    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+        if rank0:
+            log(f"resumed from {path} at step {first} (mesh {args.mesh} {shape})")
     bar = _progress(args, first, rank0)
     write = bar.write if bar is not None else log
     history = {}
