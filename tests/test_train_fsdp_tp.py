@@ -6,7 +6,8 @@ float64 so that the only differences left are the order of the sums (FP64_RTOL):
   - that checkpoint resumes at tp2 (world 2) and at one process (no mesh) for steps 4 and 5;
   - the reference: the one-process model (no mesh, no FSDP2) trained 6 steps from scratch.
 Every run's losses and final weights must equal the reference's. A ("dp", "ep", "tp") mesh at
-world 8 gives the one-process gradients, and one real torchrun launch runs the script.
+world 8 gives the one-process gradients, and one real torchrun launch runs the script in bf16
+mixed precision (FSDP2's MixedPrecisionPolicy) against the one-process float32 losses.
 """
 import contextlib
 import importlib.util
@@ -170,16 +171,23 @@ def test_without_torchrun_it_says_how_to_start_it():
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_torchrun_launch_trains_and_saves(tmp_path):
-    """The script itself under torchrun (2 ranks, gloo, the default mesh: dp1 x tp2): it trains and
-    saves a checkpoint (resuming is the in-process tests')."""
+def test_torchrun_launch_in_bf16_trains_saves_and_follows_float32(tmp_path):
+    """The script itself under torchrun (2 ranks, gloo, the default mesh at world 2: dp1 x tp2)
+    with --bf16 (FSDP2's MixedPrecisionPolicy: bf16 compute, float32 weights and sums): it
+    trains, saves a checkpoint, and its losses follow the one-process float32 run's within
+    twice bf16's unit roundoff (2 x 2**-8, relative). Resuming is the in-process tests'."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
     checkpoint = str(tmp_path / "checkpoint")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", EXAMPLE,
-               "--no-progress", "--steps", "2", "--save-every", "2", "--checkpoint", checkpoint]
+               "--no-progress", "--bf16", "--steps", "3", "--save-every", "3", "--checkpoint", checkpoint]
     finished = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert finished.returncode == 0, finished.stdout[-2000:] + finished.stderr[-4000:]
+    assert f"saved {os.path.join(checkpoint, 'step-3')}" in finished.stdout, finished.stdout
+    assert os.path.isfile(os.path.join(checkpoint, "step-3", ".metadata"))
     steps = re.findall(r"^step +(\d+) +loss ([-+0-9.eE]+) +grad norm ([-+0-9.eE]+)$", finished.stdout, re.M)
-    assert [int(step) for step, _, _ in steps] == [0, 1], finished.stdout
-    assert f"saved {os.path.join(checkpoint, 'step-2')}" in finished.stdout, finished.stdout
-    assert os.path.isfile(os.path.join(checkpoint, "step-2", ".metadata"))
+    assert [int(step) for step, _, _ in steps] == [0, 1, 2], finished.stdout
+    example = _example()
+    _, _, history = example.train(example.parse_args(["--mesh", "none", "--steps", "3", "--no-progress"]),
+                                  log=lambda *_: None)
+    for (step, loss, _), (expected, _) in zip(steps, history.values()):
+        assert abs(float(loss) - expected) <= 2 * 2 ** -8 * expected, (step, loss, expected)
