@@ -132,6 +132,16 @@ def parallelize(model, mesh, args):
     """tpmoe over "tp" / "ep", then FSDP2 over "dp" (per decoder layer, then the root)."""
     import tpmoe
 
+    if args.bf16:
+        import dataclasses
+
+        from tpmoe import MoEBlock
+
+        # The routing decision in float32 (as DeepSeek-V3 ships it): FSDP2 hands the blocks bf16
+        # weights and inputs, and bf16 logits would tie and flip experts on rounding alone.
+        for block in model.modules():
+            if isinstance(block, MoEBlock):
+                block.config = dataclasses.replace(block.config, router_dtype=torch.float32)
     if mesh is None:
         return model
     if "tp" in args.names or "ep" in args.names:
