@@ -76,6 +76,8 @@ def parse_args(argv=None):
         parser.error(f"--save-every: expected 0 (never) or a positive integer, got {args.save_every}")
     if args.save_every and not args.checkpoint:
         parser.error("--save-every needs --checkpoint DIR")
+    if args.resume and not os.path.exists(args.resume):
+        parser.error(f"--resume: {args.resume!r} does not exist")
     args.names = () if args.mesh == "none" else tuple(args.mesh.split(","))
     if args.shape is not None:
         try:

@@ -148,6 +148,7 @@ def test_bad_flags_are_refused_with_the_reason(capsys):
         ("--save-every", "2"): "--save-every needs --checkpoint",
         ("--mesh", "tp", "--bf16"): "--bf16: FSDP2's mixed precision needs 'dp'",
         ("--seq-len", "1"): "--seq-len: expected at least 2",
+        ("--resume", "/nonexistent/checkpoint"): "--resume: '/nonexistent/checkpoint' does not exist",
     }
     for argv, message in cases.items():
         with pytest.raises(SystemExit) as exit_info:
