@@ -13,16 +13,35 @@
 // is the widening itself, amortized over all of the expert's rows. No include guard and no
 // #include: it is meant to be included more than once, after <immintrin.h>.
 
+// A dot tile's kRows x 4 accumulators, zeroed.
+template <int kRows>
+inline void zero_accumulators(V (&acc)[kRows][4]) {
+#pragma GCC unroll 8
+  for (int r = 0; r < kRows; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) acc[r][c] = zero();
+}
+
+// A dot tile's kRows x 4 dot products (each the horizontal sum of its accumulator) into sums,
+// added to what is there with accumulate (a later k chunk).
+template <int kRows>
+inline void store_dot_sums(V (&acc)[kRows][4], float* sums, int64_t ld_sums, bool accumulate) {
+#pragma GCC unroll 8
+  for (int r = 0; r < kRows; ++r) {
+    __m128 total = sum4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
+    float* out = sums + r * ld_sums;
+    if (accumulate) total = _mm_add_ps(total, _mm_loadu_ps(out));
+    _mm_storeu_ps(out, total);
+  }
+}
+
 // Rows x 4 columns of dot products along k (the x @ W^T weights, whose rows are contiguous
 // in k): sums[r, c] (+)= a[r, k0:k0+Kc] . b[c, k0:k0+Kc]. Kc a multiple of kLanes.
 template <int kRows>
 inline void dot_tile(int64_t Kc, const float* a, int64_t lda, const float* b, int64_t ldb, float* sums,
                      int64_t ld_sums, bool accumulate, Prefetch& prefetch) {
   V acc[kRows][4];
-#pragma GCC unroll 8
-  for (int r = 0; r < kRows; ++r)
-#pragma GCC unroll 4
-    for (int c = 0; c < 4; ++c) acc[r][c] = zero();
+  zero_accumulators<kRows>(acc);
   // In registers for the loop: through the struct GCC would store `next` back every step.
   const char* prefetch_next = prefetch.next;
   const char* const prefetch_end = prefetch.end;
@@ -43,13 +62,7 @@ inline void dot_tile(int64_t Kc, const float* a, int64_t lda, const float* b, in
     }
   }
   prefetch.next = prefetch_next;
-#pragma GCC unroll 8
-  for (int r = 0; r < kRows; ++r) {
-    __m128 total = sum4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
-    float* out = sums + r * ld_sums;
-    if (accumulate) total = _mm_add_ps(total, _mm_loadu_ps(out));
-    _mm_storeu_ps(out, total);
-  }
+  store_dot_sums<kRows>(acc, sums, ld_sums, accumulate);
 }
 
 // The row count known at compile time: kRows down to 1 (an expert's last rows).
@@ -271,10 +284,7 @@ template <int kRows>
 inline void dot_tile_packed(int64_t Kc, const float* a, int64_t lda, const uint16_t* b, int64_t ldb, float* sums,
                             int64_t ld_sums, bool accumulate, Prefetch& prefetch) {
   V acc[kRows][4];
-#pragma GCC unroll 8
-  for (int r = 0; r < kRows; ++r)
-#pragma GCC unroll 4
-    for (int c = 0; c < 4; ++c) acc[r][c] = zero();
+  zero_accumulators<kRows>(acc);
   const char* prefetch_next = prefetch.next;
   const char* const prefetch_end = prefetch.end;
   const int64_t prefetch_lines = prefetch.lines_per_step;
@@ -301,13 +311,7 @@ inline void dot_tile_packed(int64_t Kc, const float* a, int64_t lda, const uint1
     }
   }
   prefetch.next = prefetch_next;
-#pragma GCC unroll 8
-  for (int r = 0; r < kRows; ++r) {
-    __m128 total = sum4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
-    float* out = sums + r * ld_sums;
-    if (accumulate) total = _mm_add_ps(total, _mm_loadu_ps(out));
-    _mm_storeu_ps(out, total);
-  }
+  store_dot_sums<kRows>(acc, sums, ld_sums, accumulate);
 }
 
 template <int kRows>

@@ -287,6 +287,9 @@ def test_take_over_every_shared_expert_family_from_tp_plan(world_size, tmp_path,
     # At least one family's experts come as transformers' shards (the "local shards" path is exercised).
     assert any(per_rank[0][family]["experts_in_plan"] for family in PLAN_FAMILIES), \
         "no family's TP plan shards its routed experts: nothing here takes over transformers' expert shards"
+    # ... and the no-copy check above saw at least one such block (all([]) would pass unseen).
+    assert any(per_rank[0][family]["uncopied"] for family in PLAN_FAMILIES), \
+        "no block came from transformers' local shards: the no-copy hand-over was not checked"
 
 
 def _misshapen(rank, world_size, seed):

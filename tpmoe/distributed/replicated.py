@@ -93,9 +93,10 @@ _CODED_FIELDS = {"layout": LAYOUTS, "scoring": SCORINGS, "activation": ACTIVATIO
 _WEIGHT_DIMS = 3
 
 
-def _agreement_fields(config: MoEConfig, shapes: Dict[str, tuple], dtype, shard_unit: int, local_ok: bool,
+def _agreement_fields(config: MoEConfig, shapes: Dict[str, tuple], dtype, local_ok: bool,
                       device: torch.device) -> Dict[str, torch.Tensor]:
-    fields = {"local_ok": [int(local_ok)], "shard_unit": [shard_unit],
+    # No shard_unit field: a parallel block takes only 1 (MoEBlock._place refuses others locally).
+    fields = {"local_ok": [int(local_ok)],
               "dtype": [FLOAT_DTYPES.index(dtype) if dtype in FLOAT_DTYPES else -1]}
     for name in _AGREED_FIELDS:
         value = getattr(config, name)
@@ -109,19 +110,19 @@ def _agreement_fields(config: MoEConfig, shapes: Dict[str, tuple], dtype, shard_
 def check_shards_agree(config: MoEConfig, shapes: Dict[str, tuple], dtype, group, shard_unit: int = 1, *,
                        local_ok: bool = True, what: str = "MoEBlock") -> None:
     """Raises ValueError on EVERY rank of `group` unless all ranks hold shards of one block: the
-    same config (full sizes, layout, scoring, activation, biases), shard_unit and dtype, and each rank
+    same config (full sizes, layout, scoring, activation, biases) and dtype, and each rank
     the shard shapes that config gives its rank. `local_ok=False` says this rank already rejected
     its own shards (it then raises its own error): the others learn it here and raise too, instead
     of waiting in the block's first collective until the process group's timeout.
 
     Shards that each pass check_shards can still disagree across ranks (a rank built with another
-    intermediate_size, shard_unit or dtype): the block would then run, and its all-reduce would sum
+    intermediate_size or dtype): the block would then run, and its all-reduce would sum
     garbage, fail on mismatched sizes, or hang. Communication: ONE all-gather of ~45 int64.
     """
     world_size, rank = group_size(group), group_rank(group)
     if world_size < 2:
         return
-    local = _agreement_fields(config, shapes, dtype, shard_unit, local_ok, collective_device(group))
+    local = _agreement_fields(config, shapes, dtype, local_ok, collective_device(group))
     rows = [{key: value.tolist() for key, value in row.items()} for row in _all_gather_named(
         local, group, f"{what}: the construction-time check that the ranks' shards agree")]
     if not local_ok:
@@ -154,9 +155,6 @@ def _agreement_verdict(config: MoEConfig, rows, shapes_of, kind: str, what: str,
                 return (f"{what}: rank {p} of the {kind} group was built with config.{name}={decode(row[name][0])!r} "
                         f"but rank 0 with {decode(first[name][0])!r}; every rank needs the same MoEConfig (full "
                         f"sizes) ({seen_from})")
-        if row["shard_unit"] != first["shard_unit"]:
-            return (f"{what}: rank {p} of the {kind} group uses shard_unit={row['shard_unit'][0]} but rank 0 "
-                    f"shard_unit={first['shard_unit'][0]}; the shard sizes then differ ({seen_from})")
         if row["dtype"] != first["dtype"]:
             names = {code: dtype_name(d) for code, d in enumerate(FLOAT_DTYPES)}
             return (f"{what}: rank {p} of the {kind} group holds {names.get(row['dtype'][0], 'other')} weights "
@@ -187,7 +185,7 @@ def check_expert_parallel_agree(config: MoEConfig, shapes: Dict[str, tuple], dty
     """
     tp_size, tp_rank = group_size(tp_group), group_rank(tp_group)
     ep_size, ep_rank = group_size(ep_group), group_rank(ep_group)
-    local = _agreement_fields(config, shapes, dtype, shard_unit, local_ok, collective_device(ep_group))
+    local = _agreement_fields(config, shapes, dtype, local_ok, collective_device(ep_group))
     for name, value in (("ep_rank", ep_rank), ("ep_size", ep_size), ("tp_rank", tp_rank), ("tp_size", tp_size)):
         local[name] = torch.tensor([value], dtype=torch.int64, device=local["local_ok"].device)
     seen_from = f"seen from EP rank {ep_rank}, TP rank {tp_rank}"
