@@ -4,13 +4,13 @@ Importing tpmoe needs neither a GPU nor the built extension `tpmoe._C`; the call
 one of them say so.
 """
 from .block import MoEBlock
-from .config import MoEConfig
+from .config import ExpertSpec, MoEConfig
 from .distributed import CollectiveError, allreduce_router_grads
-from .fused import fused_experts
+from .fused import fused_experts, routed_experts
 from .reference import reference_experts, reference_moe_block, reference_route
 from .routing import AlignResult, align, route
 from .sharding import shard_moe_weights, shard_sizes
-from .weights import check_moe_weights, expected_shapes, random_moe_weights
+from .weights import ExpertWeights, check_moe_weights, expected_shapes, random_moe_weights
 
 __version__ = "0.1.0"
 
@@ -23,7 +23,8 @@ def __getattr__(name):
     raise AttributeError(f"module 'tpmoe' has no attribute {name!r}")
 
 __all__ = [
-    "AlignResult", "CollectiveError", "MoEBlock", "MoEConfig", "align", "allreduce_router_grads", "check_moe_weights",
-    "expected_shapes", "fused_experts", "parallelize", "random_moe_weights", "reference_experts", "reference_moe_block",
-    "reference_route", "route", "shard_moe_weights", "shard_sizes",
+    "AlignResult", "CollectiveError", "ExpertSpec", "ExpertWeights", "MoEBlock", "MoEConfig", "align",
+    "allreduce_router_grads", "check_moe_weights", "expected_shapes", "fused_experts", "parallelize",
+    "random_moe_weights", "reference_experts", "reference_moe_block", "reference_route", "route", "routed_experts",
+    "shard_moe_weights", "shard_sizes",
 ]

@@ -35,7 +35,7 @@ from . import distributed as tp
 from .distributed import expert_parallel as ep
 from .config import MoEConfig
 from ._checks import FLOAT_DTYPES, check_choice, check_ids_in_range, dtype_name
-from .fused import BACKENDS, fused_experts
+from .fused import BACKENDS, routed_experts
 from .routing import route
 from .distributed.dtensor_parameters import as_dtensor, block_local, block_submesh, local_tensor, mesh_of_groups
 from .distributed.groups import mesh_dims_by_name
@@ -43,7 +43,7 @@ from .distributed.replicated import check_expert_parallel_agree, check_shards_ag
 from .sharding import (REPLICATED_NAMES, SHARDED_NAMES, align_sharded_storage, check_shards, expert_range,
                        expert_ranges, shard_moe_weights, shard_sizes)
 from .stacked import to_format, to_stacked
-from .weights import check_moe_weights, random_moe_weights
+from .weights import ExpertWeights, check_moe_weights, random_moe_weights
 
 # Trained replicated parameters: their gradients are complete on every rank in TP mode and
 # per-rank partial sums (over the local tokens) in sequence-parallel and expert-parallel mode.
@@ -162,6 +162,9 @@ class MoEBlock(nn.Module):
         if dtype is not None and (not isinstance(dtype, torch.dtype) or dtype not in FLOAT_DTYPES):
             raise TypeError(f"dtype: expected None or one of {tuple(str(d) for d in FLOAT_DTYPES)}, got {dtype!r}")
         self.config = config
+        # What the routed experts compute, and the shared expert (its gate/up always concatenated).
+        self._expert_spec = config.expert_spec
+        self._shared_spec = self._expert_spec.with_layout("concatenated")
         self.check_replicated = check_replicated
         self.backend = backend
         tp_group, ep_group = tp.resolve_groups(group, tp_mesh_dim, ep_group, ep_mesh_dim)
@@ -515,25 +518,21 @@ class MoEBlock(nn.Module):
         return self._routed_experts(rows, local_ids[:, None], ones)
 
     def _routed_experts(self, x, topk_ids, topk_weights):
-        """tpmoe.fused_experts over this rank's routed experts (its columns of them)."""
-        config = self.config
+        """tpmoe.routed_experts over this rank's routed experts (its columns of them)."""
         b_gate_up = self._weight("b_gate_up") if hasattr(self, "b_gate_up") else None
-        return fused_experts(x, self._weight("w_gate_up"), self._weight("w_down"), topk_ids, topk_weights,
-                             layout=config.layout, b_gate_up=b_gate_up, activation=config.activation,
-                             gated=config.gated, alpha=config.swiglu_alpha, limit=config.swiglu_limit,
-                             backend=self.backend)
+        weights = ExpertWeights(self._weight("w_gate_up"), self._weight("w_down"), b_gate_up)
+        return routed_experts(x, weights, topk_ids, topk_weights, self._expert_spec, backend=self.backend)
 
     def _shared_expert_rows(self, x, shared_gate):
         """This rank's partial (its Is_local columns) of the gated shared expert on tokens x: one more
         expert that every token picks, weighted by its gate."""
         if self.Is_local == 0:
             return x.new_zeros(x.shape)  # EP x TP: joins the TP all-reduce as zeros; f fills the missing grads
-        config = self.config
         shared_ids = torch.zeros(x.shape[0], 1, dtype=torch.int64, device=x.device)
         weight = shared_gate if shared_gate is not None else x.new_ones(x.shape[0], 1)
-        return fused_experts(x, self._weight("shared_gate_up")[None], self._weight("shared_down")[None], shared_ids,
-                             weight, layout="concatenated", activation=config.activation, gated=config.gated,
-                             alpha=config.swiglu_alpha, limit=config.swiglu_limit, backend=self.backend)
+        weights = ExpertWeights(self._weight("shared_gate_up")[None], self._weight("shared_down")[None])
+        return routed_experts(x, weights, shared_ids, weight, self._shared_spec,
+                              backend=self.backend)
 
     def _expert_parallel_pairs(self, x, topk_weights, topk_ids, shared_gate):
         """EP: ([T, K, H] per-pair expert outputs, shared expert [T, H] or None), complete.

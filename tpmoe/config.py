@@ -1,8 +1,11 @@
 """The description of one MoE block, shared by the reference, the layers and the adapters."""
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
+from ._checks import check_choice
 
 SCORINGS = ("softmax", "topk_softmax", "sigmoid_group")
 # Appended to only: tpmoe.sharding codes an activation by its index here.
@@ -11,6 +14,50 @@ ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "clamped_swiglu", "relu2", "
 # Defined on the (gate, up) pair only: these need gated=True. Every check reads this tuple.
 GATED_ONLY_ACTIVATIONS = ("clamped_swiglu", "clamped_silu", "silu_clamped", "softcapped_swiglu")
 LAYOUTS = ("concatenated", "interleaved", "gpt_oss")
+
+
+def check_expert_fields(activation: str, layout: str, gated: bool, prefix: str = "") -> None:
+    """The one check of what an expert computes: MoEConfig, ExpertSpec and tpmoe.fused_experts'
+    keywords name their argument with `prefix`."""
+    check_choice(activation, f"{prefix}activation", ACTIVATIONS)
+    check_choice(layout, f"{prefix}layout", LAYOUTS)
+    if activation in GATED_ONLY_ACTIVATIONS and not gated:
+        raise ValueError(f"{prefix}gated: {activation} is a gated activation, expected gated=True, got {gated!r}")
+
+
+@dataclass(frozen=True)
+class ExpertSpec:
+    """What one expert computes, carried as one value from the config to the kernels.
+
+    activation, gated and alpha / limit as in MoEConfig (alpha = swiglu_alpha, limit =
+    swiglu_limit); layout: how gate and up are packed (tpmoe.weights). How the weights are
+    stored (dense, quantized) is the weights' business, not the spec's: tpmoe.weights.ExpertWeights.
+    """
+
+    activation: str = "silu"
+    layout: str = "concatenated"
+    gated: bool = True
+    alpha: float = 1.702
+    limit: float = 7.0
+
+    def __post_init__(self):
+        check_expert_fields(self.activation, self.layout, self.gated, "ExpertSpec.")
+        # The custom ops' schemas take doubles; an int here would fail there, far from its cause.
+        object.__setattr__(self, "alpha", float(self.alpha))
+        object.__setattr__(self, "limit", float(self.limit))
+
+    def op_args(self) -> tuple:
+        """(activation, layout, gated, alpha, limit): the order every custom op's schema takes
+        them in (a schema cannot take a Python object, so the spec is unpacked here, once)."""
+        return self.activation, self.layout, self.gated, self.alpha, self.limit
+
+    def keywords(self) -> dict:
+        """The spec as tpmoe.fused_experts' / tpmoe.reference_experts' keywords."""
+        return dict(activation=self.activation, layout=self.layout, gated=self.gated, alpha=self.alpha,
+                    limit=self.limit)
+
+    def with_layout(self, layout: str) -> "ExpertSpec":
+        return dataclasses.replace(self, layout=layout)
 
 
 @dataclass(frozen=True)
@@ -69,12 +116,7 @@ class MoEConfig:
             raise ValueError(f"MoEConfig.top_k: expected <= num_experts ({self.num_experts}), got {self.top_k}")
         if self.scoring not in SCORINGS:
             raise ValueError(f"MoEConfig.scoring: expected one of {SCORINGS}, got {self.scoring!r}")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"MoEConfig.activation: expected one of {ACTIVATIONS}, got {self.activation!r}")
-        if self.layout not in LAYOUTS:
-            raise ValueError(f"MoEConfig.layout: expected one of {LAYOUTS}, got {self.layout!r}")
-        if self.activation in GATED_ONLY_ACTIVATIONS and not self.gated:
-            raise ValueError(f"MoEConfig.gated: {self.activation} is a gated activation, got gated=False")
+        check_expert_fields(self.activation, self.layout, self.gated, "MoEConfig.")
         if self.scoring != "sigmoid_group" and (self.correction_bias or self.n_group != 1 or self.topk_group != 1):
             raise ValueError("MoEConfig.scoring: correction_bias, n_group and topk_group belong to 'sigmoid_group' "
                              f"routing, got them with scoring={self.scoring!r}")
@@ -94,6 +136,11 @@ class MoEConfig:
                              f"{self.router_bias}, correction_bias={self.correction_bias}")
         if self.shared_expert_gate and self.shared_intermediate_size == 0:
             raise ValueError("MoEConfig.shared_expert_gate: needs a shared expert (shared_intermediate_size > 0)")
+
+    @property
+    def expert_spec(self) -> ExpertSpec:
+        """The routed experts' spec; the shared expert's is this one with_layout("concatenated")."""
+        return ExpertSpec(self.activation, self.layout, self.gated, self.swiglu_alpha, self.swiglu_limit)
 
     @property
     def gate_up_rows(self) -> int:

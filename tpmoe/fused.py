@@ -1,4 +1,5 @@
-"""`tpmoe.fused_experts`: the routed experts of one rank's shard, the same call on every device."""
+"""`tpmoe.fused_experts` / `tpmoe.routed_experts`: the routed experts of one rank's shard, the same call
+on every device."""
 from typing import Optional
 
 import torch
@@ -6,7 +7,8 @@ import torch
 from ._checks import (FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_ids_in_range, check_shape,
                       check_tensor)
 from ._native import use_native_ops
-from .config import ACTIVATIONS, GATED_ONLY_ACTIVATIONS, LAYOUTS
+from .config import ExpertSpec, check_expert_fields
+from .weights import ExpertWeights
 
 BACKENDS = ("auto", "cpu", "triton", "reference")
 
@@ -28,46 +30,62 @@ def fused_experts(hidden_states: torch.Tensor, w_gate_up: torch.Tensor, w_down: 
     of tpmoe._C; where it is not built, their plain-PyTorch twin, after one warning), "triton"
     (on CPU tensors only under TRITON_INTERPRET=1), "reference" (tpmoe.reference, loop-style).
     Differentiable in hidden_states, the weights, the biases and topk_weights.
+    The keywords' form of tpmoe.routed_experts (which takes an ExpertWeights and an ExpertSpec).
     """
+    check_expert_fields(activation, layout, gated)
+    return routed_experts(hidden_states, ExpertWeights(w_gate_up, w_down, b_gate_up, b_down), topk_ids, topk_weights,
+                          ExpertSpec(activation, layout, gated, alpha, limit), backend=backend)
+
+
+def routed_experts(hidden_states: torch.Tensor, weights: ExpertWeights, topk_ids: torch.Tensor,
+                   topk_weights: torch.Tensor, spec: ExpertSpec = ExpertSpec(), *,
+                   backend: str = "auto") -> torch.Tensor:
+    """tpmoe.fused_experts with the experts' weights in one tpmoe.weights.ExpertWeights and what
+    they compute in one tpmoe.ExpertSpec (MoEConfig.expert_spec), as a MoEBlock calls it."""
     check_choice(backend, "backend", BACKENDS)
-    check_choice(activation, "activation", ACTIVATIONS)
-    check_choice(layout, "layout", LAYOUTS)
-    if activation in GATED_ONLY_ACTIVATIONS and not gated:
-        raise ValueError(f"gated: {activation} is a gated activation, expected gated=True, got False")
-    num_experts, intermediate_local = _check_experts_args(hidden_states, w_gate_up, w_down, topk_ids,
-                                                          topk_weights, layout, gated, b_gate_up, b_down)
+    if not isinstance(spec, ExpertSpec):
+        raise TypeError(f"spec: expected a tpmoe.ExpertSpec, got {type(spec).__name__}")
+    if not isinstance(weights, ExpertWeights):
+        raise TypeError(f"weights: expected a tpmoe.weights.ExpertWeights, got {type(weights).__name__}")
+    weights.check_format()
+    num_experts, intermediate_local = _check_experts_args(hidden_states, weights, topk_ids, topk_weights, spec)
     check_ids_in_range(topk_ids, num_experts)
 
     implementation = _implementation(backend, hidden_states.device)
     # The Triton kernels read rows of a contiguous x and int64 ids; the other paths give the
     # same results either way.
-    return implementation(hidden_states.contiguous(), w_gate_up, w_down, topk_ids.long(), topk_weights,
-                          activation=activation, layout=layout, gated=gated, b_gate_up=b_gate_up, b_down=b_down,
-                          alpha=alpha, limit=limit)
+    return implementation(hidden_states.contiguous(), weights, topk_ids.long(), topk_weights, spec)
 
 
 def _implementation(backend: str, device: torch.device):
-    """The one backend decision: the function that runs a call of `backend` on `device`."""
+    """The one backend decision: the function that runs a call of `backend` on `device`, each
+    called as f(hidden_states, weights, topk_ids, topk_weights, spec)."""
     if backend == "auto":
         backend = "triton" if device.type == "cuda" else "cpu"
     if backend == "reference":
-        from .reference import reference_experts
-        return reference_experts
+        return _reference
     if backend == "triton":
-        from .triton import fused_experts_triton
-        return fused_experts_triton
+        from .triton import experts_triton
+        return experts_triton
     if device.type != "cpu":
         raise ValueError(f"backend: 'cpu' needs CPU tensors, got hidden_states on {device}")
     if use_native_ops() is not None:
-        from .cpu import fused_experts_cpu
-        return fused_experts_cpu
-    from .cpu import grouped_experts_torch
-    return grouped_experts_torch
+        from .cpu import experts_cpu
+        return experts_cpu
+    from .cpu import experts_torch
+    return experts_torch
 
 
-def _check_experts_args(hidden_states, w_gate_up, w_down, topk_ids, topk_weights, layout, gated, b_gate_up,
-                        b_down):
+def _reference(hidden_states, weights, topk_ids, topk_weights, spec):
+    from .reference import reference_experts  # loop-style and independent: it keeps its keywords
+    return reference_experts(hidden_states, weights.w_gate_up, weights.w_down, topk_ids, topk_weights,
+                             b_gate_up=weights.b_gate_up, b_down=weights.b_down, **spec.keywords())
+
+
+def _check_experts_args(hidden_states, weights, topk_ids, topk_weights, spec):
     """Returns (E, I_p) after checking every tensor against hidden_states and each other."""
+    w_gate_up, w_down, b_gate_up, b_down = weights.w_gate_up, weights.w_down, weights.b_gate_up, weights.b_down
+    layout, gated = spec.layout, spec.gated
     check_tensor(hidden_states, "hidden_states", ndim=2, dtypes=FLOAT_DTYPES)
     device, dtype = hidden_states.device, hidden_states.dtype
     num_tokens, hidden_size = hidden_states.shape

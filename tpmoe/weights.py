@@ -15,13 +15,36 @@ Is = shared_intermediate_size):
   shared_gate_up  [2Is, H]   concatenated ([Is, H] not gated)   if Is > 0
   shared_down     [H, Is]                                         if Is > 0
   shared_gate     [1, H]     if config.shared_expert_gate
+
+One rank's routed experts travel to tpmoe.routed_experts (and from there to a backend) as an
+ExpertWeights: the four expert tensors above (a rank's shards of them) and their `format`.
 """
 import math
-from typing import Dict, Optional
+from typing import Dict, NamedTuple, Optional
 
 import torch
 
+from ._checks import check_choice
 from .config import MoEConfig
+
+# How expert weights are stored. "dense": plain float tensors (float32, bfloat16, float16), the
+# shapes above. The quantized formats (fp8 with block scales, MXFP4) join here with their scales.
+WEIGHT_FORMATS = ("dense",)
+
+
+class ExpertWeights(NamedTuple):
+    """One rank's routed-expert weights, in `format` (WEIGHT_FORMATS), shapes as above for the
+    spec's layout with the rank's I_p in place of I. A NamedTuple: torch.compile traces through
+    it without a graph break."""
+
+    w_gate_up: torch.Tensor
+    w_down: torch.Tensor
+    b_gate_up: Optional[torch.Tensor] = None
+    b_down: Optional[torch.Tensor] = None
+    format: str = "dense"
+
+    def check_format(self, argument: str = "weights") -> None:
+        check_choice(self.format, f"{argument}.format", WEIGHT_FORMATS)
 
 
 def expected_shapes(config: MoEConfig) -> Dict[str, tuple]:

@@ -1,9 +1,11 @@
 """ExpertsCpuFunction: the native CPU ops (tpmoe.cpu.ops) behind autograd, and
-`fused_experts_cpu`, the native CPU path of tpmoe.fused_experts."""
+`experts_cpu`, the native CPU path of tpmoe.routed_experts (`fused_experts_cpu`: its keywords' form)."""
 import torch
 from torch.autograd.function import once_differentiable
 
+from ..config import ExpertSpec
 from ..routing import align
+from ..weights import ExpertWeights
 from .ops import cpu_ops
 
 THREADINGS = ("auto", "experts", "gemm")
@@ -41,15 +43,22 @@ class ExpertsCpuFunction(torch.autograd.Function):
         return (*grads, None, None, None, None, None, None, None, None)
 
 
-def fused_experts_cpu(hidden_states, w_gate_up, w_down, topk_ids, topk_weights, *, activation, layout, gated,
-                      b_gate_up, b_down, alpha, limit, threading="auto"):
-    """The native CPU path of tpmoe.fused_experts (inputs already validated by it).
+def experts_cpu(hidden_states, weights, topk_ids, topk_weights, spec, threading="auto"):
+    """The native CPU path of tpmoe.routed_experts (inputs already validated by it): a
+    tpmoe.weights.ExpertWeights and a tpmoe.ExpertSpec.
 
     threading: "auto", "experts" (threads split each expert's columns, for decode) or "gemm"
     (all threads inside each GEMM, for prefill); "auto" picks by rows per expert."""
     if threading not in THREADINGS:
         raise ValueError(f"threading: expected one of {THREADINGS}, got {threading!r}")
-    routing = align(topk_ids, w_gate_up.shape[0])
-    return ExpertsCpuFunction.apply(hidden_states, w_gate_up, w_down, topk_weights, b_gate_up, b_down,
-                                    routing.sorted_pair_ids, routing.expert_offsets, activation, layout, gated,
-                                    float(alpha), float(limit), threading)
+    routing = align(topk_ids, weights.w_gate_up.shape[0])
+    return ExpertsCpuFunction.apply(hidden_states, weights.w_gate_up, weights.w_down, topk_weights, weights.b_gate_up,
+                                    weights.b_down, routing.sorted_pair_ids, routing.expert_offsets, *spec.op_args(),
+                                    threading)
+
+
+def fused_experts_cpu(hidden_states, w_gate_up, w_down, topk_ids, topk_weights, *, activation, layout, gated,
+                      b_gate_up, b_down, alpha, limit, threading="auto"):
+    """experts_cpu with tpmoe.fused_experts' keywords (inputs already validated)."""
+    return experts_cpu(hidden_states, ExpertWeights(w_gate_up, w_down, b_gate_up, b_down), topk_ids, topk_weights,
+                       ExpertSpec(activation, layout, gated, alpha, limit), threading)

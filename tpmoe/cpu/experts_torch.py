@@ -7,12 +7,22 @@ tpmoe.routing_torch.align_torch, as the native `align` is missing too.
 import torch
 
 from ..activations import expert_activation
+from ..config import ExpertSpec
 from ..routing_torch import align_torch
+from ..weights import ExpertWeights
 
 
 def grouped_experts_torch(hidden_states, w_gate_up, w_down, topk_ids, topk_weights, *, activation, layout,
                           gated, b_gate_up, b_down, alpha, limit):
-    """y[t] = sum_k topk_weights[t, k] * expert_{topk_ids[t, k]}(hidden_states[t]), as tpmoe.fused_experts."""
+    """experts_torch with tpmoe.fused_experts' keywords."""
+    return experts_torch(hidden_states, ExpertWeights(w_gate_up, w_down, b_gate_up, b_down), topk_ids, topk_weights,
+                         ExpertSpec(activation, layout, gated, alpha, limit))
+
+
+def experts_torch(hidden_states, weights, topk_ids, topk_weights, spec):
+    """y[t] = sum_k topk_weights[t, k] * expert_{topk_ids[t, k]}(hidden_states[t]), as tpmoe.routed_experts."""
+    w_gate_up, w_down, b_gate_up, b_down = weights.w_gate_up, weights.w_down, weights.b_gate_up, weights.b_down
+    layout = spec.layout
     num_tokens, hidden_size = hidden_states.shape
     top_k = topk_ids.shape[1]
     num_experts = w_gate_up.shape[0]
@@ -34,8 +44,7 @@ def grouped_experts_torch(hidden_states, w_gate_up, w_down, topk_ids, topk_weigh
         gate_up = x_rows @ (w_gu if transposed else w_gu.t())
         if b_gate_up is not None:
             gate_up = gate_up + b_gate_up[expert]
-        h = expert_activation(gate_up, activation=activation, layout=layout, gated=gated, alpha=alpha,
-                              limit=limit)
+        h = expert_activation(gate_up, **spec.keywords())
         w_d = w_down[expert]
         out = h @ (w_d if transposed else w_d.t())
         if b_down is not None:

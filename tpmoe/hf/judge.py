@@ -19,6 +19,7 @@ from typing import Callable, Dict, NamedTuple, Optional, Tuple
 import torch
 from torch import nn
 
+from ..config import ExpertSpec
 from . import registry as R
 from .code import assigned_class, assigns, family_of, forward_code, method_code, normalized_code, reference_class
 
@@ -119,6 +120,10 @@ class ExpertsPlan:
     activation: str
     alpha: float
     limit: float
+
+    @property
+    def spec(self) -> ExpertSpec:
+        return ExpertSpec(self.activation, self.layout, self.gated, self.alpha, self.limit)
 
     def hf_names(self) -> Dict[str, Tuple[str, ...]]:
         """tpmoe weight -> the experts module's parameter names."""

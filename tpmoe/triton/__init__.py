@@ -4,6 +4,6 @@ Importing this package needs triton, not CUDA. The kernels run on CUDA tensors, 
 tensors under the Triton interpreter (TRITON_INTERPRET=1 set before this package is first
 imported); any other case raises a RuntimeError that says so.
 """
-from .autograd import FusedExpertsFunction, fused_experts_triton
+from .autograd import FusedExpertsFunction, experts_triton, fused_experts_triton
 
-__all__ = ["FusedExpertsFunction", "fused_experts_triton"]
+__all__ = ["FusedExpertsFunction", "experts_triton", "fused_experts_triton"]

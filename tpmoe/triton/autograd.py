@@ -15,6 +15,8 @@ from typing import Optional
 import torch
 
 from . import ops
+from ..config import ExpertSpec
+from ..weights import ExpertWeights
 from .layouts import down_axes, gate_up_axes
 from ..routing import align  # the alignment the kernels read: docs/contracts.md, AlignResult
 from .tile_configs import block_m_for, launch_configs, token_bucket
@@ -89,25 +91,33 @@ class FusedExpertsFunction(torch.autograd.Function):
                 None, None, None, None, None, None)
 
 
+def experts_triton(hidden_states: torch.Tensor, weights: ExpertWeights, topk_ids: torch.Tensor,
+                   topk_weights: torch.Tensor, spec: ExpertSpec) -> torch.Tensor:
+    """y [T, H] = sum_k topk_weights[t, k] * expert_{topk_ids[t, k]}(hidden_states[t]), on the Triton kernels.
+
+    Inputs are validated by tpmoe.routed_experts (shapes and layouts as in tpmoe.weights; hidden_states
+    contiguous; ids in range). CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (set before
+    tpmoe.triton is imported). Differentiable in hidden_states, both weights, both biases and
+    topk_weights.
+    """
+    w_gate_up, w_down, b_gate_up, b_down = weights.w_gate_up, weights.w_down, weights.b_gate_up, weights.b_down
+    num_tokens, hidden_size = hidden_states.shape
+    intermediate_size = w_down.shape[down_axes(spec.layout)[1]]
+    if num_tokens == 0 or intermediate_size == 0:
+        # Nothing for the kernels to do: y is the weighted down bias (zero without one).
+        return _bias_only(hidden_states, topk_ids, topk_weights, b_down)
+    return FusedExpertsFunction.apply(hidden_states, w_gate_up, w_down, topk_weights, b_gate_up, b_down, topk_ids,
+                                      *spec.op_args())
+
+
 def fused_experts_triton(hidden_states: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
                          topk_ids: torch.Tensor, topk_weights: torch.Tensor, *, activation: str = "silu",
                          layout: str = "concatenated", gated: bool = True, b_gate_up: Optional[torch.Tensor] = None,
                          b_down: Optional[torch.Tensor] = None, alpha: float = 1.702,
                          limit: float = 7.0) -> torch.Tensor:
-    """y [T, H] = sum_k topk_weights[t, k] * expert_{topk_ids[t, k]}(hidden_states[t]), on the Triton kernels.
-
-    Inputs are validated by tpmoe.fused_experts (shapes and layouts as in tpmoe.weights; hidden_states
-    contiguous; ids in range). CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (set before
-    tpmoe.triton is imported). Differentiable in hidden_states, both weights, both biases and
-    topk_weights.
-    """
-    num_tokens, hidden_size = hidden_states.shape
-    intermediate_size = w_down.shape[down_axes(layout)[1]]
-    if num_tokens == 0 or intermediate_size == 0:
-        # Nothing for the kernels to do: y is the weighted down bias (zero without one).
-        return _bias_only(hidden_states, topk_ids, topk_weights, b_down)
-    return FusedExpertsFunction.apply(hidden_states, w_gate_up, w_down, topk_weights, b_gate_up, b_down, topk_ids,
-                                      activation, layout, gated, float(alpha), float(limit))
+    """experts_triton with tpmoe.fused_experts' keywords (inputs validated as there)."""
+    return experts_triton(hidden_states, ExpertWeights(w_gate_up, w_down, b_gate_up, b_down), topk_ids, topk_weights,
+                          ExpertSpec(activation, layout, gated, alpha, limit))
 
 
 def device_capability(device: torch.device) -> Optional[int]:
