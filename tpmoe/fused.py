@@ -8,7 +8,8 @@ from ._checks import (FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_ids_in_ran
                       check_tensor)
 from ._native import use_native_ops
 from .config import ExpertSpec, check_expert_fields
-from .weights import ExpertWeights
+from .fp8 import check_fp8_experts, dequantize_fp8_experts
+from .weights import FP8_FORMAT, ExpertWeights
 
 BACKENDS = ("auto", "cpu", "triton", "reference")
 
@@ -51,24 +52,32 @@ def routed_experts(hidden_states: torch.Tensor, weights: ExpertWeights, topk_ids
     num_experts, intermediate_local = _check_experts_args(hidden_states, weights, topk_ids, topk_weights, spec)
     check_ids_in_range(topk_ids, num_experts)
 
-    implementation = _implementation(backend, hidden_states.device)
+    implementation = _implementation(backend, hidden_states.device, weights.format)
     # The Triton kernels read rows of a contiguous x and int64 ids; the other paths give the
     # same results either way.
     return implementation(hidden_states.contiguous(), weights, topk_ids.long(), topk_weights, spec)
 
 
-def _implementation(backend: str, device: torch.device):
-    """The one backend decision: the function that runs a call of `backend` on `device`, each
-    called as f(hidden_states, weights, topk_ids, topk_weights, spec)."""
+def _implementation(backend: str, device: torch.device, weight_format: str = "dense"):
+    """The one backend decision: the function that runs a call of `backend` on `device` with
+    weights of `weight_format`, each called as f(hidden_states, weights, topk_ids, topk_weights, spec)."""
     if backend == "auto":
         backend = "triton" if device.type == "cuda" else "cpu"
     if backend == "reference":
         return _reference
     if backend == "triton":
+        if weight_format != "dense":
+            raise NotImplementedError(f"backend: 'triton' runs 'dense' expert weights only so far, got format "
+                                      f"{weight_format!r} (backend 'cpu' and 'reference' run it, on CPU tensors)")
         from .triton import experts_triton
         return experts_triton
     if device.type != "cpu":
         raise ValueError(f"backend: 'cpu' needs CPU tensors, got hidden_states on {device}")
+    if weight_format != "dense":
+        # Quantized weights run on the plain-PyTorch CPU path, dequantized one expert at a time;
+        # the native ops' dequantizing weight load is not built yet.
+        from .cpu import experts_torch
+        return experts_torch
     if use_native_ops() is not None:
         from .cpu import experts_cpu
         return experts_cpu
@@ -78,22 +87,52 @@ def _implementation(backend: str, device: torch.device):
 
 def _reference(hidden_states, weights, topk_ids, topk_weights, spec):
     from .reference import reference_experts  # loop-style and independent: it keeps its keywords
+    if weights.format == FP8_FORMAT:
+        weights = dequantize_fp8_experts(weights, layout=spec.layout, gated=spec.gated, dtype=hidden_states.dtype)
     return reference_experts(hidden_states, weights.w_gate_up, weights.w_down, topk_ids, topk_weights,
                              b_gate_up=weights.b_gate_up, b_down=weights.b_down, **spec.keywords())
 
 
 def _check_experts_args(hidden_states, weights, topk_ids, topk_weights, spec):
     """Returns (E, I_p) after checking every tensor against hidden_states and each other."""
-    w_gate_up, w_down, b_gate_up, b_down = weights.w_gate_up, weights.w_down, weights.b_gate_up, weights.b_down
-    layout, gated = spec.layout, spec.gated
     check_tensor(hidden_states, "hidden_states", ndim=2, dtypes=FLOAT_DTYPES)
     device, dtype = hidden_states.device, hidden_states.dtype
     num_tokens, hidden_size = hidden_states.shape
+    if weights.format == FP8_FORMAT:
+        num_experts, intermediate_local = check_fp8_experts(weights, hidden_size=hidden_size, layout=spec.layout,
+                                                            gated=spec.gated, dtype=dtype, device=device)
+    else:
+        num_experts, intermediate_local = _check_dense_weights(weights, hidden_size, dtype, device, spec)
+    gate_up_rows = (2 if spec.gated else 1) * intermediate_local
+
+    check_tensor(topk_ids, "topk_ids", ndim=2, dtypes=INDEX_DTYPES, device=device)
+    top_k = topk_ids.shape[1]
+    if topk_ids.shape[0] != num_tokens:
+        raise ValueError(f"topk_ids: expected {num_tokens} rows (tokens of hidden_states), got shape "
+                         f"{tuple(topk_ids.shape)}")
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"topk_ids: expected 1 <= K <= E ({num_experts}) columns, got K = {top_k}")
+    check_tensor(topk_weights, "topk_weights", ndim=2, dtypes=FLOAT_DTYPES, device=device)
+    check_shape(topk_weights, "topk_weights", tuple(topk_ids.shape), "that of topk_ids")
+    if weights.b_gate_up is not None:
+        check_tensor(weights.b_gate_up, "b_gate_up", dtypes=(dtype,), device=device)
+        check_shape(weights.b_gate_up, "b_gate_up", (num_experts, gate_up_rows), "E, gate+up size of w_gate_up")
+    if weights.b_down is not None:
+        check_tensor(weights.b_down, "b_down", dtypes=(dtype,), device=device)
+        check_shape(weights.b_down, "b_down", (num_experts, hidden_size), "E, H")
+    return num_experts, intermediate_local
+
+
+def _check_dense_weights(weights, hidden_size, dtype, device, spec):
+    """(E, I_p) of "dense" weights: float tensors of hidden_states' dtype, shaped for the layout."""
+    w_gate_up, w_down, layout, gated = weights.w_gate_up, weights.w_down, spec.layout, spec.gated
     check_tensor(w_gate_up, "w_gate_up", ndim=3, dtypes=FLOAT_DTYPES, device=device)
     check_tensor(w_down, "w_down", ndim=3, dtypes=FLOAT_DTYPES, device=device)
     for name, weight in (("w_gate_up", w_gate_up), ("w_down", w_down)):
         if weight.dtype != dtype:
             raise TypeError(f"{name}: expected dtype {dtype} (that of hidden_states), got {weight.dtype}")
+    if weights.scales is not None:
+        raise ValueError(f"weights.scales: expected None for format 'dense', got {type(weights.scales).__name__}")
     num_experts = w_gate_up.shape[0]
     transposed = layout == "gpt_oss"
     hidden_axis, rows_axis = (1, 2) if transposed else (2, 1)
@@ -108,20 +147,4 @@ def _check_experts_args(hidden_states, weights, topk_ids, topk_weights, spec):
     down_shape = ((num_experts, intermediate_local, hidden_size) if transposed
                   else (num_experts, hidden_size, intermediate_local))
     check_shape(w_down, "w_down", down_shape, f"E, I_p from w_gate_up, layout {layout!r}")
-
-    check_tensor(topk_ids, "topk_ids", ndim=2, dtypes=INDEX_DTYPES, device=device)
-    top_k = topk_ids.shape[1]
-    if topk_ids.shape[0] != num_tokens:
-        raise ValueError(f"topk_ids: expected {num_tokens} rows (tokens of hidden_states), got shape "
-                         f"{tuple(topk_ids.shape)}")
-    if not 1 <= top_k <= num_experts:
-        raise ValueError(f"topk_ids: expected 1 <= K <= E ({num_experts}) columns, got K = {top_k}")
-    check_tensor(topk_weights, "topk_weights", ndim=2, dtypes=FLOAT_DTYPES, device=device)
-    check_shape(topk_weights, "topk_weights", tuple(topk_ids.shape), "that of topk_ids")
-    if b_gate_up is not None:
-        check_tensor(b_gate_up, "b_gate_up", dtypes=(dtype,), device=device)
-        check_shape(b_gate_up, "b_gate_up", (num_experts, gate_up_rows), "E, gate+up size of w_gate_up")
-    if b_down is not None:
-        check_tensor(b_down, "b_down", dtypes=(dtype,), device=device)
-        check_shape(b_down, "b_down", (num_experts, hidden_size), "E, H")
     return num_experts, intermediate_local

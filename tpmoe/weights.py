@@ -28,20 +28,24 @@ from ._checks import check_choice
 from .config import MoEConfig
 
 # How expert weights are stored. "dense": plain float tensors (float32, bfloat16, float16), the
-# shapes above. The quantized formats (fp8 with block scales, MXFP4) join here with their scales.
-WEIGHT_FORMATS = ("dense",)
+# shapes above; "fp8_block": float8 e4m3 values with float32 scales per block (tpmoe.fp8). MXFP4
+# joins here.
+FP8_FORMAT = "fp8_block"
+WEIGHT_FORMATS = ("dense", FP8_FORMAT)
 
 
 class ExpertWeights(NamedTuple):
     """One rank's routed-expert weights, in `format` (WEIGHT_FORMATS), shapes as above for the
-    spec's layout with the rank's I_p in place of I. A NamedTuple: torch.compile traces through
-    it without a graph break."""
+    spec's layout with the rank's I_p in place of I; `scales`: a quantized format's scales
+    (tpmoe.fp8.BlockScales for "fp8_block"), None for "dense". A NamedTuple: torch.compile
+    traces through it without a graph break."""
 
     w_gate_up: torch.Tensor
     w_down: torch.Tensor
     b_gate_up: Optional[torch.Tensor] = None
     b_down: Optional[torch.Tensor] = None
     format: str = "dense"
+    scales: Optional[tuple] = None
 
     def check_format(self, argument: str = "weights") -> None:
         check_choice(self.format, f"{argument}.format", WEIGHT_FORMATS)

@@ -1,0 +1,216 @@
+"""Block-scaled fp8 expert weights ("fp8_block"): the format, its checks, and its TP / EP shards.
+
+The checkpoints users serve (DeepSeek-V3, Qwen3 FP8) store each expert projection as float8
+e4m3 values with one float32 scale per B x B block (B = 128; transformers' fine-grained FP8:
+`weight` and `weight_scale_inv`, where value = fp8 * weight_scale_inv). tpmoe holds a rank's
+experts as an ExpertWeights of format "fp8_block":
+
+  w_gate_up   float8_e4m3fn [E, R, H], packed as the layout says (concatenated or interleaved)
+  w_down      float8_e4m3fn [E, H, I_p]
+  scales      BlockScales:
+    gate_up   float32 [E, G, nb(I_p), nb(H)]  G = 2 gated (gate, up), 1 not; one scale per B x B
+                                              block of each half seen as its own [I, H] matrix
+    down      float32 [E, nb(H), nb(I_p)]
+    block_size B, and block_offset o: where the rank's first intermediate column sits inside
+    its scale block (its global start mod B), so nb(I_p) = ceil((o + I_p) / B) and nb(H) =
+    ceil(H / B) (a last partial block where B does not divide a size, as transformers' scales)
+
+value[e, g, i, h] = fp8[e, g, i, h] * gate_up[e, g, (o + i) // B, h // B] (down likewise, with
+i on its last axis). transformers' gate_up_proj_scale_inv [E, 2I / B, H / B] is this gate_up
+scale reshaped ([E, 2, I / B, H / B]) where B divides the full I; where it does not, a block of
+transformers' straddles gate and up, which this format cannot say.
+
+Sharding at any TP size: the intermediate axis splits by torch.chunk's rule (tpmoe.sharding),
+whatever B is. A shard boundary inside a scale block leaves that block's scale with BOTH ranks
+(each keeps its partial block, read with the same scale): nothing is padded into the math, and
+every rank computes with exactly the dequantized full weights' columns. EP keeps whole experts
+and their scales.
+"""
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+
+from ._checks import check_choice
+from .sharding import expert_range, shard_range
+from .weights import FP8_FORMAT, ExpertWeights
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_LAYOUTS = ("concatenated", "interleaved")
+DEFAULT_BLOCK_SIZE = 128
+
+
+class BlockScales(NamedTuple):
+    """The float32 scales of block-scaled expert weights (module docstring: shapes and meaning)."""
+
+    gate_up: torch.Tensor
+    down: torch.Tensor
+    block_size: int
+    block_offset: int = 0
+
+
+def _halves(w_gate_up: torch.Tensor, layout: str, gated: bool) -> torch.Tensor:
+    """[E, G, I, H] view of a [E, R, H] gate_up: each half (gate, up) as its own matrix."""
+    num_experts, rows, hidden = w_gate_up.shape
+    if not gated:
+        return w_gate_up.unsqueeze(1)
+    if layout == "concatenated":
+        return w_gate_up.view(num_experts, 2, rows // 2, hidden)
+    return w_gate_up.view(num_experts, rows // 2, 2, hidden).transpose(1, 2)
+
+
+def _from_halves(halves: torch.Tensor, layout: str, gated: bool) -> torch.Tensor:
+    """The inverse of _halves (a copy where the layout interleaves)."""
+    num_experts, groups, inter, hidden = halves.shape
+    if not gated:
+        return halves[:, 0]
+    if layout == "concatenated":
+        return halves.reshape(num_experts, 2 * inter, hidden)
+    return halves.transpose(1, 2).reshape(num_experts, 2 * inter, hidden)
+
+
+def _blocks(size: int, block_size: int, offset: int = 0) -> int:
+    return -(-(offset + size) // block_size)
+
+
+def _scale_blocks(matrix: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Per-block amax of [..., rows, cols]: [..., nb(rows), nb(cols)], a last partial block
+    covering what is left (transformers' ceil(size / B) scales)."""
+    *lead, rows, cols = matrix.shape
+    row_blocks, col_blocks = _blocks(rows, block_size), _blocks(cols, block_size)
+    padded = torch.nn.functional.pad(matrix.abs(), (0, col_blocks * block_size - cols, 0,
+                                                    row_blocks * block_size - rows))
+    blocked = padded.reshape(*lead, row_blocks, block_size, col_blocks, block_size)
+    return blocked.amax(dim=(-3, -1))
+
+
+def _expand(scale: torch.Tensor, rows: int, cols: int, block_size: int, row_offset: int, col_offset: int):
+    """[..., nb_r, nb_c] block scales -> [..., rows, cols], entry (i, j) the scale of block
+    ((row_offset + i) // B, (col_offset + j) // B)."""
+    row_blocks = (torch.arange(rows, device=scale.device) + row_offset) // block_size
+    col_blocks = (torch.arange(cols, device=scale.device) + col_offset) // block_size
+    return scale.index_select(-2, row_blocks).index_select(-1, col_blocks)
+
+
+def quantize_fp8_experts(w_gate_up: torch.Tensor, w_down: torch.Tensor, *, layout: str = "concatenated",
+                         gated: bool = True, block_size: int = DEFAULT_BLOCK_SIZE, b_gate_up=None, b_down=None):
+    """Full (unsharded) float expert weights -> an ExpertWeights of format "fp8_block": one scale
+    per block, amax / 448 (e4m3's largest finite value), as DeepSeek-V3's FP8 recipe does. For
+    tests and random models: checkpoints come quantized. The biases stay as they are."""
+    check_choice(layout, "layout", FP8_LAYOUTS)
+    _check_block_size(block_size)
+    halves = _halves(w_gate_up, layout, gated).double()
+    num_experts, groups, inter, hidden = halves.shape
+    if tuple(w_down.shape) != (num_experts, hidden, inter):
+        raise ValueError(f"w_down: expected shape {(num_experts, hidden, inter)} (E, H, I from w_gate_up), got "
+                         f"{tuple(w_down.shape)}")
+    e4m3_max = torch.finfo(FP8_DTYPE).max
+    gate_up_scale = (_scale_blocks(halves, block_size) / e4m3_max).clamp_min(1e-12)
+    down_scale = (_scale_blocks(w_down.double(), block_size) / e4m3_max).clamp_min(1e-12)
+    gate_up_q = halves / _expand(gate_up_scale, inter, hidden, block_size, 0, 0)
+    down_q = w_down.double() / _expand(down_scale, hidden, inter, block_size, 0, 0)
+    return ExpertWeights(_from_halves(gate_up_q.to(FP8_DTYPE), layout, gated).contiguous(), down_q.to(FP8_DTYPE),
+                         b_gate_up, b_down, FP8_FORMAT,
+                         BlockScales(gate_up_scale.float(), down_scale.float(), block_size, 0))
+
+
+def dequantize_fp8_experts(weights, *, layout: str, gated: bool, dtype: torch.dtype = torch.float32,
+                           experts: Optional[Tuple[int, int]] = None):
+    """The dense ExpertWeights (dtype) that "fp8_block" `weights` stand for; `experts` = (first,
+    count) dequantizes only those (the CPU path's one expert at a time)."""
+    first, count = experts if experts is not None else (0, weights.w_gate_up.shape[0])
+    scales = weights.scales
+    block, offset = scales.block_size, scales.block_offset
+    halves = _halves(weights.w_gate_up[first:first + count], layout, gated)
+    inter, hidden = halves.shape[-2:]
+    gate_up = halves.to(dtype) * _expand(scales.gate_up[first:first + count], inter, hidden, block, offset, 0).to(dtype)
+    down = weights.w_down[first:first + count].to(dtype) * _expand(
+        scales.down[first:first + count], hidden, inter, block, 0, offset).to(dtype)
+    return ExpertWeights(_from_halves(gate_up, layout, gated), down, weights.b_gate_up, weights.b_down)
+
+
+def shard_fp8_experts(full, *, layout: str, gated: bool, rank: int, world_size: int, ep_rank: int = 0,
+                      ep_size: int = 1):
+    """TP rank `rank`'s (and EP rank `ep_rank`'s) slice of full "fp8_block" weights: its
+    intermediate columns by torch.chunk's rule at any world size, the scale blocks they touch
+    (a block cut by a shard boundary goes to both sides) and the block offset; whole experts and
+    their scales for EP. Copies, as tpmoe.sharding's shards are."""
+    num_experts, _, hidden = full.w_gate_up.shape
+    inter = full.w_down.shape[2]
+    first, count = expert_range(num_experts, ep_rank, ep_size)
+    start, stop = shard_range(inter, rank, world_size)
+    block = full.scales.block_size
+    first_block, last_block = start // block, _blocks(stop, block) if stop > start else start // block
+    offset = start % block if stop > start else 0  # an empty shard reads no block
+    experts = slice(first, first + count)
+    halves = _halves(full.w_gate_up[experts], layout, gated)[:, :, start:stop]
+    scales = BlockScales(full.scales.gate_up[experts, :, first_block:last_block].contiguous(),
+                         full.scales.down[experts, :, first_block:last_block].contiguous(), block, offset)
+
+    def rows_of(bias):
+        if bias is None:
+            return None
+        return _from_halves(_halves(bias[experts].unsqueeze(-1), layout, gated)[:, :, start:stop], layout,
+                            gated).squeeze(-1).contiguous()
+    return ExpertWeights(_from_halves(halves, layout, gated).contiguous(),
+                         full.w_down[experts, :, start:stop].contiguous(), rows_of(full.b_gate_up),
+                         None if full.b_down is None else full.b_down[experts].contiguous(), FP8_FORMAT, scales)
+
+
+def check_fp8_experts(weights, *, hidden_size: int, layout: str, gated: bool, dtype: torch.dtype,
+                      device: torch.device, argument: str = "weights") -> Tuple[int, int]:
+    """(E, I_p) of "fp8_block" weights after checking the values, the scales and their agreement;
+    ValueError / TypeError naming the field, what was expected and what came."""
+    check_choice(layout, f"{argument}: layout of fp8_block weights", FP8_LAYOUTS)
+    scales = weights.scales
+    if not isinstance(scales, BlockScales):
+        raise TypeError(f"{argument}.scales: expected a tpmoe.fp8.BlockScales for format {FP8_FORMAT!r}, got "
+                        f"{type(scales).__name__}")
+    for name in ("w_gate_up", "w_down"):
+        value = getattr(weights, name)
+        if not isinstance(value, torch.Tensor) or value.dtype != FP8_DTYPE or value.dim() != 3:
+            got = f"{value.dtype} {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+            raise TypeError(f"{argument}.{name}: expected a 3-D {FP8_DTYPE} tensor for format {FP8_FORMAT!r}, "
+                            f"got {got}")
+        if value.device != device:
+            raise ValueError(f"{argument}.{name}: expected device {device} (that of hidden_states), got {value.device}")
+        if value.requires_grad:
+            raise ValueError(f"{argument}.{name}: fp8 expert weights are frozen (no gradient flows into quantized "
+                             f"weights; the rest of the model trains), got one that requires grad")
+    _check_block_size(scales.block_size, f"{argument}.scales.block_size")
+    block, offset = scales.block_size, scales.block_offset
+    if not isinstance(offset, int) or not 0 <= offset < block:
+        raise ValueError(f"{argument}.scales.block_offset: expected an int in [0, {block}), got {offset!r}")
+    num_experts, rows, hidden = weights.w_gate_up.shape
+    if hidden != hidden_size:
+        raise ValueError(f"{argument}.w_gate_up: expected hidden size {hidden_size} (from hidden_states) on axis 2, "
+                         f"got shape {tuple(weights.w_gate_up.shape)}")
+    if gated and rows % 2 != 0:
+        raise ValueError(f"{argument}.w_gate_up: gated experts need an even gate+up size on axis 1, got shape "
+                         f"{tuple(weights.w_gate_up.shape)}")
+    inter = rows // 2 if gated else rows
+    if tuple(weights.w_down.shape) != (num_experts, hidden, inter):
+        raise ValueError(f"{argument}.w_down: expected shape {(num_experts, hidden, inter)} (E, H, I_p from "
+                         f"w_gate_up), got {tuple(weights.w_down.shape)}")
+    groups, inter_blocks, hidden_blocks = (2 if gated else 1), _blocks(inter, block, offset), _blocks(hidden, block)
+    expected = {"gate_up": (num_experts, groups, inter_blocks, hidden_blocks),
+                "down": (num_experts, hidden_blocks, inter_blocks)}
+    for name, shape in expected.items():
+        scale = getattr(scales, name)
+        if not isinstance(scale, torch.Tensor) or scale.dtype != torch.float32:
+            got = scale.dtype if isinstance(scale, torch.Tensor) else type(scale).__name__
+            raise TypeError(f"{argument}.scales.{name}: expected a float32 tensor, got {got}")
+        if tuple(scale.shape) != shape:
+            raise ValueError(f"{argument}.scales.{name}: expected shape {shape} (E, {'G, ' if name == 'gate_up' else ''}"
+                             f"blocks of I_p = {inter} at offset {offset}, and of H = {hidden}, block {block}), got "
+                             f"{tuple(scale.shape)}")
+        if scale.device != device:
+            raise ValueError(f"{argument}.scales.{name}: expected device {device}, got {scale.device}")
+    for name, bias in (("b_gate_up", weights.b_gate_up), ("b_down", weights.b_down)):
+        if bias is not None and bias.dtype != dtype:
+            raise TypeError(f"{argument}.{name}: expected dtype {dtype} (that of hidden_states), got {bias.dtype}")
+    return num_experts, inter
+
+
+def _check_block_size(block_size, argument: str = "block_size") -> None:
+    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
+        raise ValueError(f"{argument}: expected a positive int, got {block_size!r}")
