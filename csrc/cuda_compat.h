@@ -1,7 +1,7 @@
 // c10/cuda includes of the CUDA op glue (route_cuda_op.cpp). Only the
 // c10/cuda stream, guard and error check are used, not ATen/cuda/CUDAContext.h, which pulls
 // in cuBLAS/cuSPARSE headers the ops do not need; the lighter set also compiles against the
-// headers a CPU-only torch ships (tests/test_cuda_compile.py checks it on such a machine).
+// headers a CPU-only torch ships (tests/ops/test_cuda_compile.py checks it on such a machine).
 #pragma once
 
 // A CPU-only torch ships c10/cuda headers without the CMake-generated cuda_cmake_macros.h.

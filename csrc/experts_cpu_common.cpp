@@ -32,7 +32,7 @@ constexpr int64_t kMinMultiplyAddsForThreads = 1 << 18;
 
 std::string to_string(c10::string_view view) { return std::string(view.data(), view.size()); }
 
-// The names of tpmoe.config.ACTIVATIONS; tests/test_cpu_kernels.py runs each one.
+// The names of tpmoe.config.ACTIVATIONS; tests/ops/test_cpu_kernels.py runs each one.
 constexpr std::pair<const char*, Activation> kActivationNames[] = {
     {"silu", Activation::kSilu},
     {"gelu", Activation::kGelu},

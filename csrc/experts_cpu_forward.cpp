@@ -251,7 +251,7 @@ std::tuple<at::Tensor, at::Tensor> experts_cpu_forward(
   // 27 more), and multiplies them by the zeros it pads the weight with. Zeros there give 0;
   // but the padding is uninitialised workspace or what an earlier call left in it, and a NaN
   // or Inf bit pattern made whole output rows NaN, depending on what the process had allocated
-  // before (tests/test_cpu_uninitialized.py). kRowPad = 32 covers the whole overread. S * 32
+  // before (tests/ops/test_cpu_uninitialized.py). kRowPad = 32 covers the whole overread. S * 32
   // elements a buffer: negligible beside the GEMMs.
   rows_padded.narrow(1, H, kRowPad).zero_();
   h_padded.narrow(1, I, kRowPad).zero_();

@@ -11,7 +11,7 @@ import sys
 CORE = {"torch": "2.13.0", "triton": "3.9.0", "numpy": None, "ninja": None, "pybind11": None,
         "setuptools": None, "wheel": None}
 # transformers: the newest release of the tested range (tpmoe/hf/version.py); kernels comes with
-# it from 5.25. tests/test_hf_families.py asserts the pinned release is the one installed.
+# it from 5.25. tests/hf/test_hf_families.py asserts the pinned release is the one installed.
 HF = {"transformers": "5.25.0", "accelerate": "1.16.0"}
 TEST = {"pytest": None, "hypothesis": None, **HF}
 # The demo times transformers' own experts beside tpmoe's: it needs the same pinned release.

@@ -7,7 +7,7 @@ within a total budget that ends a GPU run in under 8 minutes:
   build  the extension with its CUDA sources for sm_90 (TORCH_CUDA_ARCH_LIST=9.0 pip install
          --no-build-isolation --no-deps -e .), then `import tpmoe._C`: route must have a CUDA
          kernel (align on CUDA is Triton, tpmoe/triton/align.py) (gpu_check_probes.py ops)
-  tests  the suite's CUDA-capable tests on the GPU: tests/test_gpu.py, test_triton_fused.py,
+  tests  the suite's CUDA-capable tests on the GPU: tests/ops/test_gpu.py, test_triton_fused.py,
          test_triton_kernels.py, test_routing_ops.py, test_experts_contract.py,
          test_triton_align.py, test_launch_count.py (pytest; xdist workers where installed)
   bench  benchmarks/bench_kernels.py --backward: Qwen3-30B-A3B, GPT-OSS-20B and Mixtral-8x7B expert
@@ -49,9 +49,9 @@ CAPS = {"gpu": dict(env=30, build=180, tests=180, bench=210), "dry": dict(env=60
 BUDGET_S = {"gpu": 470, "dry": 1500}
 RESERVE_S = {"gpu": dict(env=0, build=0, tests=90, bench=100), "dry": dict(env=0, build=0, tests=60, bench=60)}
 SHORTEST_USEFUL_S = 20
-TEST_FILES = ("tests/test_gpu.py", "tests/test_triton_fused.py", "tests/test_triton_kernels.py",
-              "tests/test_routing_ops.py", "tests/test_experts_contract.py", "tests/test_triton_align.py",
-              "tests/test_launch_count.py")
+TEST_FILES = ("tests/ops/test_gpu.py", "tests/ops/test_triton_fused.py", "tests/ops/test_triton_kernels.py",
+              "tests/ops/test_routing_ops.py", "tests/ops/test_experts_contract.py", "tests/ops/test_triton_align.py",
+              "tests/ops/test_launch_count.py")
 # Dry: a few interpreter cases of each file, every layout once (and all of test_gpu.py, which skips).
 DRY_SELECTION = ("test_gpu.py or (fp32_and_fp64 and (1-24-12-5-3 or 11-24-10-4-2-gpt_oss or 13-20-9-3-2)) "
                  "or (half_within_twice and 11-24-10-4-2-gpt_oss and bfloat16) or test_gate_up_kernel "

@@ -3,7 +3,7 @@
     config = preset_config("qwen3-30b-a3b", scale=1 / 16)   # hidden and intermediate sizes / 16
 
 Each preset is one MoE block of a released checkpoint, described as a tpmoe.MoEConfig. The
-sizes come from the checkpoint's config.json; tests/test_presets.py checks them against the
+sizes come from the checkpoint's config.json; tests/hf/test_presets.py checks them against the
 family's transformers config class (tpmoe/hf/registry.py CONFIGS), whose defaults describe the
 same model except where `hf_overrides` says otherwise (e.g. Qwen3-MoE's class keeps
 norm_topk_prob=False while the Qwen3-30B-A3B checkpoint sets it True).

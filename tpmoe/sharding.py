@@ -25,7 +25,7 @@ ceil(I / P) columns in rank order and the last ranks what is left, possibly noth
 were balanced (differing by at most one: 3, 3, 2, 2): per-rank state dicts saved before then
 hold those sizes and load only through the full weights (gather_full, from_full). A rank with an EMPTY shard (I_p = 0)
 contributes zero to the partial sums and still joins every collective, so nothing hangs
-(tests/test_tp_block.py runs it). `shard_unit` (columns per unit, 1 by default) applies the same
+(tests/distributed/test_tp_block.py runs it). `shard_unit` (columns per unit, 1 by default) applies the same
 rule to units: index maths for kernels that want whole tiles; a MoEBlock takes only 1, the unit
 DTensor's rule knows.
 

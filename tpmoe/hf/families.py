@@ -7,7 +7,7 @@ The judgement is made from the code of the installed transformers alone (tpmoe/h
 against the verified pieces of tpmoe/hf/registry.py). The snapshot records it for the release
 the suite pins (tools/ensure_deps.py): supported blocks with how they run ("block <structure>,
 native <router> router" or "its own router": the whole block is tpmoe's; "experts": only its
-experts module is), refused ones with the reason. tests/test_hf_families.py checks that the
+experts module is), refused ones with the reason. tests/hf/test_hf_families.py checks that the
 snapshot is the judgement of the installed release, both lists, and runs every supported block
 against transformers' own.
 """

@@ -21,7 +21,7 @@ A block whose forward is not in BLOCKS but whose experts are in EXPERTS keeps it
 and has only its experts module replaced ("experts" mode): the rest of the block (router,
 shared expert, norms, projections, identity experts...) runs as transformers wrote it,
 replicated on every rank, and the experts carry the one all-reduce. Adding a family whose code
-is new is one entry here (and one line of test sizes in tests/hf_families.py).
+is new is one entry here (and one line of test sizes in tests/support/hf_families.py).
 """
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Tuple

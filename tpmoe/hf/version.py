@@ -1,7 +1,7 @@
 """The transformers releases tpmoe.hf is tested with, and the one line a user reads outside them.
 
 The suite runs on the newest release of the range (tools/ensure_deps.py pins it;
-tests/test_hf_families.py checks the pin is what is installed, so the next release is noticed);
+tests/hf/test_hf_families.py checks the pin is what is installed, so the next release is noticed);
 pyproject's `hf` extra claims the same range.
 """
 import functools

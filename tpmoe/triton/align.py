@@ -51,7 +51,7 @@ CHUNK_PAIRS = 1024
 # Experts per step of the loops over experts (the histogram bins held at once).
 MAX_BLOCK_E = 1024
 # Entries of the [BLOCK_E, BLOCK_PAD] tile of padding rows and of the scan's [BLOCK_C, BLOCK_E]
-# tiles: 16 per thread at 4 warps, well within the registers (tests/test_triton_align.py compiles
+# tiles: 16 per thread at 4 warps, well within the registers (tests/ops/test_triton_align.py compiles
 # every kernel for sm_90 and checks ptxas reports no spill).
 TILE_ENTRIES = 2048
 # Rows (and row blocks) per step of the loops that write the tail and the block experts.

@@ -26,7 +26,7 @@ row rounded once from the fp32 accumulator, which halves the traffic of the [T*K
 (at T = 16384, K = 8, H = 2048: 0.5 GB written and read instead of 1 GB, next to 1.2 GB of
 weights). That is the rounding the reference itself makes (tpmoe.reference rounds each
 expert's output rows to bf16 and sums them in fp32), so the bf16 accuracy bound (twice a
-same-dtype PyTorch run, tests/test_triton_fused.py) keeps its margin: over its cases x 3
+same-dtype PyTorch run, tests/ops/test_triton_fused.py) keeps its margin: over its cases x 3
 seeds the worst ratio stayed 1.41 of the bound's 2, as with fp32 rows (individual cases moved
 either way). With SPLIT > 1 (decode, where the buffer is small) the partials stay fp32: a
 pair split in S rounded pieces would add roundings the reference does not make. fp32 and

@@ -5,7 +5,7 @@ BLOCK_M fixes the routing alignment (`tpmoe.routing.align(..., block_m)`) that e
 one forward and backward shares, so it must be known before the first launch, and a fixed
 choice keeps runs reproducible. Every config of each target's tables (`all_configs(kernel,
 capability)`) is compiled ahead of time for its target, sm_80 and sm_90, by
-tests/test_triton_aot.py (shared memory within the limit, no spills).
+tests/ops/test_triton_aot.py (shared memory within the limit, no spills).
 
 Token-count bucket: rows per expert on average, T*K/E, rounded up to a power of two; it picks
 BLOCK_M (`block_m_for`: 16 up to 16 rows per expert, 64 up to 32, 128 from 64), whatever T,
@@ -59,7 +59,7 @@ def _gate_up_table() -> Dict[int, List[KernelConfig]]:
     # on Qwen3-30B-A3B (8 row blocks, I = 768) launches 192 programs, not 96, on 132 SMs; the
     # weights are the whole traffic and more programs keep more loads in flight. Mid-size:
     # 64 x 64 (n = 128 wgmma). Prefill (128 rows, buckets >= 1024): 128 x 128 at 8 warps, two
-    # n = 256 wgmma per k-step (registers and shared memory: tests/test_triton_aot.py).
+    # n = 256 wgmma per k-step (registers and shared memory: tests/ops/test_triton_aot.py).
     # GROUP_M 8 where there are many row blocks per expert (grid.py). Not yet timed on a
     # GPU: benchmarks/bench_kernels.py. No split over H at decode: the traffic model (T = 1)
     # gives 50.56 MB against the 50.33 MB weight floor, and a split only adds fp32 partials
@@ -281,7 +281,7 @@ def backward_dw_split(largest_expert_rows: int, num_experts: int, n: int, k: int
 # fp32 accumulator tiles each program holds: gate and up; dh and the recomputed gate and up.
 ACCUMULATORS = {"gate_up": 2, "down": 1, "backward_dh": 3, "backward_dw": 1}
 # Exact fp32 ("ieee") and fp64 dots run on FMA units with their operands in registers too:
-# measured with ptxas (tests/test_triton_aot.py), more than 32 accumulator elements per thread spills.
+# measured with ptxas (tests/ops/test_triton_aot.py), more than 32 accumulator elements per thread spills.
 WIDE_DTYPE_ACCUMULATORS_PER_THREAD = 32
 
 

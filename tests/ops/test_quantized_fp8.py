@@ -1,0 +1,203 @@
+"""Block-scaled fp8 experts (tpmoe.fp8, format "fp8_block"): the format, TP / EP shards at any
+size, and tpmoe.routed_experts on them against the float64 reference run on the dequantized
+weights (output, and the gradients of everything but the frozen fp8 weights)."""
+import pytest
+import torch
+
+from tpmoe import ExpertSpec, ExpertWeights, routed_experts
+from tpmoe.fp8 import (FP8_DTYPE, BlockScales, dequantize_fp8_experts, quantize_fp8_experts,
+                       shard_fp8_experts)
+from tpmoe.reference import reference_experts
+
+from support.experts_cases import input_scale, make_expert_weights, make_routing
+from support.tolerances import assert_fp32_close, assert_within_twice_same_dtype
+
+# (T, H, I, E, K, layout, gated, activation, bias, routing mode, block size): both packings,
+# gated and not, the gated-only activations, T = 1 and primes, an expert with no tokens
+# ("skip_last"), every token on one expert; sizes that B does not divide (last partial blocks).
+CASES = [
+    (13, 16, 24, 5, 2, "concatenated", True, "silu", False, "skip_last", 8),
+    (1, 24, 20, 4, 2, "interleaved", True, "gelu", True, "random", 8),
+    (7, 20, 12, 3, 3, "concatenated", False, "relu2", True, "one_expert", 8),
+    (11, 16, 16, 4, 2, "interleaved", True, "clamped_swiglu", False, "random", 4),
+    (17, 12, 18, 6, 1, "interleaved", False, "gelu_tanh", False, "skip_last", 8),
+    (5, 16, 8, 3, 2, "concatenated", True, "softcapped_swiglu", True, "random", 16),
+]
+
+
+def _case_id(case):
+    return "-".join(map(str, case))
+
+
+def _problem(case, seed):
+    """(full fp8 ExpertWeights, spec, x float64, topk_ids, topk_weights float64)."""
+    num_tokens, hidden, inter, experts, top_k, layout, gated, activation, bias, mode, block = case
+    generator = torch.Generator().manual_seed(seed)
+    dense = make_expert_weights(experts, hidden, inter, layout=layout, gated=gated, bias=bias, generator=generator)
+    weights = quantize_fp8_experts(dense["w_gate_up"], dense["w_down"], layout=layout, gated=gated, block_size=block,
+                                   b_gate_up=dense.get("b_gate_up"), b_down=dense.get("b_down"))
+    topk_ids, topk_weights = make_routing(num_tokens, experts, top_k, mode=mode, generator=generator)
+    x = torch.randn(num_tokens, hidden, generator=generator, dtype=torch.float64) * input_scale(activation)
+    spec = ExpertSpec(activation=activation, layout=layout, gated=gated)
+    return weights, spec, x, topk_ids, topk_weights.double()
+
+
+def _with_dtype(weights, dtype):
+    """The fp8 weights with their biases in dtype (the values and scales keep theirs)."""
+    cast = [None if b is None else b.to(dtype).requires_grad_(True) for b in (weights.b_gate_up, weights.b_down)]
+    return weights._replace(b_gate_up=cast[0], b_down=cast[1])
+
+
+def _reference(weights, spec, x, topk_ids, topk_weights, dtype=torch.float64):
+    """The loop-style reference on the dequantized weights, in dtype."""
+    dense = dequantize_fp8_experts(weights, layout=spec.layout, gated=spec.gated, dtype=dtype)
+    return reference_experts(x, dense.w_gate_up, dense.w_down, topk_ids, topk_weights, b_gate_up=dense.b_gate_up,
+                             b_down=dense.b_down, **spec.keywords())
+
+
+def test_quantize_round_trip_is_within_e4m3_rounding(seed):
+    generator = torch.Generator().manual_seed(seed)
+    dense = make_expert_weights(3, 20, 12, generator=generator)
+    weights = quantize_fp8_experts(dense["w_gate_up"], dense["w_down"], block_size=8)
+    assert weights.format == "fp8_block" and weights.w_gate_up.dtype == FP8_DTYPE
+    assert tuple(weights.scales.gate_up.shape) == (3, 2, 2, 3) and tuple(weights.scales.down.shape) == (3, 3, 2)
+    back = dequantize_fp8_experts(weights, layout="concatenated", gated=True, dtype=torch.float64)
+    for name, full in (("w_gate_up", dense["w_gate_up"]), ("w_down", dense["w_down"])):
+        error = (getattr(back, name) - full).abs()
+        # e4m3: 3 mantissa bits (relative 2^-4 on rounding), subnormal spacing 2^-9 of the scale,
+        # and no block's largest value clips (scale = amax / 448).
+        bound = full.abs() * 2.0 ** -4 + 448 * 2.0 ** -9 * full.abs().amax()
+        assert (error <= bound).all(), f"{name}: dequantized values off by more than e4m3's rounding"
+        assert error.max() > 0, f"{name}: quantization changed nothing (the test would be vacuous)"
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_fp8_experts_float32_match_reference_on_dequantized_weights(case, seed):
+    weights, spec, x, topk_ids, topk_weights = _problem(case, seed)
+    grad_out = torch.randn(x.shape, dtype=torch.float64)
+    ours = _with_dtype(weights, torch.float32)
+    x32 = x.float().requires_grad_(True)
+    w32 = topk_weights.float().requires_grad_(True)
+    out = routed_experts(x32, ours, topk_ids, w32, spec)
+    out.backward(grad_out.float())
+
+    reference = _with_dtype(weights, torch.float64)
+    x64 = x.clone().requires_grad_(True)
+    w64 = topk_weights.clone().requires_grad_(True)
+    expected = _reference(reference, spec, x64, topk_ids, w64)
+    expected.backward(grad_out)
+    assert_fp32_close(out, expected)
+    assert_fp32_close(x32.grad, x64.grad, name="dx")
+    assert_fp32_close(w32.grad, w64.grad, name="dtopk_weights")
+    for name in ("b_gate_up", "b_down"):
+        if getattr(ours, name) is not None:
+            assert_fp32_close(getattr(ours, name).grad, getattr(reference, name).grad, name=f"d{name}")
+
+
+@pytest.mark.parametrize("case", CASES[:3], ids=_case_id)
+def test_fp8_experts_bf16_within_twice_a_bf16_torch_run(case, seed):
+    weights, spec, x, topk_ids, topk_weights = _problem(case, seed)
+    ours = routed_experts(x.bfloat16(), _with_dtype(weights, torch.bfloat16), topk_ids, topk_weights.float(), spec)
+    # The same-dtype PyTorch run: the loop-style reference in bf16 on the bf16-dequantized weights.
+    same_dtype = _reference(_with_dtype(weights, torch.bfloat16), spec, x.bfloat16(), topk_ids, topk_weights.float(),
+                            dtype=torch.bfloat16)
+    expected = _reference(_with_dtype(weights, torch.float64), spec, x, topk_ids, topk_weights)
+    assert_within_twice_same_dtype(ours.detach(), same_dtype.detach(), expected.detach())
+
+
+@pytest.mark.parametrize("world_size, inter, block", [(2, 20, 8), (3, 20, 8), (3, 10 * 128 + 40, 128), (4, 6, 4)])
+def test_tp_shards_at_any_size_hold_exactly_their_columns(world_size, inter, block, seed):
+    """Shards of I over P by torch.chunk's rule (I = 1320 over 3: 440 each, not a multiple of
+    128; I = 6 over 4: 2, 2, 2, 0): each dequantizes to exactly its columns of the full weights,
+    and the ranks' partial outputs sum to the full block's."""
+    hidden, experts, top_k, num_tokens = 16, 3, 2, 7
+    generator = torch.Generator().manual_seed(seed)
+    for layout, gated in (("concatenated", True), ("interleaved", True), ("concatenated", False)):
+        dense = make_expert_weights(experts, hidden, inter, layout=layout, gated=gated, generator=generator)
+        full = quantize_fp8_experts(dense["w_gate_up"], dense["w_down"], layout=layout, gated=gated, block_size=block)
+        full_dense = dequantize_fp8_experts(full, layout=layout, gated=gated, dtype=torch.float64)
+        spec = ExpertSpec(layout=layout, gated=gated)
+        topk_ids, topk_weights = make_routing(num_tokens, experts, top_k, generator=generator)
+        x = torch.randn(num_tokens, hidden, generator=generator, dtype=torch.float64)
+        total = torch.zeros(num_tokens, hidden, dtype=torch.float64)
+        start = 0
+        for rank in range(world_size):
+            shard = shard_fp8_experts(full, layout=layout, gated=gated, rank=rank, world_size=world_size)
+            local = dequantize_fp8_experts(shard, layout=layout, gated=gated, dtype=torch.float64)
+            stop = start + shard.w_down.shape[2]
+            assert shard.scales.block_offset == (start % block if stop > start else 0)
+            assert torch.equal(local.w_down, full_dense.w_down[:, :, start:stop])
+            if gated and layout == "concatenated":
+                columns = torch.cat([full_dense.w_gate_up[:, start:stop], full_dense.w_gate_up[:, inter + start:inter + stop]], 1)
+            elif gated:
+                columns = full_dense.w_gate_up[:, 2 * start:2 * stop]
+            else:
+                columns = full_dense.w_gate_up[:, start:stop]
+            assert torch.equal(local.w_gate_up, columns), f"rank {rank}: gate_up columns differ ({layout}, {gated})"
+            total += routed_experts(x.float(), shard, topk_ids, topk_weights, spec).double()
+            start = stop
+        assert start == inter
+        expected = _reference(full, spec, x, topk_ids, topk_weights.double())
+        assert_fp32_close(total, expected, name=f"sum of {world_size} shards ({layout}, gated={gated})")
+
+
+def test_ep_shards_keep_whole_experts_and_their_scales(seed):
+    generator = torch.Generator().manual_seed(seed)
+    dense = make_expert_weights(5, 16, 12, bias=True, generator=generator)
+    full = quantize_fp8_experts(dense["w_gate_up"], dense["w_down"], block_size=8, b_gate_up=dense["b_gate_up"],
+                                b_down=dense["b_down"])
+    full_dense = dequantize_fp8_experts(full, layout="concatenated", gated=True, dtype=torch.float64)
+    first = 0
+    for ep_rank, count in enumerate((2, 2, 1)):  # torch.chunk's counts of 5 experts over 3
+        shard = shard_fp8_experts(full, layout="concatenated", gated=True, rank=1, world_size=2, ep_rank=ep_rank,
+                                  ep_size=3)
+        local = dequantize_fp8_experts(shard, layout="concatenated", gated=True, dtype=torch.float64)
+        assert shard.w_gate_up.shape[0] == count and shard.scales.gate_up.shape[0] == count
+        assert torch.equal(local.w_down, full_dense.w_down[first:first + count, :, 6:12])
+        assert torch.equal(shard.b_down, full.b_down[first:first + count])
+        assert torch.equal(shard.b_gate_up, torch.cat([full.b_gate_up[first:first + count, 6:12],
+                                                       full.b_gate_up[first:first + count, 18:24]], 1))
+        first += count
+
+
+def _small():
+    generator = torch.Generator().manual_seed(0)
+    dense = make_expert_weights(2, 16, 8, generator=generator)
+    weights = quantize_fp8_experts(dense["w_gate_up"], dense["w_down"], block_size=8)
+    x, ids, w = torch.randn(3, 16), torch.zeros(3, 1, dtype=torch.long), torch.ones(3, 1)
+    return weights, x, ids, w
+
+
+@pytest.mark.parametrize("change, error, match", [
+    (lambda w: w._replace(scales=w.scales._replace(gate_up=w.scales.gate_up[..., :1])), ValueError,
+     r"weights.scales.gate_up: expected shape \(2, 2, 1, 2\).*got \(2, 2, 1, 1\)"),
+    (lambda w: w._replace(scales=w.scales._replace(down=w.scales.down.half())), TypeError,
+     "weights.scales.down: expected a float32 tensor, got torch.float16"),
+    (lambda w: w._replace(w_down=w.w_down.float()), TypeError,
+     "weights.w_down: expected a 3-D torch.float8_e4m3fn tensor for format 'fp8_block', got torch.float32"),
+    (lambda w: w._replace(scales=w.scales._replace(block_offset=8)), ValueError,
+     r"weights.scales.block_offset: expected an int in \[0, 8\), got 8"),
+    (lambda w: w._replace(scales=w.scales._replace(block_size=0)), ValueError,
+     "weights.scales.block_size: expected a positive int, got 0"),
+    (lambda w: w._replace(scales=None), TypeError,
+     "weights.scales: expected a tpmoe.fp8.BlockScales for format 'fp8_block', got NoneType"),
+    (lambda w: w._replace(w_gate_up=w.w_gate_up.requires_grad_(True)), ValueError,
+     "weights.w_gate_up: fp8 expert weights are frozen"),
+])
+def test_bad_fp8_weights_name_the_field(change, error, match):
+    weights, x, ids, w = _small()
+    with pytest.raises(error, match=match):
+        routed_experts(x, change(weights), ids, w)
+
+
+def test_fp8_misuse_outside_the_format():
+    weights, x, ids, w = _small()
+    with pytest.raises(ValueError, match="layout of fp8_block weights: expected one of"):
+        routed_experts(x, weights, ids, w, ExpertSpec(layout="gpt_oss"))
+    with pytest.raises(NotImplementedError, match="backend: 'triton' runs 'dense' expert weights only"):
+        routed_experts(x, weights, ids, w, backend="triton")
+    with pytest.raises(ValueError, match="weights.scales: expected None for format 'dense'"):
+        routed_experts(x, ExpertWeights(torch.randn(2, 16, 16), torch.randn(2, 16, 8), scales=weights.scales), ids, w)
+    with pytest.raises(ValueError, match="block_size: expected a positive int, got 0"):
+        quantize_fp8_experts(torch.randn(2, 16, 16), torch.randn(2, 16, 8), block_size=0)
+    assert isinstance(weights.scales, BlockScales)
