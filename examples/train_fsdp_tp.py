@@ -54,7 +54,10 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--bf16", action="store_true",
                         help="mixed precision: FSDP2 computes in bf16, keeps float32 master weights and sums "
-                             "gradients in float32 (needs 'dp' in the mesh)")
+                             "gradients in float32, the routers stay float32 (needs 'dp' in the mesh)")
+    parser.add_argument("--blocks", default="tpmoe", choices=("tpmoe", "transformers"),
+                        help="whose MoE blocks run: tpmoe's, or transformers' own (the plain-PyTorch baseline; "
+                             "data parallel only: --mesh dp or none)")
     parser.add_argument("--seed", type=int, default=0, help="the model's weights and the data")
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--experts", type=int, default=8)
@@ -87,6 +90,9 @@ def parse_args(argv=None):
         if len(args.shape) != len(args.names) or any(size < 1 for size in args.shape):
             parser.error(f"--shape: expected {len(args.names)} positive sizes for --mesh {args.mesh}, "
                          f"got {args.shape}")
+    if args.blocks == "transformers" and ("tp" in args.names or "ep" in args.names):
+        parser.error(f"--blocks transformers: its blocks run data parallel only (--mesh dp or none), got --mesh "
+                     f"{args.mesh}")
     if args.bf16 and "dp" not in args.names:
         parser.error(f"--bf16: FSDP2's mixed precision needs 'dp' in --mesh, got {args.mesh}")
     args.parser = parser
@@ -126,8 +132,22 @@ def build_model(args, device):
     # broadcasts the blocks' weights from the mesh's first rank).
     torch.manual_seed(args.seed)
     model = Qwen3MoeForCausalLM(config).to(device=device, dtype=DTYPES[args.dtype])
-    tpmoe.hf.apply(model)
+    if args.blocks == "tpmoe":
+        tpmoe.hf.apply(model)
+    else:
+        # transformers' eager loop: the plain-PyTorch baseline (its grouped_mm path refuses odd
+        # expert sizes in bf16 on CPU: "strides should be multiple of 16 bytes").
+        model.set_experts_implementation("eager")
     return model
+
+
+def router_parameters(module):
+    """The routers' parameters of the tpmoe blocks inside `module`: under --bf16 they stay
+    float32 (FSDP2 leaves them alone: its MixedPrecisionPolicy would hand the block a bf16 copy)."""
+    from tpmoe import MoEBlock
+
+    return [getattr(block, name) for block in module.modules() if isinstance(block, MoEBlock)
+            for name in ("router_weight", "router_bias") if hasattr(block, name)]
 
 
 def parallelize(model, mesh, args):
@@ -154,9 +174,12 @@ def parallelize(model, mesh, args):
         # bf16 compute, float32 sums; the master weights (and AdamW's state) stay float32.
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if args.bf16 \
             else MixedPrecisionPolicy()
+        # Under --bf16 the routers stay whole, float32 and outside FSDP2 (its policy casts every
+        # parameter of a unit): compute_gradients sums their gradients over "dp" itself.
+        kept = set(router_parameters(model)) if args.bf16 else set()
         for layer in model.model.layers:
-            fully_shard(layer, mesh=mesh["dp"], mp_policy=policy)
-        fully_shard(model, mesh=mesh["dp"], mp_policy=policy)
+            fully_shard(layer, mesh=mesh["dp"], mp_policy=policy, ignored_params=kept & set(layer.parameters()))
+        fully_shard(model, mesh=mesh["dp"], mp_policy=policy, ignored_params=kept)
         for module in list(model.model.layers) + [model]:
             # The loss is already divided by the global token count: FSDP2 must sum, not average.
             module.set_gradient_divide_factor(1.0)
@@ -213,6 +236,8 @@ def compute_gradients(model, mesh, args, step: int) -> float:
     (loss_sum / global_tokens).backward()  # FSDP2 sums over "dp" inside
     if mesh is not None:
         tpmoe.allreduce_router_grads(model)  # the blocks' replicated parameters over "ep" (nothing under TP)
+        if args.bf16 and "dp" in args.names:  # the float32 routers FSDP2 leaves alone: their "dp" sum
+            allreduce_gradients(router_parameters(model), mesh.get_group("dp"), kind="DP")
         if "ep" in args.names:  # attention, embeddings, norms: this EP rank's tokens only
             allreduce_gradients(tpmoe.hf.data_parallel_parameters(model), mesh.get_group("ep"), kind="EP")
     reported = loss_sum.detach().double()
