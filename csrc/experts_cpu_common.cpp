@@ -268,5 +268,7 @@ std::vector<std::pair<int64_t, int64_t>> gate_up_column_ranges(const ExpertsProb
   return {{2 * j0, 2 * j1}};
 }
 
+Activation activation_named(const char* op, c10::string_view name) { return parse_activation(op, name); }
+
 }  // namespace cpu
 }  // namespace tpmoe

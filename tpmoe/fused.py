@@ -74,8 +74,12 @@ def _implementation(backend: str, device: torch.device, weight_format: str = "de
     if device.type != "cpu":
         raise ValueError(f"backend: 'cpu' needs CPU tensors, got hidden_states on {device}")
     if weight_format != "dense":
-        # Quantized weights run on the plain-PyTorch CPU path, dequantized one expert at a time;
-        # the native ops' dequantizing weight load is not built yet.
+        # fp8: the native op that dequantizes a weight row at a time (forward; it hands calls
+        # that need gradients to the plain-PyTorch path itself), or that path where tpmoe._C is
+        # not built.
+        if use_native_ops() is not None:
+            from .cpu.fp8 import experts_cpu_fp8
+            return experts_cpu_fp8
         from .cpu import experts_torch
         return experts_torch
     if use_native_ops() is not None:

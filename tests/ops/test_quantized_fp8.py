@@ -1,6 +1,10 @@
 """Block-scaled fp8 experts (tpmoe.fp8, format "fp8_block"): the format, TP / EP shards at any
 size, and tpmoe.routed_experts on them against the float64 reference run on the dequantized
 weights (output, and the gradients of everything but the frozen fp8 weights)."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -10,7 +14,7 @@ from tpmoe.fp8 import (FP8_DTYPE, BlockScales, dequantize_fp8_experts, quantize_
 from tpmoe.reference import reference_experts
 
 from support.experts_cases import input_scale, make_expert_weights, make_routing
-from support.tolerances import assert_fp32_close, assert_within_twice_same_dtype
+from support.tolerances import FP32_RTOL, assert_fp32_close, assert_within_twice_same_dtype
 
 # (T, H, I, E, K, layout, gated, activation, bias, routing mode, block size): both packings,
 # gated and not, the gated-only activations, T = 1 and primes, an expert with no tokens
@@ -158,6 +162,59 @@ def test_ep_shards_keep_whole_experts_and_their_scales(seed):
         assert torch.equal(shard.b_gate_up, torch.cat([full.b_gate_up[first:first + count, 6:12],
                                                        full.b_gate_up[first:first + count, 18:24]], 1))
         first += count
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_native_fp8_forward_matches_reference(case, seed, monkeypatch):
+    """The native op (csrc/experts_cpu_fp8.cpp), forced: no gradient wanted, and the plain
+    path it would hand such calls to made to fail. Also on TP rank 1 of 3, whose first column sits
+    inside a scale block in most cases (offset > 0)."""
+    import tpmoe.cpu.fp8 as native
+    from tpmoe._native import native_ops
+    native_ops()  # this test is the native op's: it fails where tpmoe._C is not built
+    monkeypatch.setattr(native, "experts_torch", lambda *args: pytest.fail("took the plain-PyTorch path"))
+    weights, spec, x, topk_ids, topk_weights = _problem(case, seed)
+    shard = shard_fp8_experts(weights, layout=spec.layout, gated=spec.gated, rank=1, world_size=3)
+    for which, experts in (("full", weights), ("shard 1 of 3", shard)):
+        with torch.no_grad():
+            out = native.experts_cpu_fp8(x.float(), _with_dtype(experts, torch.float32), topk_ids,
+                                         topk_weights.float(), spec)
+        expected = _reference(_with_dtype(experts, torch.float64), spec, x, topk_ids, topk_weights)
+        assert_fp32_close(out, expected.detach(), name=which)
+
+
+_PORTABLE_SCRIPT = """
+import sys
+import torch
+sys.path.insert(0, {tests!r})
+import tpmoe.cpu.fp8 as native
+from test_quantized_fp8 import CASES, _problem, _reference, _with_dtype, shard_fp8_experts
+from support.tolerances import max_rel_error
+worst = 0.0
+for case in CASES:
+    weights, spec, x, ids, w = _problem(case, 0)
+    for experts in (weights, shard_fp8_experts(weights, layout=spec.layout, gated=spec.gated, rank=1, world_size=3)):
+        with torch.no_grad():
+            out = native.experts_cpu_fp8(x.float(), _with_dtype(experts, torch.float32), ids, w.float(), spec)
+        worst = max(worst, max_rel_error(out, _reference(_with_dtype(experts, torch.float64), spec, x, ids, w)))
+print("worst", worst)
+"""
+
+
+def test_portable_fp8_kernel_matches_the_reference_too():
+    """TPMOE_CPU_FP8_KERNEL=portable (the kernel of CPUs without AVX2) on the same cases, in a
+    process of its own (the kernel is chosen once per process); a bad value is an error."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    script = _PORTABLE_SCRIPT.format(tests=here)
+    env = dict(os.environ, TPMOE_CPU_FP8_KERNEL="portable", PYTHONPATH=os.pathsep.join(
+        [os.path.dirname(here), os.environ.get("PYTHONPATH", "")]))
+    finished = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    worst = float(finished.stdout.split("worst")[-1])
+    assert worst <= FP32_RTOL, f"portable kernel: max relative error {worst:.3e} > {FP32_RTOL:.1e}"
+    bad = subprocess.run([sys.executable, "-c", script], env=dict(env, TPMOE_CPU_FP8_KERNEL="sse9"),
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "TPMOE_CPU_FP8_KERNEL: expected portable, avx2 or auto, got 'sse9'" in bad.stderr
 
 
 def _small():
