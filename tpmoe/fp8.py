@@ -94,23 +94,36 @@ def _expand(scale: torch.Tensor, rows: int, cols: int, block_size: int, row_offs
 def quantize_fp8_experts(w_gate_up: torch.Tensor, w_down: torch.Tensor, *, layout: str = "concatenated",
                          gated: bool = True, block_size: int = DEFAULT_BLOCK_SIZE, b_gate_up=None, b_down=None):
     """Full (unsharded) float expert weights -> an ExpertWeights of format "fp8_block": one scale
-    per block, amax / 448 (e4m3's largest finite value), as DeepSeek-V3's FP8 recipe does. For
-    tests and random models: checkpoints come quantized. The biases stay as they are."""
+    per block (_quantize_blocks). For tests, benchmarks and random models: checkpoints come
+    quantized. The biases stay as they are."""
     check_choice(layout, "layout", FP8_LAYOUTS)
     _check_block_size(block_size)
-    halves = _halves(w_gate_up, layout, gated).double()
+    halves = _halves(w_gate_up, layout, gated)
     num_experts, groups, inter, hidden = halves.shape
     if tuple(w_down.shape) != (num_experts, hidden, inter):
         raise ValueError(f"w_down: expected shape {(num_experts, hidden, inter)} (E, H, I from w_gate_up), got "
                          f"{tuple(w_down.shape)}")
-    e4m3_max = torch.finfo(FP8_DTYPE).max
-    gate_up_scale = (_scale_blocks(halves, block_size) / e4m3_max).clamp_min(1e-12)
-    down_scale = (_scale_blocks(w_down.double(), block_size) / e4m3_max).clamp_min(1e-12)
-    gate_up_q = halves / _expand(gate_up_scale, inter, hidden, block_size, 0, 0)
-    down_q = w_down.double() / _expand(down_scale, hidden, inter, block_size, 0, 0)
-    return ExpertWeights(_from_halves(gate_up_q.to(FP8_DTYPE), layout, gated).contiguous(), down_q.to(FP8_DTYPE),
+    gate_up_q, down_q, gate_up_scales, down_scales = [], [], [], []
+    # A few experts at a time in float64: a model's experts are never all widened at once.
+    for first in range(0, num_experts, 8):
+        chunk = slice(first, first + 8)
+        gate_up, down = _quantize_blocks(halves[chunk].double(), block_size), _quantize_blocks(
+            w_down[chunk].double(), block_size)
+        gate_up_q.append(gate_up[0])
+        gate_up_scales.append(gate_up[1])
+        down_q.append(down[0])
+        down_scales.append(down[1])
+    return ExpertWeights(_from_halves(torch.cat(gate_up_q), layout, gated).contiguous(), torch.cat(down_q),
                          b_gate_up, b_down, FP8_FORMAT,
-                         BlockScales(gate_up_scale.float(), down_scale.float(), block_size, 0))
+                         BlockScales(torch.cat(gate_up_scales), torch.cat(down_scales), block_size, 0))
+
+
+def _quantize_blocks(matrix: torch.Tensor, block_size: int):
+    """(fp8 values, float32 scales) of float64 [..., rows, cols]: scale = block amax / 448 (e4m3's
+    largest finite value), as DeepSeek-V3's FP8 recipe does."""
+    rows, cols = matrix.shape[-2:]
+    scale = (_scale_blocks(matrix, block_size) / torch.finfo(FP8_DTYPE).max).clamp_min(1e-12).float()
+    return (matrix / _expand(scale.double(), rows, cols, block_size, 0, 0)).to(FP8_DTYPE), scale
 
 
 def dequantize_fp8_experts(weights, *, layout: str, gated: bool, dtype: torch.dtype = torch.float32,

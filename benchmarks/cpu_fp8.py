@@ -1,0 +1,104 @@
+"""fp8 block-scaled experts on the CPU (issue 34), in one run: tpmoe's fp8 path (the native op
+that dequantizes one weight row at a time, csrc/experts_cpu_fp8.cpp) against tpmoe's own bf16
+path on the same expert shapes, and the read floors (a plain read of the touched experts' fp8
+bytes, and of their bf16 bytes), forward.
+
+Expert shapes of tpmoe.presets (Qwen3-30B-A3B: H = 2048, I = 768, E = 128, top-8; Mixtral-8x7B:
+H = 4096, I = 14336, E = 8, top-2), block size 128. Median, fastest and slowest of --repeats
+interleaved rounds (tpmoe.cli.timing); ratios from the fastest runs:
+  x_floor   fp8 time / the fp8 read floor's (the issue's decode target: <= 1.3)
+  vs_bf16   bf16 time / fp8 time (decode target >= 1.6; prefill, T = 512, >= 0.8)
+
+  python benchmarks/cpu_fp8.py                                  # Qwen3, T = 1, 8, 32, 512
+  python benchmarks/cpu_fp8.py --presets qwen3-30b-a3b mixtral-8x7b --tokens 1 8 32
+"""
+import argparse
+import datetime
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import make_expert_weights  # noqa: E402
+from cpu_bf16_widen import cpu_description  # noqa: E402
+
+from tpmoe import ExpertSpec, ExpertWeights, routed_experts  # noqa: E402
+from tpmoe.cli.report import format_table, write_json  # noqa: E402
+from tpmoe.cli.timing import time_calls_interleaved  # noqa: E402
+from tpmoe.cli.workload import random_routing, touched_bytes, touched_experts  # noqa: E402
+from tpmoe.fp8 import quantize_fp8_experts  # noqa: E402
+from tpmoe.presets import get_preset  # noqa: E402
+
+
+def read_floor(topk_ids, tensors):
+    """A plain read of the touched experts' slices (experts 0..n-1, one contiguous pass per
+    tensor), as 8-byte words through a max: the fastest plain reduction torch has here whatever
+    the bytes hold (an int32 sum widens to int64 and runs several times slower; a float sum of
+    fp8 bits would meet subnormals). The same read for both formats."""
+    touched = touched_experts(topk_ids)
+    slabs = [tensor.detach()[:touched].reshape(-1).view(torch.int64) for tensor in tensors]
+    return lambda: [slab.max() for slab in slabs]
+
+
+def measure(name, config, num_tokens, dense, fp8, args, generator):
+    ids, topk_weights = random_routing(config, num_tokens, generator=generator)
+    x = torch.randn(num_tokens, config.hidden_size, generator=generator).bfloat16()
+    spec = ExpertSpec()
+    calls = {"fp8": lambda: routed_experts(x, fp8, ids, topk_weights, spec, backend="cpu"),
+             "bf16": lambda: routed_experts(x, dense, ids, topk_weights, spec, backend="cpu"),
+             "floor_fp8": read_floor(ids, [fp8.w_gate_up, fp8.w_down]),
+             "floor_bf16": read_floor(ids, [dense.w_gate_up, dense.w_down])}
+    with torch.no_grad():
+        results = time_calls_interleaved(calls, warmup=args.warmup, repeats=args.repeats)
+    best = {impl: result.min_s for impl, result in results.items()}
+    fp8_bytes = touched_bytes(ids, fp8.w_gate_up, fp8.w_down)
+    rows = []
+    for impl, result in results.items():
+        row = dict(shape=name, T=num_tokens, impl=impl, ms=result.median_s * 1e3, ms_min=result.min_s * 1e3,
+                   ms_max=max(result.samples_s) * 1e3)
+        if impl == "fp8":
+            row.update(x_floor=best["fp8"] / best["floor_fp8"], vs_bf16=best["bf16"] / best["fp8"],
+                       gbs=fp8_bytes / best["fp8"] / 1e9)
+        if impl == "floor_fp8":
+            row["gbs"] = fp8_bytes / best[impl] / 1e9
+        rows.append(row)
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", nargs="*", default=["qwen3-30b-a3b"])
+    parser.add_argument("--tokens", type=int, nargs="*", default=[1, 8, 32, 512])
+    parser.add_argument("--block-size", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    header = [f"# {datetime.date.today()}  {cpu_description()}",
+              f"# torch {torch.__version__}, {torch.get_num_threads()} threads, fp8 kernel "
+              f"{os.environ.get('TPMOE_CPU_FP8_KERNEL', 'auto')}",
+              f"# {' '.join([os.path.basename(sys.executable)] + sys.argv)}"]
+    print("\n".join(header), flush=True)
+    rows = []
+    for name in args.presets:
+        config = get_preset(name).config
+        generator = torch.Generator().manual_seed(0)
+        weights = make_expert_weights(config, torch.bfloat16, generator=generator)
+        dense = ExpertWeights(weights["w_gate_up"], weights["w_down"])
+        fp8 = quantize_fp8_experts(weights["w_gate_up"], weights["w_down"], block_size=args.block_size)
+        for num_tokens in args.tokens:
+            rows += measure(name, config, num_tokens, dense, fp8, args, generator)
+            print(f"# done {name} T = {num_tokens}", file=sys.stderr, flush=True)
+    columns = ["shape", "T", "impl", "ms", "ms_min", "ms_max", "gbs", "x_floor", "vs_bf16"]
+    formats = {"ms": ".2f", "ms_min": ".2f", "ms_max": ".2f", "gbs": ".1f", "x_floor": ".2f", "vs_bf16": ".2f"}
+    print(format_table(rows, columns, formats, markdown=True))
+    if args.json:
+        write_json(args.json, dict(header=header, rows=rows))
+
+
+if __name__ == "__main__":
+    main()
