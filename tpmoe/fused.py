@@ -8,8 +8,10 @@ from ._checks import (FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_ids_in_ran
                       check_tensor)
 from ._native import use_native_ops
 from .config import ExpertSpec, check_expert_fields
-from .fp8 import check_fp8_experts, dequantize_fp8_experts
-from .weights import FP8_FORMAT, ExpertWeights
+from .fp8 import check_fp8_experts
+from .mxfp4 import check_mxfp4_experts
+from .quantized import dequantize_experts
+from .weights import FP8_FORMAT, MXFP4_FORMAT, ExpertWeights
 
 BACKENDS = ("auto", "cpu", "triton", "reference")
 
@@ -73,6 +75,10 @@ def _implementation(backend: str, device: torch.device, weight_format: str = "de
         return experts_triton
     if device.type != "cpu":
         raise ValueError(f"backend: 'cpu' needs CPU tensors, got hidden_states on {device}")
+    if weight_format == MXFP4_FORMAT:
+        # MXFP4: the plain-PyTorch path, one expert dequantized at a time (no native op yet).
+        from .cpu import experts_torch
+        return experts_torch
     if weight_format != "dense":
         # fp8: the native op that dequantizes a weight row at a time (forward; it hands calls
         # that need gradients to the plain-PyTorch path itself), or that path where tpmoe._C is
@@ -91,8 +97,8 @@ def _implementation(backend: str, device: torch.device, weight_format: str = "de
 
 def _reference(hidden_states, weights, topk_ids, topk_weights, spec):
     from .reference import reference_experts  # loop-style and independent: it keeps its keywords
-    if weights.format == FP8_FORMAT:
-        weights = dequantize_fp8_experts(weights, layout=spec.layout, gated=spec.gated, dtype=hidden_states.dtype)
+    if weights.format != "dense":
+        weights = dequantize_experts(weights, spec, hidden_states.dtype)
     return reference_experts(hidden_states, weights.w_gate_up, weights.w_down, topk_ids, topk_weights,
                              b_gate_up=weights.b_gate_up, b_down=weights.b_down, **spec.keywords())
 
@@ -105,6 +111,9 @@ def _check_experts_args(hidden_states, weights, topk_ids, topk_weights, spec):
     if weights.format == FP8_FORMAT:
         num_experts, intermediate_local = check_fp8_experts(weights, hidden_size=hidden_size, layout=spec.layout,
                                                             gated=spec.gated, dtype=dtype, device=device)
+    elif weights.format == MXFP4_FORMAT:
+        num_experts, intermediate_local = check_mxfp4_experts(weights, hidden_size=hidden_size, layout=spec.layout,
+                                                              gated=spec.gated, dtype=dtype, device=device)
     else:
         num_experts, intermediate_local = _check_dense_weights(weights, hidden_size, dtype, device, spec)
     gate_up_rows = (2 if spec.gated else 1) * intermediate_local

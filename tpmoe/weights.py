@@ -28,16 +28,17 @@ from ._checks import check_choice
 from .config import MoEConfig
 
 # How expert weights are stored. "dense": plain float tensors (float32, bfloat16, float16), the
-# shapes above; "fp8_block": float8 e4m3 values with float32 scales per block (tpmoe.fp8). MXFP4
-# joins here.
+# shapes above; "fp8_block": float8 e4m3 values with float32 scales per block (tpmoe.fp8);
+# "mxfp4": e2m1 pairs a byte with an e8m0 scale per 32 values, GPT-OSS's (tpmoe.mxfp4).
 FP8_FORMAT = "fp8_block"
-WEIGHT_FORMATS = ("dense", FP8_FORMAT)
+MXFP4_FORMAT = "mxfp4"
+WEIGHT_FORMATS = ("dense", FP8_FORMAT, MXFP4_FORMAT)
 
 
 class ExpertWeights(NamedTuple):
     """One rank's routed-expert weights, in `format` (WEIGHT_FORMATS), shapes as above for the
     spec's layout with the rank's I_p in place of I; `scales`: a quantized format's scales
-    (tpmoe.fp8.BlockScales for "fp8_block"), None for "dense". A NamedTuple: torch.compile
+    (tpmoe.fp8.BlockScales for "fp8_block" and "mxfp4"), None for "dense". A NamedTuple: torch.compile
     traces through it without a graph break."""
 
     w_gate_up: torch.Tensor

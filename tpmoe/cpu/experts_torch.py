@@ -1,6 +1,7 @@
 """The plain-PyTorch twin of the native CPU experts: what tpmoe.fused_experts(backend="cpu")
 runs where tpmoe._C is not built (or TPMOE_SKIP_NATIVE=1), correct and slower; and, for now,
-the CPU path of quantized expert weights (tpmoe.fp8), dequantized one expert at a time.
+the CPU path of quantized expert weights (tpmoe.fp8, tpmoe.mxfp4) that need gradients or have
+no native op, dequantized one expert at a time.
 
 One PyTorch GEMM pair per expert under PyTorch's autograd; the rows are grouped by
 tpmoe.routing_torch.align_torch, as the native `align` is missing too.
@@ -10,8 +11,8 @@ import torch
 from ..activations import expert_activation
 from ..config import ExpertSpec
 from ..routing_torch import align_torch
-from ..fp8 import dequantize_fp8_experts
-from ..weights import FP8_FORMAT, ExpertWeights
+from ..quantized import dequantize_experts
+from ..weights import ExpertWeights
 
 
 def grouped_experts_torch(hidden_states, w_gate_up, w_down, topk_ids, topk_weights, *, activation, layout,
@@ -64,9 +65,8 @@ def experts_torch(hidden_states, weights, topk_ids, topk_weights, spec):
 
 def _expert_matrices(weights, expert, spec, dtype):
     """(gate_up, down) of one expert in `dtype`: views of dense weights; quantized ones
-    dequantized, one expert at a time (tpmoe.fp8)."""
-    if weights.format == FP8_FORMAT:
-        dense = dequantize_fp8_experts(weights, layout=spec.layout, gated=spec.gated, dtype=dtype,
-                                       experts=(expert, 1))
+    dequantized, one expert at a time (tpmoe.quantized)."""
+    if weights.format != "dense":
+        dense = dequantize_experts(weights, spec, dtype, experts=(expert, 1))
         return dense.w_gate_up[0], dense.w_down[0]
     return weights.w_gate_up[expert], weights.w_down[expert]
