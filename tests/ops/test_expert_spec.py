@@ -91,7 +91,7 @@ def test_routed_experts_bad_arguments():
         routed_experts(x, experts, ids, weights, dict(activation="silu"))
     with pytest.raises(TypeError, match="weights: expected a tpmoe.weights.ExpertWeights, got tuple"):
         routed_experts(x, tuple(experts), ids, weights)
-    with pytest.raises(ValueError, match=r"weights.format: expected one of \('dense', 'fp8_block'\), got 'fp8'"):
+    with pytest.raises(ValueError, match=r"weights.format: expected one of \('dense', 'fp8_block', 'mxfp4'\), got 'fp8'"):
         routed_experts(x, experts._replace(format="fp8"), ids, weights)
     with pytest.raises(ValueError, match="w_down: expected shape"):
         routed_experts(x, experts._replace(w_down=torch.randn(2, 8, 5)), ids, weights)
