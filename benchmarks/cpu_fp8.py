@@ -1,5 +1,5 @@
 """fp8 block-scaled experts on the CPU (issue 34), in one run: tpmoe's fp8 path (the native op
-that dequantizes one weight row at a time, csrc/experts_cpu_fp8.cpp) against tpmoe's own bf16
+that dequantizes one weight row at a time, csrc/experts_cpu_quantized.cpp) against tpmoe's own bf16
 path on the same expert shapes, and the read floors (a plain read of the touched experts' fp8
 bytes, and of their bf16 bytes), forward.
 
@@ -80,7 +80,7 @@ def main():
         torch.set_num_threads(args.threads)
     header = [f"# {datetime.date.today()}  {cpu_description()}",
               f"# torch {torch.__version__}, {torch.get_num_threads()} threads, fp8 kernel "
-              f"{os.environ.get('TPMOE_CPU_FP8_KERNEL', 'auto')}",
+              f"{os.environ.get('TPMOE_CPU_DEQUANT_KERNEL', 'auto')}",
               f"# {' '.join([os.path.basename(sys.executable)] + sys.argv)}"]
     print("\n".join(header), flush=True)
     rows = []

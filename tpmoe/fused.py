@@ -75,17 +75,13 @@ def _implementation(backend: str, device: torch.device, weight_format: str = "de
         return experts_triton
     if device.type != "cpu":
         raise ValueError(f"backend: 'cpu' needs CPU tensors, got hidden_states on {device}")
-    if weight_format == MXFP4_FORMAT:
-        # MXFP4: the plain-PyTorch path, one expert dequantized at a time (no native op yet).
-        from .cpu import experts_torch
-        return experts_torch
     if weight_format != "dense":
-        # fp8: the native op that dequantizes a weight row at a time (forward; it hands calls
-        # that need gradients to the plain-PyTorch path itself), or that path where tpmoe._C is
-        # not built.
+        # Quantized: the native op that dequantizes a weight row at a time (forward; it hands
+        # calls that need gradients to the plain-PyTorch path itself), or that path where
+        # tpmoe._C is not built.
         if use_native_ops() is not None:
-            from .cpu.fp8 import experts_cpu_fp8
-            return experts_cpu_fp8
+            from .cpu.quantized import experts_cpu_quantized
+            return experts_cpu_quantized
         from .cpu import experts_torch
         return experts_torch
     if use_native_ops() is not None:

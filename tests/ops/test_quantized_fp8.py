@@ -11,52 +11,13 @@ import torch
 from tpmoe import ExpertSpec, ExpertWeights, routed_experts
 from tpmoe.fp8 import (FP8_DTYPE, BlockScales, dequantize_fp8_experts, quantize_fp8_experts,
                        shard_fp8_experts)
-from tpmoe.reference import reference_experts
 
-from support.experts_cases import input_scale, make_expert_weights, make_routing
+from support.experts_cases import make_expert_weights, make_routing
+from support.quantized_cases import FP8_CASES, case_id, fp8_problem, reference_on_dequantized, with_dtype
 from support.tolerances import FP32_RTOL, assert_fp32_close, assert_within_twice_same_dtype
 
-# (T, H, I, E, K, layout, gated, activation, bias, routing mode, block size): both packings,
-# gated and not, the gated-only activations, T = 1 and primes, an expert with no tokens
-# ("skip_last"), every token on one expert; sizes that B does not divide (last partial blocks).
-CASES = [
-    (13, 16, 24, 5, 2, "concatenated", True, "silu", False, "skip_last", 8),
-    (1, 24, 20, 4, 2, "interleaved", True, "gelu", True, "random", 8),
-    (7, 20, 12, 3, 3, "concatenated", False, "relu2", True, "one_expert", 8),
-    (11, 16, 16, 4, 2, "interleaved", True, "clamped_swiglu", False, "random", 4),
-    (17, 12, 18, 6, 1, "interleaved", False, "gelu_tanh", False, "skip_last", 8),
-    (5, 16, 8, 3, 2, "concatenated", True, "softcapped_swiglu", True, "random", 16),
-]
-
-
-def _case_id(case):
-    return "-".join(map(str, case))
-
-
-def _problem(case, seed):
-    """(full fp8 ExpertWeights, spec, x float64, topk_ids, topk_weights float64)."""
-    num_tokens, hidden, inter, experts, top_k, layout, gated, activation, bias, mode, block = case
-    generator = torch.Generator().manual_seed(seed)
-    dense = make_expert_weights(experts, hidden, inter, layout=layout, gated=gated, bias=bias, generator=generator)
-    weights = quantize_fp8_experts(dense["w_gate_up"], dense["w_down"], layout=layout, gated=gated, block_size=block,
-                                   b_gate_up=dense.get("b_gate_up"), b_down=dense.get("b_down"))
-    topk_ids, topk_weights = make_routing(num_tokens, experts, top_k, mode=mode, generator=generator)
-    x = torch.randn(num_tokens, hidden, generator=generator, dtype=torch.float64) * input_scale(activation)
-    spec = ExpertSpec(activation=activation, layout=layout, gated=gated)
-    return weights, spec, x, topk_ids, topk_weights.double()
-
-
-def _with_dtype(weights, dtype):
-    """The fp8 weights with their biases in dtype (the values and scales keep theirs)."""
-    cast = [None if b is None else b.to(dtype).requires_grad_(True) for b in (weights.b_gate_up, weights.b_down)]
-    return weights._replace(b_gate_up=cast[0], b_down=cast[1])
-
-
-def _reference(weights, spec, x, topk_ids, topk_weights, dtype=torch.float64):
-    """The loop-style reference on the dequantized weights, in dtype."""
-    dense = dequantize_fp8_experts(weights, layout=spec.layout, gated=spec.gated, dtype=dtype)
-    return reference_experts(x, dense.w_gate_up, dense.w_down, topk_ids, topk_weights, b_gate_up=dense.b_gate_up,
-                             b_down=dense.b_down, **spec.keywords())
+CASES = FP8_CASES
+_case_id, _problem, _with_dtype, _reference = case_id, fp8_problem, with_dtype, reference_on_dequantized
 
 
 def test_quantize_round_trip_is_within_e4m3_rounding(seed):
@@ -166,10 +127,10 @@ def test_ep_shards_keep_whole_experts_and_their_scales(seed):
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_native_fp8_forward_matches_reference(case, seed, monkeypatch):
-    """The native op (csrc/experts_cpu_fp8.cpp), forced: no gradient wanted, and the plain
+    """The native op (csrc/experts_cpu_quantized.cpp), forced: no gradient wanted, and the plain
     path it would hand such calls to made to fail. Also on TP rank 1 of 3, whose first column sits
     inside a scale block in most cases (offset > 0)."""
-    import tpmoe.cpu.fp8 as native
+    import tpmoe.cpu.quantized as native
     from tpmoe._native import native_ops
     native_ops()  # this test is the native op's: it fails where tpmoe._C is not built
     monkeypatch.setattr(native, "experts_torch", lambda *args: pytest.fail("took the plain-PyTorch path"))
@@ -177,7 +138,7 @@ def test_native_fp8_forward_matches_reference(case, seed, monkeypatch):
     shard = shard_fp8_experts(weights, layout=spec.layout, gated=spec.gated, rank=1, world_size=3)
     for which, experts in (("full", weights), ("shard 1 of 3", shard)):
         with torch.no_grad():
-            out = native.experts_cpu_fp8(x.float(), _with_dtype(experts, torch.float32), topk_ids,
+            out = native.experts_cpu_quantized(x.float(), _with_dtype(experts, torch.float32), topk_ids,
                                          topk_weights.float(), spec)
         expected = _reference(_with_dtype(experts, torch.float64), spec, x, topk_ids, topk_weights)
         assert_fp32_close(out, expected.detach(), name=which)
@@ -187,34 +148,40 @@ _PORTABLE_SCRIPT = """
 import sys
 import torch
 sys.path.insert(0, {tests!r})
-import tpmoe.cpu.fp8 as native
-from test_quantized_fp8 import CASES, _problem, _reference, _with_dtype, shard_fp8_experts
+import tpmoe.cpu.quantized as native
+from support.quantized_cases import (FP8_CASES, MXFP4_CASES, fp8_problem, mxfp4_problem, reference_on_dequantized,
+                                     with_dtype)
 from support.tolerances import max_rel_error
+from tpmoe.fp8 import shard_fp8_experts
+from tpmoe.mxfp4 import shard_mxfp4_experts
 worst = 0.0
-for case in CASES:
-    weights, spec, x, ids, w = _problem(case, 0)
-    for experts in (weights, shard_fp8_experts(weights, layout=spec.layout, gated=spec.gated, rank=1, world_size=3)):
-        with torch.no_grad():
-            out = native.experts_cpu_fp8(x.float(), _with_dtype(experts, torch.float32), ids, w.float(), spec)
-        worst = max(worst, max_rel_error(out, _reference(_with_dtype(experts, torch.float64), spec, x, ids, w)))
+for cases, problem, shard in ((FP8_CASES, fp8_problem, shard_fp8_experts), (MXFP4_CASES, mxfp4_problem, shard_mxfp4_experts)):
+    for case in cases:
+        weights, spec, x, ids, w = problem(case, 0)
+        for experts in (weights, shard(weights, layout=spec.layout, gated=spec.gated, rank=1, world_size=3)):
+            with torch.no_grad():
+                out = native.experts_cpu_quantized(x.float(), with_dtype(experts, torch.float32), ids, w.float(), spec)
+            expected = reference_on_dequantized(with_dtype(experts, torch.float64), spec, x, ids, w)
+            worst = max(worst, max_rel_error(out, expected.detach()))
 print("worst", worst)
 """
 
 
 def test_portable_fp8_kernel_matches_the_reference_too():
-    """TPMOE_CPU_FP8_KERNEL=portable (the kernel of CPUs without AVX2) on the same cases, in a
-    process of its own (the kernel is chosen once per process); a bad value is an error."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    script = _PORTABLE_SCRIPT.format(tests=here)
-    env = dict(os.environ, TPMOE_CPU_FP8_KERNEL="portable", PYTHONPATH=os.pathsep.join(
-        [os.path.dirname(here), os.environ.get("PYTHONPATH", "")]))
+    """TPMOE_CPU_DEQUANT_KERNEL=portable (the kernels of CPUs without AVX2) on the fp8 and the
+    MXFP4 cases, in a process of its own (the kernels are chosen once per process); a bad value is
+    an error."""
+    tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = _PORTABLE_SCRIPT.format(tests=tests)
+    env = dict(os.environ, TPMOE_CPU_DEQUANT_KERNEL="portable", PYTHONPATH=os.pathsep.join(
+        [os.path.dirname(tests), os.environ.get("PYTHONPATH", "")]))
     finished = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr[-3000:]
     worst = float(finished.stdout.split("worst")[-1])
     assert worst <= FP32_RTOL, f"portable kernel: max relative error {worst:.3e} > {FP32_RTOL:.1e}"
-    bad = subprocess.run([sys.executable, "-c", script], env=dict(env, TPMOE_CPU_FP8_KERNEL="sse9"),
+    bad = subprocess.run([sys.executable, "-c", script], env=dict(env, TPMOE_CPU_DEQUANT_KERNEL="sse9"),
                          capture_output=True, text=True, timeout=300)
-    assert bad.returncode != 0 and "TPMOE_CPU_FP8_KERNEL: expected portable, avx2 or auto, got 'sse9'" in bad.stderr
+    assert bad.returncode != 0 and "TPMOE_CPU_DEQUANT_KERNEL: expected portable, avx2 or auto, got 'sse9'" in bad.stderr
 
 
 def _small():

@@ -8,47 +8,13 @@ import torch
 from tpmoe import ExpertSpec, routed_experts
 from tpmoe.fp8 import BlockScales
 from tpmoe.mxfp4 import E2M1_VALUES, dequantize_mxfp4_experts, quantize_mxfp4_experts, shard_mxfp4_experts
-from tpmoe.reference import reference_experts
 
-from support.experts_cases import input_scale, make_expert_weights, make_routing
+from support.experts_cases import make_expert_weights, make_routing
+from support.quantized_cases import MXFP4_CASES, case_id, mxfp4_problem, reference_on_dequantized, with_dtype
 from support.tolerances import assert_fp32_close, assert_within_twice_same_dtype
 
-# (T, H, I, E, K, layout, gated, activation, alpha, limit, bias, routing mode): GPT-OSS's clamped
-# swiglu (its alpha and limit, and a tighter limit), the other packings and activations, T = 1 and
-# primes, an expert with no tokens, every token on one expert; H and I no multiples of 32.
-CASES = [
-    (13, 70, 40, 5, 2, "interleaved", True, "clamped_swiglu", 1.702, 7.0, True, "skip_last"),
-    (1, 64, 45, 4, 2, "interleaved", True, "clamped_swiglu", 1.702, 3.0, True, "random"),
-    (7, 48, 33, 3, 3, "concatenated", True, "silu", 1.702, 7.0, False, "one_expert"),
-    (11, 40, 20, 4, 2, "interleaved", False, "gelu", 1.702, 7.0, True, "random"),
-]
-
-
-def _case_id(case):
-    return "-".join(map(str, case))
-
-
-def _problem(case, seed):
-    num_tokens, hidden, inter, experts, top_k, layout, gated, activation, alpha, limit, bias, mode = case
-    generator = torch.Generator().manual_seed(seed)
-    dense = make_expert_weights(experts, hidden, inter, layout=layout, gated=gated, bias=bias, generator=generator)
-    weights = quantize_mxfp4_experts(dense["w_gate_up"], dense["w_down"], layout=layout, gated=gated,
-                                     b_gate_up=dense.get("b_gate_up"), b_down=dense.get("b_down"))
-    topk_ids, topk_weights = make_routing(num_tokens, experts, top_k, mode=mode, generator=generator)
-    x = torch.randn(num_tokens, hidden, generator=generator, dtype=torch.float64) * input_scale(activation)
-    spec = ExpertSpec(activation=activation, layout=layout, gated=gated, alpha=alpha, limit=limit)
-    return weights, spec, x, topk_ids, topk_weights.double()
-
-
-def _with_dtype(weights, dtype):
-    cast = [None if b is None else b.to(dtype).requires_grad_(True) for b in (weights.b_gate_up, weights.b_down)]
-    return weights._replace(b_gate_up=cast[0], b_down=cast[1])
-
-
-def _reference(weights, spec, x, topk_ids, topk_weights, dtype=torch.float64):
-    dense = dequantize_mxfp4_experts(weights, layout=spec.layout, gated=spec.gated, dtype=dtype)
-    return reference_experts(x, dense.w_gate_up, dense.w_down, topk_ids, topk_weights, b_gate_up=dense.b_gate_up,
-                             b_down=dense.b_down, **spec.keywords())
+CASES = MXFP4_CASES
+_case_id, _problem, _with_dtype, _reference = case_id, mxfp4_problem, with_dtype, reference_on_dequantized
 
 
 def test_packing_round_trip_is_within_e2m1_rounding(seed):
@@ -148,6 +114,25 @@ def test_ep_shards_keep_whole_experts_and_their_scales(seed):
         assert torch.equal(local.w_gate_up, full_dense.w_gate_up[first:first + count])
         assert torch.equal(local.w_down, full_dense.w_down[first:first + count])
         first += count
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_native_mxfp4_forward_matches_reference(case, seed, monkeypatch):
+    """The native op (csrc/experts_cpu_quantized.cpp), forced: no gradient wanted, and the plain
+    path it would hand such calls to made to fail; also on TP rank 1 of 3 (down's first value
+    inside a 32-block)."""
+    import tpmoe.cpu.quantized as native
+    from tpmoe._native import native_ops
+    native_ops()  # this test is the native op's: it fails where tpmoe._C is not built
+    monkeypatch.setattr(native, "experts_torch", lambda *args: pytest.fail("took the plain-PyTorch path"))
+    weights, spec, x, topk_ids, topk_weights = _problem(case, seed)
+    shard = shard_mxfp4_experts(weights, layout=spec.layout, gated=spec.gated, rank=1, world_size=3)
+    for which, experts in (("full", weights), ("shard 1 of 3", shard)):
+        with torch.no_grad():
+            out = native.experts_cpu_quantized(x.float(), _with_dtype(experts, torch.float32), topk_ids,
+                                               topk_weights.float(), spec)
+        expected = _reference(_with_dtype(experts, torch.float64), spec, x, topk_ids, topk_weights)
+        assert_fp32_close(out, expected.detach(), name=which)
 
 
 def _small():

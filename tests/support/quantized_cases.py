@@ -1,0 +1,77 @@
+"""The quantized-experts cases (tpmoe.fp8's "fp8_block", tpmoe.mxfp4's "mxfp4") shared by their
+tests and the kernel check that runs in a process of its own: problems, and the float64
+reference run on the dequantized weights."""
+import torch
+
+from tpmoe import ExpertSpec
+from tpmoe.fp8 import quantize_fp8_experts
+from tpmoe.mxfp4 import quantize_mxfp4_experts
+from tpmoe.quantized import dequantize_experts
+from tpmoe.reference import reference_experts
+
+from .experts_cases import input_scale, make_expert_weights, make_routing
+
+# fp8: (T, H, I, E, K, layout, gated, activation, bias, routing mode, block size): both packings,
+# gated and not, the gated-only activations, T = 1 and primes, an expert with no tokens
+# ("skip_last"), every token on one expert; sizes that B does not divide (last partial blocks).
+FP8_CASES = [
+    (13, 16, 24, 5, 2, "concatenated", True, "silu", False, "skip_last", 8),
+    (1, 24, 20, 4, 2, "interleaved", True, "gelu", True, "random", 8),
+    (7, 20, 12, 3, 3, "concatenated", False, "relu2", True, "one_expert", 8),
+    (11, 16, 16, 4, 2, "interleaved", True, "clamped_swiglu", False, "random", 4),
+    (17, 12, 18, 6, 1, "interleaved", False, "gelu_tanh", False, "skip_last", 8),
+    (5, 16, 8, 3, 2, "concatenated", True, "softcapped_swiglu", True, "random", 16),
+]
+
+# mxfp4: (T, H, I, E, K, layout, gated, activation, alpha, limit, bias, routing mode): GPT-OSS's
+# clamped swiglu (its alpha and limit, and a tighter limit), the other packings and activations,
+# T = 1 and primes, an expert with no tokens, every token on one expert; H and I no multiples of 32.
+MXFP4_CASES = [
+    (13, 70, 40, 5, 2, "interleaved", True, "clamped_swiglu", 1.702, 7.0, True, "skip_last"),
+    (1, 64, 45, 4, 2, "interleaved", True, "clamped_swiglu", 1.702, 3.0, True, "random"),
+    (7, 48, 33, 3, 3, "concatenated", True, "silu", 1.702, 7.0, False, "one_expert"),
+    (11, 40, 20, 4, 2, "interleaved", False, "gelu", 1.702, 7.0, True, "random"),
+]
+
+
+def case_id(case):
+    return "-".join(map(str, case))
+
+
+def fp8_problem(case, seed):
+    """(full fp8 ExpertWeights, spec, x float64, topk_ids, topk_weights float64)."""
+    num_tokens, hidden, inter, experts, top_k, layout, gated, activation, bias, mode, block = case
+    generator = torch.Generator().manual_seed(seed)
+    dense = make_expert_weights(experts, hidden, inter, layout=layout, gated=gated, bias=bias, generator=generator)
+    weights = quantize_fp8_experts(dense["w_gate_up"], dense["w_down"], layout=layout, gated=gated, block_size=block,
+                                   b_gate_up=dense.get("b_gate_up"), b_down=dense.get("b_down"))
+    topk_ids, topk_weights = make_routing(num_tokens, experts, top_k, mode=mode, generator=generator)
+    x = torch.randn(num_tokens, hidden, generator=generator, dtype=torch.float64) * input_scale(activation)
+    return weights, ExpertSpec(activation=activation, layout=layout, gated=gated), x, topk_ids, topk_weights.double()
+
+
+def mxfp4_problem(case, seed):
+    """(full mxfp4 ExpertWeights, spec, x float64, topk_ids, topk_weights float64)."""
+    num_tokens, hidden, inter, experts, top_k, layout, gated, activation, alpha, limit, bias, mode = case
+    generator = torch.Generator().manual_seed(seed)
+    dense = make_expert_weights(experts, hidden, inter, layout=layout, gated=gated, bias=bias, generator=generator)
+    weights = quantize_mxfp4_experts(dense["w_gate_up"], dense["w_down"], layout=layout, gated=gated,
+                                     b_gate_up=dense.get("b_gate_up"), b_down=dense.get("b_down"))
+    topk_ids, topk_weights = make_routing(num_tokens, experts, top_k, mode=mode, generator=generator)
+    x = torch.randn(num_tokens, hidden, generator=generator, dtype=torch.float64) * input_scale(activation)
+    spec = ExpertSpec(activation=activation, layout=layout, gated=gated, alpha=alpha, limit=limit)
+    return weights, spec, x, topk_ids, topk_weights.double()
+
+
+def with_dtype(weights, dtype):
+    """The quantized weights with their biases in dtype, requiring grad (the stored values and
+    scales keep theirs)."""
+    cast = [None if b is None else b.to(dtype).requires_grad_(True) for b in (weights.b_gate_up, weights.b_down)]
+    return weights._replace(b_gate_up=cast[0], b_down=cast[1])
+
+
+def reference_on_dequantized(weights, spec, x, topk_ids, topk_weights, dtype=torch.float64):
+    """The loop-style reference on the dequantized weights, in dtype."""
+    dense = dequantize_experts(weights, spec, dtype)
+    return reference_experts(x, dense.w_gate_up, dense.w_down, topk_ids, topk_weights, b_gate_up=dense.b_gate_up,
+                             b_down=dense.b_down, **spec.keywords())
