@@ -79,15 +79,25 @@ def quantize_mxfp4_experts(w_gate_up: torch.Tensor, w_down: torch.Tensor, *, lay
 
 
 def _quantize(matrix: torch.Tensor):
-    """[..., cols] float -> ([..., nb, 16] uint8, [..., nb] uint8), the last block zero-padded."""
+    """[E, ..., cols] float -> ([E, ..., nb, 16] uint8, [E, ..., nb] uint8), the last block
+    zero-padded; a few experts at a time in float64 (a model's experts are never widened at once)."""
+    packed, scales = zip(*(_quantize_experts(matrix[first:first + 4]) for first in range(0, matrix.shape[0], 4)))
+    return torch.cat(packed), torch.cat(scales)
+
+
+# Midpoints between e2m1's magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6: a magnitude's nearest value.
+_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
+
+
+def _quantize_experts(matrix: torch.Tensor):
     cols = matrix.shape[-1]
     padded = torch.nn.functional.pad(matrix.double(), (0, _blocks(cols) * MXFP4_BLOCK - cols))
     grouped = padded.unflatten(-1, (-1, MXFP4_BLOCK))
     amax = grouped.abs().amax(dim=-1).clamp_min(2.0 ** -126)
     exponent = torch.ceil(torch.log2(amax / 6.0)).clamp(-127, 127)
     scaled = grouped / torch.exp2(exponent).unsqueeze(-1)
-    table = torch.tensor(E2M1_VALUES, dtype=torch.float64)
-    nibbles = (scaled.unsqueeze(-1) - table).abs().argmin(dim=-1).to(torch.uint8)  # nearest value
+    magnitude = torch.bucketize(scaled.abs(), torch.tensor(_MIDPOINTS, dtype=torch.float64))
+    nibbles = (magnitude + 8 * (scaled < 0)).to(torch.uint8)
     packed = nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
     return packed.contiguous(), (exponent + 127).to(torch.uint8)
 

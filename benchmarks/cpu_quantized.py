@@ -28,6 +28,7 @@ from tpmoe.cli.report import format_table, write_json  # noqa: E402
 from tpmoe.cli.timing import time_calls_interleaved  # noqa: E402
 from tpmoe.cli.workload import random_routing, touched_bytes, touched_experts  # noqa: E402
 from tpmoe.fp8 import quantize_fp8_experts  # noqa: E402
+from tpmoe.mxfp4 import quantize_mxfp4_experts  # noqa: E402
 from tpmoe.presets import get_preset  # noqa: E402
 
 
@@ -41,34 +42,39 @@ def read_floor(topk_ids, tensors):
     return lambda: [slab.max() for slab in slabs]
 
 
-def measure(name, config, num_tokens, dense, fp8, args, generator):
+# The format each preset's checkpoints ship in, and the experts' spec.
+FORMATS = {"qwen3-30b-a3b": ("fp8_block", ExpertSpec()), "mixtral-8x7b": ("fp8_block", ExpertSpec()),
+           "gpt-oss-20b": ("mxfp4", ExpertSpec(activation="clamped_swiglu", layout="interleaved"))}
+
+
+def measure(name, config, num_tokens, dense, quantized, spec, args, generator):
     ids, topk_weights = random_routing(config, num_tokens, generator=generator)
     x = torch.randn(num_tokens, config.hidden_size, generator=generator).bfloat16()
-    spec = ExpertSpec()
-    calls = {"fp8": lambda: routed_experts(x, fp8, ids, topk_weights, spec, backend="cpu"),
+    kind = quantized.format
+    calls = {kind: lambda: routed_experts(x, quantized, ids, topk_weights, spec, backend="cpu"),
              "bf16": lambda: routed_experts(x, dense, ids, topk_weights, spec, backend="cpu"),
-             "floor_fp8": read_floor(ids, [fp8.w_gate_up, fp8.w_down]),
+             f"floor_{kind}": read_floor(ids, [quantized.w_gate_up, quantized.w_down]),
              "floor_bf16": read_floor(ids, [dense.w_gate_up, dense.w_down])}
     with torch.no_grad():
         results = time_calls_interleaved(calls, warmup=args.warmup, repeats=args.repeats)
     best = {impl: result.min_s for impl, result in results.items()}
-    fp8_bytes = touched_bytes(ids, fp8.w_gate_up, fp8.w_down)
+    stored_bytes = touched_bytes(ids, quantized.w_gate_up, quantized.w_down)
     rows = []
     for impl, result in results.items():
         row = dict(shape=name, T=num_tokens, impl=impl, ms=result.median_s * 1e3, ms_min=result.min_s * 1e3,
                    ms_max=max(result.samples_s) * 1e3)
-        if impl == "fp8":
-            row.update(x_floor=best["fp8"] / best["floor_fp8"], vs_bf16=best["bf16"] / best["fp8"],
-                       gbs=fp8_bytes / best["fp8"] / 1e9)
-        if impl == "floor_fp8":
-            row["gbs"] = fp8_bytes / best[impl] / 1e9
+        if impl == kind:
+            row.update(x_floor=best[kind] / best[f"floor_{kind}"], vs_bf16=best["bf16"] / best[kind],
+                       gbs=stored_bytes / best[kind] / 1e9)
+        if impl == f"floor_{kind}":
+            row["gbs"] = stored_bytes / best[impl] / 1e9
         rows.append(row)
     return rows
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--presets", nargs="*", default=["qwen3-30b-a3b"])
+    parser.add_argument("--presets", nargs="*", default=["qwen3-30b-a3b", "gpt-oss-20b"], choices=sorted(FORMATS))
     parser.add_argument("--tokens", type=int, nargs="*", default=[1, 8, 32, 512])
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
@@ -79,7 +85,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     header = [f"# {datetime.date.today()}  {cpu_description()}",
-              f"# torch {torch.__version__}, {torch.get_num_threads()} threads, fp8 kernel "
+              f"# torch {torch.__version__}, {torch.get_num_threads()} threads, dequant kernels "
               f"{os.environ.get('TPMOE_CPU_DEQUANT_KERNEL', 'auto')}",
               f"# {' '.join([os.path.basename(sys.executable)] + sys.argv)}"]
     print("\n".join(header), flush=True)
@@ -88,10 +94,17 @@ def main():
         config = get_preset(name).config
         generator = torch.Generator().manual_seed(0)
         weights = make_expert_weights(config, torch.bfloat16, generator=generator)
+        weight_format, spec = FORMATS[name]
+        if config.layout == "gpt_oss":  # the packed checkpoint's orientation: rows are outputs
+            weights = {key: value.transpose(1, 2).contiguous() for key, value in weights.items()
+                       if key in ("w_gate_up", "w_down")}
         dense = ExpertWeights(weights["w_gate_up"], weights["w_down"])
-        fp8 = quantize_fp8_experts(weights["w_gate_up"], weights["w_down"], block_size=args.block_size)
+        if weight_format == "mxfp4":
+            quantized = quantize_mxfp4_experts(weights["w_gate_up"], weights["w_down"], layout=spec.layout)
+        else:
+            quantized = quantize_fp8_experts(weights["w_gate_up"], weights["w_down"], block_size=args.block_size)
         for num_tokens in args.tokens:
-            rows += measure(name, config, num_tokens, dense, fp8, args, generator)
+            rows += measure(name, config, num_tokens, dense, quantized, spec, args, generator)
             print(f"# done {name} T = {num_tokens}", file=sys.stderr, flush=True)
     columns = ["shape", "T", "impl", "ms", "ms_min", "ms_max", "gbs", "x_floor", "vs_bf16"]
     formats = {"ms": ".2f", "ms_min": ".2f", "ms_max": ".2f", "gbs": ".1f", "x_floor": ".2f", "vs_bf16": ".2f"}
