@@ -21,7 +21,8 @@ ATen's kernels (ATEN_CPU_CAPABILITY), oneDNN (ONEDNN_MAX_CPU_ISA) and MKL, whose
 ATen's (MKL_ENABLE_INSTRUCTIONS), are held to AVX2, so the dense yardsticks drop to what such a
 CPU has (the bf16 one collapses to ATen's emulated bf16 GEMM), and the widened GEMM runs its
 AVX2 kernel. The native bf16 path is left out there (it is not what such a CPU runs), and the
-emulated dense bf16 GEMM is timed at T = 1 only (about 0.1 GFLOP/s: a T = 512 call takes minutes).
+emulated dense bf16 GEMM is timed at T = 1 only (0.1 to 1.2 GFLOP/s: a T = 512 call would
+take minutes).
 """
 import os
 import sys
