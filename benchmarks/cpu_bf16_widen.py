@@ -14,14 +14,29 @@ of --repeats interleaved rounds (tpmoe.cli.timing); rates and ratios from the fa
 
   python benchmarks/cpu_bf16_widen.py                      # T = 1, 32, 512; train at 512
   python benchmarks/cpu_bf16_widen.py --tokens 1 32 --train-tokens --repeats 3 --json out.json
+  python benchmarks/cpu_bf16_widen.py --emulate-avx2     # an AVX2-only CPU, on one with AVX-512
+
+--emulate-avx2 runs the benchmark as an AVX2-only CPU would, as far as one with AVX-512 can:
+ATen's kernels (ATEN_CPU_CAPABILITY), oneDNN (ONEDNN_MAX_CPU_ISA) and MKL, whose float32 GEMM is
+ATen's (MKL_ENABLE_INSTRUCTIONS), are held to AVX2, so the dense yardsticks drop to what such a
+CPU has (the bf16 one collapses to ATen's emulated bf16 GEMM), and the widened GEMM runs its
+AVX2 kernel. The native bf16 path is left out there (it is not what such a CPU runs), and the
+emulated dense bf16 GEMM is timed at T = 1 only (0.1 to 1.2 GFLOP/s: a T = 512 call would
+take minutes).
 """
-import argparse
-import datetime
 import os
-import subprocess
 import sys
 
-import torch
+# Set before torch loads: ATen reads its capability once, MKL and oneDNN on their first call.
+EMULATED_AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+if "--emulate-avx2" in sys.argv[1:] and any(os.environ.get(k) != v for k, v in EMULATED_AVX2.items()):
+    os.execve(sys.executable, [sys.executable] + sys.argv, {**os.environ, **EMULATED_AVX2})
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import subprocess  # noqa: E402
+
+import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import make_expert_weights  # noqa: E402
@@ -60,12 +75,13 @@ def on_path(path, call, kernel="auto"):
     return run
 
 
-def widen_kernels_available():
-    """The widened GEMM's kernels this CPU and build have (the op refuses one they lack)."""
+def widen_kernels_available(emulate_avx2):
+    """The widened GEMM's kernels this CPU and build have (the op refuses one they lack); under
+    emulation the `widen` row already is the AVX2 kernel."""
     available = []
     x = torch.ones(1, 16, dtype=torch.bfloat16)
     w_gate_up, w_down = torch.ones(1, 32, 16, dtype=torch.bfloat16), torch.ones(1, 16, 16, dtype=torch.bfloat16)
-    for kernel in ("avx2", "aten"):
+    for kernel in (("aten",) if emulate_avx2 else ("avx2", "aten")):
         try:
             on_path("widen", lambda: fused_experts(x, w_gate_up, w_down, torch.zeros(1, 1, dtype=torch.int64),
                                                    torch.ones(1, 1), backend="cpu"), kernel)()
@@ -115,12 +131,14 @@ def measure(config, num_tokens, mode, weights, weights32, args, generator):
             fused_experts(*leaves, ids, topk_weights, backend="cpu").backward(grad_out.to(x_in.dtype))
         return step
 
-    calls = {"native": on_path("native", experts(weights, x)), "widen": on_path("widen", experts(weights, x))}
+    calls = {} if args.emulate_avx2 else {"native": on_path("native", experts(weights, x))}
+    calls["widen"] = on_path("widen", experts(weights, x), "avx2" if args.emulate_avx2 else "auto")
     for kernel in args.widen_kernels:
         calls[f"widen_{kernel}"] = on_path("widen", experts(weights, x), kernel)
     calls.update({"fp32_weights": experts(weights32, x.float()),
-             "dense_fp32": dense(config, num_tokens, flops, mode, torch.float32),
-             "dense_bf16": dense(config, num_tokens, flops, mode, torch.bfloat16)})
+                  "dense_fp32": dense(config, num_tokens, flops, mode, torch.float32)})
+    if not args.emulate_avx2 or (num_tokens == 1 and mode == "fwd"):
+        calls["dense_bf16"] = dense(config, num_tokens, flops, mode, torch.bfloat16)
     if mode == "fwd":
         calls["floor_bf16"] = weight_read_step(ids, [weights["w_gate_up"], weights["w_down"]], "fwd")
     grad_mode = torch.no_grad() if mode == "fwd" else torch.enable_grad()
@@ -138,7 +156,7 @@ def measure(config, num_tokens, mode, weights, weights32, args, generator):
         if name in ("native", "fp32_weights") or name.startswith("widen"):
             row["of_dense_fp32"] = best["dense_fp32"] / best[name]
             row["x_floor"] = best[name] / best["floor_bf16"] if "floor_bf16" in best else None
-            row["widen_vs_native"] = best["native"] / best[name] if name.startswith("widen") else None
+            row["widen_vs_native"] = best["native"] / best[name] if name.startswith("widen") and "native" in best else None
         if name == "floor_bf16":
             row["gbs"] = weight_bytes / best[name] / 1e9
         rows.append(row)
@@ -153,8 +171,9 @@ def main():
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--emulate-avx2", action="store_true", help="see above")
     args = parser.parse_args()
-    args.widen_kernels = widen_kernels_available()
+    args.widen_kernels = widen_kernels_available(args.emulate_avx2)
     if args.threads:
         torch.set_num_threads(args.threads)
     config = get_preset("qwen3-30b-a3b").config
@@ -167,6 +186,9 @@ def main():
     header = [f"# {datetime.date.today()}  {cpu_description()}",
               f"# torch {torch.__version__}, {torch.get_num_threads()} threads, auto picks: {bf16_gemm_path()}",
               f"# {' '.join([os.path.basename(sys.executable)] + sys.argv)}"]
+    if args.emulate_avx2:
+        header.append(f"# emulated AVX2: ATen capability {torch.backends.cpu.get_cpu_capability()}, "
+                      + ", ".join(f"{k}={os.environ.get(k)}" for k in EMULATED_AVX2) + "; widen = the AVX2 kernel")
     print("\n".join(header), flush=True)
     rows = []
     for mode, token_counts in (("fwd", args.tokens), ("train", args.train_tokens)):

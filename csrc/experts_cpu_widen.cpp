@@ -171,19 +171,26 @@ struct Prefetch {
 
 #ifdef TPMOE_WIDEN_X86_KERNELS
 // The kernels of experts_cpu_widen_kernels.h for AVX2 + FMA (the CPUs this path is for: 16
-// registers, so 3 x 4 dot tiles and 6 x 16 outer tiles) and for AVX-512 (32 registers: 6 x 4
-// and 8 x 48), picked at run time (widen_kernels below).
+// registers, so 6 x 2 dot tiles and 6 x 16 outer tiles) and for AVX-512 (32 registers: 6 x 4
+// and 8 x 48), picked at run time (widen_kernels below). The AVX2 dot tile is 6 x 2, not 3 x
+// 4: 12 accumulators, 2 weight vectors, a row vector and the zeros the unpack widens with fill
+// the 16 registers; 3 x 4 needed 18, and GCC kept 3 accumulators on the stack (a load and a
+// store around every third FMA: the T = 512 forward ran at a third of the dense GEMM).
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace avx2 {
 using V = __m256;
-constexpr int kLanes = 8, kDotRows = 3, kOuterRows = 6, kOuterVectors = 2;
+constexpr int kLanes = 8, kDotRows = 6, kDotCols = 2, kOuterRows = 6, kOuterVectors = 2;
 inline V zero() { return _mm256_setzero_ps(); }
 inline V load(const float* p) { return _mm256_loadu_ps(p); }
 inline void store(float* p, V v) { _mm256_storeu_ps(p, v); }
 inline V broadcast(const float* p) { return _mm256_broadcast_ss(p); }
 inline V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
 inline V add(V a, V b) { return _mm256_add_ps(a, b); }
+inline V in_register(V v) {
+  __asm__("" : "+x"(v));
+  return v;
+}
 inline V widen_low(const uint16_t* p) {  // of 16 bf16: k 0-3, 8-11 as float32 (bits to the upper halves)
   return _mm256_castsi256_ps(_mm256_unpacklo_epi16(_mm256_setzero_si256(), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
 }
@@ -215,13 +222,17 @@ inline __m128 sum4(V a, V b, V c, V d) {
 #pragma GCC target("avx512f,avx512bw,avx2,fma")
 namespace avx512 {
 using V = __m512;
-constexpr int kLanes = 16, kDotRows = 6, kOuterRows = 8, kOuterVectors = 3;
+constexpr int kLanes = 16, kDotRows = 6, kDotCols = 4, kOuterRows = 8, kOuterVectors = 3;
 inline V zero() { return _mm512_setzero_ps(); }
 inline V load(const float* p) { return _mm512_loadu_ps(p); }
 inline void store(float* p, V v) { _mm512_storeu_ps(p, v); }
 inline V broadcast(const float* p) { return _mm512_set1_ps(*p); }
 inline V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
 inline V add(V a, V b) { return _mm512_add_ps(a, b); }
+inline V in_register(V v) {
+  __asm__("" : "+v"(v));
+  return v;
+}
 inline V widen_low(const uint16_t* p) {  // of 32 bf16: k 0-3, 8-11, 16-19, 24-27 as float32
   return _mm512_castsi512_ps(_mm512_unpacklo_epi16(_mm512_setzero_si512(), _mm512_loadu_si512(p)));
 }
@@ -265,6 +276,7 @@ struct WidenKernels {
 // k multiple of this for dot_packed (2 kLanes of every ISA).
 constexpr int64_t kPackedK = 32;
 constexpr int64_t kPadK = 16;  // a multiple of every ISA's lanes
+constexpr int64_t kPanelPad = 16;  // floats: one cache line
 
 #ifdef TPMOE_WIDEN_X86_KERNELS
 const WidenKernels kAvx2Kernels{"avx2", avx2::kOuterWidth, avx2::dot_gemm, avx2::outer_gemm, avx2::store_bf16_rows,
@@ -318,6 +330,15 @@ int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1
 // in order), all of them in "gemm" mode.
 int64_t tile_threads() { return at::in_parallel_region() ? 1 : std::max<int64_t>(1, at::get_num_threads()); }
 
+// A buffer's first `count` floats from a 64-byte boundary: std::vector's floats are 16-byte
+// aligned, so every other 32-byte load of an AVX2 kernel (and every 64-byte load of an
+// AVX-512 one) would straddle two cache lines and cost two.
+float* aligned_buffer(std::vector<float>& buffer, int64_t count) {
+  buffer.resize(count + 16);
+  const uintptr_t address = reinterpret_cast<uintptr_t>(buffer.data());
+  return buffer.data() + ((64 - address % 64) % 64) / sizeof(float);
+}
+
 // Rounds float32 sums (ld_sums apart) into out, bf16 or fp16.
 void store_sums(const WidenKernels& kernels, at::Tensor& out, int64_t m0, int64_t n0, const float* sums,
                 int64_t ld_sums, int64_t rows, int64_t cols) {
@@ -357,18 +378,18 @@ void few_rows_bf16_mm(const WidenKernels& kernels, at::Tensor& out, const at::Te
   const int64_t tile_cols = std::min(round_up((N + tile_threads() - 1) / tile_threads(), 4), kTileCols);
   const int64_t tiles = (N + tile_cols - 1) / tile_cols;
   thread_local std::vector<float> lhs_buffer;
-  lhs_buffer.resize(M * Kp);
+  float* const lhs_data = aligned_buffer(lhs_buffer, M * Kp);
   for (int64_t r = 0; r < M; ++r) {
-    float* row = lhs_buffer.data() + r * Kp;
+    float* row = lhs_data + r * Kp;
     widen_tile(lhs, r, 1, 0, K, row);
     std::fill(row + K, row + Kp, 0.f);
   }
-  const float* const panel = lhs_buffer.data();
+  const float* const panel = lhs_data;
   const uint16_t* const bits = reinterpret_cast<const uint16_t*>(weight.const_data_ptr<c10::BFloat16>());
   const int64_t ldb = weight.stride(0);
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
     thread_local std::vector<float> sums_buffer;
-    sums_buffer.resize(M * tile_cols);
+    float* const sums_data = aligned_buffer(sums_buffer, M * tile_cols);
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t n0 = tile * tile_cols, cols = std::min(tile_cols, N - n0);
       // The stream ahead of this tile: the rest of this thread's tiles, and past its last tile
@@ -380,9 +401,9 @@ void few_rows_bf16_mm(const WidenKernels& kernels, at::Tensor& out, const at::Te
         then = weight_rows_bytes(following, 0, following.size(0));
         then.second = std::min(then.second, then.first + kFetchAheadBytes);
       }
-      kernels.dot_bf16(M, cols, K, panel, Kp, bits + n0 * ldb, ldb, sums_buffer.data(), tile_cols,
+      kernels.dot_bf16(M, cols, K, panel, Kp, bits + n0 * ldb, ldb, sums_data, tile_cols,
                        {current.first + kFetchAheadBytes, rest.second, 0, then.first, then.second});
-      store_sums(kernels, out, 0, n0, sums_buffer.data(), tile_cols, M, cols);
+      store_sums(kernels, out, 0, n0, sums_data, tile_cols, M, cols);
     }
   });
 }
@@ -400,19 +421,22 @@ void packed_bf16_mm(const WidenKernels& kernels, at::Tensor& out, const at::Tens
   const int64_t tiles = (N + tile_cols - 1) / tile_cols;
   const uint16_t* const bits = reinterpret_cast<const uint16_t*>(weight.const_data_ptr<c10::BFloat16>());
   const int64_t ldb = weight.stride(0);
+  // Panel rows a cache line more than K apart: at K = 2048 (8 KiB) a tile's 6 rows and its
+  // weight rows (4 KiB apart) would all fall in the same L1 sets, as many lines as a set has ways.
+  const int64_t ld_panel = K + kPanelPad;
   thread_local std::vector<float> lhs_buffer;
-  lhs_buffer.resize(panel_rows * K);
+  float* const lhs_data = aligned_buffer(lhs_buffer, panel_rows * ld_panel);
   for (int64_t m0 = 0; m0 < M; m0 += panel_rows) {
     const int64_t rows = std::min(panel_rows, M - m0);
     const uint16_t* lhs_bits = reinterpret_cast<const uint16_t*>(lhs.const_data_ptr<c10::BFloat16>());
     for (int64_t r = 0; r < rows; ++r) {
-      kernels.widen_permuted(lhs_bits + (m0 + r) * lhs.stride(0), K, lhs_buffer.data() + r * K);
+      kernels.widen_permuted(lhs_bits + (m0 + r) * lhs.stride(0), K, lhs_data + r * ld_panel);
     }
-    const float* const panel = lhs_buffer.data();
+    const float* const panel = lhs_data;
     at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
       thread_local std::vector<float> sums_buffer;
       const int64_t ld_sums = tile_cols + 4;  // 4 scratch columns for dot_packed's last group
-      sums_buffer.resize(rows * ld_sums);
+      float* const sums_data = aligned_buffer(sums_buffer, rows * ld_sums);
       for (int64_t tile = begin; tile < end; ++tile) {
         const int64_t n0 = tile * tile_cols, cols = std::min(tile_cols, N - n0);
         // The last tile may be narrower than 4: it then ends on the weight's last 4 columns.
@@ -425,9 +449,9 @@ void packed_bf16_mm(const WidenKernels& kernels, at::Tensor& out, const at::Tens
         } else if (following.defined()) {
           next = weight_rows_bytes(following, 0, std::min(following.size(0), tile_cols));
         }
-        kernels.dot_packed(rows, width, K, panel, K, bits + first * ldb, ldb, sums_buffer.data(), ld_sums, next.first,
+        kernels.dot_packed(rows, width, K, panel, ld_panel, bits + first * ldb, ldb, sums_data, ld_sums, next.first,
                            next.second);
-        store_sums(kernels, out, m0, n0, sums_buffer.data() + (n0 - first), ld_sums, rows, cols);
+        store_sums(kernels, out, m0, n0, sums_data + (n0 - first), ld_sums, rows, cols);
       }
     });
   }
@@ -462,28 +486,28 @@ void widened_dot_mm(const WidenKernels& kernels, at::Tensor& out, const at::Tens
   // native path's time); with many rows one tile of compute covers the next tile's read.
   const int64_t ahead = std::max<int64_t>(1, kFetchAheadBytes / (tile_cols * K * rhs.element_size()));
   thread_local std::vector<float> lhs_buffer;
-  lhs_buffer.resize(panel_rows * Kp);
+  float* const lhs_data = aligned_buffer(lhs_buffer, panel_rows * Kp);
   for (int64_t m0 = 0; m0 < M; m0 += panel_rows) {
     const int64_t rows = std::min(panel_rows, M - m0);
     for (int64_t r = 0; r < rows; ++r) {
-      float* row = lhs_buffer.data() + r * Kp;
+      float* row = lhs_data + r * Kp;
       widen_tile(lhs, m0 + r, 1, 0, K, row);  // one row: contiguous in the buffer whatever lhs's strides
       std::fill(row + K, row + Kp, 0.f);
     }
     // The panel by pointer: inside the workers `lhs_buffer` would name each worker's own.
-    const float* const panel = lhs_buffer.data();
+    const float* const panel = lhs_data;
     at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
       thread_local std::vector<float> rhs_buffer, sums_buffer;
-      rhs_buffer.resize(tile_cols * Kp);
-      sums_buffer.resize(rows * tile_cols);
+      float* const rhs_data = aligned_buffer(rhs_buffer, tile_cols * Kp);
+      float* const sums_data = aligned_buffer(sums_buffer, rows * tile_cols);
       for (int64_t tile = begin; tile < end; ++tile) {
         const int64_t n0 = tile * tile_cols, cols = std::min(tile_cols, N - n0), padded = round_up(cols, 4);
         for (int64_t c = 0; c < cols; ++c) {
-          float* column = rhs_buffer.data() + c * Kp;
+          float* column = rhs_data + c * Kp;
           widen_tile(weight, n0 + c, 1, 0, K, column);
           std::fill(column + K, column + Kp, 0.f);
         }
-        std::fill(rhs_buffer.data() + cols * Kp, rhs_buffer.data() + padded * Kp, 0.f);
+        std::fill(rhs_data + cols * Kp, rhs_data + padded * Kp, 0.f);
         // The tile this thread widens `ahead` tiles from now: in its own range, else in the next
         // panel's pass over the same range, else in the caller's next GEMM (same K, so the same
         // tile width); the tiles before it were asked for by the tiles before this one.
@@ -498,9 +522,9 @@ void widened_dot_mm(const WidenKernels& kernels, at::Tensor& out, const at::Tens
         } else if (following.defined()) {
           next = weight_rows_bytes(following, later * tile_cols, std::min(following.size(0), (later + 1) * tile_cols));
         }
-        kernels.dot(rows, padded, Kp, panel, Kp, rhs_buffer.data(), Kp, sums_buffer.data(), padded, next.first,
+        kernels.dot(rows, padded, Kp, panel, Kp, rhs_data, Kp, sums_data, padded, next.first,
                     next.second);
-        store_sums(kernels, out, m0, n0, sums_buffer.data(), padded, rows, cols);
+        store_sums(kernels, out, m0, n0, sums_data, padded, rows, cols);
       }
     });
   }
@@ -523,22 +547,22 @@ void widened_outer_mm(const WidenKernels& kernels, at::Tensor& out, const at::Te
   tile_cols = std::min(tile_cols, round_up((N + tile_threads() - 1) / tile_threads(), width));
   const int64_t tiles = (N + tile_cols - 1) / tile_cols;
   thread_local std::vector<float> lhs_buffer;
-  lhs_buffer.resize(panel_rows * K);
+  float* const lhs_data = aligned_buffer(lhs_buffer, panel_rows * K);
   for (int64_t m0 = 0; m0 < M; m0 += panel_rows) {
     const int64_t rows = std::min(panel_rows, M - m0);
-    const Fp32Tile panel = widen_tile(lhs, m0, rows, 0, K, lhs_buffer.data());
+    const Fp32Tile panel = widen_tile(lhs, m0, rows, 0, K, lhs_data);
     const int64_t a_row = panel.transposed ? 1 : panel.ld, a_k = panel.transposed ? panel.ld : 1;
     at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
       thread_local std::vector<float> rhs_buffer, sums_buffer;
-      rhs_buffer.resize(chunk * tile_cols);
-      sums_buffer.resize(rows * tile_cols);
+      float* const rhs_data = aligned_buffer(rhs_buffer, chunk * tile_cols);
+      float* const sums_data = aligned_buffer(sums_buffer, rows * tile_cols);
       for (int64_t tile = begin; tile < end; ++tile) {
         const int64_t n0 = tile * tile_cols, cols = std::min(tile_cols, N - n0), strips = (cols + width - 1) / width;
         for (int64_t k0 = 0; k0 < K; k0 += chunk) {
           const int64_t depth = std::min(chunk, K - k0);
           for (int64_t strip = 0; strip < strips; ++strip) {
             const int64_t c0 = n0 + strip * width, strip_cols = std::min(width, N - c0);
-            float* packed = rhs_buffer.data() + strip * depth * width;
+            float* packed = rhs_data + strip * depth * width;
             if (strip_cols == width) {
               widen_tile(rhs, k0, depth, c0, width, packed);  // rows contiguous: [depth, width], leading dimension width
             } else {
@@ -548,10 +572,10 @@ void widened_outer_mm(const WidenKernels& kernels, at::Tensor& out, const at::Te
               }
             }
           }
-          kernels.outer(rows, strips, depth, panel.data + k0 * a_k, a_row, a_k, rhs_buffer.data(), sums_buffer.data(),
+          kernels.outer(rows, strips, depth, panel.data + k0 * a_k, a_row, a_k, rhs_data, sums_data,
                         strips * width, k0 > 0);
         }
-        store_sums(kernels, out, m0, n0, sums_buffer.data(), strips * width, rows, cols);
+        store_sums(kernels, out, m0, n0, sums_data, strips * width, rows, cols);
       }
     });
   }

@@ -3,8 +3,10 @@
 // namespace and a `#pragma GCC target` region after defining, for that ISA, the vector type
 // V, kLanes, zero / load / store / broadcast / fma / add, sum4 (the four horizontal sums of
 // four vectors as one __m128), load_bf16 / widen_low / widen_high (bf16 bits to float32 in
-// the load), store_bf16_bits, and the tile shapes kDotRows and kOuterRows x kOuterVectors
-// (and, outside, the Prefetch struct).
+// the load), store_bf16_bits, in_register (a value the compiler must hold in a register: GCC
+// otherwise folds a row's load into each of its FMAs, a load per product, and a dot tile then
+// issued about as many loads as FMAs), and the tile shapes kDotRows x kDotCols (kDotCols 2 or
+// 4) and kOuterRows x kOuterVectors (and, outside, the Prefetch struct).
 //
 // Why hand-written rather than ATen's float32 GEMM on the widened tiles: an expert has ~32
 // rows at the Qwen3 prefill shape, and a [32, 2048] x [2048, 64] call costs oneDNN/MKL a copy
@@ -13,34 +15,48 @@
 // is the widening itself, amortized over all of the expert's rows. No include guard and no
 // #include: it is meant to be included more than once, after <immintrin.h>.
 
-// A dot tile's kRows x 4 accumulators, zeroed.
+// A dot tile's kRows x kDotCols accumulators, zeroed.
 template <int kRows>
-inline void zero_accumulators(V (&acc)[kRows][4]) {
+inline void zero_accumulators(V (&acc)[kRows][kDotCols]) {
 #pragma GCC unroll 8
   for (int r = 0; r < kRows; ++r)
 #pragma GCC unroll 4
-    for (int c = 0; c < 4; ++c) acc[r][c] = zero();
+    for (int c = 0; c < kDotCols; ++c) acc[r][c] = zero();
 }
 
-// A dot tile's kRows x 4 dot products (each the horizontal sum of its accumulator) into sums,
-// added to what is there with accumulate (a later k chunk).
+// A dot tile's kRows x kDotCols dot products (each the horizontal sum of its accumulator)
+// into sums, added to what is there with accumulate (a later k chunk).
 template <int kRows>
-inline void store_dot_sums(V (&acc)[kRows][4], float* sums, int64_t ld_sums, bool accumulate) {
+inline void store_dot_sums(V (&acc)[kRows][kDotCols], float* sums, int64_t ld_sums, bool accumulate) {
+  static_assert(kDotCols == 2 || kDotCols == 4, "sum4 takes the columns 4 or 2 at a time");
 #pragma GCC unroll 8
   for (int r = 0; r < kRows; ++r) {
-    __m128 total = sum4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
     float* out = sums + r * ld_sums;
-    if (accumulate) total = _mm_add_ps(total, _mm_loadu_ps(out));
-    _mm_storeu_ps(out, total);
+    if constexpr (kDotCols == 4) {
+      __m128 total = sum4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
+      if (accumulate) total = _mm_add_ps(total, _mm_loadu_ps(out));
+      _mm_storeu_ps(out, total);
+    } else {
+      // Once a k chunk per tile: the two empty lanes cost nothing that shows.
+      __m128 total = sum4(acc[r][0], acc[r][kDotCols - 1], zero(), zero());
+      if (accumulate) total = _mm_add_ps(total, _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(out))));
+      _mm_store_sd(reinterpret_cast<double*>(out), _mm_castps_pd(total));
+    }
   }
 }
 
-// Rows x 4 columns of dot products along k (the x @ W^T weights, whose rows are contiguous
-// in k): sums[r, c] (+)= a[r, k0:k0+Kc] . b[c, k0:k0+Kc]. Kc a multiple of kLanes.
+// The size of the next of `groups_left` row groups that share the `rows_left` rows as evenly
+// as can be (each at most the tile's rows when groups_left = ceil(rows / tile rows)): 32 rows
+// as 5, 5, 5, 5, 6, 6 rather than 6 x 5 + 2, whose 2-row tile has too few accumulators to hide
+// the FMA latency and reads its whole weight for 2 rows.
+inline int even_group(int64_t rows_left, int64_t groups_left) { return int(rows_left / groups_left); }
+
+// Rows x kDotCols columns of dot products along k (the x @ W^T weights, whose rows are
+// contiguous in k): sums[r, c] (+)= a[r, k0:k0+Kc] . b[c, k0:k0+Kc]. Kc a multiple of kLanes.
 template <int kRows>
 inline void dot_tile(int64_t Kc, const float* a, int64_t lda, const float* b, int64_t ldb, float* sums,
                      int64_t ld_sums, bool accumulate, Prefetch& prefetch) {
-  V acc[kRows][4];
+  V acc[kRows][kDotCols];
   zero_accumulators<kRows>(acc);
   // In registers for the loop: through the struct GCC would store `next` back every step.
   const char* prefetch_next = prefetch.next;
@@ -51,14 +67,14 @@ inline void dot_tile(int64_t Kc, const float* a, int64_t lda, const float* b, in
     if (prefetch_next < prefetch_end) {
       for (int64_t i = 0; i < prefetch_lines; ++i, prefetch_next += 64) _mm_prefetch(prefetch_next, _MM_HINT_T1);
     }
-    V b_vec[4];
+    V b_vec[kDotCols];
 #pragma GCC unroll 4
-    for (int c = 0; c < 4; ++c) b_vec[c] = load(b + c * ldb + k);
+    for (int c = 0; c < kDotCols; ++c) b_vec[c] = load(b + c * ldb + k);
 #pragma GCC unroll 8
     for (int r = 0; r < kRows; ++r) {
       const V a_vec = load(a + r * lda + k);
 #pragma GCC unroll 4
-      for (int c = 0; c < 4; ++c) acc[r][c] = fma(a_vec, b_vec[c], acc[r][c]);
+      for (int c = 0; c < kDotCols; ++c) acc[r][c] = fma(a_vec, b_vec[c], acc[r][c]);
     }
   }
   prefetch.next = prefetch_next;
@@ -79,9 +95,9 @@ inline void dot_tile_rows(int rows, int64_t Kc, const float* a, int64_t lda, con
 // sums[rows, cols] = a[rows, Kp] b[cols, Kp]^T: a and b row-major, Kp and cols multiples of
 // kLanes and 4, zero-padded. k is cut into chunks (the partial sums added in chunk order,
 // fixed, so a call is reproducible) so that a group of kDotRows rows of a stays in L1 while
-// every group of 4 weight columns streams past it from L2: at K = 2048 a whole row group is
-// 48 KiB, as much as an L1, and re-reading it from L2 for every column group cost more
-// L2 bandwidth than the FMAs leave.
+// every group of kDotCols weight columns streams past it from L2: at K = 2048 a whole row
+// group is 48 KiB, as much as an L1, and re-reading it from L2 for every column group cost
+// more L2 bandwidth than the FMAs leave.
 constexpr int64_t kDotChunk = 1024;
 
 // [prefetch_begin, prefetch_end): bytes the caller widens next (the next weight tile), asked
@@ -91,16 +107,17 @@ constexpr int64_t kDotChunk = 1024;
 void dot_gemm(int64_t rows, int64_t cols, int64_t Kp, const float* a, int64_t lda, const float* b, int64_t ldb,
               float* sums, int64_t ld_sums, const char* prefetch_begin, const char* prefetch_end) {
   Prefetch prefetch;
-  const int64_t steps = (rows + kDotRows - 1) / kDotRows * (cols / 4) * (Kp / kLanes);
+  const int64_t steps = (rows + kDotRows - 1) / kDotRows * (cols / kDotCols) * (Kp / kLanes);
   if (prefetch_begin != nullptr && prefetch_end > prefetch_begin && steps > 0) {
     const int64_t lines = (prefetch_end - prefetch_begin + 63) / 64;
     prefetch = {prefetch_begin, prefetch_end, (lines + steps - 1) / steps};
   }
   for (int64_t k0 = 0; k0 < Kp; k0 += kDotChunk) {
     const int64_t Kc = std::min(kDotChunk, Kp - k0);
-    for (int64_t m0 = 0; m0 < rows; m0 += kDotRows) {
-      const int group = int(std::min<int64_t>(kDotRows, rows - m0));
-      for (int64_t c0 = 0; c0 < cols; c0 += 4) {
+    const int64_t row_groups = (rows + kDotRows - 1) / kDotRows;
+    for (int64_t g = 0, m0 = 0, group = 0; g < row_groups; ++g, m0 += group) {
+      group = even_group(rows - m0, row_groups - g);
+      for (int64_t c0 = 0; c0 < cols; c0 += kDotCols) {
         dot_tile_rows<kDotRows>(group, Kc, a + m0 * lda + k0, lda, b + c0 * ldb + k0, ldb, sums + m0 * ld_sums + c0,
                                 ld_sums, k0 > 0, prefetch);
       }
@@ -158,8 +175,9 @@ inline void outer_tile_rows(int rows, int64_t K, const float* a, int64_t a_row, 
 // earlier chunks of k).
 void outer_gemm(int64_t rows, int64_t strips, int64_t K, const float* a, int64_t a_row, int64_t a_k, const float* b,
                 float* sums, int64_t ld_sums, bool accumulate) {
-  for (int64_t m0 = 0; m0 < rows; m0 += kOuterRows) {
-    const int group = int(std::min<int64_t>(kOuterRows, rows - m0));
+  const int64_t row_groups = (rows + kOuterRows - 1) / kOuterRows;
+  for (int64_t g = 0, m0 = 0, group = 0; g < row_groups; ++g, m0 += group) {
+    group = even_group(rows - m0, row_groups - g);
     for (int64_t strip = 0; strip < strips; ++strip) {
       outer_tile_rows<kOuterRows>(group, K, a + m0 * a_row, a_row, a_k, b + strip * K * kOuterWidth,
                                   sums + m0 * ld_sums + strip * kOuterWidth, ld_sums, accumulate);
@@ -283,7 +301,7 @@ void widen_permuted(const uint16_t* in, int64_t K, float* out) {
 template <int kRows>
 inline void dot_tile_packed(int64_t Kc, const float* a, int64_t lda, const uint16_t* b, int64_t ldb, float* sums,
                             int64_t ld_sums, bool accumulate, Prefetch& prefetch) {
-  V acc[kRows][4];
+  V acc[kRows][kDotCols];
   zero_accumulators<kRows>(acc);
   const char* prefetch_next = prefetch.next;
   const char* const prefetch_end = prefetch.end;
@@ -292,22 +310,22 @@ inline void dot_tile_packed(int64_t Kc, const float* a, int64_t lda, const uint1
     if (prefetch_next < prefetch_end) {
       for (int64_t i = 0; i < prefetch_lines; ++i, prefetch_next += 64) _mm_prefetch(prefetch_next, _MM_HINT_T1);
     }
-    V b_vec[4];
+    V b_vec[kDotCols];
 #pragma GCC unroll 4
-    for (int c = 0; c < 4; ++c) b_vec[c] = widen_low(b + c * ldb + k);
+    for (int c = 0; c < kDotCols; ++c) b_vec[c] = widen_low(b + c * ldb + k);
 #pragma GCC unroll 8
     for (int r = 0; r < kRows; ++r) {
-      const V a_vec = load(a + r * lda + k);
+      const V a_vec = in_register(load(a + r * lda + k));
 #pragma GCC unroll 4
-      for (int c = 0; c < 4; ++c) acc[r][c] = fma(a_vec, b_vec[c], acc[r][c]);
+      for (int c = 0; c < kDotCols; ++c) acc[r][c] = fma(a_vec, b_vec[c], acc[r][c]);
     }
 #pragma GCC unroll 4
-    for (int c = 0; c < 4; ++c) b_vec[c] = widen_high(b + c * ldb + k);
+    for (int c = 0; c < kDotCols; ++c) b_vec[c] = widen_high(b + c * ldb + k);
 #pragma GCC unroll 8
     for (int r = 0; r < kRows; ++r) {
-      const V a_vec = load(a + r * lda + k + kLanes);
+      const V a_vec = in_register(load(a + r * lda + k + kLanes));
 #pragma GCC unroll 4
-      for (int c = 0; c < 4; ++c) acc[r][c] = fma(a_vec, b_vec[c], acc[r][c]);
+      for (int c = 0; c < kDotCols; ++c) acc[r][c] = fma(a_vec, b_vec[c], acc[r][c]);
     }
   }
   prefetch.next = prefetch_next;
@@ -325,14 +343,14 @@ inline void dot_tile_packed_rows(int rows, int64_t Kc, const float* a, int64_t l
 }
 
 // sums[rows, cols] = a[rows, K] b[cols, K]^T, a widened by widen_permuted, b bf16 bits, K a
-// multiple of 2 kLanes; k in chunks as in dot_gemm. cols >= 4: a last partial group of 4 is
-// the weight's last 4 columns, summed into the 4 scratch columns at ld_sums - 4 (past cols:
-// in place, its overlap with the group before would be added twice from the second chunk)
-// and its new columns copied over at the end.
+// multiple of 2 kLanes; k in chunks as in dot_gemm. cols >= kDotCols: a last partial group
+// is the weight's last kDotCols columns, summed into scratch columns at ld_sums - kDotCols
+// (past cols: in place, its overlap with the group before would be added twice from the
+// second chunk) and its new columns copied over at the end.
 void dot_gemm_packed(int64_t rows, int64_t cols, int64_t K, const float* a, int64_t lda, const uint16_t* b,
                      int64_t ldb, float* sums, int64_t ld_sums, const char* prefetch_begin, const char* prefetch_end) {
   Prefetch prefetch;
-  const int64_t groups = (cols + 3) / 4;
+  const int64_t groups = (cols + kDotCols - 1) / kDotCols;
   const int64_t steps = (rows + kDotRows - 1) / kDotRows * groups * (K / (2 * kLanes));
   if (prefetch_begin != nullptr && prefetch_end > prefetch_begin && steps > 0) {
     const int64_t lines = (prefetch_end - prefetch_begin + 63) / 64;
@@ -340,19 +358,21 @@ void dot_gemm_packed(int64_t rows, int64_t cols, int64_t K, const float* a, int6
   }
   for (int64_t k0 = 0; k0 < K; k0 += kDotChunk) {
     const int64_t Kc = std::min(kDotChunk, K - k0);
-    for (int64_t m0 = 0; m0 < rows; m0 += kDotRows) {
-      const int group = int(std::min<int64_t>(kDotRows, rows - m0));
+    const int64_t row_groups = (rows + kDotRows - 1) / kDotRows;
+    for (int64_t h = 0, m0 = 0, group = 0; h < row_groups; ++h, m0 += group) {
+      group = even_group(rows - m0, row_groups - h);
       for (int64_t g = 0; g < groups; ++g) {
-        const int64_t c0 = std::min(4 * g, cols - 4), out = 4 * g == c0 ? c0 : ld_sums - 4;
+        const int64_t c0 = std::min(kDotCols * g, cols - kDotCols);
+        const int64_t out = kDotCols * g == c0 ? c0 : ld_sums - kDotCols;
         dot_tile_packed_rows<kDotRows>(group, Kc, a + m0 * lda + k0, lda, b + c0 * ldb + k0, ldb,
                                        sums + m0 * ld_sums + out, ld_sums, k0 > 0, prefetch);
       }
     }
   }
-  if (cols % 4 != 0) {
+  if (cols % kDotCols != 0) {
     for (int64_t r = 0; r < rows; ++r) {
       float* row = sums + r * ld_sums;
-      for (int64_t c = cols / 4 * 4; c < cols; ++c) row[c] = row[ld_sums - 4 + c - (cols - 4)];
+      for (int64_t c = cols / kDotCols * kDotCols; c < cols; ++c) row[c] = row[ld_sums - cols + c];
     }
   }
 }

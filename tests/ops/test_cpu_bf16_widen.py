@@ -48,6 +48,9 @@ CASES = [
     # weights widened in its loads); 17-column slices end on an overlapping group of 4.
     (64, 64, 34, 4, 2, "concatenated", True, "silu", False, "random"),
     (64, 96, 32, 3, 2, "interleaved", True, "gelu_tanh", True, "random"),
+    # A handful of rows an expert (5 to 13) through the packed kernel: row groups split evenly
+    # (7 rows as 4 + 3 with the 6-row tiles), k a multiple of 32 in both GEMMs.
+    (13, 64, 32, 3, 2, "concatenated", True, "silu", False, "random"),
 ]
 
 
