@@ -35,7 +35,10 @@ from . import distributed as tp
 from .distributed import expert_parallel as ep
 from .config import MoEConfig
 from ._checks import FLOAT_DTYPES, check_choice, check_ids_in_range, dtype_name
+from .fp8 import check_fp8_experts
 from .fused import BACKENDS, routed_experts
+from .mxfp4 import check_mxfp4_experts
+from .quantized_experts import QUANTIZED_FORMATS, local_quantized_experts
 from .routing import route
 from .distributed.dtensor_parameters import as_dtensor, block_local, block_submesh, local_tensor, mesh_of_groups
 from .distributed.groups import mesh_dims_by_name
@@ -43,7 +46,7 @@ from .distributed.replicated import check_expert_parallel_agree, check_shards_ag
 from .sharding import (REPLICATED_NAMES, SHARDED_NAMES, align_sharded_storage, check_shards, expert_range,
                        expert_ranges, shard_moe_weights, shard_sizes)
 from .stacked import to_format, to_stacked
-from .weights import ExpertWeights, check_moe_weights, random_moe_weights
+from .weights import FP8_FORMAT, ExpertWeights, check_moe_weights, random_moe_weights
 
 # Trained replicated parameters: their gradients are complete on every rank in TP mode and
 # per-rank partial sums (over the local tokens) in sequence-parallel and expert-parallel mode.
@@ -308,6 +311,47 @@ class MoEBlock(nn.Module):
         return {name: None if tensor.grad is None else to_format(self.config, name, block_local(tensor.grad, self.mesh))
                 for name, tensor in self._weight_items() if isinstance(tensor, nn.Parameter)}
 
+    def load_quantized_experts_(self, experts: ExpertWeights) -> "MoEBlock":
+        """In place: the routed experts become `experts`, quantized (an ExpertWeights of format
+        "fp8_block", tpmoe.fp8, or "mxfp4", tpmoe.mxfp4: the config's WHOLE experts, the same on
+        every rank; a "gpt_oss" block's packed row-major and interleaved, as GPT-OSS's MXFP4
+        checkpoints are), of which this rank keeps its slice (tpmoe.quantized_experts), at any TP
+        size and in every mode. The dense w_gate_up and w_down are dropped; the quantized experts
+        are frozen: no gradient reaches them, while the router, the biases, the shared expert and
+        the rest of a model still train. Returns self."""
+        if not isinstance(experts, ExpertWeights) or experts.format not in QUANTIZED_FORMATS:
+            got = experts.format if isinstance(experts, ExpertWeights) else type(experts).__name__
+            raise TypeError(f"experts: expected a tpmoe.ExpertWeights of format {' or '.join(QUANTIZED_FORMATS)}, "
+                            f"got {got}")
+        if experts.b_gate_up is not None or experts.b_down is not None:
+            raise ValueError("experts: expected no biases (the block's b_gate_up and b_down stay its trained "
+                             "parameters), got quantized experts with biases")
+        config = self.config
+        spec = self._expert_spec.with_layout("interleaved") if config.layout == "gpt_oss" else self._expert_spec
+        device, dtype = self._experts_device_and_dtype()
+        check = check_fp8_experts if experts.format == FP8_FORMAT else check_mxfp4_experts
+        full_sizes = check(experts, hidden_size=config.hidden_size, layout=spec.layout, gated=spec.gated, dtype=dtype,
+                           device=experts.w_gate_up.device, argument="experts")
+        if full_sizes != (config.num_experts, config.intermediate_size):
+            raise ValueError(f"experts: expected the whole experts of the config, E = {config.num_experts} and "
+                             f"I = {config.intermediate_size}, got E = {full_sizes[0]}, I = {full_sizes[1]}")
+        local = local_quantized_experts(experts, layout=spec.layout, gated=spec.gated, tp_rank=self.tp_rank,
+                                        tp_size=self.tp_size, ep_rank=self.ep_rank, ep_size=self.ep_size)
+        for name in ("w_gate_up", "w_down"):
+            if hasattr(self, name):
+                delattr(self, name)
+        self.quantized_experts = local.to(device)
+        self._quantized_spec = spec
+        # Follows the block's dtype casts (a dtype to compute in, now that no expert weight shows it).
+        self.register_buffer("_compute_dtype", torch.empty(0, dtype=dtype, device=device), persistent=False)
+        return self
+
+    def _experts_device_and_dtype(self):
+        """(where the routed experts live, the dtype the block computes in)."""
+        if hasattr(self, "quantized_experts"):
+            return self.quantized_experts.w_gate_up.device, self._compute_dtype.dtype
+        return self.w_gate_up.device, self.w_gate_up.dtype
+
     def _weight(self, name: str) -> torch.Tensor:
         """This rank's weight `name` as tpmoe.weights shapes it, a differentiable view of the parameter's
         local tensor (DTensor.to_local: no copy, no collective): what the kernels take."""
@@ -316,6 +360,9 @@ class MoEBlock(nn.Module):
     def gather_full(self) -> Dict[str, torch.Tensor]:
         """The full weights on every rank, bitwise equal to what from_full sliced: ONE all-gather
         (over the TP group; with EP one more, over the EP group)."""
+        if hasattr(self, "quantized_experts"):
+            raise ValueError("gather_full: this block's routed experts are quantized (load_quantized_experts_): their "
+                             "full weights are the quantized experts it was given, not gathered")
         return gather_full(self.config, self.local_shards(), self.group, self.shard_unit, ep_group=self.ep_group)
 
     def sequence_parallel_summed_parameters(self):
@@ -383,11 +430,10 @@ class MoEBlock(nn.Module):
         if hidden_states.dim() < 1 or hidden_states.shape[-1] != config.hidden_size:
             raise ValueError(f"hidden_states: expected shape [..., {config.hidden_size}] (config.hidden_size), "
                              f"got {tuple(hidden_states.shape)}")
-        weight = self.w_gate_up
-        if hidden_states.device != weight.device:
-            raise ValueError(f"hidden_states: expected a tensor on {weight.device} (where the block's weights are), "
+        weights_device, expert_dtype = self._experts_device_and_dtype()
+        if hidden_states.device != weights_device:
+            raise ValueError(f"hidden_states: expected a tensor on {weights_device} (where the block's weights are), "
                              f"got one on {hidden_states.device}")
-        expert_dtype = self.w_gate_up.dtype
         if hidden_states.dtype != expert_dtype:
             raise TypeError(f"hidden_states: expected dtype {dtype_name(expert_dtype)} (that of the "
                             f"block's weights; convert the input or the block), got {dtype_name(hidden_states.dtype)}")
@@ -520,6 +566,9 @@ class MoEBlock(nn.Module):
     def _routed_experts(self, x, topk_ids, topk_weights):
         """tpmoe.routed_experts over this rank's routed experts (its columns of them)."""
         b_gate_up = self._weight("b_gate_up") if hasattr(self, "b_gate_up") else None
+        if hasattr(self, "quantized_experts"):
+            return routed_experts(x, self.quantized_experts.weights(b_gate_up), topk_ids, topk_weights,
+                                  self._quantized_spec, backend=self.backend)
         weights = ExpertWeights(self._weight("w_gate_up"), self._weight("w_down"), b_gate_up)
         return routed_experts(x, weights, topk_ids, topk_weights, self._expert_spec, backend=self.backend)
 

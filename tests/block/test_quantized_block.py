@@ -1,0 +1,119 @@
+"""MoEBlock.load_quantized_experts_: a block whose routed experts are fp8 (tpmoe.fp8) or MXFP4
+(tpmoe.mxfp4), frozen, against the float64 reference block run on the dequantized weights, in
+one process (output and the gradients of what still trains) and under TP at world 2 and 3 with
+shards that are no multiple of the block size, and EP at world 2 (the same output)."""
+import pytest
+import torch
+
+import tpmoe
+from tpmoe import MoEBlock, MoEConfig
+from tpmoe.fp8 import quantize_fp8_experts
+from tpmoe.mxfp4 import quantize_mxfp4_experts
+from tpmoe.quantized import dequantize_experts
+from tpmoe.reference import reference_moe_block
+
+from support.dist_utils import run_distributed
+from support.tolerances import assert_fp32_close
+
+# Qwen-like fp8 (I = 20, blocks of 8: shards of 7, 7, 6 at world 3 start inside blocks), and a
+# GPT-OSS-like MXFP4 block (interleaved, biased, clamped swiglu, top-k softmax, I = 45: 23 + 22).
+CONFIGS = {
+    "fp8_block": MoEConfig(hidden_size=16, intermediate_size=20, num_experts=5, top_k=2, renormalize=True,
+                           shared_intermediate_size=12),
+    "mxfp4": MoEConfig(hidden_size=40, intermediate_size=45, num_experts=4, top_k=2, scoring="topk_softmax",
+                       router_bias=True, activation="clamped_swiglu", layout="gpt_oss", expert_bias=True),
+}
+
+
+def _quantized_full(weight_format, config, seed):
+    """(dense full weights from the seed, their quantized experts, the dense weights with the
+    experts replaced by their dequantized values: what the quantized block computes)."""
+    full = tpmoe.random_moe_weights(config, generator=torch.Generator().manual_seed(seed))
+    w_gate_up, w_down = full["w_gate_up"], full["w_down"]
+    if config.layout == "gpt_oss":  # the packed checkpoint's orientation: rows are the outputs
+        w_gate_up, w_down = w_gate_up.transpose(1, 2), w_down.transpose(1, 2)
+    if weight_format == "mxfp4":
+        quantized = quantize_mxfp4_experts(w_gate_up, w_down, layout="interleaved")
+        spec = config.expert_spec.with_layout("interleaved")
+    else:
+        quantized = quantize_fp8_experts(w_gate_up, w_down, layout=config.layout, block_size=8)
+        spec = config.expert_spec
+    dense = dequantize_experts(quantized, spec, torch.float64)
+    effective = {name: value.double() for name, value in full.items()}
+    effective["w_gate_up"], effective["w_down"] = dense.w_gate_up, dense.w_down
+    if config.layout == "gpt_oss":
+        effective["w_gate_up"], effective["w_down"] = dense.w_gate_up.transpose(1, 2), dense.w_down.transpose(1, 2)
+    return full, quantized, effective
+
+
+@pytest.mark.parametrize("weight_format", sorted(CONFIGS))
+def test_one_process_block_matches_reference_and_trains_around_frozen_experts(weight_format, seed):
+    config = CONFIGS[weight_format]
+    full, quantized, effective = _quantized_full(weight_format, config, seed)
+    block = MoEBlock.from_full(config, full).load_quantized_experts_(quantized)
+    assert not hasattr(block, "w_gate_up") and not any("quantized" in name for name, _ in block.named_parameters())
+    x = torch.randn(7, config.hidden_size, generator=torch.Generator().manual_seed(seed))
+    grad_out = torch.randn(7, config.hidden_size, dtype=torch.float64)
+    x32 = x.clone().requires_grad_(True)
+    out = block(x32)
+    out.backward(grad_out.float())
+    leaves = {name: value.clone().requires_grad_(True) for name, value in effective.items()}
+    x64 = x.double().requires_grad_(True)
+    expected = reference_moe_block(x64, leaves, config)
+    expected.backward(grad_out)
+    assert_fp32_close(out, expected.detach())
+    assert_fp32_close(x32.grad, x64.grad, name="dx")
+    grads = block.local_grads()
+    assert sorted(grads) == sorted(set(effective) - {"w_gate_up", "w_down"})  # the rest still trains
+    for name, grad in grads.items():
+        assert_fp32_close(grad, leaves[name].grad, name=f"d{name}")
+    with torch.no_grad():  # the native op (no gradient wanted) gives the same output
+        assert_fp32_close(block(x), expected.detach(), name="output without grad")
+
+
+def _parallel_outputs(rank, world_size, mode, seed):
+    """Both formats' blocks on one rank (one spawn per layout): {format: (x, output, offset)}."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    group = dist.group.WORLD if mode == "tp" else init_device_mesh("cpu", (world_size,), mesh_dim_names=("ep",))
+    outputs = {}
+    for weight_format, config in CONFIGS.items():
+        full, quantized, _ = _quantized_full(weight_format, config, seed)
+        block = MoEBlock.from_full(config, full, group).load_quantized_experts_(quantized)
+        generator = torch.Generator().manual_seed(seed + (rank if mode == "ep" else 0))  # EP: each rank's tokens
+        x = torch.randn(7, config.hidden_size, generator=generator)
+        with torch.no_grad():
+            outputs[weight_format] = (x, block(x), block.quantized_experts.block_offset)
+    return outputs
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("mode, world_size", [("tp", 2), ("tp", 3), ("ep", 2)])
+def test_tp_and_ep_blocks_match_the_reference(mode, world_size, seed):
+    per_rank = run_distributed(_parallel_outputs, world_size, mode, seed, timeout_s=60)
+    for weight_format, config in CONFIGS.items():
+        _, _, effective = _quantized_full(weight_format, config, seed)
+        if (mode, world_size) == ("tp", 3):
+            assert any(outputs[weight_format][2] > 0 for outputs in per_rank), "no shard starts inside a block"
+        for rank, outputs in enumerate(per_rank):
+            x, out, _ = outputs[weight_format]
+            expected = reference_moe_block(x.double(), effective, config)
+            assert_fp32_close(out, expected, name=f"{weight_format} {mode}{world_size} rank {rank}")
+
+
+def test_bad_quantized_experts_are_refused():
+    config = CONFIGS["fp8_block"]
+    full, quantized, _ = _quantized_full("fp8_block", config, 0)
+    block = MoEBlock.from_full(config, full)
+    with pytest.raises(TypeError, match="experts: expected a tpmoe.ExpertWeights of format fp8_block or mxfp4, "
+                                        "got dense"):
+        block.load_quantized_experts_(tpmoe.ExpertWeights(full["w_gate_up"], full["w_down"]))
+    with pytest.raises(ValueError, match="experts: expected no biases"):
+        block.load_quantized_experts_(quantized._replace(b_down=full["w_down"][:, :, 0]))
+    smaller = quantize_fp8_experts(full["w_gate_up"][:4], full["w_down"][:4], block_size=8)
+    with pytest.raises(ValueError, match="experts: expected the whole experts of the config, E = 5 and I = 20, "
+                                         "got E = 4, I = 20"):
+        block.load_quantized_experts_(smaller)
+    block.load_quantized_experts_(quantized)
+    with pytest.raises(ValueError, match="gather_full: this block's routed experts are quantized"):
+        block.gather_full()
