@@ -330,7 +330,7 @@ class MoEBlock(nn.Module):
         spec = self._expert_spec.with_layout("interleaved") if config.layout == "gpt_oss" else self._expert_spec
         device, dtype = self._experts_device_and_dtype()
         check = check_fp8_experts if experts.format == FP8_FORMAT else check_mxfp4_experts
-        full_sizes = check(experts, hidden_size=config.hidden_size, layout=spec.layout, gated=spec.gated, dtype=dtype,
+        full_sizes = check(experts, hidden_size=config.hidden_size, layout=spec.layout, gated=spec.gated,
                            device=experts.w_gate_up.device, argument="experts")
         if full_sizes != (config.num_experts, config.intermediate_size):
             raise ValueError(f"experts: expected the whole experts of the config, E = {config.num_experts} and "

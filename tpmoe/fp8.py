@@ -169,8 +169,8 @@ def shard_fp8_experts(full, *, layout: str, gated: bool, rank: int, world_size: 
                          None if full.b_down is None else full.b_down[experts].contiguous(), FP8_FORMAT, scales)
 
 
-def check_fp8_experts(weights, *, hidden_size: int, layout: str, gated: bool, dtype: torch.dtype,
-                      device: torch.device, argument: str = "weights") -> Tuple[int, int]:
+def check_fp8_experts(weights, *, hidden_size: int, layout: str, gated: bool, device: torch.device,
+                      argument: str = "weights") -> Tuple[int, int]:
     """(E, I_p) of "fp8_block" weights after checking the values, the scales and their agreement;
     ValueError / TypeError naming the field, what was expected and what came."""
     check_choice(layout, f"{argument}: layout of fp8_block weights", FP8_LAYOUTS)
@@ -218,9 +218,6 @@ def check_fp8_experts(weights, *, hidden_size: int, layout: str, gated: bool, dt
                              f"{tuple(scale.shape)}")
         if scale.device != device:
             raise ValueError(f"{argument}.scales.{name}: expected device {device}, got {scale.device}")
-    for name, bias in (("b_gate_up", weights.b_gate_up), ("b_down", weights.b_down)):
-        if bias is not None and bias.dtype != dtype:
-            raise TypeError(f"{argument}.{name}: expected dtype {dtype} (that of hidden_states), got {bias.dtype}")
     return num_experts, inter
 
 

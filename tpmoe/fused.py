@@ -106,10 +106,10 @@ def _check_experts_args(hidden_states, weights, topk_ids, topk_weights, spec):
     num_tokens, hidden_size = hidden_states.shape
     if weights.format == FP8_FORMAT:
         num_experts, intermediate_local = check_fp8_experts(weights, hidden_size=hidden_size, layout=spec.layout,
-                                                            gated=spec.gated, dtype=dtype, device=device)
+                                                            gated=spec.gated, device=device)
     elif weights.format == MXFP4_FORMAT:
         num_experts, intermediate_local = check_mxfp4_experts(weights, hidden_size=hidden_size, layout=spec.layout,
-                                                              gated=spec.gated, dtype=dtype, device=device)
+                                                              gated=spec.gated, device=device)
     else:
         num_experts, intermediate_local = _check_dense_weights(weights, hidden_size, dtype, device, spec)
     gate_up_rows = (2 if spec.gated else 1) * intermediate_local

@@ -129,8 +129,8 @@ def shard_mxfp4_experts(full: ExpertWeights, *, layout: str, gated: bool, rank: 
                          MXFP4_FORMAT, scales)
 
 
-def check_mxfp4_experts(weights: ExpertWeights, *, hidden_size: int, layout: str, gated: bool, dtype: torch.dtype,
-                        device: torch.device, argument: str = "weights") -> Tuple[int, int]:
+def check_mxfp4_experts(weights: ExpertWeights, *, hidden_size: int, layout: str, gated: bool, device: torch.device,
+                        argument: str = "weights") -> Tuple[int, int]:
     """(E, I_p) of "mxfp4" weights after checking the packing, the scales and their agreement
     (I_p from gate_up's rows, which are whole on every rank)."""
     check_choice(layout, f"{argument}: layout of mxfp4 weights", MXFP4_LAYOUTS)
@@ -169,7 +169,4 @@ def check_mxfp4_experts(weights: ExpertWeights, *, hidden_size: int, layout: str
                              f", got {tuple(tensor.shape)}")
         if tensor.device != device:
             raise ValueError(f"{argument}.{name}: expected device {device} (that of hidden_states), got {tensor.device}")
-    for name, bias in (("b_gate_up", weights.b_gate_up), ("b_down", weights.b_down)):
-        if bias is not None and bias.dtype != dtype:
-            raise TypeError(f"{argument}.{name}: expected dtype {dtype} (that of hidden_states), got {bias.dtype}")
     return num_experts, intermediate_size

@@ -13,8 +13,9 @@ from tpmoe.fp8 import (FP8_DTYPE, BlockScales, dequantize_fp8_experts, quantize_
                        shard_fp8_experts)
 
 from support.experts_cases import make_expert_weights, make_routing
-from support.quantized_cases import FP8_CASES, case_id, fp8_problem, reference_on_dequantized, with_dtype
-from support.tolerances import FP32_RTOL, assert_fp32_close, assert_within_twice_same_dtype
+from support.quantized_cases import (FP8_CASES, assert_bf16_within_the_bf16_rule, assert_float32_matches_reference,
+                                     case_id, fp8_problem, reference_on_dequantized, with_dtype)
+from support.tolerances import FP32_RTOL, assert_fp32_close
 
 CASES = FP8_CASES
 _case_id, _problem, _with_dtype, _reference = case_id, fp8_problem, with_dtype, reference_on_dequantized
@@ -38,36 +39,12 @@ def test_quantize_round_trip_is_within_e4m3_rounding(seed):
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_fp8_experts_float32_match_reference_on_dequantized_weights(case, seed):
-    weights, spec, x, topk_ids, topk_weights = _problem(case, seed)
-    grad_out = torch.randn(x.shape, dtype=torch.float64)
-    ours = _with_dtype(weights, torch.float32)
-    x32 = x.float().requires_grad_(True)
-    w32 = topk_weights.float().requires_grad_(True)
-    out = routed_experts(x32, ours, topk_ids, w32, spec)
-    out.backward(grad_out.float())
-
-    reference = _with_dtype(weights, torch.float64)
-    x64 = x.clone().requires_grad_(True)
-    w64 = topk_weights.clone().requires_grad_(True)
-    expected = _reference(reference, spec, x64, topk_ids, w64)
-    expected.backward(grad_out)
-    assert_fp32_close(out, expected)
-    assert_fp32_close(x32.grad, x64.grad, name="dx")
-    assert_fp32_close(w32.grad, w64.grad, name="dtopk_weights")
-    for name in ("b_gate_up", "b_down"):
-        if getattr(ours, name) is not None:
-            assert_fp32_close(getattr(ours, name).grad, getattr(reference, name).grad, name=f"d{name}")
+    assert_float32_matches_reference(*_problem(case, seed))
 
 
 @pytest.mark.parametrize("case", CASES[:3], ids=_case_id)
 def test_fp8_experts_bf16_within_twice_a_bf16_torch_run(case, seed):
-    weights, spec, x, topk_ids, topk_weights = _problem(case, seed)
-    ours = routed_experts(x.bfloat16(), _with_dtype(weights, torch.bfloat16), topk_ids, topk_weights.float(), spec)
-    # The same-dtype PyTorch run: the loop-style reference in bf16 on the bf16-dequantized weights.
-    same_dtype = _reference(_with_dtype(weights, torch.bfloat16), spec, x.bfloat16(), topk_ids, topk_weights.float(),
-                            dtype=torch.bfloat16)
-    expected = _reference(_with_dtype(weights, torch.float64), spec, x, topk_ids, topk_weights)
-    assert_within_twice_same_dtype(ours.detach(), same_dtype.detach(), expected.detach())
+    assert_bf16_within_the_bf16_rule(*_problem(case, seed))
 
 
 @pytest.mark.parametrize("world_size, inter, block", [(2, 20, 8), (3, 20, 8), (3, 10 * 128 + 40, 128), (4, 6, 4)])

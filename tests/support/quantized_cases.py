@@ -3,13 +3,14 @@ tests and the kernel check that runs in a process of its own: problems, and the 
 reference run on the dequantized weights."""
 import torch
 
-from tpmoe import ExpertSpec
+from tpmoe import ExpertSpec, routed_experts
 from tpmoe.fp8 import quantize_fp8_experts
 from tpmoe.mxfp4 import quantize_mxfp4_experts
 from tpmoe.quantized import dequantize_experts
 from tpmoe.reference import reference_experts
 
 from .experts_cases import input_scale, make_expert_weights, make_routing
+from .tolerances import assert_fp32_close, assert_within_twice_same_dtype
 
 # fp8: (T, H, I, E, K, layout, gated, activation, bias, routing mode, block size): both packings,
 # gated and not, the gated-only activations, T = 1 and primes, an expert with no tokens
@@ -75,3 +76,34 @@ def reference_on_dequantized(weights, spec, x, topk_ids, topk_weights, dtype=tor
     dense = dequantize_experts(weights, spec, dtype)
     return reference_experts(x, dense.w_gate_up, dense.w_down, topk_ids, topk_weights, b_gate_up=dense.b_gate_up,
                              b_down=dense.b_down, **spec.keywords())
+
+
+def assert_float32_matches_reference(weights, spec, x, topk_ids, topk_weights):
+    """routed_experts on quantized `weights` in float32 against the float64 reference on their
+    dequantized values: the output and the gradients of x, the routing weights and the biases
+    (the quantized weights are frozen)."""
+    grad_out = torch.randn(x.shape, dtype=torch.float64)
+    ours, reference = with_dtype(weights, torch.float32), with_dtype(weights, torch.float64)
+    x32, w32 = x.float().requires_grad_(True), topk_weights.float().requires_grad_(True)
+    out = routed_experts(x32, ours, topk_ids, w32, spec)
+    out.backward(grad_out.float())
+    x64, w64 = x.clone().requires_grad_(True), topk_weights.clone().requires_grad_(True)
+    expected = reference_on_dequantized(reference, spec, x64, topk_ids, w64)
+    expected.backward(grad_out)
+    assert_fp32_close(out.detach(), expected.detach())
+    assert_fp32_close(x32.grad, x64.grad, name="dx")
+    assert_fp32_close(w32.grad, w64.grad, name="dtopk_weights")
+    for name in ("b_gate_up", "b_down"):
+        if getattr(ours, name) is not None:
+            assert_fp32_close(getattr(ours, name).grad, getattr(reference, name).grad, name=f"d{name}")
+
+
+def assert_bf16_within_the_bf16_rule(weights, spec, x, topk_ids, topk_weights):
+    """routed_experts in bf16 within twice the error of the loop-style reference run in bf16 on
+    the bf16-dequantized weights (the same-dtype PyTorch run), both against float64."""
+    with torch.no_grad():
+        ours = routed_experts(x.bfloat16(), with_dtype(weights, torch.bfloat16), topk_ids, topk_weights.float(), spec)
+        same_dtype = reference_on_dequantized(with_dtype(weights, torch.bfloat16), spec, x.bfloat16(), topk_ids,
+                                              topk_weights.float(), dtype=torch.bfloat16)
+        expected = reference_on_dequantized(with_dtype(weights, torch.float64), spec, x, topk_ids, topk_weights)
+    assert_within_twice_same_dtype(ours, same_dtype, expected)
