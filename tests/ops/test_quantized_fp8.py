@@ -14,7 +14,8 @@ from tpmoe.fp8 import (FP8_DTYPE, BlockScales, dequantize_fp8_experts, quantize_
 
 from support.experts_cases import make_expert_weights, make_routing
 from support.quantized_cases import (FP8_CASES, assert_bf16_within_the_bf16_rule, assert_float32_matches_reference,
-                                     case_id, fp8_problem, reference_on_dequantized, with_dtype)
+                                     assert_native_matches_reference, case_id, fp8_problem, reference_on_dequantized,
+                                     with_dtype)
 from support.tolerances import FP32_RTOL, assert_fp32_close
 
 CASES = FP8_CASES
@@ -104,21 +105,11 @@ def test_ep_shards_keep_whole_experts_and_their_scales(seed):
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_native_fp8_forward_matches_reference(case, seed, monkeypatch):
-    """The native op (csrc/experts_cpu_quantized.cpp), forced: no gradient wanted, and the plain
-    path it would hand such calls to made to fail. Also on TP rank 1 of 3, whose first column sits
-    inside a scale block in most cases (offset > 0)."""
+    """The native op (csrc/experts_cpu_quantized.cpp), with the plain path it hands calls that
+    want gradients made to fail."""
     import tpmoe.cpu.quantized as native
-    from tpmoe._native import native_ops
-    native_ops()  # this test is the native op's: it fails where tpmoe._C is not built
     monkeypatch.setattr(native, "experts_torch", lambda *args: pytest.fail("took the plain-PyTorch path"))
-    weights, spec, x, topk_ids, topk_weights = _problem(case, seed)
-    shard = shard_fp8_experts(weights, layout=spec.layout, gated=spec.gated, rank=1, world_size=3)
-    for which, experts in (("full", weights), ("shard 1 of 3", shard)):
-        with torch.no_grad():
-            out = native.experts_cpu_quantized(x.float(), _with_dtype(experts, torch.float32), topk_ids,
-                                         topk_weights.float(), spec)
-        expected = _reference(_with_dtype(experts, torch.float64), spec, x, topk_ids, topk_weights)
-        assert_fp32_close(out, expected.detach(), name=which)
+    assert_native_matches_reference(*_problem(case, seed), shard_fp8_experts)
 
 
 _PORTABLE_SCRIPT = """

@@ -11,7 +11,8 @@ from tpmoe.mxfp4 import E2M1_VALUES, dequantize_mxfp4_experts, quantize_mxfp4_ex
 
 from support.experts_cases import make_expert_weights, make_routing
 from support.quantized_cases import (MXFP4_CASES, assert_bf16_within_the_bf16_rule, assert_float32_matches_reference,
-                                     case_id, mxfp4_problem, reference_on_dequantized, with_dtype)
+                                     assert_native_matches_reference, case_id, mxfp4_problem, reference_on_dequantized,
+                                     with_dtype)
 from support.tolerances import assert_fp32_close
 
 CASES = MXFP4_CASES
@@ -98,21 +99,11 @@ def test_ep_shards_keep_whole_experts_and_their_scales(seed):
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_native_mxfp4_forward_matches_reference(case, seed, monkeypatch):
-    """The native op (csrc/experts_cpu_quantized.cpp), forced: no gradient wanted, and the plain
-    path it would hand such calls to made to fail; also on TP rank 1 of 3 (down's first value
-    inside a 32-block)."""
+    """The native op (csrc/experts_cpu_quantized.cpp), with the plain path it hands calls that
+    want gradients made to fail."""
     import tpmoe.cpu.quantized as native
-    from tpmoe._native import native_ops
-    native_ops()  # this test is the native op's: it fails where tpmoe._C is not built
     monkeypatch.setattr(native, "experts_torch", lambda *args: pytest.fail("took the plain-PyTorch path"))
-    weights, spec, x, topk_ids, topk_weights = _problem(case, seed)
-    shard = shard_mxfp4_experts(weights, layout=spec.layout, gated=spec.gated, rank=1, world_size=3)
-    for which, experts in (("full", weights), ("shard 1 of 3", shard)):
-        with torch.no_grad():
-            out = native.experts_cpu_quantized(x.float(), _with_dtype(experts, torch.float32), topk_ids,
-                                               topk_weights.float(), spec)
-        expected = _reference(_with_dtype(experts, torch.float64), spec, x, topk_ids, topk_weights)
-        assert_fp32_close(out, expected.detach(), name=which)
+    assert_native_matches_reference(*_problem(case, seed), shard_mxfp4_experts)
 
 
 def _small():

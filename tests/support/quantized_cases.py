@@ -107,3 +107,20 @@ def assert_bf16_within_the_bf16_rule(weights, spec, x, topk_ids, topk_weights):
                                               topk_weights.float(), dtype=torch.bfloat16)
         expected = reference_on_dequantized(with_dtype(weights, torch.float64), spec, x, topk_ids, topk_weights)
     assert_within_twice_same_dtype(ours, same_dtype, expected)
+
+
+def assert_native_matches_reference(weights, spec, x, topk_ids, topk_weights, shard):
+    """The native op alone (tpmoe.cpu.quantized, no gradient wanted) against the float64
+    reference on the dequantized weights, on the whole experts and on TP rank 1 of 3 (whose first
+    intermediate value sits inside a scale block in most cases). The caller makes the plain path
+    fail first, so that a silent fallback cannot pass."""
+    import tpmoe.cpu.quantized as native
+    from tpmoe._native import native_ops
+    native_ops()  # the native op's check: it fails where tpmoe._C is not built
+    for which, experts in (("full", weights), ("shard 1 of 3", shard(weights, layout=spec.layout, gated=spec.gated,
+                                                                    rank=1, world_size=3))):
+        with torch.no_grad():
+            out = native.experts_cpu_quantized(x.float(), with_dtype(experts, torch.float32), topk_ids,
+                                               topk_weights.float(), spec)
+        expected = reference_on_dequantized(with_dtype(experts, torch.float64), spec, x, topk_ids, topk_weights)
+        assert_fp32_close(out, expected.detach(), name=which)
