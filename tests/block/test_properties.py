@@ -160,7 +160,8 @@ def block_configs(draw):
 def _rank_view(config, shards, rank, world_size, align):
     """What MoEBlock's methods read from `self`, for rank's shards (no process group needed)."""
     view = types.SimpleNamespace(
-        config=config, backend="cpu", **shards,
+        config=config, backend="cpu", **shards, _expert_spec=config.expert_spec,
+        _shared_spec=config.expert_spec.with_layout("concatenated"),
         I_local=shard_sizes(config.intermediate_size, world_size, align)[rank],
         Is_local=shard_sizes(config.shared_intermediate_size, world_size, align)[rank])
     view._weight = lambda name: shards[name]
