@@ -146,8 +146,8 @@ class SharedSpawns:
     def __init__(self, cases, timeout_s: int = PROCESS_GROUP_TIMEOUT_S):
         self.cases, self.timeout_s, self.done = cases, timeout_s, {}
 
-    def results(self, case_id):
-        world_size = self.cases[case_id][0]
+    def run(self, world_size):
+        """Runs the spawn of `world_size` now, if it has not run (its failures are kept for results)."""
         if world_size not in self.done:
             batch = [(other, fn, args) for other, (size, fn, args) in self.cases.items() if size == world_size]
             try:
@@ -155,6 +155,15 @@ class SharedSpawns:
                                                         timeout_s=self.timeout_s, runs=len(batch))
             except AssertionError as error:  # the spawn itself failed: every case of it fails with it
                 self.done[world_size] = error
+
+    def run_all(self):
+        """Every spawn now: for cases whose files later spawns read."""
+        for world_size, _, _ in self.cases.values():
+            self.run(world_size)
+
+    def results(self, case_id):
+        world_size = self.cases[case_id][0]
+        self.run(world_size)
         per_rank = self.done[world_size]
         if isinstance(per_rank, AssertionError):
             raise AssertionError(f"case {case_id!r}: {per_rank}")
