@@ -126,9 +126,13 @@ def _run_cases_worker(rank, world_size, cases):
             results[case_id] = ("ok", fn(rank, world_size, *args))
         except Exception:  # reported to the parent under this case's name
             results[case_id] = ("error", traceback.format_exc())
-        flag = torch.tensor([results[case_id][0] != "ok"], dtype=torch.int32)
-        dist.all_reduce(flag)
-        if flag.item():
+        try:
+            flag = torch.tensor([results[case_id][0] != "ok"], dtype=torch.int32)
+            dist.all_reduce(flag)
+            any_failed = bool(flag.item())
+        except Exception:  # out of step with a rank still in the case's collective: stop here
+            any_failed = True
+        if any_failed:
             failed = case_id
     return results
 
@@ -141,7 +145,9 @@ class SharedSpawns:
     for run_distributed. The first test to ask for a case of a world size runs all that world
     size's cases, in the order given; `results(case_id)` is then that case's [result of rank 0,
     1, ...], or fails the asking test with the case's own traceback (ranks and case named). Use
-    it from a module-scoped fixture, so that each test still reports its own case."""
+    it from a module-scoped fixture, so that each test still reports its own case. A spawn's
+    deadline is the sum of its cases' (each the deadline of a spawn of its own): no case has less
+    time than before."""
 
     def __init__(self, cases, timeout_s: int = PROCESS_GROUP_TIMEOUT_S):
         self.cases, self.timeout_s, self.done = cases, timeout_s, {}
