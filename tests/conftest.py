@@ -1,7 +1,6 @@
 import importlib.util
 import os
 import sys
-import zlib
 
 import pytest
 import torch
@@ -16,6 +15,8 @@ if not torch.cuda.is_available():
 TESTS = os.path.dirname(os.path.abspath(__file__))
 if TESTS not in sys.path:
     sys.path.insert(0, TESTS)
+
+from support import seed_of  # noqa: E402
 
 # Where the `triton` marker's tests can run: the package, and a GPU or the interpreter (unset
 # only if TRITON_INTERPRET=0 was asked for on a machine without a GPU).
@@ -37,9 +38,6 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def seed(request):
     """A fresh, reproducible seed per test: derived from the test's id, printed on failure."""
-    # The id as it read before the tests moved into folders (tests/<file>::<test>): each test
-    # keeps the inputs it has always been checked on.
-    path, _, test = request.node.nodeid.partition("::")
-    value = zlib.crc32(f"tests/{os.path.basename(path)}::{test}".encode())
+    value = seed_of(request.node.nodeid)
     torch.manual_seed(value)
     return value

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import tpmoe
-from support.dist_utils import run_distributed
+from support.dist_utils import SharedSpawns
 from support.experts_cases import make_inputs, run_with_grads
 
 REPEATS = 3
@@ -92,11 +92,17 @@ def _block_runs(rank, world_size, sequence_parallel):
     return runs
 
 
+@pytest.fixture(scope="module")
+def spawns():
+    """Both modes' ranks in one spawn of 2 (each mode's REPEATS runs compared among themselves)."""
+    return SharedSpawns({mode: (2, _block_runs, (mode,)) for mode in (False, True)})
+
+
 @pytest.mark.distributed
 @pytest.mark.slow
 @pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp", "sp"])
-def test_tensor_parallel_block_is_bitwise_reproducible(sequence_parallel):
-    per_rank = run_distributed(_block_runs, 2, sequence_parallel)
+def test_tensor_parallel_block_is_bitwise_reproducible(sequence_parallel, spawns):
+    per_rank = spawns.results(sequence_parallel)
     for rank, runs in enumerate(per_rank):
         for repeat, run in enumerate(runs[1:], start=1):
             assert run.keys() == runs[0].keys()

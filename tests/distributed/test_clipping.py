@@ -14,7 +14,8 @@ import math
 import pytest
 import torch
 
-from support.dist_utils import run_distributed
+from support import seed_of
+from support.dist_utils import SharedSpawns
 from support.tolerances import FP64_RTOL
 
 CONFIG = dict(hidden_size=6, intermediate_size=5, num_experts=4, top_k=2, renormalize=True,
@@ -164,14 +165,31 @@ CASES = {
 }
 
 
+FSDP2_NAMES = [("dp", "tp"), ("dp", "ep")]
+
+
+@pytest.fixture(scope="module")
+def spawns(request):
+    """Every test's ranks, one spawn per world size (2, 4); each case with its own test's seed."""
+    module = request.node.nodeid
+    cases = {}
+    for case, (world_size, shape, names, sequence_parallel) in CASES.items():
+        seed = seed_of(f"{module}::test_clip_grad_norm_is_the_one_process_norm_on_every_rank[{case}]")
+        cases[case] = (world_size, _rank, (seed, shape, names, sequence_parallel))
+    for index, names in enumerate(FSDP2_NAMES):
+        seed = seed_of(f"{module}::test_clip_grad_norm_under_fsdp2[names{index}]")
+        cases[f"FSDP2 {names}"] = (4, _rank, (seed, (2, 2), names, False, True))
+    return SharedSpawns(cases, timeout_s=60)
+
+
 @pytest.mark.distributed
-@pytest.mark.parametrize("names", [("dp", "tp"), ("dp", "ep")])
-def test_clip_grad_norm_under_fsdp2(names, seed):
+@pytest.mark.parametrize("names", FSDP2_NAMES)
+def test_clip_grad_norm_under_fsdp2(names, spawns):
     """FSDP2 over "dp" of a ("dp", "tp") or ("dp", "ep") mesh: the blocks' DTensor gradients
     sharded over "dp" by FSDP2 and over "tp" / "ep" by tpmoe (allreduce_router_grads summing the
     replicated ones over "ep" on FSDP2's shards): the one-process gradients, norm and clip on
     every rank."""
-    per_rank = run_distributed(_rank, 4, seed, (2, 2), names, False, True, timeout_s=60)
+    per_rank = spawns.results(f"FSDP2 {names}")
     for norm_type in NORM_TYPES:
         for rank, by_norm in enumerate(per_rank):
             norm_ref, results = by_norm[norm_type]
@@ -183,9 +201,8 @@ def test_clip_grad_norm_under_fsdp2(names, seed):
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("case", list(CASES))
-def test_clip_grad_norm_is_the_one_process_norm_on_every_rank(case, seed):
-    world_size, shape, names, sequence_parallel = CASES[case]
-    per_rank = run_distributed(_rank, world_size, seed, shape, names, sequence_parallel, timeout_s=60)
+def test_clip_grad_norm_is_the_one_process_norm_on_every_rank(case, spawns):
+    per_rank = spawns.results(case)
     for norm_type in NORM_TYPES:
         for rank, by_norm in enumerate(per_rank):
             norm_ref, results = by_norm[norm_type]

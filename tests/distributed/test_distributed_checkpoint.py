@@ -14,7 +14,8 @@ another config fails naming the key.
 import pytest
 import torch
 
-from support.dist_utils import run_distributed
+from support import seed_of
+from support.dist_utils import SharedSpawns
 
 CONFIG = dict(hidden_size=6, intermediate_size=5, num_experts=5, top_k=2, renormalize=True,
               shared_intermediate_size=3, shared_expert_gate=True, router_bias=True, expert_bias=True)
@@ -131,24 +132,52 @@ CHAINS = {
 EVEN = {"intermediate_size": 6, "num_experts": 4, "shared_intermediate_size": 4}
 
 
+@pytest.fixture(scope="module")
+def steps(request, tmp_path_factory):
+    """Every test's spawns, step by step: the first layouts of all chains (and the other-config
+    test's save), then the second ones (and its load), then the third; at each step the layouts
+    of one world size share a spawn (5 spawns, not 9). Each step's ranks are fresh processes,
+    as before: a layout never loads what its own processes saved. Each chain keeps its test's
+    seed and its own directories."""
+    module = request.node.nodeid
+    world = lambda shape: int(torch.tensor(shape).prod())  # noqa: E731
+    steps = [{} for _ in range(max(len(layouts) for layouts in CHAINS.values()))]
+    chains = {}
+    for chain, layouts in CHAINS.items():
+        seed = seed_of(f"{module}::test_checkpoint_round_trips_across_layouts[{chain}]")
+        overrides = EVEN if chain.startswith("even") else None
+        folder = tmp_path_factory.mktemp("chain")
+        directories = [str(folder / f"step{index}") for index in range(len(layouts))]
+        chains[chain] = (seed, overrides, directories)
+        for index, (shape, names) in enumerate(layouts):
+            args = (shape, names, seed, directories[0], overrides) if index == 0 else \
+                (shape, names, seed, directories[index - 1], directories[index], overrides)
+            steps[index][chain] = (world(shape), _first if index == 0 else _next, args)
+    directory = str(tmp_path_factory.mktemp("other") / "checkpoint")
+    seed = seed_of(f"{module}::test_checkpoint_of_another_config_names_the_key")
+    steps[0]["another config"] = (2, _first, ((2,), ("tp",), seed, directory))
+    steps[1]["another config"] = (2, _load_other_config, (directory,))
+    spawns = [SharedSpawns(cases, timeout_s=60) for cases in steps]
+    for step in spawns:
+        step.run_all()
+    return spawns, chains
+
+
 @pytest.mark.distributed
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # the one-process load, meant so
 @pytest.mark.parametrize("chain", list(CHAINS))
-def test_checkpoint_round_trips_across_layouts(chain, seed, tmp_path):
+def test_checkpoint_round_trips_across_layouts(chain, steps):
+    spawns, chains = steps
     layouts = CHAINS[chain]
-    overrides = EVEN if chain.startswith("even") else None
-    directories = [str(tmp_path / f"step{index}") for index in range(len(layouts))]
-    shape, names = layouts[0]
-    world = lambda shape: int(torch.tensor(shape).prod())  # noqa: E731
-    saved = run_distributed(_first, world(shape), shape, names, seed, directories[0], overrides, timeout_s=60)
+    seed, overrides, directories = chains[chain]
+    names = layouts[0][1]
+    saved = spawns[0].results(chain)
     reference = saved[0]
     for rank, full in enumerate(saved):
         _assert_bitwise(reference, full, f"{names} rank {rank} (ranks agree)")
     assert any(key.endswith("exp_avg_sq") for key in reference)  # AdamW state is in the checkpoint
     for index, (shape, names) in enumerate(layouts[1:], start=1):
-        target = directories[index]
-        for rank, full in enumerate(run_distributed(_next, world(shape), shape, names, seed, directories[index - 1],
-                                                    target, overrides, timeout_s=60)):
+        for rank, full in enumerate(spawns[index].results(chain)):
             _assert_bitwise(reference, full, f"{names} rank {rank}")
     full, parameters = _one_process(seed, directories[-1], overrides)
     _assert_bitwise(reference, full, "one process")
@@ -167,10 +196,10 @@ def _load_other_config(rank, world_size, directory):
 
 
 @pytest.mark.distributed
-def test_checkpoint_of_another_config_names_the_key(seed, tmp_path):
-    directory = str(tmp_path / "checkpoint")
-    run_distributed(_first, 2, (2,), ("tp",), seed, directory, timeout_s=60)
-    for message in run_distributed(_load_other_config, 2, directory, timeout_s=60):
+def test_checkpoint_of_another_config_names_the_key(steps):
+    spawns, _ = steps
+    spawns[0].results("another config")  # saved
+    for message in spawns[1].results("another config"):
         assert message is not None, "a checkpoint of I = 5 loaded into a model of I = 7"
         assert "model.blocks.0.w_gate_up" in message and "[5, 2, 5, 6]" in message and "[5, 2, 7, 6]" in message, \
             message

@@ -9,10 +9,13 @@ at world 4; one plan mixing torch's ColwiseParallel / RowwiseParallel with MoETe
 weights of the mesh's first rank broadcast (src_data_rank) where ranks were initialised apart;
 misuse raising by name. Tiny float64 shapes, I = 5 so that TP shards are uneven (3, 2).
 """
+import importlib.util
+
 import pytest
 import torch
 
-from support.dist_utils import run_distributed
+from support import seed_of
+from support.dist_utils import SharedSpawns
 from support.tolerances import FP64_RTOL
 
 CONFIG = dict(hidden_size=6, intermediate_size=5, num_experts=4, top_k=2, renormalize=True,
@@ -133,12 +136,30 @@ CASES = {
 }
 
 
+@pytest.fixture(scope="module")
+def spawns(request):
+    """Every test's ranks, one spawn per world size (2, 4); each case with its own test's seed."""
+    module = request.node.nodeid
+    cases = {case: (world_size, _case, (seed_of(f"{module}::test_parallelize_matches_from_full_and_the_reference"
+                                                f"[{case}]"), shape, names, kwargs, tokens_of))
+             for case, (world_size, shape, names, kwargs, tokens_of, _) in CASES.items()}
+    cases["mixed plan"] = (2, _mixed_plan, (seed_of(f"{module}::test_one_plan_mixes_torch_styles_and_tpmoe_styles"),))
+    seed = seed_of(f"{module}::test_src_data_rank_broadcasts_the_first_ranks_weights")
+    cases["src_data_rank 0"] = (2, _apart, (seed, 0))
+    cases["src_data_rank None"] = (2, _apart, (seed, None))
+    cases["misuse"] = (2, _misuse, ())
+    if importlib.util.find_spec("transformers") is not None:
+        cases["transformers"] = (2, _hf_model, (seed_of(
+            f"{module}::test_a_transformers_model_after_apply_parallelizes_as_apply_with_the_mesh"),))
+    # 120 s: the transformers case's own (its ranks build an HF model between collectives).
+    return SharedSpawns(cases, timeout_s=120)
+
+
 @pytest.mark.distributed
 @pytest.mark.parametrize("case", list(CASES))
-def test_parallelize_matches_from_full_and_the_reference(case, seed):
-    world_size, shape, names, kwargs, tokens_of, roles = CASES[case]
-    for rank, (errors, bitwise, got_roles) in enumerate(
-            run_distributed(_case, world_size, seed, shape, names, kwargs, tokens_of, timeout_s=60)):
+def test_parallelize_matches_from_full_and_the_reference(case, spawns):
+    roles = CASES[case][-1]
+    for rank, (errors, bitwise, got_roles) in enumerate(spawns.results(case)):
         assert got_roles[:3] == roles, (case, rank, got_roles)
         for name, error in errors.items():
             assert error <= FP64_RTOL, f"{case}, rank {rank}: {name} error {error:.2e} > {FP64_RTOL:.0e}"
@@ -185,8 +206,8 @@ def _mixed_plan(rank, world_size, seed):
 
 
 @pytest.mark.distributed
-def test_one_plan_mixes_torch_styles_and_tpmoe_styles(seed):
-    for rank, (errors, torch_sharded, tp_size) in enumerate(run_distributed(_mixed_plan, 2, seed, timeout_s=60)):
+def test_one_plan_mixes_torch_styles_and_tpmoe_styles(spawns):
+    for rank, (errors, torch_sharded, tp_size) in enumerate(spawns.results("mixed plan")):
         assert torch_sharded and tp_size == 2, (torch_sharded, tp_size)
         for name, error in errors.items():
             assert error <= FP64_RTOL, f"rank {rank}: {name} error {error:.2e}"
@@ -209,10 +230,10 @@ def _apart(rank, world_size, seed, src_data_rank):
 
 
 @pytest.mark.distributed
-def test_src_data_rank_broadcasts_the_first_ranks_weights(seed):
-    assert run_distributed(_apart, 2, seed, 0, timeout_s=60) == [True, True]
+def test_src_data_rank_broadcasts_the_first_ranks_weights(spawns):
+    assert spawns.results("src_data_rank 0") == [True, True]
     # None: each rank's own weights are sliced as they are (rank 1's then differ from rank 0's).
-    assert run_distributed(_apart, 2, seed, None, timeout_s=60) == [True, False]
+    assert spawns.results("src_data_rank None") == [True, False]
 
 
 def _misuse(rank, world_size):
@@ -242,7 +263,7 @@ def _misuse(rank, world_size):
 
 
 @pytest.mark.distributed
-def test_misuse_raises_by_name():
+def test_misuse_raises_by_name(spawns):
     expected = {
         "no blocks": ("ValueError", "module: expected tpmoe.MoEBlocks inside, found none in Linear"),
         "not a mesh": ("TypeError", "mesh: expected a torch.distributed DeviceMesh, got str"),
@@ -252,7 +273,7 @@ def test_misuse_raises_by_name():
         "2-D style on 1-D": ("ValueError", "MoEExpertTensorParallel: expected a 2-D DeviceMesh, got a 1-D one"),
         "twice": ("ValueError", "MoETensorParallel: expected a one-process MoEBlock, got one already parallel"),
     }
-    for errors in run_distributed(_misuse, 2, timeout_s=60):
+    for errors in spawns.results("misuse"):
         for name, (kind, message) in expected.items():
             assert errors[name] is not None and errors[name][0] == kind and message in errors[name][1], \
                 (name, errors[name])
@@ -287,8 +308,8 @@ def _hf_model(rank, world_size, seed):
 
 
 @pytest.mark.distributed
-def test_a_transformers_model_after_apply_parallelizes_as_apply_with_the_mesh(seed):
+def test_a_transformers_model_after_apply_parallelizes_as_apply_with_the_mesh(spawns):
     pytest.importorskip("transformers", reason="tpmoe.hf needs transformers")
-    for rank, result in enumerate(run_distributed(_hf_model, 2, seed, timeout_s=120)):
+    for rank, result in enumerate(spawns.results("transformers")):
         assert result.pop("blocks") >= 2, result
         assert all(result.values()), (rank, result)

@@ -33,7 +33,8 @@ import torch
 
 pytest.importorskip("transformers", reason="tpmoe.hf needs transformers (pip install -e .[hf])")
 
-from support.dist_utils import run_distributed  # noqa: E402
+from support import seed_of  # noqa: E402
+from support.dist_utils import SharedSpawns  # noqa: E402
 from support.tolerances import FP64_RTOL  # noqa: E402
 
 # family -> its CausalLM config overrides (HF names) at each world size.
@@ -198,13 +199,29 @@ def _process_group_case(mesh, seed):
     return dict(same_logits=same, reports=[[(e.ep, e.experts) for e in report] for report in reports])
 
 
+@pytest.fixture(scope="module")
+def spawns(request):
+    """Both tests' ranks, one spawn per world size (2, 4), each with its own test's seed."""
+    from support.hf_families import supported_keys
+
+    module = request.node.nodeid
+    cases = {}
+    for world_size in (2, 4):
+        seed = seed_of(f"{module}::test_hf_apply_expert_parallel_matches_one_process[{world_size}]")
+        cases[f"families at world {world_size}"] = (world_size, _ranks, (seed,))
+        seed = seed_of(f"{module}::test_every_supported_block_expert_parallel[{world_size}]")
+        cases[f"every block at world {world_size}"] = (world_size, _block_ranks, (seed, supported_keys()))
+    # 600 s: the every-block case's own (every supported block built and run between collectives).
+    return SharedSpawns(cases, timeout_s=600)
+
+
 @pytest.mark.distributed
 @pytest.mark.parametrize("world_size", [2, 4])
-def test_hf_apply_expert_parallel_matches_one_process(world_size, seed):
+def test_hf_apply_expert_parallel_matches_one_process(world_size, spawns):
     from tpmoe.distributed.counting import ALL_GATHER
 
     tp_size = 1 if world_size == 2 else 2
-    per_rank = run_distributed(_ranks, world_size, seed, timeout_s=240)
+    per_rank = spawns.results(f"families at world {world_size}")
     for family in FAMILIES:
         for rank, results in enumerate(per_rank):
             result = results[family]
@@ -376,14 +393,14 @@ def _block_ranks(rank, world_size, seed, keys):
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("world_size", [2, 4])
-def test_every_supported_block_expert_parallel(world_size, seed):
+def test_every_supported_block_expert_parallel(world_size, spawns):
     """Every supported block of the snapshot at EP 2 and EP 2 x TP 2 (fp32, 1e-5 relative): output,
     input grad, every parameter gradient after the per-step sums, gather_state_dict bit for bit."""
     from support.hf_families import supported_keys
     from support.tolerances import FP32_RTOL
 
     keys = supported_keys()
-    per_rank = run_distributed(_block_ranks, world_size, seed, keys, timeout_s=600)
+    per_rank = spawns.results(f"every block at world {world_size}")
     failures = []
     for key in keys:
         for rank, results in enumerate(per_rank):

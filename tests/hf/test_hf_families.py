@@ -19,7 +19,8 @@ import torch
 
 transformers = pytest.importorskip("transformers", reason="tpmoe.hf needs transformers (pip install -e .[hf])")
 
-from support.dist_utils import run_distributed  # noqa: E402
+from support import seed_of  # noqa: E402
+from support.dist_utils import SharedSpawns  # noqa: E402
 from support.hf_families import compare, installed, supported_keys  # noqa: E402
 from support.tolerances import FP32_RTOL  # noqa: E402
 
@@ -135,12 +136,28 @@ def _ranks(rank, world_size, seed, keys):
         return {key: compare(key, seed, dist.group.WORLD, rank, world_size, counter) for key in keys}
 
 
+RANDOM_DRAW_KEYS = ["phimoe.PhimoeSparseMoeBlock", "minimax_m2.MiniMaxM2SparseMoeBlock"]
+
+
+@pytest.fixture(scope="module")
+def spawns(request):
+    """The distributed tests' ranks, one spawn per world size (2, 3), each case with its own test's
+    seed, in the tests' order."""
+    module = request.node.nodeid
+    keys = [key for key in KEYS if installed(key)]
+    cases = {f"blocks at world {world_size}": (world_size, _ranks, (
+        seed_of(f"{module}::test_blocks_tensor_parallel[{world_size}]"), keys)) for world_size in (2, 3)}
+    cases["random draws"] = (2, _training_ranks, (
+        seed_of(f"{module}::test_random_draws_inside_blocks_agree_across_ranks"), RANDOM_DRAW_KEYS))
+    return SharedSpawns(cases, timeout_s=300)  # the blocks cases' own (every block between collectives)
+
+
 @pytest.mark.distributed
 @pytest.mark.slow
 @pytest.mark.parametrize("world_size", [2, 3])
-def test_blocks_tensor_parallel(world_size, seed):
+def test_blocks_tensor_parallel(world_size, spawns):
     keys = [key for key in KEYS if installed(key)]
-    per_rank = run_distributed(_ranks, world_size, seed, keys, timeout_s=300)
+    per_rank = spawns.results(f"blocks at world {world_size}")
     for key in keys:
         for rank, results in enumerate(per_rank):
             result = results[key]
@@ -179,12 +196,12 @@ def _training_ranks(rank, world_size, seed, keys):
 
 
 @pytest.mark.distributed
-def test_random_draws_inside_blocks_agree_across_ranks(seed):
+def test_random_draws_inside_blocks_agree_across_ranks(spawns):
     """A block kept in experts mode draws its randomness (here Phi-MoE's sparse-mixer sampling and
     input jitter, MiniMax-M2's jitter) from the global RNG, re-seeded from (jitter_seed, step,
     layer) on every rank alike; without that the ranks would route differently."""
-    keys = ["phimoe.PhimoeSparseMoeBlock", "minimax_m2.MiniMaxM2SparseMoeBlock"]
-    per_rank = run_distributed(_training_ranks, 2, seed, keys, timeout_s=120)
+    keys = RANDOM_DRAW_KEYS
+    per_rank = spawns.results("random draws")
     for key in keys:
         for rank, result in enumerate(per_rank):
             assert result[key]["mode"] == "experts", result[key]

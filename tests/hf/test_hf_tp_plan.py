@@ -32,7 +32,8 @@ import torch
 
 pytest.importorskip("transformers", reason="tpmoe.hf needs transformers (pip install -e .[hf])")
 
-from support.dist_utils import run_distributed  # noqa: E402
+from support import seed_of  # noqa: E402
+from support.dist_utils import SharedSpawns  # noqa: E402
 from support.tolerances import FP32_RTOL  # noqa: E402
 
 FAMILY = "qwen3_moe"
@@ -122,23 +123,55 @@ def _ranks(rank, world_size, path, seed):
     return results
 
 
+# world size -> the CausalLM's overrides. I = 10 over 2 ranks: transformers' chunks (5, 5) are
+# tpmoe's, so the shards are taken as they are. Over 3 ranks both chunk I = 10 as (4, 4, 2) (tpmoe
+# cuts by DTensor's rule): taken as they are too. 6 query / 3 key-value heads, because
+# transformers' attention needs heads divisible by the TP size.
+TP_PLAN_OVERRIDES = {2: {}, 3: dict(num_attention_heads=6, num_key_value_heads=3, head_dim=4)}
+
+
+@pytest.fixture(scope="module")
+def spawns(request, tmp_path_factory):
+    """Every test's ranks, one spawn per world size (2, 3), each case with its own test's seed and
+    checkpoints (saved here, before the spawn); and whether the installed plan shards Qwen3's
+    routed experts, per world size."""
+    from support.hf_families import causal_lm_config, make_family_causal_lm
+    from support.hf_models import make_hf_causal_lm
+
+    module = request.node.nodeid
+    cases, experts_in_plan = {}, {}
+    for index, (world_size, overrides) in enumerate(TP_PLAN_OVERRIDES.items()):
+        seed = seed_of(f"{module}::test_take_over_from_transformers_tp_plan"
+                       f"[{world_size}-overrides{index}-local shards-I_local{index}]")
+        model = make_hf_causal_lm(FAMILY, seed, **overrides)
+        experts_in_plan[world_size] = plan_shards_routed_experts(model.config)
+        path = tmp_path_factory.mktemp("qwen3_moe")
+        model.save_pretrained(path)
+        cases[f"{FAMILY} at world {world_size}"] = (world_size, _ranks, (str(path), seed))
+    for world_size in (2, 3):
+        seed = seed_of(f"{module}::test_take_over_every_shared_expert_family_from_tp_plan[{world_size}]")
+        root = tmp_path_factory.mktemp("families")
+        for family in PLAN_FAMILIES:
+            heads = _heads_for(world_size, causal_lm_config(family))
+            make_family_causal_lm(family, seed, **heads).save_pretrained(root / family)
+        cases[f"every family at world {world_size}"] = (world_size, _take_over, (str(root), seed, PLAN_FAMILIES))
+    seed = seed_of(f"{module}::test_a_weight_tpmoe_cannot_take_is_named_with_its_placement")
+    cases["misshapen"] = (2, _misshapen, (seed,))
+    # 300 s: the every-family case's own (30 models loaded twice per rank between collectives).
+    return SharedSpawns(cases, timeout_s=300), experts_in_plan
+
+
 @pytest.mark.distributed
 @pytest.mark.parametrize("world_size, overrides, source, I_local", [
-    # I = 10 over 2 ranks: transformers' chunks (5, 5) are tpmoe's, so the shards are taken as they are.
-    (2, {}, "local shards", [5, 5]),
-    # Over 3 ranks both chunk I = 10 as (4, 4, 2) (tpmoe cuts by DTensor's rule): taken as they are
-    # too. 6 query / 3 key-value heads, because transformers' attention needs heads divisible by the TP size.
-    pytest.param(3, dict(num_attention_heads=6, num_key_value_heads=3, head_dim=4), "local shards", [4, 4, 2],
-                 marks=pytest.mark.slow),
+    (2, TP_PLAN_OVERRIDES[2], "local shards", [5, 5]),
+    pytest.param(3, TP_PLAN_OVERRIDES[3], "local shards", [4, 4, 2], marks=pytest.mark.slow),
 ])
-def test_take_over_from_transformers_tp_plan(world_size, overrides, source, I_local, tmp_path, seed):
-    from support.hf_models import make_hf_causal_lm
-    model = make_hf_causal_lm(FAMILY, seed, **overrides)
-    experts_in_plan = plan_shards_routed_experts(model.config)
+def test_take_over_from_transformers_tp_plan(world_size, overrides, source, I_local, spawns):
+    spawns, experts_in_plan = spawns
+    experts_in_plan = experts_in_plan[world_size]
     if not experts_in_plan:
         source = "full"  # the installed release's plan leaves the experts whole: tpmoe cuts them
-    model.save_pretrained(tmp_path)
-    per_rank = run_distributed(_ranks, world_size, str(tmp_path), seed, timeout_s=120)
+    per_rank = spawns.results(f"{FAMILY} at world {world_size}")
     for rank, results in enumerate(per_rank):
         hf, ours = results["transformers"], results["tpmoe"]
         # transformers really sharded the model (else the comparison says nothing about TP), the
@@ -245,7 +278,7 @@ def _take_over(rank, world_size, root, seed, families):
 @pytest.mark.distributed
 @pytest.mark.slow
 @pytest.mark.parametrize("world_size", [2, 3])
-def test_take_over_every_shared_expert_family_from_tp_plan(world_size, tmp_path, seed):
+def test_take_over_every_shared_expert_family_from_tp_plan(world_size, spawns):
     """from_pretrained with the "auto" TP plan, then apply(model): whatever mix the plan left (DTensor routed
     experts, plain shared experts, sharded shared experts, nothing sharded at all for GPT-OSS), the
     model computes the one-process logits and every gradient, each MoE block with ONE collective
@@ -254,12 +287,7 @@ def test_take_over_every_shared_expert_family_from_tp_plan(world_size, tmp_path,
     In float64: transformers' own sharded attention sums in another order than one process, which
     in float32 alone reaches ~1e-5 on some norm gradients; in float64 what remains is the float32
     rounding that several families' routers do on purpose (softmax(dtype=float32)), at ~1e-7."""
-    from support.hf_families import causal_lm_config, make_family_causal_lm
-
-    for family in PLAN_FAMILIES:
-        heads = _heads_for(world_size, causal_lm_config(family))
-        make_family_causal_lm(family, seed, **heads).save_pretrained(tmp_path / family)
-    per_rank = run_distributed(_take_over, world_size, str(tmp_path), seed, PLAN_FAMILIES, timeout_s=300)
+    per_rank = spawns[0].results(f"every family at world {world_size}")
     from tpmoe.sharding import shard_sizes
     for family in PLAN_FAMILIES:
         for rank, results in enumerate(per_rank):
@@ -313,8 +341,8 @@ def _misshapen(rank, world_size, seed):
 
 
 @pytest.mark.distributed
-def test_a_weight_tpmoe_cannot_take_is_named_with_its_placement(seed):
-    for error, unchanged in run_distributed(_misshapen, 2, seed, timeout_s=60):
+def test_a_weight_tpmoe_cannot_take_is_named_with_its_placement(spawns):
+    for error, unchanged in spawns[0].results("misshapen"):
         assert error is not None and error[0] == "ValueError", error
         assert "mlp.experts.down_proj (a DTensor (Shard(dim=2),) on a 1-D mesh" in error[1], error[1]
         assert "its whole shape is (8, 24, 11), expected (8, 24, 10)" in error[1], error[1]

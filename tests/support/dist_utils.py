@@ -58,12 +58,14 @@ def _worker(fn, rank, world_size, port, timeout_s, results, args):
         results.put((rank, "error", traceback.format_exc()))
 
 
-def run_distributed(fn, world_size: int, *args, timeout_s: int = PROCESS_GROUP_TIMEOUT_S):
-    """fn(rank, world_size, *args) on `world_size` gloo ranks -> [result of rank 0, 1, ...]."""
-    return run_on_free_port(lambda port: _run_distributed_once(fn, world_size, args, timeout_s, port), AssertionError)
+def run_distributed(fn, world_size: int, *args, timeout_s: int = PROCESS_GROUP_TIMEOUT_S, runs: int = 1):
+    """fn(rank, world_size, *args) on `world_size` gloo ranks -> [result of rank 0, 1, ...].
+    `runs`: how many tests' work fn does (SharedSpawns), each given the deadline of one spawn."""
+    return run_on_free_port(lambda port: _run_distributed_once(fn, world_size, args, timeout_s, port, runs),
+                            AssertionError)
 
 
-def _run_distributed_once(fn, world_size: int, args, timeout_s: int, port: int):
+def _run_distributed_once(fn, world_size: int, args, timeout_s: int, port: int, runs: int):
     context = mp.get_context("spawn")
     results = context.Queue()
     processes = [context.Process(target=_worker, args=(fn, rank, world_size, port, timeout_s, results, args))
@@ -72,7 +74,7 @@ def _run_distributed_once(fn, world_size: int, args, timeout_s: int, port: int):
         process.start()
     collected, errors = {}, []
     # Startup (importing torch per process on a loaded machine) plus the group timeout.
-    deadline_s = 3 * timeout_s + 60
+    deadline_s = runs * (3 * timeout_s + 60)
     try:
         for _ in range(world_size):
             rank, status, value = results.get(timeout=deadline_s)
@@ -108,3 +110,71 @@ def error_of(call):
     except Exception as error:  # recorded for the parent to assert on
         return type(error).__name__, str(error)
     return None
+
+
+def _run_cases_worker(rank, world_size, cases):
+    """In each rank: every case in order, its result or its traceback. After each case the ranks
+    agree (one all-reduce, outside whatever the case counts) on whether any rank failed it; if
+    one did, the later cases are not run, since a rank may have left a collective the others
+    are still in."""
+    results, failed = {}, None
+    for case_id, fn, args in cases:
+        if failed is not None:
+            results[case_id] = ("not run", f"not run: case {failed!r} failed earlier in the same spawn")
+            continue
+        try:
+            results[case_id] = ("ok", fn(rank, world_size, *args))
+        except Exception:  # reported to the parent under this case's name
+            results[case_id] = ("error", traceback.format_exc())
+        try:
+            flag = torch.tensor([results[case_id][0] != "ok"], dtype=torch.int32)
+            dist.all_reduce(flag)
+            any_failed = bool(flag.item())
+        except Exception:  # out of step with a rank still in the case's collective: stop here
+            any_failed = True
+        if any_failed:
+            failed = case_id
+    return results
+
+
+class SharedSpawns:
+    """Several tests' cases in ONE spawn per world size instead of one spawn per test (a spawn
+    costs seconds per rank: each imports torch and tpmoe; the cases here take less).
+
+    `cases` is {case id: (world size, fn, args)}; each case is fn(rank, world_size, *args), as
+    for run_distributed. The first test to ask for a case of a world size runs all that world
+    size's cases, in the order given; `results(case_id)` is then that case's [result of rank 0,
+    1, ...], or fails the asking test with the case's own traceback (ranks and case named). Use
+    it from a module-scoped fixture, so that each test still reports its own case. A spawn's
+    deadline is the sum of its cases' (each the deadline of a spawn of its own): no case has less
+    time than before."""
+
+    def __init__(self, cases, timeout_s: int = PROCESS_GROUP_TIMEOUT_S):
+        self.cases, self.timeout_s, self.done = cases, timeout_s, {}
+
+    def run(self, world_size):
+        """Runs the spawn of `world_size` now, if it has not run (its failures are kept for results)."""
+        if world_size not in self.done:
+            batch = [(other, fn, args) for other, (size, fn, args) in self.cases.items() if size == world_size]
+            try:
+                self.done[world_size] = run_distributed(_run_cases_worker, world_size, batch,
+                                                        timeout_s=self.timeout_s, runs=len(batch))
+            except AssertionError as error:  # the spawn itself failed: every case of it fails with it
+                self.done[world_size] = error
+
+    def run_all(self):
+        """Every spawn now: for cases whose files later spawns read."""
+        for world_size, _, _ in self.cases.values():
+            self.run(world_size)
+
+    def results(self, case_id):
+        world_size = self.cases[case_id][0]
+        self.run(world_size)
+        per_rank = self.done[world_size]
+        if isinstance(per_rank, AssertionError):
+            raise AssertionError(f"case {case_id!r}: {per_rank}")
+        errors = [f"--- case {case_id!r}, rank {rank} of {world_size} ---\n{results[case_id][1]}"
+                  for rank, results in enumerate(per_rank) if results[case_id][0] != "ok"]
+        if errors:
+            raise AssertionError("distributed case failed:\n" + "\n".join(errors))
+        return [results[case_id][1] for results in per_rank]
