@@ -257,19 +257,39 @@ at::Tensor experts_cpu_quantized_forward(const at::Tensor& hidden_states, const 
   std::vector<float> h(static_cast<size_t>(rows_total * h_length), 0.0f);
   std::vector<float> pair_out(static_cast<size_t>(rows_total * hidden));
 
-  // Each unit's weight rows, kWeightRows at a time, against the expert's activation rows.
-  auto unit_sums = [&](int64_t n_weight_rows, auto&& row_of, const float* const* xs, int64_t n, int64_t count,
-                       int64_t row_offset, int64_t length, std::vector<float>& buffer, std::vector<float>& sums) {
+  // Unit u's weight rows, kWeightRows at a time, against the expert's activation rows; row(u, q,
+  // bytes, scales) finds weight row q of unit u, of which there are per_column * its columns.
+  // The last group reads ahead into unit `next`'s first rows (the thread's next unit).
+  auto unit_sums = [&](const auto& units, auto&& row, int64_t per_column, int64_t u, int64_t next,
+                       const float* const* xs, int64_t n, int64_t count, int64_t row_offset, int64_t length,
+                       std::vector<float>& buffer, std::vector<float>& sums) {
+    const int64_t n_weight_rows = units[u][2] * per_column, next_rows = units[next][2] * per_column;
     // Rounded up to whole groups: a short last group's repeated rows land past the real ones.
     sums.resize(static_cast<size_t>((n_weight_rows + kWeightRows - 1) / kWeightRows * kWeightRows * n));
     for (int64_t q0 = 0; q0 < n_weight_rows; q0 += kWeightRows) {
       WeightRows rows;
-      for (int q = 0; q < kWeightRows; ++q) row_of(std::min(q0 + q, n_weight_rows - 1), rows.bytes[q], rows.scales[q]);
+      const void* unused;
+      const bool last = q0 + kWeightRows >= n_weight_rows;
+      for (int q = 0; q < kWeightRows; ++q) {
+        row(u, std::min(q0 + q, n_weight_rows - 1), rows.bytes[q], rows.scales[q]);
+        if (last)
+          row(next, std::min<int64_t>(q, next_rows - 1), rows.next[q], unused);
+        else
+          row(u, std::min(q0 + kWeightRows + q, n_weight_rows - 1), rows.next[q], unused);
+      }
       dot_rows(mxfp4, rows, xs, n, count, block, row_offset, length, buffer, sums.data() + q0 * n);
     }
   };
 
   const auto gate_up_units = units_of(inter);
+  // Weight row q of a gate_up unit: column first + q / groups, half q % groups.
+  auto gate_up_row = [&](int64_t unit, int64_t q, const uint8_t*& bytes, const void*& scales) {
+    const auto [e, first, count] = gate_up_units[unit];
+    const int64_t i = first + q / groups, g = q % groups;
+    const int64_t packed = !gated ? i : interleaved ? 2 * i + g : g * inter + i;
+    bytes = gate_up_bytes + (e * rows + packed) * gate_up_row_bytes;
+    scales = gate_up_row_scales(e, g, i, packed);
+  };
   at::parallel_for(0, static_cast<int64_t>(gate_up_units.size()), 1, [&](int64_t begin, int64_t end) {
     std::vector<float> buffer, sums;
     std::vector<const float*> xs;
@@ -278,14 +298,8 @@ at::Tensor experts_cpu_quantized_forward(const at::Tensor& hidden_states, const 
       const int64_t row_begin = offsets[e], n = offsets[e + 1] - row_begin;
       xs.resize(static_cast<size_t>(n));
       for (int64_t r = 0; r < n; ++r) xs[r] = x_rows + (pairs[row_begin + r] / top_k) * x_length;
-      // Weight row q of the unit: column first + q / groups, half q % groups.
-      auto row_of = [&](int64_t q, const uint8_t*& bytes, const void*& scales) {
-        const int64_t i = first + q / groups, g = q % groups;
-        const int64_t packed = !gated ? i : interleaved ? 2 * i + g : g * inter + i;
-        bytes = gate_up_bytes + (e * rows + packed) * gate_up_row_bytes;
-        scales = gate_up_row_scales(e, g, i, packed);
-      };
-      unit_sums(count * groups, row_of, xs.data(), n, hidden, 0, x_length, buffer, sums);
+      unit_sums(gate_up_units, gate_up_row, groups, u, u + 1 < end ? u + 1 : u, xs.data(), n, hidden, 0, x_length,
+                buffer, sums);
       for (int64_t c = 0; c < count; ++c) {
         const int64_t i = first + c;
         float bias[2] = {0.0f, 0.0f};
@@ -303,6 +317,11 @@ at::Tensor experts_cpu_quantized_forward(const at::Tensor& hidden_states, const 
   });
 
   const auto down_units = units_of(hidden);
+  auto down_row = [&](int64_t unit, int64_t q, const uint8_t*& bytes, const void*& scales) {
+    const auto [e, first, count] = down_units[unit];
+    bytes = down_bytes + (e * hidden + first + q) * down_row_bytes;
+    scales = down_row_scales(e, first + q);
+  };
   at::parallel_for(0, static_cast<int64_t>(down_units.size()), 1, [&](int64_t begin, int64_t end) {
     std::vector<float> buffer, sums;
     std::vector<const float*> hs;
@@ -311,11 +330,8 @@ at::Tensor experts_cpu_quantized_forward(const at::Tensor& hidden_states, const 
       const int64_t row_begin = offsets[e], n = offsets[e + 1] - row_begin;
       hs.resize(static_cast<size_t>(n));
       for (int64_t r = 0; r < n; ++r) hs[r] = h.data() + (row_begin + r) * h_length;
-      auto row_of = [&](int64_t q, const uint8_t*& bytes, const void*& scales) {
-        bytes = down_bytes + (e * hidden + first + q) * down_row_bytes;
-        scales = down_row_scales(e, first + q);
-      };
-      unit_sums(count, row_of, hs.data(), n, inter, offset, h_length, buffer, sums);
+      unit_sums(down_units, down_row, 1, u, u + 1 < end ? u + 1 : u, hs.data(), n, inter, offset, h_length, buffer,
+                sums);
       for (int64_t c = 0; c < count; ++c) {
         const int64_t column = first + c;
         const float bias = down_b ? down_b[e * hidden + column] : 0.0f;
