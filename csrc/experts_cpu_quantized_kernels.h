@@ -183,7 +183,7 @@ TPMOE_AVX512 void fp8_fused_avx512(const WeightRows& rows, const float* const* x
       for (int x = 0; x < NX; ++x) part[w][x] = _mm512_setzero_ps();
     for (int64_t j = start; j < stop; j += 16) {
       if ((j & 63) == 0)
-        for (int w = 0; w < kWeightRows; ++w) _mm_prefetch(reinterpret_cast<const char*>(rows.next[w] + j), _MM_HINT_T0);
+        for (int w = 0; w < kWeightRows; ++w) _mm_prefetch(reinterpret_cast<const char*>(rows.next[w] + j), _MM_HINT_T1);
       const __mmask16 mask = tail_mask(stop - j);
       __m512 xv[NX];
       for (int x = 0; x < NX; ++x) xv[x] = _mm512_maskz_loadu_ps(mask, xs[x] + j);
@@ -222,7 +222,7 @@ TPMOE_AVX512 void mxfp4_fused_avx512(const WeightRows& rows, const float* const*
   for (int64_t b = 0; b < blocks; ++b) {
     if ((b & 3) == 0)
       for (int w = 0; w < kWeightRows; ++w)
-        _mm_prefetch(reinterpret_cast<const char*>(rows.next[w] + 16 * b), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(rows.next[w] + 16 * b), _MM_HINT_T1);
     __m512 even_x[NX], odd_x[NX];
     for (int x = 0; x < NX; ++x) {
       even_x[x] = _mm512_loadu_ps(xs[x] + 32 * b);
