@@ -107,7 +107,7 @@ void dot_rows(bool mxfp4, const WeightRows& rows, const float* const* xs, int64_
               int64_t offset, int64_t length, std::vector<float>& buffer, float* sums) {
   const Kernels& k = kernels();
   float tile[kWeightRows * 4];
-  const bool fused = k.avx512 && n <= kFusedRows;
+  const bool fused = k.avx512 && n <= (mxfp4 ? kFusedRowsMxfp4 : kFusedRowsFp8);
   const int step = fused && !mxfp4 ? 2 : 4;
   const float* ws[kWeightRows];
   if (!fused) {

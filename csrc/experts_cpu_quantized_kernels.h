@@ -3,7 +3,7 @@
 // | auto forces one; the tests run each one the CPU has).
 //
 // Two ways to a weight row's dot products with the activation rows routed to its expert:
-//   fused   (AVX-512, at most kFusedRows activation rows): 16 stored values dequantized into a
+//   fused   (AVX-512, at most kFusedRows* activation rows): 16 stored values dequantized into a
 //           register and multiplied there with each activation row, four weight rows at once; no
 //           float row is written. At decode a stored byte is used once or twice, so the call is a
 //           stream of the stored bytes and anything extra per byte shows.
@@ -29,7 +29,11 @@ namespace cpu {
 namespace dequant {
 
 constexpr int kWeightRows = 4;  // weight rows per kernel call (a 4 x NX tile of sums)
-constexpr int kFusedRows = 4;   // the fused kernels' limit on activation rows per expert
+// The fused kernels' limit on activation rows per expert: past it, widening once beats
+// dequantizing again per group of activation rows. An MXFP4 block widens in 5 instructions per
+// 32 values against 2 FMAs per row, so two passes of 4 rows still win; fp8 (4 instructions per
+// 16 values, 2 rows a pass) stops at 4.
+constexpr int kFusedRowsFp8 = 4, kFusedRowsMxfp4 = 8;
 
 // Up to kWeightRows stored rows of one expert's matrix (a short group repeats its last row),
 // each with its first scale; later scales follow at stride 1 (both formats store them so).
