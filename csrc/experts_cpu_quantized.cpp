@@ -3,10 +3,11 @@
 // tpmoe/fp8.py) and "mxfp4" (e2m1 pairs a byte with an e8m0 scale per 32 values, GPT-OSS's,
 // tpmoe/mxfp4.py).
 //
-// Each weight row is dequantized into a float32 row buffer right before its products (one
-// row of at most H or I_p floats, in L1: never an expert's full-size copy), then multiplied
-// with every row routed to that expert: at decode every stored byte is read once and used once,
-// so the call streams the bytes it touches. Activations, sums and the weighted combine are
+// Weight rows are dequantized where they are used, never into an expert's full-size copy: at
+// decode (a few rows an expert) 16 values at a time into registers, straight into the dot
+// products (AVX-512), so every stored byte is read once and the call streams the bytes it
+// touches; otherwise four rows at a time into float32 rows in L1, dotted with all the expert's
+// rows (experts_cpu_quantized_kernels.h). Activations, sums and the weighted combine are
 // float32; the caller casts the result back.
 //
 // Work split: threads take (expert, slice of output columns) units, first of gate_up, then of
