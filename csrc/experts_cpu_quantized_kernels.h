@@ -179,30 +179,42 @@ template <int NX>
 TPMOE_AVX512 void fp8_fused_avx512(const WeightRows& rows, const float* const* xs, int64_t count, int64_t block,
                                    int64_t offset, float* sums) {
   __m512 total[kWeightRows][NX], part[kWeightRows][NX];
+  #pragma GCC unroll 4
   for (int w = 0; w < kWeightRows; ++w)
+    #pragma GCC unroll 4
     for (int x = 0; x < NX; ++x) total[w][x] = _mm512_setzero_ps();
   for (int64_t start = 0, index = 0; start < count; ++index) {
     const int64_t stop = std::min(count, (index + 1) * block - offset);
+    #pragma GCC unroll 4
     for (int w = 0; w < kWeightRows; ++w)
+      #pragma GCC unroll 4
       for (int x = 0; x < NX; ++x) part[w][x] = _mm512_setzero_ps();
     for (int64_t j = start; j < stop; j += 16) {
       if ((j & 63) == 0)
+        #pragma GCC unroll 4
         for (int w = 0; w < kWeightRows; ++w) _mm_prefetch(reinterpret_cast<const char*>(rows.next[w] + j), _MM_HINT_T1);
       const __mmask16 mask = tail_mask(stop - j);
       __m512 xv[NX];
+      #pragma GCC unroll 4
       for (int x = 0; x < NX; ++x) xv[x] = _mm512_maskz_loadu_ps(mask, xs[x] + j);
+      #pragma GCC unroll 4
       for (int w = 0; w < kWeightRows; ++w) {
         const __m512 value = e4m3_times_2_pow_minus8(rows.bytes[w] + j, mask);
+        #pragma GCC unroll 4
         for (int x = 0; x < NX; ++x) part[w][x] = _mm512_fmadd_ps(value, xv[x], part[w][x]);
       }
     }
+    #pragma GCC unroll 4
     for (int w = 0; w < kWeightRows; ++w) {
       const __m512 scale = _mm512_set1_ps(static_cast<const float*>(rows.scales[w])[index] * 256.0f);
+      #pragma GCC unroll 4
       for (int x = 0; x < NX; ++x) total[w][x] = _mm512_fmadd_ps(part[w][x], scale, total[w][x]);
     }
     start = stop;
   }
+  #pragma GCC unroll 4
   for (int w = 0; w < kWeightRows; ++w)
+    #pragma GCC unroll 4
     for (int x = 0; x < NX; ++x) sums[w * NX + x] = _mm512_reduce_add_ps(total[w][x]);
 }
 
@@ -221,25 +233,33 @@ template <int NX>
 TPMOE_AVX512 void mxfp4_fused_avx512(const WeightRows& rows, const float* const* xs, int64_t blocks, float* sums) {
   const float* e8m0 = e8m0_values();
   __m512 total[kWeightRows][NX];
+  #pragma GCC unroll 4
   for (int w = 0; w < kWeightRows; ++w)
+    #pragma GCC unroll 4
     for (int x = 0; x < NX; ++x) total[w][x] = _mm512_setzero_ps();
   for (int64_t b = 0; b < blocks; ++b) {
     if ((b & 3) == 0)
+      #pragma GCC unroll 4
       for (int w = 0; w < kWeightRows; ++w)
         _mm_prefetch(reinterpret_cast<const char*>(rows.next[w] + 16 * b), _MM_HINT_T1);
     __m512 even_x[NX], odd_x[NX];
+    #pragma GCC unroll 4
     for (int x = 0; x < NX; ++x) {
       even_x[x] = _mm512_loadu_ps(xs[x] + 32 * b);
       odd_x[x] = _mm512_loadu_ps(xs[x] + 32 * b + 16);
     }
+    #pragma GCC unroll 4
     for (int w = 0; w < kWeightRows; ++w) {
       __m512 even, odd;
       e2m1_block(rows.bytes[w] + 16 * b, e8m0[static_cast<const uint8_t*>(rows.scales[w])[b]], even, odd);
+      #pragma GCC unroll 4
       for (int x = 0; x < NX; ++x)
         total[w][x] = _mm512_fmadd_ps(odd, odd_x[x], _mm512_fmadd_ps(even, even_x[x], total[w][x]));
     }
   }
+  #pragma GCC unroll 4
   for (int w = 0; w < kWeightRows; ++w)
+    #pragma GCC unroll 4
     for (int x = 0; x < NX; ++x) sums[w * NX + x] = _mm512_reduce_add_ps(total[w][x]);
 }
 
@@ -259,25 +279,34 @@ TPMOE_AVX512 inline void widen_mxfp4_split_avx512(const uint8_t* bytes, const ui
 template <int NX>
 TPMOE_AVX512 void dense_avx512(const float* const* ws, const float* const* xs, int64_t count, float* sums) {
   __m512 total[kWeightRows][NX];
+  #pragma GCC unroll 4
   for (int w = 0; w < kWeightRows; ++w)
+    #pragma GCC unroll 4
     for (int x = 0; x < NX; ++x) total[w][x] = _mm512_setzero_ps();
   for (int64_t j = 0; j < count; j += 16) {
     const __mmask16 mask = tail_mask(count - j);
     __m512 xv[NX];
+    #pragma GCC unroll 4
     for (int x = 0; x < NX; ++x) xv[x] = _mm512_maskz_loadu_ps(mask, xs[x] + j);
+    #pragma GCC unroll 4
     for (int w = 0; w < kWeightRows; ++w) {
       const __m512 value = _mm512_maskz_loadu_ps(mask, ws[w] + j);
+      #pragma GCC unroll 4
       for (int x = 0; x < NX; ++x) total[w][x] = _mm512_fmadd_ps(value, xv[x], total[w][x]);
     }
   }
+  #pragma GCC unroll 4
   for (int w = 0; w < kWeightRows; ++w)
+    #pragma GCC unroll 4
     for (int x = 0; x < NX; ++x) sums[w * NX + x] = _mm512_reduce_add_ps(total[w][x]);
 }
 
 // The same tile by single dots, for the ISAs without the tile kernel.
 template <float (*Dot)(const float*, const float*, int64_t)>
 void dense_by_dots(const float* const* ws, const float* const* xs, int nx, int64_t count, float* sums) {
+  #pragma GCC unroll 4
   for (int w = 0; w < kWeightRows; ++w)
+    #pragma GCC unroll 4
     for (int x = 0; x < nx; ++x) sums[w * nx + x] = Dot(ws[w], xs[x], count);
 }
 
