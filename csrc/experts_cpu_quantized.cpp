@@ -3,10 +3,11 @@
 // tpmoe/fp8.py) and "mxfp4" (e2m1 pairs a byte with an e8m0 scale per 32 values, GPT-OSS's,
 // tpmoe/mxfp4.py).
 //
-// Each weight row is dequantized into a float32 row buffer right before its products (one
-// row of at most H or I_p floats, in L1: never an expert's full-size copy), then multiplied
-// with every row routed to that expert: at decode every stored byte is read once and used once,
-// so the call streams the bytes it touches. Activations, sums and the weighted combine are
+// Weight rows are dequantized where they are used, never into an expert's full-size copy: at
+// decode (a few rows an expert) 16 values at a time into registers, straight into the dot
+// products (AVX-512), so every stored byte is read once and the call streams the bytes it
+// touches; otherwise four rows at a time into float32 rows in L1, dotted with all the expert's
+// rows (experts_cpu_quantized_kernels.h). Activations, sums and the weighted combine are
 // float32; the caller casts the result back.
 //
 // Work split: threads take (expert, slice of output columns) units, first of gate_up, then of
@@ -30,6 +31,7 @@
 #include <vector>
 
 #include "experts_cpu_activation.h"
+#include "experts_cpu_quantized_kernels.h"
 
 #ifndef TPMOE_EXPERTS_CPU_NAMESPACE
 #define TPMOE_EXPERTS_CPU_NAMESPACE tpmoe
@@ -45,156 +47,96 @@ Activation activation_named(const char* op, c10::string_view name);
 
 namespace {
 
+using namespace dequant;
+
 constexpr const char* kOp = "experts_cpu_quantized_forward";
 
-// e4m3fn: sign, 4 exponent bits (bias 7), 3 mantissa bits; exponent 0 is subnormal (m 2^-9).
-// The all-ones pattern (NaN) is read as 480 here; checkpoints hold no NaN weights.
-std::array<float, 256> e4m3_table() {
-  std::array<float, 256> table{};
-  for (int bits = 0; bits < 256; ++bits) {
-    const int exponent = (bits >> 3) & 0xF, mantissa = bits & 7;
-    const float magnitude = exponent == 0 ? std::ldexp(float(mantissa), -9)
-                                          : std::ldexp(1.0f + mantissa / 8.0f, exponent - 7);
-    table[bits] = (bits & 0x80) ? -magnitude : magnitude;
-  }
-  return table;
-}
-
-const std::array<float, 256>& e4m3_values() {
-  static const std::array<float, 256> table = e4m3_table();
-  return table;
-}
-
-void widen_fp8_portable(const uint8_t* source, int64_t count, float scale, float* out) {
-  const auto& table = e4m3_values();
-  for (int64_t j = 0; j < count; ++j) out[j] = table[source[j]] * scale;
-}
-
-// e4m3's bits placed into a half's (sign to bit 15, exponent and mantissa shifted by 7) are
-// the same number times 2^-8 (the exponent biases differ by 8), subnormals included: F16C then
-// widens 8 at a time, and the 2^8 rides on the scale (a power of two: no extra rounding, so
-// the products equal the portable table's bit for bit).
-__attribute__((target("avx2,fma,f16c"))) void widen_fp8_avx2(const uint8_t* source, int64_t count, float scale,
-                                                             float* out) {
-  const __m256 scaled = _mm256_set1_ps(scale * 256.0f);
-  const __m128i sign_mask = _mm_set1_epi16(0x80), rest_mask = _mm_set1_epi16(0x7F);
-  int64_t j = 0;
-  for (; j + 8 <= count; j += 8) {
-    const __m128i bytes = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(source + j)));
-    const __m128i half = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(bytes, sign_mask), 8),
-                                      _mm_slli_epi16(_mm_and_si128(bytes, rest_mask), 7));
-    _mm256_storeu_ps(out + j, _mm256_mul_ps(_mm256_cvtph_ps(half), scaled));
-  }
-  widen_fp8_portable(source + j, count - j, scale, out + j);
-}
-
-// e2m1 nibbles: value v of a packed row is the low nibble of byte v / 2 when v is even, the high
-// one when odd. Twice each e2m1 value is an integer (0, 1, 2, 3, 4, 6, 8, 12 and negatives),
-// which a byte shuffle looks up 16 at a time; the halving rides on the scale (exact).
-constexpr float kE2m1[16] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f,
-                             -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
-
-void widen_mxfp4_portable(const uint8_t* bytes, int64_t first, int64_t count, float scale, float* out) {
-  for (int64_t j = 0; j < count; ++j) {
-    const int64_t v = first + j;
-    out[j] = kE2m1[(bytes[v >> 1] >> ((v & 1) * 4)) & 0xF] * scale;
-  }
-}
-
-__attribute__((target("avx2,fma"))) void widen_mxfp4_avx2(const uint8_t* bytes, int64_t first, int64_t count,
-                                                          float scale, float* out) {
-  int64_t j = 0;
-  if (first & 1) {  // an odd start: its high nibble alone, then whole bytes
-    widen_mxfp4_portable(bytes, first, 1, scale, out);
-    j = 1;
-  }
-  const __m128i doubled = _mm_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
-  const __m128i nibble = _mm_set1_epi8(0x0F);
-  const __m256 half_scale = _mm256_set1_ps(scale * 0.5f);
-  for (; j + 32 <= count; j += 32) {
-    const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + ((first + j) >> 1)));
-    const __m128i low = _mm_shuffle_epi8(doubled, _mm_and_si128(packed, nibble));
-    const __m128i high = _mm_shuffle_epi8(doubled, _mm_and_si128(_mm_srli_epi16(packed, 4), nibble));
-    const __m128i first16 = _mm_unpacklo_epi8(low, high), last16 = _mm_unpackhi_epi8(low, high);
-    const __m128i parts[4] = {first16, _mm_srli_si128(first16, 8), last16, _mm_srli_si128(last16, 8)};
-    for (int part = 0; part < 4; ++part)
-      _mm256_storeu_ps(out + j + 8 * part,
-                       _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(parts[part])), half_scale));
-  }
-  widen_mxfp4_portable(bytes, first + j, count - j, scale, out + j);
-}
-
-float dot_portable(const float* a, const float* b, int64_t count) {
-  float lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t j = 0;
-  for (; j + 8 <= count; j += 8)
-    for (int lane = 0; lane < 8; ++lane) lanes[lane] += a[j + lane] * b[j + lane];
-  float total = 0;
-  for (int lane = 0; lane < 8; ++lane) total += lanes[lane];
-  for (; j < count; ++j) total += a[j] * b[j];
-  return total;
-}
-
-__attribute__((target("avx2,fma"))) float dot_avx2(const float* a, const float* b, int64_t count) {
-  __m256 first = _mm256_setzero_ps(), second = _mm256_setzero_ps();
-  int64_t j = 0;
-  for (; j + 16 <= count; j += 16) {
-    first = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), first);
-    second = _mm256_fmadd_ps(_mm256_loadu_ps(a + j + 8), _mm256_loadu_ps(b + j + 8), second);
-  }
-  for (; j + 8 <= count; j += 8) first = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), first);
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, _mm256_add_ps(first, second));
-  float total = 0;
-  for (int lane = 0; lane < 8; ++lane) total += lanes[lane];
-  for (; j < count; ++j) total += a[j] * b[j];
-  return total;
-}
-
 // Chosen once per process from the CPU's capabilities; TPMOE_CPU_DEQUANT_KERNEL = portable |
-// avx2 | auto forces one (the tests run both on any machine with AVX2).
-struct Kernels {
-  void (*widen)(const uint8_t*, int64_t, float, float*);
-  void (*widen_mxfp4)(const uint8_t*, int64_t, int64_t, float, float*);
-  float (*dot)(const float*, const float*, int64_t);
-};
-
+// avx2 | avx512 | auto forces one (the tests run each one the machine has).
 const Kernels& kernels() {
   static const Kernels chosen = [] {
     __builtin_cpu_init();
     const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                       __builtin_cpu_supports("f16c");
+    const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                        __builtin_cpu_supports("avx512vl");
     const char* forced = std::getenv("TPMOE_CPU_DEQUANT_KERNEL");
     const std::string choice = forced == nullptr ? "auto" : forced;
-    TORCH_CHECK(choice == "auto" || choice == "portable" || choice == "avx2", kOp,
-                ": TPMOE_CPU_DEQUANT_KERNEL: expected portable, avx2 or auto, got '", choice, "'");
+    TORCH_CHECK(choice == "auto" || choice == "portable" || choice == "avx2" || choice == "avx512", kOp,
+                ": TPMOE_CPU_DEQUANT_KERNEL: expected portable, avx2, avx512 or auto, got '", choice, "'");
     TORCH_CHECK(choice != "avx2" || avx2, kOp,
                 ": TPMOE_CPU_DEQUANT_KERNEL=avx2, but this CPU lacks AVX2, FMA or F16C");
-    return avx2 && choice != "portable" ? Kernels{widen_fp8_avx2, widen_mxfp4_avx2, dot_avx2}
-                                        : Kernels{widen_fp8_portable, widen_mxfp4_portable, dot_portable};
+    TORCH_CHECK(choice != "avx512" || avx512, kOp,
+                ": TPMOE_CPU_DEQUANT_KERNEL=avx512, but this CPU lacks AVX-512 F, BW or VL");
+    if (avx512 && (choice == "auto" || choice == "avx512"))
+      return Kernels{true, widen_fp8_avx2, widen_mxfp4_avx2, dense_tile_avx512};
+    if (avx2 && choice != "portable")
+      return Kernels{false, widen_fp8_avx2, widen_mxfp4_avx2, dense_by_dots<dot_avx2>};
+    return Kernels{false, widen_fp8_portable, widen_mxfp4_portable, dense_by_dots<dot_portable>};
   }();
   return chosen;
 }
 
 // One weight row of `count` values along an axis cut into scale blocks of `block`, its first
 // value `offset` into its first block, dequantized into `out`. fp8: the row's bytes are its
-// values, the scales float32 `scale_stride` apart; mxfp4: the row's bytes hold its whole
-// blocks (the values from `offset` on are the row's), the scales e8m0 bytes, one per block.
-void widen_row(bool mxfp4, const uint8_t* row, int64_t count, const void* scales, int64_t scale_stride,
-               int64_t block, int64_t offset, float* out) {
+// values, the scales float32, one per block; mxfp4: the row's bytes hold its whole blocks (the
+// values from `offset` on are the row's), the scales e8m0 bytes, one per block; under AVX-512
+// in the split layout (whole blocks, see experts_cpu_quantized_kernels.h).
+void widen_row(bool mxfp4, const uint8_t* row, int64_t count, const void* scales, int64_t block, int64_t offset,
+               float* out) {
+  const Kernels& k = kernels();
+  if (mxfp4 && k.avx512)
+    return widen_mxfp4_split_avx512(row, static_cast<const uint8_t*>(scales), (offset + count + 31) / 32, out);
   int64_t start = 0, index = 0;
   while (start < count) {
     const int64_t stop = std::min(count, (index + 1) * block - offset);
     if (mxfp4) {
-      const float scale = std::ldexp(1.0f, int(static_cast<const uint8_t*>(scales)[index]) - 127);
-      kernels().widen_mxfp4(row, offset + start, stop - start, scale, out + start);
+      const float scale = e8m0_values()[static_cast<const uint8_t*>(scales)[index]];
+      k.widen_mxfp4(row, offset + start, stop - start, scale, out + start);
     } else {
-      kernels().widen(row + start, stop - start, static_cast<const float*>(scales)[index * scale_stride], out + start);
+      k.widen_fp8(row + start, stop - start, static_cast<const float*>(scales)[index], out + start);
     }
     start = stop;
     ++index;
   }
 }
+
+// sums[q * n + r] = weight row q . xs[r] for q < kWeightRows and r < n (n activation rows, each
+// `length` floats in the kernels' layout): fused where the kernels have it and n is small, else
+// the rows widened into `buffer` once and dotted 4 activation rows at a time.
+void dot_rows(bool mxfp4, const WeightRows& rows, const float* const* xs, int64_t n, int64_t count, int64_t block,
+              int64_t offset, int64_t length, std::vector<float>& buffer, float* sums) {
+  const Kernels& k = kernels();
+  float tile[kWeightRows * 4];
+  const bool fused = k.avx512 && n <= (mxfp4 ? kFusedRowsMxfp4 : kFusedRowsFp8);
+  const int step = fused && !mxfp4 ? 2 : 4;
+  const float* ws[kWeightRows];
+  if (!fused) {
+    if (buffer.size() < static_cast<size_t>(kWeightRows * length)) buffer.assign(kWeightRows * length, 0.0f);
+    for (int q = 0; q < kWeightRows; ++q) {
+      ws[q] = buffer.data() + q * length;
+      if (q == 0 || rows.bytes[q] != rows.bytes[q - 1])
+        widen_row(mxfp4, rows.bytes[q], count, rows.scales[q], block, offset, buffer.data() + q * length);
+      else
+        ws[q] = ws[q - 1];
+    }
+  }
+  for (int64_t r = 0; r < n; r += step) {
+    const int nx = static_cast<int>(std::min<int64_t>(step, n - r));
+    if (!fused)
+      k.dense(ws, xs + r, nx, length, tile);
+    else if (mxfp4)
+      mxfp4_fused(nx, rows, xs + r, length / 32, tile);
+    else
+      fp8_fused(nx, rows, xs + r, count, block, offset, tile);
+    for (int q = 0; q < kWeightRows; ++q)
+      for (int x = 0; x < nx; ++x) sums[q * n + r + x] = tile[q * nx + x];
+  }
+}
+
+// Where value v of a packed MXFP4 row sits in the split layout (its block's even values, then
+// its odd ones).
+inline int64_t split_index(int64_t v) { return (v & ~int64_t(31)) + (v & 1) * 16 + ((v & 31) >> 1); }
 
 void check(const at::Tensor& tensor, const char* name, at::ScalarType dtype, int64_t dim) {
   TORCH_CHECK(tensor.device().is_cpu(), kOp, ": ", name, ": expected a CPU tensor, got ", tensor.device());
@@ -302,48 +244,101 @@ at::Tensor experts_cpu_quantized_forward(const at::Tensor& hidden_states, const 
     return units;
   };
   const int64_t rows_total = tokens * top_k;
-  std::vector<float> h(static_cast<size_t>(rows_total * inter));
+  // The activation rows in the kernels' layout: as given, or (MXFP4 under AVX-512) split and
+  // zero-padded to whole blocks; h is written straight into its layout by the gate_up phase.
+  const bool split = mxfp4 && kernels().avx512;
+  const int64_t x_length = split ? hidden_blocks * 32 : hidden, h_length = split ? inter_blocks * 32 : inter;
+  std::vector<float> x_split;
+  if (split) {
+    x_split.assign(static_cast<size_t>(tokens * x_length), 0.0f);
+    for (int64_t t = 0; t < tokens; ++t)
+      for (int64_t v = 0; v < hidden; ++v) x_split[t * x_length + split_index(v)] = x[t * hidden + v];
+  }
+  const float* x_rows = split ? x_split.data() : x;
+  std::vector<float> h(static_cast<size_t>(rows_total * h_length), 0.0f);
   std::vector<float> pair_out(static_cast<size_t>(rows_total * hidden));
 
+  // Unit u's weight rows, kWeightRows at a time, against the expert's activation rows; row(u, q,
+  // bytes, scales) finds weight row q of unit u, of which there are per_column * its columns.
+  // The last group reads ahead into unit `next`'s first rows (the thread's next unit).
+  auto unit_sums = [&](const auto& units, auto&& row, int64_t per_column, int64_t u, int64_t next,
+                       const float* const* xs, int64_t n, int64_t count, int64_t row_offset, int64_t length,
+                       std::vector<float>& buffer, std::vector<float>& sums) {
+    const int64_t n_weight_rows = units[u][2] * per_column, next_rows = units[next][2] * per_column;
+    // Rounded up to whole groups: a short last group's repeated rows land past the real ones.
+    sums.resize(static_cast<size_t>((n_weight_rows + kWeightRows - 1) / kWeightRows * kWeightRows * n));
+    for (int64_t q0 = 0; q0 < n_weight_rows; q0 += kWeightRows) {
+      WeightRows rows;
+      const void* unused;
+      const bool last = q0 + kWeightRows >= n_weight_rows;
+      for (int q = 0; q < kWeightRows; ++q) {
+        row(u, std::min(q0 + q, n_weight_rows - 1), rows.bytes[q], rows.scales[q]);
+        if (last)
+          row(next, std::min<int64_t>(q, next_rows - 1), rows.next[q], unused);
+        else
+          row(u, std::min(q0 + kWeightRows + q, n_weight_rows - 1), rows.next[q], unused);
+      }
+      dot_rows(mxfp4, rows, xs, n, count, block, row_offset, length, buffer, sums.data() + q0 * n);
+    }
+  };
+
   const auto gate_up_units = units_of(inter);
+  // Weight row q of a gate_up unit: column first + q / groups, half q % groups.
+  auto gate_up_row = [&](int64_t unit, int64_t q, const uint8_t*& bytes, const void*& scales) {
+    const auto [e, first, count] = gate_up_units[unit];
+    const int64_t i = first + q / groups, g = q % groups;
+    const int64_t packed = !gated ? i : interleaved ? 2 * i + g : g * inter + i;
+    bytes = gate_up_bytes + (e * rows + packed) * gate_up_row_bytes;
+    scales = gate_up_row_scales(e, g, i, packed);
+  };
   at::parallel_for(0, static_cast<int64_t>(gate_up_units.size()), 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> row(static_cast<size_t>(groups * hidden));
-    std::vector<float> sums(static_cast<size_t>(groups));
+    std::vector<float> buffer, sums;
+    std::vector<const float*> xs;
     for (int64_t u = begin; u < end; ++u) {
       const auto [e, first, count] = gate_up_units[u];
-      const int64_t row_begin = offsets[e], row_end = offsets[e + 1];
-      for (int64_t i = first; i < first + count; ++i) {
-        for (int64_t g = 0; g < groups; ++g) {
-          const int64_t packed = !gated ? i : interleaved ? 2 * i + g : g * inter + i;
-          widen_row(mxfp4, gate_up_bytes + (e * rows + packed) * gate_up_row_bytes, hidden,
-                    gate_up_row_scales(e, g, i, packed), 1, block, 0, row.data() + g * hidden);
-        }
-        for (int64_t r = row_begin; r < row_end; ++r) {
-          const float* x_row = x + (pairs[r] / top_k) * hidden;
-          for (int64_t g = 0; g < groups; ++g) {
-            const int64_t packed = !gated ? i : interleaved ? 2 * i + g : g * inter + i;
-            sums[g] = kernels().dot(x_row, row.data() + g * hidden, hidden) +
-                      (gate_up_b ? gate_up_b[e * groups * inter + packed] : 0.0f);
-          }
-          h[r * inter + i] = gated ? gated_forward<float>(params, sums[0], sums[1])
-                                   : unary_forward<float>(params.activation, sums[0]);
+      const int64_t row_begin = offsets[e], n = offsets[e + 1] - row_begin;
+      xs.resize(static_cast<size_t>(n));
+      for (int64_t r = 0; r < n; ++r) xs[r] = x_rows + (pairs[row_begin + r] / top_k) * x_length;
+      unit_sums(gate_up_units, gate_up_row, groups, u, u + 1 < end ? u + 1 : u, xs.data(), n, hidden, 0, x_length,
+                buffer, sums);
+      for (int64_t c = 0; c < count; ++c) {
+        const int64_t i = first + c;
+        float bias[2] = {0.0f, 0.0f};
+        for (int64_t g = 0; g < groups && gate_up_b; ++g)
+          bias[g] = gate_up_b[e * groups * inter + (!gated ? i : interleaved ? 2 * i + g : g * inter + i)];
+        const int64_t at = split ? split_index(offset + i) : i;
+        for (int64_t r = 0; r < n; ++r) {
+          const float first_sum = sums[(c * groups) * n + r] + bias[0];
+          h[(row_begin + r) * h_length + at] =
+              gated ? gated_forward<float>(params, first_sum, sums[(c * groups + 1) * n + r] + bias[1])
+                    : unary_forward<float>(params.activation, first_sum);
         }
       }
     }
   });
 
   const auto down_units = units_of(hidden);
+  auto down_row = [&](int64_t unit, int64_t q, const uint8_t*& bytes, const void*& scales) {
+    const auto [e, first, count] = down_units[unit];
+    bytes = down_bytes + (e * hidden + first + q) * down_row_bytes;
+    scales = down_row_scales(e, first + q);
+  };
   at::parallel_for(0, static_cast<int64_t>(down_units.size()), 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> row(static_cast<size_t>(std::max<int64_t>(inter, 1)));
+    std::vector<float> buffer, sums;
+    std::vector<const float*> hs;
     for (int64_t u = begin; u < end; ++u) {
       const auto [e, first, count] = down_units[u];
-      for (int64_t column = first; column < first + count; ++column) {
-        widen_row(mxfp4, down_bytes + (e * hidden + column) * down_row_bytes, inter, down_row_scales(e, column), 1,
-                  block, offset, row.data());
+      const int64_t row_begin = offsets[e], n = offsets[e + 1] - row_begin;
+      hs.resize(static_cast<size_t>(n));
+      for (int64_t r = 0; r < n; ++r) hs[r] = h.data() + (row_begin + r) * h_length;
+      unit_sums(down_units, down_row, 1, u, u + 1 < end ? u + 1 : u, hs.data(), n, inter, offset, h_length, buffer,
+                sums);
+      for (int64_t c = 0; c < count; ++c) {
+        const int64_t column = first + c;
         const float bias = down_b ? down_b[e * hidden + column] : 0.0f;
-        for (int64_t r = offsets[e]; r < offsets[e + 1]; ++r) {
-          const float value = kernels().dot(h.data() + r * inter, row.data(), inter) + bias;
-          pair_out[pairs[r] * hidden + column] = value * weights[pairs[r]];
+        for (int64_t r = 0; r < n; ++r) {
+          const int64_t pair = pairs[row_begin + r];
+          pair_out[pair * hidden + column] = (sums[c * n + r] + bias) * weights[pair];
         }
       }
     }

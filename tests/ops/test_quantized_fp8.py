@@ -135,21 +135,32 @@ print("worst", worst)
 """
 
 
-def test_portable_fp8_kernel_matches_the_reference_too():
-    """TPMOE_CPU_DEQUANT_KERNEL=portable (the kernels of CPUs without AVX2) on the fp8 and the
-    MXFP4 cases, in a process of its own (the kernels are chosen once per process); a bad value is
-    an error."""
+def _run_kernel_script(kernel):
     tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    script = _PORTABLE_SCRIPT.format(tests=tests)
-    env = dict(os.environ, TPMOE_CPU_DEQUANT_KERNEL="portable", PYTHONPATH=os.pathsep.join(
+    env = dict(os.environ, TPMOE_CPU_DEQUANT_KERNEL=kernel, PYTHONPATH=os.pathsep.join(
         [os.path.dirname(tests), os.environ.get("PYTHONPATH", "")]))
-    finished = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-c", _PORTABLE_SCRIPT.format(tests=tests)], env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("kernel", ["portable", "avx2", "avx512"])
+def test_each_dequant_kernel_matches_the_reference_too(kernel):
+    """TPMOE_CPU_DEQUANT_KERNEL forced to each kernel set (portable: CPUs without AVX2; avx2;
+    avx512: the fused decode kernels and the 4 x 4 tile) on the fp8 and the MXFP4 cases, in a
+    process of its own (the kernels are chosen once per process). A kernel this CPU lacks is an
+    error that says so, and the test skips it."""
+    finished = _run_kernel_script(kernel)
+    if finished.returncode != 0 and "but this CPU lacks" in finished.stderr:
+        pytest.skip(f"this CPU lacks what TPMOE_CPU_DEQUANT_KERNEL={kernel} needs")
     assert finished.returncode == 0, finished.stderr[-3000:]
     worst = float(finished.stdout.split("worst")[-1])
-    assert worst <= FP32_RTOL, f"portable kernel: max relative error {worst:.3e} > {FP32_RTOL:.1e}"
-    bad = subprocess.run([sys.executable, "-c", script], env=dict(env, TPMOE_CPU_DEQUANT_KERNEL="sse9"),
-                         capture_output=True, text=True, timeout=300)
-    assert bad.returncode != 0 and "TPMOE_CPU_DEQUANT_KERNEL: expected portable, avx2 or auto, got 'sse9'" in bad.stderr
+    assert worst <= FP32_RTOL, f"{kernel} kernel: max relative error {worst:.3e} > {FP32_RTOL:.1e}"
+
+
+def test_a_bad_dequant_kernel_name_is_an_error():
+    bad = _run_kernel_script("sse9")
+    assert bad.returncode != 0
+    assert "TPMOE_CPU_DEQUANT_KERNEL: expected portable, avx2, avx512 or auto, got 'sse9'" in bad.stderr
 
 
 def _small():

@@ -1,7 +1,7 @@
 """The CPU path of quantized experts (tpmoe.fp8's "fp8_block", tpmoe.mxfp4's "mxfp4"): the
 native op tpmoe::experts_cpu_quantized_forward (csrc/experts_cpu_quantized.cpp), which
-dequantizes one weight row at a time right before its products and so reads the stored bytes at
-their own size.
+dequantizes the weights where they are used (in registers at decode, a few rows at a time at
+prefill) and so reads the stored bytes at their own size.
 
 The op is forward only: quantized weights are frozen, and where a gradient is wanted (for the
 input, the routing weights or the biases: the rest of a model training around frozen quantized
