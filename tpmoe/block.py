@@ -35,10 +35,9 @@ from . import distributed as tp
 from .distributed import expert_parallel as ep
 from .config import MoEConfig
 from ._checks import FLOAT_DTYPES, check_choice, check_ids_in_range, dtype_name
-from .fp8 import check_fp8_experts
 from .fused import BACKENDS, routed_experts
-from .mxfp4 import check_mxfp4_experts
-from .quantized_experts import QUANTIZED_FORMATS, local_quantized_experts
+from .quantized import QUANTIZED_FORMATS, check_quantized_experts, shard_quantized_experts
+from .quantized_experts import QuantizedExperts
 from .routing import route
 from .distributed.dtensor_parameters import as_dtensor, block_local, block_submesh, local_tensor, mesh_of_groups
 from .distributed.groups import mesh_dims_by_name
@@ -46,7 +45,7 @@ from .distributed.replicated import check_expert_parallel_agree, check_shards_ag
 from .sharding import (REPLICATED_NAMES, SHARDED_NAMES, align_sharded_storage, check_shards, expert_range,
                        expert_ranges, shard_moe_weights, shard_sizes)
 from .stacked import to_format, to_stacked
-from .weights import FP8_FORMAT, ExpertWeights, check_moe_weights, random_moe_weights
+from .weights import ExpertWeights, check_moe_weights, random_moe_weights
 
 # Trained replicated parameters: their gradients are complete on every rank in TP mode and
 # per-rank partial sums (over the local tokens) in sequence-parallel and expert-parallel mode.
@@ -329,14 +328,13 @@ class MoEBlock(nn.Module):
         config = self.config
         spec = self._expert_spec.with_layout("interleaved") if config.layout == "gpt_oss" else self._expert_spec
         device, dtype = self._experts_device_and_dtype()
-        check = check_fp8_experts if experts.format == FP8_FORMAT else check_mxfp4_experts
-        full_sizes = check(experts, hidden_size=config.hidden_size, layout=spec.layout, gated=spec.gated,
-                           device=experts.w_gate_up.device, argument="experts")
+        full_sizes = check_quantized_experts(experts, spec, hidden_size=config.hidden_size,
+                                             device=experts.w_gate_up.device, argument="experts")
         if full_sizes != (config.num_experts, config.intermediate_size):
             raise ValueError(f"experts: expected the whole experts of the config, E = {config.num_experts} and "
                              f"I = {config.intermediate_size}, got E = {full_sizes[0]}, I = {full_sizes[1]}")
-        local = local_quantized_experts(experts, layout=spec.layout, gated=spec.gated, tp_rank=self.tp_rank,
-                                        tp_size=self.tp_size, ep_rank=self.ep_rank, ep_size=self.ep_size)
+        local = QuantizedExperts(shard_quantized_experts(experts, spec, tp_rank=self.tp_rank, tp_size=self.tp_size,
+                                                         ep_rank=self.ep_rank, ep_size=self.ep_size))
         for name in ("w_gate_up", "w_down"):
             if hasattr(self, name):
                 delattr(self, name)

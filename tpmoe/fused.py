@@ -8,10 +8,8 @@ from ._checks import (FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_ids_in_ran
                       check_tensor)
 from ._native import use_native_ops
 from .config import ExpertSpec, check_expert_fields
-from .fp8 import check_fp8_experts
-from .mxfp4 import check_mxfp4_experts
-from .quantized import dequantize_experts
-from .weights import FP8_FORMAT, MXFP4_FORMAT, ExpertWeights
+from .quantized import check_quantized_experts, dequantize_experts
+from .weights import ExpertWeights
 
 BACKENDS = ("auto", "cpu", "triton", "reference")
 
@@ -104,12 +102,9 @@ def _check_experts_args(hidden_states, weights, topk_ids, topk_weights, spec):
     check_tensor(hidden_states, "hidden_states", ndim=2, dtypes=FLOAT_DTYPES)
     device, dtype = hidden_states.device, hidden_states.dtype
     num_tokens, hidden_size = hidden_states.shape
-    if weights.format == FP8_FORMAT:
-        num_experts, intermediate_local = check_fp8_experts(weights, hidden_size=hidden_size, layout=spec.layout,
-                                                            gated=spec.gated, device=device)
-    elif weights.format == MXFP4_FORMAT:
-        num_experts, intermediate_local = check_mxfp4_experts(weights, hidden_size=hidden_size, layout=spec.layout,
-                                                              gated=spec.gated, device=device)
+    if weights.format != "dense":
+        num_experts, intermediate_local = check_quantized_experts(weights, spec, hidden_size=hidden_size,
+                                                                  device=device)
     else:
         num_experts, intermediate_local = _check_dense_weights(weights, hidden_size, dtype, device, spec)
     gate_up_rows = (2 if spec.gated else 1) * intermediate_local

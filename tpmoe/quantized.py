@@ -1,14 +1,25 @@
-"""Quantized expert weights, whatever their format: the dense weights they stand for."""
+"""Quantized expert weights, whatever their format: the one table of what each format
+(tpmoe.fp8's "fp8_block", tpmoe.mxfp4's "mxfp4") does for checking, dequantizing and sharding."""
 from typing import Optional, Tuple
 
 import torch
 
 from .config import ExpertSpec
-from .fp8 import dequantize_fp8_experts
-from .mxfp4 import dequantize_mxfp4_experts
+from .fp8 import check_fp8_experts, dequantize_fp8_experts, shard_fp8_experts
+from .mxfp4 import check_mxfp4_experts, dequantize_mxfp4_experts, shard_mxfp4_experts
 from .weights import FP8_FORMAT, MXFP4_FORMAT, ExpertWeights
 
+_CHECK = {FP8_FORMAT: check_fp8_experts, MXFP4_FORMAT: check_mxfp4_experts}
 _DEQUANTIZE = {FP8_FORMAT: dequantize_fp8_experts, MXFP4_FORMAT: dequantize_mxfp4_experts}
+_SHARD = {FP8_FORMAT: shard_fp8_experts, MXFP4_FORMAT: shard_mxfp4_experts}
+QUANTIZED_FORMATS = tuple(_CHECK)
+
+
+def check_quantized_experts(weights: ExpertWeights, spec: ExpertSpec, *, hidden_size: int, device: torch.device,
+                            argument: str = "weights") -> Tuple[int, int]:
+    """(E, I_p) of quantized `weights` after their format's checks (naming `argument`)."""
+    return _CHECK[weights.format](weights, hidden_size=hidden_size, layout=spec.layout, gated=spec.gated,
+                                  device=device, argument=argument)
 
 
 def dequantize_experts(weights: ExpertWeights, spec: ExpertSpec, dtype: torch.dtype,
@@ -16,3 +27,10 @@ def dequantize_experts(weights: ExpertWeights, spec: ExpertSpec, dtype: torch.dt
     """The "dense" ExpertWeights (dtype) that quantized `weights` stand for; `experts` = (first,
     count) only those (the plain CPU path's one expert at a time)."""
     return _DEQUANTIZE[weights.format](weights, layout=spec.layout, gated=spec.gated, dtype=dtype, experts=experts)
+
+
+def shard_quantized_experts(full: ExpertWeights, spec: ExpertSpec, *, tp_rank: int, tp_size: int, ep_rank: int = 0,
+                            ep_size: int = 1) -> ExpertWeights:
+    """TP rank tp_rank's (and EP rank ep_rank's) slice of the whole quantized experts `full`."""
+    return _SHARD[full.format](full, layout=spec.layout, gated=spec.gated, rank=tp_rank, world_size=tp_size,
+                               ep_rank=ep_rank, ep_size=ep_size)

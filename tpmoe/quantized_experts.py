@@ -11,12 +11,8 @@ load_quantized_experts_, and tpmoe's own checkpoints hold the trained parameters
 import torch
 from torch import nn
 
-from .fp8 import FP8_DTYPE, BlockScales, shard_fp8_experts
-from .mxfp4 import shard_mxfp4_experts
-from .weights import FP8_FORMAT, MXFP4_FORMAT, ExpertWeights
-
-QUANTIZED_FORMATS = (FP8_FORMAT, MXFP4_FORMAT)
-_SHARD = {FP8_FORMAT: shard_fp8_experts, MXFP4_FORMAT: shard_mxfp4_experts}
+from .fp8 import FP8_DTYPE, BlockScales
+from .weights import FP8_FORMAT, ExpertWeights
 
 
 def _stored(tensor: torch.Tensor) -> torch.Tensor:
@@ -51,12 +47,3 @@ class QuantizedExperts(nn.Module):
 
     def extra_repr(self) -> str:
         return f"format={self.format}, block={self.block_size}, offset={self.block_offset}"
-
-
-def local_quantized_experts(full: ExpertWeights, *, layout: str, gated: bool, tp_rank: int, tp_size: int,
-                            ep_rank: int, ep_size: int) -> QuantizedExperts:
-    """QuantizedExperts of this rank's slice of `full` quantized experts (the whole, unsharded
-    experts, the same on every rank)."""
-    local = _SHARD[full.format](full, layout=layout, gated=gated, rank=tp_rank, world_size=tp_size, ep_rank=ep_rank,
-                                ep_size=ep_size)
-    return QuantizedExperts(local)
