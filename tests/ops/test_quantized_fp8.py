@@ -29,12 +29,21 @@ def test_quantize_round_trip_is_within_e4m3_rounding(seed):
     assert weights.format == "fp8_block" and weights.w_gate_up.dtype == FP8_DTYPE
     assert tuple(weights.scales.gate_up.shape) == (3, 2, 2, 3) and tuple(weights.scales.down.shape) == (3, 3, 2)
     back = dequantize_fp8_experts(weights, layout="concatenated", gated=True, dtype=torch.float64)
+
+    def per_element(scales, rows, cols):  # each element's block scale, [..., rows, cols]
+        return scales.double().repeat_interleave(8, -2)[..., :rows, :].repeat_interleave(8, -1)[..., :cols]
+    block_scales = {"w_gate_up": per_element(weights.scales.gate_up, 12, 20).reshape(3, 24, 20),
+                    "w_down": per_element(weights.scales.down, 20, 12)}
     for name, full in (("w_gate_up", dense["w_gate_up"]), ("w_down", dense["w_down"])):
         error = (getattr(back, name) - full).abs()
-        # e4m3: 3 mantissa bits (relative 2^-4 on rounding), subnormal spacing 2^-9 of the scale,
-        # and no block's largest value clips (scale = amax / 448).
-        bound = full.abs() * 2.0 ** -4 + 448 * 2.0 ** -9 * full.abs().amax()
+        scale = block_scales[name]
+        # e4m3 after dividing by the block's scale (amax / 448: no value clips): 3 mantissa bits,
+        # so half a step is 2^-4 relative for normal values, and 2^-10 absolute among the
+        # subnormals (spacing 2^-9); both back at the block's scale. The scale's own float32
+        # rounding adds at most 2^-24 relative.
+        bound = full.abs() * (2.0 ** -4 + 2.0 ** -23) + 2.0 ** -10 * scale
         assert (error <= bound).all(), f"{name}: dequantized values off by more than e4m3's rounding"
+        assert (full.abs() <= 448 * scale * (1 + 2.0 ** -23)).all(), f"{name}: a block's scale clips its values"
         assert error.max() > 0, f"{name}: quantization changed nothing (the test would be vacuous)"
 
 
