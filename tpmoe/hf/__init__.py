@@ -6,6 +6,7 @@
     state_dict = tpmoe.hf.gather_state_dict(model) # HF names, full tensors, on every rank
     model.save_pretrained(path, state_dict=state_dict)   # loads into the original class
     tpmoe.hf.register_experts_implementation()     # then experts_implementation="tpmoe"
+    tpmoe.hf.load_quantized_experts(model, tensors)  # after apply: a checkpoint's MXFP4 / fp8 experts
 
 `apply` judges every MoE block of the model from its code (tpmoe/hf/judge.py, against the
 verified pieces of tpmoe/hf/registry.py) and either swaps the whole block for a `TpmoeHFBlock`
@@ -22,14 +23,20 @@ shard becomes the block's parameter's local tensor), made whole and re-cut other
 sharded over the model's TP mesh too. Nothing is re-read from disk; attention, embeddings and
 dense MLPs stay exactly as transformers sharded them.
 
+Quantized experts run at their own size (tpmoe/hf/quantized.py): transformers' fine-grained FP8
+experts (FP8Experts) are read as they are by `apply`; a checkpoint's MXFP4 (GPT-OSS) or FP8
+experts replace a swapped model's dense ones with `load_quantized_experts`. Either way each rank
+keeps its slice at any TP size, and the quantized weights are frozen.
+
 Which families run, how, and why others are refused: `python -m tpmoe.hf.families` and its
 snapshot tpmoe/hf/families_snapshot.json.
 """
 from .experts_interface import EXPERTS_IMPLEMENTATION, register_experts_implementation, tpmoe_experts_forward
 from .judge import UnsupportedFamilyError
+from .quantized import load_quantized_experts
 from .state_dict import gather_state_dict
 from .swap import ApplyReport, ReplacedBlock, apply, data_parallel_parameters
 
 __all__ = ["ApplyReport", "ReplacedBlock", "UnsupportedFamilyError", "apply", "data_parallel_parameters",
-           "gather_state_dict",
+           "gather_state_dict", "load_quantized_experts",
            "register_experts_implementation", "tpmoe_experts_forward", "EXPERTS_IMPLEMENTATION"]

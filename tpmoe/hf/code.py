@@ -56,14 +56,21 @@ def forward_code(module_or_class) -> Optional[str]:
 
 
 def family_of(cls: type) -> str:
-    """'qwen3_moe' for transformers.models.qwen3_moe.modeling_qwen3_moe.X; the module path otherwise."""
+    """'qwen3_moe' for transformers.models.qwen3_moe.modeling_qwen3_moe.X, 'integrations.finegrained_fp8'
+    for transformers.integrations.finegrained_fp8.X; the module path otherwise."""
     parts = cls.__module__.split(".")
     if len(parts) >= 3 and parts[0] == "transformers" and parts[1] == "models":
         return parts[2]
+    if len(parts) == 3 and parts[:2] == ["transformers", "integrations"]:
+        return f"integrations.{parts[2]}"
     return cls.__module__
 
 
 def modeling_module(family: str):
+    """transformers' modeling module of a family, or of an integration ("integrations.finegrained_fp8":
+    the modules transformers' quantizers put in place of a family's own)."""
+    if family.startswith("integrations."):
+        return importlib.import_module(f"transformers.{family}")
     return importlib.import_module(f"transformers.models.{family}.modeling_{family}")
 
 

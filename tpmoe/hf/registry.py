@@ -71,6 +71,9 @@ EXPERTS: Tuple[ExpertsImpl, ...] = (
     ExpertsImpl("llama4", "Llama4TextExperts", gate="inline", transposed=True, weighted_inputs=True),
     # Muse-Spark: each expert's output through one shared norm module, then weighted.
     ExpertsImpl("muse_spark", "MuseSparkExperts", gate="inline", post_norm="post_expert_norm"),
+    # transformers' fine-grained FP8 experts (its FP8 quantizer's replacement of a family's experts): the
+    # e4m3 values and their block scales are read in place as tpmoe's "fp8_block" (tpmoe/hf/quantized.py).
+    ExpertsImpl("integrations.finegrained_fp8", "FP8Experts", gate="apply_gate", storage="fp8_block"),
     ExpertsImpl("dbrx", "DbrxExperts", gate="inline", storage="dbrx", act="mlp.activation_fn"),
     # LongCat-Flash: ids at or past the routed experts are identity experts; gate_up_proj has
     # (unused) rows for them too.
@@ -141,6 +144,19 @@ def _gpt_oss_glu(alpha_attribute: str, limit_attribute: str):
     return read
 
 
+def _fp8_experts_gate(experts, activation_of):
+    """FP8Experts' _apply_gate: one method for every family it replaces, its branch taken from the
+    instance (the replaced family's config)."""
+    if experts.gate_softcap is not None:
+        return "softcapped_swiglu", float(experts.gate_softcap), _limit(experts.up_softcap, "up_softcap")
+    if experts.swiglu_alpha is not None:
+        return "clamped_swiglu", float(experts.swiglu_alpha), _limit(experts.limit, "limit")
+    if experts.limit is not None:
+        _silu_only(experts, activation_of, "FP8Experts' clamps")
+        return ("silu_clamped" if experts.limit_after_act else "clamped_silu"), 1.702, float(experts.limit)
+    return plain_activation(experts, activation_of)
+
+
 def _softcapped(experts, activation_of):
     act = experts.act_fn
     return "softcapped_swiglu", float(act.gate_softcap.softcap), float(act.up_softcap.softcap)
@@ -160,6 +176,7 @@ GATES: Tuple[GateImpl, ...] = (
     GateImpl("glm5_next", "Glm5NextTextExperts", split="concatenated", read=_clamp_before("swiglu_limit", False)),
     GateImpl("deepseek_v4", "DeepseekV4Experts", split="concatenated", read=_clamp_before("limit", True)),
     GateImpl("step3p7", "Step3p7Experts", split="concatenated", read=_clamp_after),
+    GateImpl("integrations.finegrained_fp8", "FP8Experts", split="concatenated", read=_fp8_experts_gate),
     GateImpl("inkling2", "Inkling2Experts", split="concatenated", read=_softcapped,
              activation_modules=(("inkling2", "Inkling2SoftcappedSwiGLU"), ("inkling2", "Inkling2Softcap"))),
 )

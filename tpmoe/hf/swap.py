@@ -192,10 +192,10 @@ def apply(model: nn.Module, group=None, *, tp_mesh_dim=None, ep_mesh_dim=None, e
 
     report, drawing = ApplyReport(), []
     modules = dict(model.named_modules())
-    for ordinal, ((name, module, plan), (config, weights)) in enumerate(zip(blocks, judged)):
+    for ordinal, ((name, module, plan), (config, weights, quantized)) in enumerate(zip(blocks, judged)):
         block_group = _block_group(resolved, module, name)
         layer = _layer_index(name, ordinal)
-        replacement, source = _build(module, plan, config, weights, block_group, name, layer, backend,
+        replacement, source = _build(module, plan, config, weights, quantized, block_group, name, layer, backend,
                                      check_replicated, jitter_seed, logit_classes, resolved_ep)
         if plan.mode == "block":
             parent_name, _, child_name = name.rpartition(".")
@@ -228,7 +228,8 @@ def apply(model: nn.Module, group=None, *, tp_mesh_dim=None, ep_mesh_dim=None, e
 
 
 def _config(module, plan, name):
-    """The block's MoEConfig, its HF weights' whole shapes checked against it."""
+    """The block's MoEConfig, its HF weights' whole shapes checked against it, and its whole
+    quantized experts where transformers' quantizer left them (else None)."""
     from .judge import unsupported
     from .registry import Unsupported
     from .shards import check_whole_shapes
@@ -241,7 +242,7 @@ def _config(module, plan, name):
     except (Unsupported, ValueError) as error:
         raise unsupported(module, name, str(error)) from None
     check_whole_shapes(owner, weights, config, _owner_name(name, plan))
-    return config, weights
+    return config, weights, _quantized_experts(module, plan, name)
 
 
 def _owner_name(name: str, plan: Plan) -> str:
@@ -263,7 +264,7 @@ def _check_ep_size(blocks, judged, ep_group) -> None:
     from ..distributed import group_size
 
     ep_size = group_size(ep_group)
-    for (name, module, _), (config, _) in zip(blocks, judged):
+    for (name, module, _), (config, *_) in zip(blocks, judged):
         if config.num_experts < ep_size:
             raise ValueError(f"group: an EP dimension of {ep_size} ranks, but {name} ({type(module).__name__}) has "
                              f"{config.num_experts} routed experts; expected at most {config.num_experts} EP ranks "
@@ -300,21 +301,38 @@ def _refuse_tp_plan_with_ep(model: nn.Module) -> None:
             f"tp_plan model and call tpmoe.hf.apply(model) without an EP dimension (tensor parallel over its mesh)")
 
 
-def _build(module, plan: Plan, config, weights, group, name, layer, backend, check_replicated, jitter_seed,
+def _build(module, plan: Plan, config, weights, quantized, group, name, layer, backend, check_replicated, jitter_seed,
            logit_classes, ep_group=None):
     """(the replacement module, its weights' source) for one judged block."""
+    import torch
+
     from ..block import MoEBlock
+    from ..distributed import group_rank, group_size
+    from ..sharding import shard_shapes
     from .code import family_of
     from .module import TpmoeHFBlock, TpmoeHFExperts
+    from .quantized import compute_dtype
+    from .weight_map import WeightMap
 
     owner = plan.replaced(module)
+    if quantized is not None:  # the dense experts are placeholders the quantized ones replace
+        weights = WeightMap({k: v for k, v in weights.names.items() if k not in ("w_gate_up", "w_down")},
+                            weights.packings)
     shards, source, views = collect_shards(owner, weights, config, group, _owner_name(name, plan), ep_group=ep_group)
     hf_tensors = weights.hf_tensors(owner)
     trainable = {tp_name: parts[0].requires_grad for tp_name, parts in hf_tensors.items()}
+    if quantized is not None:
+        shapes = shard_shapes(config, group_rank(group), group_size(group), ep_rank=group_rank(ep_group),
+                              ep_size=group_size(ep_group))
+        dtype = compute_dtype(module, _experts_module(owner, plan))
+        shards.update({k: torch.empty(shapes[k], dtype=dtype, device=quantized.w_gate_up.device)
+                       for k in ("w_gate_up", "w_down")})
     # transformers' local shards become the block's parameters' local tensors without a copy (the
     # HF parameters they belong to leave the model with the module replaced).
     tp_block = MoEBlock.from_shards(config, shards, group=group, ep_group=ep_group, backend=backend,
                                     check_replicated=check_replicated, _uncopied=views)
+    if quantized is not None:
+        tp_block.load_quantized_experts_(quantized)
     for tp_name, parameter in tp_block.named_parameters(recurse=False):
         parameter.requires_grad_(trainable.get(tp_name, True))
     common = dict(family=family_of(type(module)), hf_class_name=type(module).__name__, layer_index=layer)
@@ -343,6 +361,24 @@ def _build(module, plan: Plan, config, weights, group, name, layer, backend, che
         records_router_logits=plan.router is not None and isinstance(router, logit_classes), **common)
     replacement.train(module.training)
     return replacement, source
+
+
+def _experts_module(owner, plan: Plan):
+    return owner if plan.mode == "experts" or not plan.block.experts else getattr(owner, plan.block.experts)
+
+
+def _quantized_experts(module, plan: Plan, name: str):
+    """The whole quantized experts transformers put in place of the block's (FP8Experts), or None."""
+    if plan.experts.impl.storage != "fp8_block":
+        return None
+    from .judge import unsupported
+    from .quantized import fp8_experts_of
+    from .registry import Unsupported
+
+    try:
+        return fp8_experts_of(_experts_module(plan.replaced(module), plan), _owner_name(name, plan))
+    except Unsupported as error:
+        raise unsupported(module, name, str(error)) from None
 
 
 def _undistributed(value):
