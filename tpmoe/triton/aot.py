@@ -170,6 +170,8 @@ def representative_launches(kernel_names=None, *, layout="concatenated", gated=T
             configs = [tile_configs.wide_dtype_config(name, config, dtype.itemsize) for config in configs]
         if main_only:
             configs = [main_config(name, dtype.itemsize, capability)]
+        if weight_format != "dense":
+            configs = list(dict.fromkeys(tile_configs.quantized_config(name, config) for config in configs))
         for config in configs:
             meta = align_torch(topk_ids, num_experts, config.BLOCK_M)
             num_rows = meta.sorted_ids_padded.shape[0]

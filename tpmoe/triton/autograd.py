@@ -19,7 +19,7 @@ from ..config import ExpertSpec
 from ..weights import ExpertWeights
 from .layouts import down_axes, gate_up_axes
 from ..routing import align  # the alignment the kernels read: docs/contracts.md, AlignResult
-from .tile_configs import block_m_for, launch_configs, token_bucket
+from .tile_configs import block_m_for, launch_configs, quantized_config, token_bucket
 
 
 def forward_launches(hidden_states, w_gate_up, w_down, topk_weights, b_gate_up, b_down, topk_ids, activation,
@@ -36,6 +36,9 @@ def forward_launches(hidden_states, w_gate_up, w_down, topk_weights, b_gate_up, 
         num_tokens, top_k, num_experts, hidden_size, intermediate_size, w_gate_up.shape[gate_up_axes(layout)[0]],
         hidden_states.element_size(), device_capability(hidden_states.device)).items()}
     gate_up_scale, down_scale, *quantized = scales if scales is not None else (None, None)
+    if scales is not None:  # the narrower tiles that dequantize without spills
+        for launch in ("gate_up", "down"):
+            configs[launch] = ops.config_list(quantized_config(launch, ops._config(configs[launch])))
 
     h = ops.gate_up(hidden_states, w_gate_up, b_gate_up, routing.sorted_ids_padded, routing.block_expert, top_k,
                     activation, layout, gated, alpha, limit, configs["gate_up"], gate_up_scale, *quantized)

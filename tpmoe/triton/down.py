@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dequant import dequantized_tile, weight_arguments
+from .dequant import dequantized_dot, weight_arguments
 from .grid import grouped_tile, tile_grid_size
 from .interpret import as_dot_operand, dot_flags, require_runnable, round_to, zeros_accumulator
 from .layouts import readable_width
@@ -73,7 +73,7 @@ def grouped_scatter_kernel(
     HAS_BIAS: tl.constexpr, SCALE_BY_WEIGHT: tl.constexpr,
     W_MASK_EXACT: tl.constexpr,  # W's k entries masked by Kdim (else by Kdim_a, like A's)
     INTERPRETED: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_FP64: tl.constexpr,
-    WEIGHT_FORMAT: tl.constexpr, SCALE_BLOCK: tl.constexpr,  # tpmoe.triton.dequant
+    WEIGHT_FORMAT: tl.constexpr, SCALE_BLOCK: tl.constexpr, SCALE_SPAN: tl.constexpr,  # tpmoe.triton.dequant
 ):
     pid_m, pid_n = grouped_tile(tl.program_id(0), num_row_blocks, tl.cdiv(N, BLOCK_N), GROUP_M)
     split = tl.program_id(1)
@@ -114,14 +114,14 @@ def grouped_scatter_kernel(
         a_tile = tl.load(a_ptrs, mask=row_valid[:, None] & (offs_k < k_end - k0)[None, :], other=0.0)
         if WEIGHT_FORMAT == "dense":
             w_tile = tl.load(w_ptrs, mask=(offs_k < k_end_w - k0)[:, None] & col_valid[None, :], other=0.0)
+            acc = tl.dot(as_dot_operand(a_tile, INTERPRETED), as_dot_operand(w_tile, INTERPRETED), acc,
+                         input_precision=DOT_PRECISION, out_dtype=acc.dtype)
         else:
-            w_tile = dequantized_tile(w_ptr + expert * stride_we, offs_n.to(tl.int64) * stride_wn,
-                                      w_start + k0 + offs_k, stride_wk, scale_ptr + expert * stride_se, scale_cols,
-                                      block_offset + k0 + offs_k, stride_sk,
-                                      (offs_k < k_end_w - k0)[:, None] & col_valid[None, :], SCALE_BLOCK,
-                                      WEIGHT_FORMAT, a_ptr.dtype.element_ty, INTERPRETED)
-        acc = tl.dot(as_dot_operand(a_tile, INTERPRETED), as_dot_operand(w_tile, INTERPRETED), acc,
-                     input_precision=DOT_PRECISION, out_dtype=acc.dtype)
+            acc = dequantized_dot(a_tile, acc, w_ptr + expert * stride_we, offs_n.to(tl.int64) * stride_wn,
+                                  w_start + k0, stride_wk, scale_ptr + expert * stride_se, scale_cols,
+                                  block_offset + k0, stride_sk, k_end_w - k0, col_valid, BLOCK_K, SCALE_BLOCK,
+                                  SCALE_SPAN, WEIGHT_FORMAT, a_ptr.dtype.element_ty, INTERPRETED,
+                                  DOT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
 
@@ -191,7 +191,8 @@ def grouped_scatter(rows, weight, n_axis: int, k_axis: int, bias, routing_weight
     # too where it has its own there; the weight's wide mask is only useful beside rows' one.
     depth_a = readable_width(rows, 1, depth)
     depth_w = readable_width(weight, k_axis, depth) if depth_a > depth and weight_format == "dense" else depth
-    weight, scale_arguments = weight_arguments(weight, scale, weight_format, "down", block_size, block_offset, out)
+    weight, scale_arguments = weight_arguments(weight, scale, weight_format, "down", block_size, block_offset,
+                                               config.BLOCK_K, out)
     grouped_scatter_kernel[grid](
         rows, weight, bias_arg, weight_arg, sorted_ids_padded, block_expert, out,
         num_pairs, out_size, depth, depth_a,

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .activations import gated_forward, unary_activation_and_grad
-from .dequant import dequantized_tile, weight_arguments
+from .dequant import dequantized_dot, weight_arguments
 from .grid import grouped_tile, tile_grid_size
 from .interpret import as_dot_operand, dot_flags, require_runnable, round_to, zeros_accumulator
 from .layouts import empty_aligned_rows, gate_up_axes, gate_up_columns, readable_width
@@ -63,7 +63,7 @@ def gate_up_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     COL_STEP: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
     INTERPRETED: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_FP64: tl.constexpr,
-    WEIGHT_FORMAT: tl.constexpr, SCALE_BLOCK: tl.constexpr,  # tpmoe.triton.dequant
+    WEIGHT_FORMAT: tl.constexpr, SCALE_BLOCK: tl.constexpr, SCALE_SPAN: tl.constexpr,  # tpmoe.triton.dequant
 ):
     num_col_blocks = tl.cdiv(intermediate_size, BLOCK_N)
     pid_m, pid_n = grouped_tile(tl.program_id(0), num_row_blocks, num_col_blocks, GROUP_M)
@@ -114,13 +114,13 @@ def gate_up_kernel(
         x_tile = tl.load(x_ptrs, mask=row_valid[:, None] & k_valid[None, :], other=0.0)
         if WEIGHT_FORMAT == "dense":
             w_tile = tl.load(w_ptrs, mask=k_valid[:, None] & w_load_valid[None, :], other=0.0)
+            acc = tl.dot(as_dot_operand(x_tile, INTERPRETED), as_dot_operand(w_tile, INTERPRETED), acc,
+                         input_precision=DOT_PRECISION, out_dtype=acc.dtype)
         else:
-            w_tile = dequantized_tile(w_ptr + expert * stride_we, w_rows * stride_wr, k0 + offs_k, stride_wh,
-                                      scale_ptr + expert * stride_se, scale_cols, k0 + offs_k, stride_sk,
-                                      k_valid[:, None] & w_load_valid[None, :], SCALE_BLOCK, WEIGHT_FORMAT,
-                                      x_ptr.dtype.element_ty, INTERPRETED)
-        acc = tl.dot(as_dot_operand(x_tile, INTERPRETED), as_dot_operand(w_tile, INTERPRETED), acc,
-                     input_precision=DOT_PRECISION, out_dtype=acc.dtype)
+            acc = dequantized_dot(x_tile, acc, w_ptr + expert * stride_we, w_rows * stride_wr, k0, stride_wh,
+                                  scale_ptr + expert * stride_se, scale_cols, k0, stride_sk, hidden_size - k0,
+                                  w_load_valid, BLOCK_K, SCALE_BLOCK, SCALE_SPAN, WEIGHT_FORMAT,
+                                  x_ptr.dtype.element_ty, INTERPRETED, DOT_PRECISION)
         x_ptrs += BLOCK_K * stride_xh
         w_ptrs += BLOCK_K * stride_wh
 
@@ -163,7 +163,7 @@ def gate_up(hidden_states, w_gate_up, b_gate_up, sorted_ids_padded, block_expert
     h = empty_aligned_rows(num_rows, intermediate_size, hidden_states.dtype, hidden_states.device)
     bias = b_gate_up if b_gate_up is not None else h  # never read when HAS_BIAS is False
     w_gate_up, scale_arguments = weight_arguments(w_gate_up, scale, weight_format, "gate_up", block_size,
-                                                  block_offset, h)
+                                                  block_offset, config.BLOCK_K, h)
     grid = (tile_grid_size(num_row_blocks, triton.cdiv(intermediate_size, config.BLOCK_N)),)
     gate_up_kernel[grid](
         hidden_states, w_gate_up, bias, sorted_ids_padded, block_expert, h,
