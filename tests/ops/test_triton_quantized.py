@@ -22,10 +22,15 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning"),
 ]
 
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
 import tpmoe.triton.quantized as triton_quantized  # noqa: E402
 from tpmoe import ExpertSpec, routed_experts  # noqa: E402
 from tpmoe.fp8 import quantize_fp8_experts  # noqa: E402
+from tpmoe.mxfp4 import E2M1_VALUES  # noqa: E402
 from tpmoe.quantized import shard_quantized_experts  # noqa: E402
+from tpmoe.triton.dequant import e2m1_to_float32, e4m3_to_float32, e8m0_to_float32  # noqa: E402
 
 CASES = [(fp8_problem, case) for case in FP8_CASES] + [(mxfp4_problem, case) for case in MXFP4_CASES]
 SHARDS = {"full": None, "tp1of3": (1, 3)}
@@ -124,3 +129,27 @@ def test_calls_that_need_gradients_take_the_plain_pytorch_route(item, seed, monk
     monkeypatch.setattr(triton_quantized, "experts_torch", counted)
     assert_float32_matches_reference(weights, spec, x, topk_ids, topk_weights, backend="triton")
     assert calls == [1]
+
+
+@triton.jit
+def _decode(byte_ptr, e4m3_ptr, e2m1_ptr, e8m0_ptr):
+    offs = tl.arange(0, 256)
+    byte = tl.load(byte_ptr + offs)
+    tl.store(e4m3_ptr + offs, e4m3_to_float32(byte))
+    tl.store(e2m1_ptr + offs, e2m1_to_float32(byte & 15))
+    tl.store(e8m0_ptr + offs, e8m0_to_float32(byte))
+
+
+def test_decoders_match_the_formats_value_tables():
+    """The in-register decoders against torch's float8_e4m3fn (every byte but the NaNs 0x7F, 0xFF),
+    tpmoe.mxfp4's e2m1 table (every nibble) and e8m0's 2^(s - 127) (s = 1 .. 254)."""
+    if DEVICE != "cpu":
+        pytest.skip("CPU tensors under the interpreter only")
+    byte = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    e4m3, e2m1, e8m0 = (torch.empty(256) for _ in range(3))
+    _decode[(1,)](byte, e4m3, e2m1, e8m0)
+    finite = (byte & 0x7F) != 0x7F
+    assert torch.equal(e4m3[finite], byte.view(torch.float8_e4m3fn).float()[finite])
+    assert torch.equal(e2m1[:16], torch.tensor(E2M1_VALUES, dtype=torch.float32))
+    scales = torch.arange(1, 255)
+    assert torch.equal(e8m0[1:255], torch.exp2(scales.double() - 127).float())
