@@ -67,8 +67,10 @@ def _implementation(backend: str, device: torch.device, weight_format: str = "de
         return _reference
     if backend == "triton":
         if weight_format != "dense":
-            raise NotImplementedError(f"backend: 'triton' runs 'dense' expert weights only so far, got format "
-                                      f"{weight_format!r} (backend 'cpu' and 'reference' run it, on CPU tensors)")
+            # Quantized: dequantized in the kernels' B-load (forward); calls that need gradients
+            # go to the plain-PyTorch path (tpmoe.triton.quantized).
+            from .triton.quantized import experts_triton_quantized
+            return experts_triton_quantized
         from .triton import experts_triton
         return experts_triton
     if device.type != "cpu":

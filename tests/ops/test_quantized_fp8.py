@@ -206,8 +206,6 @@ def test_fp8_misuse_outside_the_format():
     weights, x, ids, w = _small()
     with pytest.raises(ValueError, match="layout of fp8_block weights: expected one of"):
         routed_experts(x, weights, ids, w, ExpertSpec(layout="gpt_oss"))
-    with pytest.raises(NotImplementedError, match="backend: 'triton' runs 'dense' expert weights only"):
-        routed_experts(x, weights, ids, w, backend="triton")
     with pytest.raises(ValueError, match="weights.scales: expected None for format 'dense'"):
         routed_experts(x, ExpertWeights(torch.randn(2, 16, 16), torch.randn(2, 16, 8), scales=weights.scales), ids, w)
     with pytest.raises(ValueError, match="block_size: expected a positive int, got 0"):

@@ -31,6 +31,10 @@ UNEVEN = (154, 77)  # I_p of I = 768 over 5 and 10 ranks: rows of 308 and 154 by
 # Elementwise launches (no dot, no shared-memory pipeline): compiled and checked for spills,
 # exempt from the GEMM checks (wgmma, shared memory, async copies).
 ELEMENTWISE = ("combine", "split_sum")
+# Quantized weights: the AOT tool's arguments for each format, and the variant it names.
+QUANTIZED_FORMATS = {"fp8_block": ["--format", "fp8_block"],
+                     "mxfp4": ["--format", "mxfp4", "--layout", "interleaved", "--activation", "clamped_swiglu"]}
+QUANTIZED_VARIANTS = {"fp8_block": "fp8", "mxfp4": "mxfp4"}
 
 
 def _run_aot(jobs):
@@ -88,6 +92,11 @@ def aot_rows():
         # Uneven shards: a rank's I_p of I = 768 over 5 and 10 ranks, both layouts.
         ["--cc", "90", "--main-only", "--intermediate", *map(str, UNEVEN)],
         ["--cc", "90", "--main-only", "--layout", "gpt_oss", "--intermediate", *map(str, UNEVEN)],
+        # The forward kernels on quantized weights, dequantized in the B-load (tpmoe.triton.dequant):
+        # every config (tile_configs.quantized_config) on both targets, bias-free and biased, at
+        # I_p = 768 and at an uneven shard starting inside a scale block. MXFP4 as GPT-OSS runs it.
+        *[["--cc", "80", "90", *QUANTIZED_FORMATS[name], "--intermediate", "768", str(UNEVEN[1]), "--shard", shard]
+          for name in QUANTIZED_FORMATS for shard in ("0/2", "1/2")],
     ]
     rows = _run_aot(jobs)
     from tpmoe.triton.aot import TABLE_HEADER, format_row
@@ -196,9 +205,12 @@ def test_uneven_shards_keep_async_copies_and_do_not_spill(aot_rows):
 
     # Against the same target's I_p = 768 row (sm_80's too: its job compiles every I_p).
     full = {key(row): row for row in aot_rows if row["dtype"] == "bfloat16" and row["intermediate"] == 768}
-    uneven = [row for row in aot_rows if row["intermediate"] in UNEVEN and row["kernel"] not in ELEMENTWISE]
+    # Quantized weights are stored as their shard functions make them, compact (an fp8 row of 77
+    # bytes is not 16-byte aligned): their figures are test_quantized_forward_kernels_compile_without_spills's.
+    uneven = [row for row in aot_rows if row["intermediate"] in UNEVEN and row["kernel"] not in ELEMENTWISE
+              and row["variant"].split("+")[0] not in QUANTIZED_VARIANTS.values()]
     assert {row["intermediate"] for row in uneven} == set(UNEVEN)
-    assert {row["layout"] for row in uneven} == {"concatenated", "gpt_oss"}
+    assert {"concatenated", "gpt_oss"} <= {row["layout"] for row in uneven}
     problems = []
     for row in uneven:
         # Full-width (16-byte) async copies or TMA: 4-byte copies do not count as kept.
@@ -211,6 +223,35 @@ def test_uneven_shards_keep_async_copies_and_do_not_spill(aot_rows):
             problems.append(f"{key(row)} I_p={row['intermediate']}: {copies} 16-byte async copies (I_p=768: "
                             f"{expected}; {row['cp_async']} of any width), {row['ld_global']} plain global loads")
     assert not problems, "uneven shards:\n" + "\n".join(problems)
+
+
+def test_quantized_forward_kernels_compile_without_spills(aot_rows):
+    """gate_up and down with fp8_block and mxfp4 weights dequantized in their B-load: every
+    quantized config of each target's tables compiles on sm_80 and sm_90, bias-free and biased,
+    at I_p = 768 and 77 (a shard starting inside a scale block), without a spill, within shared
+    memory, and with wgmma for sm_90's 64-row tiles."""
+    from tpmoe.triton import tile_configs
+    rows = [row for row in aot_rows if row["variant"].split("+")[0] in QUANTIZED_VARIANTS.values()]
+    compiled = {(row["kernel"], row["variant"], row["cc"], row["intermediate"], row["BLOCK_M"], row["BLOCK_N"],
+                 row["BLOCK_K"], row["num_warps"]) for row in rows}
+    for weight_format, variant in QUANTIZED_VARIANTS.items():
+        for kernel in ("gate_up", "down"):
+            for capability in (80, 90):
+                for base in tile_configs.all_configs(kernel, capability):
+                    config = tile_configs.quantized_config(kernel, base)
+                    for name in (variant, variant + "+bias"):
+                        for intermediate in (768, UNEVEN[1]):
+                            key = (kernel, name, capability, intermediate, config.BLOCK_M, config.BLOCK_N,
+                                   config.BLOCK_K, config.num_warps)
+                            assert key in compiled, f"not compiled: {key}"
+    spilling = [(row["kernel"], row["variant"], row["cc"], row["intermediate"],
+                 f"{row['BLOCK_M']}x{row['BLOCK_N']}x{row['BLOCK_K']}", row["spill_stores"], row["spill_loads"])
+                for row in rows if row["spill_stores"] or row["spill_loads"]]
+    assert not spilling, f"quantized launches that spill: {spilling}"
+    for row in rows:
+        assert 1 <= row["shared"] <= SHARED_MEMORY_LIMIT[row["cc"]], row
+        if row["cc"] == 90 and row["BLOCK_M"] >= 64:
+            assert row["wgmma"] > 0, row
 
 
 def _run_model(*arguments):

@@ -78,14 +78,14 @@ def reference_on_dequantized(weights, spec, x, topk_ids, topk_weights, dtype=tor
                              b_down=dense.b_down, **spec.keywords())
 
 
-def assert_float32_matches_reference(weights, spec, x, topk_ids, topk_weights):
+def assert_float32_matches_reference(weights, spec, x, topk_ids, topk_weights, backend="auto"):
     """routed_experts on quantized `weights` in float32 against the float64 reference on their
     dequantized values: the output and the gradients of x, the routing weights and the biases
     (the quantized weights are frozen)."""
     grad_out = torch.randn(x.shape, dtype=torch.float64)
     ours, reference = with_dtype(weights, torch.float32), with_dtype(weights, torch.float64)
     x32, w32 = x.float().requires_grad_(True), topk_weights.float().requires_grad_(True)
-    out = routed_experts(x32, ours, topk_ids, w32, spec)
+    out = routed_experts(x32, ours, topk_ids, w32, spec, backend=backend)
     out.backward(grad_out.float())
     x64, w64 = x.clone().requires_grad_(True), topk_weights.clone().requires_grad_(True)
     expected = reference_on_dequantized(reference, spec, x64, topk_ids, w64)
@@ -98,11 +98,12 @@ def assert_float32_matches_reference(weights, spec, x, topk_ids, topk_weights):
             assert_fp32_close(getattr(ours, name).grad, getattr(reference, name).grad, name=f"d{name}")
 
 
-def assert_bf16_within_the_bf16_rule(weights, spec, x, topk_ids, topk_weights):
+def assert_bf16_within_the_bf16_rule(weights, spec, x, topk_ids, topk_weights, backend="auto"):
     """routed_experts in bf16 within twice the error of the loop-style reference run in bf16 on
     the bf16-dequantized weights (the same-dtype PyTorch run), both against float64."""
     with torch.no_grad():
-        ours = routed_experts(x.bfloat16(), with_dtype(weights, torch.bfloat16), topk_ids, topk_weights.float(), spec)
+        ours = routed_experts(x.bfloat16(), with_dtype(weights, torch.bfloat16), topk_ids, topk_weights.float(), spec,
+                              backend=backend)
         same_dtype = reference_on_dequantized(with_dtype(weights, torch.bfloat16), spec, x.bfloat16(), topk_ids,
                                               topk_weights.float(), dtype=torch.bfloat16)
         expected = reference_on_dequantized(with_dtype(weights, torch.float64), spec, x, topk_ids, topk_weights)

@@ -15,11 +15,14 @@ from a SPLIT = 2 launch). Must run WITHOUT TRITON_INTERPRET (the kernels must be
 
     python -m tpmoe.triton.aot [--cc 80 90] [--kernel gate_up ...] [--intermediate 768 154 77]
                                [--bias none|bias|both] [--shard i/n] [--json rows.json] [--markdown table.md]
+                               [--format dense|fp8_block|mxfp4]
 prints, per kernel, call site, intermediate size I_p, config (from the target's own tables:
 tile_configs, where sm_80 replaces the configs that spill there) and target: shared memory, registers
 and spill bytes (ptxas-blackwell -v --gpu-name sm_80 / sm_90a), the wgmma shapes, the async
 copies (cp.async, TMA cp.async.bulk), mma.sync and plain global loads in the PTX.
 I_p = 154 and 77 are a rank's columns of I = 768 over 5 and 10 ranks (rows of 308 and 154 bytes).
+--format fp8_block / mxfp4: the forward kernels on quantized weights (tpmoe.triton.dequant), the
+shard starting inside a scale block where I_p is uneven (variants "fp8", "mxfp4", and "+bias").
 
     python -m tpmoe.triton.aot --model [--preset qwen3-30b-a3b ...] [--tokens 1 16384] [--tp P] [--group-m G]
                                [--l2-mb 50] [--wave 132]
@@ -44,6 +47,10 @@ from dataclasses import replace
 from . import backward_dh, backward_dw, combine, down, gate_up, tile_configs
 from .layouts import empty_aligned_rows
 from .._checks import dtype_name
+from ..fp8 import DEFAULT_BLOCK_SIZE as FP8_BLOCK
+from ..fp8 import FP8_DTYPE, BlockScales
+from ..mxfp4 import MXFP4_BLOCK
+from ..weights import FP8_FORMAT, MXFP4_FORMAT, WEIGHT_FORMATS
 from ..routing_torch import align_torch
 from ..sharding import aligned_storage
 
@@ -116,10 +123,16 @@ BIAS_CHOICES = {"none": (False,), "bias": (True,), "both": (False, True)}
 def representative_launches(kernel_names=None, *, layout="concatenated", gated=True, activation="silu",
                             dtype=torch.bfloat16, hidden_size=2048, intermediate_size=768, num_experts=4,
                             num_tokens=256, top_k=2, main_only=False, biases=(False, True),
-                            capability=None) -> List[Launch]:
+                            capability=None, weight_format="dense") -> List[Launch]:
     """Every config (or only the main one) of every kernel in the tables of a device of
     `capability` (None: sm_90), and each call site's variant (bias-free and, with True in
-    `biases`, biased), on one representative problem of `intermediate_size` columns."""
+    `biases`, biased), on one representative problem of `intermediate_size` columns.
+
+    weight_format "fp8_block" / "mxfp4": the forward kernels (gate_up, down) with the weights
+    dequantized in their B-load, variants named after the format ("mxfp4", "mxfp4+bias"); dtype
+    is then the activations'."""
+    if weight_format != "dense":
+        kernel_names = [name for name in kernel_names or QUANTIZED_KERNELS if name in QUANTIZED_KERNELS]
     kernel_names = kernel_names or list(KERNEL_MODULES)
     generator = torch.Generator().manual_seed(0)
     rows = (2 if gated else 1) * intermediate_size
@@ -132,6 +145,11 @@ def representative_launches(kernel_names=None, *, layout="concatenated", gated=T
         w_down = torch.zeros(num_experts, hidden_size, intermediate_size, dtype=dtype)
     # As a block on CUDA stores them: rows of an uneven shard (I_p = 154) padded to 16 bytes.
     w_gate_up, w_down = aligned_storage(w_gate_up), aligned_storage(w_down)
+    quantized = {}
+    if weight_format != "dense":
+        w_gate_up, w_down, scales = _quantized_weights(weight_format, num_experts, rows, hidden_size,
+                                                       intermediate_size, gated)
+        quantized = dict(weight_format=weight_format, block_size=scales.block_size, block_offset=scales.block_offset)
     b_gate_up = torch.empty(num_experts, rows, dtype=dtype)
     b_down = torch.empty(num_experts, hidden_size, dtype=dtype)
     topk_ids = torch.rand(num_tokens, num_experts, generator=generator).topk(top_k, dim=1).indices
@@ -152,6 +170,8 @@ def representative_launches(kernel_names=None, *, layout="concatenated", gated=T
             configs = [tile_configs.wide_dtype_config(name, config, dtype.itemsize) for config in configs]
         if main_only:
             configs = [main_config(name, dtype.itemsize, capability)]
+        if weight_format != "dense":
+            configs = list(dict.fromkeys(tile_configs.quantized_config(name, config) for config in configs))
         for config in configs:
             meta = align_torch(topk_ids, num_experts, config.BLOCK_M)
             num_rows = meta.sorted_ids_padded.shape[0]
@@ -159,18 +179,19 @@ def representative_launches(kernel_names=None, *, layout="concatenated", gated=T
             d_preact = empty_aligned_rows(num_rows, rows, dtype, "cpu")
             for biased in biases:
                 suffix = "+bias" if biased else ""
+                gu_scale, dn_scale = (scales.gate_up, scales.down) if quantized else (None, None)
                 gu_bias, dn_bias = (b_gate_up, b_down) if biased else (None, None)
                 with _recording() as calls:
                     if name == "gate_up":
                         gate_up.gate_up(x, w_gate_up, gu_bias, meta.sorted_ids_padded, meta.block_expert,
-                                        config=config, **options)
-                        variants = ["forward"]
+                                        config=config, **options, scale=gu_scale, **quantized)
+                        variants = [QUANTIZED_VARIANT.get(weight_format, "forward")]
                     elif name == "down":
                         down.grouped_scatter(h, w_down, down_h_axis, down_i_axis, dn_bias, topk_weights,
                                              meta.sorted_ids_padded, meta.block_expert, num_pairs=num_tokens * top_k,
-                                             config=config)
-                        variants = ["forward"]
-                        if not biased:  # dx has no bias: one variant
+                                             config=config, scale=dn_scale, **quantized)
+                        variants = [QUANTIZED_VARIANT.get(weight_format, "forward")]
+                        if not biased and not quantized:  # dx has no bias: one variant
                             down.grouped_scatter(d_preact, w_gate_up, hidden_axis, rows_axis, None, None,
                                                  meta.sorted_ids_padded, meta.block_expert,
                                                  num_pairs=num_tokens * top_k, config=config)
@@ -196,6 +217,33 @@ def representative_launches(kernel_names=None, *, layout="concatenated", gated=T
                     launches.append(Launch(name, variant + suffix, layout, dtype_name(dtype), intermediate_size,
                                            config, args, kwargs))
     return launches
+
+
+QUANTIZED_KERNELS = ("gate_up", "down")  # the forward kernels, which dequantize in their B-load
+QUANTIZED_VARIANT = {FP8_FORMAT: "fp8", MXFP4_FORMAT: "mxfp4"}
+
+
+def _quantized_weights(weight_format, num_experts, rows, hidden_size, intermediate_size, gated):
+    """(w_gate_up, w_down, BlockScales) of a rank's shard in `weight_format`, stored as the
+    shard functions store them (contiguous, tpmoe.fp8 / tpmoe.mxfp4), for the layouts' [E, R, H]
+    rows; block_offset where an uneven shard starts (rank 1 of I_p-column shards: I_p mod B)."""
+    if weight_format == MXFP4_FORMAT:
+        block = MXFP4_BLOCK
+        offset = intermediate_size % block
+        hidden_blocks, inter_blocks = -(-hidden_size // block), -(-(offset + intermediate_size) // block)
+        w_gate_up = torch.zeros(num_experts, rows, hidden_blocks, 16, dtype=torch.uint8)
+        w_down = torch.zeros(num_experts, hidden_size, inter_blocks, 16, dtype=torch.uint8)
+        scales = BlockScales(torch.full((num_experts, rows, hidden_blocks), 127, dtype=torch.uint8),
+                             torch.full((num_experts, hidden_size, inter_blocks), 127, dtype=torch.uint8), block, offset)
+        return w_gate_up, w_down, scales
+    block = FP8_BLOCK
+    offset = intermediate_size % block
+    hidden_blocks, inter_blocks = -(-hidden_size // block), -(-(offset + intermediate_size) // block)
+    w_gate_up = torch.zeros(num_experts, rows, hidden_size, dtype=FP8_DTYPE)
+    w_down = torch.zeros(num_experts, hidden_size, intermediate_size, dtype=FP8_DTYPE)
+    scales = BlockScales(torch.ones(num_experts, 2 if gated else 1, inter_blocks, hidden_blocks),
+                         torch.ones(num_experts, hidden_blocks, inter_blocks), block, offset)
+    return w_gate_up, w_down, scales
 
 
 def _elementwise_launches(name, x, w_gate_up, *, d_preact_rows, layout, intermediate_size, top_k, topk_ids,
@@ -359,6 +407,8 @@ def main(argv=None):
     parser.add_argument("--markdown", default=None, help="write the rows to this file as a Markdown table")
     parser.add_argument("--layout", default="concatenated", choices=["concatenated", "interleaved", "gpt_oss"])
     parser.add_argument("--activation", default="silu")
+    parser.add_argument("--format", default="dense", choices=WEIGHT_FORMATS,
+                        help="the weights' format: quantized ones compile the forward kernels' dequantizing B-load")
     parser.add_argument("--not-gated", action="store_true")
     parser.add_argument("--main-only", action="store_true", help="only each kernel's main config")
     parser.add_argument("--one-variant", action="store_true",
@@ -397,7 +447,8 @@ def main(argv=None):
             launches = representative_launches(args.kernel, layout=args.layout, gated=not args.not_gated,
                                                activation=args.activation, main_only=args.main_only,
                                                dtype=getattr(torch, args.dtype), intermediate_size=intermediate,
-                                               biases=BIAS_CHOICES[args.bias], capability=capability)
+                                               biases=BIAS_CHOICES[args.bias], capability=capability,
+                                               weight_format=args.format)
             if args.one_variant:
                 first_of_each = {}
                 for launch in launches:

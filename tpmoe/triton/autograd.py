@@ -19,7 +19,33 @@ from ..config import ExpertSpec
 from ..weights import ExpertWeights
 from .layouts import down_axes, gate_up_axes
 from ..routing import align  # the alignment the kernels read: docs/contracts.md, AlignResult
-from .tile_configs import block_m_for, launch_configs, token_bucket
+from .tile_configs import block_m_for, launch_configs, quantized_config, token_bucket
+
+
+def forward_launches(hidden_states, w_gate_up, w_down, topk_weights, b_gate_up, b_down, topk_ids, activation,
+                     layout, gated, alpha, limit, intermediate_size, scales=None):
+    """(y, h, routing, configs): the forward's launches (align, gate_up, grouped_scatter, combine).
+    scales: None for dense weights, else (gate_up scale, down scale, format, block size, block
+    offset) of quantized ones, dequantized in the kernels' B-load (tpmoe.triton.dequant)."""
+    num_tokens, hidden_size = hidden_states.shape
+    num_experts, top_k = w_gate_up.shape[0], topk_ids.shape[1]
+    down_hidden_axis, down_inter_axis = down_axes(layout)
+    routing = align(topk_ids, num_experts, block_m_for(token_bucket(num_tokens, top_k, num_experts)))
+    # As plain int lists: what the custom ops take, and constants to torch.compile on ctx.
+    configs = {launch: ops.config_list(config) for launch, config in launch_configs(
+        num_tokens, top_k, num_experts, hidden_size, intermediate_size, w_gate_up.shape[gate_up_axes(layout)[0]],
+        hidden_states.element_size(), device_capability(hidden_states.device)).items()}
+    gate_up_scale, down_scale, *quantized = scales if scales is not None else (None, None)
+    if scales is not None:  # the narrower tiles that dequantize without spills
+        for launch in ("gate_up", "down"):
+            configs[launch] = ops.config_list(quantized_config(launch, ops._config(configs[launch])))
+
+    h = ops.gate_up(hidden_states, w_gate_up, b_gate_up, routing.sorted_ids_padded, routing.block_expert, top_k,
+                    activation, layout, gated, alpha, limit, configs["gate_up"], gate_up_scale, *quantized)
+    pair_out = ops.grouped_scatter(h, w_down, down_hidden_axis, down_inter_axis, b_down, topk_weights.contiguous(),
+                                   routing.sorted_ids_padded, routing.block_expert, num_tokens * top_k,
+                                   configs["down"], down_scale, *quantized)
+    return ops.combine(pair_out, num_tokens, top_k, hidden_states.dtype), h, routing, configs
 
 
 class FusedExpertsFunction(torch.autograd.Function):
@@ -27,27 +53,13 @@ class FusedExpertsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden_states, w_gate_up, w_down, topk_weights, b_gate_up, b_down, topk_ids, activation,
                 layout, gated, alpha, limit):
-        num_tokens, hidden_size = hidden_states.shape
-        num_experts, top_k = w_gate_up.shape[0], topk_ids.shape[1]
-        num_pairs = num_tokens * top_k
-        down_hidden_axis, down_inter_axis = down_axes(layout)
-        intermediate_size = w_down.shape[down_inter_axis]
-        routing = align(topk_ids, num_experts, block_m_for(token_bucket(num_tokens, top_k, num_experts)))
-        # As plain int lists: what the custom ops take, and constants to torch.compile on ctx.
-        configs = {launch: ops.config_list(config) for launch, config in launch_configs(
-            num_tokens, top_k, num_experts, hidden_size, intermediate_size, w_gate_up.shape[gate_up_axes(layout)[0]],
-            hidden_states.element_size(), device_capability(hidden_states.device)).items()}
-
-        h = ops.gate_up(hidden_states, w_gate_up, b_gate_up, routing.sorted_ids_padded, routing.block_expert, top_k,
-                        activation, layout, gated, alpha, limit, configs["gate_up"])
-        pair_out = ops.grouped_scatter(h, w_down, down_hidden_axis, down_inter_axis, b_down,
-                                       topk_weights.contiguous(), routing.sorted_ids_padded, routing.block_expert,
-                                       num_pairs, configs["down"])
-
+        output, h, routing, configs = forward_launches(
+            hidden_states, w_gate_up, w_down, topk_weights, b_gate_up, b_down, topk_ids, activation, layout, gated,
+            alpha, limit, w_down.shape[down_axes(layout)[1]])
         ctx.save_for_backward(hidden_states, w_gate_up, w_down, topk_weights, b_gate_up, b_down, h,
                               routing.sorted_ids_padded, routing.block_expert, routing.padded_offsets)
         ctx.options = (activation, layout, gated, alpha, limit, configs)
-        return ops.combine(pair_out, num_tokens, top_k, hidden_states.dtype)
+        return output
 
     @staticmethod
     def backward(ctx, grad_output):

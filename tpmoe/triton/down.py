@@ -36,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .dequant import dequantized_dot, weight_arguments
 from .grid import grouped_tile, tile_grid_size
 from .interpret import as_dot_operand, dot_flags, require_runnable, round_to, zeros_accumulator
 from .layouts import readable_width
@@ -63,11 +64,16 @@ def grouped_scatter_kernel(
     stride_we, stride_wn, stride_wk,
     stride_be, stride_bn,
     stride_os, stride_op, stride_on,
+    # quantized W (the forward's W_down; tpmoe.triton.dequant; not read when dense): its scales,
+    # the shard's first Kdim column inside its scale block, the scales' strides (expert, column,
+    # block of Kdim)
+    scale_ptr, block_offset, stride_se, stride_sn, stride_sk,
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     HAS_BIAS: tl.constexpr, SCALE_BY_WEIGHT: tl.constexpr,
     W_MASK_EXACT: tl.constexpr,  # W's k entries masked by Kdim (else by Kdim_a, like A's)
     INTERPRETED: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_FP64: tl.constexpr,
+    WEIGHT_FORMAT: tl.constexpr, SCALE_BLOCK: tl.constexpr, SCALE_SPAN: tl.constexpr,  # tpmoe.triton.dequant
 ):
     pid_m, pid_n = grouped_tile(tl.program_id(0), num_row_blocks, tl.cdiv(N, BLOCK_N), GROUP_M)
     split = tl.program_id(1)
@@ -95,12 +101,27 @@ def grouped_scatter_kernel(
               + (k_start + offs_k).to(tl.int64)[None, :] * stride_ak)
     w_ptrs = (w_ptr + expert * stride_we + offs_n.to(tl.int64)[None, :] * stride_wn
               + (k_start + offs_k).to(tl.int64)[:, None] * stride_wk)
+    # Quantized W: each column's offset into the scales, and where Kdim column 0 sits along the
+    # stored values (mxfp4 keeps a cut block whole: block_offset in) and the scale blocks.
+    if WEIGHT_FORMAT == "mxfp4":  # a scale per row of W (column of the tile) and 32-block of Kdim
+        scale_cols = offs_n.to(tl.int64) * stride_sn
+        w_start = block_offset
+    else:  # fp8_block: B x B blocks; the values hold exactly the shard's Kdim columns
+        scale_cols = (offs_n // SCALE_BLOCK).to(tl.int64) * stride_sn
+        w_start = 0
     acc = zeros_accumulator(BLOCK_M, BLOCK_N, ACC_FP64)
     for k0 in range(k_start, k_end, BLOCK_K):
         a_tile = tl.load(a_ptrs, mask=row_valid[:, None] & (offs_k < k_end - k0)[None, :], other=0.0)
-        w_tile = tl.load(w_ptrs, mask=(offs_k < k_end_w - k0)[:, None] & col_valid[None, :], other=0.0)
-        acc = tl.dot(as_dot_operand(a_tile, INTERPRETED), as_dot_operand(w_tile, INTERPRETED), acc,
-                     input_precision=DOT_PRECISION, out_dtype=acc.dtype)
+        if WEIGHT_FORMAT == "dense":
+            w_tile = tl.load(w_ptrs, mask=(offs_k < k_end_w - k0)[:, None] & col_valid[None, :], other=0.0)
+            acc = tl.dot(as_dot_operand(a_tile, INTERPRETED), as_dot_operand(w_tile, INTERPRETED), acc,
+                         input_precision=DOT_PRECISION, out_dtype=acc.dtype)
+        else:
+            acc = dequantized_dot(a_tile, acc, w_ptr + expert * stride_we, offs_n.to(tl.int64) * stride_wn,
+                                  w_start + k0, stride_wk, scale_ptr + expert * stride_se, scale_cols,
+                                  block_offset + k0, stride_sk, k_end_w - k0, col_valid, BLOCK_K, SCALE_BLOCK,
+                                  SCALE_SPAN, WEIGHT_FORMAT, a_ptr.dtype.element_ty, INTERPRETED,
+                                  DOT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
 
@@ -131,7 +152,8 @@ def split_depth(depth: int, block_k: int, split: int) -> int:
 
 
 def grouped_scatter(rows, weight, n_axis: int, k_axis: int, bias, routing_weights, sorted_ids_padded,
-                    block_expert, *, num_pairs: int, config: KernelConfig) -> torch.Tensor:
+                    block_expert, *, num_pairs: int, config: KernelConfig, scale=None, weight_format: str = "dense",
+                    block_size: int = 1, block_offset: int = 0) -> torch.Tensor:
     """out [SPLIT, num_pairs, N] partials in `pair_dtype`: rows @ weight[e]^T (+ bias[e])
     (* routing weight) per pair, split s over its slice of Kdim; `combine.combine` sums them.
 
@@ -146,11 +168,17 @@ def grouped_scatter(rows, weight, n_axis: int, k_axis: int, bias, routing_weight
     zeros, or a larger tensor's finite values: times the zeros of rows, nothing), else exactly.
     Rows without such padding (a compact user tensor) get the exact mask, and then the weight's
     padding meets zeros from the mask. Either way no padding value reaches the result.
+
+    Quantized weight (the forward's w_down in weight_format "fp8_block" or "mxfp4"): `scale` is
+    its BlockScales.down, block_size and block_offset BlockScales'; the tiles are dequantized in
+    the B-load (tpmoe.triton.dequant), their Kdim entries masked exactly (mxfp4's last block
+    holds the next shard's values past I_p).
     """
     require_runnable(grouped_scatter_kernel, rows.device)
     num_rows, depth = rows.shape
     out_size = weight.shape[n_axis]
-    assert weight.shape[k_axis] == depth, f"weight axis {k_axis} is {weight.shape[k_axis]}, rows have {depth}"
+    assert weight_format != "dense" or weight.shape[k_axis] == depth, (
+        f"weight axis {k_axis} is {weight.shape[k_axis]}, rows have {depth}")
     num_row_blocks = block_expert.shape[0]
     assert num_row_blocks * config.BLOCK_M >= num_rows, "block_expert does not cover sorted_ids_padded"
     out = torch.empty(config.SPLIT, num_pairs, out_size, dtype=pair_dtype(rows.dtype, config.SPLIT),
@@ -162,7 +190,9 @@ def grouped_scatter(rows, weight, n_axis: int, k_axis: int, bias, routing_weight
     # Padded depth for rows whose padding is in memory (zeros: the docstring), and for the weight
     # too where it has its own there; the weight's wide mask is only useful beside rows' one.
     depth_a = readable_width(rows, 1, depth)
-    depth_w = readable_width(weight, k_axis, depth) if depth_a > depth else depth
+    depth_w = readable_width(weight, k_axis, depth) if depth_a > depth and weight_format == "dense" else depth
+    weight, scale_arguments = weight_arguments(weight, scale, weight_format, "down", block_size, block_offset,
+                                               config.BLOCK_K, out)
     grouped_scatter_kernel[grid](
         rows, weight, bias_arg, weight_arg, sorted_ids_padded, block_expert, out,
         num_pairs, out_size, depth, depth_a,
@@ -173,5 +203,5 @@ def grouped_scatter(rows, weight, n_axis: int, k_axis: int, bias, routing_weight
         out.stride(0), out.stride(1), out.stride(2),
         **config.meta(), GROUP_M=config.GROUP_M, HAS_BIAS=bias is not None,
         SCALE_BY_WEIGHT=routing_weights is not None, W_MASK_EXACT=depth_w != depth_a,
-        **dot_flags(rows.dtype), num_warps=config.num_warps, num_stages=config.num_stages)
+        **dot_flags(rows.dtype), **scale_arguments, num_warps=config.num_warps, num_stages=config.num_stages)
     return out

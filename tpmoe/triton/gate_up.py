@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from .activations import gated_forward, unary_activation_and_grad
+from .dequant import dequantized_dot, weight_arguments
 from .grid import grouped_tile, tile_grid_size
 from .interpret import as_dot_operand, dot_flags, require_runnable, round_to, zeros_accumulator
 from .layouts import empty_aligned_rows, gate_up_axes, gate_up_columns, readable_width
@@ -54,10 +55,15 @@ def gate_up_kernel(
     stride_we, stride_wr, stride_wh,
     stride_be, stride_br,
     stride_hm, stride_hi,
+    # quantized w (tpmoe.triton.dequant; not read when dense): its scales, the shard's first
+    # intermediate column inside its fp8 scale block, the scales' strides (expert, gate/up half,
+    # column, block of H)
+    scale_ptr, block_offset, stride_se, stride_sg, stride_sn, stride_sk,
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     COL_STEP: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
     INTERPRETED: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_FP64: tl.constexpr,
+    WEIGHT_FORMAT: tl.constexpr, SCALE_BLOCK: tl.constexpr, SCALE_SPAN: tl.constexpr,  # tpmoe.triton.dequant
 ):
     num_col_blocks = tl.cdiv(intermediate_size, BLOCK_N)
     pid_m, pid_n = grouped_tile(tl.program_id(0), num_row_blocks, num_col_blocks, GROUP_M)
@@ -92,6 +98,13 @@ def gate_up_kernel(
     else:
         w_load_valid = w_col_valid  # concatenated: R is not the contiguous axis, the exact mask costs nothing
     w_rows = w_rows.to(tl.int64)
+    # Quantized w: each column's offset into the scales (tpmoe.triton.dequant).
+    if WEIGHT_FORMAT == "mxfp4":  # a scale per row and 32-block of H
+        scale_cols = w_rows * stride_sn
+    elif WEIGHT_FORMAT == "fp8_block":  # the scale block of the intermediate column, in its gate/up half
+        scale_cols = ((block_offset + offs_j) // SCALE_BLOCK).to(tl.int64) * stride_sn
+        if GATED:
+            scale_cols += (offs_c % 2) * stride_sg
 
     x_ptrs = x_ptr + token[:, None] * stride_xt + offs_k[None, :] * stride_xh
     w_ptrs = w_ptr + expert * stride_we + w_rows[None, :] * stride_wr + offs_k[:, None] * stride_wh
@@ -99,9 +112,15 @@ def gate_up_kernel(
     for k0 in range(0, hidden_size, BLOCK_K):
         k_valid = offs_k < hidden_size - k0
         x_tile = tl.load(x_ptrs, mask=row_valid[:, None] & k_valid[None, :], other=0.0)
-        w_tile = tl.load(w_ptrs, mask=k_valid[:, None] & w_load_valid[None, :], other=0.0)
-        acc = tl.dot(as_dot_operand(x_tile, INTERPRETED), as_dot_operand(w_tile, INTERPRETED), acc,
-                     input_precision=DOT_PRECISION, out_dtype=acc.dtype)
+        if WEIGHT_FORMAT == "dense":
+            w_tile = tl.load(w_ptrs, mask=k_valid[:, None] & w_load_valid[None, :], other=0.0)
+            acc = tl.dot(as_dot_operand(x_tile, INTERPRETED), as_dot_operand(w_tile, INTERPRETED), acc,
+                         input_precision=DOT_PRECISION, out_dtype=acc.dtype)
+        else:
+            acc = dequantized_dot(x_tile, acc, w_ptr + expert * stride_we, w_rows * stride_wr, k0, stride_wh,
+                                  scale_ptr + expert * stride_se, scale_cols, k0, stride_sk, hidden_size - k0,
+                                  w_load_valid, BLOCK_K, SCALE_BLOCK, SCALE_SPAN, WEIGHT_FORMAT,
+                                  x_ptr.dtype.element_ty, INTERPRETED, DOT_PRECISION)
         x_ptrs += BLOCK_K * stride_xh
         w_ptrs += BLOCK_K * stride_wh
 
@@ -124,10 +143,15 @@ def gate_up_kernel(
 
 def gate_up(hidden_states, w_gate_up, b_gate_up, sorted_ids_padded, block_expert, *, top_k: int,
             activation: str, layout: str, gated: bool, alpha: float, limit: float,
-            config: KernelConfig) -> torch.Tensor:
+            config: KernelConfig, scale=None, weight_format: str = "dense", block_size: int = 1,
+            block_offset: int = 0) -> torch.Tensor:
     """h [M, I] (M = len(sorted_ids_padded)) in padded sorted order, rows 16-byte aligned
     (row stride `layouts.aligned_row_stride(I)`); padding rows are zero, and so are the padding
-    columns I .. aligned_row_stride(I) of every row (in memory, past the view)."""
+    columns I .. aligned_row_stride(I) of every row (in memory, past the view).
+
+    Quantized w_gate_up (weight_format "fp8_block" or "mxfp4", layouts concatenated and
+    interleaved): `scale` is its BlockScales.gate_up, block_size and block_offset BlockScales';
+    the tiles are dequantized in the B-load (tpmoe.triton.dequant)."""
     require_runnable(gate_up_kernel, hidden_states.device)
     num_tokens, hidden_size = hidden_states.shape
     rows_axis, hidden_axis = gate_up_axes(layout)
@@ -138,6 +162,8 @@ def gate_up(hidden_states, w_gate_up, b_gate_up, sorted_ids_padded, block_expert
     assert num_row_blocks * config.BLOCK_M >= num_rows, "block_expert does not cover sorted_ids_padded"
     h = empty_aligned_rows(num_rows, intermediate_size, hidden_states.dtype, hidden_states.device)
     bias = b_gate_up if b_gate_up is not None else h  # never read when HAS_BIAS is False
+    w_gate_up, scale_arguments = weight_arguments(w_gate_up, scale, weight_format, "gate_up", block_size,
+                                                  block_offset, config.BLOCK_K, h)
     grid = (tile_grid_size(num_row_blocks, triton.cdiv(intermediate_size, config.BLOCK_N)),)
     gate_up_kernel[grid](
         hidden_states, w_gate_up, bias, sorted_ids_padded, block_expert, h,
@@ -149,6 +175,6 @@ def gate_up(hidden_states, w_gate_up, b_gate_up, sorted_ids_padded, block_expert
         bias.stride(0), bias.stride(1),
         h.stride(0), h.stride(1),
         **config.meta(), GROUP_M=config.GROUP_M, COL_STEP=col_step, GATED=gated, HAS_BIAS=b_gate_up is not None,
-        ACTIVATION=activation, **dot_flags(hidden_states.dtype), num_warps=config.num_warps,
+        ACTIVATION=activation, **dot_flags(hidden_states.dtype), **scale_arguments, num_warps=config.num_warps,
         num_stages=config.num_stages)
     return h

@@ -299,6 +299,25 @@ def wide_dtype_config(kernel: str, config: KernelConfig, element_size: int) -> K
     return replace(config, BLOCK_N=block_n)
 
 
+# The down kernel's dequantized weight tile [BLOCK_K, BLOCK_N] (fp32 values and scales before the
+# dot) fits beside the accumulator without spills up to 64 x 64 elements at 4 warps (ptxas,
+# `python -m tpmoe.triton.aot --format fp8_block|mxfp4 --kernel down`: 64 x 128 and the decode's
+# 128 x 64 took 255 registers and spilled on sm_80 and sm_90; gate_up's tables already fit).
+QUANTIZED_DOWN_BLOCK_N = 64
+QUANTIZED_TILE_PER_WARP = 64 * 64 // 4
+
+
+def quantized_config(kernel: str, config: KernelConfig) -> KernelConfig:
+    """The config of a forward launch on quantized weights (tpmoe.triton.dequant): the table's,
+    with the down kernel's BLOCK_N narrowed until its weight tile fits (see above)."""
+    if kernel != "down":
+        return config
+    block_n = min(config.BLOCK_N, QUANTIZED_DOWN_BLOCK_N)
+    while block_n > 16 and block_n * config.BLOCK_K > QUANTIZED_TILE_PER_WARP * config.num_warps:
+        block_n //= 2
+    return replace(config, BLOCK_N=block_n)
+
+
 def env_config() -> Dict[str, int]:
     """The fixed config from TPMOE_TRITON_CONFIG, {} when the variable is unset or empty."""
     text = os.environ.get(ENV_VAR, "").strip()
