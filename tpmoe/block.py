@@ -36,7 +36,7 @@ from .distributed import expert_parallel as ep
 from .config import MoEConfig
 from ._checks import FLOAT_DTYPES, check_choice, check_ids_in_range, dtype_name
 from .fused import BACKENDS, routed_experts
-from .quantized import QUANTIZED_FORMATS, check_quantized_experts, shard_quantized_experts
+from .quantized import check_whole_quantized_experts, shard_quantized_experts
 from .quantized_experts import QuantizedExperts
 from .routing import route
 from .distributed.dtensor_parameters import as_dtensor, block_local, block_submesh, local_tensor, mesh_of_groups
@@ -318,21 +318,8 @@ class MoEBlock(nn.Module):
         size and in every mode. The dense w_gate_up and w_down are dropped; the quantized experts
         are frozen: no gradient reaches them, while the router, the biases, the shared expert and
         the rest of a model still train. Returns self."""
-        if not isinstance(experts, ExpertWeights) or experts.format not in QUANTIZED_FORMATS:
-            got = experts.format if isinstance(experts, ExpertWeights) else type(experts).__name__
-            raise TypeError(f"experts: expected a tpmoe.ExpertWeights of format {' or '.join(QUANTIZED_FORMATS)}, "
-                            f"got {got}")
-        if experts.b_gate_up is not None or experts.b_down is not None:
-            raise ValueError("experts: expected no biases (the block's b_gate_up and b_down stay its trained "
-                             "parameters), got quantized experts with biases")
-        config = self.config
-        spec = self._expert_spec.with_layout("interleaved") if config.layout == "gpt_oss" else self._expert_spec
+        spec = check_whole_quantized_experts(experts, self.config, argument="experts")
         device, dtype = self._experts_device_and_dtype()
-        full_sizes = check_quantized_experts(experts, spec, hidden_size=config.hidden_size,
-                                             device=experts.w_gate_up.device, argument="experts")
-        if full_sizes != (config.num_experts, config.intermediate_size):
-            raise ValueError(f"experts: expected the whole experts of the config, E = {config.num_experts} and "
-                             f"I = {config.intermediate_size}, got E = {full_sizes[0]}, I = {full_sizes[1]}")
         local = QuantizedExperts(shard_quantized_experts(experts, spec, tp_rank=self.tp_rank, tp_size=self.tp_size,
                                                          ep_rank=self.ep_rank, ep_size=self.ep_size))
         for name in ("w_gate_up", "w_down"):

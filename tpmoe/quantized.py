@@ -4,7 +4,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .config import ExpertSpec
+from .config import ExpertSpec, MoEConfig
 from .fp8 import check_fp8_experts, dequantize_fp8_experts, shard_fp8_experts
 from .mxfp4 import check_mxfp4_experts, dequantize_mxfp4_experts, shard_mxfp4_experts
 from .weights import FP8_FORMAT, MXFP4_FORMAT, ExpertWeights
@@ -34,3 +34,25 @@ def shard_quantized_experts(full: ExpertWeights, spec: ExpertSpec, *, tp_rank: i
     """TP rank tp_rank's (and EP rank ep_rank's) slice of the whole quantized experts `full`."""
     return _SHARD[full.format](full, layout=spec.layout, gated=spec.gated, rank=tp_rank, world_size=tp_size,
                                ep_rank=ep_rank, ep_size=ep_size)
+
+
+def check_whole_quantized_experts(experts: ExpertWeights, config: MoEConfig, *, argument: str = "experts"
+                                  ) -> ExpertSpec:
+    """The spec that runs `experts`, after checking they are the config's WHOLE quantized experts
+    without biases (a block keeps its own as trained parameters). A "gpt_oss" block's are packed
+    row-major and interleaved, as GPT-OSS's MXFP4 checkpoints are."""
+    if not isinstance(experts, ExpertWeights) or experts.format not in QUANTIZED_FORMATS:
+        got = experts.format if isinstance(experts, ExpertWeights) else type(experts).__name__
+        raise TypeError(f"{argument}: expected a tpmoe.ExpertWeights of format {' or '.join(QUANTIZED_FORMATS)}, "
+                        f"got {got}")
+    if experts.b_gate_up is not None or experts.b_down is not None:
+        raise ValueError(f"{argument}: expected no biases (the block's b_gate_up and b_down stay its trained "
+                         f"parameters), got quantized experts with biases")
+    spec = config.expert_spec
+    spec = spec.with_layout("interleaved") if config.layout == "gpt_oss" else spec
+    full_sizes = check_quantized_experts(experts, spec, hidden_size=config.hidden_size,
+                                         device=experts.w_gate_up.device, argument=argument)
+    if full_sizes != (config.num_experts, config.intermediate_size):
+        raise ValueError(f"{argument}: expected the whole experts of the config, E = {config.num_experts} and "
+                         f"I = {config.intermediate_size}, got E = {full_sizes[0]}, I = {full_sizes[1]}")
+    return spec

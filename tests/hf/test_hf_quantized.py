@@ -183,6 +183,33 @@ def test_fp8_checkpoint_tensors_need_a_block_size(seed):
         assert torch.equal(tpmoe_model(input_ids).logits, quantized(input_ids).logits)
 
 
+def test_apply_takes_checkpoint_experts_and_never_reads_the_models_own(seed):
+    """apply(model, quantized_experts=tensors) on a GPT-OSS whose expert weights were never
+    materialized (meta): the blocks run the checkpoint's MXFP4 experts; the model equals its
+    dense twin. A bad tensor is refused before any block is swapped."""
+    import tpmoe.hf
+
+    dense, tensors = mxfp4_gpt_oss(seed)
+    model = copy.deepcopy(dense)
+    for layer in model.model.layers:
+        for name in ("gate_up_proj", "down_proj"):
+            old = getattr(layer.mlp.experts, name)
+            setattr(layer.mlp.experts, name, torch.nn.Parameter(torch.empty(old.shape, device="meta")))
+    broken = {**tensors, "model.layers.1.mlp.experts.down_proj_scales":
+              tensors["model.layers.1.mlp.experts.down_proj_scales"][:1]}
+    with pytest.raises(ValueError, match="quantized experts of model.layers.1.mlp"):
+        tpmoe.hf.apply(model, quantized_experts=broken)
+    assert type(model.model.layers[0].mlp).__name__ == "GptOssMLP"  # nothing swapped
+    with pytest.raises(ValueError, match="quantized_block_size: expected None without quantized_experts"):
+        tpmoe.hf.apply(model, quantized_block_size=8)
+    report = tpmoe.hf.apply(model, quantized_experts=tensors)
+    assert [entry.source for entry in report] == ["full, mxfp4"] * 2
+    input_ids = torch.randint(3, 61, (2, 7), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        error = max_rel_error(model(input_ids).logits, dense(input_ids).logits)
+    assert error <= FP32_RTOL, error
+
+
 def _applied(model):
     import tpmoe.hf
 

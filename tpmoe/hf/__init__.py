@@ -6,7 +6,7 @@
     state_dict = tpmoe.hf.gather_state_dict(model) # HF names, full tensors, on every rank
     model.save_pretrained(path, state_dict=state_dict)   # loads into the original class
     tpmoe.hf.register_experts_implementation()     # then experts_implementation="tpmoe"
-    tpmoe.hf.load_quantized_experts(model, tensors)  # after apply: a checkpoint's MXFP4 / fp8 experts
+    tpmoe.hf.apply(model, quantized_experts=tensors)  # a checkpoint's MXFP4 / fp8 experts, read as stored
 
 `apply` judges every MoE block of the model from its code (tpmoe/hf/judge.py, against the
 verified pieces of tpmoe/hf/registry.py) and either swaps the whole block for a `TpmoeHFBlock`
@@ -25,7 +25,8 @@ dense MLPs stay exactly as transformers sharded them.
 
 Quantized experts run at their own size (tpmoe/hf/quantized.py): transformers' fine-grained FP8
 experts (FP8Experts) are read as they are by `apply`; a checkpoint's MXFP4 (GPT-OSS) or FP8
-experts replace a swapped model's dense ones with `load_quantized_experts`. Either way each rank
+experts are taken by `apply(model, quantized_experts=tensors)` (or `load_quantized_experts`
+after apply). Either way each rank
 keeps its slice at any TP size, and the quantized weights are frozen.
 
 Which families run, how, and why others are refused: `python -m tpmoe.hf.families` and its

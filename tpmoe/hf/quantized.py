@@ -4,11 +4,13 @@ Two ways in:
   - `tpmoe.hf.apply` meets transformers' fine-grained FP8 experts (FP8Experts, what its FP8
     quantizer puts in place of a family's experts): their e4m3 values and block scales become the
     block's "fp8_block" experts as they are (`fp8_experts_of`), each rank keeping its slice.
-  - `tpmoe.hf.load_quantized_experts(model, tensors)` after apply: the experts of each swapped
-    block become the quantized ones a checkpoint holds under transformers' names: GPT-OSS's MXFP4
-    `*_blocks` / `*_scales` (the checkpoint's own, which transformers dequantizes where its
-    kernels are missing, on CPU among others), or FP8Experts' fused `gate_up_proj` +
-    `gate_up_proj_scale_inv` and `down_proj` + `down_proj_scale_inv`.
+  - a checkpoint's tensors under transformers' names: GPT-OSS's MXFP4 `*_blocks` / `*_scales`
+    (the checkpoint's own, which transformers dequantizes where its kernels are missing, on CPU
+    among others), or FP8Experts' fused `gate_up_proj` + `gate_up_proj_scale_inv` and
+    `down_proj` + `down_proj_scale_inv`: given to `tpmoe.hf.apply(model, quantized_experts=
+    tensors)`, the model's own expert weights are never read (they may be on the meta device);
+    given to `tpmoe.hf.load_quantized_experts(model, tensors)` after apply, they replace a
+    swapped model's dense experts.
 Either way the quantized experts are frozen; the router, biases and the rest of the model train.
 """
 from typing import List, Mapping, Optional
@@ -78,27 +80,36 @@ def compute_dtype(module: nn.Module, experts: nn.Module) -> torch.dtype:
     return torch.get_default_dtype()
 
 
-def _checkpoint_experts(tensors: Mapping[str, torch.Tensor], prefix: str, fp8_block_size
-                        ) -> Optional[ExpertWeights]:
-    """The whole quantized experts that `tensors` hold for the block whose HF gate_up weight is
-    named `prefix` (e.g. "model.layers.0.mlp.experts.gate_up_proj"), or None where they hold none."""
-    down = prefix.rsplit(".", 1)[0] + ".down_proj"
+def checkpoint_experts(tensors: Mapping[str, torch.Tensor], owner_name: str, weights, fp8_block_size, *,
+                       argument: str = "tensors") -> Optional[ExpertWeights]:
+    """The whole quantized experts that `tensors` hold for the tpmoe replacement `owner_name` (the
+    HF block, or its experts module) of weight map `weights`, or None where they hold none."""
+    gate_up = weights.names["w_gate_up"][0]
+    prefix = f"{owner_name}.{gate_up}" if owner_name else gate_up
+    try:
+        return _checkpoint_experts(tensors, prefix, fp8_block_size, argument)
+    except Unsupported as error:
+        raise ValueError(f"{argument}: the experts of {owner_name or '<root>'}: {error}") from None
+
+
+def _checkpoint_experts(tensors, prefix: str, fp8_block_size, argument: str) -> Optional[ExpertWeights]:
+    down = prefix.rsplit(".", 1)[0] + ".down_proj" if "." in prefix else "down_proj"
     if f"{prefix}_blocks" in tensors:  # GPT-OSS's MXFP4: [E, R, H / 32, 16] bytes, [E, R, H / 32] e8m0
         names = [f"{prefix}_blocks", f"{prefix}_scales", f"{down}_blocks", f"{down}_scales"]
-        _require(tensors, names)
+        _require(tensors, names, argument)
         return ExpertWeights(tensors[names[0]], tensors[names[2]], None, None, MXFP4_FORMAT,
                              BlockScales(tensors[names[1]], tensors[names[3]], MXFP4_BLOCK, 0))
     if f"{prefix}_scale_inv" in tensors:
         names = [prefix, f"{prefix}_scale_inv", down, f"{down}_scale_inv"]
-        _require(tensors, names)
+        _require(tensors, names, argument)
         if fp8_block_size is None:
-            raise Unsupported(f"{names[1]}: fp8 scales, but no block size: pass block_size= (the checkpoint "
+            raise Unsupported(f"{names[1]}: fp8 scales, but no block size: pass the block size (the checkpoint "
                               f"config's quantization_config.weight_block_size)")
         return fp8_from_hf(*(tensors[name] for name in names), fp8_block_size, prefix)
     return None
 
 
-def _fp8_block_size(model: nn.Module, block_size):
+def fp8_block_size(model: nn.Module, block_size):
     """The fp8 block size: the argument, else the model config's quantization_config's."""
     if block_size is not None:
         return (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
@@ -108,10 +119,16 @@ def _fp8_block_size(model: nn.Module, block_size):
     return None if found is None else tuple(found)
 
 
-def _require(tensors, names) -> None:
+def check_tensors(tensors, argument: str) -> None:
+    if not isinstance(tensors, Mapping):
+        raise TypeError(f"{argument}: expected a mapping of names to tensors (a state dict), got "
+                        f"{type(tensors).__name__}")
+
+
+def _require(tensors, names, argument: str) -> None:
     missing = [name for name in names if name not in tensors]
     if missing:
-        raise KeyError(f"tensors: expected {', '.join(names)} together, missing {', '.join(missing)}")
+        raise KeyError(f"{argument}: expected {', '.join(names)} together, missing {', '.join(missing)}")
 
 
 def load_quantized_experts(model: nn.Module, tensors: Mapping[str, torch.Tensor], *, block_size=None) -> List[str]:
@@ -125,19 +142,12 @@ def load_quantized_experts(model: nn.Module, tensors: Mapping[str, torch.Tensor]
     ranks agree only through its shapes). Raises ValueError if no block's experts are in `tensors`."""
     from .module import TpmoeHFBlock, TpmoeHFExperts
 
-    if not isinstance(tensors, Mapping):
-        raise TypeError(f"tensors: expected a mapping of names to tensors (a state dict), got "
-                        f"{type(tensors).__name__}")
-    loaded, fp8_block = [], _fp8_block_size(model, block_size)
+    check_tensors(tensors, "tensors")
+    loaded, fp8_block = [], fp8_block_size(model, block_size)
     for name, module in model.named_modules():
         if not isinstance(module, (TpmoeHFBlock, TpmoeHFExperts)):
             continue
-        gate_up_name = module.hf_weights.names["w_gate_up"][0]
-        prefix = f"{name}.{gate_up_name}" if name else gate_up_name
-        try:
-            quantized = _checkpoint_experts(tensors, prefix, fp8_block)
-        except Unsupported as error:
-            raise ValueError(f"tensors: the experts of {name}: {error}") from None
+        quantized = checkpoint_experts(tensors, name, module.hf_weights, fp8_block)
         if quantized is not None:
             module.block.load_quantized_experts_(quantized)
             loaded.append(name)

@@ -131,7 +131,8 @@ def _block_group(resolved, module, name):
 
 
 def apply(model: nn.Module, group=None, *, tp_mesh_dim=None, ep_mesh_dim=None, ep_group=None, backend: str = "auto",
-          jitter_seed: int = 0, check_replicated: bool = False) -> ApplyReport:
+          jitter_seed: int = 0, check_replicated: bool = False, quantized_experts=None,
+          quantized_block_size=None) -> ApplyReport:
     """Replaces every MoE block of `model` (in place) by tpmoe and returns what it replaced.
 
     group: None (one process; or, for a model that transformers' TP loaded, its TP mesh), a
@@ -154,6 +155,11 @@ def apply(model: nn.Module, group=None, *, tp_mesh_dim=None, ep_mesh_dim=None, e
     jitter_seed: the seed of the random draws inside blocks under TP (module.py); the same int on
     every rank. Raises UnsupportedFamilyError (naming family, class and reason) before changing
     anything if any MoE block is of an unsupported family, ValueError if the model has none.
+    quantized_experts: a checkpoint's tensors under transformers' names (tpmoe.hf.
+    load_quantized_experts' `tensors`; quantized_block_size its `block_size`): the blocks whose
+    experts it holds run them quantized, and the model's own expert weights of those blocks are
+    never read (they may be on the meta device: a model built without them). Transformers'
+    FP8Experts are read in place without it.
     """
     from .._checks import check_choice
     from ..distributed import communicates, resolve_groups
@@ -186,7 +192,8 @@ def apply(model: nn.Module, group=None, *, tp_mesh_dim=None, ep_mesh_dim=None, e
         raise ValueError(f"model: found no MoE block in {type(model).__name__} (nothing for tpmoe to replace)")
     logit_classes = _router_logit_classes(model)
     # Every block's config and shapes first: a refusal (an activation, a shape) changes nothing.
-    judged = [_config(module, plan, name) for name, module, plan in blocks]
+    checkpoint = _checkpoint_reader(model, quantized_experts, quantized_block_size)
+    judged = [_config(module, plan, name, checkpoint) for name, module, plan in blocks]
     if resolved_ep is not None:
         _check_ep_size(blocks, judged, resolved_ep)
 
@@ -227,9 +234,11 @@ def apply(model: nn.Module, group=None, *, tp_mesh_dim=None, ep_mesh_dim=None, e
     return report
 
 
-def _config(module, plan, name):
+def _config(module, plan, name, checkpoint=None):
     """The block's MoEConfig, its HF weights' whole shapes checked against it, and its whole
-    quantized experts where transformers' quantizer left them (else None)."""
+    quantized experts where transformers' quantizer left them or `checkpoint(name, weights)`
+    finds them (else None)."""
+    from ..quantized import check_whole_quantized_experts
     from .judge import unsupported
     from .registry import Unsupported
     from .shards import check_whole_shapes
@@ -242,7 +251,12 @@ def _config(module, plan, name):
     except (Unsupported, ValueError) as error:
         raise unsupported(module, name, str(error)) from None
     check_whole_shapes(owner, weights, config, _owner_name(name, plan))
-    return config, weights, _quantized_experts(module, plan, name)
+    quantized = _quantized_experts(module, plan, name)
+    if quantized is None and checkpoint is not None:
+        quantized = checkpoint(_owner_name(name, plan), weights)
+    if quantized is not None:  # here, before any block is swapped
+        check_whole_quantized_experts(quantized, config, argument=f"quantized experts of {name}")
+    return config, weights, quantized
 
 
 def _owner_name(name: str, plan: Plan) -> str:
@@ -333,6 +347,7 @@ def _build(module, plan: Plan, config, weights, quantized, group, name, layer, b
                                     check_replicated=check_replicated, _uncopied=views)
     if quantized is not None:
         tp_block.load_quantized_experts_(quantized)
+        source = f"{source}, {quantized.format}"
     for tp_name, parameter in tp_block.named_parameters(recurse=False):
         parameter.requires_grad_(trainable.get(tp_name, True))
     common = dict(family=family_of(type(module)), hf_class_name=type(module).__name__, layer_index=layer)
@@ -361,6 +376,22 @@ def _build(module, plan: Plan, config, weights, quantized, group, name, layer, b
         records_router_logits=plan.router is not None and isinstance(router, logit_classes), **common)
     replacement.train(module.training)
     return replacement, source
+
+
+def _checkpoint_reader(model, tensors, block_size):
+    """None, or (owner name, weight map) -> the whole quantized experts `tensors` hold for that block."""
+    if tensors is None:
+        if block_size is not None:
+            raise ValueError(f"quantized_block_size: expected None without quantized_experts, got {block_size!r}")
+        return None
+    from .quantized import checkpoint_experts, check_tensors, fp8_block_size
+
+    check_tensors(tensors, "quantized_experts")
+    fp8_block = fp8_block_size(model, block_size)
+
+    def read(owner_name, weights):
+        return checkpoint_experts(tensors, owner_name, weights, fp8_block, argument="quantized_experts")
+    return read
 
 
 def _experts_module(owner, plan: Plan):
