@@ -183,62 +183,19 @@ TPMOE_AVX512 inline void widen_fp8_avx512(const uint8_t* source, int64_t count, 
 }
 
 // fp8 fused: sums[w * NX + x] = row w . xs[x] over `count` values, the first `offset` into its
-// scale block. Each block's products are summed first and scaled once (its one float scale).
-template <int NX>
+// scale block. Up to 2 activation rows, each block's products are summed first and scaled once
+// (its one float scale); 3 or 4 rows (ScaleEach), where 2 x 4 x NX accumulators would spill, each
+// 16 values are multiplied by their scale in the register (one rounding, the product the widened
+// rows hold) and go straight into the 4 x NX sums: one pass reads and dequantizes each byte once
+// where two passes of 2 rows did it twice (Qwen3 at T = 32: ~2 rows an expert, many 3 or 4).
+template <int NX, bool ScaleEach>
 TPMOE_AVX512 void fp8_fused_avx512(const WeightRows& rows, const float* const* xs, int64_t count, int64_t block,
                                    int64_t offset, float* sums) {
   __m512 total[kWeightRows][NX], part[kWeightRows][NX];
   #pragma GCC unroll 4
   for (int w = 0; w < kWeightRows; ++w)
     #pragma GCC unroll 4
-    for (int x = 0; x < NX; ++x) total[w][x] = _mm512_setzero_ps();
-  for (int64_t start = 0, index = 0; start < count; ++index) {
-    const int64_t stop = std::min(count, (index + 1) * block - offset);
-    #pragma GCC unroll 4
-    for (int w = 0; w < kWeightRows; ++w)
-      #pragma GCC unroll 4
-      for (int x = 0; x < NX; ++x) part[w][x] = _mm512_setzero_ps();
-    for (int64_t j = start; j < stop; j += 16) {
-      if ((j & 63) == 0)
-        #pragma GCC unroll 4
-        for (int w = 0; w < kWeightRows; ++w) _mm_prefetch(reinterpret_cast<const char*>(rows.next[w] + j), _MM_HINT_T1);
-      const __mmask16 mask = tail_mask(stop - j);
-      __m512 xv[NX];
-      #pragma GCC unroll 4
-      for (int x = 0; x < NX; ++x) xv[x] = _mm512_maskz_loadu_ps(mask, xs[x] + j);
-      #pragma GCC unroll 4
-      for (int w = 0; w < kWeightRows; ++w) {
-        const __m512 value = e4m3_times_2_pow_minus8(rows.bytes[w] + j, mask);
-        #pragma GCC unroll 4
-        for (int x = 0; x < NX; ++x) part[w][x] = _mm512_fmadd_ps(value, xv[x], part[w][x]);
-      }
-    }
-    #pragma GCC unroll 4
-    for (int w = 0; w < kWeightRows; ++w) {
-      const __m512 scale = _mm512_set1_ps(static_cast<const float*>(rows.scales[w])[index] * 256.0f);
-      #pragma GCC unroll 4
-      for (int x = 0; x < NX; ++x) total[w][x] = _mm512_fmadd_ps(part[w][x], scale, total[w][x]);
-    }
-    start = stop;
-  }
-  #pragma GCC unroll 4
-  for (int w = 0; w < kWeightRows; ++w)
-    #pragma GCC unroll 4
-    for (int x = 0; x < NX; ++x) sums[w * NX + x] = _mm512_reduce_add_ps(total[w][x]);
-}
-
-// fp8 fused for 3 or 4 activation rows, where 2 x 4 x NX accumulators would spill: each 16
-// values times their block's scale in the register (one rounding, the product the widened rows
-// hold), then straight into the 4 x NX sums. One pass reads and dequantizes each byte once
-// where two passes of 2 rows did it twice (Qwen3 at T = 32: ~2 rows an expert, many 3 or 4).
-template <int NX>
-TPMOE_AVX512 void fp8_fused_scaled_avx512(const WeightRows& rows, const float* const* xs, int64_t count,
-                                          int64_t block, int64_t offset, float* sums) {
-  __m512 total[kWeightRows][NX];
-  #pragma GCC unroll 4
-  for (int w = 0; w < kWeightRows; ++w)
-    #pragma GCC unroll 4
-    for (int x = 0; x < NX; ++x) total[w][x] = _mm512_setzero_ps();
+    for (int x = 0; x < NX; ++x) total[w][x] = part[w][x] = _mm512_setzero_ps();
   for (int64_t start = 0, index = 0; start < count; ++index) {
     const int64_t stop = std::min(count, (index + 1) * block - offset);
     __m512 scale[kWeightRows];
@@ -255,11 +212,25 @@ TPMOE_AVX512 void fp8_fused_scaled_avx512(const WeightRows& rows, const float* c
       for (int x = 0; x < NX; ++x) xv[x] = _mm512_maskz_loadu_ps(mask, xs[x] + j);
       #pragma GCC unroll 4
       for (int w = 0; w < kWeightRows; ++w) {
-        const __m512 value = _mm512_mul_ps(e4m3_times_2_pow_minus8(rows.bytes[w] + j, mask), scale[w]);
+        __m512 value = e4m3_times_2_pow_minus8(rows.bytes[w] + j, mask);
+        if constexpr (ScaleEach) value = _mm512_mul_ps(value, scale[w]);
         #pragma GCC unroll 4
-        for (int x = 0; x < NX; ++x) total[w][x] = _mm512_fmadd_ps(value, xv[x], total[w][x]);
+        for (int x = 0; x < NX; ++x) {
+          if constexpr (ScaleEach)
+            total[w][x] = _mm512_fmadd_ps(value, xv[x], total[w][x]);
+          else
+            part[w][x] = _mm512_fmadd_ps(value, xv[x], part[w][x]);
+        }
       }
     }
+    if constexpr (!ScaleEach)
+      #pragma GCC unroll 4
+      for (int w = 0; w < kWeightRows; ++w)
+        #pragma GCC unroll 4
+        for (int x = 0; x < NX; ++x) {
+          total[w][x] = _mm512_fmadd_ps(part[w][x], scale[w], total[w][x]);
+          part[w][x] = _mm512_setzero_ps();
+        }
     start = stop;
   }
   #pragma GCC unroll 4
@@ -374,7 +345,7 @@ template <int NX>
 struct Fp8Fused {
   static void run(const WeightRows& r, const float* const* xs, int64_t count, int64_t block, int64_t offset,
                   float* sums) {
-    fp8_fused_avx512<NX>(r, xs, count, block, offset, sums);
+    fp8_fused_avx512<NX, (NX > 2)>(r, xs, count, block, offset, sums);
   }
 };
 template <int NX>
@@ -390,16 +361,9 @@ struct Dense512 {
   }
 };
 
-// The fp8 fused tile holds 2 x 4 x NX accumulators (the block's partial sums and the totals):
-// NX = 2 fits the 32 registers; 3 and 4 rows take the kernel that scales each value instead.
 inline void fp8_fused(int nx, const WeightRows& r, const float* const* xs, int64_t count, int64_t block,
                       int64_t offset, float* sums) {
-  switch (nx) {
-    case 1: return Fp8Fused<1>::run(r, xs, count, block, offset, sums);
-    case 2: return Fp8Fused<2>::run(r, xs, count, block, offset, sums);
-    case 3: return fp8_fused_scaled_avx512<3>(r, xs, count, block, offset, sums);
-    default: return fp8_fused_scaled_avx512<4>(r, xs, count, block, offset, sums);
-  }
+  with_nx<Fp8Fused>(nx, r, xs, count, block, offset, sums);
 }
 inline void mxfp4_fused(int nx, const WeightRows& r, const float* const* xs, int64_t blocks, float* sums) {
   with_nx<Mxfp4Fused>(nx, r, xs, blocks, sums);
