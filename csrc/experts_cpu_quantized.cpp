@@ -120,13 +120,10 @@ void dot_rows(bool mxfp4, const WeightRows& rows, const float* const* xs, int64_
         ws[q] = ws[q - 1];
     }
   }
-  // The widened path reads the next rows ahead too, a slice per tile (the tiles are FMA-bound, so
-  // the misses hide behind them; all at once would queue past the fill buffers).
-  const int64_t row_lines = ((mxfp4 ? (offset + count + 31) / 32 * 16 : count) + 63) / 64, tiles = (n + 3) / 4;
+  const int64_t row_bytes = mxfp4 ? (offset + count + 31) / 32 * 16 : count;
   for (int64_t r = 0; r < n; r += 4) {
     const int nx = static_cast<int>(std::min<int64_t>(4, n - r));
-    for (int64_t line = row_lines * (r / 4) / tiles; !fused && line < row_lines * (r / 4 + 1) / tiles; ++line)
-      for (int q = 0; q < kWeightRows; ++q) _mm_prefetch(reinterpret_cast<const char*>(rows.next[q] + 64 * line), _MM_HINT_T1);
+    if (!fused) read_ahead_slice(rows, row_bytes, r / 4, (n + 3) / 4);
     if (!fused)
       k.dense(ws, xs + r, nx, length, tile);
     else if (mxfp4)
