@@ -1,16 +1,19 @@
-"""fp8 block-scaled experts on the CPU (issue 34), in one run: tpmoe's fp8 path (the native op
-that dequantizes one weight row at a time, csrc/experts_cpu_quantized.cpp) against tpmoe's own bf16
-path on the same expert shapes, and the read floors (a plain read of the touched experts' fp8
-bytes, and of their bf16 bytes), forward.
+"""Quantized experts on the CPU (issues 34, 35), in one run: tpmoe's fp8 / MXFP4 path (the native
+op that dequantizes the weights where they are used, csrc/experts_cpu_quantized.cpp) against
+tpmoe's own bf16 path on the same expert shapes, and the read floors (a plain read of the touched
+experts' stored bytes, and of their bf16 bytes), forward.
 
-Expert shapes of tpmoe.presets (Qwen3-30B-A3B: H = 2048, I = 768, E = 128, top-8; Mixtral-8x7B:
-H = 4096, I = 14336, E = 8, top-2), block size 128. Median, fastest and slowest of --repeats
-interleaved rounds (tpmoe.cli.timing); ratios from the fastest runs:
-  x_floor   fp8 time / the fp8 read floor's (the issue's decode target: <= 1.3)
-  vs_bf16   bf16 time / fp8 time (decode target >= 1.6; prefill, T = 512, >= 0.8)
+Expert shapes of tpmoe.presets: Qwen3-30B-A3B (fp8, H = 2048, I = 768, E = 128, top-8),
+GPT-OSS-20B (MXFP4, H = 2880, I = 2880, E = 32, top-4) and Mixtral-8x7B (fp8, H = 4096,
+I = 14336, E = 8, top-2; about 3 GiB of bf16 weights, so only on request), fp8 block size 128.
+Median, fastest and slowest of --repeats interleaved rounds (tpmoe.cli.timing); ratios from the
+fastest runs:
+  x_floor   quantized time / the stored bytes' read floor (the issues' decode target: <= 1.3)
+  vs_bf16   bf16 time / quantized time (decode targets: fp8 >= 1.6, MXFP4 T = 1 >= 2.5;
+            prefill, T = 512, >= 0.8)
 
-  python benchmarks/cpu_fp8.py                                  # Qwen3, T = 1, 8, 32, 512
-  python benchmarks/cpu_fp8.py --presets qwen3-30b-a3b mixtral-8x7b --tokens 1 8 32
+  python benchmarks/cpu_quantized.py --threads 1                # Qwen3 and GPT-OSS, T = 1, 8, 32, 512
+  python benchmarks/cpu_quantized.py --presets mixtral-8x7b --tokens 1 8 32
 """
 import argparse
 import datetime

@@ -69,7 +69,7 @@ const Kernels& kernels() {
     TORCH_CHECK(choice != "avx512" || avx512, kOp,
                 ": TPMOE_CPU_DEQUANT_KERNEL=avx512, but this CPU lacks AVX-512 F, BW or VL");
     if (avx512 && (choice == "auto" || choice == "avx512"))
-      return Kernels{true, widen_fp8_avx2, widen_mxfp4_avx2, dense_tile_avx512};
+      return Kernels{true, widen_fp8_avx512, widen_mxfp4_avx2, dense_tile_avx512};
     if (avx2 && choice != "portable")
       return Kernels{false, widen_fp8_avx2, widen_mxfp4_avx2, dense_by_dots<dot_avx2>};
     return Kernels{false, widen_fp8_portable, widen_mxfp4_portable, dense_by_dots<dot_portable>};
@@ -109,7 +109,6 @@ void dot_rows(bool mxfp4, const WeightRows& rows, const float* const* xs, int64_
   const Kernels& k = kernels();
   float tile[kWeightRows * 4];
   const bool fused = k.avx512 && n <= (mxfp4 ? kFusedRowsMxfp4 : kFusedRowsFp8);
-  const int step = fused && !mxfp4 ? 2 : 4;
   const float* ws[kWeightRows];
   if (!fused) {
     if (buffer.size() < static_cast<size_t>(kWeightRows * length)) buffer.assign(kWeightRows * length, 0.0f);
@@ -121,8 +120,10 @@ void dot_rows(bool mxfp4, const WeightRows& rows, const float* const* xs, int64_
         ws[q] = ws[q - 1];
     }
   }
-  for (int64_t r = 0; r < n; r += step) {
-    const int nx = static_cast<int>(std::min<int64_t>(step, n - r));
+  const int64_t row_bytes = mxfp4 ? (offset + count + 31) / 32 * 16 : count;
+  for (int64_t r = 0; r < n; r += 4) {
+    const int nx = static_cast<int>(std::min<int64_t>(4, n - r));
+    if (!fused) read_ahead_slice(rows, row_bytes, r / 4, (n + 3) / 4);
     if (!fused)
       k.dense(ws, xs + r, nx, length, tile);
     else if (mxfp4)

@@ -47,6 +47,15 @@ struct WeightRows {
   const uint8_t* next[kWeightRows];
 };
 
+// Slice `part` of `parts` of the next rows' bytes into L2: the widened path reads ahead a slice
+// per 4 x 4 tile (the tiles are FMA-bound, so the misses hide behind them; all at once would queue
+// past the fill buffers).
+inline void read_ahead_slice(const WeightRows& rows, int64_t row_bytes, int64_t part, int64_t parts) {
+  const int64_t lines = (row_bytes + 63) / 64;
+  for (int64_t line = lines * part / parts; line < lines * (part + 1) / parts; ++line)
+    for (int q = 0; q < kWeightRows; ++q) _mm_prefetch(reinterpret_cast<const char*>(rows.next[q] + 64 * line), _MM_HINT_T1);
+}
+
 // e4m3fn: sign, 4 exponent bits (bias 7), 3 mantissa bits; exponent 0 is subnormal (m 2^-9).
 // The all-ones pattern (NaN) is read as 480 here; checkpoints hold no NaN weights.
 inline const std::array<float, 256>& e4m3_values() {
@@ -173,22 +182,35 @@ TPMOE_AVX512 inline __m512 e4m3_times_2_pow_minus8(const uint8_t* source, __mmas
   return _mm512_cvtph_ps(_mm256_and_si256(_mm256_slli_epi16(wide, 7), _mm256_set1_epi16(0x3FFF | 0x8000)));
 }
 
+// fp8 rows widened 16 at a time (prefill: the widened path's rows).
+TPMOE_AVX512 inline void widen_fp8_avx512(const uint8_t* source, int64_t count, float scale, float* out) {
+  const __m512 scaled = _mm512_set1_ps(scale * 256.0f);
+  for (int64_t j = 0; j < count; j += 16) {
+    const __mmask16 mask = tail_mask(count - j);
+    _mm512_mask_storeu_ps(out + j, mask, _mm512_mul_ps(e4m3_times_2_pow_minus8(source + j, mask), scaled));
+  }
+}
+
 // fp8 fused: sums[w * NX + x] = row w . xs[x] over `count` values, the first `offset` into its
-// scale block. Each block's products are summed first and scaled once (its one float scale).
-template <int NX>
+// scale block. Up to 2 activation rows, each block's products are summed first and scaled once
+// (its one float scale); 3 or 4 rows (ScaleEach), where 2 x 4 x NX accumulators would spill, each
+// 16 values are multiplied by their scale in the register (one rounding, the product the widened
+// rows hold) and go straight into the 4 x NX sums: one pass reads and dequantizes each byte once
+// where two passes of 2 rows did it twice (Qwen3 at T = 32: ~2 rows an expert, many 3 or 4).
+template <int NX, bool ScaleEach>
 TPMOE_AVX512 void fp8_fused_avx512(const WeightRows& rows, const float* const* xs, int64_t count, int64_t block,
                                    int64_t offset, float* sums) {
   __m512 total[kWeightRows][NX], part[kWeightRows][NX];
   #pragma GCC unroll 4
   for (int w = 0; w < kWeightRows; ++w)
     #pragma GCC unroll 4
-    for (int x = 0; x < NX; ++x) total[w][x] = _mm512_setzero_ps();
+    for (int x = 0; x < NX; ++x) total[w][x] = part[w][x] = _mm512_setzero_ps();
   for (int64_t start = 0, index = 0; start < count; ++index) {
     const int64_t stop = std::min(count, (index + 1) * block - offset);
+    __m512 scale[kWeightRows];
     #pragma GCC unroll 4
     for (int w = 0; w < kWeightRows; ++w)
-      #pragma GCC unroll 4
-      for (int x = 0; x < NX; ++x) part[w][x] = _mm512_setzero_ps();
+      scale[w] = _mm512_set1_ps(static_cast<const float*>(rows.scales[w])[index] * 256.0f);
     for (int64_t j = start; j < stop; j += 16) {
       if ((j & 63) == 0)
         #pragma GCC unroll 4
@@ -199,17 +221,25 @@ TPMOE_AVX512 void fp8_fused_avx512(const WeightRows& rows, const float* const* x
       for (int x = 0; x < NX; ++x) xv[x] = _mm512_maskz_loadu_ps(mask, xs[x] + j);
       #pragma GCC unroll 4
       for (int w = 0; w < kWeightRows; ++w) {
-        const __m512 value = e4m3_times_2_pow_minus8(rows.bytes[w] + j, mask);
+        __m512 value = e4m3_times_2_pow_minus8(rows.bytes[w] + j, mask);
+        if constexpr (ScaleEach) value = _mm512_mul_ps(value, scale[w]);
         #pragma GCC unroll 4
-        for (int x = 0; x < NX; ++x) part[w][x] = _mm512_fmadd_ps(value, xv[x], part[w][x]);
+        for (int x = 0; x < NX; ++x) {
+          if constexpr (ScaleEach)
+            total[w][x] = _mm512_fmadd_ps(value, xv[x], total[w][x]);
+          else
+            part[w][x] = _mm512_fmadd_ps(value, xv[x], part[w][x]);
+        }
       }
     }
-    #pragma GCC unroll 4
-    for (int w = 0; w < kWeightRows; ++w) {
-      const __m512 scale = _mm512_set1_ps(static_cast<const float*>(rows.scales[w])[index] * 256.0f);
+    if constexpr (!ScaleEach)
       #pragma GCC unroll 4
-      for (int x = 0; x < NX; ++x) total[w][x] = _mm512_fmadd_ps(part[w][x], scale, total[w][x]);
-    }
+      for (int w = 0; w < kWeightRows; ++w)
+        #pragma GCC unroll 4
+        for (int x = 0; x < NX; ++x) {
+          total[w][x] = _mm512_fmadd_ps(part[w][x], scale[w], total[w][x]);
+          part[w][x] = _mm512_setzero_ps();
+        }
     start = stop;
   }
   #pragma GCC unroll 4
@@ -324,7 +354,7 @@ template <int NX>
 struct Fp8Fused {
   static void run(const WeightRows& r, const float* const* xs, int64_t count, int64_t block, int64_t offset,
                   float* sums) {
-    fp8_fused_avx512<NX>(r, xs, count, block, offset, sums);
+    fp8_fused_avx512<NX, (NX > 2)>(r, xs, count, block, offset, sums);
   }
 };
 template <int NX>
@@ -340,12 +370,9 @@ struct Dense512 {
   }
 };
 
-// The fp8 fused tile holds 2 x 4 x NX accumulators (the block's partial sums and the totals):
-// NX = 2 fits the 32 registers, NX = 4 would spill.
 inline void fp8_fused(int nx, const WeightRows& r, const float* const* xs, int64_t count, int64_t block,
                       int64_t offset, float* sums) {
-  if (nx == 1) return Fp8Fused<1>::run(r, xs, count, block, offset, sums);
-  return Fp8Fused<2>::run(r, xs, count, block, offset, sums);
+  with_nx<Fp8Fused>(nx, r, xs, count, block, offset, sums);
 }
 inline void mxfp4_fused(int nx, const WeightRows& r, const float* const* xs, int64_t blocks, float* sums) {
   with_nx<Mxfp4Fused>(nx, r, xs, blocks, sums);
@@ -359,7 +386,6 @@ struct Kernels {
   void (*widen_fp8)(const uint8_t*, int64_t, float, float*);
   void (*widen_mxfp4)(const uint8_t*, int64_t, int64_t, float, float*);
   void (*dense)(const float* const*, const float* const*, int, int64_t, float*);
-  int fp8_fused_rows;  // activation rows per fp8 fused call
 };
 
 }  // namespace dequant
