@@ -45,7 +45,7 @@ from .distributed.replicated import check_expert_parallel_agree, check_shards_ag
 from .sharding import (REPLICATED_NAMES, SHARDED_NAMES, align_sharded_storage, check_shards, expert_range,
                        expert_ranges, shard_moe_weights, shard_sizes)
 from .stacked import to_format, to_stacked
-from .weights import ExpertWeights, check_moe_weights, random_moe_weights
+from .weights import ExpertWeights, check_moe_weights, expected_shapes, random_moe_weights
 
 # Trained replicated parameters: their gradients are complete on every rank in TP mode and
 # per-rank partial sums (over the local tokens) in sequence-parallel and expert-parallel mode.
@@ -270,8 +270,19 @@ class MoEBlock(nn.Module):
                             f"{sequence_parallel!r}")
         full = dict(self.local_shards())
         requires_grad = {name: tensor.requires_grad for name, tensor in self._weight_items()}
+        quantized = None
+        if hasattr(self, "quantized_experts"):
+            # One process: its quantized experts are the whole ones, cut again below like the
+            # rest; meanwhile the dense experts are zero-stride placeholders (no memory).
+            quantized = self.quantized_experts.weights()
+            _, dtype = self._experts_device_and_dtype()
+            shapes = expected_shapes(self.config)
+            full.update({name: torch.zeros((), dtype=dtype, device=quantized.w_gate_up.device).expand(shapes[name])
+                         for name in ("w_gate_up", "w_down")})
         self._place(tp_group, ep_group, sequence_parallel=sequence_parallel, shard_unit=1, full=full,
                     requires_grad=requires_grad, mesh=mesh)
+        if quantized is not None:
+            self.load_quantized_experts_(quantized)
         return self
 
     def _apply(self, fn, recurse=True):

@@ -56,7 +56,11 @@ def _broadcast_weights(block: MoEBlock, groups: List[dist.ProcessGroup], src: Op
         for group in groups:
             if dist.get_world_size(group) == 1:
                 continue
-            for tensor in block.local_shards().values():  # detached, sharing the parameters' storage
+            # Detached, sharing the parameters' storage; quantized experts' stored bytes and
+            # scales too (buffers: a one-process block's are its whole quantized experts).
+            quantized = getattr(block, "quantized_experts", None)
+            tensors = list(block.local_shards().values()) + (list(quantized.buffers()) if quantized else [])
+            for tensor in tensors:
                 buffer = tensor if tensor.is_contiguous() else tensor.contiguous()
                 dist.broadcast(buffer, group=group, group_src=src)
                 if buffer.data_ptr() != tensor.data_ptr():

@@ -82,9 +82,20 @@ def _parallel_outputs(rank, world_size, mode, seed):
         block = MoEBlock.from_full(config, full, group).load_quantized_experts_(quantized)
         generator = torch.Generator().manual_seed(seed + (rank if mode == "ep" else 0))  # EP: each rank's tokens
         x = torch.randn(7, config.hidden_size, generator=generator)
+        # The same block quantized in one process, then parallelized (tpmoe.parallelize: rank 0's
+        # weights broadcast, the quantized experts among them): the same output.
+        one_process = MoEBlock.from_full(config, full).load_quantized_experts_(quantized)
+        if rank > 0:  # what the broadcast must overwrite
+            one_process.quantized_experts.w_down.zero_()
+        parallel = tpmoe.parallelize(one_process, _mesh(mode, world_size))
         with torch.no_grad():
-            outputs[weight_format] = (x, block(x), block.quantized_experts.block_offset)
+            outputs[weight_format] = (x, block(x), block.quantized_experts.block_offset, parallel(x))
     return outputs
+
+
+def _mesh(mode, world_size):
+    from torch.distributed.device_mesh import init_device_mesh
+    return init_device_mesh("cpu", (world_size,), mesh_dim_names=(mode,))
 
 
 @pytest.mark.distributed
@@ -96,9 +107,10 @@ def test_tp_and_ep_blocks_match_the_reference(mode, world_size, seed):
         if (mode, world_size) == ("tp", 3):
             assert any(outputs[weight_format][2] > 0 for outputs in per_rank), "no shard starts inside a block"
         for rank, outputs in enumerate(per_rank):
-            x, out, _ = outputs[weight_format]
+            x, out, _, parallelized = outputs[weight_format]
             expected = reference_moe_block(x.double(), effective, config)
             assert_fp32_close(out, expected, name=f"{weight_format} {mode}{world_size} rank {rank}")
+            assert torch.equal(parallelized, out), f"{weight_format} {mode}{world_size} rank {rank}: parallelized"
 
 
 def test_bad_quantized_experts_are_refused():
