@@ -132,20 +132,21 @@ def round_to_e4m3(value):
 
 
 @triton.jit
-def fp8_activation_dot(a_tile, acc, w_ptr, w_cols, w_first, stride_wk, scale_ptr, scale_cols, scale_block,
-                       stride_sk, k_valid, col_valid, BLOCK_K: tl.constexpr, INTERPRETED: tl.constexpr):
+def fp8_activation_dot(a_tile, acc, w_ptr, w_cols, w_first, stride_wk, scale_ptr, scale_cols, block, stride_sk,
+                       k_valid, col_valid, BLOCK_K: tl.constexpr, INTERPRETED: tl.constexpr):
     """acc + (q(a) @ w) * a_scale[row] * w_scale[column]: one k-step of the fp8 x fp8 variant
-    (ACT_FP8) on fp8_block weights, the k-step being one scale group of the activations and one
-    scale block of the weights (BLOCK_K = B, steps aligned to the blocks).
+    (ACT_FP8) on fp8_block weights, the k-step being exactly one scale group of the activations
+    and scale block `block` of the weights (BLOCK_K = B, steps aligned to the blocks: a group
+    split over two steps would get two scales).
 
-    a_tile [BLOCK_M, BLOCK_K] (any float dtype, zeros where nothing was loaded) is
-    quantized per row as tpmoe.fp8.quantize_fp8_activations does (amax / 448, a zero row scale
-    1, round to nearest even e4m3); the [BLOCK_K, BLOCK_N] weight bytes at w_cols + (w_first + k)
-    * stride_wk (k_valid [BLOCK_K], col_valid [BLOCK_N] say which exist) enter the dot as e4m3,
-    the product accumulates in float32 and is scaled by the row's and the column block's scale
-    (scale_ptr + scale_cols + scale_block * stride_sk) before it is added. Compiled (sm_89+), the
-    operands are float8e4nv (an fp8 wgmma on sm_90); under the interpreter they are the same
-    values in float32 (its fp8 dot and casts are not the GPU's)."""
+    a_tile [BLOCK_M, BLOCK_K] (any float dtype, zeros where nothing was loaded) is quantized per
+    row as tpmoe.fp8.quantize_fp8_activations does (scale = amax / 448, 1 for a row of zeros;
+    values rounded to nearest even e4m3); the [BLOCK_K, BLOCK_N] weight bytes at w_cols +
+    (w_first + k) * stride_wk (k_valid [BLOCK_K], col_valid [BLOCK_N] say which exist) enter the
+    dot as e4m3, the product accumulates in float32 and is scaled by the row's and the column's
+    block scale (scale_ptr + scale_cols + block * stride_sk) before it is added. Compiled
+    (sm_90), the operands are float8e4nv (an fp8 wgmma); under the interpreter the same values in
+    float32 (its fp8 dot and casts are not the GPU's)."""
     a = a_tile.to(tl.float32)
     amax = tl.max(tl.abs(a), axis=1)
     a_scale = tl.where(amax > 0, amax / 448.0, 1.0)
@@ -157,7 +158,7 @@ def fp8_activation_dot(a_tile, acc, w_ptr, w_cols, w_first, stride_wk, scale_ptr
     offs_k = tl.arange(0, BLOCK_K)
     stored = tl.load(w_ptr + w_cols[None, :] + (w_first + offs_k)[:, None] * stride_wk,
                      mask=k_valid[:, None] & col_valid[None, :], other=0)
-    w_scale = tl.load(scale_ptr + scale_cols + scale_block * stride_sk, mask=col_valid, other=0.0)
+    w_scale = tl.load(scale_ptr + scale_cols + block * stride_sk, mask=col_valid, other=0.0)
     if INTERPRETED:
         partial = tl.dot(round_to_e4m3(a_scaled), e4m3_to_float32(stored), input_precision="ieee",
                          out_dtype=tl.float32)

@@ -112,16 +112,21 @@ def grouped_scatter_kernel(
         w_start = 0
     acc = zeros_accumulator(BLOCK_M, BLOCK_N, ACC_FP64)
     if ACT_FP8:
-        # BLOCK_K = SCALE_BLOCK: step kb is scale block kb of Kdim, whose local columns start at
-        # kb * BLOCK_K - block_offset (the first step shortened by the shard's offset); exact masks.
-        for kb in range(0, tl.cdiv(block_offset + Kdim, BLOCK_K)):
-            cols = kb * BLOCK_K - block_offset + offs_k
-            k_valid = (cols >= 0) & (cols < Kdim)
-            a_tile = tl.load(a_ptr + offs_m.to(tl.int64)[:, None] * stride_am + cols.to(tl.int64)[None, :] * stride_ak,
-                             mask=row_valid[:, None] & k_valid[None, :], other=0.0)
-            acc = fp8_activation_dot(a_tile, acc, w_ptr + expert * stride_we, offs_n.to(tl.int64) * stride_wn,
-                                     kb * BLOCK_K - block_offset, stride_wk, scale_ptr + expert * stride_se,
-                                     scale_cols, kb, stride_sk, k_valid, col_valid, BLOCK_K, INTERPRETED)
+        # BLOCK_K = SCALE_BLOCK, no split: step kb is scale block kb of Kdim, positions
+        # kb * BLOCK_K + k counted from the block's start, so both operands are addressed from
+        # block_offset columns before their first one (the first step shortened by the shard's
+        # offset: masked below block_offset and from block_offset + Kdim on).
+        a_ptrs = a_ptrs - block_offset * stride_ak
+        fp8_end = block_offset + Kdim
+        for kb in range(0, tl.cdiv(fp8_end, BLOCK_K)):
+            position = kb * BLOCK_K + offs_k
+            k_valid = (position >= block_offset) & (position < fp8_end)
+            a_tile = tl.load(a_ptrs, mask=row_valid[:, None] & k_valid[None, :], other=0.0)
+            acc = fp8_activation_dot(a_tile, acc, w_ptr + expert * stride_we - block_offset * stride_wk,
+                                     offs_n.to(tl.int64) * stride_wn, kb * BLOCK_K, stride_wk,
+                                     scale_ptr + expert * stride_se, scale_cols, kb, stride_sk, k_valid, col_valid,
+                                     BLOCK_K, INTERPRETED)
+            a_ptrs += BLOCK_K * stride_ak
     else:
         for k0 in range(k_start, k_end, BLOCK_K):
             a_tile = tl.load(a_ptrs, mask=row_valid[:, None] & (offs_k < k_end - k0)[None, :], other=0.0)

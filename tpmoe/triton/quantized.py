@@ -12,8 +12,11 @@ quantized per token and per scale block in the kernels (tpmoe.fp8.quantize_fp8_a
 scheme) and every k-step is an fp8 tensor-core dot (tpmoe.triton.dequant.fp8_activation_dot).
 TPMOE_FP8_ACTIVATIONS, read per call: "auto" (default) takes it on compute capability >= 9.0
 (sm_80 has no fp8 MMA) for bf16 / fp16 calls of at least PREFILL_ROWS routed rows (T * K) whose
-block size is a power of two >= 16; "on" forces it for every fp8_block call (the interpreter
-tests; ValueError where the block size cannot be a k-step, RuntimeError below sm_90); "off"
+block size is a power of two >= 16 and whose shard starts on a block (block_offset 0: in a
+shard cut inside a block the down kernel's steps are unaligned to h's rows, which costs its async
+copies and spilled 1.9 KB on sm_90 at I_p = 77, benchmarks/RESULTS.md); "on" forces it for every
+fp8_block call (the interpreter tests; ValueError where the block size cannot be a k-step,
+RuntimeError below sm_90); "off"
 keeps the weight-only path (dequantized weights, activations in their dtype), as everywhere else.
 """
 import os
@@ -41,8 +44,9 @@ def use_fp8_activations(hidden_states: torch.Tensor, weights: ExpertWeights, top
     block_fits = block >= 16 and block & (block - 1) == 0
     capability = device_capability(hidden_states.device)
     if mode == "auto":
-        return (block_fits and capability is not None and capability >= 90 and hidden_states.shape[0] * top_k
-                >= PREFILL_ROWS and hidden_states.dtype in (torch.bfloat16, torch.float16))
+        return (block_fits and weights.scales.block_offset == 0 and capability is not None and capability >= 90
+                and hidden_states.shape[0] * top_k >= PREFILL_ROWS
+                and hidden_states.dtype in (torch.bfloat16, torch.float16))
     if not block_fits:
         raise ValueError(f"weights.scales.block_size: {FP8_ACTIVATIONS_ENV}=on quantizes the activations per "
                          f"scale block, one k-step each, which needs a power of two >= 16, got {block}")
