@@ -189,7 +189,8 @@ def representative_launches(kernel_names=None, *, layout="concatenated", gated=T
         for config in configs:
             meta = align_torch(topk_ids, num_experts, config.BLOCK_M)
             num_rows = meta.sorted_ids_padded.shape[0]
-            h = empty_aligned_rows(num_rows, intermediate_size, dtype, "cpu")
+            shift = scales.block_offset if fp8_activations else 0  # the fp8 x fp8 variant's h (gate_up.h_buffer)
+            h = gate_up.h_buffer(num_rows, intermediate_size, dtype, "cpu", shift)
             d_preact = empty_aligned_rows(num_rows, rows, dtype, "cpu")
             for biased in biases:
                 suffix = "+bias" if biased else ""

@@ -113,10 +113,11 @@ def grouped_scatter_kernel(
     acc = zeros_accumulator(BLOCK_M, BLOCK_N, ACC_FP64)
     if ACT_FP8:
         # BLOCK_K = SCALE_BLOCK, no split: step kb is scale block kb of Kdim, positions
-        # kb * BLOCK_K + k counted from the block's start, so both operands are addressed from
-        # block_offset columns before their first one (the first step shortened by the shard's
-        # offset: masked below block_offset and from block_offset + Kdim on).
-        a_ptrs = a_ptrs - block_offset * stride_ak
+        # kb * BLOCK_K + k counted from the block's start. a_ptr is the start of h's rows, where
+        # h's column c sits at position block_offset + c (gate_up.h_buffer: the steps stay
+        # 16-byte aligned); W is addressed from block_offset columns before its first one. The
+        # first step is shortened by the shard's offset: masked below block_offset and from
+        # block_offset + Kdim on.
         fp8_end = block_offset + Kdim
         for kb in range(0, tl.cdiv(fp8_end, BLOCK_K)):
             position = kb * BLOCK_K + offs_k
@@ -192,7 +193,8 @@ def grouped_scatter(rows, weight, n_axis: int, k_axis: int, bias, routing_weight
     the B-load (tpmoe.triton.dequant), their Kdim entries masked exactly (mxfp4's last block
     holds the next shard's values past I_p). fp8_activations (fp8_block, config.BLOCK_K =
     block_size, SPLIT 1): the rows are quantized per row and scale block in registers and each
-    k-step is an fp8 x fp8 dot (dequant.fp8_activation_dot).
+    k-step is an fp8 x fp8 dot (dequant.fp8_activation_dot); where block_offset > 0, rows must
+    be gate_up's h_buffer(..., shift=block_offset) (read from its rows' start).
     """
     require_runnable(grouped_scatter_kernel, rows.device)
     num_rows, depth = rows.shape
@@ -214,6 +216,9 @@ def grouped_scatter(rows, weight, n_axis: int, k_axis: int, bias, routing_weight
     weight, scale_arguments = weight_arguments(weight, scale, weight_format, "down", block_size, block_offset,
                                                config.BLOCK_K, out, fp8_activations)
     assert not fp8_activations or config.SPLIT == 1, "the fp8 x fp8 down launch does not split"
+    if fp8_activations and block_offset:  # the whole rows of gate_up.h_buffer: column c at block_offset + c
+        assert rows.storage_offset() >= block_offset and rows.stride(1) == 1, "rows must come from gate_up.h_buffer"
+        rows = rows.as_strided((num_rows, block_offset + depth), rows.stride(), rows.storage_offset() - block_offset)
     grouped_scatter_kernel[grid](
         rows, weight, bias_arg, weight_arg, sorted_ids_padded, block_expert, out,
         num_pairs, out_size, depth, depth_a,

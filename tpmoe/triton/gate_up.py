@@ -158,7 +158,8 @@ def gate_up(hidden_states, w_gate_up, b_gate_up, sorted_ids_padded, block_expert
     interleaved): `scale` is its BlockScales.gate_up, block_size and block_offset BlockScales';
     the tiles are dequantized in the B-load (tpmoe.triton.dequant). fp8_activations (fp8_block,
     config.BLOCK_K = block_size): x is quantized per row and scale block in registers and each
-    k-step is an fp8 x fp8 dot (dequant.fp8_activation_dot)."""
+    k-step is an fp8 x fp8 dot (dequant.fp8_activation_dot); h then sits block_offset columns into
+    its aligned rows (`h_buffer`), and no padding column is stored."""
     require_runnable(gate_up_kernel, hidden_states.device)
     num_tokens, hidden_size = hidden_states.shape
     rows_axis, hidden_axis = gate_up_axes(layout)
@@ -167,7 +168,8 @@ def gate_up(hidden_states, w_gate_up, b_gate_up, sorted_ids_padded, block_expert
     num_rows = sorted_ids_padded.shape[0]
     num_row_blocks = block_expert.shape[0]
     assert num_row_blocks * config.BLOCK_M >= num_rows, "block_expert does not cover sorted_ids_padded"
-    h = empty_aligned_rows(num_rows, intermediate_size, hidden_states.dtype, hidden_states.device)
+    shift = block_offset if fp8_activations else 0
+    h = h_buffer(num_rows, intermediate_size, hidden_states.dtype, hidden_states.device, shift)
     bias = b_gate_up if b_gate_up is not None else h  # never read when HAS_BIAS is False
     w_gate_up, scale_arguments = weight_arguments(w_gate_up, scale, weight_format, "gate_up", block_size,
                                                   block_offset, config.BLOCK_K, h, fp8_activations)
@@ -175,7 +177,8 @@ def gate_up(hidden_states, w_gate_up, b_gate_up, sorted_ids_padded, block_expert
     gate_up_kernel[grid](
         hidden_states, w_gate_up, bias, sorted_ids_padded, block_expert, h,
         num_tokens * top_k, top_k, hidden_size, intermediate_size,
-        readable_width(w_gate_up, rows_axis, w_gate_up.shape[rows_axis]), readable_width(h, 1, intermediate_size),
+        readable_width(w_gate_up, rows_axis, w_gate_up.shape[rows_axis]),
+        intermediate_size if shift else readable_width(h, 1, intermediate_size),
         num_row_blocks, up_offset, alpha, limit,
         hidden_states.stride(0), hidden_states.stride(1),
         w_gate_up.stride(0), w_gate_up.stride(rows_axis), w_gate_up.stride(hidden_axis),
@@ -185,3 +188,11 @@ def gate_up(hidden_states, w_gate_up, b_gate_up, sorted_ids_padded, block_expert
         ACTIVATION=activation, **dot_flags(hidden_states.dtype), **scale_arguments, num_warps=config.num_warps,
         num_stages=config.num_stages)
     return h
+
+
+def h_buffer(num_rows: int, intermediate_size: int, dtype, device, shift: int = 0) -> torch.Tensor:
+    """h's [M, I] view, rows 16-byte aligned (`layouts.empty_aligned_rows`). shift (the fp8 x fp8
+    variant's block_offset): h's column c at column shift + c of rows of shift + I, so that the
+    down kernel's k-steps, which follow the scale blocks (block_offset + c) // B, start on aligned
+    columns and keep their 16-byte async copies (`down.grouped_scatter` reads the whole rows)."""
+    return empty_aligned_rows(num_rows, shift + intermediate_size, dtype, device)[:, shift:]

@@ -22,6 +22,7 @@ from .combine import combine as _combine
 from .down import grouped_scatter as _grouped_scatter
 from .down import pair_dtype
 from .gate_up import gate_up as _gate_up
+from .gate_up import h_buffer
 from .layouts import empty_aligned_rows, gate_up_axes
 from .tile_configs import KernelConfig
 
@@ -80,8 +81,8 @@ def _(hidden_states, w_gate_up, b_gate_up, sorted_ids_padded, block_expert, top_
       alpha, limit, config, scale=None, weight_format="dense", block_size=1, block_offset=0, fp8_activations=False):
     intermediate_size = w_gate_up.shape[gate_up_axes(layout)[0]] // (2 if gated else 1)
     # The strides the real op gives (16-byte aligned rows), so compiled graphs agree.
-    return empty_aligned_rows(sorted_ids_padded.shape[0], intermediate_size, hidden_states.dtype,
-                              hidden_states.device)
+    return h_buffer(sorted_ids_padded.shape[0], intermediate_size, hidden_states.dtype, hidden_states.device,
+                    block_offset if fp8_activations else 0)
 
 
 @torch.library.custom_op("tpmoe::triton_grouped_scatter", mutates_args=())

@@ -13,11 +13,11 @@ scheme) and every k-step is an fp8 tensor-core dot (tpmoe.triton.dequant.fp8_act
 TPMOE_FP8_ACTIVATIONS, read per call: "auto" (default) takes it on compute capability >= 9.0
 (sm_80 has no fp8 MMA) for bf16 / fp16 calls of at least PREFILL_ROWS routed rows (T * K) whose
 block size is a power of two >= 16 and whose shard starts on a block (block_offset 0: in a
-shard cut inside a block the down kernel's steps are unaligned to h's rows, which costs its async
-copies and spilled 1.9 KB on sm_90 at I_p = 77, benchmarks/RESULTS.md); "on" forces it for every
-fp8_block call (the interpreter tests; ValueError where the block size cannot be a k-step,
-RuntimeError below sm_90); "off"
-keeps the weight-only path (dequantized weights, activations in their dtype), as everywhere else.
+shard cut inside a block the down kernel's loads lose their 16-byte async copies on sm_90,
+benchmarks/RESULTS.md, and no GPU has timed it yet); "on" forces it for every fp8_block call
+(the interpreter tests; ValueError where the block size cannot be a k-step, RuntimeError below
+sm_90); "off" keeps the weight-only path (dequantized weights, activations in their dtype), as
+everywhere else.
 """
 import os
 
