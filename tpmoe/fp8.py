@@ -126,6 +126,51 @@ def _quantize_blocks(matrix: torch.Tensor, block_size: int):
     return (matrix / _expand(scale.double(), rows, cols, block_size, 0, 0)).to(FP8_DTYPE), scale
 
 
+FP8_MAX = 448.0  # e4m3fn's largest finite value
+
+
+def activation_groups(size: int, block_size: int, block_offset: int = 0) -> int:
+    """How many scale groups quantize_fp8_activations gives `size` columns at `block_offset`."""
+    return _blocks(size, block_size, block_offset)
+
+
+def quantize_fp8_activations(x: torch.Tensor, block_size: int, block_offset: int = 0):
+    """(e4m3 values [T, K], float32 scales [T, nb]) of activations x [T, K]: per token and per
+    group of columns aligned to the weights' B x B scale blocks (DeepSeek-V3's and vLLM's
+    per-token-group fp8 scheme), the one definition the Triton fp8 x fp8 kernels
+    (tpmoe.triton.dequant.fp8_activation_dot) compute in registers and the tests compare with.
+
+    Group g covers the local columns [max(0, g B - o), min(K, (g + 1) B - o)) (o = block_offset:
+    where column 0 sits inside its scale block, a TP shard's BlockScales.block_offset), so nb =
+    ceil((o + K) / B) and every group lies inside one weight scale block. In float32: scale =
+    amax(|x| over the group) / 448 (a group of zeros gets scale 1, so its values stay 0 and no NaN
+    appears), values = x / scale rounded to nearest even e4m3 (|values| <= 448). x * 1 keeps a
+    value's sign; value * scale is the dequantized activation."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or not x.is_floating_point():
+        got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"x: expected a 2-D floating-point tensor [T, K], got {got}")
+    _check_block_size(block_size)
+    if not isinstance(block_offset, int) or isinstance(block_offset, bool) or not 0 <= block_offset < block_size:
+        raise ValueError(f"block_offset: expected an int in [0, {block_size}) (block_size {block_size}), got "
+                         f"{block_offset!r}")
+    num_tokens, size = x.shape
+    groups = activation_groups(size, block_size, block_offset)
+    padded = torch.nn.functional.pad(x.float(), (block_offset, groups * block_size - block_offset - size))
+    grouped = padded.view(num_tokens, groups, block_size)
+    scale = grouped.abs().amax(dim=2) / FP8_MAX
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    values = (grouped / scale.unsqueeze(2)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    values = values.view(num_tokens, groups * block_size)[:, block_offset:block_offset + size]
+    return values.contiguous(), scale
+
+
+def dequantize_fp8_activations(values: torch.Tensor, scales: torch.Tensor, block_size: int, block_offset: int = 0,
+                               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """values * their group's scale in dtype: what quantize_fp8_activations' output stands for."""
+    groups = (torch.arange(values.shape[1], device=values.device) + block_offset) // block_size
+    return values.to(dtype) * scales.to(dtype).index_select(1, groups)
+
+
 def dequantize_fp8_experts(weights, *, layout: str, gated: bool, dtype: torch.dtype = torch.float32,
                            experts: Optional[Tuple[int, int]] = None):
     """The dense ExpertWeights (dtype) that "fp8_block" `weights` stand for; `experts` = (first,

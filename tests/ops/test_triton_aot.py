@@ -9,7 +9,8 @@ ptxas-blackwell, for the bias-free and the biased call sites, at I_p = 768 and a
 shards 154 and 77 (I = 768 over 5 and 10 ranks), where the aligned weight storage and buffers
 must keep the async copies; nothing may spill on either target. The compiles run in separate
 processes, in parallel, because the kernels must be decorated without TRITON_INTERPRET (which
-this test session sets for the others). Also here: the bytes-moved model (`python -m tpmoe.triton.aot --model`) and its invariants.
+this test session sets for the others). The fp8 x fp8 variant on sm_90 (its own two compiles): an
+e4m3 wgmma, no spills. Also here: the bytes-moved model (`python -m tpmoe.triton.aot --model`) and its invariants.
 """
 import json
 import os
@@ -252,6 +253,32 @@ def test_quantized_forward_kernels_compile_without_spills(aot_rows):
         assert 1 <= row["shared"] <= SHARED_MEMORY_LIMIT[row["cc"]], row
         if row["cc"] == 90 and row["BLOCK_M"] >= 64:
             assert row["wgmma"] > 0, row
+
+
+@pytest.fixture(scope="module")
+def fp8_activation_rows():
+    if not os.path.exists(PTXAS):
+        pytest.skip(f"Triton's bundled ptxas-blackwell is missing at {PTXAS}")
+    # Two compiles: gate_up and down at their prefill config, bias-free.
+    return _run_aot([["--cc", "90", "--format", "fp8_block", "--fp8-activations", "--bias", "none"]])
+
+
+def test_sm90_fp8_activation_variant_uses_an_fp8_wgmma_without_spills(fp8_activation_rows):
+    """The fp8 x fp8 variant (ACT_FP8, tpmoe.triton.dequant.fp8_activation_dot) on sm_90, gate_up
+    and down at the prefill config of tile_configs.fp8_activation_config: its dots are wgmma with
+    e4m3 operands and float32 accumulators (k = 32 a step), nothing spills, shared memory fits."""
+    from tpmoe.triton import tile_configs
+    rows = fp8_activation_rows
+    assert sorted(row["kernel"] for row in rows) == ["down", "gate_up"]
+    for row in rows:
+        assert row["variant"] == "fp8xfp8" and row["cc"] == 90 and row["BLOCK_M"] == 128, row
+        assert row["BLOCK_K"] == 128 and row["SPLIT"] == 1, row  # k-steps of one scale block (B = 128)
+        assert row["wgmma_e4m3"] > 0 and row["wgmma_e4m3"] == row["wgmma"], row
+        assert all(shape.endswith("k32") for shape in row["wgmma_shapes"]), row
+        assert not row["spill_stores"] and not row["spill_loads"], row
+        assert 1 <= row["shared"] <= SHARED_MEMORY_LIMIT[90], row
+    gate_up = next(row for row in rows if row["kernel"] == "gate_up")
+    assert gate_up["BLOCK_N"] == tile_configs.FP8_ACTIVATION_GATE_UP_BLOCK_N
 
 
 def _run_model(*arguments):

@@ -23,6 +23,9 @@ copies (cp.async, TMA cp.async.bulk), mma.sync and plain global loads in the PTX
 I_p = 154 and 77 are a rank's columns of I = 768 over 5 and 10 ranks (rows of 308 and 154 bytes).
 --format fp8_block / mxfp4: the forward kernels on quantized weights (tpmoe.triton.dequant), the
 shard starting inside a scale block where I_p is uneven (variants "fp8", "mxfp4", and "+bias").
+--format fp8_block --fp8-activations: the fp8 x fp8 variant (ACT_FP8: x and h quantized per
+token and scale block in registers, fp8 wgmma; sm_90 only), at the prefill configs
+(tile_configs.fp8_activation_config; variant "fp8xfp8"); the JSON rows count its e4m3 wgmma.
 
     python -m tpmoe.triton.aot --model [--preset qwen3-30b-a3b ...] [--tokens 1 16384] [--tp P] [--group-m G]
                                [--l2-mb 50] [--wave 132]
@@ -123,14 +126,19 @@ BIAS_CHOICES = {"none": (False,), "bias": (True,), "both": (False, True)}
 def representative_launches(kernel_names=None, *, layout="concatenated", gated=True, activation="silu",
                             dtype=torch.bfloat16, hidden_size=2048, intermediate_size=768, num_experts=4,
                             num_tokens=256, top_k=2, main_only=False, biases=(False, True),
-                            capability=None, weight_format="dense") -> List[Launch]:
+                            capability=None, weight_format="dense", fp8_activations=False) -> List[Launch]:
     """Every config (or only the main one) of every kernel in the tables of a device of
     `capability` (None: sm_90), and each call site's variant (bias-free and, with True in
     `biases`, biased), on one representative problem of `intermediate_size` columns.
 
     weight_format "fp8_block" / "mxfp4": the forward kernels (gate_up, down) with the weights
     dequantized in their B-load, variants named after the format ("mxfp4", "mxfp4+bias"); dtype
-    is then the activations'."""
+    is then the activations'. fp8_activations (fp8_block): the fp8 x fp8 variant at each kernel's
+    prefill config (128-row tiles), narrowed by tile_configs.fp8_activation_config, variant
+    "fp8xfp8"."""
+    if fp8_activations and weight_format != FP8_FORMAT:
+        raise ValueError(f"fp8_activations: the fp8 x fp8 variant needs weight_format {FP8_FORMAT!r}, got "
+                         f"{weight_format!r}")
     if weight_format != "dense":
         kernel_names = [name for name in kernel_names or QUANTIZED_KERNELS if name in QUANTIZED_KERNELS]
     kernel_names = kernel_names or list(KERNEL_MODULES)
@@ -150,6 +158,8 @@ def representative_launches(kernel_names=None, *, layout="concatenated", gated=T
         w_gate_up, w_down, scales = _quantized_weights(weight_format, num_experts, rows, hidden_size,
                                                        intermediate_size, gated)
         quantized = dict(weight_format=weight_format, block_size=scales.block_size, block_offset=scales.block_offset)
+        if fp8_activations:
+            quantized["fp8_activations"] = True
     b_gate_up = torch.empty(num_experts, rows, dtype=dtype)
     b_down = torch.empty(num_experts, hidden_size, dtype=dtype)
     topk_ids = torch.rand(num_tokens, num_experts, generator=generator).topk(top_k, dim=1).indices
@@ -172,10 +182,15 @@ def representative_launches(kernel_names=None, *, layout="concatenated", gated=T
             configs = [main_config(name, dtype.itemsize, capability)]
         if weight_format != "dense":
             configs = list(dict.fromkeys(tile_configs.quantized_config(name, config) for config in configs))
+        if fp8_activations:  # prefill only: the 128-row config
+            prefill = tile_configs.kernel_config(name, 1024, 1024, 1024, dtype.itemsize, capability)
+            configs = [tile_configs.fp8_activation_config(name, tile_configs.quantized_config(name, prefill),
+                                                          scales.block_size)]
         for config in configs:
             meta = align_torch(topk_ids, num_experts, config.BLOCK_M)
             num_rows = meta.sorted_ids_padded.shape[0]
-            h = empty_aligned_rows(num_rows, intermediate_size, dtype, "cpu")
+            shift = scales.block_offset if fp8_activations else 0  # the fp8 x fp8 variant's h (gate_up.h_buffer)
+            h = gate_up.h_buffer(num_rows, intermediate_size, dtype, "cpu", shift)
             d_preact = empty_aligned_rows(num_rows, rows, dtype, "cpu")
             for biased in biases:
                 suffix = "+bias" if biased else ""
@@ -185,12 +200,14 @@ def representative_launches(kernel_names=None, *, layout="concatenated", gated=T
                     if name == "gate_up":
                         gate_up.gate_up(x, w_gate_up, gu_bias, meta.sorted_ids_padded, meta.block_expert,
                                         config=config, **options, scale=gu_scale, **quantized)
-                        variants = [QUANTIZED_VARIANT.get(weight_format, "forward")]
+                        variants = [FP8_ACTIVATIONS_VARIANT if fp8_activations else
+                                    QUANTIZED_VARIANT.get(weight_format, "forward")]
                     elif name == "down":
                         down.grouped_scatter(h, w_down, down_h_axis, down_i_axis, dn_bias, topk_weights,
                                              meta.sorted_ids_padded, meta.block_expert, num_pairs=num_tokens * top_k,
                                              config=config, scale=dn_scale, **quantized)
-                        variants = [QUANTIZED_VARIANT.get(weight_format, "forward")]
+                        variants = [FP8_ACTIVATIONS_VARIANT if fp8_activations else
+                                    QUANTIZED_VARIANT.get(weight_format, "forward")]
                         if not biased and not quantized:  # dx has no bias: one variant
                             down.grouped_scatter(d_preact, w_gate_up, hidden_axis, rows_axis, None, None,
                                                  meta.sorted_ids_padded, meta.block_expert,
@@ -221,6 +238,7 @@ def representative_launches(kernel_names=None, *, layout="concatenated", gated=T
 
 QUANTIZED_KERNELS = ("gate_up", "down")  # the forward kernels, which dequantize in their B-load
 QUANTIZED_VARIANT = {FP8_FORMAT: "fp8", MXFP4_FORMAT: "mxfp4"}
+FP8_ACTIVATIONS_VARIANT = "fp8xfp8"
 
 
 def _quantized_weights(weight_format, num_experts, rows, hidden_size, intermediate_size, gated):
@@ -339,6 +357,7 @@ def ptx_instructions(ptx: str) -> dict:
     copy = r"cp\.async\.c[ag]\.shared\.global[^,]*,[^,]*,\s*(0x[0-9a-fA-F]+|\d+)"
     widths = [int(width, 0) for width in re.findall(copy, ptx)]
     return dict(wgmma=len(re.findall(r"wgmma\.mma_async\.sync", ptx)), wgmma_shapes=shapes,
+                wgmma_e4m3=len(re.findall(r"wgmma\.mma_async\.sync\.aligned\.m\d+n\d+k\d+\.f32\.e4m3\.e4m3", ptx)),
                 cp_async=len(widths), cp_async_16=sum(width == 16 for width in widths),
                 tma=len(re.findall(r"cp\.async\.bulk", ptx)),
                 mma=len(re.findall(r"mma\.sync\.aligned", ptx)),
@@ -409,6 +428,8 @@ def main(argv=None):
     parser.add_argument("--activation", default="silu")
     parser.add_argument("--format", default="dense", choices=WEIGHT_FORMATS,
                         help="the weights' format: quantized ones compile the forward kernels' dequantizing B-load")
+    parser.add_argument("--fp8-activations", action="store_true",
+                        help="with --format fp8_block: the fp8 x fp8 variant (sm_90) at the prefill configs")
     parser.add_argument("--not-gated", action="store_true")
     parser.add_argument("--main-only", action="store_true", help="only each kernel's main config")
     parser.add_argument("--one-variant", action="store_true",
@@ -448,7 +469,7 @@ def main(argv=None):
                                                activation=args.activation, main_only=args.main_only,
                                                dtype=getattr(torch, args.dtype), intermediate_size=intermediate,
                                                biases=BIAS_CHOICES[args.bias], capability=capability,
-                                               weight_format=args.format)
+                                               weight_format=args.format, fp8_activations=args.fp8_activations)
             if args.one_variant:
                 first_of_each = {}
                 for launch in launches:

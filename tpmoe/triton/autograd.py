@@ -19,14 +19,16 @@ from ..config import ExpertSpec
 from ..weights import ExpertWeights
 from .layouts import down_axes, gate_up_axes
 from ..routing import align  # the alignment the kernels read: docs/contracts.md, AlignResult
-from .tile_configs import block_m_for, launch_configs, quantized_config, token_bucket
+from .tile_configs import block_m_for, fp8_activation_config, launch_configs, quantized_config, token_bucket
 
 
 def forward_launches(hidden_states, w_gate_up, w_down, topk_weights, b_gate_up, b_down, topk_ids, activation,
-                     layout, gated, alpha, limit, intermediate_size, scales=None):
+                     layout, gated, alpha, limit, intermediate_size, scales=None, fp8_activations=False):
     """(y, h, routing, configs): the forward's launches (align, gate_up, grouped_scatter, combine).
     scales: None for dense weights, else (gate_up scale, down scale, format, block size, block
-    offset) of quantized ones, dequantized in the kernels' B-load (tpmoe.triton.dequant)."""
+    offset) of quantized ones, dequantized in the kernels' B-load (tpmoe.triton.dequant);
+    fp8_activations (fp8_block): the fp8 x fp8 variant, x and h quantized per token and scale
+    block in the kernels (tile_configs.fp8_activation_config)."""
     num_tokens, hidden_size = hidden_states.shape
     num_experts, top_k = w_gate_up.shape[0], topk_ids.shape[1]
     down_hidden_axis, down_inter_axis = down_axes(layout)
@@ -39,12 +41,17 @@ def forward_launches(hidden_states, w_gate_up, w_down, topk_weights, b_gate_up, 
     if scales is not None:  # the narrower tiles that dequantize without spills
         for launch in ("gate_up", "down"):
             configs[launch] = ops.config_list(quantized_config(launch, ops._config(configs[launch])))
+            if fp8_activations:
+                configs[launch] = ops.config_list(fp8_activation_config(launch, ops._config(configs[launch]),
+                                                                        quantized[1]))
 
     h = ops.gate_up(hidden_states, w_gate_up, b_gate_up, routing.sorted_ids_padded, routing.block_expert, top_k,
-                    activation, layout, gated, alpha, limit, configs["gate_up"], gate_up_scale, *quantized)
+                    activation, layout, gated, alpha, limit, configs["gate_up"], gate_up_scale, *quantized,
+                    fp8_activations=fp8_activations)
     pair_out = ops.grouped_scatter(h, w_down, down_hidden_axis, down_inter_axis, b_down, topk_weights.contiguous(),
                                    routing.sorted_ids_padded, routing.block_expert, num_tokens * top_k,
-                                   configs["down"], down_scale, *quantized)
+                                   configs["down"], down_scale, *quantized,
+                                   fp8_activations=fp8_activations)
     return ops.combine(pair_out, num_tokens, top_k, hidden_states.dtype), h, routing, configs
 
 

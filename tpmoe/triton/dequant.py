@@ -115,6 +115,58 @@ def dequantized_dot(a_tile, acc, w_ptr, w_cols, w_first, stride_wk, scale_ptr, s
                   input_precision=DOT_PRECISION, out_dtype=acc.dtype)
 
 
+@triton.jit
+def round_to_e4m3(value):
+    """float32 |value| <= 448 rounded to nearest even on the e4m3 grid, in float32, exactly (the
+    interpreter's fp8 cast is not the GPU's cvt.rn): the quantum is 2^(e - 3) for the value's
+    exponent e, at least 2^-9 (e4m3's subnormals), and y = value / quantum is rounded by hand."""
+    bits = value.to(tl.uint32, bitcast=True)
+    exponent = tl.maximum(((bits >> 23) & 0xFF).to(tl.int32) - 127, -6)
+    quantum = ((exponent - 3 + 127) << 23).to(tl.float32, bitcast=True)
+    scaled = tl.abs(value) / quantum  # exact: a power of two
+    whole = tl.floor(scaled)
+    rest = scaled - whole
+    odd = (whole - 2.0 * tl.floor(whole * 0.5)) != 0.0
+    whole = tl.where((rest > 0.5) | ((rest == 0.5) & odd), whole + 1.0, whole)
+    return tl.where(value < 0, -whole * quantum, whole * quantum)
+
+
+@triton.jit
+def fp8_activation_dot(a_tile, acc, w_ptr, w_cols, w_first, stride_wk, scale_ptr, scale_cols, block, stride_sk,
+                       k_valid, col_valid, BLOCK_K: tl.constexpr, INTERPRETED: tl.constexpr):
+    """acc + (q(a) @ w) * a_scale[row] * w_scale[column]: one k-step of the fp8 x fp8 variant
+    (ACT_FP8) on fp8_block weights, the k-step being exactly one scale group of the activations
+    and scale block `block` of the weights (BLOCK_K = B, steps aligned to the blocks: a group
+    split over two steps would get two scales).
+
+    a_tile [BLOCK_M, BLOCK_K] (any float dtype, zeros where nothing was loaded) is quantized per
+    row as tpmoe.fp8.quantize_fp8_activations does (scale = amax / 448, 1 for a row of zeros;
+    values rounded to nearest even e4m3); the [BLOCK_K, BLOCK_N] weight bytes at w_cols +
+    (w_first + k) * stride_wk (k_valid [BLOCK_K], col_valid [BLOCK_N] say which exist) enter the
+    dot as e4m3, the product accumulates in float32 and is scaled by the row's and the column's
+    block scale (scale_ptr + scale_cols + block * stride_sk) before it is added. Compiled
+    (sm_90), the operands are float8e4nv (an fp8 wgmma); under the interpreter the same values in
+    float32 (its fp8 dot and casts are not the GPU's)."""
+    a = a_tile.to(tl.float32)
+    amax = tl.max(tl.abs(a), axis=1)
+    a_scale = tl.where(amax > 0, amax / 448.0, 1.0)
+    if INTERPRETED:
+        a_scaled = a / a_scale[:, None]
+    else:
+        a_scaled = tl.math.div_rn(a, a_scale[:, None])  # IEEE division, as torch's
+    a_scaled = tl.minimum(tl.maximum(a_scaled, -448.0), 448.0)
+    offs_k = tl.arange(0, BLOCK_K)
+    stored = tl.load(w_ptr + w_cols[None, :] + (w_first + offs_k)[:, None] * stride_wk,
+                     mask=k_valid[:, None] & col_valid[None, :], other=0)
+    w_scale = tl.load(scale_ptr + scale_cols + block * stride_sk, mask=col_valid, other=0.0)
+    if INTERPRETED:
+        partial = tl.dot(round_to_e4m3(a_scaled), e4m3_to_float32(stored), input_precision="ieee",
+                         out_dtype=tl.float32)
+    else:
+        partial = tl.dot(a_scaled.to(tl.float8e4nv), stored.to(tl.float8e4nv, bitcast=True), out_dtype=tl.float32)
+    return acc + (partial * a_scale[:, None] * w_scale[None, :]).to(acc.dtype)
+
+
 def scale_span(block_k: int, block_size: int, offset: int) -> int:
     """The most scale blocks of `block_size` one k-step touches, the steps covering positions
     [offset + m * block_k, offset + (m + 1) * block_k) (a split starts on a step too)."""
@@ -142,19 +194,24 @@ def quantized_operand(weight: torch.Tensor, scale: torch.Tensor, weight_format: 
 
 
 def weight_arguments(weight, scale, weight_format: str, projection: str, block_size: int, block_offset: int,
-                     block_k: int, placeholder: torch.Tensor):
+                     block_k: int, placeholder: torch.Tensor, fp8_activations: bool = False):
     """(values, keyword arguments of the kernel's scale parameters) for a launch on `weight`:
     scale_ptr, block_offset, the scale strides (stride_se, stride_sg for gate_up only, stride_sn,
     stride_sk), WEIGHT_FORMAT, SCALE_BLOCK and SCALE_SPAN (`scale_span` of the k-steps of
-    block_k). Dense: `weight`
+    block_k), and ACT_FP8 (`fp8_activations`: the fp8 x fp8 k-steps of fp8_activation_dot, on
+    fp8_block weights with block_k = block_size only). Dense: `weight`
     itself, and `placeholder` (any tensor) as the scale pointer, never read."""
+    if fp8_activations and (weight_format != FP8_FORMAT or block_k != block_size):
+        raise ValueError(f"tpmoe.triton: fp8 activations need {FP8_FORMAT!r} weights and BLOCK_K = block_size, got "
+                         f"{weight_format!r}, BLOCK_K {block_k}, block_size {block_size}")
     if weight_format == "dense":
         values, scale, strides, block_size, block_offset = weight, placeholder, (0, 0, 0, 0), 1, 0
     else:
         values, strides = quantized_operand(weight, scale, weight_format, projection)
     arguments = dict(scale_ptr=scale, block_offset=block_offset, stride_se=strides[0], stride_sg=strides[1],
                      stride_sn=strides[2], stride_sk=strides[3], WEIGHT_FORMAT=weight_format, SCALE_BLOCK=block_size,
-                     SCALE_SPAN=scale_span(block_k, block_size, block_offset if projection == "down" else 0))
+                     SCALE_SPAN=scale_span(block_k, block_size, block_offset if projection == "down" else 0),
+                     ACT_FP8=fp8_activations)
     if projection != "gate_up":
         del arguments["stride_sg"]
     return values, arguments

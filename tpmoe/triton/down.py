@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dequant import dequantized_dot, weight_arguments
+from .dequant import dequantized_dot, fp8_activation_dot, weight_arguments
 from .grid import grouped_tile, tile_grid_size
 from .interpret import as_dot_operand, dot_flags, require_runnable, round_to, zeros_accumulator
 from .layouts import readable_width
@@ -74,6 +74,7 @@ def grouped_scatter_kernel(
     W_MASK_EXACT: tl.constexpr,  # W's k entries masked by Kdim (else by Kdim_a, like A's)
     INTERPRETED: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_FP64: tl.constexpr,
     WEIGHT_FORMAT: tl.constexpr, SCALE_BLOCK: tl.constexpr, SCALE_SPAN: tl.constexpr,  # tpmoe.triton.dequant
+    ACT_FP8: tl.constexpr,  # fp8_block, SPLIT 1: rows quantized per scale block, fp8 x fp8 dots (dequant)
 ):
     pid_m, pid_n = grouped_tile(tl.program_id(0), num_row_blocks, tl.cdiv(N, BLOCK_N), GROUP_M)
     split = tl.program_id(1)
@@ -110,20 +111,38 @@ def grouped_scatter_kernel(
         scale_cols = (offs_n // SCALE_BLOCK).to(tl.int64) * stride_sn
         w_start = 0
     acc = zeros_accumulator(BLOCK_M, BLOCK_N, ACC_FP64)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        a_tile = tl.load(a_ptrs, mask=row_valid[:, None] & (offs_k < k_end - k0)[None, :], other=0.0)
-        if WEIGHT_FORMAT == "dense":
-            w_tile = tl.load(w_ptrs, mask=(offs_k < k_end_w - k0)[:, None] & col_valid[None, :], other=0.0)
-            acc = tl.dot(as_dot_operand(a_tile, INTERPRETED), as_dot_operand(w_tile, INTERPRETED), acc,
-                         input_precision=DOT_PRECISION, out_dtype=acc.dtype)
-        else:
-            acc = dequantized_dot(a_tile, acc, w_ptr + expert * stride_we, offs_n.to(tl.int64) * stride_wn,
-                                  w_start + k0, stride_wk, scale_ptr + expert * stride_se, scale_cols,
-                                  block_offset + k0, stride_sk, k_end_w - k0, col_valid, BLOCK_K, SCALE_BLOCK,
-                                  SCALE_SPAN, WEIGHT_FORMAT, a_ptr.dtype.element_ty, INTERPRETED,
-                                  DOT_PRECISION)
-        a_ptrs += BLOCK_K * stride_ak
-        w_ptrs += BLOCK_K * stride_wk
+    if ACT_FP8:
+        # BLOCK_K = SCALE_BLOCK, no split: step kb is scale block kb of Kdim, positions
+        # kb * BLOCK_K + k counted from the block's start. a_ptr is the start of h's rows, where
+        # h's column c sits at position block_offset + c (gate_up.h_buffer: the steps stay
+        # 16-byte aligned); W is addressed from block_offset columns before its first one. The
+        # first step is shortened by the shard's offset: masked below block_offset and from
+        # block_offset + Kdim on.
+        fp8_end = block_offset + Kdim
+        for kb in range(0, tl.cdiv(fp8_end, BLOCK_K)):
+            position = kb * BLOCK_K + offs_k
+            k_valid = (position >= block_offset) & (position < fp8_end)
+            a_tile = tl.load(a_ptrs, mask=row_valid[:, None] & k_valid[None, :], other=0.0)
+            acc = fp8_activation_dot(a_tile, acc, w_ptr + expert * stride_we - block_offset * stride_wk,
+                                     offs_n.to(tl.int64) * stride_wn, kb * BLOCK_K, stride_wk,
+                                     scale_ptr + expert * stride_se, scale_cols, kb, stride_sk, k_valid, col_valid,
+                                     BLOCK_K, INTERPRETED)
+            a_ptrs += BLOCK_K * stride_ak
+    else:
+        for k0 in range(k_start, k_end, BLOCK_K):
+            a_tile = tl.load(a_ptrs, mask=row_valid[:, None] & (offs_k < k_end - k0)[None, :], other=0.0)
+            if WEIGHT_FORMAT == "dense":
+                w_tile = tl.load(w_ptrs, mask=(offs_k < k_end_w - k0)[:, None] & col_valid[None, :], other=0.0)
+                acc = tl.dot(as_dot_operand(a_tile, INTERPRETED), as_dot_operand(w_tile, INTERPRETED), acc,
+                             input_precision=DOT_PRECISION, out_dtype=acc.dtype)
+            else:
+                acc = dequantized_dot(a_tile, acc, w_ptr + expert * stride_we, offs_n.to(tl.int64) * stride_wn,
+                                      w_start + k0, stride_wk, scale_ptr + expert * stride_se, scale_cols,
+                                      block_offset + k0, stride_sk, k_end_w - k0, col_valid, BLOCK_K, SCALE_BLOCK,
+                                      SCALE_SPAN, WEIGHT_FORMAT, a_ptr.dtype.element_ty, INTERPRETED,
+                                      DOT_PRECISION)
+            a_ptrs += BLOCK_K * stride_ak
+            w_ptrs += BLOCK_K * stride_wk
 
     if HAS_BIAS:  # once per pair: in the first split's partial only
         if split == 0:
@@ -153,7 +172,7 @@ def split_depth(depth: int, block_k: int, split: int) -> int:
 
 def grouped_scatter(rows, weight, n_axis: int, k_axis: int, bias, routing_weights, sorted_ids_padded,
                     block_expert, *, num_pairs: int, config: KernelConfig, scale=None, weight_format: str = "dense",
-                    block_size: int = 1, block_offset: int = 0) -> torch.Tensor:
+                    block_size: int = 1, block_offset: int = 0, fp8_activations: bool = False) -> torch.Tensor:
     """out [SPLIT, num_pairs, N] partials in `pair_dtype`: rows @ weight[e]^T (+ bias[e])
     (* routing weight) per pair, split s over its slice of Kdim; `combine.combine` sums them.
 
@@ -172,7 +191,10 @@ def grouped_scatter(rows, weight, n_axis: int, k_axis: int, bias, routing_weight
     Quantized weight (the forward's w_down in weight_format "fp8_block" or "mxfp4"): `scale` is
     its BlockScales.down, block_size and block_offset BlockScales'; the tiles are dequantized in
     the B-load (tpmoe.triton.dequant), their Kdim entries masked exactly (mxfp4's last block
-    holds the next shard's values past I_p).
+    holds the next shard's values past I_p). fp8_activations (fp8_block, config.BLOCK_K =
+    block_size, SPLIT 1): the rows are quantized per row and scale block in registers and each
+    k-step is an fp8 x fp8 dot (dequant.fp8_activation_dot); where block_offset > 0, rows must
+    be gate_up's h_buffer(..., shift=block_offset) (read from its rows' start).
     """
     require_runnable(grouped_scatter_kernel, rows.device)
     num_rows, depth = rows.shape
@@ -192,7 +214,11 @@ def grouped_scatter(rows, weight, n_axis: int, k_axis: int, bias, routing_weight
     depth_a = readable_width(rows, 1, depth)
     depth_w = readable_width(weight, k_axis, depth) if depth_a > depth and weight_format == "dense" else depth
     weight, scale_arguments = weight_arguments(weight, scale, weight_format, "down", block_size, block_offset,
-                                               config.BLOCK_K, out)
+                                               config.BLOCK_K, out, fp8_activations)
+    assert not fp8_activations or config.SPLIT == 1, "the fp8 x fp8 down launch does not split"
+    if fp8_activations and block_offset:  # the whole rows of gate_up.h_buffer: column c at block_offset + c
+        assert rows.storage_offset() >= block_offset and rows.stride(1) == 1, "rows must come from gate_up.h_buffer"
+        rows = rows.as_strided((num_rows, block_offset + depth), rows.stride(), rows.storage_offset() - block_offset)
     grouped_scatter_kernel[grid](
         rows, weight, bias_arg, weight_arg, sorted_ids_padded, block_expert, out,
         num_pairs, out_size, depth, depth_a,

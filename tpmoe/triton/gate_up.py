@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .activations import gated_forward, unary_activation_and_grad
-from .dequant import dequantized_dot, weight_arguments
+from .dequant import dequantized_dot, fp8_activation_dot, weight_arguments
 from .grid import grouped_tile, tile_grid_size
 from .interpret import as_dot_operand, dot_flags, require_runnable, round_to, zeros_accumulator
 from .layouts import empty_aligned_rows, gate_up_axes, gate_up_columns, readable_width
@@ -64,6 +64,7 @@ def gate_up_kernel(
     COL_STEP: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
     INTERPRETED: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_FP64: tl.constexpr,
     WEIGHT_FORMAT: tl.constexpr, SCALE_BLOCK: tl.constexpr, SCALE_SPAN: tl.constexpr,  # tpmoe.triton.dequant
+    ACT_FP8: tl.constexpr,  # fp8_block only: x quantized per row and scale block, fp8 x fp8 dots (dequant)
 ):
     num_col_blocks = tl.cdiv(intermediate_size, BLOCK_N)
     pid_m, pid_n = grouped_tile(tl.program_id(0), num_row_blocks, num_col_blocks, GROUP_M)
@@ -112,7 +113,11 @@ def gate_up_kernel(
     for k0 in range(0, hidden_size, BLOCK_K):
         k_valid = offs_k < hidden_size - k0
         x_tile = tl.load(x_ptrs, mask=row_valid[:, None] & k_valid[None, :], other=0.0)
-        if WEIGHT_FORMAT == "dense":
+        if ACT_FP8:  # BLOCK_K = SCALE_BLOCK: k-step k0 // BLOCK_K is one scale block of H
+            acc = fp8_activation_dot(x_tile, acc, w_ptr + expert * stride_we, w_rows * stride_wr, k0, stride_wh,
+                                     scale_ptr + expert * stride_se, scale_cols, k0 // BLOCK_K, stride_sk, k_valid,
+                                     w_load_valid, BLOCK_K, INTERPRETED)
+        elif WEIGHT_FORMAT == "dense":
             w_tile = tl.load(w_ptrs, mask=k_valid[:, None] & w_load_valid[None, :], other=0.0)
             acc = tl.dot(as_dot_operand(x_tile, INTERPRETED), as_dot_operand(w_tile, INTERPRETED), acc,
                          input_precision=DOT_PRECISION, out_dtype=acc.dtype)
@@ -144,14 +149,17 @@ def gate_up_kernel(
 def gate_up(hidden_states, w_gate_up, b_gate_up, sorted_ids_padded, block_expert, *, top_k: int,
             activation: str, layout: str, gated: bool, alpha: float, limit: float,
             config: KernelConfig, scale=None, weight_format: str = "dense", block_size: int = 1,
-            block_offset: int = 0) -> torch.Tensor:
+            block_offset: int = 0, fp8_activations: bool = False) -> torch.Tensor:
     """h [M, I] (M = len(sorted_ids_padded)) in padded sorted order, rows 16-byte aligned
     (row stride `layouts.aligned_row_stride(I)`); padding rows are zero, and so are the padding
     columns I .. aligned_row_stride(I) of every row (in memory, past the view).
 
     Quantized w_gate_up (weight_format "fp8_block" or "mxfp4", layouts concatenated and
     interleaved): `scale` is its BlockScales.gate_up, block_size and block_offset BlockScales';
-    the tiles are dequantized in the B-load (tpmoe.triton.dequant)."""
+    the tiles are dequantized in the B-load (tpmoe.triton.dequant). fp8_activations (fp8_block,
+    config.BLOCK_K = block_size): x is quantized per row and scale block in registers and each
+    k-step is an fp8 x fp8 dot (dequant.fp8_activation_dot); h then sits block_offset columns into
+    its aligned rows (`h_buffer`), and no padding column is stored."""
     require_runnable(gate_up_kernel, hidden_states.device)
     num_tokens, hidden_size = hidden_states.shape
     rows_axis, hidden_axis = gate_up_axes(layout)
@@ -160,15 +168,17 @@ def gate_up(hidden_states, w_gate_up, b_gate_up, sorted_ids_padded, block_expert
     num_rows = sorted_ids_padded.shape[0]
     num_row_blocks = block_expert.shape[0]
     assert num_row_blocks * config.BLOCK_M >= num_rows, "block_expert does not cover sorted_ids_padded"
-    h = empty_aligned_rows(num_rows, intermediate_size, hidden_states.dtype, hidden_states.device)
+    shift = block_offset if fp8_activations else 0
+    h = h_buffer(num_rows, intermediate_size, hidden_states.dtype, hidden_states.device, shift)
     bias = b_gate_up if b_gate_up is not None else h  # never read when HAS_BIAS is False
     w_gate_up, scale_arguments = weight_arguments(w_gate_up, scale, weight_format, "gate_up", block_size,
-                                                  block_offset, config.BLOCK_K, h)
+                                                  block_offset, config.BLOCK_K, h, fp8_activations)
     grid = (tile_grid_size(num_row_blocks, triton.cdiv(intermediate_size, config.BLOCK_N)),)
     gate_up_kernel[grid](
         hidden_states, w_gate_up, bias, sorted_ids_padded, block_expert, h,
         num_tokens * top_k, top_k, hidden_size, intermediate_size,
-        readable_width(w_gate_up, rows_axis, w_gate_up.shape[rows_axis]), readable_width(h, 1, intermediate_size),
+        readable_width(w_gate_up, rows_axis, w_gate_up.shape[rows_axis]),
+        intermediate_size if shift else readable_width(h, 1, intermediate_size),
         num_row_blocks, up_offset, alpha, limit,
         hidden_states.stride(0), hidden_states.stride(1),
         w_gate_up.stride(0), w_gate_up.stride(rows_axis), w_gate_up.stride(hidden_axis),
@@ -178,3 +188,11 @@ def gate_up(hidden_states, w_gate_up, b_gate_up, sorted_ids_padded, block_expert
         ACTIVATION=activation, **dot_flags(hidden_states.dtype), **scale_arguments, num_warps=config.num_warps,
         num_stages=config.num_stages)
     return h
+
+
+def h_buffer(num_rows: int, intermediate_size: int, dtype, device, shift: int = 0) -> torch.Tensor:
+    """h's [M, I] view, rows 16-byte aligned (`layouts.empty_aligned_rows`). shift (the fp8 x fp8
+    variant's block_offset): h's column c at column shift + c of rows of shift + I, so that the
+    down kernel's k-steps, which follow the scale blocks (block_offset + c) // B, start on aligned
+    columns and keep their 16-byte async copies (`down.grouped_scatter` reads the whole rows)."""
+    return empty_aligned_rows(num_rows, shift + intermediate_size, dtype, device)[:, shift:]

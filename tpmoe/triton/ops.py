@@ -22,6 +22,7 @@ from .combine import combine as _combine
 from .down import grouped_scatter as _grouped_scatter
 from .down import pair_dtype
 from .gate_up import gate_up as _gate_up
+from .gate_up import h_buffer
 from .layouts import empty_aligned_rows, gate_up_axes
 from .tile_configs import KernelConfig
 
@@ -64,22 +65,24 @@ def on_tensor_device(launcher):
 def gate_up(hidden_states: torch.Tensor, w_gate_up: torch.Tensor, b_gate_up: Optional[torch.Tensor],
             sorted_ids_padded: torch.Tensor, block_expert: torch.Tensor, top_k: int, activation: str, layout: str,
             gated: bool, alpha: float, limit: float, config: List[int], scale: Optional[torch.Tensor] = None,
-            weight_format: str = "dense", block_size: int = 1, block_offset: int = 0) -> torch.Tensor:
+            weight_format: str = "dense", block_size: int = 1, block_offset: int = 0,
+            fp8_activations: bool = False) -> torch.Tensor:
     """h [M, I] = act(gate) * up for the padded sorted rows (rows 16-byte aligned); a quantized
-    w_gate_up comes with its scale tensor, format, block size and offset (tpmoe.triton.dequant)."""
+    w_gate_up comes with its scale tensor, format, block size and offset (tpmoe.triton.dequant),
+    fp8_activations for the fp8 x fp8 variant."""
     return _gate_up(hidden_states, w_gate_up, b_gate_up, sorted_ids_padded, block_expert, top_k=top_k,
                     activation=activation, layout=layout, gated=gated, alpha=alpha, limit=limit,
                     config=_config(config), scale=scale, weight_format=weight_format, block_size=block_size,
-                    block_offset=block_offset)
+                    block_offset=block_offset, fp8_activations=fp8_activations)
 
 
 @gate_up.register_fake
 def _(hidden_states, w_gate_up, b_gate_up, sorted_ids_padded, block_expert, top_k, activation, layout, gated,
-      alpha, limit, config, scale=None, weight_format="dense", block_size=1, block_offset=0):
+      alpha, limit, config, scale=None, weight_format="dense", block_size=1, block_offset=0, fp8_activations=False):
     intermediate_size = w_gate_up.shape[gate_up_axes(layout)[0]] // (2 if gated else 1)
     # The strides the real op gives (16-byte aligned rows), so compiled graphs agree.
-    return empty_aligned_rows(sorted_ids_padded.shape[0], intermediate_size, hidden_states.dtype,
-                              hidden_states.device)
+    return h_buffer(sorted_ids_padded.shape[0], intermediate_size, hidden_states.dtype, hidden_states.device,
+                    block_offset if fp8_activations else 0)
 
 
 @torch.library.custom_op("tpmoe::triton_grouped_scatter", mutates_args=())
@@ -87,17 +90,19 @@ def _(hidden_states, w_gate_up, b_gate_up, sorted_ids_padded, block_expert, top_
 def grouped_scatter(rows: torch.Tensor, weight: torch.Tensor, n_axis: int, k_axis: int, bias: Optional[torch.Tensor],
                     routing_weights: Optional[torch.Tensor], sorted_ids_padded: torch.Tensor,
                     block_expert: torch.Tensor, num_pairs: int, config: List[int], scale: Optional[torch.Tensor] = None,
-                    weight_format: str = "dense", block_size: int = 1, block_offset: int = 0) -> torch.Tensor:
+                    weight_format: str = "dense", block_size: int = 1, block_offset: int = 0,
+                    fp8_activations: bool = False) -> torch.Tensor:
     """[SPLIT, num_pairs, N] per-pair partials (dtype: down.pair_dtype): rows @ weight[e]^T (+ bias[e]) (* routing
-    weight); a quantized weight comes with its scale tensor, format, block size and offset (tpmoe.triton.dequant)."""
+    weight); a quantized weight comes with its scale tensor, format, block size and offset (tpmoe.triton.dequant),
+    fp8_activations for the fp8 x fp8 variant."""
     return _grouped_scatter(rows, weight, n_axis, k_axis, bias, routing_weights, sorted_ids_padded, block_expert,
                             num_pairs=num_pairs, config=_config(config), scale=scale, weight_format=weight_format,
-                            block_size=block_size, block_offset=block_offset)
+                            block_size=block_size, block_offset=block_offset, fp8_activations=fp8_activations)
 
 
 @grouped_scatter.register_fake
 def _(rows, weight, n_axis, k_axis, bias, routing_weights, sorted_ids_padded, block_expert, num_pairs, config,
-      scale=None, weight_format="dense", block_size=1, block_offset=0):
+      scale=None, weight_format="dense", block_size=1, block_offset=0, fp8_activations=False):
     return rows.new_empty(config[6], num_pairs, weight.shape[n_axis], dtype=pair_dtype(rows.dtype, config[6]))
 
 

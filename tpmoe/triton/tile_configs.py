@@ -318,6 +318,24 @@ def quantized_config(kernel: str, config: KernelConfig) -> KernelConfig:
     return replace(config, BLOCK_N=block_n)
 
 
+# The fp8 x fp8 variant (tpmoe.triton.dequant.fp8_activation_dot) holds each k-step's float32
+# partial product beside the accumulator until it is scaled, and the [BLOCK_M, B] activation tile
+# in float32 while it is quantized: gate_up's [BLOCK_M, 2 BLOCK_N] pair is narrowed to BLOCK_N 32
+# (at the prefill's 128 rows and 8 warps, BLOCK_N 64 took 255 registers and spilled 428 bytes on
+# sm_90, 32 takes 232 and none), down's tile as the quantized configs narrow it (128 x 64: 195
+# registers; python -m tpmoe.triton.aot --cc 90 --format fp8_block --fp8-activations).
+FP8_ACTIVATION_GATE_UP_BLOCK_N = 32
+
+
+def fp8_activation_config(kernel: str, config: KernelConfig, block_size: int) -> KernelConfig:
+    """The config of a forward launch in the fp8 x fp8 variant: k-steps of one scale block
+    (BLOCK_K = block_size), no split, the tiles narrowed (see above)."""
+    config = replace(config, BLOCK_K=block_size, SPLIT=1)
+    if kernel == "gate_up":
+        return replace(config, BLOCK_N=min(config.BLOCK_N, FP8_ACTIVATION_GATE_UP_BLOCK_N))
+    return quantized_config(kernel, config)
+
+
 def env_config() -> Dict[str, int]:
     """The fixed config from TPMOE_TRITON_CONFIG, {} when the variable is unset or empty."""
     text = os.environ.get(ENV_VAR, "").strip()
