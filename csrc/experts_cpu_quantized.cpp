@@ -234,21 +234,23 @@ at::Tensor experts_cpu_quantized_forward(const at::Tensor& hidden_states, const 
   const Kernels& k = kernels();
   const WidenedDot dot = widened_dot_f32();
   const int64_t fused_rows = k.avx512 ? (mxfp4 ? kFusedRowsMxfp4 : kFusedRowsFp8) : 0;
-  // The activation rows in expert order (each expert's rows one panel, as the dot kernel takes
-  // them) and in the kernels' layout: zero-padded to the kernel's k multiple, or (MXFP4 under
-  // AVX-512) split and zero-padded to whole blocks; h is written straight into its layout by
-  // the gate_up phase.
+  // The activation rows in the kernels' layout, each expert's as one panel (the dot kernel's
+  // operand): zero-padded to the kernel's k multiple, or (MXFP4 under AVX-512) split and
+  // zero-padded to whole blocks. x's are gathered by each thread for the expert it is on
+  // (expert_panel); h is written in expert order and its layout by the gate_up phase.
   const bool split = mxfp4 && k.avx512;
   const int64_t x_length = split ? hidden_blocks * 32 : round_up(hidden, kWidenedDotPadK);
   const int64_t h_length = split ? inter_blocks * 32 : round_up(inter, kWidenedDotPadK);
-  std::vector<float> x_rows(static_cast<size_t>(rows_total * x_length), 0.0f);
-  at::parallel_for(0, rows_total, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
+  auto expert_panel = [&](int64_t e, std::vector<float>& panel, int64_t& panel_expert) {
+    if (panel_expert == e) return;
+    panel_expert = e;
+    panel.assign(static_cast<size_t>((offsets[e + 1] - offsets[e]) * x_length), 0.0f);
+    for (int64_t r = offsets[e]; r < offsets[e + 1]; ++r) {
       const float* token = x + pairs[r] / top_k * hidden;
-      float* out = x_rows.data() + r * x_length;
+      float* out = panel.data() + (r - offsets[e]) * x_length;
       for (int64_t v = 0; v < hidden; ++v) out[split ? split_index(v) : v] = token[v];
     }
-  });
+  };
   std::vector<float> h(static_cast<size_t>(rows_total * h_length), 0.0f);
   std::vector<float> pair_out(static_cast<size_t>(rows_total * hidden));
 
@@ -324,13 +326,14 @@ at::Tensor experts_cpu_quantized_forward(const at::Tensor& hidden_states, const 
     scales = gate_up_row_scales(e, g, i, packed);
   };
   at::parallel_for(0, static_cast<int64_t>(gate_up_units.size()), 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> buffer, sums;
+    std::vector<float> buffer, sums, panel;
+    int64_t panel_expert = -1;
     for (int64_t u = begin; u < end; ++u) {
       const auto [e, first, count] = gate_up_units[u];
       const int64_t row_begin = offsets[e], n = offsets[e + 1] - row_begin;
-      const int64_t ld = unit_sums(gate_up_units, gate_up_row, groups, u, u + 1 < end ? u + 1 : u,
-                                   x_rows.data() + row_begin * x_length, n, hidden, 0, x_length, gate_up_row_bytes,
-                                   buffer, sums);
+      expert_panel(e, panel, panel_expert);
+      const int64_t ld = unit_sums(gate_up_units, gate_up_row, groups, u, u + 1 < end ? u + 1 : u, panel.data(), n,
+                                   hidden, 0, x_length, gate_up_row_bytes, buffer, sums);
       const int64_t second = ld / groups;  // where the up half's sums start
       for (int64_t c = 0; c < count; ++c) {
         const int64_t i = first + c;
