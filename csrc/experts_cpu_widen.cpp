@@ -18,6 +18,8 @@
 // 256-deep k chunks. ATen's float32 GEMM on the tiles (the first version of this path) stays
 // as the portable one: non-x86 builds, CPUs without AVX2, other operand layouts.
 // TPMOE_CPU_WIDEN_KERNEL = avx512 | avx2 | aten | auto forces a kernel (tests, benchmarks).
+// The dot kernel also multiplies the quantized experts' widened rows at prefill
+// (widened_dot_f32: one set of float32 micro-kernels for every widened weight).
 //
 // Where the CPU has a bf16 dot product (avx512_bf16, amx_bf16, Arm bf16) the native path runs
 // as before. TPMOE_CPU_BF16_GEMM = native | widen | auto (default) forces either; it is read
