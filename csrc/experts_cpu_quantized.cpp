@@ -248,7 +248,10 @@ at::Tensor experts_cpu_quantized_forward(const at::Tensor& hidden_states, const 
     for (int64_t r = offsets[e]; r < offsets[e + 1]; ++r) {
       const float* token = x + pairs[r] / top_k * hidden;
       float* out = panel.data() + (r - offsets[e]) * x_length;
-      for (int64_t v = 0; v < hidden; ++v) out[split ? split_index(v) : v] = token[v];
+      if (split)
+        for (int64_t v = 0; v < hidden; ++v) out[split_index(v)] = token[v];
+      else
+        std::copy(token, token + hidden, out);
     }
   };
   std::vector<float> h(static_cast<size_t>(rows_total * h_length), 0.0f);
@@ -335,19 +338,18 @@ at::Tensor experts_cpu_quantized_forward(const at::Tensor& hidden_states, const 
       const int64_t ld = unit_sums(gate_up_units, gate_up_row, groups, u, u + 1 < end ? u + 1 : u, panel.data(), n,
                                    hidden, 0, x_length, gate_up_row_bytes, buffer, sums);
       const int64_t second = ld / groups;  // where the up half's sums start
-      for (int64_t c = 0; c < count; ++c) {
-        const int64_t i = first + c;
-        float bias[2] = {0.0f, 0.0f};
-        for (int64_t g = 0; g < groups && gate_up_b; ++g)
-          bias[g] = gate_up_b[e * groups * inter + (!gated ? i : interleaved ? 2 * i + g : g * inter + i)];
-        const int64_t at = split ? split_index(offset + i) : i;
-        for (int64_t r = 0; r < n; ++r) {
+      // Row by row: the sums and h rows read and written along their lines.
+      for (int64_t r = 0; r < n; ++r)
+        for (int64_t c = 0; c < count; ++c) {
+          const int64_t i = first + c;
+          float bias[2] = {0.0f, 0.0f};
+          for (int64_t g = 0; g < groups && gate_up_b; ++g)
+            bias[g] = gate_up_b[e * groups * inter + (!gated ? i : interleaved ? 2 * i + g : g * inter + i)];
           const float first_sum = sums[r * ld + c] + bias[0];
-          h[(row_begin + r) * h_length + at] =
+          h[(row_begin + r) * h_length + (split ? split_index(offset + i) : i)] =
               gated ? gated_forward<float>(params, first_sum, sums[r * ld + second + c] + bias[1])
                     : unary_forward<float>(params.activation, first_sum);
         }
-      }
     }
   });
 
@@ -365,13 +367,11 @@ at::Tensor experts_cpu_quantized_forward(const at::Tensor& hidden_states, const 
       const int64_t ld = unit_sums(down_units, down_row, 1, u, u + 1 < end ? u + 1 : u,
                                    h.data() + row_begin * h_length, n, inter, offset, h_length, down_row_bytes, buffer,
                                    sums);
-      for (int64_t c = 0; c < count; ++c) {
-        const int64_t column = first + c;
-        const float bias = down_b ? down_b[e * hidden + column] : 0.0f;
-        for (int64_t r = 0; r < n; ++r) {
-          const int64_t pair = pairs[row_begin + r];
-          pair_out[pair * hidden + column] = (sums[r * ld + c] + bias) * weights[pair];
-        }
+      for (int64_t r = 0; r < n; ++r) {
+        const int64_t pair = pairs[row_begin + r];
+        for (int64_t c = 0; c < count; ++c)
+          pair_out[pair * hidden + first + c] = (sums[r * ld + c] + (down_b ? down_b[e * hidden + first + c] : 0.0f)) *
+                                                weights[pair];
       }
     }
   });
