@@ -125,6 +125,21 @@ std::string bf16_gemm_path_name();  // "native" or "widen"
 void widened_mm_out(at::Tensor& out, const at::Tensor& lhs, const at::Tensor& rhs,
                     const at::Tensor* following_rhs = nullptr);
 
+// The widened GEMM's float32 dot kernel (experts_cpu_widen.cpp), for callers that widen
+// weights of their own: the quantized experts at prefill (experts_cpu_quantized.cpp) widen
+// fp8 / MXFP4 rows and multiply them here, so every widened weight goes through one set of
+// micro-kernels. sums[r * ld_sums + c] = a[r, :Kp] . b[c, :Kp] for r < rows, c < cols: a's and
+// b's rows float32, lda / ldb apart, zero-padded to Kp (a multiple of kWidenedDotPadK) and
+// cols a multiple of kWidenedDotPadCols. [prefetch_begin, prefetch_end) (may be null): bytes
+// the caller reads next, asked into L2 while the products run. widened_dot_f32() picks the
+// kernel as the bf16 path does (TPMOE_CPU_WIDEN_KERNEL, read at each call: call it once per
+// op); where there is none ("aten", no AVX2) a portable loop.
+constexpr int64_t kWidenedDotPadK = 16, kWidenedDotPadCols = 4;
+using WidenedDot = void (*)(int64_t rows, int64_t cols, int64_t Kp, const float* a, int64_t lda, const float* b,
+                            int64_t ldb, float* sums, int64_t ld_sums, const char* prefetch_begin,
+                            const char* prefetch_end);
+WidenedDot widened_dot_f32();
+
 // out = lhs @ rhs without the few-row bf16 kernel: the widened GEMM for bf16 where
 // problem.widen_bf16, else ATen (the backward's GEMMs, and expert_mm's fallback).
 void gemm_out(const ExpertsProblem& problem, at::Tensor& out, const at::Tensor& lhs, const at::Tensor& rhs);

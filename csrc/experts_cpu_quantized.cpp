@@ -6,9 +6,11 @@
 // Weight rows are dequantized where they are used, never into an expert's full-size copy: at
 // decode (a few rows an expert) 16 values at a time into registers, straight into the dot
 // products (AVX-512), so every stored byte is read once and the call streams the bytes it
-// touches; otherwise four rows at a time into float32 rows in L1, dotted with all the expert's
-// rows (experts_cpu_quantized_kernels.h). Activations, sums and the weighted combine are
-// float32; the caller casts the result back.
+// touches; otherwise a unit's rows (16 output columns) once into zero-padded float32 rows,
+// multiplied with all the expert's rows by the widened bf16 GEMM's float32 dot kernel
+// (widened_dot_f32, experts_cpu_widen.cpp: the one set of micro-kernels every widened weight
+// goes through; the 4 x 4 tile this path had ran at ~60% of a float32 GEMM). Activations, sums
+// and the weighted combine are float32; the caller casts the result back.
 //
 // Work split: threads take (expert, slice of output columns) units, first of gate_up, then of
 // down; every output element has one writer and every sum a fixed order, so a call is bitwise
@@ -30,6 +32,7 @@
 #include <string>
 #include <vector>
 
+#include "experts_cpu.h"
 #include "experts_cpu_activation.h"
 #include "experts_cpu_quantized_kernels.h"
 
@@ -68,11 +71,9 @@ const Kernels& kernels() {
                 ": TPMOE_CPU_DEQUANT_KERNEL=avx2, but this CPU lacks AVX2, FMA or F16C");
     TORCH_CHECK(choice != "avx512" || avx512, kOp,
                 ": TPMOE_CPU_DEQUANT_KERNEL=avx512, but this CPU lacks AVX-512 F, BW or VL");
-    if (avx512 && (choice == "auto" || choice == "avx512"))
-      return Kernels{true, widen_fp8_avx512, widen_mxfp4_avx2, dense_tile_avx512};
-    if (avx2 && choice != "portable")
-      return Kernels{false, widen_fp8_avx2, widen_mxfp4_avx2, dense_by_dots<dot_avx2>};
-    return Kernels{false, widen_fp8_portable, widen_mxfp4_portable, dense_by_dots<dot_portable>};
+    if (avx512 && (choice == "auto" || choice == "avx512")) return Kernels{true, widen_fp8_avx512, widen_mxfp4_avx2};
+    if (avx2 && choice != "portable") return Kernels{false, widen_fp8_avx2, widen_mxfp4_avx2};
+    return Kernels{false, widen_fp8_portable, widen_mxfp4_portable};
   }();
   return chosen;
 }
@@ -101,39 +102,24 @@ void widen_row(bool mxfp4, const uint8_t* row, int64_t count, const void* scales
   }
 }
 
-// sums[q * n + r] = weight row q . xs[r] for q < kWeightRows and r < n (n activation rows, each
-// `length` floats in the kernels' layout): fused where the kernels have it and n is small, else
-// the rows widened into `buffer` once and dotted 4 activation rows at a time.
-void dot_rows(bool mxfp4, const WeightRows& rows, const float* const* xs, int64_t n, int64_t count, int64_t block,
-              int64_t offset, int64_t length, std::vector<float>& buffer, float* sums) {
-  const Kernels& k = kernels();
+// Fused (decode): weight rows q < kWeightRows dotted with the n activation rows xs in the
+// registers; row q's sums go to sums[r * ld + slots[q]] (none where slots[q] < 0: a short
+// group's repeated rows).
+void fused_sums(bool mxfp4, const WeightRows& rows, const float* const* xs, int64_t n, int64_t count, int64_t block,
+                int64_t offset, int64_t length, const int64_t* slots, float* sums, int64_t ld) {
   float tile[kWeightRows * 4];
-  const bool fused = k.avx512 && n <= (mxfp4 ? kFusedRowsMxfp4 : kFusedRowsFp8);
-  const float* ws[kWeightRows];
-  if (!fused) {
-    if (buffer.size() < static_cast<size_t>(kWeightRows * length)) buffer.assign(kWeightRows * length, 0.0f);
-    for (int q = 0; q < kWeightRows; ++q) {
-      ws[q] = buffer.data() + q * length;
-      if (q == 0 || rows.bytes[q] != rows.bytes[q - 1])
-        widen_row(mxfp4, rows.bytes[q], count, rows.scales[q], block, offset, buffer.data() + q * length);
-      else
-        ws[q] = ws[q - 1];
-    }
-  }
-  const int64_t row_bytes = mxfp4 ? (offset + count + 31) / 32 * 16 : count;
   for (int64_t r = 0; r < n; r += 4) {
     const int nx = static_cast<int>(std::min<int64_t>(4, n - r));
-    if (!fused) read_ahead_slice(rows, row_bytes, r / 4, (n + 3) / 4);
-    if (!fused)
-      k.dense(ws, xs + r, nx, length, tile);
-    else if (mxfp4)
+    if (mxfp4)
       mxfp4_fused(nx, rows, xs + r, length / 32, tile);
     else
       fp8_fused(nx, rows, xs + r, count, block, offset, tile);
     for (int q = 0; q < kWeightRows; ++q)
-      for (int x = 0; x < nx; ++x) sums[q * n + r + x] = tile[q * nx + x];
+      for (int x = 0; x < nx && slots[q] >= 0; ++x) sums[(r + x) * ld + slots[q]] = tile[q * nx + x];
   }
 }
+
+inline int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1) / multiple * multiple; }
 
 // Where value v of a packed MXFP4 row sits in the split layout (its block's even values, then
 // its odd ones).
@@ -245,42 +231,92 @@ at::Tensor experts_cpu_quantized_forward(const at::Tensor& hidden_states, const 
     return units;
   };
   const int64_t rows_total = tokens * top_k;
-  // The activation rows in the kernels' layout: as given, or (MXFP4 under AVX-512) split and
-  // zero-padded to whole blocks; h is written straight into its layout by the gate_up phase.
-  const bool split = mxfp4 && kernels().avx512;
-  const int64_t x_length = split ? hidden_blocks * 32 : hidden, h_length = split ? inter_blocks * 32 : inter;
-  std::vector<float> x_split;
-  if (split) {
-    x_split.assign(static_cast<size_t>(tokens * x_length), 0.0f);
-    for (int64_t t = 0; t < tokens; ++t)
-      for (int64_t v = 0; v < hidden; ++v) x_split[t * x_length + split_index(v)] = x[t * hidden + v];
-  }
-  const float* x_rows = split ? x_split.data() : x;
+  const Kernels& k = kernels();
+  const WidenedDot dot = widened_dot_f32();
+  const int64_t fused_rows = k.avx512 ? (mxfp4 ? kFusedRowsMxfp4 : kFusedRowsFp8) : 0;
+  // The activation rows in the kernels' layout, each expert's as one panel (the dot kernel's
+  // operand): zero-padded to the kernel's k multiple, or (MXFP4 under AVX-512) split and
+  // zero-padded to whole blocks. x's are gathered by each thread for the expert it is on
+  // (expert_panel); h is written in expert order and its layout by the gate_up phase.
+  const bool split = mxfp4 && k.avx512;
+  const int64_t x_length = split ? hidden_blocks * 32 : round_up(hidden, kWidenedDotPadK);
+  const int64_t h_length = split ? inter_blocks * 32 : round_up(inter, kWidenedDotPadK);
+  auto expert_panel = [&](int64_t e, std::vector<float>& panel, int64_t& panel_expert) {
+    if (panel_expert == e) return;
+    panel_expert = e;
+    panel.assign(static_cast<size_t>((offsets[e + 1] - offsets[e]) * x_length), 0.0f);
+    for (int64_t r = offsets[e]; r < offsets[e + 1]; ++r) {
+      const float* token = x + pairs[r] / top_k * hidden;
+      float* out = panel.data() + (r - offsets[e]) * x_length;
+      if (split)
+        for (int64_t v = 0; v < hidden; ++v) out[split_index(v)] = token[v];
+      else
+        std::copy(token, token + hidden, out);
+    }
+  };
   std::vector<float> h(static_cast<size_t>(rows_total * h_length), 0.0f);
   std::vector<float> pair_out(static_cast<size_t>(rows_total * hidden));
 
-  // Unit u's weight rows, kWeightRows at a time, against the expert's activation rows; row(u, q,
-  // bytes, scales) finds weight row q of unit u, of which there are per_column * its columns.
-  // The last group reads ahead into unit `next`'s first rows (the thread's next unit).
+  // Unit u's weight rows against its expert's n activation rows (`panel`, `length` apart) into
+  // sums[r * ld + slot] (returns ld): weight row q = c * per_column + g (column c, half g, found
+  // by row(u, q, bytes, scales)) at slot g * padded + c, each half's columns padded to the dot
+  // kernel's multiple. Few rows: fused, kWeightRows at a time, reading ahead into unit `next`'s
+  // rows (the thread's next unit). Else every row widened once (widen_row) into `buffer` and
+  // multiplied by the widened GEMM's dot kernel, which fetches `next`'s rows meanwhile.
   auto unit_sums = [&](const auto& units, auto&& row, int64_t per_column, int64_t u, int64_t next,
-                       const float* const* xs, int64_t n, int64_t count, int64_t row_offset, int64_t length,
-                       std::vector<float>& buffer, std::vector<float>& sums) {
+                       const float* panel, int64_t n, int64_t count, int64_t row_offset, int64_t length,
+                       int64_t row_bytes, std::vector<float>& buffer, std::vector<float>& sums) {
+    const int64_t padded = round_up(units[u][2], kWidenedDotPadCols), ld = per_column * padded;
     const int64_t n_weight_rows = units[u][2] * per_column, next_rows = units[next][2] * per_column;
-    // Rounded up to whole groups: a short last group's repeated rows land past the real ones.
-    sums.resize(static_cast<size_t>((n_weight_rows + kWeightRows - 1) / kWeightRows * kWeightRows * n));
-    for (int64_t q0 = 0; q0 < n_weight_rows; q0 += kWeightRows) {
-      WeightRows rows;
-      const void* unused;
-      const bool last = q0 + kWeightRows >= n_weight_rows;
-      for (int q = 0; q < kWeightRows; ++q) {
-        row(u, std::min(q0 + q, n_weight_rows - 1), rows.bytes[q], rows.scales[q]);
-        if (last)
-          row(next, std::min<int64_t>(q, next_rows - 1), rows.next[q], unused);
-        else
-          row(u, std::min(q0 + kWeightRows + q, n_weight_rows - 1), rows.next[q], unused);
+    auto slot = [&](int64_t q) { return q % per_column * padded + q / per_column; };
+    sums.resize(static_cast<size_t>(n * ld));
+    const void* unused;
+    if (n <= fused_rows) {
+      const float* xs[std::max(kFusedRowsFp8, kFusedRowsMxfp4)];
+      for (int64_t r = 0; r < n; ++r) xs[r] = panel + r * length;
+      for (int64_t q0 = 0; q0 < n_weight_rows; q0 += kWeightRows) {
+        WeightRows rows;
+        int64_t slots[kWeightRows];
+        const bool last = q0 + kWeightRows >= n_weight_rows;
+        for (int q = 0; q < kWeightRows; ++q) {
+          slots[q] = q0 + q < n_weight_rows ? slot(q0 + q) : -1;  // a short group repeats its last row
+          row(u, std::min(q0 + q, n_weight_rows - 1), rows.bytes[q], rows.scales[q]);
+          if (last)
+            row(next, std::min<int64_t>(q, next_rows - 1), rows.next[q], unused);
+          else
+            row(u, std::min(q0 + kWeightRows + q, n_weight_rows - 1), rows.next[q], unused);
+        }
+        fused_sums(mxfp4, rows, xs, n, count, block, row_offset, length, slots, sums.data(), ld);
       }
-      dot_rows(mxfp4, rows, xs, n, count, block, row_offset, length, buffer, sums.data() + q0 * n);
+      return ld;
     }
+    // Zeroed once: the padding past a row's values is never written.
+    if (buffer.size() < static_cast<size_t>(ld * length)) buffer.assign(static_cast<size_t>(ld * length), 0.0f);
+    for (int64_t q = 0; q < n_weight_rows; ++q) {
+      const uint8_t* bytes;
+      const void* scales;
+      row(u, q, bytes, scales);
+      widen_row(mxfp4, bytes, count, scales, block, row_offset, buffer.data() + slot(q) * length);
+    }
+    // The next unit's rows a half at a time: one stretch where the halves interleave (or there
+    // is one half), else a dot call a half, each fetching its half's stretch.
+    std::pair<const char*, const char*> ahead[2] = {};
+    const uint8_t* bytes;
+    for (int64_t g = 0; g < per_column && next != u; ++g) {
+      row(next, g, bytes, unused);
+      ahead[g].first = reinterpret_cast<const char*>(bytes);
+      row(next, next_rows - per_column + g, bytes, unused);
+      ahead[g].second = reinterpret_cast<const char*>(bytes + row_bytes);
+    }
+    if (per_column == 1 || ahead[1].first <= ahead[0].second) {
+      dot(n, ld, length, panel, length, buffer.data(), length, sums.data(), ld, ahead[0].first,
+          std::max(ahead[0].second, ahead[per_column - 1].second));
+    } else {
+      for (int64_t g = 0; g < per_column; ++g)
+        dot(n, padded, length, panel, length, buffer.data() + g * padded * length, length, sums.data() + g * padded,
+            ld, ahead[g].first, ahead[g].second);
+    }
+    return ld;
   };
 
   const auto gate_up_units = units_of(inter);
@@ -293,28 +329,27 @@ at::Tensor experts_cpu_quantized_forward(const at::Tensor& hidden_states, const 
     scales = gate_up_row_scales(e, g, i, packed);
   };
   at::parallel_for(0, static_cast<int64_t>(gate_up_units.size()), 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> buffer, sums;
-    std::vector<const float*> xs;
+    std::vector<float> buffer, sums, panel;
+    int64_t panel_expert = -1;
     for (int64_t u = begin; u < end; ++u) {
       const auto [e, first, count] = gate_up_units[u];
       const int64_t row_begin = offsets[e], n = offsets[e + 1] - row_begin;
-      xs.resize(static_cast<size_t>(n));
-      for (int64_t r = 0; r < n; ++r) xs[r] = x_rows + (pairs[row_begin + r] / top_k) * x_length;
-      unit_sums(gate_up_units, gate_up_row, groups, u, u + 1 < end ? u + 1 : u, xs.data(), n, hidden, 0, x_length,
-                buffer, sums);
-      for (int64_t c = 0; c < count; ++c) {
-        const int64_t i = first + c;
-        float bias[2] = {0.0f, 0.0f};
-        for (int64_t g = 0; g < groups && gate_up_b; ++g)
-          bias[g] = gate_up_b[e * groups * inter + (!gated ? i : interleaved ? 2 * i + g : g * inter + i)];
-        const int64_t at = split ? split_index(offset + i) : i;
-        for (int64_t r = 0; r < n; ++r) {
-          const float first_sum = sums[(c * groups) * n + r] + bias[0];
-          h[(row_begin + r) * h_length + at] =
-              gated ? gated_forward<float>(params, first_sum, sums[(c * groups + 1) * n + r] + bias[1])
+      expert_panel(e, panel, panel_expert);
+      const int64_t ld = unit_sums(gate_up_units, gate_up_row, groups, u, u + 1 < end ? u + 1 : u, panel.data(), n,
+                                   hidden, 0, x_length, gate_up_row_bytes, buffer, sums);
+      const int64_t second = ld / groups;  // where the up half's sums start
+      // Row by row: the sums and h rows read and written along their lines.
+      for (int64_t r = 0; r < n; ++r)
+        for (int64_t c = 0; c < count; ++c) {
+          const int64_t i = first + c;
+          float bias[2] = {0.0f, 0.0f};
+          for (int64_t g = 0; g < groups && gate_up_b; ++g)
+            bias[g] = gate_up_b[e * groups * inter + (!gated ? i : interleaved ? 2 * i + g : g * inter + i)];
+          const float first_sum = sums[r * ld + c] + bias[0];
+          h[(row_begin + r) * h_length + (split ? split_index(offset + i) : i)] =
+              gated ? gated_forward<float>(params, first_sum, sums[r * ld + second + c] + bias[1])
                     : unary_forward<float>(params.activation, first_sum);
         }
-      }
     }
   });
 
@@ -326,21 +361,17 @@ at::Tensor experts_cpu_quantized_forward(const at::Tensor& hidden_states, const 
   };
   at::parallel_for(0, static_cast<int64_t>(down_units.size()), 1, [&](int64_t begin, int64_t end) {
     std::vector<float> buffer, sums;
-    std::vector<const float*> hs;
     for (int64_t u = begin; u < end; ++u) {
       const auto [e, first, count] = down_units[u];
       const int64_t row_begin = offsets[e], n = offsets[e + 1] - row_begin;
-      hs.resize(static_cast<size_t>(n));
-      for (int64_t r = 0; r < n; ++r) hs[r] = h.data() + (row_begin + r) * h_length;
-      unit_sums(down_units, down_row, 1, u, u + 1 < end ? u + 1 : u, hs.data(), n, inter, offset, h_length, buffer,
-                sums);
-      for (int64_t c = 0; c < count; ++c) {
-        const int64_t column = first + c;
-        const float bias = down_b ? down_b[e * hidden + column] : 0.0f;
-        for (int64_t r = 0; r < n; ++r) {
-          const int64_t pair = pairs[row_begin + r];
-          pair_out[pair * hidden + column] = (sums[c * n + r] + bias) * weights[pair];
-        }
+      const int64_t ld = unit_sums(down_units, down_row, 1, u, u + 1 < end ? u + 1 : u,
+                                   h.data() + row_begin * h_length, n, inter, offset, h_length, down_row_bytes, buffer,
+                                   sums);
+      for (int64_t r = 0; r < n; ++r) {
+        const int64_t pair = pairs[row_begin + r];
+        for (int64_t c = 0; c < count; ++c)
+          pair_out[pair * hidden + first + c] = (sums[r * ld + c] + (down_b ? down_b[e * hidden + first + c] : 0.0f)) *
+                                                weights[pair];
       }
     }
   });

@@ -7,10 +7,11 @@
 //           register and multiplied there with each activation row, four weight rows at once; no
 //           float row is written. At decode a stored byte is used once or twice, so the call is a
 //           stream of the stored bytes and anything extra per byte shows.
-//   widened (any ISA; with AVX-512 at prefill): four weight rows dequantized into float32 rows
-//           once, then dotted with the activation rows four at a time (a 4 x 4 tile of sums: one
-//           load per FMA's operand pair shared by four products), so the conversion is paid
-//           once per row and the tile is FMA-bound.
+//   widened (any ISA; with AVX-512 past kFusedRows*): a unit's weight rows dequantized into
+//           zero-padded float32 rows once (the widen_* kernels here), then multiplied with all
+//           of the expert's activation rows by the widened bf16 GEMM's float32 dot kernel
+//           (widened_dot_f32, experts_cpu_widen.cpp), so the conversion is paid once per row
+//           and every widened weight, bf16 or quantized, goes through the same micro-kernels.
 // MXFP4 with AVX-512 keeps activation rows in a "split" layout: per 32-value block, the 16 even
 // values then the 16 odd ones, zero-padded to whole blocks and starting at the block offset. A
 // packed byte holds an even value (low nibble) and the next odd one, so 16 bytes widen into two
@@ -46,15 +47,6 @@ struct WeightRows {
   const void* scales[kWeightRows];
   const uint8_t* next[kWeightRows];
 };
-
-// Slice `part` of `parts` of the next rows' bytes into L2: the widened path reads ahead a slice
-// per 4 x 4 tile (the tiles are FMA-bound, so the misses hide behind them; all at once would queue
-// past the fill buffers).
-inline void read_ahead_slice(const WeightRows& rows, int64_t row_bytes, int64_t part, int64_t parts) {
-  const int64_t lines = (row_bytes + 63) / 64;
-  for (int64_t line = lines * part / parts; line < lines * (part + 1) / parts; ++line)
-    for (int q = 0; q < kWeightRows; ++q) _mm_prefetch(reinterpret_cast<const char*>(rows.next[q] + 64 * line), _MM_HINT_T1);
-}
 
 // e4m3fn: sign, 4 exponent bits (bias 7), 3 mantissa bits; exponent 0 is subnormal (m 2^-9).
 // The all-ones pattern (NaN) is read as 480 here; checkpoints hold no NaN weights.
@@ -139,33 +131,6 @@ __attribute__((target("avx2,fma"))) inline void widen_mxfp4_avx2(const uint8_t* 
                        _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(parts[part])), half_scale));
   }
   widen_mxfp4_portable(bytes, first + j, count - j, scale, out + j);
-}
-
-inline float dot_portable(const float* a, const float* b, int64_t count) {
-  float lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t j = 0;
-  for (; j + 8 <= count; j += 8)
-    for (int lane = 0; lane < 8; ++lane) lanes[lane] += a[j + lane] * b[j + lane];
-  float total = 0;
-  for (int lane = 0; lane < 8; ++lane) total += lanes[lane];
-  for (; j < count; ++j) total += a[j] * b[j];
-  return total;
-}
-
-__attribute__((target("avx2,fma"))) inline float dot_avx2(const float* a, const float* b, int64_t count) {
-  __m256 first = _mm256_setzero_ps(), second = _mm256_setzero_ps();
-  int64_t j = 0;
-  for (; j + 16 <= count; j += 16) {
-    first = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), first);
-    second = _mm256_fmadd_ps(_mm256_loadu_ps(a + j + 8), _mm256_loadu_ps(b + j + 8), second);
-  }
-  for (; j + 8 <= count; j += 8) first = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), first);
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, _mm256_add_ps(first, second));
-  float total = 0;
-  for (int lane = 0; lane < 8; ++lane) total += lanes[lane];
-  for (; j < count; ++j) total += a[j] * b[j];
-  return total;
 }
 
 #define TPMOE_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
@@ -305,41 +270,6 @@ TPMOE_AVX512 inline void widen_mxfp4_split_avx512(const uint8_t* bytes, const ui
   }
 }
 
-// Widened rows: sums[w * NX + x] = ws[w] . xs[x] over `count` floats, a 4 x NX tile.
-template <int NX>
-TPMOE_AVX512 void dense_avx512(const float* const* ws, const float* const* xs, int64_t count, float* sums) {
-  __m512 total[kWeightRows][NX];
-  #pragma GCC unroll 4
-  for (int w = 0; w < kWeightRows; ++w)
-    #pragma GCC unroll 4
-    for (int x = 0; x < NX; ++x) total[w][x] = _mm512_setzero_ps();
-  for (int64_t j = 0; j < count; j += 16) {
-    const __mmask16 mask = tail_mask(count - j);
-    __m512 xv[NX];
-    #pragma GCC unroll 4
-    for (int x = 0; x < NX; ++x) xv[x] = _mm512_maskz_loadu_ps(mask, xs[x] + j);
-    #pragma GCC unroll 4
-    for (int w = 0; w < kWeightRows; ++w) {
-      const __m512 value = _mm512_maskz_loadu_ps(mask, ws[w] + j);
-      #pragma GCC unroll 4
-      for (int x = 0; x < NX; ++x) total[w][x] = _mm512_fmadd_ps(value, xv[x], total[w][x]);
-    }
-  }
-  #pragma GCC unroll 4
-  for (int w = 0; w < kWeightRows; ++w)
-    #pragma GCC unroll 4
-    for (int x = 0; x < NX; ++x) sums[w * NX + x] = _mm512_reduce_add_ps(total[w][x]);
-}
-
-// The same tile by single dots, for the ISAs without the tile kernel.
-template <float (*Dot)(const float*, const float*, int64_t)>
-void dense_by_dots(const float* const* ws, const float* const* xs, int nx, int64_t count, float* sums) {
-  #pragma GCC unroll 4
-  for (int w = 0; w < kWeightRows; ++w)
-    #pragma GCC unroll 4
-    for (int x = 0; x < nx; ++x) sums[w * nx + x] = Dot(ws[w], xs[x], count);
-}
-
 template <template <int> class Call, typename... Args>
 void with_nx(int nx, Args&&... args) {
   switch (nx) {
@@ -363,13 +293,6 @@ struct Mxfp4Fused {
     mxfp4_fused_avx512<NX>(r, xs, blocks, sums);
   }
 };
-template <int NX>
-struct Dense512 {
-  static void run(const float* const* ws, const float* const* xs, int64_t count, float* sums) {
-    dense_avx512<NX>(ws, xs, count, sums);
-  }
-};
-
 inline void fp8_fused(int nx, const WeightRows& r, const float* const* xs, int64_t count, int64_t block,
                       int64_t offset, float* sums) {
   with_nx<Fp8Fused>(nx, r, xs, count, block, offset, sums);
@@ -377,15 +300,10 @@ inline void fp8_fused(int nx, const WeightRows& r, const float* const* xs, int64
 inline void mxfp4_fused(int nx, const WeightRows& r, const float* const* xs, int64_t blocks, float* sums) {
   with_nx<Mxfp4Fused>(nx, r, xs, blocks, sums);
 }
-inline void dense_tile_avx512(const float* const* ws, const float* const* xs, int nx, int64_t count, float* sums) {
-  with_nx<Dense512>(nx, ws, xs, count, sums);
-}
-
 struct Kernels {
-  bool avx512;  // fused kernels, the 4 x 4 tile and the split MXFP4 layout
+  bool avx512;  // the fused kernels and the split MXFP4 layout
   void (*widen_fp8)(const uint8_t*, int64_t, float, float*);
   void (*widen_mxfp4)(const uint8_t*, int64_t, int64_t, float, float*);
-  void (*dense)(const float* const*, const float* const*, int, int64_t, float*);
 };
 
 }  // namespace dequant

@@ -4,8 +4,10 @@
 // activation tiles through it, except that its hand-written kernels widen bf16 weights with
 // rows contiguous in k inside their own loads (a shift or an unpack a vector: bf16 is the
 // upper half of a float32, and a tile written out and read back cost as much as the
-// products at few rows); a stored format that is not a plain float type (fp8 with scales,
-// MXFP4 blocks) is dequantized here, a tile at a time, and the GEMM around it stays as it is.
+// products at few rows). The quantized formats (fp8 with block scales, MXFP4 blocks) are
+// widened row by row by their own op (widen_row, experts_cpu_quantized.cpp: a row's scales
+// change along it) into the same zero-padded float32 layout, and multiplied by the same dot
+// kernel (widened_dot_f32, experts_cpu.h).
 #pragma once
 
 #include <ATen/core/Tensor.h>

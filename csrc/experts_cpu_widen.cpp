@@ -18,6 +18,8 @@
 // 256-deep k chunks. ATen's float32 GEMM on the tiles (the first version of this path) stays
 // as the portable one: non-x86 builds, CPUs without AVX2, other operand layouts.
 // TPMOE_CPU_WIDEN_KERNEL = avx512 | avx2 | aten | auto forces a kernel (tests, benchmarks).
+// The dot kernel also multiplies the quantized experts' widened rows at prefill
+// (widened_dot_f32: one set of float32 micro-kernels for every widened weight).
 //
 // Where the CPU has a bf16 dot product (avx512_bf16, amx_bf16, Arm bf16) the native path runs
 // as before. TPMOE_CPU_BF16_GEMM = native | widen | auto (default) forces either; it is read
@@ -275,7 +277,7 @@ struct WidenKernels {
 };
 // k multiple of this for dot_packed (2 kLanes of every ISA).
 constexpr int64_t kPackedK = 32;
-constexpr int64_t kPadK = 16;  // a multiple of every ISA's lanes
+constexpr int64_t kPadK = kWidenedDotPadK;  // a multiple of every ISA's lanes
 constexpr int64_t kPanelPad = 16;  // floats: one cache line
 
 #ifdef TPMOE_WIDEN_X86_KERNELS
@@ -581,7 +583,19 @@ void widened_outer_mm(const WidenKernels& kernels, at::Tensor& out, const at::Te
   }
 }
 
+// widened_dot_f32's kernel where there is no ISA kernel: few_rows_dot a row at a time (its
+// sums are rows x cols packed; one row is any ld_sums).
+void portable_widened_dot(int64_t rows, int64_t cols, int64_t Kp, const float* a, int64_t lda, const float* b,
+                          int64_t ldb, float* sums, int64_t ld_sums, const char*, const char*) {
+  for (int64_t r = 0; r < rows; ++r) few_rows_dot(1, cols, Kp, a + r * lda, lda, false, b, ldb, true, sums + r * ld_sums);
+}
+
 }  // namespace
+
+WidenedDot widened_dot_f32() {
+  const WidenKernels* kernels = widen_kernels();
+  return kernels != nullptr ? kernels->dot : portable_widened_dot;
+}
 
 bool native_bf16_dot_available() {
   static const bool available = cpu_has_native_bf16_dot();

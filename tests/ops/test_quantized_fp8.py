@@ -13,9 +13,9 @@ from tpmoe.fp8 import (FP8_DTYPE, BlockScales, dequantize_fp8_experts, quantize_
                        shard_fp8_experts)
 
 from support.experts_cases import make_expert_weights, make_routing
-from support.quantized_cases import (FP8_CASES, assert_bf16_within_the_bf16_rule, assert_float32_matches_reference,
-                                     assert_native_matches_reference, case_id, fp8_problem, reference_on_dequantized,
-                                     with_dtype)
+from support.quantized_cases import (FP8_CASES, FP8_PREFILL_CASE, MXFP4_PREFILL_CASE, assert_bf16_within_the_bf16_rule,
+                                     assert_float32_matches_reference, assert_native_matches_reference, case_id,
+                                     fp8_problem, mxfp4_problem, reference_on_dequantized, with_dtype)
 from support.tolerances import FP32_RTOL, assert_fp32_close
 
 CASES = FP8_CASES
@@ -126,13 +126,14 @@ import sys
 import torch
 sys.path.insert(0, {tests!r})
 import tpmoe.cpu.quantized as native
-from support.quantized_cases import (FP8_CASES, MXFP4_CASES, fp8_problem, mxfp4_problem, reference_on_dequantized,
-                                     with_dtype)
+from support.quantized_cases import (FP8_CASES, FP8_PREFILL_CASE, MXFP4_CASES, MXFP4_PREFILL_CASE, fp8_problem,
+                                     mxfp4_problem, reference_on_dequantized, with_dtype)
 from support.tolerances import max_rel_error
 from tpmoe.fp8 import shard_fp8_experts
 from tpmoe.mxfp4 import shard_mxfp4_experts
 worst = 0.0
-for cases, problem, shard in ((FP8_CASES, fp8_problem, shard_fp8_experts), (MXFP4_CASES, mxfp4_problem, shard_mxfp4_experts)):
+for cases, problem, shard in ((FP8_CASES + [FP8_PREFILL_CASE], fp8_problem, shard_fp8_experts),
+                              (MXFP4_CASES + [MXFP4_PREFILL_CASE], mxfp4_problem, shard_mxfp4_experts)):
     for case in cases:
         weights, spec, x, ids, w = problem(case, 0)
         for experts in (weights, shard(weights, layout=spec.layout, gated=spec.gated, rank=1, world_size=3)):
@@ -155,7 +156,8 @@ def _run_kernel_script(kernel):
 @pytest.mark.parametrize("kernel", ["portable", "avx2", "avx512"])
 def test_each_dequant_kernel_matches_the_reference_too(kernel):
     """TPMOE_CPU_DEQUANT_KERNEL forced to each kernel set (portable: CPUs without AVX2; avx2;
-    avx512: the fused decode kernels and the 4 x 4 tile) on the fp8 and the MXFP4 cases, in a
+    avx512: the fused decode kernels and the split MXFP4 layout) on the fp8 and the MXFP4 cases
+    and a prefill case of each (the widened rows), in a
     process of its own (the kernels are chosen once per process). A kernel this CPU lacks is an
     error that says so, and the test skips it."""
     finished = _run_kernel_script(kernel)
@@ -164,6 +166,40 @@ def test_each_dequant_kernel_matches_the_reference_too(kernel):
     assert finished.returncode == 0, finished.stderr[-3000:]
     worst = float(finished.stdout.split("worst")[-1])
     assert worst <= FP32_RTOL, f"{kernel} kernel: max relative error {worst:.3e} > {FP32_RTOL:.1e}"
+
+
+@pytest.mark.parametrize("case, problem", [(FP8_PREFILL_CASE, fp8_problem), (MXFP4_PREFILL_CASE, mxfp4_problem)],
+                         ids=["fp8", "mxfp4"])
+def test_prefill_multiplies_with_the_forced_widen_kernel(case, problem, monkeypatch):
+    """Past the fused kernels' rows the native op widens the weight rows and multiplies them
+    with the widened bf16 GEMM's float32 kernel, TPMOE_CPU_WIDEN_KERNEL read at each call: each
+    kernel this CPU has against the reference; each sums in an order of its own (other bits), so
+    the one forced is the one that ran; a bad name is an error there too."""
+    import tpmoe.cpu.quantized as native
+    weights, spec, x, ids, w = problem(case, 0)
+    assert torch.bincount(ids.flatten()).min() > 8, "an expert would take the fused decode kernels"
+    experts = with_dtype(weights, torch.float32)
+    expected = _reference(with_dtype(weights, torch.float64), spec, x, ids, w).detach()
+
+    def run(kernel):
+        monkeypatch.setenv("TPMOE_CPU_WIDEN_KERNEL", kernel)
+        with torch.no_grad():
+            return native.experts_cpu_quantized(x.float(), experts, ids, w.float(), spec)
+    outs = {}
+    for kernel in ("avx512", "avx2", "aten"):
+        try:
+            outs[kernel] = run(kernel)
+        except RuntimeError as error:
+            if "does not support it" not in str(error):
+                raise
+            continue
+        assert_fp32_close(outs[kernel], expected, name=kernel)
+    names = sorted(outs)
+    for i, first in enumerate(names):
+        for second in names[i + 1:]:
+            assert not torch.equal(outs[first], outs[second]), f"{first} and {second}: the same bits"
+    with pytest.raises(RuntimeError, match="TPMOE_CPU_WIDEN_KERNEL: expected 'avx512', 'avx2', 'aten' or 'auto'"):
+        run("sse")
 
 
 def test_a_bad_dequant_kernel_name_is_an_error():
