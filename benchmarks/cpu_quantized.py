@@ -50,6 +50,18 @@ FORMATS = {"qwen3-30b-a3b": ("fp8_block", ExpertSpec()), "mixtral-8x7b": ("fp8_b
            "gpt-oss-20b": ("mxfp4", ExpertSpec(activation="clamped_swiglu", layout="interleaved"))}
 
 
+def quantize_fp8_by_expert(w_gate_up, w_down, block_size):
+    """quantize_fp8_experts one expert at a time: its float temporaries of a whole model (Mixtral's
+    experts are 2.8 GB in bf16) outgrew a 24 GiB machine."""
+    parts = [quantize_fp8_experts(w_gate_up[e:e + 1], w_down[e:e + 1], block_size=block_size)
+             for e in range(w_gate_up.shape[0])]
+    first = parts[0]
+    scales = first.scales._replace(gate_up=torch.cat([p.scales.gate_up for p in parts]),
+                                   down=torch.cat([p.scales.down for p in parts]))
+    return first._replace(w_gate_up=torch.cat([p.w_gate_up for p in parts]),
+                          w_down=torch.cat([p.w_down for p in parts]), scales=scales)
+
+
 def measure(name, config, num_tokens, dense, quantized, spec, args, generator):
     ids, topk_weights = random_routing(config, num_tokens, generator=generator)
     x = torch.randn(num_tokens, config.hidden_size, generator=generator).bfloat16()
@@ -105,7 +117,7 @@ def main():
         if weight_format == "mxfp4":
             quantized = quantize_mxfp4_experts(weights["w_gate_up"], weights["w_down"], layout=spec.layout)
         else:
-            quantized = quantize_fp8_experts(weights["w_gate_up"], weights["w_down"], block_size=args.block_size)
+            quantized = quantize_fp8_by_expert(weights["w_gate_up"], weights["w_down"], args.block_size)
         for num_tokens in args.tokens:
             rows += measure(name, config, num_tokens, dense, quantized, spec, args, generator)
             print(f"# done {name} T = {num_tokens}", file=sys.stderr, flush=True)
