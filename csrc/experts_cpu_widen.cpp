@@ -183,6 +183,7 @@ struct Prefetch {
 namespace avx2 {
 using V = __m256;
 constexpr int kLanes = 8, kDotRows = 6, kDotCols = 2, kOuterRows = 6, kOuterVectors = 2;
+static_assert(kWidenedDotPadCols % kDotCols == 0 && kWidenedDotPadK % kLanes == 0, "widened_dot_f32's padding");
 inline V zero() { return _mm256_setzero_ps(); }
 inline V load(const float* p) { return _mm256_loadu_ps(p); }
 inline void store(float* p, V v) { _mm256_storeu_ps(p, v); }
@@ -225,6 +226,7 @@ inline __m128 sum4(V a, V b, V c, V d) {
 namespace avx512 {
 using V = __m512;
 constexpr int kLanes = 16, kDotRows = 6, kDotCols = 4, kOuterRows = 8, kOuterVectors = 3;
+static_assert(kWidenedDotPadCols % kDotCols == 0 && kWidenedDotPadK % kLanes == 0, "widened_dot_f32's padding");
 inline V zero() { return _mm512_setzero_ps(); }
 inline V load(const float* p) { return _mm512_loadu_ps(p); }
 inline void store(float* p, V v) { _mm512_storeu_ps(p, v); }

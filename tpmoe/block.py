@@ -37,7 +37,7 @@ from .config import MoEConfig
 from ._checks import FLOAT_DTYPES, check_choice, check_ids_in_range, dtype_name
 from .fused import BACKENDS, routed_experts
 from .quantized import check_whole_quantized_experts, shard_quantized_experts
-from .quantized_experts import QuantizedExperts
+from .quantized_experts import QuantizedExperts, dense_expert_placeholders
 from .routing import route
 from .distributed.dtensor_parameters import as_dtensor, block_local, block_submesh, local_tensor, mesh_of_groups
 from .distributed.groups import mesh_dims_by_name
@@ -272,13 +272,10 @@ class MoEBlock(nn.Module):
         requires_grad = {name: tensor.requires_grad for name, tensor in self._weight_items()}
         quantized = None
         if hasattr(self, "quantized_experts"):
-            # One process: its quantized experts are the whole ones, cut again below like the
-            # rest; meanwhile the dense experts are zero-stride placeholders (no memory).
+            # One process: its quantized experts are the whole ones, cut again below like the rest.
             quantized = self.quantized_experts.weights()
             _, dtype = self._experts_device_and_dtype()
-            shapes = expected_shapes(self.config)
-            full.update({name: torch.zeros((), dtype=dtype, device=quantized.w_gate_up.device).expand(shapes[name])
-                         for name in ("w_gate_up", "w_down")})
+            full.update(dense_expert_placeholders(expected_shapes(self.config), dtype, quantized.w_gate_up.device))
         self._place(tp_group, ep_group, sequence_parallel=sequence_parallel, shard_unit=1, full=full,
                     requires_grad=requires_grad, mesh=mesh)
         if quantized is not None:

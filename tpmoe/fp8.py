@@ -129,11 +129,6 @@ def _quantize_blocks(matrix: torch.Tensor, block_size: int):
 FP8_MAX = 448.0  # e4m3fn's largest finite value
 
 
-def activation_groups(size: int, block_size: int, block_offset: int = 0) -> int:
-    """How many scale groups quantize_fp8_activations gives `size` columns at `block_offset`."""
-    return _blocks(size, block_size, block_offset)
-
-
 def quantize_fp8_activations(x: torch.Tensor, block_size: int, block_offset: int = 0):
     """(e4m3 values [T, K], float32 scales [T, nb]) of activations x [T, K]: per token and per
     group of columns aligned to the weights' B x B scale blocks (DeepSeek-V3's and vLLM's
@@ -154,7 +149,7 @@ def quantize_fp8_activations(x: torch.Tensor, block_size: int, block_offset: int
         raise ValueError(f"block_offset: expected an int in [0, {block_size}) (block_size {block_size}), got "
                          f"{block_offset!r}")
     num_tokens, size = x.shape
-    groups = activation_groups(size, block_size, block_offset)
+    groups = _blocks(size, block_size, block_offset)
     padded = torch.nn.functional.pad(x.float(), (block_offset, groups * block_size - block_offset - size))
     grouped = padded.view(num_tokens, groups, block_size)
     scale = grouped.abs().amax(dim=2) / FP8_MAX

@@ -15,6 +15,15 @@ _SHARD = {FP8_FORMAT: shard_fp8_experts, MXFP4_FORMAT: shard_mxfp4_experts}
 QUANTIZED_FORMATS = tuple(_CHECK)
 
 
+def quantized_call_needs_grad(hidden_states: torch.Tensor, weights: ExpertWeights,
+                              topk_weights: torch.Tensor) -> bool:
+    """Whether a call on quantized (frozen) weights wants gradients, for the input, the routing
+    weights or the biases: the backends' native forwards then hand it to the plain-PyTorch path."""
+    return torch.is_grad_enabled() and any(
+        tensor is not None and tensor.requires_grad
+        for tensor in (hidden_states, topk_weights, weights.b_gate_up, weights.b_down))
+
+
 def check_quantized_experts(weights: ExpertWeights, spec: ExpertSpec, *, hidden_size: int, device: torch.device,
                             argument: str = "weights") -> Tuple[int, int]:
     """(E, I_p) of quantized `weights` after their format's checks (naming `argument`)."""

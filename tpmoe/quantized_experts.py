@@ -24,6 +24,13 @@ def _stored(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def dense_expert_placeholders(shapes, dtype: torch.dtype, device) -> dict:
+    """Zero-stride stand-ins (no memory of their own) for a block's dense w_gate_up / w_down of
+    these shapes, where its experts are to be quantized: the block is placed with them, then
+    load_quantized_experts_ drops them."""
+    return {name: torch.zeros((), dtype=dtype, device=device).expand(shapes[name]) for name in ("w_gate_up", "w_down")}
+
+
 class QuantizedExperts(nn.Module):
     """One rank's slice of quantized routed experts: what tpmoe.routed_experts takes, without the
     biases (they stay the block's trained parameters)."""

@@ -8,8 +8,8 @@ input, the routing weights or the biases: the rest of a model training around fr
 experts) the call runs the plain-PyTorch path instead (tpmoe.cpu.experts_torch, one expert
 dequantized at a time under autograd).
 """
-import torch
 
+from ..quantized import quantized_call_needs_grad
 from ..routing import align
 from .experts_torch import experts_torch
 from .ops import cpu_ops
@@ -17,10 +17,7 @@ from .ops import cpu_ops
 
 def experts_cpu_quantized(hidden_states, weights, topk_ids, topk_weights, spec):
     """tpmoe.routed_experts on quantized weights (inputs validated by it)."""
-    needs_grad = torch.is_grad_enabled() and any(
-        tensor is not None and tensor.requires_grad
-        for tensor in (hidden_states, topk_weights, weights.b_gate_up, weights.b_down))
-    if needs_grad or hidden_states.shape[0] == 0 or weights.w_gate_up.shape[1] == 0:
+    if quantized_call_needs_grad(hidden_states, weights, topk_weights) or hidden_states.shape[0] == 0 or weights.w_gate_up.shape[1] == 0:
         return experts_torch(hidden_states, weights, topk_ids, topk_weights, spec)
     routing = align(topk_ids, weights.w_gate_up.shape[0])
     scales = weights.scales

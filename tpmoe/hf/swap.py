@@ -318,10 +318,9 @@ def _refuse_tp_plan_with_ep(model: nn.Module) -> None:
 def _build(module, plan: Plan, config, weights, quantized, group, name, layer, backend, check_replicated, jitter_seed,
            logit_classes, ep_group=None):
     """(the replacement module, its weights' source) for one judged block."""
-    import torch
-
     from ..block import MoEBlock
     from ..distributed import group_rank, group_size
+    from ..quantized_experts import dense_expert_placeholders
     from ..sharding import shard_shapes
     from .code import family_of
     from .module import TpmoeHFBlock, TpmoeHFExperts
@@ -339,8 +338,7 @@ def _build(module, plan: Plan, config, weights, quantized, group, name, layer, b
         shapes = shard_shapes(config, group_rank(group), group_size(group), ep_rank=group_rank(ep_group),
                               ep_size=group_size(ep_group))
         dtype = compute_dtype(module, _experts_module(owner, plan))
-        shards.update({k: torch.empty(shapes[k], dtype=dtype, device=quantized.w_gate_up.device)
-                       for k in ("w_gate_up", "w_down")})
+        shards.update(dense_expert_placeholders(shapes, dtype, quantized.w_gate_up.device))
     # transformers' local shards become the block's parameters' local tensors without a copy (the
     # HF parameters they belong to leave the model with the module replaced).
     tp_block = MoEBlock.from_shards(config, shards, group=group, ep_group=ep_group, backend=backend,

@@ -34,16 +34,16 @@ def forward_launches(hidden_states, w_gate_up, w_down, topk_weights, b_gate_up, 
     down_hidden_axis, down_inter_axis = down_axes(layout)
     routing = align(topk_ids, num_experts, block_m_for(token_bucket(num_tokens, top_k, num_experts)))
     # As plain int lists: what the custom ops take, and constants to torch.compile on ctx.
-    configs = {launch: ops.config_list(config) for launch, config in launch_configs(
-        num_tokens, top_k, num_experts, hidden_size, intermediate_size, w_gate_up.shape[gate_up_axes(layout)[0]],
-        hidden_states.element_size(), device_capability(hidden_states.device)).items()}
+    chosen = launch_configs(num_tokens, top_k, num_experts, hidden_size, intermediate_size,
+                            w_gate_up.shape[gate_up_axes(layout)[0]], hidden_states.element_size(),
+                            device_capability(hidden_states.device))
     gate_up_scale, down_scale, *quantized = scales if scales is not None else (None, None)
     if scales is not None:  # the narrower tiles that dequantize without spills
         for launch in ("gate_up", "down"):
-            configs[launch] = ops.config_list(quantized_config(launch, ops._config(configs[launch])))
+            chosen[launch] = quantized_config(launch, chosen[launch])
             if fp8_activations:
-                configs[launch] = ops.config_list(fp8_activation_config(launch, ops._config(configs[launch]),
-                                                                        quantized[1]))
+                chosen[launch] = fp8_activation_config(launch, chosen[launch], quantized[1])
+    configs = {launch: ops.config_list(config) for launch, config in chosen.items()}
 
     h = ops.gate_up(hidden_states, w_gate_up, b_gate_up, routing.sorted_ids_padded, routing.block_expert, top_k,
                     activation, layout, gated, alpha, limit, configs["gate_up"], gate_up_scale, *quantized,

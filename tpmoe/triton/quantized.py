@@ -25,6 +25,7 @@ import torch
 
 from ..config import ExpertSpec
 from ..cpu.experts_torch import experts_torch
+from ..quantized import quantized_call_needs_grad
 from ..weights import FP8_FORMAT, ExpertWeights
 from .autograd import _bias_only, device_capability, forward_launches
 
@@ -59,10 +60,7 @@ def use_fp8_activations(hidden_states: torch.Tensor, weights: ExpertWeights, top
 def experts_triton_quantized(hidden_states: torch.Tensor, weights: ExpertWeights, topk_ids: torch.Tensor,
                              topk_weights: torch.Tensor, spec: ExpertSpec) -> torch.Tensor:
     """tpmoe.routed_experts on quantized weights with backend "triton" (inputs validated by it)."""
-    needs_grad = torch.is_grad_enabled() and any(
-        tensor is not None and tensor.requires_grad
-        for tensor in (hidden_states, topk_weights, weights.b_gate_up, weights.b_down))
-    if needs_grad:
+    if quantized_call_needs_grad(hidden_states, weights, topk_weights):
         return experts_torch(hidden_states, weights, topk_ids, topk_weights, spec)
     rows = weights.w_gate_up.shape[1]
     intermediate_size = rows // 2 if spec.gated else rows
