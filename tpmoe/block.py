@@ -50,6 +50,8 @@ from .weights import ExpertWeights, check_moe_weights, expected_shapes, random_m
 # Trained replicated parameters: their gradients are complete on every rank in TP mode and
 # per-rank partial sums (over the local tokens) in sequence-parallel and expert-parallel mode.
 _TRAINED_REPLICATED = ("router_weight", "router_bias", "shared_gate", "b_down")
+# The dense routed experts, which a block's quantized experts replace.
+_DENSE_EXPERTS = ("w_gate_up", "w_down")
 # Replicated over the EP group (TP-sliced alike on its ranks), so also summed over it per step.
 _EP_REPLICATED_SHARDS = ("shared_gate_up", "shared_down")
 
@@ -153,7 +155,7 @@ class MoEBlock(nn.Module):
     def __init__(self, config: MoEConfig, group=None, *, sequence_parallel: bool = False,
                  check_replicated: bool = False, shard_unit: int = 1, backend: str = "auto", tp_mesh_dim=None,
                  ep_mesh_dim=None, ep_group=None, seed: int = 0, dtype: Optional[torch.dtype] = None, device=None,
-                 _shards=None, _uncopied=frozenset()):
+                 _shards=None, _uncopied=frozenset(), _quantized=None):
         super().__init__()
         if not isinstance(config, MoEConfig):
             raise TypeError(f"config: expected a tpmoe.MoEConfig, got {type(config).__name__}")
@@ -177,11 +179,11 @@ class MoEBlock(nn.Module):
             full = random_moe_weights(config, dtype=dtype or torch.get_default_dtype(), device=device or "cpu",
                                       generator=generator)
         self._place(tp_group, ep_group, sequence_parallel=sequence_parallel, shard_unit=shard_unit, shards=_shards,
-                    full=full, dtype=dtype, device=device, mesh=mesh, uncopied=_uncopied)
+                    full=full, dtype=dtype, device=device, mesh=mesh, uncopied=_uncopied, quantized=_quantized)
 
     def _place(self, tp_group, ep_group, *, sequence_parallel: bool, shard_unit: int, shards=None, full=None,
                dtype=None, device=None, requires_grad: Optional[Dict[str, bool]] = None, mesh=None,
-               uncopied=frozenset()) -> None:
+               uncopied=frozenset(), quantized: Optional[ExpertWeights] = None) -> None:
         """Sets the block's groups and mode and registers its weights: this rank's `shards`, or its
         slice of the `full` weights (the same on every rank). The one place a block becomes what it
         is, at construction and when a ParallelStyle (tpmoe.parallel_styles) parallelizes it.
@@ -189,7 +191,10 @@ class MoEBlock(nn.Module):
         parameters become DTensors on it. None builds one from the groups
         (tpmoe.distributed.dtensor_parameters). uncopied: names of `shards` whose tensors become the
         parameters' storage as they are where dtype and device already match (no copy); the caller
-        gives them up."""
+        gives them up. quantized: the config's whole routed experts, quantized
+        (load_quantized_experts_); then the dense w_gate_up / w_down of `shards` / `full` are
+        stand-ins that only meet the shape and agreement checks (dense_expert_placeholders) and
+        are never copied: the block keeps this rank's slice of `quantized` in their place."""
         config = self.config
         self.group, self.ep_group = tp_group, ep_group
         self.tp_size, self.tp_rank = tp.group_size(self.group), tp.group_rank(self.group)
@@ -237,6 +242,8 @@ class MoEBlock(nn.Module):
         mesh, roles = mesh if mesh is not None else (None, None)
         self.mesh = mesh
         for name, tensor in shards.items():
+            if quantized is not None and name in _DENSE_EXPERTS:
+                continue
             value = tensor.detach().to(dtype=dtype or tensor.dtype, device=device or tensor.device)
             if value.data_ptr() == tensor.data_ptr() and name not in uncopied:
                 value = value.clone()  # still the caller's tensor: the block keeps its own
@@ -249,6 +256,8 @@ class MoEBlock(nn.Module):
             trained = True if requires_grad is None else requires_grad.get(name, True)
             setattr(self, name, nn.Parameter(value, requires_grad=trained))
         align_sharded_storage(self)
+        if quantized is not None:
+            self._set_quantized_experts(quantized, device or shards["w_gate_up"].device, weights_dtype)
 
     def check_one_process(self, what: str) -> None:
         """Raises ValueError naming `what` unless this block is a one-process block (no groups)."""
@@ -277,9 +286,7 @@ class MoEBlock(nn.Module):
             _, dtype = self._experts_device_and_dtype()
             full.update(dense_expert_placeholders(expected_shapes(self.config), dtype, quantized.w_gate_up.device))
         self._place(tp_group, ep_group, sequence_parallel=sequence_parallel, shard_unit=1, full=full,
-                    requires_grad=requires_grad, mesh=mesh)
-        if quantized is not None:
-            self.load_quantized_experts_(quantized)
+                    requires_grad=requires_grad, mesh=mesh, quantized=quantized)
         return self
 
     def _apply(self, fn, recurse=True):
@@ -301,6 +308,29 @@ class MoEBlock(nn.Module):
                                    kwargs.get("shard_unit", 1), ep_rank=tp.group_rank(ep_group),
                                    ep_size=tp.group_size(ep_group))
         return cls(config, group, _shards=shards, **kwargs)
+
+    @classmethod
+    def from_quantized(cls, config: MoEConfig, experts: ExpertWeights, weights: Dict[str, torch.Tensor], group=None,
+                       **kwargs) -> "MoEBlock":
+        """A block whose routed experts are quantized from the start (load_quantized_experts_ says
+        what that means): `experts` the config's whole quantized experts, `weights` the block's
+        other full weights (as from_full takes them, without w_gate_up and w_down; the block
+        computes in their dtype), both the same on every rank. No dense expert weight is ever
+        made, so a model too large to hold dense builds this way."""
+        check_whole_quantized_experts(experts, config, argument="experts")
+        if not isinstance(weights, dict):
+            raise TypeError(f"weights: expected a dict of the block's full weights, got {type(weights).__name__}")
+        dense = [name for name in _DENSE_EXPERTS if name in weights]
+        if dense:
+            raise ValueError(f"weights: expected no {' or '.join(dense)} (the quantized experts take their place), "
+                             f"got {', '.join(dense)}")
+        router = weights.get("router_weight")
+        if not isinstance(router, torch.Tensor):
+            raise ValueError(f"weights: expected the block's full weights, a router_weight tensor among them, got "
+                             f"{sorted(weights)}")
+        full = {**weights, **dense_expert_placeholders(expected_shapes(config), router.dtype,
+                                                       experts.w_gate_up.device)}
+        return cls.from_full(config, full, group, _quantized=experts, **kwargs)
 
     @classmethod
     def from_shards(cls, config: MoEConfig, shards: Dict[str, torch.Tensor], group=None, **kwargs) -> "MoEBlock":
@@ -325,19 +355,25 @@ class MoEBlock(nn.Module):
         checkpoints are), of which this rank keeps its slice (tpmoe.quantized_experts), at any TP
         size and in every mode. The dense w_gate_up and w_down are dropped; the quantized experts
         are frozen: no gradient reaches them, while the router, the biases, the shared expert and
-        the rest of a model still train. Returns self."""
-        spec = check_whole_quantized_experts(experts, self.config, argument="experts")
+        the rest of a model still train. Returns self. A block built for quantized experts need
+        never hold dense ones: MoEBlock.from_quantized."""
         device, dtype = self._experts_device_and_dtype()
+        self._set_quantized_experts(experts, device, dtype)
+        return self
+
+    def _set_quantized_experts(self, experts: ExpertWeights, device, dtype: torch.dtype) -> None:
+        """This rank's slice of the whole quantized `experts` in place of the dense ones, on
+        `device`, the block computing in `dtype`."""
+        spec = check_whole_quantized_experts(experts, self.config, argument="experts")
         local = QuantizedExperts(shard_quantized_experts(experts, spec, tp_rank=self.tp_rank, tp_size=self.tp_size,
                                                          ep_rank=self.ep_rank, ep_size=self.ep_size))
-        for name in ("w_gate_up", "w_down"):
+        for name in _DENSE_EXPERTS:
             if hasattr(self, name):
                 delattr(self, name)
         self.quantized_experts = local.to(device)
         self._quantized_spec = spec
         # Follows the block's dtype casts (a dtype to compute in, now that no expert weight shows it).
         self.register_buffer("_compute_dtype", torch.empty(0, dtype=dtype, device=device), persistent=False)
-        return self
 
     def _experts_device_and_dtype(self):
         """(where the routed experts live, the dtype the block computes in)."""

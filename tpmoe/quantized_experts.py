@@ -26,8 +26,8 @@ def _stored(tensor: torch.Tensor) -> torch.Tensor:
 
 def dense_expert_placeholders(shapes, dtype: torch.dtype, device) -> dict:
     """Zero-stride stand-ins (no memory of their own) for a block's dense w_gate_up / w_down of
-    these shapes, where its experts are to be quantized: the block is placed with them, then
-    load_quantized_experts_ drops them."""
+    these shapes, where its experts are quantized: they meet the placement's shape and agreement
+    checks and are never copied (MoEBlock._place with `quantized`)."""
     return {name: torch.zeros((), dtype=dtype, device=device).expand(shapes[name]) for name in ("w_gate_up", "w_down")}
 
 

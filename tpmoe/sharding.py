@@ -189,6 +189,10 @@ def _take(config: MoEConfig, name: str, full: torch.Tensor, axis: int, indices: 
     experts = _expert_slice(config, name, ep_rank, ep_size)
     if experts is not None:
         full = full.narrow(0, *experts)
+    if full.stride(axis) == 0:
+        # One value along the axis (a stand-in, tpmoe.quantized_experts.dense_expert_placeholders):
+        # every slice of it is its first n, and no copy of the whole is made.
+        return full.narrow(axis, 0, indices.numel())
     return full.index_select(axis, indices.to(full.device))
 
 

@@ -12,6 +12,7 @@ from tpmoe.mxfp4 import quantize_mxfp4_experts
 from tpmoe.quantized import dequantize_experts
 from tpmoe.reference import reference_moe_block
 
+from support.allocations import LargestAllocation
 from support.dist_utils import run_distributed
 from support.tolerances import assert_fp32_close
 
@@ -87,7 +88,9 @@ def _parallel_outputs(rank, world_size, mode, seed):
         one_process = MoEBlock.from_full(config, full).load_quantized_experts_(quantized)
         if rank > 0:  # what the broadcast must overwrite
             one_process.quantized_experts.w_down.zero_()
-        parallel = tpmoe.parallelize(one_process, _mesh(mode, world_size))
+        with LargestAllocation() as largest:
+            parallel = tpmoe.parallelize(one_process, _mesh(mode, world_size))
+        assert largest.nbytes < _dense_expert_nbytes(config), f"parallelize: {largest.op} made {largest.nbytes} bytes"
         with torch.no_grad():
             outputs[weight_format] = (x, block(x), block.quantized_experts.block_offset, parallel(x))
     return outputs
@@ -129,3 +132,53 @@ def test_bad_quantized_experts_are_refused():
     block.load_quantized_experts_(quantized)
     with pytest.raises(ValueError, match="gather_full: this block's routed experts are quantized"):
         block.gather_full()
+
+
+def _dense_expert_nbytes(config, dtype=torch.float32):
+    """The bytes of the smaller dense expert weight (w_down): a quantized block must never make one."""
+    return config.num_experts * config.hidden_size * config.intermediate_size * torch.tensor([], dtype=dtype).element_size()
+
+
+@pytest.mark.parametrize("weight_format", sorted(CONFIGS))
+def test_from_quantized_makes_no_dense_experts_and_equals_loading_them(weight_format, seed):
+    config = CONFIGS[weight_format]
+    full, quantized, effective = _quantized_full(weight_format, config, seed)
+    rest = {name: value for name, value in full.items() if name not in ("w_gate_up", "w_down")}
+    with LargestAllocation() as largest:
+        block = MoEBlock.from_quantized(config, quantized, rest)
+    # The stored experts (1 or half a byte a value) may be copied; a dense float32 one may not.
+    assert largest.nbytes < _dense_expert_nbytes(config), f"{largest.op} made {largest.nbytes} bytes"
+    assert not hasattr(block, "w_gate_up") and not hasattr(block, "w_down")
+    loaded = MoEBlock.from_full(config, full).load_quantized_experts_(quantized)
+    assert sorted(n for n, _ in block.named_parameters()) == sorted(n for n, _ in loaded.named_parameters())
+    x = torch.randn(5, config.hidden_size, generator=torch.Generator().manual_seed(seed + 1))
+    grad_out = torch.randn(5, config.hidden_size, generator=torch.Generator().manual_seed(seed + 2))
+    outputs = []
+    for candidate in (block, loaded):
+        out = candidate(x)
+        out.backward(grad_out)
+        outputs.append((out.detach(), candidate.local_grads()))
+    assert torch.equal(outputs[0][0], outputs[1][0])
+    for name, grad in outputs[0][1].items():
+        assert torch.equal(grad, outputs[1][1][name]), name
+    assert_fp32_close(outputs[0][0], reference_moe_block(x.double(), effective, config))
+    # bf16 weights: the block computes in their dtype.
+    rest16 = {name: value.to(torch.bfloat16) for name, value in rest.items()}
+    assert MoEBlock.from_quantized(config, quantized, rest16)(x.to(torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_from_quantized_bad_input():
+    config = CONFIGS["fp8_block"]
+    full, quantized, _ = _quantized_full("fp8_block", config, 0)
+    rest = {name: value for name, value in full.items() if name not in ("w_gate_up", "w_down")}
+    with pytest.raises(ValueError, match="weights: expected no w_gate_up or w_down \\(the quantized experts take "
+                                         "their place\\), got w_gate_up, w_down"):
+        MoEBlock.from_quantized(config, quantized, full)
+    with pytest.raises(ValueError, match="weights: expected the block's full weights, a router_weight tensor"):
+        MoEBlock.from_quantized(config, quantized, {k: v for k, v in rest.items() if k != "router_weight"})
+    with pytest.raises(TypeError, match="weights: expected a dict"):
+        MoEBlock.from_quantized(config, quantized, list(rest.values()))
+    with pytest.raises(TypeError, match="experts: expected a tpmoe.ExpertWeights of format fp8_block or mxfp4"):
+        MoEBlock.from_quantized(config, tpmoe.ExpertWeights(full["w_gate_up"], full["w_down"]), rest)
+    with pytest.raises(ValueError, match="shared_gate_up"):  # the other weights are checked as from_full does
+        MoEBlock.from_quantized(config, quantized, {k: v for k, v in rest.items() if k != "shared_gate_up"})

@@ -16,6 +16,7 @@ import torch
 
 pytest.importorskip("transformers", reason="tpmoe.hf needs transformers (pip install -e .[hf])")
 
+from support.allocations import LargestAllocation  # noqa: E402
 from support.dist_utils import SharedSpawns  # noqa: E402
 from support.hf_models import hf_to_tpmoe_weights, lm_loss_backward  # noqa: E402
 from support.hf_quantized_models import FP8_BLOCK, fp8_model, mxfp4_gpt_oss  # noqa: E402
@@ -202,8 +203,12 @@ def test_apply_takes_checkpoint_experts_and_never_reads_the_models_own(seed):
     assert type(model.model.layers[0].mlp).__name__ == "GptOssMLP"  # nothing swapped
     with pytest.raises(ValueError, match="quantized_block_size: expected None without quantized_experts"):
         tpmoe.hf.apply(model, quantized_block_size=8)
-    report = tpmoe.hf.apply(model, quantized_experts=tensors)
+    with LargestAllocation() as largest:
+        report = tpmoe.hf.apply(model, quantized_experts=tensors)
     assert [entry.source for entry in report] == ["full, mxfp4"] * 2
+    # No block made a dense copy of its experts, even for a moment (the smaller, down, in float32).
+    experts = dense.model.layers[0].mlp.experts
+    assert largest.nbytes < experts.down_proj.numel() * 4, f"{largest.op} made {largest.nbytes} bytes"
     input_ids = torch.randint(3, 61, (2, 7), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         error = max_rel_error(model(input_ids).logits, dense(input_ids).logits)

@@ -328,7 +328,7 @@ def _build(module, plan: Plan, config, weights, quantized, group, name, layer, b
     from .weight_map import WeightMap
 
     owner = plan.replaced(module)
-    if quantized is not None:  # the dense experts are placeholders the quantized ones replace
+    if quantized is not None:  # the dense experts are stand-ins the quantized ones replace, never read
         weights = WeightMap({k: v for k, v in weights.names.items() if k not in ("w_gate_up", "w_down")},
                             weights.packings)
     shards, source, views = collect_shards(owner, weights, config, group, _owner_name(name, plan), ep_group=ep_group)
@@ -342,9 +342,8 @@ def _build(module, plan: Plan, config, weights, quantized, group, name, layer, b
     # transformers' local shards become the block's parameters' local tensors without a copy (the
     # HF parameters they belong to leave the model with the module replaced).
     tp_block = MoEBlock.from_shards(config, shards, group=group, ep_group=ep_group, backend=backend,
-                                    check_replicated=check_replicated, _uncopied=views)
+                                    check_replicated=check_replicated, _uncopied=views, _quantized=quantized)
     if quantized is not None:
-        tp_block.load_quantized_experts_(quantized)
         source = f"{source}, {quantized.format}"
     for tp_name, parameter in tp_block.named_parameters(recurse=False):
         parameter.requires_grad_(trainable.get(tp_name, True))
