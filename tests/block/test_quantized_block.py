@@ -91,8 +91,12 @@ def _parallel_outputs(rank, world_size, mode, seed):
         with LargestAllocation() as largest:
             parallel = tpmoe.parallelize(one_process, _mesh(mode, world_size))
         assert largest.nbytes < _dense_expert_nbytes(config), f"parallelize: {largest.op} made {largest.nbytes} bytes"
+        rest = {name: value for name, value in full.items() if name not in ("w_gate_up", "w_down")}
+        built = MoEBlock.from_quantized(config, quantized, rest, group)
         with torch.no_grad():
-            outputs[weight_format] = (x, block(x), block.quantized_experts.block_offset, parallel(x))
+            out = block(x)
+            assert torch.equal(built(x), out), f"{weight_format}: from_quantized on rank {rank}"
+            outputs[weight_format] = (x, out, block.quantized_experts.block_offset, parallel(x))
     return outputs
 
 
