@@ -1,8 +1,10 @@
 """The CPU experts' two bf16 GEMMs side by side, in one run (issue 36): the native one and the
 widened one (float32 GEMMs on tiles widened from bf16, csrc/experts_cpu_widen.cpp), forced by
 TPMOE_CPU_BF16_GEMM per call (the ops read it at every call), against the fp32-weights path,
-a float32 and a bf16 dense GEMM of equal FLOPs, and the bf16 read floor. The widened GEMM runs
-with each float32 kernel the CPU has (TPMOE_CPU_WIDEN_KERNEL, also read at every call):
+a float32 and a bf16 dense GEMM of equal FLOPs (one big GEMM: `dense_*`), the same experts' GEMMs
+in float32 expert by expert (`experts_fp32`: what the vendor's GEMM reaches on these shapes), and the
+bf16 read floor. The widened GEMM runs with each float32 kernel the CPU has
+(TPMOE_CPU_WIDEN_KERNEL, also read at every call):
 `widen` the one `auto` picks, `widen_avx2` the AVX2 kernel (what an AVX2-only CPU runs; on a
 CPU with AVX-512 its FMAs are half as wide as the dense GEMM's), `widen_aten` ATen's float32
 GEMM on the widened tiles (the portable path, and the widened GEMM as it was before its
@@ -43,7 +45,7 @@ from common import make_expert_weights  # noqa: E402
 
 from tpmoe.cli.report import format_table, write_json  # noqa: E402
 from tpmoe.cli.timing import time_calls_interleaved  # noqa: E402
-from tpmoe.cli.workload import (dense_step, random_routing, routed_expert_flops, touched_bytes,  # noqa: E402
+from tpmoe.cli.workload import (dense_step, expert_gemms_step, random_routing, routed_expert_flops, touched_bytes,  # noqa: E402
                                 weight_read_step)
 from tpmoe.cpu import bf16_gemm_path  # noqa: E402
 from tpmoe.fused import fused_experts  # noqa: E402
@@ -136,7 +138,8 @@ def measure(config, num_tokens, mode, weights, weights32, args, generator):
     for kernel in args.widen_kernels:
         calls[f"widen_{kernel}"] = on_path("widen", experts(weights, x), kernel)
     calls.update({"fp32_weights": experts(weights32, x.float()),
-                  "dense_fp32": dense(config, num_tokens, flops, mode, torch.float32)})
+                  "dense_fp32": dense(config, num_tokens, flops, mode, torch.float32),
+                  "experts_fp32": expert_gemms_step(config, ids, mode)})
     if not args.emulate_avx2 or (num_tokens == 1 and mode == "fwd"):
         calls["dense_bf16"] = dense(config, num_tokens, flops, mode, torch.bfloat16)
     if mode == "fwd":
@@ -155,6 +158,7 @@ def measure(config, num_tokens, mode, weights, weights32, args, generator):
                    gflops=flops / best[name] / 1e9 if not name.startswith("floor") else None)
         if name in ("native", "fp32_weights") or name.startswith("widen"):
             row["of_dense_fp32"] = best["dense_fp32"] / best[name]
+            row["of_experts_fp32"] = best["experts_fp32"] / best[name]
             row["x_floor"] = best[name] / best["floor_bf16"] if "floor_bf16" in best else None
             row["widen_vs_native"] = best["native"] / best[name] if name.startswith("widen") and "native" in best else None
         if name == "floor_bf16":
@@ -195,10 +199,10 @@ def main():
         for num_tokens in token_counts:
             rows += measure(config, num_tokens, mode, weights, weights32, args, generator)
             print(f"# done T = {num_tokens} {mode}", file=sys.stderr, flush=True)
-    columns = ["T", "pass_", "impl", "ms", "ms_min", "ms_max", "gflops", "gbs", "of_dense_fp32", "x_floor",
-               "widen_vs_native"]
+    columns = ["T", "pass_", "impl", "ms", "ms_min", "ms_max", "gflops", "gbs", "of_dense_fp32", "of_experts_fp32",
+               "x_floor", "widen_vs_native"]
     formats = {"ms": ".2f", "ms_min": ".2f", "ms_max": ".2f", "gflops": ".1f", "gbs": ".1f", "of_dense_fp32": ".2f",
-               "x_floor": ".2f", "widen_vs_native": ".2f"}
+               "of_experts_fp32": ".2f", "x_floor": ".2f", "widen_vs_native": ".2f"}
     print(format_table(rows, columns, formats, headers={"pass_": "pass"}, markdown=True))
     if args.json:
         write_json(args.json, dict(header=header, rows=rows))

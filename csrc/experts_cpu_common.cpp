@@ -5,7 +5,6 @@
 #include <c10/util/Exception.h>
 
 #include <cstdlib>
-#include <limits>
 
 #include <algorithm>
 #include <string>
@@ -23,11 +22,11 @@ namespace {
 // 0.84 of the dense-GEMM rate against 0.22/0.51/0.81; Mixtral T = 512: 0.95 s against
 // 1.0 s); past that the GEMMs are large enough for oneDNN's own threading.
 constexpr int64_t kMaxRowsPerExpertForExpertThreads = 256;
-// In the "experts" regime bf16 experts run the GEMM of experts_cpu_gemm.cpp whatever their
-// row count: it reads the weights in place where oneDNN repacks them on every call (2 threads,
-// Qwen3 shape: T = 512 at 124 ms against 164 ms with oneDNN past 48 rows, T = 2048 at 462
-// against 519 ms; Mixtral T = 512: 917 against 937 ms).
-constexpr int64_t kDefaultBf16KernelMaxRows = std::numeric_limits<int64_t>::max();
+// In the "experts" regime bf16 experts run the GEMM of experts_cpu_gemm.cpp: it reads the
+// weights in place where oneDNN repacks them on every call. Without AMX, whatever their row
+// count (AMD Zen 4, 2 threads, Qwen3 shape: T = 512 at 124 ms against 164 ms with oneDNN past
+// 48 rows, T = 2048 at 462 against 519 ms; Mixtral T = 512: 917 against 937 ms); with AMX only
+// the experts with few rows (bf16_kernel_max_rows, experts_cpu_gemm.cpp).
 constexpr int64_t kMinMultiplyAddsForThreads = 1 << 18;
 
 std::string to_string(c10::string_view view) { return std::string(view.data(), view.size()); }
@@ -170,11 +169,7 @@ ExpertsProblem make_problem(const char* op, const at::Tensor& hidden_states, con
   } else {
     problem.use_expert_threads = mode == "experts";
   }
-  // TPMOE_CPU_BF16_KERNEL_MAX_ROWS bounds the rows of the experts that run the bf16 GEMM (0: off,
-  // every GEMM through ATen), for measuring it against ATen; read per call (a getenv is ~100 ns).
-  const char* bf16_kernel_rows_env = std::getenv("TPMOE_CPU_BF16_KERNEL_MAX_ROWS");
-  problem.bf16_kernel_max_rows =
-      bf16_kernel_rows_env == nullptr ? kDefaultBf16KernelMaxRows : std::atoll(bf16_kernel_rows_env);
+  problem.bf16_kernel_max_rows = bf16_kernel_max_rows();
   problem.widen_bf16 = dtype == at::kBFloat16 && bf16_gemm_path() == Bf16GemmPath::kWiden;
   problem.num_slices = problem.use_expert_threads ? std::max<int64_t>(1, threads) : 1;
   // "auto": a call this small costs less than waking the other threads.

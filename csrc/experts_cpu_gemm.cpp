@@ -16,11 +16,18 @@
 // (~32 rows an expert) runs at 0.82-0.87 of a dense GEMM of the same FLOPs on 2 cores. It is
 // compiled for that ISA with a function attribute and runs only where the CPU reports it
 // (checked once at run time); everywhere else, and for other dtypes and the gpt_oss layout,
-// ATen's GEMM runs.
+// ATen's GEMM runs. Where the CPU also has AMX-BF16 (Intel Sapphire Rapids and later) oneDNN
+// runs ATen's bf16 GEMM on AMX tiles at several times the vdpbf16ps rate (a dense GEMM at ~980
+// GFLOP/s a core there), and past a few rows an expert that pays back its repacking: there
+// the kernel keeps only the experts with few rows (default_bf16_kernel_max_rows).
+#include <ATen/cpu/Utils.h>
 #include <c10/util/BFloat16.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <limits>
+#include <string>
 
 #include "experts_cpu.h"
 
@@ -252,6 +259,38 @@ bool bf16_kernel_available() {
 #else
   return false;
 #endif
+}
+
+namespace {
+
+bool cpu_has_amx_bf16() {
+  // cpuinfo through ATen; and oneDNN not held below AMX (ONEDNN_MAX_CPU_ISA, which it reads
+  // once: an ISA name, AMX ones contain "AMX"; ALL or unset allows every ISA).
+  const auto capabilities = at::cpu::get_cpu_capabilities();
+  const auto found = capabilities.find("amx_bf16");
+  if (found == capabilities.end() || !found->second.isBool() || !found->second.toBool()) return false;
+  const char* isa = std::getenv("ONEDNN_MAX_CPU_ISA");
+  const std::string cap = isa == nullptr ? "ALL" : isa;
+  return cap == "ALL" || cap == "all" || cap.find("AMX") != std::string::npos || cap.find("amx") != std::string::npos;
+}
+
+int64_t default_bf16_kernel_max_rows() {
+  // With AMX: experts of up to 4 rows in the kernel, more through oneDNN. One thread, all experts
+  // in the kernel against all through oneDNN: Qwen3-30B-A3B's experts (H = 2048, I = 768,
+  // E = 128, top-8) at T = 512 (~32 rows an expert) 206 ms against 460, T = 192 (~12) 156
+  // against 195, T = 128 (~8) a tie, T = 32 (~2) 106 against 148 the other way; Mixtral-8x7B's
+  // (H = 4096, I = 14336, E = 8, top-2) at T = 24 (~6 rows) 384 against 584, T = 16 (~4) a tie,
+  // T = 4 (1) 332 against 531 the other way. The crossover is shape-dependent (4 rows for
+  // Mixtral, 8 for Qwen3); 4 costs Qwen3 ~4% at 5-8 rows, 8 would cost Mixtral ~1.5x.
+  static const int64_t rows = cpu_has_amx_bf16() ? 4 : std::numeric_limits<int64_t>::max();
+  return rows;
+}
+
+}  // namespace
+
+int64_t bf16_kernel_max_rows() {
+  const char* env = std::getenv("TPMOE_CPU_BF16_KERNEL_MAX_ROWS");
+  return env == nullptr ? default_bf16_kernel_max_rows() : std::atoll(env);
 }
 
 bool try_bf16_kernel_gemm(const at::Tensor& lhs, const at::Tensor& rhs, at::Tensor& out, int64_t max_rows,

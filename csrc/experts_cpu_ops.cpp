@@ -36,6 +36,8 @@ TPMOE_LIBRARY_FRAGMENT(TPMOE_EXPERTS_CPU_NAMESPACE, m) {
   m.def("experts_cpu_release_workspace() -> int", &tpmoe::cpu::release_workspace);
   // The bf16 GEMM in use: "native" or "widen" (csrc/experts_cpu_widen.cpp; TPMOE_CPU_BF16_GEMM).
   m.def("experts_cpu_bf16_gemm_path() -> str", &tpmoe::cpu::bf16_gemm_path_name);
+  // The most rows an expert may have to run the native bf16 kernel (experts_cpu_gemm.cpp).
+  m.def("experts_cpu_bf16_kernel_max_rows() -> int", &tpmoe::cpu::bf16_kernel_max_rows);
 }
 
 TPMOE_LIBRARY_IMPL(TPMOE_EXPERTS_CPU_NAMESPACE, CPU, m) {

@@ -2,12 +2,14 @@
 allocation once (nested op events carry their children's memory too), interleaved timing gives
 every implementation the same number of samples, in alternating order, the tables come out in
 either style from one formatter, and the yardsticks do the work they stand for."""
+import pytest
 import torch
 
 from tpmoe import MoEConfig
 from tpmoe.cli.report import format_table
 from tpmoe.cli.timing import peak_memory_bytes, time_call, time_calls_interleaved
-from tpmoe.cli.workload import ceiling_dtype, dense_step, random_routing, routed_expert_flops, touched_bytes, weight_read_step
+from tpmoe.cli.workload import (ceiling_dtype, dense_step, expert_gemms_step, random_routing, routed_expert_flops,
+                                touched_bytes, weight_read_step)
 
 
 def test_peak_memory_counts_nested_allocations_once():
@@ -81,3 +83,34 @@ def test_dense_ceiling_is_the_faster_of_the_half_dtype_and_float32():
         assert step.dtype == chosen
     product = dense_step(config, 9, flops, "fwd", torch.bfloat16, "cpu")()
     assert product.dtype == chosen and 2 * product.shape[0] * 16 * product.shape[1] == flops
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_expert_gemms_yardstick_runs_the_routed_experts_flops_at_their_row_counts(gated):
+    from torch.utils.flop_counter import FlopCounterMode
+    config = MoEConfig(hidden_size=16, intermediate_size=12, num_experts=7, top_k=2,
+                       activation="silu" if gated else "gelu", gated=gated)
+    ids, _ = random_routing(config, 11, generator=torch.Generator().manual_seed(1))
+    ids[:3] = torch.tensor([0, 1])  # expert 0 and 1 busier, some experts likely idle
+    for mode, factor in (("fwd", 1), ("train", 3)):
+        step = expert_gemms_step(config, ids, mode)
+        with FlopCounterMode(display=False) as counter:
+            step()
+        assert counter.get_total_flops() == factor * routed_expert_flops(config, 11), mode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Products(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.mm.default:
+                self.shapes.append((tuple(args[0].shape), tuple(args[1].shape)))
+            return func(*args, **(kwargs or {}))
+
+    with Products() as products:
+        expert_gemms_step(config, ids, "fwd")()
+    counts = [n for n in torch.bincount(ids.flatten(), minlength=7).tolist() if n]
+    rows = 2 * 12 if gated else 12
+    assert products.shapes == [shape for n in counts for shape in (((n, 16), (16, rows)), ((n, 12), (12, 16)))]

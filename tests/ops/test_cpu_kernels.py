@@ -103,15 +103,17 @@ def test_half_precision_within_twice_torch_error(layout, activation, gated, dtyp
     (1, 4, "random", 80, 37), (6, 3, "one_expert", 80, 37), (53, 3, "one_expert", 80, 37),
     (9, 7, "skip_last", 80, 37), (6, 3, "one_expert", 2100, 75), (53, 3, "one_expert", 2100, 75)])
 def test_bf16_kernel_within_twice_torch_error(layout, activation, num_tokens, num_experts, mode, hidden, inter,
-                                              seed):
+                                              seed, monkeypatch):
     # The bf16 GEMM (csrc/experts_cpu_gemm.cpp, on CPUs with AVX512-BF16) runs every expert in
-    # the "experts" regime: input rows in groups of up to 4 (1 token: groups of 1 row; 6
+    # the "experts" regime (whatever its rows here: with AMX it would leave those past 4 rows
+    # to ATen by default): input rows in groups of up to 4 (1 token: groups of 1 row; 6
     # tokens on expert 0: a group of 4 and one of 2; 53 tokens: 14 groups, the last of one
     # row), each against blocks of weight rows while the next block (or the next GEMM's
     # first) is prefetched. H = 80 leaves a 16-lane tail of the 32-lane dot products and
     # I = 37 tails of the 6- and 4-column tiles; H = 2100 makes 30-row weight blocks, so
     # gate_up runs two blocks per thread slice, the second a partial one, and the down GEMM's
     # K = 75 ends in an 11-lane tail.
+    monkeypatch.setenv("TPMOE_CPU_BF16_KERNEL_MAX_ROWS", str(2**62))
     inputs, grad_out = make_inputs(seed, num_tokens, hidden, inter, num_experts, 2, layout=layout, gated=True,
                                    bias=True, mode=mode)
     options = options_for(activation, layout, True)
@@ -126,12 +128,16 @@ def test_bf16_kernel_within_twice_torch_error(layout, activation, num_tokens, nu
     assert_within_twice_same_dtype(out, torch_out, ref_out, "output")
 
 
-def test_bf16_products_round_to_nearest_even_in_every_tile_position(seed):
+@pytest.mark.parametrize("kernel_max_rows", ["default", str(2**62)])
+def test_bf16_products_round_to_nearest_even_in_every_tile_position(kernel_max_rows, seed, monkeypatch):
     # Every dot product here has one nonzero term, exact in float32, so each GEMM output must
     # be that product rounded to bf16 exactly as PyTorch rounds it (nearest, ties to even,
     # NaN stays NaN): x rows one-hot, each down-weight row one-hot. Experts get 2, 6 and 13
     # rows (groups of 2, 4 + 2 and 4 + 4 + 4 + 1 rows in the bf16 GEMM); H = 80 and I = 37
     # leave tails in k, in the 6-column tiles and in the rows of the tile; a token carries a NaN.
+    # Every expert in the bf16 GEMM, and as the default splits them (with AMX: 6 and 13 rows to ATen).
+    if kernel_max_rows != "default":
+        monkeypatch.setenv("TPMOE_CPU_BF16_KERNEL_MAX_ROWS", kernel_max_rows)
     generator = torch.Generator().manual_seed(seed)
     hidden, inter, counts = 80, 37, (2, 6, 13)
     num_tokens = sum(counts)

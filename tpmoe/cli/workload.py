@@ -5,6 +5,7 @@ against; shared by `tpmoe bench` and the scripts in benchmarks/.
   routing        tpmoe.route's twin on random logits, for the scripts that time the experts alone
   dense          one GEMM [T*K, H] x [H, N] with the same FLOPs: the compute ceiling (in float32
                  where that is faster than the data's bf16/fp16, as on CPUs that emulate them)
+  expert GEMMs   the experts' own GEMMs, expert by expert: the ceiling of their shapes
   weight read    one pass over as many experts' weights as the routing touches: the
                  bandwidth floor
 """
@@ -48,7 +49,6 @@ def random_routing(config: MoEConfig, num_tokens: int, *, generator: Optional[to
     return topk_ids, topk_weights
 
 
-@functools.cache
 def ceiling_dtype(dtype: torch.dtype, device_type: str = "cpu") -> torch.dtype:
     """The dtype whose GEMM is the compute ceiling for `dtype` data: `dtype` itself, or float32
     where that is faster (a CPU without a bf16/fp16 dot product emulates them: 0.8 GFLOP/s
@@ -58,7 +58,13 @@ def ceiling_dtype(dtype: torch.dtype, device_type: str = "cpu") -> torch.dtype:
     emulated, about a millisecond otherwise)."""
     if dtype not in (torch.bfloat16, torch.float16):
         return dtype
+    # One cache entry per (dtype, device type) however it is called: two probes of the same
+    # pair could disagree where the two GEMMs run at about the same speed.
+    return _probed_ceiling_dtype(dtype, device_type)
 
+
+@functools.cache
+def _probed_ceiling_dtype(dtype: torch.dtype, device_type: str) -> torch.dtype:
     def best_seconds(probe_dtype):
         a = torch.randn(256, 512, device=device_type).to(probe_dtype)
         b = torch.randn(512, 512, device=device_type).to(probe_dtype)
@@ -96,6 +102,33 @@ def dense_step(config: MoEConfig, num_tokens: int, forward_flops: int, mode: str
         def step():
             a.grad = b.grad = None
             (a @ b).backward(grad)
+    step.dtype = dtype
+    return step
+
+
+def expert_gemms_step(config: MoEConfig, topk_ids: torch.Tensor, mode: str, dtype: torch.dtype = torch.float32,
+                      device=None):
+    """The routed experts' own GEMMs through torch, expert by expert at the row counts the routing
+    gives each ([n_e, H] x [H, R], then [n_e, I] x [I, H]; mode "train": with their backward), in
+    `dtype`, one weight pair shared by every expert so that it stays cache-warm: the compute
+    ceiling of the expert GEMMs' own shapes. dense_step's one big GEMM is that of their FLOPs,
+    which shapes of ~32 rows (Qwen3 at T = 512: 4096 routes over 128 experts) do not reach
+    even in the vendor's GEMM."""
+    rows_per_expert = [n for n in torch.bincount(topk_ids.flatten().cpu(), minlength=config.num_experts).tolist() if n]
+    inter, gate_up = config.intermediate_size, (2 if config.gated else 1) * config.intermediate_size
+    train = mode != "fwd"
+    w_gate_up = torch.randn(config.hidden_size, gate_up, dtype=dtype, device=device, requires_grad=train)
+    w_down = torch.randn(inter, config.hidden_size, dtype=dtype, device=device, requires_grad=train)
+    xs = [torch.randn(n, config.hidden_size, dtype=dtype, device=device, requires_grad=train) for n in rows_per_expert]
+    hs = [torch.randn(n, inter, dtype=dtype, device=device, requires_grad=train) for n in rows_per_expert]
+    grads = [(torch.randn(n, gate_up, dtype=dtype, device=device), torch.randn(n, config.hidden_size, dtype=dtype,
+                                                                             device=device)) for n in rows_per_expert]
+
+    def step():
+        for x, h, (grad_gate_up, grad_down) in zip(xs, hs, grads):
+            gate_up_out, down_out = x @ w_gate_up, h @ w_down
+            if train:
+                torch.autograd.backward([gate_up_out, down_out], [grad_gate_up, grad_down])
     step.dtype = dtype
     return step
 

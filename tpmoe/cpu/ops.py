@@ -1,5 +1,5 @@
 """torch.ops.tpmoe.experts_cpu_forward / experts_cpu_backward / experts_cpu_release_workspace /
-experts_cpu_bf16_gemm_path: the ops and their fakes.
+experts_cpu_bf16_gemm_path / experts_cpu_bf16_kernel_max_rows: the ops and their fakes.
 
 Layers: C++ kernels (csrc/experts_cpu_forward.cpp, experts_cpu_backward.cpp) -> the ops
 (csrc/experts_cpu_ops.cpp, loaded with tpmoe._C by tpmoe._native.native_ops) -> their fakes
@@ -77,6 +77,15 @@ def bf16_gemm_path() -> str:
     if value not in BF16_GEMM_CHOICES:
         raise ValueError(f"{BF16_GEMM_ENV}: expected one of {', '.join(BF16_GEMM_CHOICES)} (or unset), got {value!r}")
     return str(cpu_ops().experts_cpu_bf16_gemm_path())
+
+
+def bf16_kernel_max_rows() -> int:
+    """On the "native" bf16 path, the most rows an expert may have to run tpmoe's AVX512-BF16
+    GEMM (csrc/experts_cpu_gemm.cpp: it reads the weight in place); experts with more run
+    ATen's (oneDNN). TPMOE_CPU_BF16_KERNEL_MAX_ROWS forces it (0: always ATen's); by default 4
+    where oneDNN has AMX-BF16 (its GEMM then outruns the kernel past a few rows), else no bound
+    (2**63 - 1). Read at every call, like the variable."""
+    return int(cpu_ops().experts_cpu_bf16_kernel_max_rows())
 
 
 def _register_fakes(namespace: str) -> None:
