@@ -37,7 +37,7 @@ from .config import MoEConfig
 from ._checks import FLOAT_DTYPES, check_choice, check_ids_in_range, dtype_name
 from .fused import BACKENDS, routed_experts
 from .quantized import check_whole_quantized_experts, shard_quantized_experts
-from .quantized_experts import QuantizedExperts, dense_expert_placeholders
+from .quantized_experts import QuantizedExperts, dense_expert_placeholders, gather_whole_quantized_experts
 from .routing import route
 from .distributed.dtensor_parameters import as_dtensor, block_local, block_submesh, local_tensor, mesh_of_groups
 from .distributed.groups import mesh_dims_by_name
@@ -388,11 +388,21 @@ class MoEBlock(nn.Module):
 
     def gather_full(self) -> Dict[str, torch.Tensor]:
         """The full weights on every rank, bitwise equal to what from_full sliced: ONE all-gather
-        (over the TP group; with EP one more, over the EP group)."""
-        if hasattr(self, "quantized_experts"):
-            raise ValueError("gather_full: this block's routed experts are quantized (load_quantized_experts_): their "
-                             "full weights are the quantized experts it was given, not gathered")
-        return gather_full(self.config, self.local_shards(), self.group, self.shard_unit, ep_group=self.ep_group)
+        (over the TP group; with EP one more, over the EP group). A block with quantized experts
+        gives every weight but w_gate_up and w_down; gather_quantized_experts gives those."""
+        quantized = hasattr(self, "quantized_experts")
+        return gather_full(self.config, self.local_shards(), self.group, self.shard_unit, ep_group=self.ep_group,
+                           without=_DENSE_EXPERTS if quantized else ())
+
+    def gather_quantized_experts(self) -> ExpertWeights:
+        """The whole quantized experts on every rank, bitwise those load_quantized_experts_ (or
+        from_quantized) was given: one all-gather of their slices over the TP group (with EP one
+        more over the EP group). ValueError where the experts are dense."""
+        if not hasattr(self, "quantized_experts"):
+            raise ValueError("gather_quantized_experts: this block's routed experts are dense (w_gate_up, w_down): "
+                             "gather_full gathers them")
+        return gather_whole_quantized_experts(self.quantized_experts, self._quantized_spec, self.config, self.group,
+                                              self.ep_group)
 
     def sequence_parallel_summed_parameters(self):
         """The parameters whose gradients tpmoe.distributed.allreduce_router_grads sums (SP mode only)."""

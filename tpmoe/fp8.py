@@ -209,6 +209,23 @@ def shard_fp8_experts(full, *, layout: str, gated: bool, rank: int, world_size: 
                          None if full.b_down is None else full.b_down[experts].contiguous(), FP8_FORMAT, scales)
 
 
+def place_fp8_shard(whole, local, *, layout: str, gated: bool, rank: int, world_size: int, ep_rank: int = 0,
+                    ep_size: int = 1) -> None:
+    """The inverse of shard_fp8_experts: writes TP rank `rank`'s (and EP rank `ep_rank`'s) slice
+    `local` into the whole "fp8_block" experts `whole`, in place (a scale block cut by a shard
+    boundary is on both sides, the same)."""
+    num_experts, inter = whole.w_gate_up.shape[0], whole.w_down.shape[2]
+    first, count = expert_range(num_experts, ep_rank, ep_size)
+    start, stop = shard_range(inter, rank, world_size)
+    block = whole.scales.block_size
+    first_block, last_block = start // block, _blocks(stop, block) if stop > start else start // block
+    experts = slice(first, first + count)
+    _halves(whole.w_gate_up[experts], layout, gated)[:, :, start:stop] = _halves(local.w_gate_up, layout, gated)
+    whole.w_down[experts, :, start:stop] = local.w_down
+    whole.scales.gate_up[experts, :, first_block:last_block] = local.scales.gate_up
+    whole.scales.down[experts, :, first_block:last_block] = local.scales.down
+
+
 def check_fp8_experts(weights, *, hidden_size: int, layout: str, gated: bool, device: torch.device,
                       argument: str = "weights") -> Tuple[int, int]:
     """(E, I_p) of "fp8_block" weights after checking the values, the scales and their agreement;

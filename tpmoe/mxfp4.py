@@ -129,6 +129,28 @@ def shard_mxfp4_experts(full: ExpertWeights, *, layout: str, gated: bool, rank: 
                          MXFP4_FORMAT, scales)
 
 
+def place_mxfp4_shard(whole: ExpertWeights, local: ExpertWeights, *, layout: str, gated: bool, rank: int,
+                      world_size: int, ep_rank: int = 0, ep_size: int = 1) -> None:
+    """The inverse of shard_mxfp4_experts: writes TP rank `rank`'s (and EP rank `ep_rank`'s) slice
+    `local` into the whole "mxfp4" experts `whole`, in place (a 32-block cut by a shard boundary
+    is on both sides, the same)."""
+    num_experts = whole.w_gate_up.shape[0]
+    inter = _intermediate(whole, gated)
+    first, count = expert_range(num_experts, ep_rank, ep_size)
+    start, stop = shard_range(inter, rank, world_size)
+    experts = slice(first, first + count)
+    first_block = start // MXFP4_BLOCK
+    last_block = _blocks(stop) if stop > start else first_block
+
+    def place_rows(target, rows):  # a [E, R, ...] gate_up tensor's rows of the shard, packed as before
+        halves = _halves(rows.flatten(2), layout, gated)
+        _halves(target[experts].flatten(2), layout, gated)[:, :, start:stop] = halves
+    place_rows(whole.w_gate_up, local.w_gate_up)
+    place_rows(whole.scales.gate_up, local.scales.gate_up)
+    whole.w_down[experts, :, first_block:last_block] = local.w_down
+    whole.scales.down[experts, :, first_block:last_block] = local.scales.down
+
+
 def check_mxfp4_experts(weights: ExpertWeights, *, hidden_size: int, layout: str, gated: bool, device: torch.device,
                         argument: str = "weights") -> Tuple[int, int]:
     """(E, I_p) of "mxfp4" weights after checking the packing, the scales and their agreement

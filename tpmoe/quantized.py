@@ -5,13 +5,14 @@ from typing import Optional, Tuple
 import torch
 
 from .config import ExpertSpec, MoEConfig
-from .fp8 import check_fp8_experts, dequantize_fp8_experts, shard_fp8_experts
-from .mxfp4 import check_mxfp4_experts, dequantize_mxfp4_experts, shard_mxfp4_experts
+from .fp8 import check_fp8_experts, dequantize_fp8_experts, place_fp8_shard, shard_fp8_experts
+from .mxfp4 import check_mxfp4_experts, dequantize_mxfp4_experts, place_mxfp4_shard, shard_mxfp4_experts
 from .weights import FP8_FORMAT, MXFP4_FORMAT, ExpertWeights
 
 _CHECK = {FP8_FORMAT: check_fp8_experts, MXFP4_FORMAT: check_mxfp4_experts}
 _DEQUANTIZE = {FP8_FORMAT: dequantize_fp8_experts, MXFP4_FORMAT: dequantize_mxfp4_experts}
 _SHARD = {FP8_FORMAT: shard_fp8_experts, MXFP4_FORMAT: shard_mxfp4_experts}
+_PLACE = {FP8_FORMAT: place_fp8_shard, MXFP4_FORMAT: place_mxfp4_shard}
 QUANTIZED_FORMATS = tuple(_CHECK)
 
 
@@ -43,6 +44,14 @@ def shard_quantized_experts(full: ExpertWeights, spec: ExpertSpec, *, tp_rank: i
     """TP rank tp_rank's (and EP rank ep_rank's) slice of the whole quantized experts `full`."""
     return _SHARD[full.format](full, layout=spec.layout, gated=spec.gated, rank=tp_rank, world_size=tp_size,
                                ep_rank=ep_rank, ep_size=ep_size)
+
+
+def place_quantized_shard(whole: ExpertWeights, local: ExpertWeights, spec: ExpertSpec, *, tp_rank: int, tp_size: int,
+                          ep_rank: int = 0, ep_size: int = 1) -> None:
+    """The inverse of shard_quantized_experts: TP rank tp_rank's (and EP rank ep_rank's) slice
+    `local` written into the whole quantized experts `whole`, in place."""
+    _PLACE[whole.format](whole, local, layout=spec.layout, gated=spec.gated, rank=tp_rank, world_size=tp_size,
+                         ep_rank=ep_rank, ep_size=ep_size)
 
 
 def check_whole_quantized_experts(experts: ExpertWeights, config: MoEConfig, *, argument: str = "experts"

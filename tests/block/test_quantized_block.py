@@ -97,7 +97,25 @@ def _parallel_outputs(rank, world_size, mode, seed):
             out = block(x)
             assert torch.equal(built(x), out), f"{weight_format}: from_quantized on rank {rank}"
             outputs[weight_format] = (x, out, block.quantized_experts.block_offset, parallel(x))
+        # Gathered back: bitwise the whole quantized experts given, and every other weight.
+        _assert_same_experts(block.gather_quantized_experts(), quantized, f"{weight_format} {mode} rank {rank}")
+        _assert_same_experts(parallel.gather_quantized_experts(), quantized, f"{weight_format} parallelized")
+        gathered = block.gather_full()
+        assert sorted(gathered) == sorted(set(full) - {"w_gate_up", "w_down"})
+        for name, tensor in gathered.items():
+            assert torch.equal(tensor, full[name]), f"{weight_format} {mode} rank {rank}: {name}"
     return outputs
+
+
+def _assert_same_experts(gathered, given, what):
+    pairs = zip(("w_gate_up", "w_down", "gate_up scales", "down scales"),
+                (gathered.w_gate_up, gathered.w_down, gathered.scales.gate_up, gathered.scales.down),
+                (given.w_gate_up, given.w_down, given.scales.gate_up, given.scales.down))
+    for name, mine, theirs in pairs:
+        assert mine.dtype == theirs.dtype and mine.shape == theirs.shape, f"{what}: {name}"
+        assert torch.equal(mine.view(torch.uint8), theirs.view(torch.uint8)), f"{what}: {name}"
+    assert (gathered.format, gathered.scales.block_size, gathered.scales.block_offset) == (
+        given.format, given.scales.block_size, 0), what
 
 
 def _mesh(mode, world_size):
@@ -133,9 +151,11 @@ def test_bad_quantized_experts_are_refused():
     with pytest.raises(ValueError, match="experts: expected the whole experts of the config, E = 5 and I = 20, "
                                          "got E = 4, I = 20"):
         block.load_quantized_experts_(smaller)
+    with pytest.raises(ValueError, match="gather_quantized_experts: this block's routed experts are dense"):
+        block.gather_quantized_experts()
     block.load_quantized_experts_(quantized)
-    with pytest.raises(ValueError, match="gather_full: this block's routed experts are quantized"):
-        block.gather_full()
+    _assert_same_experts(block.gather_quantized_experts(), quantized, "one process")
+    assert sorted(block.gather_full()) == sorted(set(full) - {"w_gate_up", "w_down"})
 
 
 def _dense_expert_nbytes(config, dtype=torch.float32):

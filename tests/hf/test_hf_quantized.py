@@ -91,12 +91,43 @@ def test_bf16_within_twice_transformers_bf16(fmt, seed):
     assert_within_twice_same_dtype(ours, theirs, exact, name=f"{fmt} logits")
 
 
+def _state_mismatches(swapped, fmt, seed):
+    """Where tpmoe.hf.gather_state_dict(swapped) differs from the quantized model's own state as
+    transformers holds it (FP8Experts' tensors; for GPT-OSS the dense model's with the
+    checkpoint's MXFP4 tensors in place of its experts), bit for bit: [] when none."""
+    import tpmoe.hf
+
+    if fmt.startswith("fp8"):
+        expected = fp8_model(fmt.split("-")[1], seed)[0].state_dict()
+    else:
+        dense, tensors = mxfp4_gpt_oss(seed)
+        expected = {key: value for key, value in dense.state_dict().items()
+                    if not key.endswith(("experts.gate_up_proj", "experts.down_proj"))}
+        expected.update(tensors)
+    state = tpmoe.hf.gather_state_dict(swapped)
+    mismatches = sorted(set(state) ^ set(expected))
+    for key in set(state) & set(expected):
+        mine, theirs = state[key], expected[key]
+        if mine.dtype != theirs.dtype or mine.shape != theirs.shape or not torch.equal(
+                mine.view(torch.uint8) if mine.dtype.itemsize == 1 else mine, theirs.view(torch.uint8)
+                if theirs.dtype.itemsize == 1 else theirs):
+            mismatches.append(key)
+    return mismatches
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gather_state_dict_gives_transformers_quantized_tensors_back(fmt, seed):
+    swapped, _ = _swapped(fmt, seed)
+    assert _state_mismatches(swapped, fmt, seed) == []
+
+
 def _tp_case(rank, world_size, fmt, seed):
     import torch.distributed as dist
 
     swapped, dense = _swapped(fmt, seed, dist.group.WORLD)
     local = [module.block.I_local for module in swapped.modules() if hasattr(module, "block")]
-    return {"errors": _errors(swapped, dense, seed, rank, world_size), "I_local": local}
+    errors = _errors(swapped, dense, seed, rank, world_size)
+    return {"errors": errors, "I_local": local, "state mismatches": _state_mismatches(swapped, fmt, seed)}
 
 
 SEED = 1234
@@ -116,6 +147,7 @@ def test_tensor_parallel_equals_transformers_dequantized(fmt, world_size):
     for rank, result in enumerate(per_rank):
         bad = {name: error for name, error in result["errors"].items() if not error <= FP32_RTOL}
         assert not bad, f"rank {rank}: {bad}"
+        assert result["state mismatches"] == [], f"rank {rank}: gather_state_dict"
 
 
 # ---------------------------------------------------------------- refusals and bad input

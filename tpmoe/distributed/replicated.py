@@ -296,6 +296,8 @@ def all_gather_tensor_lists(local_tensors: List[torch.Tensor], shapes_per_rank: 
     """Every rank's list of tensors (same dtypes everywhere; shapes may differ per rank, known to
     all as shapes_per_rank[rank][i]) with ONE all-gather of their bytes, padded to the longest."""
     world_size = group_size(group)
+    if not local_tensors:  # nothing to send (every rank alike: the lists agree in length)
+        return [[] for _ in range(world_size)]
     itemsizes = [t.element_size() for t in local_tensors]
 
     def nbytes(shapes):
@@ -322,19 +324,24 @@ def all_gather_tensor_lists(local_tensors: List[torch.Tensor], shapes_per_rank: 
 
 
 def gather_full(config: MoEConfig, local_shards: Dict[str, torch.Tensor], group, shard_unit: int = 1,
-                *, ep_group=None) -> Dict[str, torch.Tensor]:
+                *, ep_group=None, without: Sequence[str] = ()) -> Dict[str, torch.Tensor]:
     """Full weights on every rank from each rank's shards, with ONE all-gather over `group` (the
     TP group), and with an EP group ONE more over `ep_group` of the routed experts' TP-gathered
     shards (the shared expert is replicated over EP).
 
     `group` and `ep_group` None means one process: the local shards are the full weights (returned
-    as copies).
+    as copies). without: names local_shards lacks on purpose (a block's quantized experts, which
+    gather on their own), left out of the gather and of the result.
     """
     world_size, rank = group_size(group), group_rank(group)
     ep_size, ep_rank = group_size(ep_group), group_rank(ep_group)
-    check_shards(config, local_shards, rank, world_size, shard_unit, argument="local_shards", ep_rank=ep_rank,
-                 ep_size=ep_size)
-    names = [name for name in SHARDED_NAMES if name in local_shards]
+
+    def with_stand_ins(shards, tp_rank, at_ep_rank):  # shape-only meta tensors for the names left out
+        shapes = shard_shapes(config, tp_rank, world_size, shard_unit, ep_rank=at_ep_rank, ep_size=ep_size)
+        return {**shards, **{name: torch.empty(shapes[name], device="meta") for name in without}}
+    check_shards(config, with_stand_ins(local_shards, rank, ep_rank), rank, world_size, shard_unit,
+                 argument="local_shards", ep_rank=ep_rank, ep_size=ep_size)
+    names = [name for name in SHARDED_NAMES if name in local_shards and name not in without]
     replicated = {name: local_shards[name].detach() for name in local_shards if name not in names}
     if world_size == 1:
         tp_gathered = [[local_shards[name].detach() for name in names]]
@@ -343,8 +350,8 @@ def gather_full(config: MoEConfig, local_shards: Dict[str, torch.Tensor], group,
                             for name in names] for p in range(world_size)]
         tp_gathered = all_gather_tensor_lists([local_shards[name].detach() for name in names], shapes_per_rank, group)
     routed = [index for index, name in enumerate(names) if name in EXPERT_SHARDED_NAMES]
-    if ep_size == 1:
-        ep_gathered = [[tp_gathered[p][i] for p in range(world_size) for i in routed]]
+    if ep_size == 1 or not routed:  # (none: a block whose routed experts are all `without`)
+        ep_gathered = [[tp_gathered[p][i] for p in range(world_size) for i in routed]] * ep_size
     else:
         shapes_per_ep = [[shard_shapes(config, p, world_size, shard_unit, ep_rank=e, ep_size=ep_size)[names[i]]
                           for p in range(world_size) for i in routed] for e in range(ep_size)]
@@ -356,5 +363,6 @@ def gather_full(config: MoEConfig, local_shards: Dict[str, torch.Tensor], group,
             shards = dict(replicated)
             shards.update((names[i], tp_gathered[p][i]) for i in range(len(names)) if i not in routed)
             shards.update((names[i], ep_gathered[e][p * len(routed) + j]) for j, i in enumerate(routed))
-            shards_per_rank.append(shards)
-    return assemble_full(config, shards_per_rank, shard_unit, ep_size=ep_size)
+            shards_per_rank.append(with_stand_ins(shards, p, e))
+    full = assemble_full(config, shards_per_rank, shard_unit, ep_size=ep_size)
+    return {name: tensor for name, tensor in full.items() if name not in without}

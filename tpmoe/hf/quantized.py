@@ -13,7 +13,7 @@ Two ways in:
     swapped model's dense experts.
 Either way the quantized experts are frozen; the router, biases and the rest of the model train.
 """
-from typing import List, Mapping, Optional
+from typing import Dict, List, Mapping, Optional
 
 import torch
 from torch import nn
@@ -54,6 +54,19 @@ def fp8_from_hf(gate_up: torch.Tensor, gate_up_scale_inv: torch.Tensor, down: to
     gate_up_scales = _float_scales(gate_up_scale_inv, what).reshape(experts, 2, blocks_i, blocks_h)
     return ExpertWeights(gate_up.detach(), down.detach(), None, None, FP8_FORMAT,
                          BlockScales(gate_up_scales, _float_scales(down_scale_inv, what), block, 0))
+
+
+def quantized_experts_to_hf(experts: ExpertWeights, gate_up: str, down: str) -> Dict[str, torch.Tensor]:
+    """The whole quantized experts under transformers' names, as its checkpoints and modules hold
+    them (the inverse of _checkpoint_experts and fp8_from_hf): GPT-OSS's MXFP4 `<gate_up>_blocks`
+    / `_scales` and `<down>_*`, or FP8Experts' `<gate_up>`, `<gate_up>_scale_inv` ([E, 2I / B,
+    H / B], float32) and `<down>*`."""
+    if experts.format == MXFP4_FORMAT:
+        return {f"{gate_up}_blocks": experts.w_gate_up, f"{gate_up}_scales": experts.scales.gate_up,
+                f"{down}_blocks": experts.w_down, f"{down}_scales": experts.scales.down}
+    gate_up_scales = experts.scales.gate_up
+    return {gate_up: experts.w_gate_up, f"{gate_up}_scale_inv": gate_up_scales.flatten(1, 2),
+            down: experts.w_down, f"{down}_scale_inv": experts.scales.down}
 
 
 def fp8_experts_of(experts: nn.Module, what: str) -> ExpertWeights:

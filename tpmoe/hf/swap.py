@@ -328,11 +328,12 @@ def _build(module, plan: Plan, config, weights, quantized, group, name, layer, b
     from .weight_map import WeightMap
 
     owner = plan.replaced(module)
+    read = weights  # what the model's tensors give; the replacement keeps every name (gather_state_dict)
     if quantized is not None:  # the dense experts are stand-ins the quantized ones replace, never read
-        weights = WeightMap({k: v for k, v in weights.names.items() if k not in ("w_gate_up", "w_down")},
-                            weights.packings)
-    shards, source, views = collect_shards(owner, weights, config, group, _owner_name(name, plan), ep_group=ep_group)
-    hf_tensors = weights.hf_tensors(owner)
+        read = WeightMap({k: v for k, v in weights.names.items() if k not in ("w_gate_up", "w_down")},
+                         weights.packings)
+    shards, source, views = collect_shards(owner, read, config, group, _owner_name(name, plan), ep_group=ep_group)
+    hf_tensors = read.hf_tensors(owner)
     trainable = {tp_name: parts[0].requires_grad for tp_name, parts in hf_tensors.items()}
     if quantized is not None:
         shapes = shard_shapes(config, group_rank(group), group_size(group), ep_rank=group_rank(ep_group),
