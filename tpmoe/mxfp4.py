@@ -102,18 +102,21 @@ def _quantize_experts(matrix: torch.Tensor):
     return packed.contiguous(), (exponent + 127).to(torch.uint8)
 
 
+def _shard_bounds(whole: ExpertWeights, gated: bool, rank: int, world_size: int, ep_rank: int, ep_size: int):
+    """(the EP rank's experts as a slice, the TP rank's intermediate columns [start, stop), the
+    32-blocks [first_block, last_block) that hold them) of whole "mxfp4" experts."""
+    first, count = expert_range(whole.w_gate_up.shape[0], ep_rank, ep_size)
+    start, stop = shard_range(_intermediate(whole, gated), rank, world_size)
+    first_block = start // MXFP4_BLOCK
+    return slice(first, first + count), start, stop, first_block, _blocks(stop) if stop > start else first_block
+
+
 def shard_mxfp4_experts(full: ExpertWeights, *, layout: str, gated: bool, rank: int, world_size: int,
                         ep_rank: int = 0, ep_size: int = 1) -> ExpertWeights:
     """TP rank `rank`'s (and EP rank `ep_rank`'s) slice of full "mxfp4" weights: gate_up's rows of
     its intermediate columns (torch.chunk's rule), down's 32-blocks that hold them (a block cut by
     a boundary goes to both sides) and the offset into the first; whole experts for EP. Copies."""
-    num_experts = full.w_gate_up.shape[0]
-    inter = _intermediate(full, gated)
-    first, count = expert_range(num_experts, ep_rank, ep_size)
-    start, stop = shard_range(inter, rank, world_size)
-    experts = slice(first, first + count)
-    first_block = start // MXFP4_BLOCK
-    last_block = _blocks(stop) if stop > start else first_block
+    experts, start, stop, first_block, last_block = _shard_bounds(full, gated, rank, world_size, ep_rank, ep_size)
     offset = start % MXFP4_BLOCK if stop > start else 0
 
     def rows(tensor):  # the rank's rows of a [E, R, ...] gate_up tensor, packed as before
@@ -134,13 +137,7 @@ def place_mxfp4_shard(whole: ExpertWeights, local: ExpertWeights, *, layout: str
     """The inverse of shard_mxfp4_experts: writes TP rank `rank`'s (and EP rank `ep_rank`'s) slice
     `local` into the whole "mxfp4" experts `whole`, in place (a 32-block cut by a shard boundary
     is on both sides, the same)."""
-    num_experts = whole.w_gate_up.shape[0]
-    inter = _intermediate(whole, gated)
-    first, count = expert_range(num_experts, ep_rank, ep_size)
-    start, stop = shard_range(inter, rank, world_size)
-    experts = slice(first, first + count)
-    first_block = start // MXFP4_BLOCK
-    last_block = _blocks(stop) if stop > start else first_block
+    experts, start, stop, first_block, last_block = _shard_bounds(whole, gated, rank, world_size, ep_rank, ep_size)
 
     def place_rows(target, rows):  # a [E, R, ...] gate_up tensor's rows of the shard, packed as before
         halves = _halves(rows.flatten(2), layout, gated)
