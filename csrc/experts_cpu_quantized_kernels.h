@@ -286,32 +286,47 @@ TPMOE_AVX512 inline void e2m1_block(const uint8_t* bytes, const float* table, __
   odd = _mm512_permutexvar_ps(_mm512_srli_epi32(packed, 4), scaled);
 }
 
-// mxfp4 fused: sums[w * NX + x] = row w . xs[x] over `blocks` whole blocks, xs split.
+// Block b of each weight row into the 4 x NX sums of mxfp4_fused_avx512. The table offset is
+// formed in 64 bits (a scale byte times 64): the int arithmetic the index had cost a sign
+// extension a row, and the loop is bound by its instructions.
+template <int NX>
+TPMOE_AVX512 inline void mxfp4_block_sums(const WeightRows& rows, const char* tables, const float* const* xs,
+                                          int64_t b, __m512 (&total)[kWeightRows][NX]) {
+  __m512 even_x[NX], odd_x[NX];
+  #pragma GCC unroll 4
+  for (int x = 0; x < NX; ++x) {
+    even_x[x] = _mm512_loadu_ps(xs[x] + 32 * b);
+    odd_x[x] = _mm512_loadu_ps(xs[x] + 32 * b + 16);
+  }
+  #pragma GCC unroll 4
+  for (int w = 0; w < kWeightRows; ++w) {
+    const uint64_t scale = static_cast<const uint8_t*>(rows.scales[w])[b];
+    __m512 even, odd;
+    e2m1_block(rows.bytes[w] + 16 * b, reinterpret_cast<const float*>(tables + scale * 64), even, odd);
+    #pragma GCC unroll 4
+    for (int x = 0; x < NX; ++x)
+      total[w][x] = _mm512_fmadd_ps(odd, odd_x[x], _mm512_fmadd_ps(even, even_x[x], total[w][x]));
+  }
+}
+
+// mxfp4 fused: sums[w * NX + x] = row w . xs[x] over `blocks` whole blocks, xs split; a line
+// (4 blocks) of each row a step, then the last blocks one at a time.
 template <int NX>
 TPMOE_AVX512 void mxfp4_fused_avx512(const WeightRows& rows, const float* const* xs, int64_t blocks, float* sums) {
-  const float* tables = e2m1_scaled_tables();
+  const char* tables = reinterpret_cast<const char*>(e2m1_scaled_tables());
   __m512 total[kWeightRows][NX];
   #pragma GCC unroll 4
   for (int w = 0; w < kWeightRows; ++w)
     #pragma GCC unroll 4
     for (int x = 0; x < NX; ++x) total[w][x] = _mm512_setzero_ps();
-  for (int64_t b = 0; b < blocks; ++b) {
-    if ((b & 3) == 0) fetch_next(rows, 16 * b);
-    __m512 even_x[NX], odd_x[NX];
+  int64_t b = 0;
+  for (; b + 4 <= blocks; b += 4) {
+    fetch_next(rows, 16 * b);
     #pragma GCC unroll 4
-    for (int x = 0; x < NX; ++x) {
-      even_x[x] = _mm512_loadu_ps(xs[x] + 32 * b);
-      odd_x[x] = _mm512_loadu_ps(xs[x] + 32 * b + 16);
-    }
-    #pragma GCC unroll 4
-    for (int w = 0; w < kWeightRows; ++w) {
-      __m512 even, odd;
-      e2m1_block(rows.bytes[w] + 16 * b, tables + 16 * static_cast<const uint8_t*>(rows.scales[w])[b], even, odd);
-      #pragma GCC unroll 4
-      for (int x = 0; x < NX; ++x)
-        total[w][x] = _mm512_fmadd_ps(odd, odd_x[x], _mm512_fmadd_ps(even, even_x[x], total[w][x]));
-    }
+    for (int step = 0; step < 4; ++step) mxfp4_block_sums<NX>(rows, tables, xs, b + step, total);
   }
+  if (b < blocks) fetch_next(rows, 16 * b);
+  for (; b < blocks; ++b) mxfp4_block_sums<NX>(rows, tables, xs, b, total);
   #pragma GCC unroll 4
   for (int w = 0; w < kWeightRows; ++w)
     #pragma GCC unroll 4
