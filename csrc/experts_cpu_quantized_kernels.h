@@ -47,7 +47,7 @@ struct WeightRows {
   const uint8_t* bytes[kWeightRows];
   const void* scales[kWeightRows];
   const uint8_t* next[kWeightRows];
-  int64_t far;
+  int64_t far = 0;
 };
 
 // How far past the next rows the second fetch reads, in rows of the matrix: adjacent rows are
@@ -165,8 +165,8 @@ TPMOE_AVX512 inline void widen_fp8_avx512(const uint8_t* source, int64_t count, 
 }
 
 // 32 e4m3 bytes as two float32 vectors times 2^-8: e4m3_times_2_pow_minus8's bits, its integer
-// steps done once on 32 halves (a 512-bit vector) instead of twice on 16: at decode the fused
-// kernels are bound by these instructions, not by memory.
+// steps done once on 32 halves (a 512-bit vector) instead of twice on 16: the fused kernel's
+// instructions, not memory, had set its rate (in cache it ran no faster than the read floor).
 TPMOE_AVX512 inline void e4m3_pair_times_2_pow_minus8(const uint8_t* source, __m512& low, __m512& high) {
   const __m512i wide = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(source)));
   const __m512i half = _mm512_and_si512(_mm512_slli_epi16(wide, 7), _mm512_set1_epi16(0x3FFF | 0x8000));
@@ -267,13 +267,13 @@ TPMOE_AVX512 void fp8_fused_avx512(const WeightRows& rows, const float* const* x
 // by the scale took a vector instruction a block and row, and the fused kernel is bound by those.
 inline const float* e2m1_scaled_tables() {
   struct alignas(64) Tables { float values[256][16]; };
-  static const Tables* tables = [] {
-    auto* made = new Tables;
+  static const Tables tables = [] {
+    Tables made;
     for (int bits = 0; bits < 256; ++bits)
-      for (int v = 0; v < 16; ++v) made->values[bits][v] = kE2m1[v] * e8m0_values()[bits];
+      for (int v = 0; v < 16; ++v) made.values[bits][v] = kE2m1[v] * e8m0_values()[bits];
     return made;
   }();
-  return &tables->values[0][0];
+  return &tables.values[0][0];
 }
 
 // A 32-value MXFP4 block (16 bytes) as its even and odd values times the block's scale, looked
