@@ -276,6 +276,7 @@ at::Tensor experts_cpu_quantized_forward(const at::Tensor& hidden_states, const 
       for (int64_t r = 0; r < n; ++r) xs[r] = panel + r * length;
       for (int64_t q0 = 0; q0 < n_weight_rows; q0 += kWeightRows) {
         WeightRows rows;
+        rows.far = kFarRows * row_bytes;
         int64_t slots[kWeightRows];
         const bool last = q0 + kWeightRows >= n_weight_rows;
         for (int q = 0; q < kWeightRows; ++q) {

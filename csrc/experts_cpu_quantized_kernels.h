@@ -39,14 +39,22 @@ constexpr int kFusedRowsFp8 = 4, kFusedRowsMxfp4 = 8;
 // Up to kWeightRows stored rows of one expert's matrix (a short group repeats its last row),
 // each with its first scale; later scales follow at stride 1 (both formats store them so).
 // `next` are the rows the following call will read (or these again): the fused kernels fetch
-// them into cache while they work on these. Rows are short (an fp8 gate_up row of Qwen3 is 2 KiB,
-// 32 lines), too short for the hardware prefetcher to ramp up on each of four streams: without
-// it a decode call waited on its loads at about half the read floor's rate.
+// them into cache while they work on these, and the bytes `far` past them too. Rows are short
+// (an fp8 gate_up row of Qwen3 is 2 KiB, 32 lines), too short for the hardware prefetcher to
+// ramp up on each of four streams: without the fetches a decode call waited on its loads at
+// about half the read floor's rate, and with the next rows' alone at ~85% of it.
 struct WeightRows {
   const uint8_t* bytes[kWeightRows];
   const void* scales[kWeightRows];
   const uint8_t* next[kWeightRows];
+  int64_t far = 0;
 };
+
+// How far past the next rows the second fetch reads, in rows of the matrix: adjacent rows are
+// adjacent in memory (down, each gate_up half, MXFP4's interleaved gate_up), so this is a call
+// or two further on. Odd: with 2 KiB rows (Qwen3's gate_up) an even count put both fetches at
+// the same 4 KiB offset, and that measured no faster than one fetch.
+constexpr int64_t kFarRows = 5;
 
 // e4m3fn: sign, 4 exponent bits (bias 7), 3 mantissa bits; exponent 0 is subnormal (m 2^-9).
 // The all-ones pattern (NaN) is read as 480 here; checkpoints hold no NaN weights.
@@ -156,12 +164,47 @@ TPMOE_AVX512 inline void widen_fp8_avx512(const uint8_t* source, int64_t count, 
   }
 }
 
+// 32 e4m3 bytes as two float32 vectors times 2^-8: e4m3_times_2_pow_minus8's bits, its integer
+// steps done once on 32 halves (a 512-bit vector) instead of twice on 16: the fused kernel's
+// instructions, not memory, had set its rate (in cache it ran no faster than the read floor).
+TPMOE_AVX512 inline void e4m3_pair_times_2_pow_minus8(const uint8_t* source, __m512& low, __m512& high) {
+  const __m512i wide = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(source)));
+  const __m512i half = _mm512_and_si512(_mm512_slli_epi16(wide, 7), _mm512_set1_epi16(0x3FFF | 0x8000));
+  low = _mm512_cvtph_ps(_mm512_castsi512_si256(half));
+  high = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(half, 1));
+}
+
+// The line `at` bytes into each next row, and the one `far` past it, into L2.
+inline void fetch_next(const WeightRows& rows, int64_t at) {
+  #pragma GCC unroll 4
+  for (int w = 0; w < kWeightRows; ++w) {
+    _mm_prefetch(reinterpret_cast<const char*>(rows.next[w] + at), _MM_HINT_T1);
+    _mm_prefetch(reinterpret_cast<const char*>(rows.next[w] + at + rows.far), _MM_HINT_T1);
+  }
+}
+
+// One weight row's 16 values (times 2^-8) into its fp8_fused_avx512 accumulators.
+template <int NX, bool ScaleEach>
+TPMOE_AVX512 inline void fp8_add(__m512 (&total)[NX], __m512 (&part)[NX], __m512 value, const __m512* xv,
+                                 __m512 scale) {
+  if constexpr (ScaleEach) value = _mm512_mul_ps(value, scale);
+  #pragma GCC unroll 4
+  for (int x = 0; x < NX; ++x) {
+    if constexpr (ScaleEach)
+      total[x] = _mm512_fmadd_ps(value, xv[x], total[x]);
+    else
+      part[x] = _mm512_fmadd_ps(value, xv[x], part[x]);
+  }
+}
+
 // fp8 fused: sums[w * NX + x] = row w . xs[x] over `count` values, the first `offset` into its
 // scale block. Up to 2 activation rows, each block's products are summed first and scaled once
 // (its one float scale); 3 or 4 rows (ScaleEach), where 2 x 4 x NX accumulators would spill, each
 // 16 values are multiplied by their scale in the register (one rounding, the product the widened
 // rows hold) and go straight into the 4 x NX sums: one pass reads and dequantizes each byte once
 // where two passes of 2 rows did it twice (Qwen3 at T = 32: ~2 rows an expert, many 3 or 4).
+// A block's values go 32 at a time unmasked, then its tail 16 at a time masked; the sums take the
+// 16-value steps in order either way.
 template <int NX, bool ScaleEach>
 TPMOE_AVX512 void fp8_fused_avx512(const WeightRows& rows, const float* const* xs, int64_t count, int64_t block,
                                    int64_t offset, float* sums) {
@@ -176,26 +219,32 @@ TPMOE_AVX512 void fp8_fused_avx512(const WeightRows& rows, const float* const* x
     #pragma GCC unroll 4
     for (int w = 0; w < kWeightRows; ++w)
       scale[w] = _mm512_set1_ps(static_cast<const float*>(rows.scales[w])[index] * 256.0f);
-    for (int64_t j = start; j < stop; j += 16) {
-      if ((j & 63) == 0)
-        #pragma GCC unroll 4
-        for (int w = 0; w < kWeightRows; ++w) _mm_prefetch(reinterpret_cast<const char*>(rows.next[w] + j), _MM_HINT_T1);
+    int64_t j = start;
+    for (; j + 32 <= stop; j += 32) {
+      if ((j & 63) < 32) fetch_next(rows, j);
+      __m512 x_low[NX], x_high[NX];
+      #pragma GCC unroll 4
+      for (int x = 0; x < NX; ++x) {
+        x_low[x] = _mm512_loadu_ps(xs[x] + j);
+        x_high[x] = _mm512_loadu_ps(xs[x] + j + 16);
+      }
+      #pragma GCC unroll 4
+      for (int w = 0; w < kWeightRows; ++w) {
+        __m512 low, high;
+        e4m3_pair_times_2_pow_minus8(rows.bytes[w] + j, low, high);
+        fp8_add<NX, ScaleEach>(total[w], part[w], low, x_low, scale[w]);
+        fp8_add<NX, ScaleEach>(total[w], part[w], high, x_high, scale[w]);
+      }
+    }
+    for (; j < stop; j += 16) {
+      if ((j & 63) < 16) fetch_next(rows, j);
       const __mmask16 mask = tail_mask(stop - j);
       __m512 xv[NX];
       #pragma GCC unroll 4
       for (int x = 0; x < NX; ++x) xv[x] = _mm512_maskz_loadu_ps(mask, xs[x] + j);
       #pragma GCC unroll 4
-      for (int w = 0; w < kWeightRows; ++w) {
-        __m512 value = e4m3_times_2_pow_minus8(rows.bytes[w] + j, mask);
-        if constexpr (ScaleEach) value = _mm512_mul_ps(value, scale[w]);
-        #pragma GCC unroll 4
-        for (int x = 0; x < NX; ++x) {
-          if constexpr (ScaleEach)
-            total[w][x] = _mm512_fmadd_ps(value, xv[x], total[w][x]);
-          else
-            part[w][x] = _mm512_fmadd_ps(value, xv[x], part[w][x]);
-        }
-      }
+      for (int w = 0; w < kWeightRows; ++w)
+        fp8_add<NX, ScaleEach>(total[w], part[w], e4m3_times_2_pow_minus8(rows.bytes[w] + j, mask), xv, scale[w]);
     }
     if constexpr (!ScaleEach)
       #pragma GCC unroll 4
@@ -213,45 +262,71 @@ TPMOE_AVX512 void fp8_fused_avx512(const WeightRows& rows, const float* const* x
     for (int x = 0; x < NX; ++x) sums[w * NX + x] = _mm512_reduce_add_ps(total[w][x]);
 }
 
-// A 32-value MXFP4 block (16 bytes) as its even and odd values times the block's scale: the
-// e2m1 table scaled once (exact: a power of two), then looked up by each nibble (vpermps reads
-// an index's low 4 bits, so the low nibble needs no mask).
-TPMOE_AVX512 inline void e2m1_block(const uint8_t* bytes, float scale, __m512& even, __m512& odd) {
-  const __m512 table = _mm512_mul_ps(_mm512_loadu_ps(kE2m1), _mm512_set1_ps(scale));
-  const __m512i packed = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
-  even = _mm512_permutexvar_ps(packed, table);
-  odd = _mm512_permutexvar_ps(_mm512_srli_epi32(packed, 4), table);
+// The e2m1 table times each e8m0 scale (exact: a power of two), one 64-byte row a scale byte:
+// a block's lookups then read their table from memory (a load port) where multiplying the table
+// by the scale took a vector instruction a block and row, and the fused kernel is bound by those.
+inline const float* e2m1_scaled_tables() {
+  struct alignas(64) Tables { float values[256][16]; };
+  static const Tables tables = [] {
+    Tables made;
+    for (int bits = 0; bits < 256; ++bits)
+      for (int v = 0; v < 16; ++v) made.values[bits][v] = kE2m1[v] * e8m0_values()[bits];
+    return made;
+  }();
+  return &tables.values[0][0];
 }
 
-// mxfp4 fused: sums[w * NX + x] = row w . xs[x] over `blocks` whole blocks, xs split.
+// A 32-value MXFP4 block (16 bytes) as its even and odd values times the block's scale, looked
+// up by each nibble in the block's scaled table (vpermps reads an index's low 4 bits, so the low
+// nibble needs no mask).
+TPMOE_AVX512 inline void e2m1_block(const uint8_t* bytes, const float* table, __m512& even, __m512& odd) {
+  const __m512 scaled = _mm512_load_ps(table);
+  const __m512i packed = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
+  even = _mm512_permutexvar_ps(packed, scaled);
+  odd = _mm512_permutexvar_ps(_mm512_srli_epi32(packed, 4), scaled);
+}
+
+// Block b of each weight row into the 4 x NX sums of mxfp4_fused_avx512. The table offset is
+// formed in 64 bits (a scale byte times 64): the int arithmetic the index had cost a sign
+// extension a row, and the loop is bound by its instructions.
+template <int NX>
+TPMOE_AVX512 inline void mxfp4_block_sums(const WeightRows& rows, const char* tables, const float* const* xs,
+                                          int64_t b, __m512 (&total)[kWeightRows][NX]) {
+  __m512 even_x[NX], odd_x[NX];
+  #pragma GCC unroll 4
+  for (int x = 0; x < NX; ++x) {
+    even_x[x] = _mm512_loadu_ps(xs[x] + 32 * b);
+    odd_x[x] = _mm512_loadu_ps(xs[x] + 32 * b + 16);
+  }
+  #pragma GCC unroll 4
+  for (int w = 0; w < kWeightRows; ++w) {
+    const uint64_t scale = static_cast<const uint8_t*>(rows.scales[w])[b];
+    __m512 even, odd;
+    e2m1_block(rows.bytes[w] + 16 * b, reinterpret_cast<const float*>(tables + scale * 64), even, odd);
+    #pragma GCC unroll 4
+    for (int x = 0; x < NX; ++x)
+      total[w][x] = _mm512_fmadd_ps(odd, odd_x[x], _mm512_fmadd_ps(even, even_x[x], total[w][x]));
+  }
+}
+
+// mxfp4 fused: sums[w * NX + x] = row w . xs[x] over `blocks` whole blocks, xs split; a line
+// (4 blocks) of each row a step, then the last blocks one at a time.
 template <int NX>
 TPMOE_AVX512 void mxfp4_fused_avx512(const WeightRows& rows, const float* const* xs, int64_t blocks, float* sums) {
-  const float* e8m0 = e8m0_values();
+  const char* tables = reinterpret_cast<const char*>(e2m1_scaled_tables());
   __m512 total[kWeightRows][NX];
   #pragma GCC unroll 4
   for (int w = 0; w < kWeightRows; ++w)
     #pragma GCC unroll 4
     for (int x = 0; x < NX; ++x) total[w][x] = _mm512_setzero_ps();
-  for (int64_t b = 0; b < blocks; ++b) {
-    if ((b & 3) == 0)
-      #pragma GCC unroll 4
-      for (int w = 0; w < kWeightRows; ++w)
-        _mm_prefetch(reinterpret_cast<const char*>(rows.next[w] + 16 * b), _MM_HINT_T1);
-    __m512 even_x[NX], odd_x[NX];
+  int64_t b = 0;
+  for (; b + 4 <= blocks; b += 4) {
+    fetch_next(rows, 16 * b);
     #pragma GCC unroll 4
-    for (int x = 0; x < NX; ++x) {
-      even_x[x] = _mm512_loadu_ps(xs[x] + 32 * b);
-      odd_x[x] = _mm512_loadu_ps(xs[x] + 32 * b + 16);
-    }
-    #pragma GCC unroll 4
-    for (int w = 0; w < kWeightRows; ++w) {
-      __m512 even, odd;
-      e2m1_block(rows.bytes[w] + 16 * b, e8m0[static_cast<const uint8_t*>(rows.scales[w])[b]], even, odd);
-      #pragma GCC unroll 4
-      for (int x = 0; x < NX; ++x)
-        total[w][x] = _mm512_fmadd_ps(odd, odd_x[x], _mm512_fmadd_ps(even, even_x[x], total[w][x]));
-    }
+    for (int step = 0; step < 4; ++step) mxfp4_block_sums<NX>(rows, tables, xs, b + step, total);
   }
+  if (b < blocks) fetch_next(rows, 16 * b);
+  for (; b < blocks; ++b) mxfp4_block_sums<NX>(rows, tables, xs, b, total);
   #pragma GCC unroll 4
   for (int w = 0; w < kWeightRows; ++w)
     #pragma GCC unroll 4
@@ -261,10 +336,10 @@ TPMOE_AVX512 void mxfp4_fused_avx512(const WeightRows& rows, const float* const*
 // MXFP4 rows widened in the split layout (whole blocks), for the widened path under AVX-512.
 TPMOE_AVX512 inline void widen_mxfp4_split_avx512(const uint8_t* bytes, const uint8_t* scales, int64_t blocks,
                                                   float* out) {
-  const float* e8m0 = e8m0_values();
+  const float* tables = e2m1_scaled_tables();
   for (int64_t b = 0; b < blocks; ++b) {
     __m512 even, odd;
-    e2m1_block(bytes + 16 * b, e8m0[scales[b]], even, odd);
+    e2m1_block(bytes + 16 * b, tables + 16 * scales[b], even, odd);
     _mm512_storeu_ps(out + 32 * b, even);
     _mm512_storeu_ps(out + 32 * b + 16, odd);
   }

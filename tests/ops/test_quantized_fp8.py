@@ -202,6 +202,27 @@ def test_prefill_multiplies_with_the_forced_widen_kernel(case, problem, monkeypa
         run("sse")
 
 
+@pytest.mark.parametrize("num_tokens", [1, 2, 3, 4])
+def test_decode_with_checkpoint_sized_blocks_matches_the_reference(num_tokens):
+    """Decode (1-4 rows an expert: the fused kernels under AVX-512, which go 32 values at a time
+    through a block and 16 at a time through its tail) with 128-wide blocks, H = 301 (no multiple
+    of 16), a TP shard starting 6 values into a block (rank 1 of 3 of I = 400: 134 columns) and an
+    expert with no tokens, against the float64 reference."""
+    import tpmoe.cpu.quantized as native
+    generator = torch.Generator().manual_seed(num_tokens)
+    dense = make_expert_weights(3, 301, 400, generator=generator)
+    full = quantize_fp8_experts(dense["w_gate_up"], dense["w_down"], block_size=128)
+    shard = shard_fp8_experts(full, layout="concatenated", gated=True, rank=1, world_size=3)
+    assert shard.scales.block_offset == 6 and shard.w_down.shape[2] == 134
+    spec = ExpertSpec()
+    ids, w = make_routing(num_tokens, 3, 2, mode="skip_last", generator=generator)
+    x = torch.randn(num_tokens, 301, generator=generator, dtype=torch.float64)
+    with torch.no_grad():
+        out = native.experts_cpu_quantized(x.float(), shard, ids, w, spec)
+    expected = _reference(with_dtype(shard, torch.float64), spec, x, ids, w.double()).detach()
+    assert_fp32_close(out, expected)
+
+
 def test_a_bad_dequant_kernel_name_is_an_error():
     bad = _run_kernel_script("sse9")
     assert bad.returncode != 0

@@ -106,6 +106,18 @@ def test_native_mxfp4_forward_matches_reference(case, seed, monkeypatch):
     assert_native_matches_reference(*_problem(case, seed), shard_mxfp4_experts)
 
 
+@pytest.mark.parametrize("num_tokens", [1, 5])
+def test_native_decode_with_rows_of_whole_lines_and_a_rest(num_tokens, monkeypatch):
+    """Decode (a few rows an expert: the fused kernel under AVX-512, which takes each row a line
+    of 4 blocks at a time, then the blocks left one at a time) with H = 301 (10 blocks) and
+    I = 200 (7 blocks; rank 1 of 3 starts 3 values into one), an expert with no tokens, whole and
+    sharded."""
+    import tpmoe.cpu.quantized as native
+    monkeypatch.setattr(native, "experts_torch", lambda *args: pytest.fail("took the plain-PyTorch path"))
+    case = (num_tokens, 301, 200, 3, 2, "interleaved", True, "clamped_swiglu", 1.702, 7.0, True, "skip_last")
+    assert_native_matches_reference(*_problem(case, num_tokens), shard_mxfp4_experts)
+
+
 def _small():
     generator = torch.Generator().manual_seed(0)
     dense = make_expert_weights(2, 40, 36, layout="interleaved", generator=generator)
