@@ -35,6 +35,7 @@
 #include "experts_cpu.h"
 #include "experts_cpu_activation.h"
 #include "experts_cpu_quantized_kernels.h"
+#include "experts_cpu_quantized_rows.h"
 
 #ifndef TPMOE_EXPERTS_CPU_NAMESPACE
 #define TPMOE_EXPERTS_CPU_NAMESPACE tpmoe
@@ -76,6 +77,22 @@ const Kernels& kernels() {
     return Kernels{false, widen_fp8_portable, widen_mxfp4_portable};
   }();
   return chosen;
+}
+
+// The fp8 rows kernel (experts_cpu_quantized_rows.h) for 5..kRowsFp8 activation rows an
+// expert, chosen once per process: on where the AVX-512 kernels are; TPMOE_CPU_FP8_ROWS = on |
+// off | auto forces it (off: the widened path, as without AVX-512; the tests run both).
+bool fp8_rows_enabled() {
+  static const bool enabled = [] {
+    const char* forced = std::getenv("TPMOE_CPU_FP8_ROWS");
+    const std::string choice = forced == nullptr ? "auto" : forced;
+    TORCH_CHECK(choice == "auto" || choice == "on" || choice == "off", kOp,
+                ": TPMOE_CPU_FP8_ROWS: expected on, off or auto, got '", choice, "'");
+    TORCH_CHECK(choice != "on" || kernels().avx512, kOp,
+                ": TPMOE_CPU_FP8_ROWS=on, but the dequant kernels chosen are not the AVX-512 ones");
+    return choice != "off" && kernels().avx512;
+  }();
+  return enabled;
 }
 
 // One weight row of `count` values along an axis cut into scale blocks of `block`, its first
@@ -222,6 +239,7 @@ at::Tensor experts_cpu_quantized_forward(const at::Tensor& hidden_states, const 
 
   // (expert, first column, columns) units over the experts that have rows.
   constexpr int64_t kColumnsPerUnit = 16;
+  static_assert(2 * kColumnsPerUnit <= kRowsUnitRows, "a unit's weight rows overflow the rows kernel's arrays");
   auto units_of = [&](int64_t columns) {
     std::vector<std::array<int64_t, 3>> units;
     for (int64_t e = 0; e < experts; ++e) {
@@ -234,6 +252,7 @@ at::Tensor experts_cpu_quantized_forward(const at::Tensor& hidden_states, const 
   const Kernels& k = kernels();
   const WidenedDot dot = widened_dot_f32();
   const int64_t fused_rows = k.avx512 ? (mxfp4 ? kFusedRowsMxfp4 : kFusedRowsFp8) : 0;
+  const bool rows_fp8 = !mxfp4 && fp8_rows_enabled();
   // The activation rows in the kernels' layout, each expert's as one panel (the dot kernel's
   // operand): zero-padded to the kernel's k multiple, or (MXFP4 under AVX-512) split and
   // zero-padded to whole blocks. x's are gathered by each thread for the expert it is on
@@ -265,7 +284,8 @@ at::Tensor experts_cpu_quantized_forward(const at::Tensor& hidden_states, const 
   // multiplied by the widened GEMM's dot kernel, which fetches `next`'s rows meanwhile.
   auto unit_sums = [&](const auto& units, auto&& row, int64_t per_column, int64_t u, int64_t next,
                        const float* panel, int64_t n, int64_t count, int64_t row_offset, int64_t length,
-                       int64_t row_bytes, std::vector<float>& buffer, std::vector<float>& sums) {
+                       int64_t row_bytes, std::vector<float>& buffer, std::vector<float>& acc,
+                       std::vector<float>& sums) {
     const int64_t padded = round_up(units[u][2], kWidenedDotPadCols), ld = per_column * padded;
     const int64_t n_weight_rows = units[u][2] * per_column, next_rows = units[next][2] * per_column;
     auto slot = [&](int64_t q) { return q % per_column * padded + q / per_column; };
@@ -288,6 +308,21 @@ at::Tensor experts_cpu_quantized_forward(const at::Tensor& hidden_states, const 
         }
         fused_sums(mxfp4, rows, xs, n, count, block, row_offset, length, slots, sums.data(), ld);
       }
+      return ld;
+    }
+    if (rows_fp8 && n <= kRowsFp8) {
+      const float* xs[kRowsFp8];
+      for (int64_t r = 0; r < n; ++r) xs[r] = panel + r * length;
+      const uint8_t* bytes[kRowsUnitRows];
+      const float* scales[kRowsUnitRows];
+      int64_t slots[kRowsUnitRows];
+      for (int64_t q = 0; q < n_weight_rows; ++q) {
+        const void* first_scale;
+        row(u, q, bytes[q], first_scale);
+        scales[q] = static_cast<const float*>(first_scale);
+        slots[q] = slot(q);
+      }
+      fp8_rows(bytes, scales, n_weight_rows, xs, n, count, block, row_offset, slots, sums.data(), ld, acc);
       return ld;
     }
     // Zeroed once: the padding past a row's values is never written.
@@ -329,14 +364,14 @@ at::Tensor experts_cpu_quantized_forward(const at::Tensor& hidden_states, const 
     scales = gate_up_row_scales(e, g, i, packed);
   };
   at::parallel_for(0, static_cast<int64_t>(gate_up_units.size()), 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> buffer, sums, panel;
+    std::vector<float> buffer, acc, sums, panel;
     int64_t panel_expert = -1;
     for (int64_t u = begin; u < end; ++u) {
       const auto [e, first, count] = gate_up_units[u];
       const int64_t row_begin = offsets[e], n = offsets[e + 1] - row_begin;
       expert_panel(e, panel, panel_expert);
       const int64_t ld = unit_sums(gate_up_units, gate_up_row, groups, u, u + 1 < end ? u + 1 : u, panel.data(), n,
-                                   hidden, 0, x_length, gate_up_row_bytes, buffer, sums);
+                                   hidden, 0, x_length, gate_up_row_bytes, buffer, acc, sums);
       const int64_t second = ld / groups;  // where the up half's sums start
       // Row by row: the sums and h rows read and written along their lines.
       for (int64_t r = 0; r < n; ++r)
@@ -360,13 +395,13 @@ at::Tensor experts_cpu_quantized_forward(const at::Tensor& hidden_states, const 
     scales = down_row_scales(e, first + q);
   };
   at::parallel_for(0, static_cast<int64_t>(down_units.size()), 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> buffer, sums;
+    std::vector<float> buffer, acc, sums;
     for (int64_t u = begin; u < end; ++u) {
       const auto [e, first, count] = down_units[u];
       const int64_t row_begin = offsets[e], n = offsets[e + 1] - row_begin;
       const int64_t ld = unit_sums(down_units, down_row, 1, u, u + 1 < end ? u + 1 : u,
                                    h.data() + row_begin * h_length, n, inter, offset, h_length, down_row_bytes, buffer,
-                                   sums);
+                                   acc, sums);
       for (int64_t r = 0; r < n; ++r) {
         const int64_t pair = pairs[row_begin + r];
         for (int64_t c = 0; c < count; ++c)
