@@ -35,6 +35,7 @@
 #include "experts_cpu.h"
 #include "experts_cpu_activation.h"
 #include "experts_cpu_quantized_kernels.h"
+#include "experts_cpu_quantized_amx.h"
 #include "experts_cpu_quantized_rows.h"
 
 #ifndef TPMOE_EXPERTS_CPU_NAMESPACE
@@ -79,20 +80,26 @@ const Kernels& kernels() {
   return chosen;
 }
 
-// The fp8 rows kernel (experts_cpu_quantized_rows.h) for 5..kRowsFp8 activation rows an
-// expert, chosen once per process: on where the AVX-512 kernels are; TPMOE_CPU_FP8_ROWS = on |
-// off | auto forces it (off: the widened path, as without AVX-512; the tests run both).
-bool fp8_rows_enabled() {
-  static const bool enabled = [] {
+// The fp8 kernel for 5..kRowsFp8 activation rows an expert, chosen once per process: AMX tiles
+// (experts_cpu_quantized_amx.h) where the CPU and the OS allow them, else the AVX-512 rows kernel
+// (experts_cpu_quantized_rows.h) where the AVX-512 dequant kernels run, else the widened path.
+// TPMOE_CPU_FP8_ROWS = amx | avx512 | off | auto forces one (the tests run each).
+enum class Fp8Rows { kOff, kAvx512, kAmx };
+Fp8Rows fp8_rows_kernel() {
+  static const Fp8Rows chosen = [] {
     const char* forced = std::getenv("TPMOE_CPU_FP8_ROWS");
     const std::string choice = forced == nullptr ? "auto" : forced;
-    TORCH_CHECK(choice == "auto" || choice == "on" || choice == "off", kOp,
-                ": TPMOE_CPU_FP8_ROWS: expected on, off or auto, got '", choice, "'");
-    TORCH_CHECK(choice != "on" || kernels().avx512, kOp,
-                ": TPMOE_CPU_FP8_ROWS=on, but the dequant kernels chosen are not the AVX-512 ones");
-    return choice != "off" && kernels().avx512;
+    TORCH_CHECK(choice == "auto" || choice == "amx" || choice == "avx512" || choice == "off", kOp,
+                ": TPMOE_CPU_FP8_ROWS: expected amx, avx512, off or auto, got '", choice, "'");
+    const bool avx512 = kernels().avx512, amx = avx512 && choice != "off" && choice != "avx512" && amx_usable();
+    TORCH_CHECK(choice != "avx512" || avx512, kOp,
+                ": TPMOE_CPU_FP8_ROWS=avx512, but this process lacks the AVX-512 dequant kernels");
+    TORCH_CHECK(choice != "amx" || amx, kOp,
+                ": TPMOE_CPU_FP8_ROWS=amx, but this CPU or OS lacks AMX-BF16 tiles (or the AVX-512 kernels are off)");
+    if (amx) return Fp8Rows::kAmx;
+    return avx512 && choice != "off" ? Fp8Rows::kAvx512 : Fp8Rows::kOff;
   }();
-  return enabled;
+  return chosen;
 }
 
 // One weight row of `count` values along an axis cut into scale blocks of `block`, its first
@@ -252,7 +259,7 @@ at::Tensor experts_cpu_quantized_forward(const at::Tensor& hidden_states, const 
   const Kernels& k = kernels();
   const WidenedDot dot = widened_dot_f32();
   const int64_t fused_rows = k.avx512 ? (mxfp4 ? kFusedRowsMxfp4 : kFusedRowsFp8) : 0;
-  const bool rows_fp8 = !mxfp4 && fp8_rows_enabled();
+  const Fp8Rows rows_fp8 = mxfp4 ? Fp8Rows::kOff : fp8_rows_kernel();
   // The activation rows in the kernels' layout, each expert's as one panel (the dot kernel's
   // operand): zero-padded to the kernel's k multiple, or (MXFP4 under AVX-512) split and
   // zero-padded to whole blocks. x's are gathered by each thread for the expert it is on
@@ -284,7 +291,7 @@ at::Tensor experts_cpu_quantized_forward(const at::Tensor& hidden_states, const 
   // multiplied by the widened GEMM's dot kernel, which fetches `next`'s rows meanwhile.
   auto unit_sums = [&](const auto& units, auto&& row, int64_t per_column, int64_t u, int64_t next,
                        const float* panel, int64_t n, int64_t count, int64_t row_offset, int64_t length,
-                       int64_t row_bytes, std::vector<float>& buffer, std::vector<float>& acc,
+                       int64_t row_bytes, std::vector<float>& buffer, std::vector<float>& acc, AmxPanel& tiles,
                        std::vector<float>& sums) {
     const int64_t padded = round_up(units[u][2], kWidenedDotPadCols), ld = per_column * padded;
     const int64_t n_weight_rows = units[u][2] * per_column, next_rows = units[next][2] * per_column;
@@ -310,7 +317,7 @@ at::Tensor experts_cpu_quantized_forward(const at::Tensor& hidden_states, const 
       }
       return ld;
     }
-    if (rows_fp8 && n <= kRowsFp8) {
+    if (rows_fp8 != Fp8Rows::kOff && n <= kRowsFp8) {
       const float* xs[kRowsFp8];
       for (int64_t r = 0; r < n; ++r) xs[r] = panel + r * length;
       const uint8_t* bytes[kRowsUnitRows];
@@ -322,7 +329,12 @@ at::Tensor experts_cpu_quantized_forward(const at::Tensor& hidden_states, const 
         scales[q] = static_cast<const float*>(first_scale);
         slots[q] = slot(q);
       }
-      fp8_rows(bytes, scales, n_weight_rows, xs, n, count, block, row_offset, slots, sums.data(), ld, acc);
+      if (rows_fp8 == Fp8Rows::kAmx) {
+        amx_panel(xs, n, count, &units, units[u][0], tiles);
+        fp8_rows_amx(bytes, scales, n_weight_rows, tiles, n, count, block, row_offset, slots, sums.data(), ld);
+      } else {
+        fp8_rows(bytes, scales, n_weight_rows, xs, n, count, block, row_offset, slots, sums.data(), ld, acc);
+      }
       return ld;
     }
     // Zeroed once: the padding past a row's values is never written.
@@ -365,13 +377,14 @@ at::Tensor experts_cpu_quantized_forward(const at::Tensor& hidden_states, const 
   };
   at::parallel_for(0, static_cast<int64_t>(gate_up_units.size()), 1, [&](int64_t begin, int64_t end) {
     std::vector<float> buffer, acc, sums, panel;
+    AmxPanel tiles;
     int64_t panel_expert = -1;
     for (int64_t u = begin; u < end; ++u) {
       const auto [e, first, count] = gate_up_units[u];
       const int64_t row_begin = offsets[e], n = offsets[e + 1] - row_begin;
       expert_panel(e, panel, panel_expert);
       const int64_t ld = unit_sums(gate_up_units, gate_up_row, groups, u, u + 1 < end ? u + 1 : u, panel.data(), n,
-                                   hidden, 0, x_length, gate_up_row_bytes, buffer, acc, sums);
+                                   hidden, 0, x_length, gate_up_row_bytes, buffer, acc, tiles, sums);
       const int64_t second = ld / groups;  // where the up half's sums start
       // Row by row: the sums and h rows read and written along their lines.
       for (int64_t r = 0; r < n; ++r)
@@ -396,12 +409,13 @@ at::Tensor experts_cpu_quantized_forward(const at::Tensor& hidden_states, const 
   };
   at::parallel_for(0, static_cast<int64_t>(down_units.size()), 1, [&](int64_t begin, int64_t end) {
     std::vector<float> buffer, acc, sums;
+    AmxPanel tiles;
     for (int64_t u = begin; u < end; ++u) {
       const auto [e, first, count] = down_units[u];
       const int64_t row_begin = offsets[e], n = offsets[e + 1] - row_begin;
       const int64_t ld = unit_sums(down_units, down_row, 1, u, u + 1 < end ? u + 1 : u,
                                    h.data() + row_begin * h_length, n, inter, offset, h_length, down_row_bytes, buffer,
-                                   acc, sums);
+                                   acc, tiles, sums);
       for (int64_t r = 0; r < n; ++r) {
         const int64_t pair = pairs[row_begin + r];
         for (int64_t c = 0; c < count; ++c)
