@@ -244,22 +244,26 @@ at::Tensor experts_cpu_quantized_forward(const at::Tensor& hidden_states, const 
   const float* gate_up_b = gate_up_bias.defined() ? gate_up_bias.data_ptr<float>() : nullptr;
   const float* down_b = down_bias.defined() ? down_bias.data_ptr<float>() : nullptr;
 
-  // (expert, first column, columns) units over the experts that have rows.
-  constexpr int64_t kColumnsPerUnit = 16;
-  static_assert(2 * kColumnsPerUnit <= kRowsUnitRows, "a unit's weight rows overflow the rows kernel's arrays");
-  auto units_of = [&](int64_t columns) {
-    std::vector<std::array<int64_t, 3>> units;
-    for (int64_t e = 0; e < experts; ++e) {
-      if (offsets[e + 1] == offsets[e]) continue;
-      for (int64_t c = 0; c < columns; c += kColumnsPerUnit) units.push_back({e, c, std::min(kColumnsPerUnit, columns - c)});
-    }
-    return units;
-  };
   const int64_t rows_total = tokens * top_k;
   const Kernels& k = kernels();
   const WidenedDot dot = widened_dot_f32();
   const int64_t fused_rows = k.avx512 ? (mxfp4 ? kFusedRowsMxfp4 : kFusedRowsFp8) : 0;
   const Fp8Rows rows_fp8 = mxfp4 ? Fp8Rows::kOff : fp8_rows_kernel();
+  // (expert, first column, columns) units over the experts that have rows; wider where the AMX
+  // kernel takes the expert (it reads the activations once per 4 weight tiles).
+  constexpr int64_t kColumnsPerUnit = 16;
+  static_assert(2 * kColumnsPerUnit <= kAmxWeightRows, "a unit's weight rows overflow the rows kernels' arrays");
+  auto units_of = [&](int64_t columns) {
+    std::vector<std::array<int64_t, 3>> units;
+    for (int64_t e = 0; e < experts; ++e) {
+      const int64_t n = offsets[e + 1] - offsets[e];
+      if (n == 0) continue;
+      const int64_t width = rows_fp8 == Fp8Rows::kAmx && n > fused_rows && n <= kRowsFp8 ? kAmxUnitColumns
+                                                                                        : kColumnsPerUnit;
+      for (int64_t c = 0; c < columns; c += width) units.push_back({e, c, std::min(width, columns - c)});
+    }
+    return units;
+  };
   // The activation rows in the kernels' layout, each expert's as one panel (the dot kernel's
   // operand): zero-padded to the kernel's k multiple, or (MXFP4 under AVX-512) split and
   // zero-padded to whole blocks. x's are gathered by each thread for the expert it is on
@@ -320,9 +324,9 @@ at::Tensor experts_cpu_quantized_forward(const at::Tensor& hidden_states, const 
     if (rows_fp8 != Fp8Rows::kOff && n <= kRowsFp8) {
       const float* xs[kRowsFp8];
       for (int64_t r = 0; r < n; ++r) xs[r] = panel + r * length;
-      const uint8_t* bytes[kRowsUnitRows];
-      const float* scales[kRowsUnitRows];
-      int64_t slots[kRowsUnitRows];
+      const uint8_t* bytes[kAmxWeightRows];
+      const float* scales[kAmxWeightRows];
+      int64_t slots[kAmxWeightRows];
       for (int64_t q = 0; q < n_weight_rows; ++q) {
         const void* first_scale;
         row(u, q, bytes[q], first_scale);

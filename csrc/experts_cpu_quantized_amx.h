@@ -114,68 +114,102 @@ struct alignas(64) AmxConfig {
   uint8_t rows[16] = {};
 };
 
-// Weight rows 0..n_weight_rows-1 (<= 2 * kAmxRows; bytes[q], scales[q]: each row's first scale,
+constexpr int kAmxTiles = 4;           // C tiles: weight tiles x activation groups of a pass
+constexpr int kAmxUnitColumns = 64;    // output columns of a unit this kernel takes (see below)
+constexpr int kAmxWeightRows = 2 * kAmxUnitColumns;
+
+// C tile t (an immediate in the instructions) += A (tile 4) . B (tile 5), or stored to `to`.
+TPMOE_AMX inline void amx_dot(int t) {
+  switch (t) {
+    case 0: _tile_dpbf16ps(0, 4, 5); return;
+    case 1: _tile_dpbf16ps(1, 4, 5); return;
+    case 2: _tile_dpbf16ps(2, 4, 5); return;
+    default: _tile_dpbf16ps(3, 4, 5); return;
+  }
+}
+TPMOE_AMX inline void amx_store(int t, float* to) {
+  switch (t) {
+    case 0: _tile_stored(0, to, 64); return;
+    case 1: _tile_stored(1, to, 64); return;
+    case 2: _tile_stored(2, to, 64); return;
+    default: _tile_stored(3, to, 64); return;
+  }
+}
+
+// Weight rows 0..n_weight_rows-1 (<= kAmxWeightRows; bytes[q], scales[q]: each row's first scale,
 // later ones at stride 1) dotted with the panel's n rows over `count` values, the first `offset`
-// into its scale block: sums[r * ld + slots[q]].
+// into its scale block: sums[r * ld + slots[q]]. A pass takes kAmxTiles / groups weight tiles
+// through the values together, so that each B chunk (up to 3 parts x 2 groups x 1 KiB) is read
+// from L2 once per pass and from L1 by the pass's other tiles: a down panel of 32 float32 rows of
+// Mixtral (14336 values, three parts) is 2.6 MiB, past L2, and read once per tile it was the
+// bound. Hence units of kAmxUnitColumns columns for this kernel: 64 down rows, 4 tiles a pass.
 TPMOE_AMX inline void fp8_rows_amx(const uint8_t* const* bytes, const float* const* scales, int64_t n_weight_rows,
                                    const AmxPanel& panel, int64_t n, int64_t count, int64_t block, int64_t offset,
                                    const int64_t* slots, float* sums, int64_t ld) {
   AmxConfig config;
-  for (int t = 0; t < 4; ++t) {  // C0, C1, A, B: all 16 rows x 64 bytes
+  for (int t = 0; t < 6; ++t) {  // C0..C3, A, B: all 16 rows x 64 bytes
     config.colsb[t] = 64;
     config.rows[t] = 16;
   }
   _tile_loadconfig(&config);
+  const int groups = panel.groups, per_pass = kAmxTiles / groups;
   alignas(64) uint16_t a[kAmxRows * 32];
   alignas(64) float c[kAmxRows * kAmxRows];
-  alignas(64) float acc[2][kAmxRows * kAmxRows];
+  alignas(64) float acc[kAmxTiles][kAmxRows * kAmxRows];
   const int64_t stride = panel.pairs * 32;
-  for (int64_t m0 = 0; m0 < n_weight_rows; m0 += kAmxRows) {
-    const uint8_t* rows[kAmxRows];
-    const float* row_scales[kAmxRows];
-    for (int m = 0; m < kAmxRows; ++m) {  // a short tile repeats its last row
-      const int64_t q = std::min<int64_t>(m0 + m, n_weight_rows - 1);
-      rows[m] = bytes[q];
-      row_scales[m] = scales[q];
-    }
+  for (int64_t m0 = 0; m0 < n_weight_rows; m0 += per_pass * kAmxRows) {
+    const int tiles = static_cast<int>(std::min<int64_t>(per_pass, (n_weight_rows - m0 + kAmxRows - 1) / kAmxRows));
+    const uint8_t* rows[kAmxTiles][kAmxRows];
+    const float* row_scales[kAmxTiles][kAmxRows];
+    for (int w = 0; w < tiles; ++w)
+      for (int m = 0; m < kAmxRows; ++m) {  // a short tile repeats its last row
+        const int64_t q = std::min<int64_t>(m0 + w * kAmxRows + m, n_weight_rows - 1);
+        rows[w][m] = bytes[q];
+        row_scales[w][m] = scales[q];
+      }
     std::memset(acc, 0, sizeof(acc));
     for (int64_t index = 0, start = 0; start < count; ++index) {
       const int64_t stop = std::min(count, (index + 1) * block - offset);
-      _tile_zero(0);
-      _tile_zero(1);
+      for (int t = 0; t < tiles * groups; ++t) {
+        switch (t) {
+          case 0: _tile_zero(0); break;
+          case 1: _tile_zero(1); break;
+          case 2: _tile_zero(2); break;
+          default: _tile_zero(3);
+        }
+      }
       for (int64_t chunk = start / 32; chunk * 32 < stop; ++chunk) {
         const int64_t lo = std::max(start, chunk * 32) - chunk * 32, hi = std::min(stop, chunk * 32 + 32) - chunk * 32;
         const __mmask32 mask = static_cast<__mmask32>(((uint64_t(1) << hi) - 1) & ~((uint64_t(1) << lo) - 1));
-        for (int m = 0; m < kAmxRows; ++m) {
-          _mm_prefetch(reinterpret_cast<const char*>(rows[m] + chunk * 32 + 512), _MM_HINT_T0);
-          _mm512_store_si512(a + m * 32, e4m3_to_bf16(rows[m] + chunk * 32, mask));
-        }
-        _tile_loadd(2, a, 64);
-        for (int p = 0; p < panel.parts; ++p) {
-          const uint16_t* b = panel.data.data() + p * panel.groups * stride + chunk * 16 * 32;
-          _tile_loadd(3, b, 64);
-          _tile_dpbf16ps(0, 2, 3);
-          if (panel.groups > 1) {
-            _tile_loadd(3, b + stride, 64);
-            _tile_dpbf16ps(1, 2, 3);
+        for (int w = 0; w < tiles; ++w) {
+          for (int m = 0; m < kAmxRows; ++m) {
+            _mm_prefetch(reinterpret_cast<const char*>(rows[w][m] + chunk * 32 + 512), _MM_HINT_T0);
+            _mm512_store_si512(a + m * 32, e4m3_to_bf16(rows[w][m] + chunk * 32, mask));
           }
+          _tile_loadd(4, a, 64);
+          for (int p = 0; p < panel.parts; ++p)
+            for (int g = 0; g < groups; ++g) {
+              _tile_loadd(5, panel.data.data() + (p * groups + g) * stride + chunk * 16 * 32, 64);
+              amx_dot(w * groups + g);
+            }
         }
       }
-      for (int g = 0; g < panel.groups; ++g) {
-        if (g == 0)
-          _tile_stored(0, c, 64);
-        else
-          _tile_stored(1, c, 64);
+      for (int t = 0; t < tiles * groups; ++t) {
+        amx_store(t, c);
+        const int w = t / groups;
         for (int m = 0; m < kAmxRows; ++m) {
-          float* row = acc[g] + m * kAmxRows;
-          _mm512_store_ps(row, _mm512_fmadd_ps(_mm512_set1_ps(row_scales[m][index]), _mm512_load_ps(c + m * kAmxRows),
-                                               _mm512_load_ps(row)));
+          float* row = acc[t] + m * kAmxRows;
+          _mm512_store_ps(row, _mm512_fmadd_ps(_mm512_set1_ps(row_scales[w][m][index]),
+                                               _mm512_load_ps(c + m * kAmxRows), _mm512_load_ps(row)));
         }
       }
       start = stop;
     }
-    for (int m = 0; m < kAmxRows && m0 + m < n_weight_rows; ++m)
-      for (int64_t r = 0; r < n; ++r) sums[r * ld + slots[m0 + m]] = acc[r / kAmxRows][m * kAmxRows + r % kAmxRows];
+    for (int w = 0; w < tiles; ++w)
+      for (int m = 0; m < kAmxRows && m0 + w * kAmxRows + m < n_weight_rows; ++m)
+        for (int64_t r = 0; r < n; ++r)
+          sums[r * ld + slots[m0 + w * kAmxRows + m]] =
+              acc[w * groups + r / kAmxRows][m * kAmxRows + r % kAmxRows];
   }
   _tile_release();
 }

@@ -29,7 +29,6 @@ constexpr int kRowsFp8 = 32;        // activation rows an expert this path takes
 constexpr int kRowsPairRows = 2;    // weight rows a kernel call holds
 constexpr int kRowsGroup = 8;       // activation rows a kernel call holds
 constexpr int64_t kRowsChunk = 512;  // values a chunk spans (whole scale blocks, at least one)
-constexpr int kRowsUnitRows = 32;   // weight rows a call takes at most (a unit's 16 columns x 2 halves)
 
 // acc [kRowsPairRows][NX] vectors, zeroed or carried; adds rows . xs over values [start, stop),
 // which begin in scale block `index`; prefetches `ahead` (the rows' next chunk) where given.
