@@ -1,14 +1,16 @@
 // fp8 weight rows against 5..kRowsFp8 activation rows an expert on AMX (bf16 tiles), where the CPU
-// has it: the rows kernel (experts_cpu_quantized_rows.h) spends 1.5 vector instructions of
-// conversion and FMA per weight per 8 rows, which caps it near half the FMA peak; AMX does the
-// multiplies of 16 weight rows x 32 values x 16 activation rows in one instruction, leaving the
-// e4m3 -> bf16 conversion (7 instructions per 32 values) as the work per stored byte.
+// has it: between the fused decode kernels (each stored byte dequantized once per group of up to 4
+// rows) and the widened path (every row stored as float32, then a float32 GEMM), both of which
+// spend vector instructions per multiply and were FMA-bound there (Mixtral at 8 rows an expert ran
+// at 0.85x the bf16 path). AMX does the multiplies of 16 weight rows x 32 values x 16 activation
+// rows in one instruction, leaving the e4m3 -> bf16 conversion (7 instructions per 32 values) as
+// the work per stored byte.
 //
 // Exact to float32: every e4m3 value, subnormals included, is a normal bf16, and each float32
 // activation is the sum of three bf16 parts (its top 8 significant bits, the next 8, the last 8:
 // each remainder is exact), so the tiles multiply exact products and sum them in float32. A
 // panel whose values are all bf16 already (bf16 inputs) needs one part. Sums are per scale block
-// (one tile, 128 values at most at a time), scaled once per block into float32 accumulators.
+// (a block's tiles at a time), scaled once per block into float32 accumulators.
 //
 // Layout: A tile = 16 weight rows x 32 bf16 values (converted into a 1 KiB buffer), B tile =
 // the activation panel in the tiles' pair layout (row kk: value pairs 2kk, 2kk+1 of 16 activation
@@ -44,6 +46,7 @@ inline bool amx_usable() {
 }
 
 constexpr int kAmxRows = 16;  // activation rows a C tile holds, weight rows an A tile holds
+constexpr int kRowsFp8 = 32;  // activation rows an expert this kernel takes (past: widened)
 
 // The activation panel in B tiles' layout, per part and group of 16 rows: value pair kk of row r
 // at ((part * groups + g) * pairs + kk) * 32 + (r % 16) * 2, rows past n zero.

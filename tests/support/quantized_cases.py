@@ -34,8 +34,8 @@ MXFP4_CASES = [
     (11, 40, 20, 4, 2, "interleaved", False, "gelu", 1.702, 7.0, True, "random"),
 ]
 
-# Prefill: past the decode kernels' limits (fp8: 35..41 rows an expert, past the rows kernel's
-# kRowsFp8 = 32 in csrc/experts_cpu_quantized_rows.h; MXFP4: ~27, past kFusedRowsMxfp4 = 8 in
+# Prefill: past the decode kernels' limits (fp8: 35..41 rows an expert, past the AMX kernel's
+# kRowsFp8 = 32 in csrc/experts_cpu_quantized_amx.h; MXFP4: ~27, past kFusedRowsMxfp4 = 8 in
 # csrc/experts_cpu_quantized_kernels.h), so the native op widens the weight rows and multiplies
 # them with the widened GEMM's float32 kernel; H and I no multiples of that kernel's k padding
 # (16) or of the scale blocks.
