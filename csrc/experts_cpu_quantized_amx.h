@@ -14,7 +14,7 @@
 //
 // Layout: A tile = 16 weight rows x 32 bf16 values (converted into a 1 KiB buffer), B tile =
 // the activation panel in the tiles' pair layout (row kk: value pairs 2kk, 2kk+1 of 16 activation
-// rows), C tile = 16 weight rows x 16 activation rows. Up to 32 activation rows: two C tiles.
+// rows), C tile = 16 weight rows x 16 activation rows.
 #pragma once
 
 #include <cpuid.h>
@@ -46,7 +46,10 @@ inline bool amx_usable() {
 }
 
 constexpr int kAmxRows = 16;  // activation rows a C tile holds, weight rows an A tile holds
-constexpr int kRowsFp8 = 32;  // activation rows an expert this kernel takes (past: widened)
+// Activation rows an expert this kernel takes (past: widened). It beats the widened path at every
+// count measured (Mixtral prefill, 128 rows an expert: ~4x); the cap bounds the bf16 panel a
+// thread holds (256 rows of 14336 values in three parts: 22 MiB).
+constexpr int kRowsFp8 = 256;
 
 // The activation panel in B tiles' layout, per part and group of 16 rows: value pair kk of row r
 // at ((part * groups + g) * pairs + kk) * 32 + (r % 16) * 2, rows past n zero.
@@ -141,11 +144,12 @@ TPMOE_AMX inline void amx_store(int t, float* to) {
 
 // Weight rows 0..n_weight_rows-1 (<= kAmxWeightRows; bytes[q], scales[q]: each row's first scale,
 // later ones at stride 1) dotted with the panel's n rows over `count` values, the first `offset`
-// into its scale block: sums[r * ld + slots[q]]. A pass takes kAmxTiles / groups weight tiles
-// through the values together, so that each B chunk (up to 3 parts x 2 groups x 1 KiB) is read
-// from L2 once per pass and from L1 by the pass's other tiles: a down panel of 32 float32 rows of
-// Mixtral (14336 values, three parts) is 2.6 MiB, past L2, and read once per tile it was the
-// bound. Hence units of kAmxUnitColumns columns for this kernel: 64 down rows, 4 tiles a pass.
+// into its scale block: sums[r * ld + slots[q]]. Activation rows go 32 at a time (two C tiles
+// each for up to 2 weight tiles, or one for up to 4); a pass takes its weight tiles through the
+// values together, so that each B chunk (up to 3 parts x 2 groups x 1 KiB) is read from L2 once
+// per pass and from L1 by the pass's other tiles: a down panel of 32 float32 rows of Mixtral
+// (14336 values, three parts) is 2.6 MiB, past L2, and read once per tile it was the bound.
+// Hence units of kAmxUnitColumns columns for this kernel: 64 down rows, 4 tiles a pass.
 TPMOE_AMX inline void fp8_rows_amx(const uint8_t* const* bytes, const float* const* scales, int64_t n_weight_rows,
                                    const AmxPanel& panel, int64_t n, int64_t count, int64_t block, int64_t offset,
                                    const int64_t* slots, float* sums, int64_t ld) {
@@ -155,64 +159,67 @@ TPMOE_AMX inline void fp8_rows_amx(const uint8_t* const* bytes, const float* con
     config.rows[t] = 16;
   }
   _tile_loadconfig(&config);
-  const int groups = panel.groups, per_pass = kAmxTiles / groups;
   alignas(64) uint16_t a[kAmxRows * 32];
   alignas(64) float c[kAmxRows * kAmxRows];
   alignas(64) float acc[kAmxTiles][kAmxRows * kAmxRows];
   const int64_t stride = panel.pairs * 32;
-  for (int64_t m0 = 0; m0 < n_weight_rows; m0 += per_pass * kAmxRows) {
-    const int tiles = static_cast<int>(std::min<int64_t>(per_pass, (n_weight_rows - m0 + kAmxRows - 1) / kAmxRows));
-    const uint8_t* rows[kAmxTiles][kAmxRows];
-    const float* row_scales[kAmxTiles][kAmxRows];
-    for (int w = 0; w < tiles; ++w)
-      for (int m = 0; m < kAmxRows; ++m) {  // a short tile repeats its last row
-        const int64_t q = std::min<int64_t>(m0 + w * kAmxRows + m, n_weight_rows - 1);
-        rows[w][m] = bytes[q];
-        row_scales[w][m] = scales[q];
-      }
-    std::memset(acc, 0, sizeof(acc));
-    for (int64_t index = 0, start = 0; start < count; ++index) {
-      const int64_t stop = std::min(count, (index + 1) * block - offset);
-      for (int t = 0; t < tiles * groups; ++t) {
-        switch (t) {
-          case 0: _tile_zero(0); break;
-          case 1: _tile_zero(1); break;
-          case 2: _tile_zero(2); break;
-          default: _tile_zero(3);
+  for (int first_group = 0; first_group < panel.groups; first_group += 2) {
+    const int groups = std::min(2, panel.groups - first_group), per_pass = kAmxTiles / groups;
+    for (int64_t m0 = 0; m0 < n_weight_rows; m0 += per_pass * kAmxRows) {
+      const int tiles = static_cast<int>(std::min<int64_t>(per_pass, (n_weight_rows - m0 + kAmxRows - 1) / kAmxRows));
+      const uint8_t* rows[kAmxTiles][kAmxRows];
+      const float* row_scales[kAmxTiles][kAmxRows];
+      for (int w = 0; w < tiles; ++w)
+        for (int m = 0; m < kAmxRows; ++m) {  // a short tile repeats its last row
+          const int64_t q = std::min<int64_t>(m0 + w * kAmxRows + m, n_weight_rows - 1);
+          rows[w][m] = bytes[q];
+          row_scales[w][m] = scales[q];
         }
-      }
-      for (int64_t chunk = start / 32; chunk * 32 < stop; ++chunk) {
-        const int64_t lo = std::max(start, chunk * 32) - chunk * 32, hi = std::min(stop, chunk * 32 + 32) - chunk * 32;
-        const __mmask32 mask = static_cast<__mmask32>(((uint64_t(1) << hi) - 1) & ~((uint64_t(1) << lo) - 1));
-        for (int w = 0; w < tiles; ++w) {
-          for (int m = 0; m < kAmxRows; ++m) {
-            _mm_prefetch(reinterpret_cast<const char*>(rows[w][m] + chunk * 32 + 512), _MM_HINT_T0);
-            _mm512_store_si512(a + m * 32, e4m3_to_bf16(rows[w][m] + chunk * 32, mask));
+      std::memset(acc, 0, sizeof(acc));
+      for (int64_t index = 0, start = 0; start < count; ++index) {
+        const int64_t stop = std::min(count, (index + 1) * block - offset);
+        for (int t = 0; t < tiles * groups; ++t) {
+          switch (t) {
+            case 0: _tile_zero(0); break;
+            case 1: _tile_zero(1); break;
+            case 2: _tile_zero(2); break;
+            default: _tile_zero(3);
           }
-          _tile_loadd(4, a, 64);
-          for (int p = 0; p < panel.parts; ++p)
-            for (int g = 0; g < groups; ++g) {
-              _tile_loadd(5, panel.data.data() + (p * groups + g) * stride + chunk * 16 * 32, 64);
-              amx_dot(w * groups + g);
+        }
+        for (int64_t chunk = start / 32; chunk * 32 < stop; ++chunk) {
+          const int64_t lo = std::max(start, chunk * 32) - chunk * 32, hi = std::min(stop, chunk * 32 + 32) - chunk * 32;
+          const __mmask32 mask = static_cast<__mmask32>(((uint64_t(1) << hi) - 1) & ~((uint64_t(1) << lo) - 1));
+          for (int w = 0; w < tiles; ++w) {
+            for (int m = 0; m < kAmxRows; ++m) {
+              _mm_prefetch(reinterpret_cast<const char*>(rows[w][m] + chunk * 32 + 512), _MM_HINT_T0);
+              _mm512_store_si512(a + m * 32, e4m3_to_bf16(rows[w][m] + chunk * 32, mask));
             }
+            _tile_loadd(4, a, 64);
+            for (int p = 0; p < panel.parts; ++p)
+              for (int g = 0; g < groups; ++g) {
+                _tile_loadd(5, panel.data.data() + (p * panel.groups + first_group + g) * stride + chunk * 16 * 32, 64);
+                amx_dot(w * groups + g);
+              }
+          }
         }
-      }
-      for (int t = 0; t < tiles * groups; ++t) {
-        amx_store(t, c);
-        const int w = t / groups;
-        for (int m = 0; m < kAmxRows; ++m) {
-          float* row = acc[t] + m * kAmxRows;
-          _mm512_store_ps(row, _mm512_fmadd_ps(_mm512_set1_ps(row_scales[w][m][index]),
-                                               _mm512_load_ps(c + m * kAmxRows), _mm512_load_ps(row)));
+        for (int t = 0; t < tiles * groups; ++t) {
+          amx_store(t, c);
+          const int w = t / groups;
+          for (int m = 0; m < kAmxRows; ++m) {
+            float* row = acc[t] + m * kAmxRows;
+            _mm512_store_ps(row, _mm512_fmadd_ps(_mm512_set1_ps(row_scales[w][m][index]),
+                                                 _mm512_load_ps(c + m * kAmxRows), _mm512_load_ps(row)));
+          }
         }
+        start = stop;
       }
-      start = stop;
+      const int64_t r0 = first_group * kAmxRows, r1 = std::min<int64_t>(n, r0 + groups * kAmxRows);
+      for (int w = 0; w < tiles; ++w)
+        for (int m = 0; m < kAmxRows && m0 + w * kAmxRows + m < n_weight_rows; ++m)
+          for (int64_t r = r0; r < r1; ++r)
+            sums[r * ld + slots[m0 + w * kAmxRows + m]] =
+                acc[w * groups + (r - r0) / kAmxRows][m * kAmxRows + (r - r0) % kAmxRows];
     }
-    for (int w = 0; w < tiles; ++w)
-      for (int m = 0; m < kAmxRows && m0 + w * kAmxRows + m < n_weight_rows; ++m)
-        for (int64_t r = 0; r < n; ++r)
-          sums[r * ld + slots[m0 + w * kAmxRows + m]] =
-              acc[w * groups + r / kAmxRows][m * kAmxRows + r % kAmxRows];
   }
   _tile_release();
 }

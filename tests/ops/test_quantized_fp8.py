@@ -168,7 +168,7 @@ def test_each_dequant_kernel_matches_the_reference_too(kernel):
     assert worst <= FP32_RTOL, f"{kernel} kernel: max relative error {worst:.3e} > {FP32_RTOL:.1e}"
 
 
-@pytest.mark.parametrize("case, problem, decode_rows", [(FP8_PREFILL_CASE, fp8_problem, 32),
+@pytest.mark.parametrize("case, problem, decode_rows", [(FP8_PREFILL_CASE, fp8_problem, 256),
                                                         (MXFP4_PREFILL_CASE, mxfp4_problem, 8)], ids=["fp8", "mxfp4"])
 def test_prefill_multiplies_with_the_forced_widen_kernel(case, problem, decode_rows, monkeypatch):
     """Past the fused kernels' rows the native op widens the weight rows and multiplies them

@@ -1,9 +1,9 @@
-"""The fp8 AMX kernel for 5..32 activation rows an expert (csrc/experts_cpu_quantized_amx.h), between
-the fused decode kernels (at most 4) and the widened path. Chosen once per process
+"""The fp8 AMX kernel for 5..256 activation rows an expert (csrc/experts_cpu_quantized_amx.h), past
+the fused decode kernels (at most 4; past 256 the widened path). Chosen once per process
 (TPMOE_CPU_FP8_ROWS = amx | off | auto), so each setting runs in a process of its own: both against
 the float64 reference on the dequantized weights, with float32 activations and with bf16-valued
 ones (one bf16 part instead of three), and with other bits than each other wherever an expert has
-5..32 rows (else the kernel forced did not run)."""
+5..256 rows (else the kernel forced did not run)."""
 import os
 import subprocess
 import sys
@@ -15,8 +15,9 @@ from support.quantized_cases import assert_bf16_within_the_bf16_rule, fp8_proble
 from support.tolerances import FP32_RTOL
 
 # (rows per expert, H, I, layout, gated, activation, bias, block): the row counts around the
-# kernel's groups of 8 and its limit of 32 (33: the widened path), an expert with none, all rows
-# on one expert; H and I no multiples of 16 or of the block, so TP shards start inside a block.
+# kernel's tiles of 16 rows and its passes of 32, its limit of 256 (257: the widened path), an
+# expert with none, all rows on one expert; H and I no multiples of 16 or of the block, so TP
+# shards start inside a block.
 ROWS_CASES = [
     ((5, 8, 0, 13), 40, 24, "concatenated", True, "silu", False, 16),
     ((16, 17), 36, 300, "interleaved", True, "clamped_swiglu", True, 128),
@@ -24,6 +25,7 @@ ROWS_CASES = [
     ((0, 9), 20, 12, "interleaved", False, "relu2", False, 8),
     ((6, 7, 11), 16, 18, "concatenated", True, "softcapped_swiglu", True, 4),
     ((24,), 40, 40, "interleaved", True, "gelu_tanh", False, 16),
+    ((48, 70, 257), 20, 40, "concatenated", True, "silu", True, 16),
 ]
 
 
