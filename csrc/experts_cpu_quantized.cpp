@@ -35,6 +35,7 @@
 #include "experts_cpu.h"
 #include "experts_cpu_activation.h"
 #include "experts_cpu_quantized_kernels.h"
+#include "experts_cpu_quantized_amx.h"
 
 #ifndef TPMOE_EXPERTS_CPU_NAMESPACE
 #define TPMOE_EXPERTS_CPU_NAMESPACE tpmoe
@@ -74,6 +75,25 @@ const Kernels& kernels() {
     if (avx512 && (choice == "auto" || choice == "avx512")) return Kernels{true, widen_fp8_avx512, widen_mxfp4_avx2};
     if (avx2 && choice != "portable") return Kernels{false, widen_fp8_avx2, widen_mxfp4_avx2};
     return Kernels{false, widen_fp8_portable, widen_mxfp4_portable};
+  }();
+  return chosen;
+}
+
+// fp8 experts with 5..kRowsFp8 activation rows on AMX tiles (experts_cpu_quantized_amx.h),
+// chosen once per process: where the CPU and the OS allow them and the AVX-512 dequant kernels
+// run; else the widened path. TPMOE_CPU_FP8_ROWS = amx | off | auto forces it (the tests run both).
+// An AVX-512 float32 kernel of 2 weight x 8 activation rows was tried first: 1.3x the widened
+// path at 5..8 rows, no gain at 16 (FMA-bound like it), so the widened path stays the fallback.
+bool fp8_rows_amx_chosen() {
+  static const bool chosen = [] {
+    const char* forced = std::getenv("TPMOE_CPU_FP8_ROWS");
+    const std::string choice = forced == nullptr ? "auto" : forced;
+    TORCH_CHECK(choice == "auto" || choice == "amx" || choice == "off", kOp,
+                ": TPMOE_CPU_FP8_ROWS: expected amx, off or auto, got '", choice, "'");
+    const bool amx = choice != "off" && kernels().avx512 && amx_usable();
+    TORCH_CHECK(choice != "amx" || amx, kOp,
+                ": TPMOE_CPU_FP8_ROWS=amx, but this CPU or OS lacks AMX-BF16 tiles (or the AVX-512 kernels are off)");
+    return amx;
   }();
   return chosen;
 }
@@ -220,20 +240,26 @@ at::Tensor experts_cpu_quantized_forward(const at::Tensor& hidden_states, const 
   const float* gate_up_b = gate_up_bias.defined() ? gate_up_bias.data_ptr<float>() : nullptr;
   const float* down_b = down_bias.defined() ? down_bias.data_ptr<float>() : nullptr;
 
-  // (expert, first column, columns) units over the experts that have rows.
-  constexpr int64_t kColumnsPerUnit = 16;
-  auto units_of = [&](int64_t columns) {
-    std::vector<std::array<int64_t, 3>> units;
-    for (int64_t e = 0; e < experts; ++e) {
-      if (offsets[e + 1] == offsets[e]) continue;
-      for (int64_t c = 0; c < columns; c += kColumnsPerUnit) units.push_back({e, c, std::min(kColumnsPerUnit, columns - c)});
-    }
-    return units;
-  };
   const int64_t rows_total = tokens * top_k;
   const Kernels& k = kernels();
   const WidenedDot dot = widened_dot_f32();
   const int64_t fused_rows = k.avx512 ? (mxfp4 ? kFusedRowsMxfp4 : kFusedRowsFp8) : 0;
+  const bool rows_amx = !mxfp4 && fp8_rows_amx_chosen();
+  // (expert, first column, columns) units over the experts that have rows; wider where the AMX
+  // kernel takes the expert (it reads the activations once per 4 weight tiles).
+  constexpr int64_t kColumnsPerUnit = 16;
+  static_assert(2 * kColumnsPerUnit <= kAmxWeightRows, "a unit's weight rows overflow the AMX kernel's arrays");
+  auto units_of = [&](int64_t columns) {
+    std::vector<std::array<int64_t, 3>> units;
+    for (int64_t e = 0; e < experts; ++e) {
+      const int64_t n = offsets[e + 1] - offsets[e];
+      if (n == 0) continue;
+      const int64_t width = rows_amx && n > fused_rows && n <= kRowsFp8 ? kAmxUnitColumns
+                                                                                        : kColumnsPerUnit;
+      for (int64_t c = 0; c < columns; c += width) units.push_back({e, c, std::min(width, columns - c)});
+    }
+    return units;
+  };
   // The activation rows in the kernels' layout, each expert's as one panel (the dot kernel's
   // operand): zero-padded to the kernel's k multiple, or (MXFP4 under AVX-512) split and
   // zero-padded to whole blocks. x's are gathered by each thread for the expert it is on
@@ -261,11 +287,14 @@ at::Tensor experts_cpu_quantized_forward(const at::Tensor& hidden_states, const 
   // sums[r * ld + slot] (returns ld): weight row q = c * per_column + g (column c, half g, found
   // by row(u, q, bytes, scales)) at slot g * padded + c, each half's columns padded to the dot
   // kernel's multiple. Few rows: fused, kWeightRows at a time, reading ahead into unit `next`'s
-  // rows (the thread's next unit). Else every row widened once (widen_row) into `buffer` and
-  // multiplied by the widened GEMM's dot kernel, which fetches `next`'s rows meanwhile.
+  // rows (the thread's next unit). fp8 with up to kRowsFp8 rows where AMX is chosen: bf16 tiles
+  // (the expert's activations converted once per thread into `tiles`). Else every row widened
+  // once (widen_row) into `buffer` and multiplied by the widened GEMM's dot kernel, which fetches
+  // `next`'s rows meanwhile.
   auto unit_sums = [&](const auto& units, auto&& row, int64_t per_column, int64_t u, int64_t next,
                        const float* panel, int64_t n, int64_t count, int64_t row_offset, int64_t length,
-                       int64_t row_bytes, std::vector<float>& buffer, std::vector<float>& sums) {
+                       int64_t row_bytes, std::vector<float>& buffer, AmxPanel& tiles,
+                       std::vector<float>& sums) {
     const int64_t padded = round_up(units[u][2], kWidenedDotPadCols), ld = per_column * padded;
     const int64_t n_weight_rows = units[u][2] * per_column, next_rows = units[next][2] * per_column;
     auto slot = [&](int64_t q) { return q % per_column * padded + q / per_column; };
@@ -289,6 +318,22 @@ at::Tensor experts_cpu_quantized_forward(const at::Tensor& hidden_states, const 
         }
         fused_sums(mxfp4, rows, xs, n, count, block, row_offset, length, slots, sums.data(), ld);
       }
+      return ld;
+    }
+    if (rows_amx && n <= kRowsFp8) {
+      const float* xs[kRowsFp8];
+      for (int64_t r = 0; r < n; ++r) xs[r] = panel + r * length;
+      const uint8_t* bytes[kAmxWeightRows];
+      const float* scales[kAmxWeightRows];
+      int64_t slots[kAmxWeightRows];
+      for (int64_t q = 0; q < n_weight_rows; ++q) {
+        const void* first_scale;
+        row(u, q, bytes[q], first_scale);
+        scales[q] = static_cast<const float*>(first_scale);
+        slots[q] = slot(q);
+      }
+      amx_panel(xs, n, count, &units, units[u][0], tiles);
+      fp8_rows_amx(bytes, scales, n_weight_rows, tiles, n, count, block, row_offset, slots, sums.data(), ld);
       return ld;
     }
     // Zeroed once: the padding past a row's values is never written.
@@ -331,13 +376,14 @@ at::Tensor experts_cpu_quantized_forward(const at::Tensor& hidden_states, const 
   };
   at::parallel_for(0, static_cast<int64_t>(gate_up_units.size()), 1, [&](int64_t begin, int64_t end) {
     std::vector<float> buffer, sums, panel;
+    AmxPanel tiles;
     int64_t panel_expert = -1;
     for (int64_t u = begin; u < end; ++u) {
       const auto [e, first, count] = gate_up_units[u];
       const int64_t row_begin = offsets[e], n = offsets[e + 1] - row_begin;
       expert_panel(e, panel, panel_expert);
       const int64_t ld = unit_sums(gate_up_units, gate_up_row, groups, u, u + 1 < end ? u + 1 : u, panel.data(), n,
-                                   hidden, 0, x_length, gate_up_row_bytes, buffer, sums);
+                                   hidden, 0, x_length, gate_up_row_bytes, buffer, tiles, sums);
       const int64_t second = ld / groups;  // where the up half's sums start
       // Row by row: the sums and h rows read and written along their lines.
       for (int64_t r = 0; r < n; ++r)
@@ -362,12 +408,13 @@ at::Tensor experts_cpu_quantized_forward(const at::Tensor& hidden_states, const 
   };
   at::parallel_for(0, static_cast<int64_t>(down_units.size()), 1, [&](int64_t begin, int64_t end) {
     std::vector<float> buffer, sums;
+    AmxPanel tiles;
     for (int64_t u = begin; u < end; ++u) {
       const auto [e, first, count] = down_units[u];
       const int64_t row_begin = offsets[e], n = offsets[e + 1] - row_begin;
       const int64_t ld = unit_sums(down_units, down_row, 1, u, u + 1 < end ? u + 1 : u,
                                    h.data() + row_begin * h_length, n, inter, offset, h_length, down_row_bytes, buffer,
-                                   sums);
+                                   tiles, sums);
       for (int64_t r = 0; r < n; ++r) {
         const int64_t pair = pairs[row_begin + r];
         for (int64_t c = 0; c < count; ++c)

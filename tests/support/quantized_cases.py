@@ -34,11 +34,12 @@ MXFP4_CASES = [
     (11, 40, 20, 4, 2, "interleaved", False, "gelu", 1.702, 7.0, True, "random"),
 ]
 
-# Prefill: ~27 rows an expert, past the fused decode kernels' limit (kFusedRowsFp8 = 4,
-# kFusedRowsMxfp4 = 8 in csrc/experts_cpu_quantized_kernels.h), so the native op widens the
-# weight rows and multiplies them with the widened GEMM's float32 kernel; H and I no multiples
-# of that kernel's k padding (16) or of the scale blocks.
-FP8_PREFILL_CASE = (40, 40, 24, 3, 2, "concatenated", True, "silu", True, "random", 16)
+# Prefill: past the kernels' limits on rows an expert (fp8: 272..291, past the AMX kernel's
+# kRowsFp8 = 256 in csrc/experts_cpu_quantized_amx.h; MXFP4: ~27, past kFusedRowsMxfp4 = 8 in
+# csrc/experts_cpu_quantized_kernels.h), so the native op widens the weight rows and multiplies
+# them with the widened GEMM's float32 kernel; H and I no multiples of that kernel's k padding
+# (16) or of the scale blocks.
+FP8_PREFILL_CASE = (420, 40, 24, 3, 2, "concatenated", True, "silu", True, "random", 16)
 MXFP4_PREFILL_CASE = (40, 70, 45, 3, 2, "interleaved", True, "clamped_swiglu", 1.702, 7.0, True, "random")
 
 
