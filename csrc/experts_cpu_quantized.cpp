@@ -18,6 +18,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
 #include <c10/util/Optional.h>
 #include <c10/util/string_view.h>
 #include <torch/library.h>
@@ -160,7 +161,9 @@ void check(const at::Tensor& tensor, const char* name, at::ScalarType dtype, int
 //              nb(H)], down_scale [E, nb(H), nb(I)] float32 (tpmoe/fp8.py)
 //   mxfp4      w_gate_up [E, R, nb(H), 16], w_down [E, H, nb(I), 16] uint8; gate_up_scale
 //              [E, R, nb(H)], down_scale [E, H, nb(I)] uint8 e8m0; block 32 (tpmoe/mxfp4.py)
-// with nb(I) counted from `offset`. Returns y [T, H] float32.
+// with nb(I) counted from `offset`. Returns y [T, H] float32. bf16_hidden: the caller computes in
+// bf16, so the activated intermediate is rounded to bf16 as a bf16 PyTorch run rounds it (the AMX
+// path then multiplies it in one bf16 pass instead of three exact parts).
 at::Tensor experts_cpu_quantized_forward(const at::Tensor& hidden_states, const at::Tensor& w_gate_up,
                                          const at::Tensor& w_down, const at::Tensor& gate_up_scale,
                                          const at::Tensor& down_scale, c10::string_view format, int64_t block,
@@ -168,7 +171,8 @@ at::Tensor experts_cpu_quantized_forward(const at::Tensor& hidden_states, const 
                                          const at::Tensor& expert_offsets, const at::Tensor& topk_weights,
                                          const c10::optional<at::Tensor>& b_gate_up,
                                          const c10::optional<at::Tensor>& b_down, c10::string_view activation,
-                                         c10::string_view layout, bool gated, double alpha, double limit) {
+                                         c10::string_view layout, bool gated, double alpha, double limit,
+                                         bool bf16_hidden) {
   const bool mxfp4 = format == "mxfp4";
   TORCH_CHECK(mxfp4 || format == "fp8_block", kOp, ": format: expected 'fp8_block' or 'mxfp4', got '",
               std::string(format), "'");
@@ -393,9 +397,10 @@ at::Tensor experts_cpu_quantized_forward(const at::Tensor& hidden_states, const 
           for (int64_t g = 0; g < groups && gate_up_b; ++g)
             bias[g] = gate_up_b[e * groups * inter + (!gated ? i : interleaved ? 2 * i + g : g * inter + i)];
           const float first_sum = sums[r * ld + c] + bias[0];
+          const float value = gated ? gated_forward<float>(params, first_sum, sums[r * ld + second + c] + bias[1])
+                                    : unary_forward<float>(params.activation, first_sum);
           h[(row_begin + r) * h_length + (split ? split_index(offset + i) : i)] =
-              gated ? gated_forward<float>(params, first_sum, sums[r * ld + second + c] + bias[1])
-                    : unary_forward<float>(params.activation, first_sum);
+              bf16_hidden ? static_cast<float>(c10::BFloat16(value)) : value;
         }
     }
   });
@@ -445,7 +450,7 @@ TPMOE_QUANTIZED_LIBRARY_FRAGMENT(TPMOE_EXPERTS_CPU_NAMESPACE, m) {
       "experts_cpu_quantized_forward(Tensor hidden_states, Tensor w_gate_up, Tensor w_down, Tensor gate_up_scale, "
       "Tensor down_scale, str format, int block, int offset, Tensor sorted_pair_ids, Tensor expert_offsets, "
       "Tensor topk_weights, Tensor? b_gate_up, Tensor? b_down, str activation, str layout, bool gated, "
-      "float alpha, float limit) -> Tensor");
+      "float alpha, float limit, bool bf16_hidden=False) -> Tensor");
 }
 
 TPMOE_QUANTIZED_LIBRARY_IMPL(TPMOE_EXPERTS_CPU_NAMESPACE, CPU, m) {

@@ -9,6 +9,8 @@ experts) the call runs the plain-PyTorch path instead (tpmoe.cpu.experts_torch, 
 dequantized at a time under autograd).
 """
 
+import torch
+
 from ..quantized import quantized_call_needs_grad
 from ..routing import align
 from .experts_torch import experts_torch
@@ -28,5 +30,6 @@ def experts_cpu_quantized(hidden_states, weights, topk_ids, topk_weights, spec):
         float32(hidden_states), weights.w_gate_up.contiguous(), weights.w_down.contiguous(),
         scales.gate_up.contiguous(), scales.down.contiguous(), weights.format, scales.block_size, scales.block_offset,
         routing.sorted_pair_ids.long(), routing.expert_offsets.long(), float32(topk_weights),
-        float32(weights.b_gate_up), float32(weights.b_down), *spec.op_args())
+        float32(weights.b_gate_up), float32(weights.b_down), *spec.op_args(),
+        hidden_states.dtype == torch.bfloat16)  # a bf16 model's intermediate is bf16, as in PyTorch
     return output.to(hidden_states.dtype)
