@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from ..block import MoEBlock
+from .quantized_names import quantized_experts_to_hf
 from .weight_map import WeightMap
 
 
@@ -68,14 +69,13 @@ class _HFWeights:
 
     def hf_state(self) -> Dict[str, torch.Tensor]:
         """The full weights under the HF names relative to this module (ONE all-gather under TP);
-        quantized experts as transformers stores them (tpmoe.hf.quantized.quantized_experts_to_hf)."""
+        quantized experts as transformers stores them (tpmoe.hf.quantized_names)."""
         full = self.block.gather_full()
         entries = {}
         for name in self.hf_weights.names:
             if name in full:
                 entries.update(self.hf_weights.to_hf(name, full[name]))
         if hasattr(self.block, "quantized_experts"):
-            from .quantized import quantized_experts_to_hf
             entries.update(quantized_experts_to_hf(self.block.gather_quantized_experts(),
                                                    self.hf_weights.names["w_gate_up"][0],
                                                    self.hf_weights.names["w_down"][0]))

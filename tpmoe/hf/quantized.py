@@ -13,7 +13,7 @@ Two ways in:
     swapped model's dense experts.
 Either way the quantized experts are frozen; the router, biases and the rest of the model train.
 """
-from typing import Dict, List, Mapping, Optional
+from typing import List, Mapping, Optional
 
 import torch
 from torch import nn
@@ -21,6 +21,7 @@ from torch import nn
 from ..fp8 import FP8_DTYPE, BlockScales
 from ..mxfp4 import MXFP4_BLOCK
 from ..weights import FP8_FORMAT, MXFP4_FORMAT, ExpertWeights
+from .quantized_names import quantized_tensor_names
 from .registry import Unsupported
 
 _E8M0 = getattr(torch, "float8_e8m0fnu", None)
@@ -54,19 +55,6 @@ def fp8_from_hf(gate_up: torch.Tensor, gate_up_scale_inv: torch.Tensor, down: to
     gate_up_scales = _float_scales(gate_up_scale_inv, what).reshape(experts, 2, blocks_i, blocks_h)
     return ExpertWeights(gate_up.detach(), down.detach(), None, None, FP8_FORMAT,
                          BlockScales(gate_up_scales, _float_scales(down_scale_inv, what), block, 0))
-
-
-def quantized_experts_to_hf(experts: ExpertWeights, gate_up: str, down: str) -> Dict[str, torch.Tensor]:
-    """The whole quantized experts under transformers' names, as its checkpoints and modules hold
-    them (the inverse of _checkpoint_experts and fp8_from_hf): GPT-OSS's MXFP4 `<gate_up>_blocks`
-    / `_scales` and `<down>_*`, or FP8Experts' `<gate_up>`, `<gate_up>_scale_inv` ([E, 2I / B,
-    H / B], float32) and `<down>*`."""
-    if experts.format == MXFP4_FORMAT:
-        return {f"{gate_up}_blocks": experts.w_gate_up, f"{gate_up}_scales": experts.scales.gate_up,
-                f"{down}_blocks": experts.w_down, f"{down}_scales": experts.scales.down}
-    gate_up_scales = experts.scales.gate_up
-    return {gate_up: experts.w_gate_up, f"{gate_up}_scale_inv": gate_up_scales.flatten(1, 2),
-            down: experts.w_down, f"{down}_scale_inv": experts.scales.down}
 
 
 def fp8_experts_of(experts: nn.Module, what: str) -> ExpertWeights:
@@ -107,13 +95,13 @@ def checkpoint_experts(tensors: Mapping[str, torch.Tensor], owner_name: str, wei
 
 def _checkpoint_experts(tensors, prefix: str, fp8_block_size, argument: str) -> Optional[ExpertWeights]:
     down = prefix.rsplit(".", 1)[0] + ".down_proj" if "." in prefix else "down_proj"
-    if f"{prefix}_blocks" in tensors:  # GPT-OSS's MXFP4: [E, R, H / 32, 16] bytes, [E, R, H / 32] e8m0
-        names = [f"{prefix}_blocks", f"{prefix}_scales", f"{down}_blocks", f"{down}_scales"]
+    names = quantized_tensor_names(MXFP4_FORMAT, prefix, down)
+    if names[0] in tensors:  # GPT-OSS's MXFP4: [E, R, H / 32, 16] bytes, [E, R, H / 32] e8m0
         _require(tensors, names, argument)
         return ExpertWeights(tensors[names[0]], tensors[names[2]], None, None, MXFP4_FORMAT,
                              BlockScales(tensors[names[1]], tensors[names[3]], MXFP4_BLOCK, 0))
-    if f"{prefix}_scale_inv" in tensors:
-        names = [prefix, f"{prefix}_scale_inv", down, f"{down}_scale_inv"]
+    names = quantized_tensor_names(FP8_FORMAT, prefix, down)
+    if names[1] in tensors:
         _require(tensors, names, argument)
         if fp8_block_size is None:
             raise Unsupported(f"{names[1]}: fp8 scales, but no block size: pass the block size (the checkpoint "
