@@ -107,6 +107,8 @@ inline int64_t up_column(const ExpertsProblem& problem, int64_t j) {
 // AVX512-BF16. Returns false, writing nothing, where it does not apply. following_rhs (may be
 // null): the right operand of the caller's next GEMM, whose first rows it fetches ahead.
 bool bf16_kernel_available();
+// Whether ATen's cpuinfo reports the CPU capability `capability` ("avx512_bf16", "amx_bf16", ...).
+bool cpu_reports(const char* capability);
 // The most rows an expert may have to run the bf16 GEMM above (more: ATen's): from
 // TPMOE_CPU_BF16_KERNEL_MAX_ROWS (0: every GEMM through ATen; for measuring and tests), read per
 // call (a getenv is ~100 ns), else 4 where oneDNN runs ATen's on AMX, else no bound.

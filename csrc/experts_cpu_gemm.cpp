@@ -266,9 +266,7 @@ namespace {
 bool cpu_has_amx_bf16() {
   // cpuinfo through ATen; and oneDNN not held below AMX (ONEDNN_MAX_CPU_ISA, which it reads
   // once: an ISA name, AMX ones contain "AMX"; ALL or unset allows every ISA).
-  const auto capabilities = at::cpu::get_cpu_capabilities();
-  const auto found = capabilities.find("amx_bf16");
-  if (found == capabilities.end() || !found->second.isBool() || !found->second.toBool()) return false;
+  if (!cpu_reports("amx_bf16")) return false;
   const char* isa = std::getenv("ONEDNN_MAX_CPU_ISA");
   const std::string cap = isa == nullptr ? "ALL" : isa;
   return cap == "ALL" || cap == "all" || cap.find("AMX") != std::string::npos || cap.find("amx") != std::string::npos;
@@ -291,6 +289,12 @@ int64_t default_bf16_kernel_max_rows() {
 int64_t bf16_kernel_max_rows() {
   const char* env = std::getenv("TPMOE_CPU_BF16_KERNEL_MAX_ROWS");
   return env == nullptr ? default_bf16_kernel_max_rows() : std::atoll(env);
+}
+
+bool cpu_reports(const char* capability) {
+  const auto capabilities = at::cpu::get_cpu_capabilities();
+  const auto found = capabilities.find(capability);
+  return found != capabilities.end() && found->second.isBool() && found->second.toBool();
 }
 
 bool try_bf16_kernel_gemm(const at::Tensor& lhs, const at::Tensor& rhs, at::Tensor& out, int64_t max_rows,

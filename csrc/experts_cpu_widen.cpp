@@ -26,7 +26,6 @@
 // at every call (like the other TPMOE_CPU_* knobs: a getenv is ~100 ns), the CPU check once.
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
-#include <ATen/cpu/Utils.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
 #include <c10/util/BFloat16.h>
@@ -71,11 +70,7 @@ bool cpu_has_native_bf16_dot() {
   // cpuinfo through ATen (x86: avx512_bf16 / amx_bf16; Arm: bf16), and the compiler's own
   // check that the hand-written kernel uses.
   bool native = bf16_kernel_available();
-  const auto capabilities = at::cpu::get_cpu_capabilities();
-  for (const char* key : {"avx512_bf16", "amx_bf16", "bf16"}) {
-    const auto found = capabilities.find(key);
-    if (found != capabilities.end() && found->second.isBool() && found->second.toBool()) native = true;
-  }
+  for (const char* key : {"avx512_bf16", "amx_bf16", "bf16"}) native = native || cpu_reports(key);
   return native;
 }
 

@@ -181,20 +181,25 @@ def dequantize_fp8_experts(weights, *, layout: str, gated: bool, dtype: torch.dt
     return ExpertWeights(_from_halves(gate_up, layout, gated), down, weights.b_gate_up, weights.b_down)
 
 
+def _shard_bounds(whole, rank: int, world_size: int, ep_rank: int, ep_size: int):
+    """(the EP rank's experts as a slice, the TP rank's intermediate columns [start, stop), the
+    scale blocks [first_block, last_block) that hold them) of whole "fp8_block" experts."""
+    first, count = expert_range(whole.w_gate_up.shape[0], ep_rank, ep_size)
+    start, stop = shard_range(whole.w_down.shape[2], rank, world_size)
+    block = whole.scales.block_size
+    first_block = start // block
+    return slice(first, first + count), start, stop, first_block, _blocks(stop, block) if stop > start else first_block
+
+
 def shard_fp8_experts(full, *, layout: str, gated: bool, rank: int, world_size: int, ep_rank: int = 0,
                       ep_size: int = 1):
     """TP rank `rank`'s (and EP rank `ep_rank`'s) slice of full "fp8_block" weights: its
     intermediate columns by torch.chunk's rule at any world size, the scale blocks they touch
     (a block cut by a shard boundary goes to both sides) and the block offset; whole experts and
     their scales for EP. Copies, as tpmoe.sharding's shards are."""
-    num_experts, _, hidden = full.w_gate_up.shape
-    inter = full.w_down.shape[2]
-    first, count = expert_range(num_experts, ep_rank, ep_size)
-    start, stop = shard_range(inter, rank, world_size)
+    experts, start, stop, first_block, last_block = _shard_bounds(full, rank, world_size, ep_rank, ep_size)
     block = full.scales.block_size
-    first_block, last_block = start // block, _blocks(stop, block) if stop > start else start // block
     offset = start % block if stop > start else 0  # an empty shard reads no block
-    experts = slice(first, first + count)
     halves = _halves(full.w_gate_up[experts], layout, gated)[:, :, start:stop]
     scales = BlockScales(full.scales.gate_up[experts, :, first_block:last_block].contiguous(),
                          full.scales.down[experts, :, first_block:last_block].contiguous(), block, offset)
@@ -214,12 +219,7 @@ def place_fp8_shard(whole, local, *, layout: str, gated: bool, rank: int, world_
     """The inverse of shard_fp8_experts: writes TP rank `rank`'s (and EP rank `ep_rank`'s) slice
     `local` into the whole "fp8_block" experts `whole`, in place (a scale block cut by a shard
     boundary is on both sides, the same)."""
-    num_experts, inter = whole.w_gate_up.shape[0], whole.w_down.shape[2]
-    first, count = expert_range(num_experts, ep_rank, ep_size)
-    start, stop = shard_range(inter, rank, world_size)
-    block = whole.scales.block_size
-    first_block, last_block = start // block, _blocks(stop, block) if stop > start else start // block
-    experts = slice(first, first + count)
+    experts, start, stop, first_block, last_block = _shard_bounds(whole, rank, world_size, ep_rank, ep_size)
     _halves(whole.w_gate_up[experts], layout, gated)[:, :, start:stop] = _halves(local.w_gate_up, layout, gated)
     whole.w_down[experts, :, start:stop] = local.w_down
     whole.scales.gate_up[experts, :, first_block:last_block] = local.scales.gate_up

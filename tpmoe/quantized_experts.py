@@ -45,13 +45,17 @@ class QuantizedExperts(nn.Module):
             self.register_buffer(name, _stored(tensor.detach()), persistent=False)
 
     def weights(self, b_gate_up=None) -> ExpertWeights:
-        fp8 = self.format == FP8_FORMAT
-        values = (self.w_gate_up.view(FP8_DTYPE), self.w_down.view(FP8_DTYPE)) if fp8 else (self.w_gate_up,
-                                                                                              self.w_down)
-        scales = (self.gate_up_scale.view(torch.float32), self.down_scale.view(torch.float32)) if fp8 else (
-            self.gate_up_scale, self.down_scale)
-        return ExpertWeights(*values, b_gate_up, None, self.format,
-                             BlockScales(*scales, self.block_size, self.block_offset))
+        values_gate_up, values_down, scales_gate_up, scales_down = self.unstored(self.stored())
+        return ExpertWeights(values_gate_up, values_down, b_gate_up, None, self.format,
+                             BlockScales(scales_gate_up, scales_down, self.block_size, self.block_offset))
+
+    def unstored(self, stored) -> list:
+        """Four tensors in the stored dtypes (this rank's or the whole experts') viewed back as the
+        format holds them (fp8: e4m3 values and float32 scales), free."""
+        if self.format != FP8_FORMAT:
+            return list(stored)
+        return [stored[0].view(FP8_DTYPE), stored[1].view(FP8_DTYPE), stored[2].view(torch.float32),
+                stored[3].view(torch.float32)]
 
     def extra_repr(self) -> str:
         return f"format={self.format}, block={self.block_size}, offset={self.block_offset}"
@@ -117,10 +121,7 @@ def gather_whole_quantized_experts(local: QuantizedExperts, spec, config, tp_gro
                          for e in range(ep_size)]
         per_ep = all_gather_tensor_lists(mine, shapes_per_ep, ep_group)
         mine = [torch.cat([per_ep[e][i] for e in range(ep_size)]) for i in range(len(mine))]
-    fp8 = local.format == FP8_FORMAT
-    values = [t.view(FP8_DTYPE) if fp8 else t for t in mine[:2]]
-    scales = [t.view(torch.float32) if fp8 else t for t in mine[2:]]
-    return local.as_experts(values + scales)
+    return local.as_experts(local.unstored(mine))
 
 
 def _tensors(experts: ExpertWeights) -> list:
